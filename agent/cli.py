@@ -1,0 +1,213 @@
+"""``callrec``: the operator's single entry point.
+
+callrec agent  --config agent.toml      the recording agent beside the PBX
+callrec store  --config store.toml      the central store
+callrec keys init DIR                   create the lookup key and the seal key pair
+callrec list   --store-dir DIR          list stored recordings (operator console)
+callrec export ID --out FILE --reason R export one recording's audio
+callrec check  --agent/--store FILE     validate a config and its key files
+callrec demo                            store + agent + a real SIPREC call, on defaults
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import grpc
+
+from agent import logs
+from agent.config import ConfigError, load_agent_config, load_store_config
+from agent.directory import Directory, DirectoryError
+from agent.manifest import DIRECTION_NAMES
+from agent.pb.callrec.v1 import recordings_pb2 as pb
+from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
+from agent.privacy import KeyFileError, LookupKeys, Sealer, new_lookup_key_line, new_seal_keypair
+
+log = logging.getLogger("callrec")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="callrec", description="call-recording register")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    agent = sub.add_parser("agent", help="run the recording agent")
+    agent.add_argument("--config", type=Path, required=True)
+
+    worker = sub.add_parser("worker", help="one SIP recorder process (started by the agent)")
+    worker.add_argument("--config", type=Path, required=True)
+    worker.add_argument("--index", type=int, default=0)
+    worker.add_argument("--ready-fd", type=int, default=None)
+
+    store = sub.add_parser("store", help="run the central store")
+    store.add_argument("--config", type=Path, required=True)
+
+    keys = sub.add_parser("keys", help="key management")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    init = keys_sub.add_parser("init", help="create lookup.key, seal.pem (store) and seal.pub.pem")
+    init.add_argument("directory", type=Path)
+
+    listing = sub.add_parser("list", help="list recordings in the store (operator console)")
+    listing.add_argument("--store-dir", type=Path, required=True)
+    listing.add_argument("--limit", type=int, default=20)
+
+    export = sub.add_parser("export", help="export a recording's audio (operator console)")
+    export.add_argument("recording_id")
+    export.add_argument("--store-dir", type=Path, required=True)
+    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--reason", required=True, help="why (written to the store's log)")
+
+    check = sub.add_parser("check", help="validate a config file and the files it names")
+    group = check.add_mutually_exclusive_group(required=True)
+    group.add_argument("--agent", type=Path)
+    group.add_argument("--store", type=Path)
+
+    demo = sub.add_parser("demo", help="run store + agent and place a real SIPREC call")
+    demo.add_argument("--dir", type=Path, default=Path("demo-data"))
+    demo.add_argument("--seconds", type=float, default=6.0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ConfigError, KeyFileError, DirectoryError) as exc:
+        sys.stderr.write(f"callrec {args.command}: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "agent":
+        agent_cfg = load_agent_config(args.config)
+        logs.configure(agent_cfg.log_level)
+        from agent.recorder.daemon import run_agent
+
+        return run_agent(agent_cfg, args.config)
+    if args.command == "worker":
+        agent_cfg = load_agent_config(args.config)
+        logs.configure(agent_cfg.log_level)
+        from agent.recorder.worker import worker_main
+
+        return worker_main(agent_cfg, args.index, args.ready_fd)
+    if args.command == "store":
+        store_cfg = load_store_config(args.config)
+        logs.configure(store_cfg.log_level)
+        from agent.store.server import serve
+
+        return asyncio.run(serve(store_cfg))
+    if args.command == "keys":
+        return keys_init(args.directory)
+    if args.command == "list":
+        return list_recordings(args.store_dir, args.limit)
+    if args.command == "export":
+        return export_audio(args.store_dir, args.recording_id, args.out, args.reason)
+    if args.command == "check":
+        return check_config(args.agent, args.store)
+    if args.command == "demo":
+        logs.configure("info")
+        from agent.demo import run_demo
+
+        return run_demo(args.dir, args.seconds)
+    raise AssertionError(args.command)
+
+
+def keys_init(directory: Path) -> int:
+    """Write ``lookup.key`` (agent and store), ``seal.pub.pem`` (agent) and ``seal.pem``
+    (store only: it opens the sealed digits). Existing files are never overwritten."""
+    directory.mkdir(parents=True, exist_ok=True)
+    private, public = new_seal_keypair()
+    files = {
+        "lookup.key": new_lookup_key_line(dt.date.today().strftime("k%Y%m%d")).encode(),
+        "seal.pem": private,
+        "seal.pub.pem": public,
+    }
+    for name, content in files.items():
+        path = directory / name
+        if path.exists():
+            sys.stdout.write(f"kept     {path} (exists)\n")
+            continue
+        mode = 0o644 if name.endswith(".pub.pem") else 0o600
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(content)
+        sys.stdout.write(f"created  {path} (mode {mode:o})\n")
+    return 0
+
+
+def _console(store_dir: Path) -> pb_grpc.ConsoleStub:
+    channel = grpc.insecure_channel(f"unix:{store_dir / 'console.sock'}")
+    return pb_grpc.ConsoleStub(channel)
+
+
+def list_recordings(store_dir: Path, limit: int) -> int:
+    response = _console(store_dir).ListRecordings(pb.ListRecordingsRequest(limit=limit), timeout=10)
+    for line in format_recordings(response.recordings):
+        sys.stdout.write(line + "\n")
+    return 0
+
+
+def format_recordings(recordings: Iterable[pb.RecordingInfo]) -> list[str]:
+    lines = []
+    for info in recordings:
+        m = info.manifest
+        employees = ", ".join(e.name for e in m.employees) or "unknown"
+        lines.append(
+            f"{m.recording_id}  {m.started_at.ToDatetime(dt.UTC):%Y-%m-%d %H:%M:%S.%f}"[:-3]
+            + f"Z → {m.ended_at.ToDatetime(dt.UTC):%H:%M:%S.%f}"[:-3]
+            + f"Z  {info.duration_ms / 1000:6.1f}s  {DIRECTION_NAMES[m.direction]:8}  "
+            f"service={m.service_number or '-'}  customer={m.customer.masked}  "
+            f"employee={employees!r}  {m.audio_format}/{m.channels}ch  "
+            f"flags={','.join(m.flags) or '-'}"
+        )
+    return lines
+
+
+def export_audio(store_dir: Path, recording_id: str, out: Path, reason: str) -> int:
+    stream = _console(store_dir).ExportAudio(
+        pb.ExportAudioRequest(recording_id=recording_id, reason=reason), timeout=60
+    )
+    tmp = out.with_name(out.name + ".part")
+    size = 0
+    with tmp.open("wb") as fh:
+        for chunk in stream:
+            fh.write(chunk.data)
+            size += len(chunk.data)
+    tmp.replace(out)
+    sys.stdout.write(f"exported {recording_id} to {out} ({size} bytes)\n")
+    return 0
+
+
+def check_config(agent_path: Path | None, store_path: Path | None) -> int:
+    problems: list[str] = []
+    if agent_path is not None:
+        cfg = load_agent_config(agent_path)
+        loaders: list[tuple[Callable[[Path], object], Path]] = [
+            (LookupKeys.load, cfg.privacy.lookup_key_file),
+            (Sealer.load, cfg.privacy.seal_public_key_file),
+            (Directory.load, cfg.directory_file),
+        ]
+        for load, path in loaders:
+            try:
+                load(path)
+            except (KeyFileError, DirectoryError) as exc:
+                problems.append(str(exc))
+    if store_path is not None:
+        load_store_config(store_path)
+    for problem in problems:
+        sys.stderr.write(problem + "\n")
+    if not problems:
+        sys.stdout.write("ok\n")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""The privacy boundary: a customer's number becomes a masked form, a keyed digest and
+sealed last digits. Nothing downstream of these functions ever sees the full number.
+
+Pure functions and two small key holders; no I/O except reading key files.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+import stat
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from urllib.parse import unquote
+
+import phonenumbers
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+MASK = "***"
+TAIL_DIGITS = 3
+
+
+class NumberKind(StrEnum):
+    NUMBER = "number"  # a valid phone number, normalised to E.164
+    ANONYMOUS = "anonymous"  # withheld / restricted / anonymous by the caller
+    UNKNOWN = "unknown"  # the PBX did not say
+    INVALID = "invalid"  # something was there but it is not a phone number
+
+
+class KeyFileError(ValueError):
+    """A key file that is missing, malformed, or readable by others."""
+
+
+_ANONYMOUS = {"anonymous", "restricted", "withheld", "private", "unavailable", "hidden"}
+_UNKNOWN = {"", "unknown", "none", "null", "invalid"}
+_URI = re.compile(r"^(?:sips?|tel):", re.IGNORECASE)
+_VISUAL = re.compile(r"[\s\-\.\(\)/]")
+
+
+def uri_user(raw: str) -> str:
+    """The user part of a SIP/SIPS/tel URI or name-addr; a bare string is returned as is.
+
+    ``"Aino" <sip:+358401234567@pbx;user=phone>`` → ``+358401234567``;
+    ``tel:+358-40-123-4567;phone-context=x`` → ``+358-40-123-4567``.
+    """
+    value = raw.strip()
+    if "<" in value and ">" in value:
+        value = value[value.index("<") + 1 : value.rindex(">")]
+    value = unquote(value.strip())
+    if _URI.match(value):
+        value = value.split(":", 1)[1]
+        value = value.split("@", 1)[0]
+        value = value.split(";", 1)[0]
+        value = value.split("?", 1)[0]
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class Normalised:
+    kind: NumberKind
+    e164: str | None = None  # only for NumberKind.NUMBER; never stored
+
+
+def normalise(raw: str | None, region: str) -> Normalised:
+    """Parse whatever the PBX sent into E.164, or say why it is not a number."""
+    if raw is None:
+        return Normalised(NumberKind.UNKNOWN)
+    user = uri_user(raw)
+    lowered = user.lower()
+    if lowered in _ANONYMOUS or lowered.startswith("anonymous"):
+        return Normalised(NumberKind.ANONYMOUS)
+    if lowered in _UNKNOWN:
+        return Normalised(NumberKind.UNKNOWN)
+    compact = _VISUAL.sub("", user)
+    if compact.startswith("00"):
+        compact = "+" + compact[2:]
+    if not re.fullmatch(r"\+?\d{3,17}", compact):
+        return Normalised(NumberKind.INVALID)
+    try:
+        parsed = phonenumbers.parse(compact, region)
+    except phonenumbers.NumberParseException:
+        return Normalised(NumberKind.INVALID)
+    if not phonenumbers.is_possible_number(parsed):
+        return Normalised(NumberKind.INVALID)
+    e164 = phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    return Normalised(NumberKind.NUMBER, e164)
+
+
+def mask(e164: str) -> str:
+    """``+358401234567`` → ``+358401234***`` (same length, last three digits hidden)."""
+    if len(e164) <= TAIL_DIGITS + 1:
+        return "+" + MASK
+    return e164[:-TAIL_DIGITS] + MASK
+
+
+def tail(e164: str) -> str:
+    return e164[-TAIL_DIGITS:]
+
+
+# ---------------------------------------------------------------- keys
+
+
+def check_private_file(path: Path) -> None:
+    """Refuse a secret that other users could read."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise KeyFileError(
+            f"{path}: key file not found (create it with `callrec keys init`)"
+        ) from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"{path}: key file is readable by group or others (mode {stat.S_IMODE(mode):o}); "
+            "run chmod 600"
+        )
+
+
+@dataclass(frozen=True)
+class LookupKeys:
+    """HMAC keys for the caller digest. The first is used for new calls; all of them
+    are tried when a data-subject request looks a number up (key rotation)."""
+
+    keys: tuple[tuple[str, bytes], ...]
+
+    @property
+    def active_id(self) -> str:
+        return self.keys[0][0]
+
+    @classmethod
+    def load(cls, path: Path) -> LookupKeys:
+        check_private_file(path)
+        keys: list[tuple[str, bytes]] = []
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            key_id, _, encoded = line.partition(" ")
+            try:
+                secret = base64.b64decode(encoded.strip(), validate=True)
+            except ValueError:
+                secret = b""
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", key_id) or len(secret) < 32:
+                raise KeyFileError(
+                    f"{path}:{lineno}: expected '<key id> <base64 of >= 32 random bytes>'"
+                )
+            keys.append((key_id, secret))
+        if not keys:
+            raise KeyFileError(f"{path}: no keys in file")
+        return cls(tuple(keys))
+
+    def digest(self, e164: str, key_id: str | None = None) -> str:
+        secrets = dict(self.keys)
+        secret = secrets[key_id or self.active_id]
+        return hmac.new(secret, e164.encode(), hashlib.sha256).hexdigest()
+
+    def all_digests(self, e164: str) -> dict[str, str]:
+        return {key_id: self.digest(e164, key_id) for key_id, _ in self.keys}
+
+
+def new_lookup_key_line(key_id: str) -> str:
+    return f"{key_id} {base64.b64encode(os.urandom(32)).decode()}\n"
+
+
+_OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+
+
+@dataclass(frozen=True)
+class Sealer:
+    """Encrypts the last digits to a public key; the agent never holds the private half."""
+
+    public_key: rsa.RSAPublicKey
+
+    @classmethod
+    def load(cls, path: Path) -> Sealer:
+        try:
+            key = serialization.load_pem_public_key(path.read_bytes())
+        except FileNotFoundError:
+            raise KeyFileError(f"{path}: public key not found") from None
+        except ValueError as exc:
+            raise KeyFileError(f"{path}: not a PEM public key: {exc}") from None
+        if not isinstance(key, rsa.RSAPublicKey) or key.key_size < 2048:
+            raise KeyFileError(f"{path}: expected an RSA public key of at least 2048 bits")
+        return cls(key)
+
+    def seal(self, plaintext: str) -> str:
+        return base64.b64encode(self.public_key.encrypt(plaintext.encode(), _OAEP)).decode()
+
+
+def unseal(private_key: rsa.RSAPrivateKey, sealed: str) -> str:
+    return private_key.decrypt(base64.b64decode(sealed), _OAEP).decode()
+
+
+def new_seal_keypair() -> tuple[bytes, bytes]:
+    """(private PEM, public PEM) for a 3072-bit RSA key."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return private, public
+
+
+# ---------------------------------------------------------------- the protected form
+
+
+@dataclass(frozen=True)
+class ProtectedNumber:
+    """What the register keeps of a customer's number."""
+
+    kind: NumberKind
+    masked: str  # "+358401234***", or the kind's name for non-numbers
+    digest: str | None = None
+    digest_key_id: str | None = None
+    tail_sealed: str | None = None
+
+
+@dataclass(frozen=True)
+class Protector:
+    region: str
+    lookup: LookupKeys
+    sealer: Sealer
+
+    def protect(self, raw: str | None) -> ProtectedNumber:
+        norm = normalise(raw, self.region)
+        if norm.e164 is None:
+            return ProtectedNumber(norm.kind, norm.kind.value)
+        return ProtectedNumber(
+            NumberKind.NUMBER,
+            masked=mask(norm.e164),
+            digest=self.lookup.digest(norm.e164),
+            digest_key_id=self.lookup.active_id,
+            tail_sealed=self.sealer.seal(tail(norm.e164)),
+        )

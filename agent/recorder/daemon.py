@@ -1,0 +1,239 @@
+"""The recording agent: supervises the SIP worker processes and runs finalize and the
+uplink. ``startup()`` / ``run()`` / ``shutdown()``; signal handlers only set events.
+
+Shutdown is ordered and bounded: workers stop taking calls and finish the ones in
+progress (their own deadline), finalize drains what they left, the uplink keeps
+uploading for the grace period, and whatever is left stays safely in the outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent import sdnotify
+from agent.config import AgentConfig
+from agent.loops import DirectoryQueue
+from agent.privacy import LookupKeys, Sealer, check_private_file
+from agent.recorder.finalize import Finalizer
+from agent.recorder.outbox import Outbox
+from agent.recorder.uplink import Uplink
+
+log = logging.getLogger(__name__)
+
+WORKER_READY_TIMEOUT_S = 20.0
+WORKER_STOP_TIMEOUT_S = 30.0
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class WorkerProcess:
+    index: int
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+
+
+class AgentDaemon:
+    def __init__(self, config: AgentConfig, config_path: Path) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.stop_event = threading.Event()
+        self.forced = threading.Event()
+        self.workers = [WorkerProcess(i) for i in range(config.sip.workers)]
+        self.outbox = Outbox(config.outbox_dir)
+        self.finalizer = Finalizer(config)
+        self.finalize_queue = DirectoryQueue(
+            "finalize",
+            config.captures_dir / "ready",
+            self.finalizer.handle,
+            workers=1,
+            rescan_s=config.uplink.rescan_s,
+        )
+        self.uplink = Uplink(config.uplink, self.outbox, config.quarantine_dir)
+        self.upload_queue = DirectoryQueue(
+            "upload",
+            config.outbox_dir,
+            self.uplink.handle,
+            workers=config.uplink.concurrency,
+            rescan_s=config.uplink.rescan_s,
+        )
+
+    # ------------------------------------------------------------ lifecycle
+
+    def startup(self) -> None:
+        cfg = self.config
+        check_private_file(cfg.privacy.lookup_key_file)
+        LookupKeys.load(cfg.privacy.lookup_key_file)
+        Sealer.load(cfg.privacy.seal_public_key_file)
+        for path in (cfg.captures_dir / "ready", cfg.outbox_dir, cfg.quarantine_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        self.finalize_queue.start()
+        self.upload_queue.start()
+        for worker in self.workers:
+            self._start_worker(worker, wait_ready=True)
+        log.info(
+            "event=agent_ready site=%s workers=%d sip=%s:%d store=%s outbox=%d",
+            cfg.site,
+            len(self.workers),
+            cfg.sip.listen,
+            cfg.sip.port,
+            cfg.uplink.store_address,
+            len(self.outbox.entries()),
+        )
+        sdnotify.ready()
+
+    def run(self) -> None:
+        interval = sdnotify.watchdog_interval()
+        tick = min(1.0, interval / 2) if interval else 1.0
+        while not self.stop_event.wait(tick):
+            for worker in self.workers:
+                self._supervise(worker)
+            if not (self.finalize_queue.is_alive() and self.upload_queue.is_alive()):
+                log.error("event=agent_loop_died action=shutdown")
+                raise SystemExit(1)
+            sdnotify.watchdog()
+
+    def shutdown(self) -> None:
+        sdnotify.stopping()
+        log.info("event=agent_stopping")
+        for worker in self.workers:
+            if worker.process and worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + WORKER_STOP_TIMEOUT_S
+        for worker in self.workers:
+            self._reap(worker, deadline)
+        self.finalize_queue.scan()
+        self.finalize_queue.wait_idle(timeout=60.0)
+        self.finalize_queue.stop()
+        if not self.forced.is_set():
+            self.upload_queue.scan()
+            self.upload_queue.wait_idle(timeout=self.config.uplink.grace_s)
+        self.uplink.stop_event.set()
+        self.upload_queue.stop()
+        self.finalize_queue.join(5.0)
+        self.upload_queue.join(5.0)
+        self.uplink.close()
+        left = self.outbox.entries()
+        log.info("event=agent_stopped outbox_left=%d", len(left))
+
+    def request_stop(self) -> None:
+        if self.stop_event.is_set():
+            log.warning("event=agent_forced_exit")
+            self.forced.set()
+            for worker in self.workers:
+                if worker.process and worker.process.poll() is None:
+                    worker.process.kill()
+            os._exit(1)
+        self.stop_event.set()
+
+    # ------------------------------------------------------------ workers
+
+    def _worker_command(self, worker: WorkerProcess, ready_fd: int | None) -> list[str]:
+        command = [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "worker",
+            "--config",
+            str(self.config_path),
+            "--index",
+            str(worker.index),
+        ]
+        return command if ready_fd is None else [*command, "--ready-fd", str(ready_fd)]
+
+    def _start_worker(self, worker: WorkerProcess, wait_ready: bool) -> None:
+        if not wait_ready:
+            worker.process = subprocess.Popen(
+                self._worker_command(worker, None), stdin=subprocess.DEVNULL, env=_worker_env()
+            )
+            log.info("event=worker_started index=%d pid=%d", worker.index, worker.process.pid)
+            return
+        read_fd, write_fd = os.pipe()
+        try:
+            worker.process = subprocess.Popen(
+                self._worker_command(worker, write_fd),
+                pass_fds=(write_fd,),
+                stdin=subprocess.DEVNULL,
+                env=_worker_env(),
+            )
+        finally:
+            os.close(write_fd)
+        try:
+            if not _wait_ready(read_fd, WORKER_READY_TIMEOUT_S):
+                raise RuntimeError(
+                    f"worker {worker.index} did not become ready in {WORKER_READY_TIMEOUT_S:.0f}s "
+                    f"(exit code {worker.process.poll()})"
+                )
+        finally:
+            os.close(read_fd)
+        log.info("event=worker_started index=%d pid=%d", worker.index, worker.process.pid)
+
+    def _supervise(self, worker: WorkerProcess) -> None:
+        process = worker.process
+        if process is None or process.poll() is None:
+            if process is None and time.monotonic() >= worker.next_start:
+                self._start_worker(worker, wait_ready=False)
+            return
+        delay = RESTART_BACKOFF_S[min(worker.restarts, len(RESTART_BACKOFF_S) - 1)]
+        log.error(
+            "event=worker_died index=%d pid=%d exit_code=%s restart_in_s=%.0f",
+            worker.index,
+            process.pid,
+            process.returncode,
+            delay,
+        )
+        worker.process = None
+        worker.restarts += 1
+        worker.next_start = time.monotonic() + delay
+
+    def _reap(self, worker: WorkerProcess, deadline: float) -> None:
+        process = worker.process
+        if process is None:
+            return
+        try:
+            process.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.error("event=worker_kill index=%d reason=stop_timeout", worker.index)
+            process.kill()
+            process.wait()
+
+
+def _worker_env() -> dict[str, str]:
+    """Workers report to us, not to systemd."""
+    env = dict(os.environ)
+    for key in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        env.pop(key, None)
+    return env
+
+
+def _wait_ready(fd: int, timeout: float) -> bool:
+    ready, _, _ = select.select([fd], [], [], timeout)
+    return bool(ready) and os.read(fd, 16).startswith(b"ready")
+
+
+def run_agent(config: AgentConfig, config_path: Path) -> int:
+    daemon = AgentDaemon(config, config_path)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
+    signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
+    signal.signal(signal.SIGHUP, lambda *_: _forward_hup(daemon))
+    try:
+        daemon.startup()
+        daemon.run()
+    finally:
+        daemon.shutdown()
+    return 0
+
+
+def _forward_hup(daemon: AgentDaemon) -> None:
+    for worker in daemon.workers:
+        if worker.process and worker.process.poll() is None:
+            worker.process.send_signal(signal.SIGHUP)

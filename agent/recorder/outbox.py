@@ -1,0 +1,71 @@
+"""The outbox: finished recordings waiting for the store's durable receipt.
+
+``outbox/<id>/`` holds ``audio.<ext>`` and ``manifest.json``. An entry is removed only
+after a receipt whose sha256 equals the manifest's: first renamed to ``.done-<id>``
+(one atomic step, so a crash never leaves half an entry visible), then deleted.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from agent.capture import fsync_dir
+from agent.pb.callrec.v1 import recordings_pb2 as pb
+from agent.recorder.finalize import MANIFEST_FILE, audio_file_name
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    path: Path
+    manifest: pb.Manifest
+
+    @property
+    def audio_path(self) -> Path:
+        return self.path / audio_file_name(self.manifest.audio_format)
+
+
+class Outbox:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        for leftover in self.root.glob(".done-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def open(self, recording_id: str) -> OutboxEntry:
+        path = self.root / recording_id
+        manifest = json_format.Parse((path / MANIFEST_FILE).read_text(), pb.Manifest())
+        return OutboxEntry(path, manifest)
+
+    def remove(self, entry: OutboxEntry, receipt: pb.UploadReceipt) -> None:
+        if receipt.sha256 != entry.manifest.sha256 or receipt.recording_id != entry.path.name:
+            raise ValueError(
+                f"receipt for {receipt.recording_id} sha256={receipt.sha256} does not match "
+                f"the outbox entry's sha256={entry.manifest.sha256}; keeping it"
+            )
+        done = self.root / f".done-{entry.path.name}"
+        entry.path.rename(done)
+        fsync_dir(self.root)
+        shutil.rmtree(done)
+
+    def entries(self) -> list[str]:
+        return sorted(
+            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
+
+    def stats(self) -> tuple[int, int, float]:
+        """(entries, bytes, age of the oldest entry in seconds)."""
+        count, size, oldest = 0, 0, time.time()
+        for name in self.entries():
+            path = self.root / name
+            try:
+                count += 1
+                size += sum(f.stat().st_size for f in path.iterdir())
+                oldest = min(oldest, path.stat().st_mtime)
+            except FileNotFoundError:
+                continue
+        return count, size, (time.time() - oldest) if count else 0.0

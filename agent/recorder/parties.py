@@ -1,0 +1,308 @@
+"""Who is who on a recorded call, and which stream is whose. Pure functions.
+
+Each SIPREC participant (in metadata document order) is tagged by the first rule
+that matches one of its AoRs (``nameID aor`` values):
+
+1. **employee** — the AoR is a person's SIP identity in the directory
+   (:meth:`Directory.find_by_aor`);
+2. **service line** — it normalises (E.164, configured region) to one of the
+   configured service numbers;
+3. **customer** — it is a valid phone number (``phonenumbers.is_valid_number``);
+4. **withheld customer** — it is anonymous/restricted (``sip:anonymous@anonymous.invalid``);
+5. **internal** — anything else (an extension like ``sip:1099@pbx`` that is not in the
+   directory, a non-numeric AoR). Participants without an AoR are ignored.
+
+Then:
+
+- the customer is the first customer participant, else the first withheld one
+  (masked ``anonymous``, :attr:`Flag.CUSTOMER_WITHHELD`), else unknown
+  (:attr:`Flag.CUSTOMER_UNKNOWN`). The raw number goes straight into
+  :meth:`Protector.protect`; only the protected form leaves this module;
+- the employees are the directory matches; without one, the first internal
+  participant is an employee with id and name ``unknown`` (:attr:`Flag.EMPLOYEE_UNKNOWN`;
+  the caller logs a warning). Its AoR is kept with long digit runs redacted;
+- the service number is the service participant's E.164, else
+  :attr:`Flag.SERVICE_UNKNOWN`;
+- direction: **inbound** if the first participant is the customer, **outbound** if
+  it is an employee, internal party or service line, else unknown;
+- streams: the customer's sent stream (via its ``<send>`` stream id → ``<label>`` →
+  the SDP m-line with that ``a=label``) is the customer leg; a stream sent by an
+  employee, internal party or service line (in that order) is the employee leg. A leg
+  the associations do not give falls back to m-line order (first audio m-line =
+  customer, second = employee), skipping an m-line the other leg already took.
+
+A plain (non-SIPREC) INVITE names its parties in configured headers instead
+(:func:`classify_headers`); its single stream is the mixed leg and its direction is
+unknown.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import phonenumbers
+
+from agent.capture import UNKNOWN, Direction, Flag
+from agent.directory import Directory, Person
+from agent.logs import redact_numbers
+from agent.privacy import NumberKind, ProtectedNumber, Protector, normalise
+from agent.recorder.siprec import Participant, RecordingMetadata, SdpMedia
+
+
+@dataclass(frozen=True)
+class EmployeeTag:
+    id: str  # directory id, or "unknown"
+    name: str  # directory name, or "unknown"
+    aor: str  # the SIP identity seen on the call (digit runs redacted if unknown)
+
+
+@dataclass(frozen=True)
+class CallParties:
+    direction: Direction
+    customer: ProtectedNumber
+    employees: tuple[EmployeeTag, ...]
+    service_number: str | None  # E.164
+    customer_stream: int | None  # SDP m-line index of the customer's leg
+    employee_stream: int | None  # SDP m-line index of the employee's leg
+    flags: tuple[Flag, ...]
+
+
+@dataclass(frozen=True)
+class PartyRules:
+    """What classification needs from config, built once per worker."""
+
+    protector: Protector
+    service_numbers: frozenset[str]  # E.164
+
+    @classmethod
+    def build(cls, protector: Protector, service_numbers: Iterable[str]) -> PartyRules:
+        e164: set[str] = set()
+        for raw in service_numbers:
+            norm = normalise(raw, protector.region)
+            if norm.e164 is None:
+                raise ValueError(f"service number {raw!r} is not a phone number")
+            e164.add(norm.e164)
+        return cls(protector, frozenset(e164))
+
+    @property
+    def region(self) -> str:
+        return self.protector.region
+
+
+class Role(enum.Enum):
+    EMPLOYEE = "employee"
+    SERVICE = "service"
+    CUSTOMER = "customer"
+    WITHHELD = "withheld"
+    INTERNAL = "internal"
+    NONE = "none"  # no AoR at all
+
+
+@dataclass(frozen=True)
+class _Tagged:
+    participant: Participant
+    role: Role
+    aor: str | None = None  # the AoR that decided the role
+    person: Person | None = None
+    e164: str | None = None  # service numbers only
+
+
+def _is_valid_number(e164: str) -> bool:
+    try:
+        return phonenumbers.is_valid_number(phonenumbers.parse(e164))
+    except phonenumbers.NumberParseException:
+        return False
+
+
+def _tag(participant: Participant, directory: Directory, rules: PartyRules) -> _Tagged:
+    for aor in participant.aors:
+        if (person := directory.find_by_aor(aor)) is not None:
+            return _Tagged(participant, Role.EMPLOYEE, aor, person=person)
+    found: _Tagged | None = None
+    for aor in participant.aors:
+        norm = normalise(aor, rules.region)
+        if norm.e164 is not None and norm.e164 in rules.service_numbers:
+            return _Tagged(participant, Role.SERVICE, aor, e164=norm.e164)
+        if found is not None:
+            continue
+        if norm.e164 is not None and _is_valid_number(norm.e164):
+            found = _Tagged(participant, Role.CUSTOMER, aor)
+        elif norm.kind is NumberKind.ANONYMOUS:
+            found = _Tagged(participant, Role.WITHHELD, aor)
+    if found is not None:
+        return found
+    if participant.aors:
+        return _Tagged(participant, Role.INTERNAL, participant.aors[0])
+    return _Tagged(participant, Role.NONE)
+
+
+def _first(tagged: Sequence[_Tagged], *roles: Role) -> _Tagged | None:
+    for role in roles:
+        for item in tagged:
+            if item.role is role:
+                return item
+    return None
+
+
+def _unknown_employee(aor: str) -> EmployeeTag:
+    return EmployeeTag(UNKNOWN, UNKNOWN, redact_numbers(aor))
+
+
+def _employees(tagged: Sequence[_Tagged], flags: list[Flag]) -> tuple[EmployeeTag, ...]:
+    known: dict[str, EmployeeTag] = {}
+    for t in tagged:
+        if t.person is not None:
+            known.setdefault(t.person.id, EmployeeTag(t.person.id, t.person.name, t.aor or ""))
+    if known:
+        return tuple(known.values())
+    flags.append(Flag.EMPLOYEE_UNKNOWN)
+    internal = _first(tagged, Role.INTERNAL)
+    return (_unknown_employee(internal.aor if internal and internal.aor else ""),)
+
+
+def _customer(chosen: _Tagged | None, rules: PartyRules, flags: list[Flag]) -> ProtectedNumber:
+    if chosen is None or chosen.aor is None:
+        flags.append(Flag.CUSTOMER_UNKNOWN)
+        return ProtectedNumber(NumberKind.UNKNOWN, NumberKind.UNKNOWN.value)
+    protected = rules.protector.protect(chosen.aor)
+    if protected.kind is NumberKind.ANONYMOUS:
+        flags.append(Flag.CUSTOMER_WITHHELD)
+    elif protected.kind is not NumberKind.NUMBER:
+        flags.append(Flag.CUSTOMER_UNKNOWN)
+    return protected
+
+
+def _direction(tagged: Sequence[_Tagged], customer: _Tagged | None) -> Direction:
+    first = next((t for t in tagged if t.role is not Role.NONE), None)
+    if first is None:
+        return Direction.UNKNOWN
+    return Direction.INBOUND if first is customer else Direction.OUTBOUND
+
+
+def _sent_stream(
+    item: _Tagged | None, metadata: RecordingMetadata, audio: Sequence[SdpMedia]
+) -> int | None:
+    """The m-line index of the first stream this participant sends that the SDP has."""
+    if item is None:
+        return None
+    by_label = {m.label: m.index for m in audio if m.label is not None}
+    for stream_id in item.participant.sends:
+        label = metadata.label_of(stream_id)
+        if label is not None and label in by_label:
+            return by_label[label]
+    return None
+
+
+_EMPLOYEE_SIDE = (Role.EMPLOYEE, Role.INTERNAL, Role.SERVICE, Role.CUSTOMER, Role.WITHHELD)
+
+
+def _streams(
+    tagged: Sequence[_Tagged],
+    customer: _Tagged | None,
+    metadata: RecordingMetadata,
+    audio: Sequence[SdpMedia],
+) -> tuple[int | None, int | None]:
+    customer_stream = _sent_stream(customer, metadata, audio)
+    others = [t for role in _EMPLOYEE_SIDE for t in tagged if t.role is role and t is not customer]
+    employee_stream = next(
+        (
+            index
+            for t in others
+            if (index := _sent_stream(t, metadata, audio)) is not None and index != customer_stream
+        ),
+        None,
+    )
+    return fill_streams(customer_stream, employee_stream, audio)
+
+
+def fill_streams(
+    customer: int | None, employee: int | None, audio: Sequence[SdpMedia]
+) -> tuple[int | None, int | None]:
+    """Complete a stream mapping from m-line order: first = customer, second = employee."""
+    if customer is None:
+        customer = next((m.index for m in audio if m.index != employee), None)
+    if employee is None:
+        employee = next((m.index for m in audio if m.index != customer), None)
+    return customer, employee
+
+
+def classify(
+    metadata: RecordingMetadata,
+    audio: Sequence[SdpMedia],
+    directory: Directory,
+    rules: PartyRules,
+) -> CallParties:
+    """Apply the module's rules to a SIPREC call's metadata and audio m-lines."""
+    tagged = [_tag(p, directory, rules) for p in metadata.participants]
+    flags: list[Flag] = []
+    chosen = _first(tagged, Role.CUSTOMER, Role.WITHHELD)
+    customer = _customer(chosen, rules, flags)
+    employees = _employees(tagged, flags)
+    service = _first(tagged, Role.SERVICE)
+    if service is None:
+        flags.append(Flag.SERVICE_UNKNOWN)
+    customer_stream, employee_stream = _streams(tagged, chosen, metadata, audio)
+    return CallParties(
+        direction=_direction(tagged, chosen),
+        customer=customer,
+        employees=employees,
+        service_number=service.e164 if service else None,
+        customer_stream=customer_stream,
+        employee_stream=employee_stream,
+        flags=tuple(dict.fromkeys(flags)),
+    )
+
+
+def unclassified(audio: Sequence[SdpMedia], *flags: Flag) -> CallParties:
+    """A call whose parties nobody told us (metadata missing or unreadable)."""
+    customer_stream, employee_stream = fill_streams(None, None, audio)
+    return CallParties(
+        direction=Direction.UNKNOWN,
+        customer=ProtectedNumber(NumberKind.UNKNOWN, NumberKind.UNKNOWN.value),
+        employees=(_unknown_employee(""),),
+        service_number=None,
+        customer_stream=customer_stream,
+        employee_stream=employee_stream,
+        flags=tuple(
+            dict.fromkeys(
+                (*flags, Flag.CUSTOMER_UNKNOWN, Flag.EMPLOYEE_UNKNOWN, Flag.SERVICE_UNKNOWN)
+            )
+        ),
+    )
+
+
+def classify_headers(
+    customer: str | None,
+    employee: str | None,
+    service: str | None,
+    directory: Directory,
+    rules: PartyRules,
+) -> CallParties:
+    """A plain INVITE's parties from the configured headers (one mixed stream)."""
+    flags: list[Flag] = []
+    protected = rules.protector.protect(customer)
+    if protected.kind is NumberKind.ANONYMOUS:
+        flags.append(Flag.CUSTOMER_WITHHELD)
+    elif protected.kind is not NumberKind.NUMBER:
+        flags.append(Flag.CUSTOMER_UNKNOWN)
+    person = directory.find_by_aor(employee) if employee else None
+    if person is not None:
+        tag = EmployeeTag(person.id, person.name, employee or "")
+    else:
+        flags.append(Flag.EMPLOYEE_UNKNOWN)
+        tag = _unknown_employee(employee or "")
+    norm = normalise(service, rules.region)
+    service_number = norm.e164 if norm.e164 in rules.service_numbers else None
+    if service_number is None:
+        flags.append(Flag.SERVICE_UNKNOWN)
+    return CallParties(
+        direction=Direction.UNKNOWN,
+        customer=protected,
+        employees=(tag,),
+        service_number=service_number,
+        customer_stream=None,
+        employee_stream=None,
+        flags=tuple(flags),
+    )

@@ -1,0 +1,130 @@
+"""The central store daemon: gRPC ingest for agents, the operator console on a local
+socket, health checking. ``startup()`` / ``run()`` / ``shutdown()`` like uvicorn's Server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from agent import sdnotify
+from agent.config import StoreConfig
+from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
+from agent.store.blobs import FileBlobs
+from agent.store.catalog import Catalog
+from agent.store.console import ConsoleService
+from agent.store.ingest import MAX_CHUNK_BYTES, IngestService
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + 64 * 1024
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Let agents ping every 20 s even without calls in flight; refuse faster pings.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 15_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+class StoreServer:
+    def __init__(self, config: StoreConfig) -> None:
+        self.config = config
+        self.stop_event = asyncio.Event()
+        self.port = 0
+        self._servers: list[grpc.aio.Server] = []
+        self._catalog: Catalog | None = None
+
+    @property
+    def console_socket(self) -> str:
+        return str(self.config.data_dir / "console.sock")
+
+    async def startup(self) -> None:
+        cfg = self.config
+        cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        catalog = Catalog(cfg.catalog_url)
+        await asyncio.to_thread(catalog.create_schema)
+        self._catalog = catalog
+        blobs = FileBlobs(cfg.blobs_dir)
+        ingest = IngestService(catalog, blobs, cfg.incoming_dir, region="fi")
+
+        public = grpc.aio.server(options=SERVER_OPTIONS)
+        pb_grpc.add_IngestServicer_to_server(ingest, public)
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, public)
+        self.port = public.add_insecure_port(cfg.listen)
+        if self.port == 0:
+            raise OSError(f"[store] listen = {cfg.listen!r}: cannot bind")
+
+        console = grpc.aio.server(options=SERVER_OPTIONS)
+        pb_grpc.add_ConsoleServicer_to_server(ConsoleService(catalog, blobs), console)
+        if os.path.exists(self.console_socket):
+            os.unlink(self.console_socket)
+        old_umask = os.umask(0o177)
+        try:
+            console.add_insecure_port(f"unix:{self.console_socket}")
+            await public.start()
+            await console.start()
+        finally:
+            os.umask(old_umask)
+        self._servers = [public, console]
+        health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_servicer.set("callrec.v1.Ingest", health_pb2.HealthCheckResponse.SERVING)
+        host = cfg.listen.rpartition(":")[0]
+        log.info(
+            "event=store_ready address=%s:%d console=%s catalog=%s",
+            host,
+            self.port,
+            self.console_socket,
+            self.engine_name,
+        )
+        sdnotify.ready()
+
+    @property
+    def engine_name(self) -> str:
+        return self._catalog.engine.dialect.name if self._catalog else "none"
+
+    async def run(self) -> None:
+        interval = sdnotify.watchdog_interval()
+        while not self.stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), timeout=(interval or 30) / 2)
+            sdnotify.watchdog()
+
+    async def shutdown(self, grace_s: float = 10.0) -> None:
+        sdnotify.stopping()
+        log.info("event=store_stopping grace_s=%.0f", grace_s)
+        await asyncio.gather(*(s.stop(grace_s) for s in self._servers))
+        if self._catalog is not None:
+            self._catalog.close()
+        log.info("event=store_stopped")
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal)
+
+    def _on_signal(self) -> None:
+        if self.stop_event.is_set():
+            log.warning("event=store_forced_exit")
+            os._exit(1)
+        self.stop_event.set()
+
+
+async def serve(config: StoreConfig) -> int:
+    server = StoreServer(config)
+    server.install_signal_handlers()
+    await server.startup()
+    try:
+        await server.run()
+    finally:
+        await server.shutdown()
+    return 0
