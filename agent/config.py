@@ -13,6 +13,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from agent.store.residency import (
+    DEFAULT_ALLOWED_REGIONS,
+    aws_endpoint_region,
+    is_aws_host,
+    region_allowed,
+    valid_region_pattern,
+)
 
 AUDIO_FORMATS = ("opus", "flac", "wav")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -85,12 +94,45 @@ class AgentConfig:
 
 
 @dataclass(frozen=True)
+class S3Config:
+    """Object storage for the audio blobs (``[store.s3]``)."""
+
+    bucket: str
+    region: str
+    endpoint: str | None = None  # None: AWS, from the region
+    prefix: str = "recordings/"
+    access_key_id: str | None = None  # None: boto3's default credential chain
+    secret_access_key_file: Path | None = None
+    multipart_threshold_bytes: int = 64 * 1024 * 1024
+    multipart_chunk_bytes: int = 16 * 1024 * 1024
+    # An endpoint that cannot report its bucket's region (SeaweedFS, Ceph, …) is
+    # refused unless the operator states where it keeps the data, e.g.
+    # "SeaweedFS in our Helsinki DC, ticket OPS-123"; logged at every start.
+    region_attestation: str = ""
+
+
+@dataclass(frozen=True)
+class KeysConfig:
+    """The master key that wraps each recording's data key (``[store.keys]``)."""
+
+    wrapper: str = "file"
+    master_key_file: Path | None = None  # None: <data_dir>/keys/master.key
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     listen: str
     data_dir: Path
     catalog_url: str
     retention_months: int = 6
     sweep_interval_s: float = 3600.0
+    sweep_batch: int = 200
+    orphan_grace_s: float = 24 * 3600.0
+    region: str = "fi"
+    allowed_regions: tuple[str, ...] = DEFAULT_ALLOWED_REGIONS
+    blobs: str = "files"
+    s3: S3Config | None = None
+    keys: KeysConfig = field(default_factory=KeysConfig)
     log_level: str = "info"
 
     @property
@@ -100,6 +142,10 @@ class StoreConfig:
     @property
     def incoming_dir(self) -> Path:
         return self.data_dir / "incoming"
+
+    @property
+    def master_key_file(self) -> Path:
+        return self.keys.master_key_file or self.data_dir / "keys" / "master.key"
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -310,18 +356,107 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         retention = parse_months(retention_raw)
     except ValueError:
         raise st._fail("retention", retention_raw, 'e.g. "6 months"') from None
+    allowed = _allowed_regions(st)
+    region = st.text("region", "fi").lower()
+    if not region_allowed(region, allowed):
+        raise st._fail("region", region, "a region in allowed_regions (EU/EEA by default)")
+    blobs = st.text("blobs", "files", choices=("files", "s3"))
+    sub = {name: _subsection(st, name, base) for name in ("s3", "keys")}
+    if blobs != "s3" and sub["s3"].table:
+        raise st._fail("blobs", blobs, '"s3" when a [store.s3] table is given')
     cfg = StoreConfig(
         listen=_listen(st, "listen", "127.0.0.1:50051"),
         data_dir=data_dir,
         catalog_url=st.text("catalog", f"sqlite:///{data_dir / 'catalog.sqlite3'}"),
         retention_months=retention,
         sweep_interval_s=st.seconds("sweep_interval", "1h"),
+        sweep_batch=st.integer("sweep_batch", 200, 1, 10_000),
+        orphan_grace_s=st.seconds("orphan_grace", "24h"),
+        region=region,
+        allowed_regions=allowed,
+        blobs=blobs,
+        s3=_s3_config(sub["s3"], allowed) if blobs == "s3" else None,
+        keys=_keys_config(sub["keys"]),
         log_level=s["log"].text("level", "info", choices=LOG_LEVELS),
     )
     if not cfg.catalog_url.startswith(("sqlite:///", "postgresql")):
         raise st._fail(
             "catalog", cfg.catalog_url, 'a "sqlite:///…" or "postgresql+psycopg://…" URL'
         )
-    for section in s.values():
+    for section in (*s.values(), *sub.values()):
         section.check_unknown()
     return cfg
+
+
+def _subsection(parent: _Section, name: str, base: Path) -> _Section:
+    table = parent._get(name, {})
+    if not isinstance(table, dict):
+        raise ConfigError(
+            f"[{parent.name}] {name} = {table!r}: expected a [{parent.name}.{name}] table"
+        )
+    return _Section(f"{parent.name}.{name}", table, base)
+
+
+def _keys_config(keys: _Section) -> KeysConfig:
+    path = keys.path("master_key_file") if "master_key_file" in keys.table else None
+    return KeysConfig(wrapper=keys.text("wrapper", "file", choices=("file",)), master_key_file=path)
+
+
+def _allowed_regions(st: _Section) -> tuple[str, ...]:
+    allowed = tuple(r.lower() for r in st.strings("allowed_regions", DEFAULT_ALLOWED_REGIONS))
+    bad = [r for r in allowed if not valid_region_pattern(r)]
+    if not allowed or bad:
+        raise st._fail(
+            "allowed_regions", list(allowed), 'region names such as "fi" or "eu-north-1"'
+        )
+    return allowed
+
+
+def _s3_config(s3: _Section, allowed: tuple[str, ...]) -> S3Config:
+    """``[store.s3]``; the declared region and an AWS endpoint's region are checked
+    here, the bucket's own region when the store starts."""
+    region = s3.text("region").lower()
+    if not region_allowed(region, allowed):
+        raise s3._fail("region", region, "a region in [store] allowed_regions (EU/EEA)")
+    endpoint = _optional_text(s3, "endpoint", "") or None
+    if endpoint is not None:
+        _check_endpoint(s3, endpoint, region)
+    key_id = _optional_text(s3, "access_key_id", "") or None
+    secret = (
+        s3.path("secret_access_key_file", None) if "secret_access_key_file" in s3.table else None
+    )
+    if (key_id is None) != (secret is None):
+        raise s3._fail("access_key_id", key_id, "access_key_id and secret_access_key_file together")
+    mib = 1024 * 1024
+    return S3Config(
+        bucket=s3.text("bucket"),
+        region=region,
+        endpoint=endpoint,
+        prefix=_optional_text(s3, "prefix", "recordings/"),
+        access_key_id=key_id,
+        secret_access_key_file=secret,
+        multipart_threshold_bytes=s3.integer("multipart_threshold_mb", 64, 5, 5 * 1024) * mib,
+        multipart_chunk_bytes=s3.integer("multipart_chunk_mb", 16, 5, 5 * 1024) * mib,
+        region_attestation=_optional_text(s3, "region_attestation", ""),
+    )
+
+
+def _optional_text(section: _Section, key: str, default: str) -> str:
+    value = section._get(key, default)
+    if not isinstance(value, str):
+        raise section._fail(key, value, "a string")
+    return value
+
+
+def _check_endpoint(s3: _Section, endpoint: str, region: str) -> None:
+    parsed = urlsplit(endpoint)
+    host = parsed.hostname or ""
+    if parsed.scheme not in ("http", "https") or not host:
+        raise s3._fail("endpoint", endpoint, 'a URL such as "https://s3.eu-north-1.amazonaws.com"')
+    if is_aws_host(host) and aws_endpoint_region(host) != region:
+        raise s3._fail(
+            "endpoint",
+            endpoint,
+            f"an AWS endpoint of the configured region {region!r} "
+            f'(e.g. "https://s3.{region}.amazonaws.com")',
+        )

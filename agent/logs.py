@@ -30,6 +30,8 @@ def redact_numbers(text: str) -> str:
 
 
 class _Formatter(logging.Formatter):
+    converter = time.gmtime
+
     def __init__(self, journald: bool) -> None:
         super().__init__()
         self.journald = journald
@@ -53,7 +55,6 @@ def configure(level: str, stream: object = None) -> None:
     prefixes and leave time stamps to journald."""
     handler = logging.StreamHandler(stream or sys.stdout)  # type: ignore[arg-type]
     handler.setFormatter(_Formatter(journald=bool(os.environ.get("JOURNAL_STREAM"))))
-    logging.Formatter.converter = _gmtime
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -62,6 +63,3 @@ def configure(level: str, stream: object = None) -> None:
 def set_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
-
-def _gmtime(secs: float | None) -> time.struct_time:
-    return time.gmtime(secs)

@@ -37,18 +37,24 @@ from agent.store.catalog import Catalog
 from tests.support.stack import InProcessStore, Keys, agent_config
 
 
-def make_capture(ready: Path, keys: Keys, seconds: float = 3.0, silent_employee: bool = False) -> CaptureMeta:
+def make_capture(
+    ready: Path, keys: Keys, seconds: float = 3.0, silent_employee: bool = False
+) -> CaptureMeta:
     rid = new_recording_id()
     capture = ready / rid
     capture.mkdir(parents=True)
     customer = Sine(440).to_audio_segment(duration=seconds * 1000, volume=-12)
-    customer.set_frame_rate(8000).set_sample_width(2).export(capture / CUSTOMER_LEG, format="wav").close()
+    customer.set_frame_rate(8000).set_sample_width(2).export(
+        capture / CUSTOMER_LEG, format="wav"
+    ).close()
     employee = (
         AudioSegment.silent(duration=seconds * 1000, frame_rate=8000)
         if silent_employee
         else Sine(1000).to_audio_segment(duration=seconds * 1000 - 400, volume=-12)
     )
-    employee.set_frame_rate(8000).set_sample_width(2).export(capture / EMPLOYEE_LEG, format="wav").close()
+    employee.set_frame_rate(8000).set_sample_width(2).export(
+        capture / EMPLOYEE_LEG, format="wav"
+    ).close()
     end = utc_now()
     start = end - dt.timedelta(seconds=seconds)
     meta = CaptureMeta(
@@ -61,7 +67,9 @@ def make_capture(ready: Path, keys: Keys, seconds: float = 3.0, silent_employee:
         ended_at=iso_ms(end),
         service_number="+3581005577",
         customer=keys.protector().protect("+358 40 123 4567"),
-        employees=(Employee("e1001", "Aino Virtanen", "sip:1001@pbx.example", iso_ms(start), "parcels"),),
+        employees=(
+            Employee("e1001", "Aino Virtanen", "sip:1001@pbx.example", iso_ms(start), "parcels"),
+        ),
         legs=(CUSTOMER_LEG, EMPLOYEE_LEG),
     )
     write_meta(capture, meta)
@@ -74,7 +82,9 @@ def channel_rms(path: Path) -> tuple[float, float]:
     return float(left.rms), float(right.rms)
 
 
-def test_capture_becomes_stored_recording(tmp_path: Path, keys: Keys, store: InProcessStore) -> None:
+def test_capture_becomes_stored_recording(
+    tmp_path: Path, keys: Keys, store: InProcessStore
+) -> None:
     cfg, _ = agent_config(tmp_path, keys, store.address)
     meta = make_capture(cfg.captures_dir / "ready", keys)
     Finalizer(cfg).handle(meta.recording_id)
@@ -133,7 +143,9 @@ def _stub(store: InProcessStore) -> pb_grpc.IngestStub:
     return pb_grpc.IngestStub(grpc.insecure_channel(store.address, options=CHANNEL_OPTIONS))
 
 
-def test_broken_stream_resumes_from_committed_size(tmp_path: Path, keys: Keys, store: InProcessStore) -> None:
+def test_broken_stream_resumes_from_committed_size(
+    tmp_path: Path, keys: Keys, store: InProcessStore
+) -> None:
     cfg, _ = agent_config(
         tmp_path, keys, store.address, uplink={"chunk_bytes": 65536}, audio={"format": "wav"}
     )
@@ -154,7 +166,9 @@ def test_broken_stream_resumes_from_committed_size(tmp_path: Path, keys: Keys, s
     with pytest.raises(grpc.RpcError) as err:
         stub.Upload(partial(), timeout=10)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    committed = stub.QueryUpload(pb.QueryUploadRequest(recording_id=meta.recording_id)).committed_size
+    committed = stub.QueryUpload(
+        pb.QueryUploadRequest(recording_id=meta.recording_id)
+    ).committed_size
     assert committed == 2 * 65536
 
     uplink = Uplink(cfg.uplink, outbox, cfg.quarantine_dir)
@@ -179,7 +193,9 @@ def test_upload_is_idempotent(tmp_path: Path, keys: Keys, store: InProcessStore)
     assert len(Catalog(store.config.catalog_url).list()) == 1
 
 
-def test_corrupted_bytes_are_refused_and_resent(tmp_path: Path, keys: Keys, store: InProcessStore) -> None:
+def test_corrupted_bytes_are_refused_and_resent(
+    tmp_path: Path, keys: Keys, store: InProcessStore
+) -> None:
     cfg, _ = agent_config(tmp_path, keys, store.address)
     meta = make_capture(cfg.captures_dir / "ready", keys)
     Finalizer(cfg).handle(meta.recording_id)
@@ -228,7 +244,9 @@ def test_bad_manifest_is_refused_and_leaves_nothing(
     assert list(store.config.incoming_dir.iterdir()) == []
 
 
-def test_full_number_in_manifest_is_refused(tmp_path: Path, keys: Keys, store: InProcessStore) -> None:
+def test_full_number_in_manifest_is_refused(
+    tmp_path: Path, keys: Keys, store: InProcessStore
+) -> None:
     cfg, _ = agent_config(tmp_path, keys, store.address)
     meta = make_capture(cfg.captures_dir / "ready", keys)
     Finalizer(cfg).handle(meta.recording_id)

@@ -39,16 +39,26 @@ unknown.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import phonenumbers
 
-from agent.capture import UNKNOWN, Direction, Flag
+from agent.capture import CUSTOMER_LEG, EMPLOYEE_LEG, MIXED_LEG, UNKNOWN, Direction, Flag
 from agent.directory import Directory, Person
 from agent.logs import redact_numbers
 from agent.privacy import NumberKind, ProtectedNumber, Protector, normalise
-from agent.recorder.siprec import Participant, RecordingMetadata, SdpMedia
+from agent.recorder.siprec import (
+    MetadataError,
+    Participant,
+    RecordingMetadata,
+    SdpMedia,
+    SipParseError,
+    audio_streams,
+    parse_invite,
+    parse_metadata,
+    parse_sdp,
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,11 @@ class EmployeeTag:
     id: str  # directory id, or "unknown"
     name: str  # directory name, or "unknown"
     aor: str  # the SIP identity seen on the call (digit runs redacted if unknown)
+    team: str | None = None
+
+    @classmethod
+    def of(cls, person: Person, aor: str) -> EmployeeTag:
+        return cls(person.id, person.name, aor, person.team)
 
 
 @dataclass(frozen=True)
@@ -154,7 +169,7 @@ def _employees(tagged: Sequence[_Tagged], flags: list[Flag]) -> tuple[EmployeeTa
     known: dict[str, EmployeeTag] = {}
     for t in tagged:
         if t.person is not None:
-            known.setdefault(t.person.id, EmployeeTag(t.person.id, t.person.name, t.aor or ""))
+            known.setdefault(t.person.id, EmployeeTag.of(t.person, t.aor or ""))
     if known:
         return tuple(known.values())
     flags.append(Flag.EMPLOYEE_UNKNOWN)
@@ -289,7 +304,7 @@ def classify_headers(
         flags.append(Flag.CUSTOMER_UNKNOWN)
     person = directory.find_by_aor(employee) if employee else None
     if person is not None:
-        tag = EmployeeTag(person.id, person.name, employee or "")
+        tag = EmployeeTag.of(person, employee or "")
     else:
         flags.append(Flag.EMPLOYEE_UNKNOWN)
         tag = _unknown_employee(employee or "")
@@ -306,3 +321,76 @@ def classify_headers(
         employee_stream=None,
         flags=tuple(flags),
     )
+
+
+# ---------------------------------------------------------------- one incoming INVITE
+
+
+@dataclass(frozen=True)
+class PartyHeaders:
+    """Headers that name the parties of a plain (non-SIPREC) INVITE."""
+
+    customer: str
+    employee: str
+    service: str
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """What to record for one INVITE and whom it concerns."""
+
+    source: str  # "siprec" or "plain"
+    parties: CallParties
+    legs: Mapping[int, str]  # SDP m-line index → leg file name
+    audio_count: int  # audio m-lines in the offer (answer with this many)
+    problem: str | None = None  # why the metadata could not be used
+
+
+def _legs(parties: CallParties, audio: Sequence[SdpMedia]) -> dict[int, str]:
+    if len(audio) == 1:
+        return {audio[0].index: MIXED_LEG}
+    legs: dict[int, str] = {}
+    if parties.customer_stream is not None:
+        legs[parties.customer_stream] = CUSTOMER_LEG
+    if parties.employee_stream is not None:
+        legs[parties.employee_stream] = EMPLOYEE_LEG
+    return legs
+
+
+def plan_call(
+    raw: str | bytes,
+    directory: Directory,
+    rules: PartyRules,
+    headers: PartyHeaders,
+    offered_audio: int,
+) -> CallPlan:
+    """Parse and classify an INVITE. Never raises for bad input: a call whose metadata
+    cannot be read is still recorded, flagged :attr:`Flag.METADATA_INVALID`.
+
+    ``offered_audio`` is pjsua's count of audio m-lines, used when the body cannot be
+    read here."""
+    try:
+        invite = parse_invite(raw)
+        media = parse_sdp(invite.sdp) if invite.sdp is not None else ()
+    except SipParseError as exc:
+        audio = tuple(SdpMedia(i, "audio", 1, None, "sendonly") for i in range(offered_audio))
+        parties = unclassified(audio, Flag.METADATA_INVALID)
+        return CallPlan("siprec", parties, _legs(parties, audio), offered_audio, str(exc))
+    audio = audio_streams(media)
+    audio_count = sum(1 for m in media if m.kind == "audio") or offered_audio
+    if not invite.siprec and len(audio) == 1:
+        parties = classify_headers(
+            invite.header(headers.customer),
+            invite.header(headers.employee),
+            invite.header(headers.service),
+            directory,
+            rules,
+        )
+        return CallPlan("plain", parties, _legs(parties, audio), audio_count)
+    try:
+        metadata = parse_metadata(invite.metadata)
+    except MetadataError as exc:
+        parties = unclassified(audio, Flag.METADATA_INVALID)
+        return CallPlan("siprec", parties, _legs(parties, audio), audio_count, str(exc))
+    parties = classify(metadata, audio, directory, rules)
+    return CallPlan("siprec", parties, _legs(parties, audio), audio_count)

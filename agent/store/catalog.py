@@ -1,20 +1,37 @@
 """The catalog: one row per stored recording, through SQLAlchemy Core.
 
 SQLite is the embedded default; PostgreSQL takes the same statements. Times are UTC
-milliseconds since the epoch (exact, and the same on both engines).
+milliseconds since the epoch (exact, and the same on both engines). The schema is made
+by the Alembic migrations in ``agent/store/migrations`` (``Catalog.migrate()``); the
+tables below describe it for queries and must match the newest migration.
+
+Tables: ``recordings`` (one row per stored recording; a row exists only after its blob
+does), ``data_keys`` (each blob's wrapped data key; written before the blob, so every
+blob has one; ``wrapped_key`` NULL means crypto-shredded), and ``audit_events``
+(defined in ``agent.store.audit``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
 from sqlalchemy.dialects import postgresql, sqlite
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+FIRST_REVISION = "0001"
 
 metadata = sa.MetaData()
 
@@ -48,11 +65,30 @@ recordings = sa.Table(
     sa.Column("stored_at_ms", sa.BigInteger, nullable=False),
     sa.Column("legal_hold", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("restricted", sa.Boolean, nullable=False, server_default=sa.false()),
+    # Set when the recording is being destroyed ("retention" or "erasure"); the row
+    # goes only after its key and blob, so a marked row is half-done work.
+    sa.Column("destroy_reason", sa.String(16), nullable=True),
+    sa.Column("destroy_marked_at_ms", sa.BigInteger, nullable=True),
     sa.Index("ix_recordings_started", "started_at_ms"),
     sa.Index("ix_recordings_ended", "ended_at_ms"),
     sa.Index("ix_recordings_employee", "employee_id", "started_at_ms"),
     sa.Index("ix_recordings_team", "employee_team", "started_at_ms"),
     sa.Index("ix_recordings_digest", "customer_digest", "started_at_ms"),
+    sa.Index("ix_recordings_blob_key", "blob_key", unique=True),
+    sa.Index("ix_recordings_destroy", "destroy_reason"),
+)
+
+data_keys = sa.Table(
+    "data_keys",
+    metadata,
+    sa.Column("blob_key", sa.String(200), primary_key=True),
+    sa.Column("recording_id", sa.String(32), nullable=False),
+    sa.Column("key_id", sa.String(64), nullable=False),
+    sa.Column("wrapped_key", sa.LargeBinary, nullable=True),
+    sa.Column("created_at_ms", sa.BigInteger, nullable=False),
+    sa.Column("shredded_at_ms", sa.BigInteger, nullable=True),
+    sa.Index("ix_data_keys_recording", "recording_id"),
+    sa.Index("ix_data_keys_created", "created_at_ms"),
 )
 
 
@@ -97,6 +133,8 @@ class RecordingRow:
     stored_at_ms: int
     legal_hold: bool = False
     restricted: bool = False
+    destroy_reason: str | None = None
+    destroy_marked_at_ms: int | None = None
 
     @property
     def duration_ms(self) -> int:
@@ -109,32 +147,76 @@ class RecordingRow:
 
 
 class Catalog:
-    """The recordings table on SQLite or PostgreSQL."""
+    """The catalog on SQLite or PostgreSQL."""
 
     def __init__(self, url: str) -> None:
+        self.url = url
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(url, future=True)
+        self.engine = sa.create_engine(url, pool_pre_ping=url.startswith("postgresql"))
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
 
-    def create_schema(self) -> None:
-        metadata.create_all(self.engine)
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration; safe to call from several
+        processes at once (an advisory lock on PostgreSQL, a file lock on SQLite)."""
+        with self._migration_lock(), self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7061727)"))
+            cfg = AlembicConfig()
+            cfg.set_main_option("script_location", str(MIGRATIONS))
+            cfg.attributes["connection"] = conn
+            tables = set(sa.inspect(conn).get_table_names())
+            if "recordings" in tables and "alembic_version" not in tables:
+                # A catalog made by create_all before migrations existed.
+                command.stamp(cfg, FIRST_REVISION)
+            command.upgrade(cfg, "head")
+
+    create_schema = migrate
+
+    @contextlib.contextmanager
+    def _migration_lock(self) -> Iterator[None]:
+        if self.dialect != "sqlite" or not self.url.startswith("sqlite:///"):
+            yield
+            return
+        lock_path = Path(self.url.removeprefix("sqlite:///") + ".migrate.lock")
+        with lock_path.open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def close(self) -> None:
         self.engine.dispose()
 
+    def skip_locked(self, query: sa.Select[Any]) -> sa.Select[Any]:
+        """``FOR UPDATE SKIP LOCKED`` where the engine has it (PostgreSQL). SQLite runs
+        one writer at a time, so its statements need no row locks."""
+        if self.dialect == "postgresql":
+            return query.with_for_update(skip_locked=True)
+        return query
+
     def insert(self, row: RecordingRow) -> bool:
         """Insert once; returns False when the recording id is already there."""
-        values = row.__dict__
-        dialect = self.engine.dialect.name
-        insert: Any = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(recordings)
-        stmt = insert.values(**values).on_conflict_do_nothing(index_elements=["recording_id"])
+        values = asdict(row)
+        insert: Any = (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(
+            recordings
+        )
+        stmt = (
+            insert.values(**values)
+            .on_conflict_do_nothing(index_elements=["recording_id"])
+            .returning(recordings.c.recording_id)
+        )  # RETURNING, not rowcount: psycopg reports -1 for ON CONFLICT DO NOTHING
         with self.engine.begin() as conn:
-            result = conn.execute(stmt)
-            return bool(result.rowcount)
+            return conn.execute(stmt).first() is not None
 
     def get(self, recording_id: str) -> RecordingRow | None:
+        """The row, also while it is being destroyed (``destroy_reason`` set)."""
         with self.engine.connect() as conn:
             found = conn.execute(
                 sa.select(recordings).where(recordings.c.recording_id == recording_id)
@@ -147,7 +229,13 @@ class Catalog:
         until_ms: int | None = None,
         limit: int = 100,
     ) -> Sequence[RecordingRow]:
-        query = sa.select(recordings).order_by(recordings.c.started_at_ms.desc()).limit(limit)
+        """Recordings by start time, newest first; those being destroyed are left out."""
+        query = (
+            sa.select(recordings)
+            .where(recordings.c.destroy_reason.is_(None))
+            .order_by(recordings.c.started_at_ms.desc())
+            .limit(limit)
+        )
         if since_ms is not None:
             query = query.where(recordings.c.started_at_ms >= since_ms)
         if until_ms is not None:
@@ -155,10 +243,21 @@ class Catalog:
         with self.engine.connect() as conn:
             return [RecordingRow(**r._mapping) for r in conn.execute(query)]
 
+    def set_legal_hold(self, recording_id: str, hold: bool) -> bool:
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                sa.update(recordings)
+                .where(recordings.c.recording_id == recording_id)
+                .values(legal_hold=hold)
+                .returning(recordings.c.recording_id)
+            )
+            return result.first() is not None
+
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: object) -> None:
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

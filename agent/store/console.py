@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
-
 from typing import Any
 
 import grpc
@@ -14,8 +13,9 @@ from agent.capture import Direction
 from agent.manifest import AUDIO_FORMATS, timestamp
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
-from agent.store.blobs import Blobs
 from agent.store.catalog import Catalog, RecordingRow, from_ms
+from agent.store.crypto import CryptoError
+from agent.store.vault import Vault
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +57,9 @@ def info_of(row: RecordingRow) -> pb.RecordingInfo:
 
 
 class ConsoleService(pb_grpc.ConsoleServicer):
-    def __init__(self, catalog: Catalog, blobs: Blobs) -> None:
+    def __init__(self, catalog: Catalog, vault: Vault) -> None:
         self.catalog = catalog
-        self.blobs = blobs
+        self.vault = vault
 
     async def ListRecordings(
         self, request: pb.ListRecordingsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -75,15 +75,25 @@ class ConsoleService(pb_grpc.ConsoleServicer):
         self, request: pb.ExportAudioRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.AudioChunk]:
         row = await asyncio.to_thread(self.catalog.get, request.recording_id)
-        if row is None:
+        if row is None or row.destroy_reason is not None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no recording {request.recording_id!r}")
         assert row is not None
         if not request.reason.strip():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "reason: say why you export")
         log.info("event=console_export recording_id=%s reason=%r", row.recording_id, request.reason)
-        chunks: Iterator[bytes] = self.blobs.read(row.blob_key)
+        # Decrypted on the way out: byte-identical to what the agent uploaded.
+        chunks: Iterator[bytes] = self.vault.read(row.recording_id, row.blob_key)
         first = True
-        while (data := await asyncio.to_thread(next, chunks, b"")) != b"":
+        while True:
+            try:
+                data = await asyncio.to_thread(next, chunks, b"")
+            except CryptoError as exc:
+                log.error(
+                    "event=export_failed recording_id=%s reason=%r", row.recording_id, str(exc)
+                )
+                await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+            if data == b"":
+                return
             yield pb.AudioChunk(data=data, audio_format=row.audio_format if first else "")
             first = False
 

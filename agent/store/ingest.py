@@ -15,7 +15,6 @@ import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
-
 from typing import Any
 
 import grpc
@@ -24,8 +23,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from agent.manifest import DIRECTION_NAMES, ManifestError, employees_json, validate_manifest
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
-from agent.store.blobs import Blobs
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
+from agent.store.residency import DEFAULT_ALLOWED_REGIONS, region_allowed
+from agent.store.vault import Vault
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +56,18 @@ def _sha256_file(path: Path) -> str:
 
 
 class IngestService(pb_grpc.IngestServicer):
-    def __init__(self, catalog: Catalog, blobs: Blobs, incoming: Path, region: str) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        vault: Vault,
+        incoming: Path,
+        allowed_regions: tuple[str, ...] = DEFAULT_ALLOWED_REGIONS,
+    ) -> None:
         self.catalog = catalog
-        self.blobs = blobs
+        self.vault = vault
         self.incoming = incoming
-        self.region = region
+        self.region = vault.region
+        self.allowed_regions = allowed_regions
         self.incoming.mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -109,6 +116,7 @@ class IngestService(pb_grpc.IngestServicer):
                 str(exc),
             )
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"manifest: {exc}")
+        await self._check_region(manifest, context)
         lock = self._locks.setdefault(manifest.recording_id, asyncio.Lock())
         async with lock:
             try:
@@ -125,6 +133,23 @@ class IngestService(pb_grpc.IngestServicer):
                 if not lock.locked():
                     self._locks.pop(manifest.recording_id, None)
         raise AssertionError("unreachable")
+
+    async def _check_region(
+        self, manifest: pb.Manifest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Residency: refuse, before anything is written, an agent outside the list."""
+        if region_allowed(manifest.region, self.allowed_regions):
+            return
+        log.warning(
+            "event=upload_refused recording_id=%s reason=region region=%r",
+            manifest.recording_id,
+            manifest.region,
+        )
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"region: the agent declares {manifest.region!r}, outside the regions this "
+            "store may keep personal data in (EU/EEA); nothing was stored",
+        )
 
     async def _receive(
         self,
@@ -236,13 +261,13 @@ class IngestService(pb_grpc.IngestServicer):
         return receipt_of(row)
 
     def _commit(self, manifest: pb.Manifest, part: Path, manifest_file: Path) -> RecordingRow:
+        """Key row, then encrypted blob, then recording row: a row always has its blob."""
         rid = manifest.recording_id
-        row = row_from_manifest(manifest, blob_key=rid, region=self.region)
-        self.blobs.put_file(rid, part)
+        blob_key = self.vault.store(rid, part, self.incoming, expected_sha256=manifest.sha256)
+        row = row_from_manifest(manifest, blob_key=blob_key, region=self.region)
         if not self.catalog.insert(row):
-            existing = self.catalog.get(rid)
-            assert existing is not None
-            row = existing
+            self.vault.discard(rid, blob_key)  # an earlier commit won; keep its copy
+        part.unlink(missing_ok=True)
         manifest_file.unlink(missing_ok=True)
         stored = self.catalog.get(rid)
         assert stored is not None

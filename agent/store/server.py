@@ -16,10 +16,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from agent import sdnotify
 from agent.config import StoreConfig
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
-from agent.store.blobs import FileBlobs
 from agent.store.catalog import Catalog
 from agent.store.console import ConsoleService
 from agent.store.ingest import MAX_CHUNK_BYTES, IngestService
+from agent.store.sweeper import Sweeper, SweeperLoop
+from agent.store.vault import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class StoreServer:
         self.port = 0
         self._servers: list[grpc.aio.Server] = []
         self._catalog: Catalog | None = None
+        self._sweeper: SweeperLoop | None = None
+        self.exit_code = 0
 
     @property
     def console_socket(self) -> str:
@@ -50,11 +53,10 @@ class StoreServer:
     async def startup(self) -> None:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        catalog = Catalog(cfg.catalog_url)
-        await asyncio.to_thread(catalog.create_schema)
+        storage = await asyncio.to_thread(open_storage, cfg)
+        catalog, vault = storage.catalog, storage.vault
         self._catalog = catalog
-        blobs = FileBlobs(cfg.blobs_dir)
-        ingest = IngestService(catalog, blobs, cfg.incoming_dir, region="fi")
+        ingest = IngestService(catalog, vault, cfg.incoming_dir, cfg.allowed_regions)
 
         public = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_IngestServicer_to_server(ingest, public)
@@ -65,7 +67,7 @@ class StoreServer:
             raise OSError(f"[store] listen = {cfg.listen!r}: cannot bind")
 
         console = grpc.aio.server(options=SERVER_OPTIONS)
-        pb_grpc.add_ConsoleServicer_to_server(ConsoleService(catalog, blobs), console)
+        pb_grpc.add_ConsoleServicer_to_server(ConsoleService(catalog, vault), console)
         if os.path.exists(self.console_socket):
             os.unlink(self.console_socket)
         old_umask = os.umask(0o177)
@@ -76,15 +78,19 @@ class StoreServer:
         finally:
             os.umask(old_umask)
         self._servers = [public, console]
+        self._sweeper = SweeperLoop(Sweeper.from_config(cfg, catalog, vault), cfg.sweep_interval_s)
+        self._sweeper.start()
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         health_servicer.set("callrec.v1.Ingest", health_pb2.HealthCheckResponse.SERVING)
         host = cfg.listen.rpartition(":")[0]
         log.info(
-            "event=store_ready address=%s:%d console=%s catalog=%s",
+            "event=store_ready address=%s:%d console=%s catalog=%s blobs=%s region=%s",
             host,
             self.port,
             self.console_socket,
             self.engine_name,
+            cfg.blobs,
+            vault.region,
         )
         sdnotify.ready()
 
@@ -97,12 +103,21 @@ class StoreServer:
         while not self.stop_event.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), timeout=(interval or 30) / 2)
+            if self._sweeper is not None and not self._sweeper.is_alive():
+                log.error("event=store_loop_died loop=sweeper")
+                self.exit_code = 1
+                self.stop_event.set()
+                break
             sdnotify.watchdog()
 
     async def shutdown(self, grace_s: float = 10.0) -> None:
         sdnotify.stopping()
         log.info("event=store_stopping grace_s=%.0f", grace_s)
+        if self._sweeper is not None:
+            self._sweeper.stop()
         await asyncio.gather(*(s.stop(grace_s) for s in self._servers))
+        if self._sweeper is not None:
+            await asyncio.to_thread(self._sweeper.join, grace_s)
         if self._catalog is not None:
             self._catalog.close()
         log.info("event=store_stopped")
@@ -127,4 +142,4 @@ async def serve(config: StoreConfig) -> int:
         await server.run()
     finally:
         await server.shutdown()
-    return 0
+    return server.exit_code

@@ -67,7 +67,9 @@ def make_keys(directory: Path) -> Keys:
     if _KEYPAIR is None:
         _KEYPAIR = new_seal_keypair()
     directory.mkdir(parents=True, exist_ok=True)
-    keys = Keys(directory, directory / "lookup.key", directory / "seal.pem", directory / "seal.pub.pem")
+    keys = Keys(
+        directory, directory / "lookup.key", directory / "seal.pem", directory / "seal.pub.pem"
+    )
     keys.lookup.write_text(new_lookup_key_line("k1"))
     keys.seal_private.write_bytes(_KEYPAIR[0])
     keys.seal_public.write_bytes(_KEYPAIR[1])

@@ -1,0 +1,571 @@
+"""The pjsua2 adapter: the only module that imports pjsua2.
+
+One thread owns pjsua2 (``threadCnt = 0``, ``mainThreadOnly``) and drives it with
+:meth:`SipEngine.poll`. pjsua2 callbacks only translate what happened into our own
+events on a deque; ``poll`` handles them after ``libHandleEvents`` returns, so no
+Python error is ever raised through a SWIG director. Exception: a disconnected
+``Call`` is released inside its own ``onCallState`` (the pattern pjsua2 documents),
+before pjsua can reuse its call slot for a new INVITE.
+
+Measured pjsua2 facts built in (wheel ``pjsua2-python`` 2.15.1, see DESIGN.md):
+``PJSUA_MAX_CALLS = 4`` (a fifth INVITE gets 486 from pjsua itself); ``siprec`` must
+be added to Supported or ``Require: siprec`` gets 420; answer with
+``opt.audioCount = <audio m-lines>``; SIPREC streams are ``REMOTE_HOLD`` (the offer is
+sendonly); clock rate 8000; Python references to every Call/Account/recorder, all
+dropped before ``libDestroy``; pjsua has no RTP timeout of its own.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import ctypes
+import datetime as dt
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pjsua2 as pj
+
+from agent.capture import (
+    CUSTOMER_LEG,
+    EMPLOYEE_LEG,
+    MIXED_LEG,
+    UNKNOWN,
+    CaptureMeta,
+    Employee,
+    Flag,
+    fsync_dir,
+    iso_ms,
+    new_recording_id,
+    parse_iso,
+    utc_now,
+    write_meta,
+)
+from agent.config import AgentConfig
+from agent.directory import LiveDirectory
+from agent.logs import redact_numbers
+from agent.recorder.parties import CallPlan, PartyHeaders, PartyRules, plan_call
+
+log = logging.getLogger(__name__)
+pjlog = logging.getLogger("agent.recorder.pjsip")
+
+CLOCK_RATE = 8000
+LEG_ORDER = (CUSTOMER_LEG, EMPLOYEE_LEG, MIXED_LEG)
+PJ_LOG_LEVEL = 3  # level 4+ prints whole SIP messages; msgLogging is off as well
+_RECORDABLE = (pj.PJSUA_CALL_MEDIA_ACTIVE, pj.PJSUA_CALL_MEDIA_REMOTE_HOLD)
+_PJ_LEVELS = {0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING, 3: logging.INFO}
+STATS_INTERVAL_S = 1.0
+_BENIGN = "Remove port failed"
+CLOSE_WAIT_S = 5.0  # for pjsua to close a leg's WAV file after the call
+
+
+def _kv(value: object) -> str:
+    """A log value: quoted when it holds spaces or quotes."""
+    text = str(value)
+    if not text or any(c in text for c in ' "=\\'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+def call_ref(call_id: str) -> str:
+    """A stable, non-reversible reference to a SIP Call-ID for tracing."""
+    return hashlib.sha256(call_id.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- pjsip plumbing
+
+
+def _pj_library() -> ctypes.CDLL:
+    import pjsua2._pjsua2 as ext
+
+    return ctypes.CDLL(ext.__file__)
+
+
+class _PjStr(ctypes.Structure):
+    _fields_ = (("ptr", ctypes.c_char_p), ("slen", ctypes.c_ssize_t))
+
+
+def quiet_pjlib() -> None:
+    """Silence what pjlib prints at ``libCreate``, before our LogWriter exists."""
+    _pj_library().pj_log_set_level(0)
+
+
+def add_supported_tag(tag: str) -> None:
+    """Add an option tag to the endpoint's Supported capability (after libInit)."""
+    lib = _pj_library()
+    lib.pjsua_get_pjsip_endpt.restype = ctypes.c_void_p
+    lib.pjsip_endpt_add_capability.argtypes = (
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_uint,
+        ctypes.POINTER(_PjStr),
+    )
+    endpt = lib.pjsua_get_pjsip_endpt()
+    if not endpt:
+        raise RuntimeError("pjsip endpoint not created yet")
+    value = tag.encode()
+    status = lib.pjsip_endpt_add_capability(
+        endpt, None, pj.PJSIP_H_SUPPORTED, None, 1, ctypes.byref(_PjStr(value, len(value)))
+    )
+    if status != 0:
+        raise RuntimeError(f"pjsip_endpt_add_capability({tag!r}) failed with status {status}")
+
+
+class _LogWriter(pj.LogWriter):  # type: ignore[misc]
+    """pjsip's log into ours, with anything number-like redacted."""
+
+    def write(self, entry: pj.LogEntry) -> None:
+        with contextlib.suppress(Exception):  # never raise into pjsip
+            level = _PJ_LEVELS.get(entry.level, logging.DEBUG)
+            message = entry.msg.strip()
+            # pjsip's info lines are chatty, and destroying a recorder makes pjsua2
+            # remove its conference port twice: operators see those at debug level.
+            if level == logging.INFO or _BENIGN in message:
+                level = logging.DEBUG
+            pjlog.log(level, "event=pjsip msg=%s", _kv(redact_numbers(message)))
+
+
+class _Account(pj.Account):  # type: ignore[misc]
+    def __init__(self, engine: SipEngine) -> None:
+        super().__init__()
+        self._engine = engine
+
+    def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:
+        try:
+            self._engine._incoming(self, prm)
+        except Exception:
+            log.exception("event=incoming_failed")
+
+
+class _Call(pj.Call):  # type: ignore[misc]
+    def __init__(self, account: _Account, call_id: int, session: CallSession) -> None:
+        super().__init__(account, call_id)
+        self.session = session
+
+    def onCallState(self, prm: pj.OnCallStateParam) -> None:
+        try:
+            if self.getInfo().state == pj.PJSIP_INV_STATE_DISCONNECTED:
+                self.session.disconnected(utc_now())
+        except Exception:
+            log.exception("event=call_state_failed")
+
+    def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
+        self.session.events.append(("media", self.session))
+
+
+# ---------------------------------------------------------------- one call
+
+
+@dataclass(eq=False)
+class CallSession:
+    """One INVITE from arrival to the capture's move to ``ready``."""
+
+    events: collections.deque[tuple[str, CallSession]] = field(repr=False)
+    call: _Call | None = field(default=None, repr=False)
+    invite: str | None = field(default=None, repr=False)  # raw INVITE until it is read
+    ref: str = ""
+    plan: CallPlan | None = field(default=None, repr=False)
+    meta: CaptureMeta | None = None
+    directory: Path | None = None
+    recorders: dict[int, pj.AudioMediaRecorder] = field(default_factory=dict, repr=False)
+    answered_mono: float = 0.0
+    rx_packets: int = -1
+    rx_mono: float = 0.0
+    ended_at: dt.datetime | None = None
+    close_deadline: float = 0.0
+    flags: list[Flag] = field(default_factory=list)
+
+    def disconnected(self, at: dt.datetime) -> None:
+        """From ``onCallState``: release the Call now (see the module docstring)."""
+        self.ended_at = at
+        self.call = None
+        self.events.append(("ended", self))
+
+
+# ---------------------------------------------------------------- the engine
+
+
+class SipEngine:
+    """pjsua2 endpoint of one recorder worker; everything runs on the caller's thread."""
+
+    def __init__(
+        self, cfg: AgentConfig, index: int, directory: LiveDirectory, rules: PartyRules
+    ) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.port = cfg.sip.port + index
+        self.active_dir = cfg.captures_dir / "active" / f"w{index}"
+        self.ready_dir = cfg.captures_dir / "ready"
+        self._directory = directory
+        self._rules = rules
+        self._headers = PartyHeaders(
+            cfg.sip.customer_header, cfg.sip.employee_header, cfg.sip.service_header
+        )
+        self._events: collections.deque[tuple[str, CallSession]] = collections.deque()
+        self._sessions: list[CallSession] = []  # INVITE received, not yet ended
+        self._closing: list[CallSession] = []  # ended, legs not yet closed by pjsua
+        self._accepting = True
+        self._next_stats = 0.0
+        self._ep: pj.Endpoint | None = None
+        self._writer: _LogWriter | None = None
+        self._account: _Account | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Create the endpoint, the UDP transport and the account; then take calls."""
+        self.active_dir.mkdir(parents=True, exist_ok=True)
+        self.ready_dir.mkdir(parents=True, exist_ok=True)
+        quiet_pjlib()
+        self._ep = pj.Endpoint()
+        self._ep.libCreate()
+        try:
+            self._start_library(self._ep)
+        except pj.Error as exc:
+            self.close()
+            where = f"{self.cfg.sip.listen}:{self.port}"
+            raise RuntimeError(f"SIP worker {self.index} on {where}: {exc.info()}") from None
+        log.info(
+            "event=sip_started worker=%d listen=%s:%d rtp_ports=%d-%d",
+            self.index,
+            self.cfg.sip.listen,
+            self.port,
+            self._rtp_start,
+            self._rtp_start + self.cfg.sip.rtp_port_count - 1,
+        )
+
+    def _start_library(self, ep: pj.Endpoint) -> None:
+        self._writer = _LogWriter()
+        ep.libInit(self._ep_config(self._writer))
+        add_supported_tag("siprec")
+        tcfg = pj.TransportConfig()
+        tcfg.port = self.port
+        tcfg.boundAddress = self.cfg.sip.listen
+        ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
+        ep.libStart()
+        ep.audDevManager().setNullDev()
+        self._account = _Account(self)
+        self._account.create(self._account_config(), True)
+
+    @property
+    def _rtp_start(self) -> int:
+        return self.cfg.sip.rtp_port_start + self.index * self.cfg.sip.rtp_port_count
+
+    def _ep_config(self, writer: _LogWriter) -> pj.EpConfig:
+        cfg = pj.EpConfig()
+        cfg.uaConfig.threadCnt = 0
+        cfg.uaConfig.mainThreadOnly = True
+        cfg.uaConfig.userAgent = "callrec"
+        cfg.logConfig.level = PJ_LOG_LEVEL
+        cfg.logConfig.consoleLevel = PJ_LOG_LEVEL
+        cfg.logConfig.msgLogging = False
+        cfg.logConfig.decor = pj.PJ_LOG_HAS_SENDER
+        cfg.logConfig.writer = writer
+        med = cfg.medConfig
+        med.clockRate = CLOCK_RATE
+        med.sndClockRate = CLOCK_RATE
+        med.channelCount = 1
+        med.ecTailLen = 0
+        return cfg
+
+    def _account_config(self) -> pj.AccountConfig:
+        acfg = pj.AccountConfig()
+        acfg.idUri = f"sip:callrec@{self.cfg.sip.listen}:{self.port}"
+        tp = acfg.mediaConfig.transportConfig
+        tp.port = self._rtp_start
+        tp.portRange = self.cfg.sip.rtp_port_count
+        tp.boundAddress = self.cfg.sip.listen
+        return acfg
+
+    def stop_accepting(self) -> None:
+        """New INVITEs get 503 from now on; calls in progress continue."""
+        self._accepting = False
+
+    @property
+    def active_calls(self) -> int:
+        """Calls in progress, and ended calls whose capture has not moved yet."""
+        return len(self._sessions) + len(self._closing)
+
+    def hangup_all(self) -> None:
+        for session in list(self._sessions):
+            self._hangup(session, 503 if session.meta is None else 200)
+
+    def close(self) -> None:
+        """Finalise what is left, drop every pjsua2 object, destroy the library."""
+        for session in list(self._sessions):
+            if session.call is not None:
+                session.disconnected(utc_now())
+        self._drain_events()
+        deadline = time.monotonic() + CLOSE_WAIT_S + 1.0
+        while self._closing and time.monotonic() < deadline:
+            time.sleep(0.01)
+            self._move_closed()
+        if self._account is not None:
+            self._account.shutdown()
+            self._account = None
+        if self._ep is not None:
+            self._ep.libDestroy()
+            self._ep = None
+        self._writer = None
+        log.info("event=sip_stopped worker=%d", self.index)
+
+    # ------------------------------------------------------------ the loop
+
+    def poll(self, timeout_ms: int) -> None:
+        """One turn of the loop: pjsip events, then ours, then the RTP watchdog."""
+        assert self._ep is not None
+        self._ep.libHandleEvents(timeout_ms if not self._closing else min(timeout_ms, 10))
+        self._drain_events()
+        self._move_closed()
+        now = time.monotonic()
+        if now >= self._next_stats:
+            self._next_stats = now + STATS_INTERVAL_S
+            for session in list(self._sessions):
+                self._watch(session, now)
+
+    def _drain_events(self) -> None:
+        handlers = {"incoming": self._answer, "media": self._connect_media, "ended": self._finish}
+        while self._events:
+            kind, session = self._events.popleft()
+            try:
+                handlers[kind](session)
+            except pj.Error as exc:
+                log.error(
+                    "event=call_event_failed kind=%s call_ref=%s error=%s",
+                    kind,
+                    session.ref,
+                    _kv(redact_numbers(exc.info())),
+                )
+            except Exception:
+                log.exception("event=call_event_failed kind=%s call_ref=%s", kind, session.ref)
+            else:
+                continue
+            if kind == "incoming" and session.meta is None:
+                self._hangup(session, 500)  # never leave an INVITE unanswered
+
+    # ------------------------------------------------------------ callbacks (translate only)
+
+    def _incoming(self, account: _Account, prm: pj.OnIncomingCallParam) -> None:
+        session = CallSession(events=self._events, invite=prm.rdata.wholeMsg)
+        session.call = _Call(account, prm.callId, session)
+        self._sessions.append(session)
+        self._events.append(("incoming", session))
+
+    # ------------------------------------------------------------ handlers
+
+    def _answer(self, session: CallSession) -> None:
+        raw, session.invite = session.invite or "", None
+        call = session.call
+        if call is None:  # CANCELled before we got to it
+            return
+        info = call.getInfo()
+        session.ref = call_ref(info.callIdString)
+        if not self._accepting:
+            self._reply(session, 503, "stopping")
+            return
+        plan = plan_call(
+            raw, self._directory.current, self._rules, self._headers, info.remAudioCount
+        )
+        del raw
+        if not plan.legs:
+            self._reply(session, 488, "no_audio")
+            return
+        recording_id = new_recording_id()
+        directory = self.active_dir / recording_id
+        directory.mkdir(parents=True)
+        prm = pj.CallOpParam(True)
+        prm.statusCode = 200
+        prm.opt.audioCount = plan.audio_count
+        call.answer(prm)
+        started = utc_now()
+        session.answered_mono = session.rx_mono = time.monotonic()
+        session.plan, session.directory = plan, directory
+        session.meta = self._meta(recording_id, session.ref, plan, started)
+        write_meta(directory, session.meta)
+        self._log_answered(session.meta, plan)
+
+    def _meta(
+        self, recording_id: str, ref: str, plan: CallPlan, started: dt.datetime
+    ) -> CaptureMeta:
+        parties = plan.parties
+        joined = iso_ms(started)
+        return CaptureMeta(
+            recording_id=recording_id,
+            site=self.cfg.site,
+            source=plan.source,
+            call_ref=ref,
+            direction=parties.direction,
+            started_at=joined,
+            ended_at=None,
+            service_number=parties.service_number,
+            customer=parties.customer,
+            employees=tuple(
+                Employee(e.id, e.name, e.aor, joined, e.team) for e in parties.employees
+            ),
+            legs=tuple(leg for leg in LEG_ORDER if leg in plan.legs.values()),
+            flags=parties.flags,
+        )
+
+    def _log_answered(self, meta: CaptureMeta, plan: CallPlan) -> None:
+        log.info(
+            "event=call_answered call_ref=%s recording_id=%s worker=%d source=%s direction=%s "
+            "customer=%s employee=%s service=%s legs=%s flags=%s",
+            meta.call_ref,
+            meta.recording_id,
+            self.index,
+            meta.source,
+            meta.direction.value,
+            _kv(meta.customer.masked),
+            _kv(", ".join(e.name for e in meta.employees)),
+            meta.service_number or "unknown",
+            ",".join(meta.legs),
+            ",".join(meta.flags) or "-",
+        )
+        if plan.problem is not None:
+            log.warning(
+                "event=metadata_invalid recording_id=%s reason=%s",
+                meta.recording_id,
+                _kv(redact_numbers(plan.problem)),
+            )
+        for employee in meta.employees:
+            if employee.id == UNKNOWN:
+                log.warning(
+                    "event=employee_unknown recording_id=%s aor=%s",
+                    meta.recording_id,
+                    _kv(employee.aor or "-"),
+                )
+
+    def _reply(self, session: CallSession, status: int, reason: str) -> None:
+        assert session.call is not None
+        prm = pj.CallOpParam()
+        prm.statusCode = status
+        session.call.answer(prm)
+        log.info("event=call_rejected call_ref=%s status=%d reason=%s", session.ref, status, reason)
+
+    def _connect_media(self, session: CallSession) -> None:
+        call, plan, directory = session.call, session.plan, session.directory
+        if call is None or plan is None or directory is None:
+            return
+        info = call.getInfo()  # keep it alive: .media points into it (SWIG)
+        for media in info.media:
+            leg = plan.legs.get(media.index)
+            if leg is None or media.type != pj.PJMEDIA_TYPE_AUDIO:
+                continue
+            if media.status not in _RECORDABLE:
+                continue
+            recorder = session.recorders.get(media.index)
+            if recorder is None:
+                recorder = pj.AudioMediaRecorder()
+                recorder.createRecorder(str(directory / leg))
+                session.recorders[media.index] = recorder
+            # Re-connect on every media change: a re-INVITE may give the stream a new slot.
+            call.getAudioMedia(media.index).startTransmit(recorder)
+
+    def _watch(self, session: CallSession, now: float) -> None:
+        """Hang up a call whose sender vanished (no RTP for rtp_timeout) or ran too long."""
+        call, meta = session.call, session.meta
+        if call is None or meta is None:
+            return
+        if now - session.answered_mono > self.cfg.sip.max_call_s:
+            log.warning("event=max_call_reached recording_id=%s", meta.recording_id)
+            self._hangup(session, 200)
+            return
+        try:
+            packets = sum(call.getStreamStat(i).rtcp.rxStat.pkt for i in session.recorders)
+        except pj.Error:
+            return
+        if packets != session.rx_packets or self._on_hold(call, session):
+            session.rx_packets, session.rx_mono = packets, now
+        elif now - session.rx_mono >= self.cfg.sip.rtp_timeout_s:
+            log.warning(
+                "event=rtp_timeout recording_id=%s idle_s=%.1f",
+                meta.recording_id,
+                now - session.rx_mono,
+            )
+            session.flags.append(Flag.RTP_TIMEOUT)
+            self._hangup(session, 200)
+
+    @staticmethod
+    def _on_hold(call: _Call, session: CallSession) -> bool:
+        """True while no recorded stream is meant to receive (a=inactive / sendonly)."""
+        info = call.getInfo()  # keep it alive: .media points into it (SWIG)
+        receiving = [
+            m
+            for m in info.media
+            if m.index in session.recorders and m.dir & pj.PJMEDIA_DIR_DECODING
+        ]
+        return not receiving
+
+    def _hangup(self, session: CallSession, status: int) -> None:
+        if session.call is None:
+            return
+        prm = pj.CallOpParam()
+        prm.statusCode = status
+        try:
+            session.call.hangup(prm)
+        except pj.Error as exc:
+            log.error("event=hangup_failed call_ref=%s error=%s", session.ref, _kv(exc.info()))
+
+    def _finish(self, session: CallSession) -> None:
+        """The call ended: release the recorders; the capture moves once pjsua has
+        closed the WAV files (it does so on its clock thread, ~20 ms later)."""
+        if session in self._sessions:
+            self._sessions.remove(session)
+        session.invite = None
+        session.recorders.clear()  # the last references: pjsua destroys the recorders
+        if session.meta is None or session.directory is None:
+            log.info("event=call_ended_unanswered call_ref=%s", session.ref)
+            return
+        session.close_deadline = time.monotonic() + CLOSE_WAIT_S
+        self._closing.append(session)
+
+    def _move_closed(self) -> None:
+        """Move every capture whose legs pjsua has closed to ``ready``."""
+        if not self._closing:
+            return
+        still_open = open_files()
+        now = time.monotonic()
+        for session in list(self._closing):
+            assert session.meta is not None and session.directory is not None
+            legs = [session.directory / leg for leg in session.meta.legs]
+            if any(str(leg) in still_open for leg in legs) and now < session.close_deadline:
+                continue
+            self._closing.remove(session)
+            if any(str(leg) in still_open for leg in legs):
+                log.warning("event=leg_not_closed recording_id=%s", session.meta.recording_id)
+                session.flags.append(Flag.INCOMPLETE)
+            self._move_to_ready(session, session.meta, session.directory)
+
+    def _move_to_ready(self, session: CallSession, meta: CaptureMeta, directory: Path) -> None:
+        ended = session.ended_at or utc_now()
+        legs = tuple(leg for leg in meta.legs if (directory / leg).exists())
+        flags = [*session.flags] + ([Flag.INCOMPLETE] if legs != meta.legs else [])
+        meta = replace(meta, ended_at=iso_ms(ended), legs=legs).with_flags(*flags)
+        write_meta(directory, meta)
+        directory.rename(self.ready_dir / meta.recording_id)
+        fsync_dir(self.ready_dir)
+        fsync_dir(self.active_dir)
+        log.info(
+            "event=call_recorded recording_id=%s call_ref=%s duration_s=%.3f legs=%s flags=%s",
+            meta.recording_id,
+            meta.call_ref,
+            (ended - parse_iso(meta.started_at)).total_seconds(),
+            ",".join(legs) or "-",
+            ",".join(meta.flags) or "-",
+        )
+
+
+def open_files() -> set[str]:
+    """Paths this process has open (Linux ``/proc/self/fd``)."""
+    paths: set[str] = set()
+    fd_dir = Path("/proc/self/fd")
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            paths.add(os.readlink(fd))
+    return paths

@@ -1,0 +1,169 @@
+"""A recorder worker process: one pjsua2 endpoint taking up to four calls.
+
+``startup()`` recovers what a dead predecessor left in ``captures/active/w<N>``, loads
+the directory and the privacy keys, and starts SIP; ``run()`` turns the pjsua2 loop
+until a stop is asked; ``shutdown()`` lets calls in progress end (up to a deadline),
+hangs up the rest, finalises their captures and destroys the library.
+
+Signals only set flags: SIGTERM/SIGINT ask for an orderly stop (new INVITEs get 503),
+a second one exits at once (what was recorded is recovered on restart); SIGHUP
+reloads the directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from agent.capture import recover_active
+from agent.config import AgentConfig, load_agent_config
+from agent.directory import LiveDirectory
+from agent.privacy import LookupKeys, Protector, Sealer
+from agent.recorder.parties import PartyRules
+from agent.recorder.sip import SipEngine
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 100
+HANGUP_WAIT_S = 3.0
+
+
+class Worker:
+    def __init__(self, cfg: AgentConfig, index: int, ready_fd: int | None = None) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.ready_fd = ready_fd
+        self.stop = threading.Event()
+        self.reload = threading.Event()
+        self._signals = 0
+        self._engine: SipEngine | None = None
+        self._directory: LiveDirectory | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def startup(self) -> None:
+        cfg = self.cfg
+        ready_dir = cfg.captures_dir / "ready"
+        active_dir = cfg.captures_dir / "active" / f"w{self.index}"
+        for recording_id in recover_active(active_dir, ready_dir):
+            log.warning(
+                "event=capture_recovered recording_id=%s worker=%d flags=incomplete",
+                recording_id,
+                self.index,
+            )
+        directory = LiveDirectory(cfg.directory_file)
+        protector = Protector(
+            cfg.privacy.default_region,
+            LookupKeys.load(cfg.privacy.lookup_key_file),
+            Sealer.load(cfg.privacy.seal_public_key_file),
+        )
+        rules = PartyRules.build(protector, cfg.service_numbers)
+        self._directory = directory
+        self._engine = SipEngine(cfg, self.index, directory, rules)
+        self._engine.start()
+        self._signal_ready()
+
+    def _signal_ready(self) -> None:
+        if self.ready_fd is not None:
+            os.write(self.ready_fd, b"ready\n")
+            self.close_ready_fd()
+
+    def close_ready_fd(self) -> None:
+        """Close the readiness pipe (a parent waiting on it sees EOF on failure)."""
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+
+    def run(self) -> None:
+        engine = self._sip()
+        while not self.stop.is_set():
+            engine.poll(POLL_MS)
+            if self.reload.is_set() and self._directory is not None:
+                self.reload.clear()
+                self._directory.reload()
+
+    def shutdown(self) -> None:
+        """Stop taking calls, let those in progress end, then hang up the rest."""
+        engine = self._sip()
+        engine.stop_accepting()
+        deadline = time.monotonic() + self.cfg.uplink.grace_s
+        if engine.active_calls:
+            log.info(
+                "event=worker_draining worker=%d calls=%d grace_s=%.1f",
+                self.index,
+                engine.active_calls,
+                self.cfg.uplink.grace_s,
+            )
+        while engine.active_calls and time.monotonic() < deadline:
+            engine.poll(POLL_MS)
+        if engine.active_calls:
+            log.warning("event=worker_hangup worker=%d calls=%d", self.index, engine.active_calls)
+            engine.hangup_all()
+            deadline = time.monotonic() + HANGUP_WAIT_S
+            while engine.active_calls and time.monotonic() < deadline:
+                engine.poll(POLL_MS)
+        engine.close()
+        self._engine = None
+
+    def _sip(self) -> SipEngine:
+        if self._engine is None:
+            raise RuntimeError("Worker.startup() has not run")
+        return self._engine
+
+    # ------------------------------------------------------------ signals
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGINT, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)
+
+    def _on_stop_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            os._exit(1)
+        self.stop.set()
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        self.reload.set()
+
+
+def worker_main(cfg: AgentConfig, index: int, ready_fd: int | None) -> int:
+    """Entry point of ``callrec worker``; logging is configured by the caller."""
+    worker = Worker(cfg, index, ready_fd)
+    worker.install_signal_handlers()
+    try:
+        worker.startup()
+    except Exception:
+        log.exception("event=worker_start_failed worker=%d", index)
+        worker.close_ready_fd()
+        return 1
+    log.info("event=worker_ready worker=%d pid=%d", index, os.getpid())
+    try:
+        worker.run()
+    finally:
+        worker.shutdown()
+    log.info("event=worker_stopped worker=%d", index)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from agent import logs
+
+    parser = argparse.ArgumentParser(prog="python -m agent.recorder.worker")
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--ready-fd", type=int, default=None)
+    args = parser.parse_args(argv)
+    cfg = load_agent_config(args.config)
+    logs.configure(cfg.log_level)
+    return worker_main(cfg, args.index, args.ready_fd)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Alembic migrations of the store's catalog, run by ``Catalog.migrate()``."""

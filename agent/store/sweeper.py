@@ -1,0 +1,428 @@
+"""The sweeper: destroys every recording whose retention has run out, unless on hold.
+
+Each destruction goes mark → shred key → delete blob → delete row:
+
+1. *claim* (one transaction): mark a batch of expired, unheld rows
+   (``destroy_reason``) and null their wrapped data keys. On PostgreSQL the batch is
+   picked with ``FOR UPDATE SKIP LOCKED``, so sweepers on several hosts take disjoint
+   batches; on SQLite the single ``UPDATE … RETURNING`` is atomic.
+2. delete each blob (idempotent);
+3. *finish* (one transaction): delete the marked rows whose blob is gone, their key
+   rows, and append one audit event per row actually deleted — in the same
+   transaction, so a destruction is audited exactly once even when two sweepers race.
+
+A kill between steps leaves marked rows; every run first finishes marked rows, so
+nothing half-done outlives the next run. The audio is unreadable from step 1 on.
+Then orphans: key rows without a recording row (an upload killed between writing its
+blob and its row), abandoned partial writes in the blob store, and partial uploads in
+``incoming/``, each older than the grace period.
+
+Run inside the store (``SweeperLoop``) or as ``python -m agent.store.sweeper --config
+store.toml --once`` (``callrec sweep --once``) from a systemd timer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from prometheus_client import Counter, Gauge
+
+from agent.config import ConfigError, StoreConfig, load_store_config
+from agent.privacy import KeyFileError
+from agent.store import audit
+from agent.store.catalog import Catalog, data_keys, recordings
+from agent.store.retention import datetime_to_ms, expired_ranges, ms_to_datetime
+from agent.store.vault import Vault, open_storage
+
+log = logging.getLogger(__name__)
+
+DESTROYED = Counter(
+    "callrec_sweeper_destroyed", "Recordings destroyed (key, blob and row)", ["reason"]
+)
+HELD = Gauge("callrec_sweeper_held_expired", "Recordings past retention kept by a legal hold")
+OLDEST = Gauge(
+    "callrec_sweeper_oldest_remaining_age_seconds",
+    "Age since the call ended of the oldest recording not on hold",
+)
+FAILURES = Counter("callrec_sweeper_failures", "Destructions or runs that failed (retried)")
+ORPHANS = Counter("callrec_sweeper_orphans_removed", "Abandoned uploads removed", ["kind"])
+LAST_RUN = Gauge("callrec_sweeper_last_run_timestamp_seconds", "When the last sweep ended")
+
+Clock = Callable[[], dt.datetime]
+
+
+class RecordingHeld(Exception):
+    def __init__(self, recording_id: str) -> None:
+        super().__init__(f"recording {recording_id} is on legal hold; not destroyed")
+        self.recording_id = recording_id
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class SweepReport:
+    destroyed: int = 0
+    held: int = 0
+    failed: int = 0
+    orphan_keys: int = 0
+    partial_blobs: int = 0
+    partial_uploads: int = 0
+    oldest_age_s: float | None = None
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    recording_id: str
+    blob_key: str
+
+
+class Sweeper:
+    def __init__(
+        self,
+        catalog: Catalog,
+        vault: Vault,
+        retention_months: int,
+        batch: int = 200,
+        orphan_grace_s: float = 24 * 3600.0,
+        incoming_dir: Path | None = None,
+        clock: Clock = utc_now,
+        actor: str | None = None,
+    ) -> None:
+        # The audit log says which sweeper (host, process) destroyed what.
+        self.actor = actor or f"system:sweeper@{socket.gethostname()}/{os.getpid()}"
+        self.catalog = catalog
+        self.vault = vault
+        self.retention_months = retention_months
+        self.batch = batch
+        self.orphan_grace_s = orphan_grace_s
+        self.incoming_dir = incoming_dir
+        self.clock = clock
+        self.stop_event = threading.Event()
+
+    @classmethod
+    def from_config(cls, config: StoreConfig, catalog: Catalog, vault: Vault) -> Sweeper:
+        return cls(
+            catalog,
+            vault,
+            config.retention_months,
+            config.sweep_batch,
+            config.orphan_grace_s,
+            config.incoming_dir,
+        )
+
+    def run_once(self) -> SweepReport:
+        now_ms = datetime_to_ms(self.clock())
+        report = SweepReport()
+        self._finish_pending(now_ms, report)
+        while not self.stop_event.is_set():
+            claimed = self._claim(now_ms)
+            if not claimed:
+                break
+            self._destroy(claimed, now_ms, report)
+        if not self.stop_event.is_set():
+            self._remove_orphans(now_ms, report)
+        self._measure(now_ms, report)
+        log.info(
+            "event=sweep_done destroyed=%d held=%d failed=%d orphan_keys=%d "
+            "partial_blobs=%d partial_uploads=%d oldest_age_s=%s",
+            report.destroyed,
+            report.held,
+            report.failed,
+            report.orphan_keys,
+            report.partial_blobs,
+            report.partial_uploads,
+            "none" if report.oldest_age_s is None else f"{report.oldest_age_s:.0f}",
+        )
+        LAST_RUN.set(time.time())
+        return report
+
+    def destroy(self, recording_id: str, reason: str = "erasure", actor: str = "") -> bool:
+        """Destroy one recording now (a data-subject erasure); False when it is not
+        there. Refuses a recording on legal hold."""
+        now_ms = datetime_to_ms(self.clock())
+        with self.catalog.engine.begin() as conn:
+            row = conn.execute(
+                sa.select(recordings.c.legal_hold, recordings.c.blob_key).where(
+                    recordings.c.recording_id == recording_id
+                )
+            ).first()
+            if row is None:
+                return False
+            if row.legal_hold:
+                raise RecordingHeld(recording_id)
+            conn.execute(
+                sa.update(recordings)
+                .where(recordings.c.recording_id == recording_id)
+                .where(recordings.c.destroy_reason.is_(None))
+                .values(destroy_reason=reason, destroy_marked_at_ms=now_ms)
+            )
+            _shred(conn, [row.blob_key], now_ms)
+        report = SweepReport()
+        self._destroy([_Claimed(recording_id, row.blob_key)], now_ms, report, actor or self.actor)
+        return report.destroyed == 1
+
+    # ------------------------------------------------------------ the four steps
+
+    def _expired(self, now_ms: int) -> sa.ColumnElement[bool]:
+        ended = recordings.c.ended_at_ms
+        parts = [
+            ended <= high if low is None else sa.and_(ended >= low, ended <= high)
+            for low, high in expired_ranges(now_ms, self.retention_months)
+        ]
+        return sa.or_(*parts) if parts else sa.false()
+
+    def _claim(self, now_ms: int) -> list[_Claimed]:
+        pick = self.catalog.skip_locked(
+            sa.select(recordings.c.recording_id)
+            .where(recordings.c.destroy_reason.is_(None))
+            .where(recordings.c.legal_hold.is_(sa.false()))
+            .where(self._expired(now_ms))
+            .order_by(recordings.c.ended_at_ms)
+            .limit(self.batch)
+        )
+        mark = (
+            sa.update(recordings)
+            .where(recordings.c.recording_id.in_(pick))
+            .where(recordings.c.destroy_reason.is_(None))
+            .values(destroy_reason="retention", destroy_marked_at_ms=now_ms)
+            .returning(recordings.c.recording_id, recordings.c.blob_key)
+        )
+        with self.catalog.engine.begin() as conn:
+            claimed = [_Claimed(r.recording_id, r.blob_key) for r in conn.execute(mark)]
+            _shred(conn, [c.blob_key for c in claimed], now_ms)
+        return claimed
+
+    def _finish_pending(self, now_ms: int, report: SweepReport) -> None:
+        """Marked rows left by a killed or failed run (or by another sweeper)."""
+        after = ""
+        while not self.stop_event.is_set():
+            query = (
+                sa.select(recordings.c.recording_id, recordings.c.blob_key)
+                .where(recordings.c.destroy_reason.is_not(None))
+                .where(recordings.c.recording_id > after)
+                .order_by(recordings.c.recording_id)
+                .limit(self.batch)
+            )
+            with self.catalog.engine.begin() as conn:
+                pending = [_Claimed(r.recording_id, r.blob_key) for r in conn.execute(query)]
+                _shred(conn, [p.blob_key for p in pending], now_ms)
+            if not pending:
+                return
+            log.info("event=sweep_resumed count=%d", len(pending))
+            self._destroy(pending, now_ms, report)
+            after = pending[-1].recording_id
+
+    def _destroy(
+        self, claimed: Sequence[_Claimed], now_ms: int, report: SweepReport, actor: str = ""
+    ) -> None:
+        gone: list[_Claimed] = []
+        for item in claimed:
+            try:
+                self.vault.blobs.delete(item.blob_key)
+            except Exception:  # one bad blob never stops the sweep; retried next run
+                log.exception("event=sweep_failed recording_id=%s step=blob", item.recording_id)
+                report.failed += 1
+                FAILURES.inc()
+                continue
+            gone.append(item)
+        if gone:
+            self._finish(gone, now_ms, report, actor or self.actor)
+
+    def _finish(
+        self, gone: Sequence[_Claimed], now_ms: int, report: SweepReport, actor: str
+    ) -> None:
+        delete = (
+            sa.delete(recordings)
+            .where(recordings.c.recording_id.in_([g.recording_id for g in gone]))
+            .where(recordings.c.destroy_reason.is_not(None))
+            .returning(
+                recordings.c.recording_id,
+                recordings.c.blob_key,
+                recordings.c.ended_at_ms,
+                recordings.c.destroy_reason,
+            )
+        )
+        with self.catalog.engine.begin() as conn:
+            deleted = list(conn.execute(delete))
+            if deleted:
+                keys = [r.blob_key for r in deleted]
+                conn.execute(sa.delete(data_keys).where(data_keys.c.blob_key.in_(keys)))
+            for row in deleted:
+                audit.append(
+                    conn, actor, "destroy", row.recording_id, row.destroy_reason, "destroyed",
+                    at_ms=now_ms,
+                )  # fmt: skip
+        for row in deleted:
+            log.info(
+                "event=recording_swept recording_id=%s reason=%s ended_at=%s",
+                row.recording_id,
+                row.destroy_reason,
+                _iso(row.ended_at_ms),
+            )
+            DESTROYED.labels(reason=row.destroy_reason).inc()
+        report.destroyed += len(deleted)
+
+    # ------------------------------------------------------------ orphans, metrics
+
+    def _remove_orphans(self, now_ms: int, report: SweepReport) -> None:
+        cutoff = now_ms - int(self.orphan_grace_s * 1000)
+        has_row = sa.exists().where(recordings.c.blob_key == data_keys.c.blob_key)
+        query = (
+            sa.select(data_keys.c.recording_id, data_keys.c.blob_key)
+            .where(~has_row)
+            .where(sa.or_(data_keys.c.created_at_ms < cutoff, data_keys.c.wrapped_key.is_(None)))
+            .limit(self.batch)
+        )
+        with self.catalog.engine.connect() as conn:
+            orphans = list(conn.execute(query))
+        for orphan in orphans:
+            try:
+                self.vault.discard(orphan.recording_id, orphan.blob_key)
+            except Exception:  # retried next run
+                log.exception("event=orphan_failed recording_id=%s", orphan.recording_id)
+                report.failed += 1
+                continue
+            report.orphan_keys += 1
+            ORPHANS.labels(kind="key_and_blob").inc()
+        report.partial_blobs = self.vault.blobs.remove_partial(self.orphan_grace_s)
+        ORPHANS.labels(kind="blob_partial").inc(report.partial_blobs)
+        if self.incoming_dir is not None:
+            report.partial_uploads = remove_stale_uploads(self.incoming_dir, self.orphan_grace_s)
+            ORPHANS.labels(kind="incoming").inc(report.partial_uploads)
+
+    def _measure(self, now_ms: int, report: SweepReport) -> None:
+        live = recordings.c.destroy_reason.is_(None)
+        held = sa.select(sa.func.count()).where(
+            live, recordings.c.legal_hold.is_(sa.true()), self._expired(now_ms)
+        )
+        oldest = sa.select(sa.func.min(recordings.c.ended_at_ms)).where(
+            live, recordings.c.legal_hold.is_(sa.false())
+        )
+        with self.catalog.engine.connect() as conn:
+            report.held = int(conn.execute(held).scalar_one())
+            first = conn.execute(oldest).scalar_one()
+        report.oldest_age_s = None if first is None else max(0.0, (now_ms - first) / 1000)
+        HELD.set(report.held)
+        OLDEST.set(report.oldest_age_s or 0.0)
+
+
+def _shred(conn: sa.Connection, blob_keys: Sequence[str], now_ms: int) -> None:
+    if blob_keys:
+        conn.execute(
+            sa.update(data_keys)
+            .where(data_keys.c.blob_key.in_(list(blob_keys)))
+            .where(data_keys.c.wrapped_key.is_not(None))
+            .values(wrapped_key=None, shredded_at_ms=now_ms)
+        )
+
+
+def _iso(ms: int) -> str:
+    return ms_to_datetime(ms).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def remove_stale_uploads(incoming: Path, grace_s: float) -> int:
+    """Partial uploads (``<id>.part``, ``<id>.manifest``, temporary files) whose newest
+    file is older than the grace period; an agent that comes back starts over."""
+    groups: dict[str, list[Path]] = {}
+    try:
+        entries = list(incoming.iterdir())
+    except FileNotFoundError:
+        return 0
+    for path in entries:
+        groups.setdefault(path.name.lstrip(".")[:32], []).append(path)
+    cutoff, removed = time.time() - grace_s, 0
+    for recording_id, paths in groups.items():
+        try:
+            newest = max(p.stat().st_mtime for p in paths)
+        except FileNotFoundError:
+            continue
+        if newest >= cutoff:
+            continue
+        for path in paths:
+            path.unlink(missing_ok=True)
+        removed += 1
+        log.info("event=partial_upload_removed recording_id=%s files=%d", recording_id, len(paths))
+    return removed
+
+
+class SweeperLoop:
+    """Runs the sweeper every ``interval_s`` on its own thread (STYLE #4)."""
+
+    def __init__(self, sweeper: Sweeper, interval_s: float) -> None:
+        self.sweeper = sweeper
+        self.interval_s = interval_s
+        self.stop_event = sweeper.stop_event
+        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.sweeper.run_once()
+            except Exception:  # a failed run is retried at the next interval
+                log.exception("event=sweep_run_failed")
+                FAILURES.inc()
+            self.stop_event.wait(self.interval_s)
+
+
+def run_sweeper(config: StoreConfig, once: bool = True) -> int:
+    """``callrec sweep [--once]``: 0 when every destruction succeeded, 1 otherwise."""
+    storage = open_storage(config)
+    sweeper = Sweeper.from_config(config, storage.catalog, storage.vault)
+    try:
+        if once:
+            return 0 if sweeper.run_once().failed == 0 else 1
+        loop = SweeperLoop(sweeper, config.sweep_interval_s)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: loop.stop())
+        loop.start()
+        while loop.is_alive():
+            loop.join(1.0)
+        return 0
+    finally:
+        storage.catalog.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from agent import logs
+
+    parser = argparse.ArgumentParser(prog="callrec sweep", description="destroy expired recordings")
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--once", action="store_true", help="one sweep, then exit")
+    args = parser.parse_args(argv)
+    try:
+        config = load_store_config(args.config)
+        logs.configure(config.log_level)
+        return run_sweeper(config, once=args.once)
+    except (ConfigError, KeyFileError) as exc:
+        sys.stderr.write(f"callrec sweep: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The real daemons as subprocesses (`callrec store`, `callrec agent`), logging to files
+the tests read afterwards, exactly as an operator would tail them."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support.stack import Keys, agent_config, write_toml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Daemon:
+    name: str
+    args: list[str]
+    log: Path
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", *self.args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=REPO,
+                env={**os.environ, "PYTHONPATH": str(REPO), **self.env},
+            )
+        return self
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def wait_for(self, pattern: str, timeout: float = 30.0, after: int = 0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while time.monotonic() < deadline:
+            found = regex.search(self.text(), after)
+            if found:
+                return found
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"{self.name} exited {self.process.returncode}:\n{self.text()[-3000:]}")
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name}: no {pattern!r} in {timeout}s:\n{self.text()[-3000:]}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(10)
+
+
+def start_store(root: Path, port: int = 0, **store: str) -> tuple[Daemon, str]:
+    doc: dict[str, dict[str, object]] = {
+        "store": {"listen": f"127.0.0.1:{port}", "data_dir": str(root / "store-data"), **store}
+    }
+    config = write_toml(root / "store.toml", doc)
+    daemon = Daemon("store", ["store", "--config", str(config)], root / "logs" / "store.log").start()
+    found = daemon.wait_for(r"event=store_ready address=(\S+)")
+    return daemon, found.group(1)
+
+
+def start_agent(
+    root: Path, keys: Keys, store_address: str, sip_port: int, **sections: dict[str, object]
+) -> Daemon:
+    sections.setdefault("sip", {}).update({"port": sip_port})
+    _, doc = agent_config(root, keys, store_address, sip_port=sip_port, **sections)
+    config = write_toml(root / "agent.toml", doc)
+    daemon = Daemon("agent", ["agent", "--config", str(config)], root / "logs" / "agent.log").start()
+    daemon.wait_for(r"event=agent_ready", timeout=60)
+    return daemon
+
+
+@contextmanager
+def running(*daemons: Daemon) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        for daemon in reversed(daemons):
+            daemon.stop()

@@ -1,0 +1,102 @@
+"""A bad config fails at start with the key's name and what was expected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.cli import main
+from agent.config import ConfigError, load_agent_config, load_store_config, parse_duration
+from tests.support.stack import Keys, agent_config, write_toml
+
+
+def test_agent_config_round_trip(tmp_path: Path, keys: Keys) -> None:
+    cfg, doc = agent_config(tmp_path, keys, "127.0.0.1:50051")
+    loaded = load_agent_config(write_toml(tmp_path / "agent.toml", doc))
+    assert loaded == cfg
+    assert loaded.sip.rtp_timeout_s == 10.0
+    assert loaded.audio.format == "opus"
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "message"),
+    [
+        ("sip", "port", 70000, "[sip] port = 70000: expected an integer from 1 to 65535"),
+        ("sip", "rtp_timeout", "soon", "[sip] rtp_timeout = 'soon': expected a duration"),
+        ("audio", "format", "mp3", "[audio] format = 'mp3': expected one of opus, flac, wav"),
+        ("agent", "site", "Helsinki 1", "[agent] site = 'Helsinki 1': expected lower-case"),
+        ("sip", "colour", "blue", "[sip] colour: unknown key"),
+        (
+            "uplink",
+            "chunk_bytes",
+            1024,
+            "[uplink] chunk_bytes = 1024: expected an integer from 65536",
+        ),
+    ],
+)
+def test_agent_config_errors_name_the_key(
+    tmp_path: Path, keys: Keys, section: str, key: str, value: object, message: str
+) -> None:
+    _, doc = agent_config(tmp_path, keys, "127.0.0.1:50051")
+    doc.setdefault(section, {})[key] = value
+    with pytest.raises(ConfigError) as err:
+        load_agent_config(write_toml(tmp_path / "agent.toml", doc))
+    assert str(err.value).startswith(message)
+
+
+def test_missing_required_key(tmp_path: Path, keys: Keys) -> None:
+    _, doc = agent_config(tmp_path, keys, "127.0.0.1:50051")
+    del doc["calls"]["service_numbers"]
+    with pytest.raises(ConfigError, match=r"\[calls\] service_numbers: missing"):
+        load_agent_config(write_toml(tmp_path / "agent.toml", doc))
+
+
+def test_store_retention_error_is_readable(tmp_path: Path) -> None:
+    path = tmp_path / "store.toml"
+    path.write_text('[store]\ndata_dir = "d"\nretention = "6 monts"\n')
+    with pytest.raises(ConfigError) as err:
+        load_store_config(path)
+    assert str(err.value) == "[store] retention = '6 monts': expected e.g. \"6 months\""
+
+
+def test_store_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "store.toml"
+    path.write_text('[store]\ndata_dir = "d"\n')
+    cfg = load_store_config(path)
+    assert cfg.retention_months == 6
+    assert cfg.catalog_url == f"sqlite:///{tmp_path / 'd' / 'catalog.sqlite3'}"
+
+
+def test_not_toml(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text("[agent\nsite=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_agent_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30s", 30), ("5m", 300), ("2h", 7200), ("250ms", 0.25), (12, 12)]
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_cli_reports_config_error_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "store.toml"
+    path.write_text('[store]\ndata_dir = "d"\nlisten = "nowhere"\n')
+    assert main(["check", "--store", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "[store] listen = 'nowhere'" in err
+
+
+def test_check_refuses_world_readable_key(
+    tmp_path: Path, keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, doc = agent_config(tmp_path, keys, "127.0.0.1:50051")
+    keys.lookup.chmod(0o644)
+    assert main(["check", "--agent", str(write_toml(tmp_path / "agent.toml", doc))]) == 1
+    assert "readable by group or others" in capsys.readouterr().err

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from agent.directory import Directory, DirectoryError, LiveDirectory, Role, aor_keys
+from tests.support.stack import DIRECTORY_TOML
+
+
+def test_load_and_match(tmp_path: Path) -> None:
+    path = tmp_path / "people.toml"
+    path.write_text(DIRECTORY_TOML)
+    directory = Directory.load(path)
+    aino = directory.find_by_aor('"Aino" <sip:1001@PBX.example;transport=udp>')
+    assert aino is not None and aino.name == "Aino Virtanen" and aino.role is Role.AGENT
+    assert directory.find_by_aor("1001") == aino
+    assert directory.find_by_aor("sip:1099@pbx.example") is None
+    assert directory.people["s2001"].trained == dt.date(2026, 1, 15)
+
+
+def test_aor_keys() -> None:
+    assert aor_keys("sip:1001@pbx.example") == ("1001@pbx.example", "1001")
+    assert aor_keys("1001") == ("1001",)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[[person]]\nid = "a"\nname = "A"\nrole = "boss"\n', "role = 'boss': expected one of"),
+        ('[[person]]\nid = "a"\nrole = "agent"\n', "name = None: expected a non-empty string"),
+        (
+            '[[person]]\nid = "a"\nname = "A"\nrole = "agent"\nsupervisor = "zz"\n',
+            "supervisor 'zz' is not",
+        ),
+        ('[[person]]\nid = "a"\nname = "A"\nrole = "agent"\ntrained = "yes"\n', "trained = 'yes'"),
+        (
+            '[[person]]\nid = "a"\nname = "A"\nrole = "agent"\naors = ["1001"]\n'
+            '[[person]]\nid = "b"\nname = "B"\nrole = "agent"\naors = ["sip:1001@x"]\n',
+            "belongs to both",
+        ),
+        ("[[person]\n", "not valid TOML"),
+    ],
+)
+def test_bad_directory_is_refused_with_reason(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "people.toml"
+    path.write_text(text)
+    with pytest.raises(DirectoryError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        Directory.load(path)
+
+
+def test_bad_reload_keeps_previous(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "people.toml"
+    path.write_text(DIRECTORY_TOML)
+    live = LiveDirectory(path)
+    path.write_text(DIRECTORY_TOML.replace("Aino Virtanen", "Aino Laine"))
+    assert live.reload()
+    assert live.current.people["e1001"].name == "Aino Laine"
+    path.write_text("[[person]\n")
+    assert not live.reload()
+    assert live.current.people["e1001"].name == "Aino Laine"
+    assert "event=directory_reload_failed" in caplog.text

@@ -1,0 +1,433 @@
+"""The recorder worker for real: a worker process (pjsua2), SIPp as the SRC, speech as
+RTP from one in-process sender, and the captures it leaves in ``captures/ready``."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import wave
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from agent.capture import (
+    CUSTOMER_LEG,
+    EMPLOYEE_LEG,
+    MIXED_LEG,
+    CaptureMeta,
+    Direction,
+    Flag,
+    parse_iso,
+    read_meta,
+)
+from agent.config import AgentConfig
+from agent.recorder.sip import call_ref
+from tests.support.audio import Speech, best_correlation, channel_rms, envelope, make_speech, trim
+from tests.support.rtp import ControlServer, RtpSender
+from tests.support.sipp import (
+    MALFORMED_METADATA,
+    REPO,
+    SippResult,
+    SiprecCall,
+    free_port,
+    plain_scenario,
+    run_sipp,
+    siprec_scenario,
+)
+from tests.support.stack import Keys, agent_config, write_toml
+
+pytestmark = pytest.mark.sip
+
+FULL_NUMBER = "358401234567"
+NATIONAL = "0401234567"
+SERVICE_AOR = "sip:+35898765432@pbx.example"  # "+358 9 876 5432" in stack.SERVICE_NUMBERS
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> Speech:
+    return make_speech(tmp_path_factory.mktemp("speech"))
+
+
+@pytest.fixture(scope="module")
+def rtp() -> Iterator[tuple[str, int]]:
+    """One sender for every call of this module (what load tests do too)."""
+    sender = RtpSender().start()
+    server = ControlServer(sender).start()
+    try:
+        yield server.address
+    finally:
+        server.stop()
+        sender.stop()
+        sender.join(5)
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[bytes]
+    cfg: AgentConfig
+    config_path: Path
+    log_path: Path
+
+    @property
+    def target(self) -> tuple[str, int]:
+        return (self.cfg.sip.listen, self.cfg.sip.port)
+
+    @property
+    def ready_dir(self) -> Path:
+        return self.cfg.captures_dir / "ready"
+
+    @property
+    def active_dir(self) -> Path:
+        return self.cfg.captures_dir / "active" / "w0"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def start_worker(
+    root: Path, keys: Keys, sip: dict[str, object] | None = None, **sections: dict[str, object]
+) -> Worker:
+    """A worker process on a free SIP port; returns once it wrote "ready" on its pipe."""
+    sip = {"rtp_port_start": free_port(40), "rtp_port_count": 40, **(sip or {})}
+    cfg, doc = agent_config(root, keys, "127.0.0.1:1", sip_port=free_port(), sip=sip, **sections)
+    config_path = write_toml(root / "agent.toml", doc)
+    log_path = root / "worker.log"
+    read_fd, write_fd = os.pipe()
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.recorder.worker", "--config", str(config_path),
+             "--index", "0", "--ready-fd", str(write_fd)],
+            cwd=REPO,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            pass_fds=(write_fd,),
+        )  # fmt: skip
+    os.close(write_fd)
+    worker = Worker(proc, cfg, config_path, log_path)
+    try:
+        ready, _, _ = select.select([read_fd], [], [], 20.0)
+        line = os.read(read_fd, 64) if ready else b""
+    finally:
+        os.close(read_fd)
+    if line != b"ready\n":
+        worker.stop(5)
+        pytest.fail(f"worker did not become ready ({line!r}):\n{worker.log()}")
+    return worker
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[list[Worker]]:
+    """Workers a test started; all stopped (and killed if need be) at teardown."""
+    started: list[Worker] = []
+    try:
+        yield started
+    finally:
+        for worker in started:
+            worker.stop()
+
+
+@pytest.fixture
+def worker(tmp_path: Path, keys: Keys, workers: list[Worker]) -> Worker:
+    workers.append(start_worker(tmp_path, keys))
+    return workers[-1]
+
+
+def wait_for_capture(worker: Worker, ref: str | None = None, timeout: float = 15.0) -> CaptureMeta:
+    """The ready capture of the call with this SIP Call-ID (or the only one)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.ready_dir.is_dir():
+            for capture in sorted(worker.ready_dir.iterdir()):
+                if (capture / "capture.json").exists():
+                    meta = read_meta(capture)
+                    if ref is None or meta.call_ref == call_ref(ref):
+                        return meta
+        time.sleep(0.1)
+    pytest.fail(f"no capture in {worker.ready_dir} after {timeout}s:\n{worker.log()[-3000:]}")
+
+
+def assert_no_full_number(worker: Worker) -> None:
+    assert FULL_NUMBER not in worker.log()
+    assert NATIONAL not in worker.log()
+    for path in worker.cfg.data_dir.rglob("*"):
+        if path.is_file() and path.suffix != ".wav":
+            text = path.read_text(errors="replace")
+            assert FULL_NUMBER not in text, path
+            assert NATIONAL not in text, path
+
+
+def assert_times_match(meta: CaptureMeta, result: SippResult) -> None:
+    assert result.answered_at is not None and result.bye_at is not None, result.log
+    assert meta.ended_at is not None
+    assert abs(parse_iso(meta.started_at).timestamp() - result.answered_at) < 0.5
+    assert abs(parse_iso(meta.ended_at).timestamp() - result.bye_at) < 0.5
+
+
+def assert_leg_carries(leg: Path, sent: Path, other: Path) -> None:
+    """The leg's loudness contour follows what was sent on it, not the other stream."""
+    # 20 ms windows: one RTP packet each, so the lag search lines them up exactly.
+    recorded = envelope(leg, window_ms=20)
+    mine = best_correlation(recorded, envelope(sent, window_ms=20))
+    theirs = best_correlation(recorded, envelope(other, window_ms=20))
+    assert channel_rms(leg)[0] > 300, leg
+    assert mine > 0.8, (leg.name, mine, theirs)
+    assert mine > theirs + 0.3, (leg.name, mine, theirs)
+
+
+def wav_seconds(path: Path) -> float:
+    with wave.open(str(path), "rb") as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (8000, 1, 2)
+        return wav.getnframes() / wav.getframerate()
+
+
+# ---------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize(
+    ("direction", "customer_label", "customer_aor"),
+    [
+        ("inbound", "1", f"sip:+{FULL_NUMBER}@pbx.example;user=phone"),
+        ("outbound", "2", f"sip:{NATIONAL}@pbx.example"),
+    ],
+)
+def test_siprec_call_is_recorded_leg_by_leg(
+    worker: Worker,
+    speech: Speech,
+    rtp: tuple[str, int],
+    tmp_path: Path,
+    direction: str,
+    customer_label: str,
+    customer_aor: str,
+) -> None:
+    call = SiprecCall(
+        speech.customer,
+        speech.employee,
+        customer=customer_aor,
+        service=SERVICE_AOR,
+        direction=direction,
+        customer_label=customer_label,
+        call_ms=8500,
+        rtp_via=rtp,
+    )
+    result = run_sipp(siprec_scenario(call), worker.target, tmp_path / "sipp", timeout_s=40)
+    assert result.ok, result.errors or result.stdout
+    meta = wait_for_capture(worker, result.call_id)
+    capture = worker.ready_dir / meta.recording_id
+
+    assert meta.source == "siprec"
+    assert meta.site == "hel-1"
+    assert meta.direction is Direction(direction)
+    assert meta.customer.masked == "+358401234***"
+    assert meta.customer.digest and meta.customer.tail_sealed
+    assert [(e.id, e.name, e.team) for e in meta.employees] == [
+        ("e1001", "Aino Virtanen", "parcels")
+    ]
+    assert meta.service_number == "+35898765432"
+    assert meta.flags == ()
+    assert meta.legs == (CUSTOMER_LEG, EMPLOYEE_LEG)
+    assert_times_match(meta, result)
+    for leg in meta.legs:
+        assert abs(wav_seconds(capture / leg) - 8.5) < 0.5
+    assert_leg_carries(capture / CUSTOMER_LEG, speech.customer, speech.employee)
+    assert_leg_carries(capture / EMPLOYEE_LEG, speech.employee, speech.customer)
+    assert not any(worker.active_dir.iterdir())
+    log = worker.log()
+    assert f"event=call_answered call_ref={meta.call_ref} recording_id={meta.recording_id}" in log
+    assert 'customer=+358401234*** employee="Aino Virtanen" service=+35898765432' in log
+    assert f"event=call_recorded recording_id={meta.recording_id}" in log
+    assert_no_full_number(worker)
+
+
+def test_calls_with_bad_or_partial_metadata_are_recorded_and_flagged(
+    worker: Worker, speech: Speech, rtp: tuple[str, int], tmp_path: Path
+) -> None:
+    base = SiprecCall(speech.customer, speech.employee, service=SERVICE_AOR, call_ms=3000,
+                      rtp_via=rtp)  # fmt: skip
+    variants = {
+        "malformed": replace(base, metadata=MALFORMED_METADATA),
+        "no_metadata": replace(base, with_metadata=False),
+        "withheld": replace(base, customer="sip:anonymous@anonymous.invalid"),
+        "unknown_employee": replace(base, employee="sip:1099@pbx.example"),
+    }
+    with ThreadPoolExecutor(len(variants)) as pool:  # four calls at once: a full worker
+        futures = {
+            name: pool.submit(
+                run_sipp,
+                siprec_scenario(replace(call, rtp_ports=(free_port(), free_port()))),
+                worker.target,
+                tmp_path / name,
+                timeout_s=30,
+            )
+            for name, call in variants.items()
+        }
+        results = {name: future.result() for name, future in futures.items()}
+    metas: dict[str, CaptureMeta] = {}
+    for name, result in results.items():
+        assert result.ok, (name, result.errors or result.stdout)
+        metas[name] = wait_for_capture(worker, result.call_id)
+        assert metas[name].legs == (CUSTOMER_LEG, EMPLOYEE_LEG), name
+        assert_times_match(metas[name], result)
+
+    for name in ("malformed", "no_metadata"):
+        meta = metas[name]
+        assert Flag.METADATA_INVALID in meta.flags
+        assert meta.customer.masked == "unknown"
+        assert meta.direction is Direction.UNKNOWN
+        # Without metadata the m-line order decides: label 1 (customer speech) is first.
+        capture = worker.ready_dir / meta.recording_id
+        assert_leg_carries(capture / CUSTOMER_LEG, speech.customer, speech.employee)
+
+    withheld = metas["withheld"]
+    assert withheld.flags == (Flag.CUSTOMER_WITHHELD,)
+    assert withheld.customer.masked == "anonymous"
+    assert withheld.direction is Direction.INBOUND
+    assert withheld.employees[0].name == "Aino Virtanen"
+
+    unknown = metas["unknown_employee"]
+    assert unknown.flags == (Flag.EMPLOYEE_UNKNOWN,)
+    assert [(e.id, e.name, e.aor) for e in unknown.employees] == [
+        ("unknown", "unknown", "sip:1099@pbx.example")
+    ]
+    assert unknown.customer.masked == "+358401234***"
+
+    log = worker.log()
+    assert log.count("event=metadata_invalid") == 2
+    assert f"event=employee_unknown recording_id={unknown.recording_id}" in log
+    assert_no_full_number(worker)
+
+
+def test_plain_invite_is_recorded_mixed_with_parties_from_headers(
+    worker: Worker, speech: Speech, rtp: tuple[str, int], tmp_path: Path
+) -> None:
+    headers = {
+        "X-Callrec-Customer": f"<sip:{NATIONAL}@pbx.example>",
+        "X-Callrec-Employee": "<sip:1001@pbx.example>",
+        "X-Callrec-Service": "+358 9 876 5432",
+    }
+    scenario = plain_scenario(speech.customer, headers, call_ms=3000, rtp_via=rtp)
+    result = run_sipp(scenario, worker.target, tmp_path / "sipp", timeout_s=30)
+    assert result.ok, result.errors or result.stdout
+    meta = wait_for_capture(worker, result.call_id)
+    assert meta.source == "plain"
+    assert meta.legs == (MIXED_LEG,)
+    assert meta.customer.masked == "+358401234***"
+    assert meta.employees[0].id == "e1001"
+    assert meta.service_number == "+35898765432"
+    assert channel_rms(worker.ready_dir / meta.recording_id / MIXED_LEG)[0] > 300
+    assert_no_full_number(worker)
+
+
+def test_vanished_sender_is_hung_up_after_the_rtp_timeout(
+    tmp_path: Path, keys: Keys, workers: list[Worker], speech: Speech, rtp: tuple[str, int]
+) -> None:
+    workers.append(start_worker(tmp_path, keys, sip={"rtp_timeout": "2s"}))
+    worker = workers[-1]
+    short = Speech(
+        trim(speech.customer, tmp_path / "c.wav", 1.5),
+        trim(speech.employee, tmp_path / "e.wav", 1.5),
+    )
+    call = SiprecCall(short.customer, short.employee, service=SERVICE_AOR, call_ms=20000,
+                      rtp_via=rtp)  # fmt: skip
+    started = time.monotonic()
+    meta = None
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(
+            run_sipp, siprec_scenario(call), worker.target, tmp_path / "sipp", timeout_s=30
+        )
+        meta = wait_for_capture(worker, timeout=15)
+        assert time.monotonic() - started < 10
+        future.result()  # SIPp gets the BYE mid-pause: its call fails, which is fine
+    assert Flag.RTP_TIMEOUT in meta.flags
+    assert meta.ended_at is not None
+    duration = (parse_iso(meta.ended_at) - parse_iso(meta.started_at)).total_seconds()
+    assert 3.0 < duration < 6.5
+    assert channel_rms(worker.ready_dir / meta.recording_id / CUSTOMER_LEG)[0] > 300
+    assert f"event=rtp_timeout recording_id={meta.recording_id}" in worker.log()
+
+
+def _wait_active(worker: Worker, timeout: float = 10.0) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list(worker.active_dir.glob("*/capture.json"))
+        if found:
+            return found[0].parent
+        time.sleep(0.05)
+    pytest.fail(f"no active capture:\n{worker.log()}")
+
+
+def test_sigterm_refuses_new_calls_and_finishes_the_call_in_progress(
+    tmp_path: Path, keys: Keys, workers: list[Worker], speech: Speech, rtp: tuple[str, int]
+) -> None:
+    workers.append(start_worker(tmp_path, keys, uplink={"grace": "2s"}))
+    worker = workers[-1]
+    call = SiprecCall(speech.customer, speech.employee, call_ms=20000, rtp_via=rtp)
+    with ThreadPoolExecutor(2) as pool:
+        pool.submit(run_sipp, siprec_scenario(call), worker.target, tmp_path / "a", timeout_s=25)
+        _wait_active(worker)
+        time.sleep(1.0)
+        worker.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        late = replace(call, call_ms=1000, rtp_ports=(free_port(), free_port()))
+        refused = pool.submit(
+            run_sipp, siprec_scenario(late), worker.target, tmp_path / "b", timeout_s=10
+        ).result()
+        assert worker.proc.wait(15) == 0, worker.log()
+    assert not refused.ok
+    assert "status=503 reason=stopping" in worker.log()
+    meta = wait_for_capture(worker, timeout=1)
+    assert meta.ended_at is not None and Flag.INCOMPLETE not in meta.flags
+    duration = (parse_iso(meta.ended_at) - parse_iso(meta.started_at)).total_seconds()
+    assert 2.5 < duration < 6.0  # ~1.2 s of call, then the 2 s grace
+    capture = worker.ready_dir / meta.recording_id
+    assert wav_seconds(capture / CUSTOMER_LEG) > 2.5
+    assert_leg_carries(capture / CUSTOMER_LEG, speech.customer, speech.employee)
+    assert_leg_carries(capture / EMPLOYEE_LEG, speech.employee, speech.customer)
+    assert not any(worker.active_dir.iterdir())
+
+
+def test_capture_of_a_killed_worker_is_recovered_on_restart(
+    tmp_path: Path, keys: Keys, workers: list[Worker], speech: Speech, rtp: tuple[str, int]
+) -> None:
+    workers.append(start_worker(tmp_path, keys))
+    first = workers[-1]
+    call = SiprecCall(speech.customer, speech.employee, call_ms=3000, rtp_via=rtp)
+    with ThreadPoolExecutor(1) as pool:
+        sipp = pool.submit(
+            run_sipp, siprec_scenario(call), first.target, tmp_path / "sipp", timeout_s=8
+        )
+        active = _wait_active(first)
+        time.sleep(2.0)
+        first.proc.kill()
+        first.proc.wait(5)
+        sipp.result()
+    assert (active / CUSTOMER_LEG).exists()
+
+    workers.append(start_worker(tmp_path, keys))
+    second = workers[-1]
+    meta = wait_for_capture(second, timeout=5)
+    assert meta.recording_id == active.name
+    assert Flag.INCOMPLETE in meta.flags
+    assert meta.ended_at is not None
+    seconds = wav_seconds(second.ready_dir / meta.recording_id / CUSTOMER_LEG)
+    assert 1.0 < seconds < 3.5
+    assert f"event=capture_recovered recording_id={meta.recording_id}" in second.log()
