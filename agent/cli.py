@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     store = sub.add_parser("store", help="run the central store")
     store.add_argument("--config", type=Path, required=True)
 
+    sweep = sub.add_parser("sweep", help="destroy recordings past their retention")
+    sweep.add_argument("--config", type=Path, required=True)
+    sweep.add_argument("--once", action="store_true", help="one pass, for a systemd timer")
+
     keys = sub.add_parser("keys", help="key management")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     init = keys_sub.add_parser("init", help="create lookup.key, seal.pem (store) and seal.pub.pem")
@@ -104,6 +108,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from agent.store.server import serve
 
         return asyncio.run(serve(store_cfg))
+    if args.command == "sweep":
+        store_cfg = load_store_config(args.config)
+        logs.configure(store_cfg.log_level)
+        from agent.store.sweeper import run_sweeper
+
+        return run_sweeper(store_cfg, once=args.once)
     if args.command == "keys":
         return keys_init(args.directory)
     if args.command == "list":

@@ -6,11 +6,11 @@ Configured only by the entry point (``agent.cli``).
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import re
 import sys
-import time
 
 _PRIORITY = {
     logging.DEBUG: 7,
@@ -30,8 +30,6 @@ def redact_numbers(text: str) -> str:
 
 
 class _Formatter(logging.Formatter):
-    converter = time.gmtime
-
     def __init__(self, journald: bool) -> None:
         super().__init__()
         self.journald = journald
@@ -46,8 +44,8 @@ class _Formatter(logging.Formatter):
         line = f"{record.name} {message}".replace("\n", "\\n")
         if self.journald:
             return f"<{_PRIORITY.get(record.levelno, 6)}>{line}"
-        stamp = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
-        return f"{stamp}.{int(record.msecs):03d}Z {line}"
+        stamp = dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
+        return f"{stamp.removesuffix('+00:00')}Z {line}"
 
 
 def configure(level: str, stream: object = None) -> None:
@@ -58,8 +56,11 @@ def configure(level: str, stream: object = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Libraries' own chatter (Alembic's migration steps, watchdog's emitters) only
+    # when something is wrong; our own events say what happened.
+    for noisy in ("alembic", "watchdog"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def set_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
-

@@ -77,6 +77,7 @@ class DirectoryQueue:
 
     def stop(self) -> None:
         self.stop_event.set()
+        self._observer.unschedule_all()
         self._observer.stop()
 
     def join(self, timeout: float | None = None) -> None:

@@ -17,9 +17,9 @@ import pytest
 from agent.cli import main as callrec
 from agent.recorder.sip import call_ref
 from agent.store.catalog import Catalog, RecordingRow
+from agent.testcall.sipp import SippResult, SiprecCall, free_port, run_sipp, siprec_scenario
 from tests.support.audio import Speech, best_correlation, channel_rms, envelope, make_speech
 from tests.support.daemons import Daemon, start_agent, start_store
-from tests.support.sipp import SippResult, SiprecCall, free_port, run_sipp, siprec_scenario
 from tests.support.stack import Keys, make_keys
 
 pytestmark = [pytest.mark.sip]
@@ -54,7 +54,9 @@ class Stack:
     def call(self, name: str, **fields: object) -> SippResult:
         fields.setdefault("service", "sip:01005577@pbx.example")
         call = SiprecCall(self.speech.customer, self.speech.employee, call_ms=4000, **fields)  # type: ignore[arg-type]
-        result = run_sipp(siprec_scenario(call), ("127.0.0.1", self.sip_port), self.root / "pbx" / name)
+        result = run_sipp(
+            siprec_scenario(call), ("127.0.0.1", self.sip_port), self.root / "pbx" / name
+        )
         assert result.ok, result.errors + result.stdout[-2000:]
         return result
 
@@ -94,7 +96,9 @@ def _ms(epoch_s: float) -> int:
 
 
 def test_inbound_call_is_stored_masked_tagged_and_stereo(stack: Stack, tmp_path: Path) -> None:
-    result = stack.call("inbound", customer=f"sip:{CUSTOMER}@pbx.example", service="sip:01005577@pbx.example")
+    result = stack.call(
+        "inbound", customer=f"sip:{CUSTOMER}@pbx.example", service="sip:01005577@pbx.example"
+    )
     row = stack.stored(result)
 
     assert result.answered_at is not None and result.bye_at is not None
@@ -112,7 +116,21 @@ def test_inbound_call_is_stored_masked_tagged_and_stereo(stack: Stack, tmp_path:
     # The exported audio is stereo: the customer's speech left, the employee's right.
     out = tmp_path / "call.ogg"
     store_dir = stack.root / "store-data"
-    assert callrec(["export", row.recording_id, "--store-dir", str(store_dir), "--out", str(out), "--reason", "test"]) == 0
+    assert (
+        callrec(
+            [
+                "export",
+                row.recording_id,
+                "--store-dir",
+                str(store_dir),
+                "--out",
+                str(out),
+                "--reason",
+                "test",
+            ]
+        )
+        == 0
+    )
     left, right = channel_rms(out)
     assert left > 300 and right > 300, (left, right)
     sent_customer, sent_employee = envelope(stack.speech.customer), envelope(stack.speech.employee)
@@ -162,7 +180,7 @@ def test_withheld_number_is_recorded_without_digest(stack: Stack) -> None:
 
 
 def test_malformed_metadata_still_records(stack: Stack) -> None:
-    from tests.support.sipp import MALFORMED_METADATA
+    from agent.testcall.sipp import MALFORMED_METADATA
 
     result = stack.call("malformed", metadata=MALFORMED_METADATA)
     row = stack.stored(result)

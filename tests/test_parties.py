@@ -17,7 +17,7 @@ from agent.recorder.parties import (
     unclassified,
 )
 from agent.recorder.siprec import SdpMedia, parse_metadata
-from tests.support.sipp import Party, metadata_xml
+from agent.testcall.sipp import Party, metadata_xml
 from tests.support.stack import make_keys
 
 SERVICE = "sip:+358201234567@pbx.example"

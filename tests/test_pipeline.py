@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import threading
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -115,7 +115,11 @@ def test_capture_becomes_stored_recording(
     assert row.direction == "inbound"
     assert row.duration_ms == row.ended_at_ms - row.started_at_ms
     blob = store.config.blobs_dir / row.blob_key[:2] / row.blob_key
-    assert hashlib.sha256(blob.read_bytes()).hexdigest() == local_sha
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() != local_sha, "encrypted at rest"
+    console = pb_grpc.ConsoleStub(grpc.insecure_channel(f"unix:{store.server.console_socket}"))
+    request = pb.ExportAudioRequest(recording_id=meta.recording_id, reason="test")
+    exported = b"".join(c.data for c in console.ExportAudio(request, timeout=10))
+    assert hashlib.sha256(exported).hexdigest() == local_sha, "read back byte-identical"
 
 
 def test_silent_channel_is_flagged_not_dropped(tmp_path: Path, keys: Keys) -> None:

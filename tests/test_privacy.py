@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -19,7 +20,6 @@ from agent.privacy import (
     unseal,
     uri_user,
 )
-from cryptography.hazmat.primitives import serialization
 from tests.support.stack import Keys
 
 

@@ -29,11 +29,9 @@ from agent.capture import (
 )
 from agent.config import AgentConfig
 from agent.recorder.sip import call_ref
-from tests.support.audio import Speech, best_correlation, channel_rms, envelope, make_speech, trim
-from tests.support.rtp import ControlServer, RtpSender
-from tests.support.sipp import (
+from agent.testcall.rtp import ControlServer, RtpSender
+from agent.testcall.sipp import (
     MALFORMED_METADATA,
-    REPO,
     SippResult,
     SiprecCall,
     free_port,
@@ -41,6 +39,8 @@ from tests.support.sipp import (
     run_sipp,
     siprec_scenario,
 )
+from tests.support.audio import Speech, best_correlation, channel_rms, envelope, make_speech, trim
+from tests.support.daemons import REPO
 from tests.support.stack import Keys, agent_config, write_toml
 
 pytestmark = pytest.mark.sip
@@ -431,3 +431,46 @@ def test_capture_of_a_killed_worker_is_recovered_on_restart(
     seconds = wav_seconds(second.ready_dir / meta.recording_id / CUSTOMER_LEG)
     assert 1.0 < seconds < 3.5
     assert f"event=capture_recovered recording_id={meta.recording_id}" in second.log()
+
+
+def test_sighup_reloads_the_directory_and_keeps_the_old_one_if_broken(
+    tmp_path: Path, keys: Keys, workers: list[Worker]
+) -> None:
+    workers.append(start_worker(tmp_path, keys))
+    worker = workers[-1]
+    people = worker.cfg.directory_file
+    good = people.read_text()
+    people.write_text("[[person]]\nid = ")
+    worker.proc.send_signal(signal.SIGHUP)
+    _wait_log(worker, "event=directory_reload_failed")
+    people.write_text(good.replace("Aino Virtanen", "Aino Korhonen"))
+    worker.proc.send_signal(signal.SIGHUP)
+    _wait_log(worker, "event=directory_reloaded")
+    assert worker.proc.poll() is None
+
+
+def test_second_sigterm_exits_at_once_and_the_capture_stays_recoverable(
+    tmp_path: Path, keys: Keys, workers: list[Worker], speech: Speech, rtp: tuple[str, int]
+) -> None:
+    workers.append(start_worker(tmp_path, keys, uplink={"grace": "30s"}))
+    worker = workers[-1]
+    call = SiprecCall(speech.customer, speech.employee, call_ms=2000, rtp_via=rtp)
+    with ThreadPoolExecutor(1) as pool:
+        sipp = pool.submit(
+            run_sipp, siprec_scenario(call), worker.target, tmp_path / "sipp", timeout_s=6
+        )
+        active = _wait_active(worker)
+        worker.proc.send_signal(signal.SIGTERM)
+        _wait_log(worker, "event=worker_draining")
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(3) == 1
+        sipp.result()
+    assert (active / "capture.json").exists()  # left for the next start to recover
+
+
+def _wait_log(worker: Worker, text: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in worker.log():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{text!r} not logged:\n{worker.log()}")
+        time.sleep(0.05)

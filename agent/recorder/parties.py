@@ -23,11 +23,12 @@ Then:
   the caller logs a warning). Its AoR is kept with long digit runs redacted;
 - the service number is the service participant's E.164, else
   :attr:`Flag.SERVICE_UNKNOWN`;
-- direction: **inbound** if the first participant is the customer, **outbound** if
-  it is an employee, internal party or service line, else unknown;
+- direction: **inbound** if the first participant (with an AoR) is the customer,
+  **outbound** if it is anyone else, unknown if nobody has an AoR;
 - streams: the customer's sent stream (via its ``<send>`` stream id → ``<label>`` →
   the SDP m-line with that ``a=label``) is the customer leg; a stream sent by an
-  employee, internal party or service line (in that order) is the employee leg. A leg
+  employee, internal party or service line (in that order, then anyone else) is the
+  employee leg. A leg
   the associations do not give falls back to m-line order (first audio m-line =
   customer, second = employee), skipping an m-line the other leg already took.
 
@@ -106,7 +107,9 @@ class PartyRules:
         return self.protector.region
 
 
-class Role(enum.Enum):
+class _Kind(enum.Enum):
+    """What one participant is on the call (the module's rules 1-5)."""
+
     EMPLOYEE = "employee"
     SERVICE = "service"
     CUSTOMER = "customer"
@@ -118,8 +121,8 @@ class Role(enum.Enum):
 @dataclass(frozen=True)
 class _Tagged:
     participant: Participant
-    role: Role
-    aor: str | None = None  # the AoR that decided the role
+    kind: _Kind
+    aor: str | None = None  # the AoR that decided the kind
     person: Person | None = None
     e164: str | None = None  # service numbers only
 
@@ -134,29 +137,29 @@ def _is_valid_number(e164: str) -> bool:
 def _tag(participant: Participant, directory: Directory, rules: PartyRules) -> _Tagged:
     for aor in participant.aors:
         if (person := directory.find_by_aor(aor)) is not None:
-            return _Tagged(participant, Role.EMPLOYEE, aor, person=person)
+            return _Tagged(participant, _Kind.EMPLOYEE, aor, person=person)
     found: _Tagged | None = None
     for aor in participant.aors:
         norm = normalise(aor, rules.region)
         if norm.e164 is not None and norm.e164 in rules.service_numbers:
-            return _Tagged(participant, Role.SERVICE, aor, e164=norm.e164)
+            return _Tagged(participant, _Kind.SERVICE, aor, e164=norm.e164)
         if found is not None:
             continue
         if norm.e164 is not None and _is_valid_number(norm.e164):
-            found = _Tagged(participant, Role.CUSTOMER, aor)
+            found = _Tagged(participant, _Kind.CUSTOMER, aor)
         elif norm.kind is NumberKind.ANONYMOUS:
-            found = _Tagged(participant, Role.WITHHELD, aor)
+            found = _Tagged(participant, _Kind.WITHHELD, aor)
     if found is not None:
         return found
     if participant.aors:
-        return _Tagged(participant, Role.INTERNAL, participant.aors[0])
-    return _Tagged(participant, Role.NONE)
+        return _Tagged(participant, _Kind.INTERNAL, participant.aors[0])
+    return _Tagged(participant, _Kind.NONE)
 
 
-def _first(tagged: Sequence[_Tagged], *roles: Role) -> _Tagged | None:
-    for role in roles:
+def _first(tagged: Sequence[_Tagged], *kinds: _Kind) -> _Tagged | None:
+    for kind in kinds:
         for item in tagged:
-            if item.role is role:
+            if item.kind is kind:
                 return item
     return None
 
@@ -173,15 +176,13 @@ def _employees(tagged: Sequence[_Tagged], flags: list[Flag]) -> tuple[EmployeeTa
     if known:
         return tuple(known.values())
     flags.append(Flag.EMPLOYEE_UNKNOWN)
-    internal = _first(tagged, Role.INTERNAL)
+    internal = _first(tagged, _Kind.INTERNAL)
     return (_unknown_employee(internal.aor if internal and internal.aor else ""),)
 
 
-def _customer(chosen: _Tagged | None, rules: PartyRules, flags: list[Flag]) -> ProtectedNumber:
-    if chosen is None or chosen.aor is None:
-        flags.append(Flag.CUSTOMER_UNKNOWN)
-        return ProtectedNumber(NumberKind.UNKNOWN, NumberKind.UNKNOWN.value)
-    protected = rules.protector.protect(chosen.aor)
+def _protect(raw: str | None, rules: PartyRules, flags: list[Flag]) -> ProtectedNumber:
+    """The customer's protected number; the raw one goes no further than here."""
+    protected = rules.protector.protect(raw)
     if protected.kind is NumberKind.ANONYMOUS:
         flags.append(Flag.CUSTOMER_WITHHELD)
     elif protected.kind is not NumberKind.NUMBER:
@@ -190,7 +191,7 @@ def _customer(chosen: _Tagged | None, rules: PartyRules, flags: list[Flag]) -> P
 
 
 def _direction(tagged: Sequence[_Tagged], customer: _Tagged | None) -> Direction:
-    first = next((t for t in tagged if t.role is not Role.NONE), None)
+    first = next((t for t in tagged if t.kind is not _Kind.NONE), None)
     if first is None:
         return Direction.UNKNOWN
     return Direction.INBOUND if first is customer else Direction.OUTBOUND
@@ -210,7 +211,7 @@ def _sent_stream(
     return None
 
 
-_EMPLOYEE_SIDE = (Role.EMPLOYEE, Role.INTERNAL, Role.SERVICE, Role.CUSTOMER, Role.WITHHELD)
+_EMPLOYEE_SIDE = (_Kind.EMPLOYEE, _Kind.INTERNAL, _Kind.SERVICE, _Kind.CUSTOMER, _Kind.WITHHELD)
 
 
 def _streams(
@@ -220,7 +221,7 @@ def _streams(
     audio: Sequence[SdpMedia],
 ) -> tuple[int | None, int | None]:
     customer_stream = _sent_stream(customer, metadata, audio)
-    others = [t for role in _EMPLOYEE_SIDE for t in tagged if t.role is role and t is not customer]
+    others = [t for kind in _EMPLOYEE_SIDE for t in tagged if t.kind is kind and t is not customer]
     employee_stream = next(
         (
             index
@@ -252,10 +253,10 @@ def classify(
     """Apply the module's rules to a SIPREC call's metadata and audio m-lines."""
     tagged = [_tag(p, directory, rules) for p in metadata.participants]
     flags: list[Flag] = []
-    chosen = _first(tagged, Role.CUSTOMER, Role.WITHHELD)
-    customer = _customer(chosen, rules, flags)
+    chosen = _first(tagged, _Kind.CUSTOMER, _Kind.WITHHELD)
+    customer = _protect(chosen.aor if chosen else None, rules, flags)
     employees = _employees(tagged, flags)
-    service = _first(tagged, Role.SERVICE)
+    service = _first(tagged, _Kind.SERVICE)
     if service is None:
         flags.append(Flag.SERVICE_UNKNOWN)
     customer_stream, employee_stream = _streams(tagged, chosen, metadata, audio)
@@ -297,11 +298,7 @@ def classify_headers(
 ) -> CallParties:
     """A plain INVITE's parties from the configured headers (one mixed stream)."""
     flags: list[Flag] = []
-    protected = rules.protector.protect(customer)
-    if protected.kind is NumberKind.ANONYMOUS:
-        flags.append(Flag.CUSTOMER_WITHHELD)
-    elif protected.kind is not NumberKind.NUMBER:
-        flags.append(Flag.CUSTOMER_UNKNOWN)
+    protected = _protect(customer, rules, flags)
     person = directory.find_by_aor(employee) if employee else None
     if person is not None:
         tag = EmployeeTag.of(person, employee or "")

@@ -51,7 +51,9 @@ class Daemon:
             if found:
                 return found
             if self.process is not None and self.process.poll() is not None:
-                raise AssertionError(f"{self.name} exited {self.process.returncode}:\n{self.text()[-3000:]}")
+                raise AssertionError(
+                    f"{self.name} exited {self.process.returncode}:\n{self.text()[-3000:]}"
+                )
             time.sleep(0.1)
         raise AssertionError(f"{self.name}: no {pattern!r} in {timeout}s:\n{self.text()[-3000:]}")
 
@@ -66,23 +68,34 @@ class Daemon:
             return self.process.wait(10)
 
 
-def start_store(root: Path, port: int = 0, **store: str) -> tuple[Daemon, str]:
+def start_store(
+    root: Path, port: int = 0, env: dict[str, str] | None = None, **store: str
+) -> tuple[Daemon, str]:
     doc: dict[str, dict[str, object]] = {
         "store": {"listen": f"127.0.0.1:{port}", "data_dir": str(root / "store-data"), **store}
     }
     config = write_toml(root / "store.toml", doc)
-    daemon = Daemon("store", ["store", "--config", str(config)], root / "logs" / "store.log").start()
+    daemon = Daemon(
+        "store", ["store", "--config", str(config)], root / "logs" / "store.log", env or {}
+    ).start()
     found = daemon.wait_for(r"event=store_ready address=(\S+)")
     return daemon, found.group(1)
 
 
 def start_agent(
-    root: Path, keys: Keys, store_address: str, sip_port: int, **sections: dict[str, object]
+    root: Path,
+    keys: Keys,
+    store_address: str,
+    sip_port: int,
+    env: dict[str, str] | None = None,
+    **sections: dict[str, object],
 ) -> Daemon:
     sections.setdefault("sip", {}).update({"port": sip_port})
     _, doc = agent_config(root, keys, store_address, sip_port=sip_port, **sections)
     config = write_toml(root / "agent.toml", doc)
-    daemon = Daemon("agent", ["agent", "--config", str(config)], root / "logs" / "agent.log").start()
+    daemon = Daemon(
+        "agent", ["agent", "--config", str(config)], root / "logs" / "agent.log", env or {}
+    ).start()
     daemon.wait_for(r"event=agent_ready", timeout=60)
     return daemon
 

@@ -4,6 +4,7 @@ running in-process on port 0 (its own thread and asyncio loop)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from agent.config import (
 )
 from agent.privacy import LookupKeys, Protector, Sealer, new_lookup_key_line, new_seal_keypair
 from agent.store.server import StoreServer
+from agent.testcall.sipp import free_port
 
 DIRECTORY_TOML = """\
 [[person]]
@@ -58,21 +60,21 @@ class Keys:
         return Protector(region, LookupKeys.load(self.lookup), Sealer.load(self.seal_public))
 
 
-_KEYPAIR: tuple[bytes, bytes] | None = None
+@functools.cache
+def _keypair() -> tuple[bytes, bytes]:
+    return new_seal_keypair()
 
 
 def make_keys(directory: Path) -> Keys:
     """Key files as `callrec keys init` writes them (one RSA key per test session)."""
-    global _KEYPAIR
-    if _KEYPAIR is None:
-        _KEYPAIR = new_seal_keypair()
+    private, public = _keypair()
     directory.mkdir(parents=True, exist_ok=True)
     keys = Keys(
         directory, directory / "lookup.key", directory / "seal.pem", directory / "seal.pub.pem"
     )
     keys.lookup.write_text(new_lookup_key_line("k1"))
-    keys.seal_private.write_bytes(_KEYPAIR[0])
-    keys.seal_public.write_bytes(_KEYPAIR[1])
+    keys.seal_private.write_bytes(private)
+    keys.seal_public.write_bytes(public)
     for path in (keys.lookup, keys.seal_private):
         os.chmod(path, 0o600)
     return keys
@@ -86,7 +88,13 @@ def agent_config(
         directory.write_text(DIRECTORY_TOML)
     doc: dict[str, dict[str, object]] = {
         "agent": {"site": "hel-1", "data_dir": str(root / "agent-data")},
-        "sip": {"listen": "127.0.0.1", "port": sip_port, "rtp_timeout": "10s"},
+        "sip": {
+            "listen": "127.0.0.1",
+            "port": sip_port,
+            "rtp_port_start": free_port(40),
+            "rtp_port_count": 40,
+            "rtp_timeout": "10s",
+        },
         "privacy": {
             "lookup_key_file": str(keys.lookup),
             "seal_public_key_file": str(keys.seal_public),

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-REPO = Path(__file__).resolve().parents[2]
 RFC7865_NS = "urn:ietf:params:xml:ns:recording:1"
 BOUNDARY = "callrec-boundary-7865"
 MALFORMED_METADATA = (
@@ -188,7 +187,7 @@ def _invite(content_type: str, body: str, extra_headers: Sequence[str] = ()) -> 
 
 
 def _rtp_command(specs: Sequence[str], via: tuple[str, int] | None, pidfile: Path | None) -> str:
-    args = [sys.executable, "-m", "tests.support.rtp"]
+    args = [sys.executable, "-m", "agent.testcall.rtp"]
     for spec in specs:
         args += ["--to", spec]
     if via is not None:
@@ -362,7 +361,7 @@ def run_sipp(
         *(["-r", str(rate)] if rate else []),
         *extra_args,
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     started = time.monotonic()
     proc = subprocess.run(
         args,

@@ -8,7 +8,7 @@ Three ways to use it:
 - as a command that sends and exits when its files are done (what a SIPp scenario
   launches with ``<exec command=…>`` once it has the ports from the 200's SDP)::
 
-      python -m tests.support.rtp --to 127.0.0.1:40000=customer.wav \\
+      python -m agent.testcall.rtp --to 127.0.0.1:40000=customer.wav \\
                                   --to 127.0.0.1:40002=employee.wav,src=41000
 
 - as one long-lived server for many calls (``serve --control 127.0.0.1:PORT``, or
@@ -209,7 +209,7 @@ def _address(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.support.rtp")
+    parser = argparse.ArgumentParser(prog="python -m agent.testcall.rtp")
     parser.add_argument("command", nargs="?", choices=("send", "serve"), default="send")
     parser.add_argument("--to", action="append", default=[], type=StreamSpec.parse)
     parser.add_argument("--codec", choices=sorted(CODECS), default="pcma")

@@ -1,0 +1,16 @@
+"""A real SIPREC test call, for the demo and for an operator checking an install:
+SIPp as the recording client, one process sending the RTP, espeak-ng speech.
+Needs the `sip-tester`, `espeak-ng` and `sox` packages."""
+
+from agent.testcall.sipp import SippResult, SiprecCall, free_port, run_sipp, siprec_scenario
+from agent.testcall.speech import Speech, make_speech
+
+__all__ = [
+    "SippResult",
+    "SiprecCall",
+    "Speech",
+    "free_port",
+    "make_speech",
+    "run_sipp",
+    "siprec_scenario",
+]

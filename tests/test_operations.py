@@ -1,0 +1,136 @@
+"""How the daemons behave under a service manager: sd_notify order, graceful stop."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.testcall import SiprecCall, free_port, make_speech, run_sipp, siprec_scenario
+from agent.store.catalog import Catalog
+from tests.support.daemons import start_agent, start_store
+from tests.support.stack import Keys
+
+
+class NotifySocket:
+    """A fake service manager: collects the datagrams sent to $NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def states(self) -> list[str]:
+        return [m for _, m in self.messages]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    sock = NotifySocket(tmp_path / "notify.sock")
+    yield sock
+    sock.close()
+
+
+def _env(notify: NotifySocket) -> dict[str, str]:
+    return {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"}
+
+
+def _assert_lifecycle(states: list[str]) -> None:
+    assert states, "nothing was sent to NOTIFY_SOCKET"
+    assert states[0] == "READY=1", states
+    assert states[-1] == "STOPPING=1", states
+    assert states.count("READY=1") == 1 and states.count("STOPPING=1") == 1
+    assert states.count("WATCHDOG=1") >= 2, states
+    assert set(states) <= {"READY=1", "WATCHDOG=1", "STOPPING=1"}, states
+
+
+def test_store_notifies_ready_watchdog_stopping(tmp_path: Path, notify: NotifySocket) -> None:
+    store, _ = start_store(tmp_path, env=_env(notify))
+    try:
+        time.sleep(2.5)
+    finally:
+        assert store.stop() == 0
+    _assert_lifecycle(notify.states())
+
+
+@pytest.mark.sip
+def test_agent_notifies_only_after_workers_and_store_link_are_up(
+    tmp_path: Path, keys: Keys, notify: NotifySocket
+) -> None:
+    store, address = start_store(tmp_path)
+    try:
+        agent = start_agent(tmp_path, keys, address, free_port(), env=_env(notify))
+        ready_at = notify.messages[0][0]
+        # READY came after the worker reported its SIP transport up.
+        assert "event=worker_ready" in agent.text().split("event=agent_ready")[0]
+        time.sleep(2.5)
+        assert agent.stop() == 0
+    finally:
+        store.stop()
+    _assert_lifecycle(notify.states())
+    assert ready_at <= notify.messages[1][0]
+
+
+@pytest.mark.sip
+@pytest.mark.slow
+def test_sigterm_during_three_calls_records_them_all(tmp_path: Path, keys: Keys) -> None:
+    speech = make_speech(tmp_path / "speech")
+    store, address = start_store(tmp_path)
+    sip_port = free_port()
+    try:
+        agent = start_agent(tmp_path, keys, address, sip_port)
+        results: dict[int, object] = {}
+
+        def call(n: int, call_ms: int) -> None:
+            spec = SiprecCall(
+                speech.customer, speech.employee, call_ms=call_ms,
+                service="sip:01005577@pbx.example",
+            )
+            results[n] = run_sipp(
+                siprec_scenario(spec), ("127.0.0.1", sip_port), tmp_path / f"pbx{n}", timeout_s=30
+            )
+
+        calls = [threading.Thread(target=call, args=(n, 7000)) for n in range(3)]
+        for t in calls:
+            t.start()
+        agent.wait_for(r"(event=call_answered.*\n.*){3}", timeout=10)
+        assert agent.process is not None
+        agent.process.terminate()
+        agent.wait_for(r"event=agent_stopping", timeout=5)
+        late = SiprecCall(speech.customer, speech.employee, call_ms=1000)
+        refused = run_sipp(siprec_scenario(late), ("127.0.0.1", sip_port), tmp_path / "late", timeout_s=10)
+        assert not refused.ok, "a call after SIGTERM must not be recorded"
+        for t in calls:
+            t.join(40)
+        assert agent.process.wait(60) == 0
+        rows = Catalog(f"sqlite:///{tmp_path / 'store-data' / 'catalog.sqlite3'}").list()
+    finally:
+        store.stop()
+    assert all(r.ok for r in results.values()), results  # type: ignore[attr-defined]
+    assert len(rows) == 3
+    for row in rows:
+        assert "incomplete" not in row.flags
+        assert abs(row.duration_ms - 7000) < 800
+    assert "event=agent_stopped outbox_left=0" in agent.text()
