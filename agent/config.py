@@ -134,6 +134,11 @@ class StoreConfig:
     s3: S3Config | None = None
     keys: KeysConfig = field(default_factory=KeysConfig)
     log_level: str = "info"
+    # The Access service (issue 8): the people who may use it (None: service off), the
+    # lookup keys that find a data subject's calls, and seal.pem for the sealed digits.
+    directory_file: Path | None = None
+    lookup_key_file: Path | None = None
+    seal_key_file: Path | None = None
 
     @property
     def blobs_dir(self) -> Path:
@@ -378,6 +383,9 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         s3=_s3_config(sub["s3"], allowed) if blobs == "s3" else None,
         keys=_keys_config(sub["keys"]),
         log_level=s["log"].text("level", "info", choices=LOG_LEVELS),
+        directory_file=_optional_path(st, "directory_file"),
+        lookup_key_file=_optional_path(st, "lookup_key_file"),
+        seal_key_file=_optional_path(st, "seal_key_file"),
     )
     if not cfg.catalog_url.startswith(("sqlite:///", "postgresql")):
         raise st._fail(
@@ -386,6 +394,10 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
     for section in (*s.values(), *sub.values()):
         section.check_unknown()
     return cfg
+
+
+def _optional_path(section: _Section, key: str) -> Path | None:
+    return section.path(key) if key in section.table else None
 
 
 def _subsection(parent: _Section, name: str, base: Path) -> _Section:

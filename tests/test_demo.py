@@ -19,7 +19,11 @@ def test_demo_places_a_call_and_shows_it_stored(tmp_path: Path) -> None:
     demo = tmp_path / "demo"
     done = subprocess.run(
         [sys.executable, "-m", "agent.cli", "demo", "--dir", str(demo), "--seconds", "3"],
-        cwd=REPO, capture_output=True, text=True, timeout=240, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]

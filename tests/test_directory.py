@@ -1,11 +1,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from agent.directory import Directory, DirectoryError, LiveDirectory, Role, aor_keys
+from agent.directory import (
+    Directory,
+    DirectoryError,
+    DirectoryWatcher,
+    LiveDirectory,
+    Role,
+    aor_keys,
+)
 from tests.support.stack import DIRECTORY_TOML
 
 
@@ -61,3 +70,34 @@ def test_bad_reload_keeps_previous(tmp_path: Path, caplog: pytest.LogCaptureFixt
     assert not live.reload()
     assert live.current.people["e1001"].name == "Aino Laine"
     assert "event=directory_reload_failed" in caplog.text
+
+
+def test_watcher_reloads_on_edit_and_keeps_old_on_broken_edit(tmp_path: Path) -> None:
+    path = tmp_path / "people.toml"
+    path.write_text(DIRECTORY_TOML)
+    live = LiveDirectory(path)
+    watcher = DirectoryWatcher(live, debounce_s=0.1)
+    watcher.start()
+    try:
+        # An editor's save: write a new file and rename it over the old one.
+        tmp = tmp_path / ".people.toml.swp"
+        tmp.write_text(DIRECTORY_TOML.replace("Aino Virtanen", "Aino Laine"))
+        tmp.replace(path)
+        assert _eventually(lambda: live.current.people["e1001"].name == "Aino Laine")
+        path.write_text("[[person]\n")  # broken in place
+        time.sleep(1.0)
+        assert live.current.people["e1001"].name == "Aino Laine"
+        path.write_text(DIRECTORY_TOML)
+        assert _eventually(lambda: live.current.people["e1001"].name == "Aino Virtanen")
+    finally:
+        watcher.stop()
+        watcher.join(5)
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main as callrec
+from agent.privacy import LookupKeys, normalise
 from agent.recorder.sip import call_ref
 from agent.store.catalog import Catalog, RecordingRow
 from agent.testcall.sipp import SippResult, SiprecCall, free_port, run_sipp, siprec_scenario
@@ -190,6 +191,39 @@ def test_malformed_metadata_still_records(stack: Stack) -> None:
     assert f"event=metadata_invalid recording_id={row.recording_id}" in stack.agent.text()
 
 
+# (number as the PBX sends it, E.164) — one call each, every format the issue lists.
+FORMATS = [
+    ("tel:+358-50-765-4321", "+358507654321"),
+    ("sips:0457778889@sbc.example", "+358457778889"),
+    ('"Matti Meikäläinen" <sip:00358409998887@sbc.example;user=phone>', "+358409998887"),
+    ("sip:%2B358442223334@pbx.example", "+358442223334"),
+    ("sip:+46 8 123 456 78@pbx.example".replace(" ", ""), "+46812345678"),
+]
+
+
+def _forms(e164: str) -> list[str]:
+    """How a number could be written down: E.164, digits, URL-encoded, national
+    (Finnish numbers), spaced, and the subscriber part alone."""
+    forms = [e164, e164[1:], urllib.parse.quote(e164), "00" + e164[1:], e164[-9:]]
+    if e164.startswith("+358"):
+        national = "0" + e164[4:]
+        forms += [national, f"{national[:3]} {national[3:6]} {national[6:]}"]
+    return forms
+
+
+def test_many_number_formats_mask_and_digest_alike(stack: Stack) -> None:
+    keys = LookupKeys.load(stack.keys.lookup)
+    for n, (sent, e164) in enumerate(FORMATS):
+        row = stack.stored(stack.call(f"format-{n}", customer=sent))
+        assert row.customer_masked == e164[:-3] + "***", sent
+        # A data-subject request gives the number in any format: the digest matches.
+        givens = [f for f in _forms(e164) if f.startswith(("+", "00", "0"))]
+        for given in givens:
+            normalised = normalise(given, "FI").e164
+            assert normalised == e164
+            assert keys.digest(normalised, row.customer_digest_key_id) == row.customer_digest
+
+
 def test_full_number_is_nowhere(stack: Stack) -> None:
     """Runs last in this module: every byte the agent and the store wrote (data
     directories, SQLite, blobs, both daemons' logs incl. pjsip's) is searched."""
@@ -199,7 +233,7 @@ def test_full_number_is_nowhere(stack: Stack) -> None:
             if path.is_file() and not path.is_socket():
                 data = path.read_bytes()
                 scanned += 1
-                for form in LEAK_FORMS:
+                for form in LEAK_FORMS + [f for _, e164 in FORMATS for f in _forms(e164)]:
                     assert form.encode() not in data, f"{form!r} found in {path}"
     assert scanned >= 5
     assert "+358401234***" in stack.agent.text()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.testcall import SiprecCall, free_port, make_speech, run_sipp, siprec_scenario
 from agent.store.catalog import Catalog
+from agent.testcall import SiprecCall, free_port, make_speech, run_sipp, siprec_scenario
 from tests.support.daemons import start_agent, start_store
 from tests.support.stack import Keys
 
@@ -105,7 +105,9 @@ def test_sigterm_during_three_calls_records_them_all(tmp_path: Path, keys: Keys)
 
         def call(n: int, call_ms: int) -> None:
             spec = SiprecCall(
-                speech.customer, speech.employee, call_ms=call_ms,
+                speech.customer,
+                speech.employee,
+                call_ms=call_ms,
                 service="sip:01005577@pbx.example",
             )
             results[n] = run_sipp(
@@ -120,7 +122,9 @@ def test_sigterm_during_three_calls_records_them_all(tmp_path: Path, keys: Keys)
         agent.process.terminate()
         agent.wait_for(r"event=agent_stopping", timeout=5)
         late = SiprecCall(speech.customer, speech.employee, call_ms=1000)
-        refused = run_sipp(siprec_scenario(late), ("127.0.0.1", sip_port), tmp_path / "late", timeout_s=10)
+        refused = run_sipp(
+            siprec_scenario(late), ("127.0.0.1", sip_port), tmp_path / "late", timeout_s=10
+        )
         assert not refused.ok, "a call after SIGTERM must not be recorded"
         for t in calls:
             t.join(40)

@@ -1,16 +1,44 @@
-"""The audit log: an append-only table of what was done to which recording, by whom
-and why. Rows are only ever inserted (the hash chain of issue 8 builds on this).
+"""The audit log: an append-only, hash-chained table of what was done to which
+recording, by whom, why (purpose and reason) and with what outcome.
+
+Chain format (version 1). Every entry has a gapless sequence number ``seq`` (1, 2, …)
+and stores ``prev_hash`` (the previous entry's ``entry_hash``; 64 zeros for the first)
+and ``entry_hash = sha256(canonical)``, where ``canonical`` is the UTF-8 JSON object
+(keys sorted, no spaces)::
+
+    {"action", "actor", "at_ms", "detail", "outcome", "prev", "purpose", "reason",
+     "recording_id", "seq", "v": 1}
+
+The one-row table ``audit_head`` holds the newest ``seq`` and ``entry_hash``; ``append``
+updates it first, which serialises appenders on both engines (SQLite: the write lock;
+PostgreSQL: the row lock) and lets ``verify`` notice entries removed from the end.
+Editing an entry breaks its hash, removing one leaves a gap in ``seq``, reordering
+breaks ``prev_hash``. The database also refuses UPDATE/DELETE on ``audit_events``
+(triggers made by migration 0003), so tampering needs the owner's rights, and
+``callrec audit verify`` still names the first bad entry. The head hash it prints can
+be written down elsewhere (a ticket, a notary) to pin the whole history.
 
 ``append`` takes the caller's connection, so an event commits or rolls back together
 with the change it describes (the sweeper deletes a row and records it in one
-transaction, which is why each destruction is audited exactly once).
+transaction, which is why each destruction is audited exactly once). Entries hold no
+customer data: ids of recordings and employees, purposes, outcomes, counts.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
 import sqlalchemy as sa
 
-from agent.store.catalog import metadata, now_ms
+from agent.store import tokens as _tokens  # noqa: F401  (access_tokens joins the metadata)
+from agent.store.catalog import Catalog, metadata, now_ms
+
+GENESIS = "0" * 64
+CHAIN_VERSION = 1
 
 audit_events = sa.Table(
     "audit_events",
@@ -27,9 +55,90 @@ audit_events = sa.Table(
     sa.Column("recording_id", sa.String(32), nullable=True),
     sa.Column("reason", sa.String(200), nullable=False),
     sa.Column("outcome", sa.String(32), nullable=False),
+    sa.Column("purpose", sa.String(16), nullable=False, server_default=""),
+    sa.Column("detail", sa.String(400), nullable=False, server_default=""),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("prev_hash", sa.String(64), nullable=False),
+    sa.Column("entry_hash", sa.String(64), nullable=False),
     sa.Index("ix_audit_events_recording", "recording_id"),
     sa.Index("ix_audit_events_at", "at_ms"),
+    sa.Index("ix_audit_events_seq", "seq", unique=True),
 )
+
+audit_head = sa.Table(
+    "audit_head",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("last_hash", sa.String(64), nullable=False),
+)
+
+
+class AuditError(RuntimeError):
+    """The audit log cannot be written (no chain head: the schema is not migrated)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    actor: str
+    action: str
+    recording_id: str | None
+    reason: str
+    outcome: str
+    purpose: str = ""
+    detail: str = ""
+
+
+def canonical(values: dict[str, Any]) -> bytes:
+    """The bytes an entry's hash covers (see the module docstring)."""
+    content = {
+        "v": CHAIN_VERSION,
+        "seq": int(values["seq"]),
+        "at_ms": int(values["at_ms"]),
+        "actor": values["actor"],
+        "action": values["action"],
+        "recording_id": values["recording_id"],
+        "purpose": values["purpose"],
+        "reason": values["reason"],
+        "outcome": values["outcome"],
+        "detail": values["detail"],
+        "prev": values["prev_hash"],
+    }
+    return json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+
+
+def entry_hash(values: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical(values)).hexdigest()
+
+
+def append_event(conn: sa.Connection, event: Event, at_ms: int | None = None) -> int:
+    """Add one event inside the caller's transaction; returns its ``seq``."""
+    head = conn.execute(
+        sa.update(audit_head)
+        .where(audit_head.c.id == 1)
+        .values(seq=audit_head.c.seq + 1)
+        .returning(audit_head.c.seq, audit_head.c.last_hash)
+    ).first()
+    if head is None:
+        raise AuditError("audit chain head missing: the catalog is not migrated")
+    values: dict[str, Any] = {
+        "seq": head.seq,
+        "at_ms": now_ms() if at_ms is None else at_ms,
+        "actor": event.actor[:200],
+        "action": event.action[:32],
+        "recording_id": event.recording_id,
+        "purpose": event.purpose[:16],
+        "reason": event.reason[:200],
+        "outcome": event.outcome[:32],
+        "detail": event.detail[:400],
+        "prev_hash": head.last_hash,
+    }
+    values["entry_hash"] = entry_hash(values)
+    conn.execute(sa.insert(audit_events).values(**values))
+    conn.execute(
+        sa.update(audit_head).where(audit_head.c.id == 1).values(last_hash=values["entry_hash"])
+    )
+    return int(head.seq)
 
 
 def append(
@@ -40,24 +149,99 @@ def append(
     reason: str,
     outcome: str,
     at_ms: int | None = None,
-) -> None:
-    """Add one event inside the caller's transaction."""
-    conn.execute(
-        sa.insert(audit_events).values(
-            at_ms=now_ms() if at_ms is None else at_ms,
-            actor=actor,
-            action=action,
-            recording_id=recording_id,
-            reason=reason,
-            outcome=outcome,
-        )
-    )
+    purpose: str = "",
+    detail: str = "",
+) -> int:
+    """Add one event inside the caller's transaction (positional form of the sweeper)."""
+    event = Event(actor, action, recording_id, reason, outcome, purpose, detail)
+    return append_event(conn, event, at_ms)
 
 
 def events_for(conn: sa.Connection, recording_id: str) -> list[sa.Row[tuple[object, ...]]]:
     query = (
         sa.select(audit_events)
         .where(audit_events.c.recording_id == recording_id)
-        .order_by(audit_events.c.event_id)
+        .order_by(audit_events.c.seq)
     )
     return list(conn.execute(query))
+
+
+# ---------------------------------------------------------------- verification
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    entries: int
+    head_hash: str
+    problem: str = ""  # names the first bad entry
+    bad_seq: int | None = None
+
+
+def _rows(catalog: Catalog, batch: int = 2000) -> Iterator[dict[str, Any]]:
+    after = 0
+    while True:
+        query = (
+            sa.select(audit_events)
+            .where(audit_events.c.seq > after)
+            .order_by(audit_events.c.seq)
+            .limit(batch)
+        )
+        with catalog.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        yield from rows
+        if len(rows) < batch:
+            return
+        after = int(rows[-1]["seq"])
+
+
+def _check_entry(row: dict[str, Any], expected_seq: int, prev: str) -> str:
+    """What is wrong with this entry, or ''."""
+    seq, where = int(row["seq"]), f"entry seq={row['seq']} (event_id={row['event_id']})"
+    if seq != expected_seq:
+        return (
+            f"entry seq={expected_seq} is missing (removed); the log jumps to {where}"
+            if seq > expected_seq
+            else f"{where}: duplicate or out of order"
+        )
+    if row["prev_hash"] != prev:
+        return (
+            f"{where}: does not follow entry seq={seq - 1} "
+            "(an entry was removed, reordered, or its predecessor rewritten)"
+        )
+    if entry_hash(row) != row["entry_hash"]:
+        return f"{where}: its content was changed after it was written"
+    return ""
+
+
+def _read_head(catalog: Catalog) -> tuple[int, str] | None:
+    with catalog.engine.connect() as conn:
+        found = conn.execute(
+            sa.select(audit_head.c.seq, audit_head.c.last_hash).where(audit_head.c.id == 1)
+        ).first()
+    return None if found is None else (int(found.seq), str(found.last_hash))
+
+
+def verify(catalog: Catalog) -> Verdict:
+    """Walk the chain from the first entry; the verdict names the first bad one."""
+    head = _read_head(catalog)
+    expected, prev = 1, GENESIS
+    for row in _rows(catalog):
+        problem = _check_entry(row, expected, prev)
+        if problem:
+            return Verdict(False, expected - 1, prev, problem, expected)
+        expected, prev = expected + 1, str(row["entry_hash"])
+    count = expected - 1
+    if head is None:
+        return Verdict(False, count, prev, "the chain head (audit_head) is missing", count + 1)
+    if head != (count, prev):
+        return Verdict(
+            False,
+            count,
+            prev,
+            f"the log ends at entry seq={count} but its head records seq={head[0]}: "
+            f"entries seq={count + 1}..{head[0]} were removed from the end, "
+            "or the head was changed",
+            count + 1,
+        )
+    return Verdict(True, count, prev)
