@@ -32,6 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.config import ConfigError
+
 SITE_URI_PREFIX = "callrec:site:"
 _SITE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _SKEW = dt.timedelta(minutes=5)
@@ -39,7 +41,7 @@ CA_DAYS = 3650
 LEAF_DAYS = 825
 
 
-class CertError(ValueError):
+class CertError(ConfigError):
     """A certificate or key that cannot be made or used; the message names the file."""
 
 

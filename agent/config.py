@@ -31,8 +31,16 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message names the key."""
 
 
+WORKER_MAX_CALLS = 4  # PJSUA_MAX_CALLS of the pjsua2 wheel: a fifth INVITE gets 486
+
+
 @dataclass(frozen=True)
 class SipConfig:
+    """``[sip]``. The public SIP address is ``listen:port``: the Kamailio front's when
+    ``front`` is on (workers then listen on ``worker_listen:worker_port + i``), else
+    worker ``i``'s own (``port + i``). Workers always bind RTP on ``listen`` (media
+    bypasses the front), worker ``i`` on ``rtp_port_start + i * rtp_port_count``."""
+
     listen: str = "127.0.0.1"
     port: int = 5070
     rtp_port_start: int = 40000
@@ -40,10 +48,29 @@ class SipConfig:
     workers: int = 1
     rtp_timeout_s: float = 30.0
     max_call_s: float = 4 * 3600.0
+    drain_s: float = 60.0  # at shutdown, calls in progress may run this long, then BYE
     # For plain (non-SIPREC) INVITEs of a forking PBX: headers naming the parties.
     customer_header: str = "X-Callrec-Customer"
     employee_header: str = "X-Callrec-Employee"
     service_header: str = "X-Callrec-Service"
+    direction_header: str = "X-Callrec-Direction"
+    # The SIP front (Kamailio dispatcher, agent.recorder.front).
+    front: bool = False
+    run_front: bool = False  # the agent runs Kamailio itself (tests, development)
+    worker_listen: str = "127.0.0.1"
+    worker_port: int = 5071
+    kamailio: Path = Path("/usr/sbin/kamailio")
+    probe_interval_s: float = 2.0
+
+    def worker_sip(self, index: int) -> tuple[str, int]:
+        """The SIP address worker ``index`` listens on."""
+        if self.front:
+            return self.worker_listen, self.worker_port + index
+        return self.listen, self.port + index
+
+    def worker_rtp(self, index: int) -> tuple[int, int]:
+        """(first port, count) of worker ``index``'s RTP range on ``listen``."""
+        return self.rtp_port_start + index * self.rtp_port_count, self.rtp_port_count
 
 
 @dataclass(frozen=True)
@@ -60,12 +87,40 @@ class AudioConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """Mutual TLS between agent and store: our CA, this end's certificate and key."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
+@dataclass(frozen=True)
 class UplinkConfig:
     store_address: str = "127.0.0.1:50051"
     chunk_bytes: int = 128 * 1024
     concurrency: int = 2
     rescan_s: float = 30.0
     grace_s: float = 10.0
+    backoff_max_s: float = 30.0
+    # Mutual TLS (the default); plain text only with insecure = true on loopback.
+    tls: TlsConfig | None = None
+    insecure: bool = False
+    # Backpressure: past either limit the agent warns every check (and keeps recording).
+    outbox_warn_bytes: int = 2 * 1024**3
+    outbox_warn_age_s: float = 3600.0
+    outbox_check_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    """Pick up recordings the PBX made itself (``[spool]``; see agent.recorder.spool)."""
+
+    dir: Path
+    owned: bool = False  # delete the PBX's files once the recording is in the outbox
+    settle_s: float = 2.0  # a file unwritten this long (and closed) is complete
+    orphan_timeout_s: float = 600.0  # a sidecar without its audio (or audio without one)
+    rescan_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +134,8 @@ class AgentConfig:
     audio: AudioConfig = field(default_factory=AudioConfig)
     uplink: UplinkConfig = field(default_factory=UplinkConfig)
     log_level: str = "info"
+    spool: SpoolConfig | None = None  # no [spool] section: no spool pickup
+    metrics_listen: str | None = None  # "127.0.0.1:9464": Prometheus /metrics
 
     @property
     def captures_dir(self) -> Path:
@@ -134,6 +191,8 @@ class StoreConfig:
     s3: S3Config | None = None
     keys: KeysConfig = field(default_factory=KeysConfig)
     log_level: str = "info"
+    tls: TlsConfig | None = None  # [store.tls]: mutual TLS for agents (the default)
+    insecure: bool = False  # [store.tls] insecure = true: plain text, loopback only
     # The Access service (issue 8): the people who may use it (None: service off), the
     # lookup keys that find a data subject's calls, and seal.pem for the sealed digits.
     directory_file: Path | None = None
@@ -207,6 +266,12 @@ class _Section:
             raise self._fail(key, value, "a file or directory path")
         path = Path(value).expanduser()
         return path if path.is_absolute() else self.base / path
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key, default)
+        if not isinstance(value, bool):
+            raise self._fail(key, value, "true or false")
+        return value
 
     def strings(self, key: str, default: object) -> tuple[str, ...]:
         value = self._get(key, default)
@@ -291,28 +356,15 @@ def load_agent_config(path: Path) -> AgentConfig:
 
 def agent_config_from_dict(doc: Mapping[str, Any], base: Path) -> AgentConfig:
     s = _sections(
-        doc, ("agent", "sip", "privacy", "audio", "uplink", "directory", "calls", "log"), base
+        doc,
+        ("agent", "sip", "privacy", "audio", "uplink", "directory", "calls", "log", "spool"),
+        base,
     )
     a, sip, pr, au, up = s["agent"], s["sip"], s["privacy"], s["audio"], s["uplink"]
     site = a.text("site", _REQUIRED)
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", site):
         raise a._fail("site", site, "lower-case letters, digits and '-' (e.g. \"hel-1\")")
-    sip_cfg = SipConfig(
-        listen=sip.text("listen", "127.0.0.1"),
-        port=sip.integer("port", 5070, 1, 65535),
-        rtp_port_start=sip.integer("rtp_port_start", 40000, 1024, 65000),
-        rtp_port_count=sip.integer("rtp_port_count", 200, 8, 20000),
-        workers=sip.integer("workers", 1, 1, 256),
-        rtp_timeout_s=sip.seconds("rtp_timeout", "30s"),
-        max_call_s=sip.seconds("max_call", "4h"),
-        customer_header=sip.text("customer_header", SipConfig.customer_header),
-        employee_header=sip.text("employee_header", SipConfig.employee_header),
-        service_header=sip.text("service_header", SipConfig.service_header),
-    )
-    try:
-        ipaddress.ip_address(sip_cfg.listen)
-    except ValueError:
-        raise sip._fail("listen", sip_cfg.listen, "an IP address") from None
+    sip_cfg = _sip_config(sip)
     cfg = AgentConfig(
         site=site,
         data_dir=a.path("data_dir", _REQUIRED),
@@ -328,19 +380,84 @@ def agent_config_from_dict(doc: Mapping[str, Any], base: Path) -> AgentConfig:
             format=au.text("format", "opus", choices=AUDIO_FORMATS),
             bitrate=au.text("bitrate", "24k"),
         ),
-        uplink=UplinkConfig(
-            store_address=up.text("store_address", "127.0.0.1:50051"),
-            chunk_bytes=up.integer("chunk_bytes", 128 * 1024, 64 * 1024, 256 * 1024),
-            concurrency=up.integer("concurrency", 2, 1, 32),
-            rescan_s=up.seconds("rescan", "30s"),
-            grace_s=up.seconds("grace", "10s"),
-        ),
+        uplink=_uplink_config(up),
         log_level=s["log"].text("level", "info", choices=LOG_LEVELS),
+        spool=_spool_config(s["spool"]) if "spool" in doc else None,
+        metrics_listen=_listen(a, "metrics", "") if "metrics" in a.table else None,
     )
     if not re.fullmatch(r"\d+k", cfg.audio.bitrate):
         raise au._fail("bitrate", cfg.audio.bitrate, 'a bitrate such as "24k"')
     for section in s.values():
         section.check_unknown()
+    return cfg
+
+
+def _sip_config(sip: _Section) -> SipConfig:
+    port = sip.integer("port", 5070, 1, 65535)
+    cfg = SipConfig(
+        listen=_ip(sip, "listen", "127.0.0.1"),
+        port=port,
+        rtp_port_start=sip.integer("rtp_port_start", 40000, 1024, 65000),
+        rtp_port_count=sip.integer("rtp_port_count", 200, 8, 20000),
+        workers=sip.integer("workers", 1, 1, 256),
+        rtp_timeout_s=sip.seconds("rtp_timeout", "30s"),
+        max_call_s=sip.seconds("max_call", "4h"),
+        drain_s=sip.seconds("drain", "60s"),
+        customer_header=sip.text("customer_header", SipConfig.customer_header),
+        employee_header=sip.text("employee_header", SipConfig.employee_header),
+        service_header=sip.text("service_header", SipConfig.service_header),
+        direction_header=sip.text("direction_header", SipConfig.direction_header),
+        front=sip.boolean("front", False),
+        run_front=sip.boolean("run_front", False),
+        worker_listen=_ip(sip, "worker_listen", "127.0.0.1"),
+        worker_port=sip.integer("worker_port", min(port + 1, 65535), 1, 65535),
+        kamailio=sip.path("kamailio", "/usr/sbin/kamailio"),
+        probe_interval_s=sip.seconds("probe_interval", "2s"),
+    )
+    _check_sip_ports(sip, cfg)
+    return cfg
+
+
+def _ip(section: _Section, key: str, default: str) -> str:
+    value = section.text(key, default)
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise section._fail(key, value, "an IP address") from None
+    return value
+
+
+def _check_sip_ports(sip: _Section, cfg: SipConfig) -> None:
+    """Worker SIP ports and RTP ranges fit below 65536 and clash with nothing."""
+    address = cfg.worker_sip(0)[0]
+    last = cfg.worker_sip(cfg.workers - 1)[1]
+    if last > 65535:
+        key = "worker_port" if cfg.front else "port"
+        raise sip._fail(key, last - cfg.workers + 1, f"room for {cfg.workers} worker ports")
+    if cfg.front and address == cfg.listen and cfg.worker_port <= cfg.port <= last:
+        raise sip._fail("worker_port", cfg.worker_port, f"ports that exclude port {cfg.port}")
+    rtp_end = cfg.worker_rtp(cfg.workers - 1)[0] + cfg.rtp_port_count - 1
+    if rtp_end > 65535:
+        raise sip._fail(
+            "rtp_port_start", cfg.rtp_port_start, f"room for {cfg.workers} RTP ranges below 65536"
+        )
+    sip_ports = range(cfg.worker_sip(0)[1], last + 1)
+    if cfg.rtp_port_start <= max(sip_ports) and min(sip_ports) <= rtp_end:
+        raise sip._fail("rtp_port_start", cfg.rtp_port_start, "RTP ranges apart from SIP ports")
+
+
+def _spool_config(sp: _Section) -> SpoolConfig:
+    cfg = SpoolConfig(
+        dir=sp.path("dir", _REQUIRED),
+        owned=sp.boolean("owned", False),
+        settle_s=sp.seconds("settle", "2s"),
+        orphan_timeout_s=sp.seconds("orphan_timeout", "10m"),
+        rescan_s=sp.seconds("rescan", "30s"),
+    )
+    if cfg.orphan_timeout_s <= cfg.settle_s:
+        raise sp._fail(
+            "orphan_timeout", sp.table.get("orphan_timeout"), "a duration longer than settle"
+        )
     return cfg
 
 
@@ -366,7 +483,7 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
     if not region_allowed(region, allowed):
         raise st._fail("region", region, "a region in allowed_regions (EU/EEA by default)")
     blobs = st.text("blobs", "files", choices=("files", "s3"))
-    sub = {name: _subsection(st, name, base) for name in ("s3", "keys")}
+    sub = {name: _subsection(st, name, base) for name in ("s3", "keys", "tls")}
     if blobs != "s3" and sub["s3"].table:
         raise st._fail("blobs", blobs, '"s3" when a [store.s3] table is given')
     cfg = StoreConfig(
@@ -383,6 +500,7 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         s3=_s3_config(sub["s3"], allowed) if blobs == "s3" else None,
         keys=_keys_config(sub["keys"]),
         log_level=s["log"].text("level", "info", choices=LOG_LEVELS),
+        **_transport(sub["tls"], _listen(st, "listen", "127.0.0.1:50051"), "[store] listen"),
         directory_file=_optional_path(st, "directory_file"),
         lookup_key_file=_optional_path(st, "lookup_key_file"),
         seal_key_file=_optional_path(st, "seal_key_file"),
@@ -394,6 +512,88 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
     for section in (*s.values(), *sub.values()):
         section.check_unknown()
     return cfg
+
+
+def _uplink_config(up: _Section) -> UplinkConfig:
+    address = up.text("store_address", "127.0.0.1:50051")
+    return UplinkConfig(
+        store_address=address,
+        chunk_bytes=up.integer("chunk_bytes", 128 * 1024, 64 * 1024, 256 * 1024),
+        concurrency=up.integer("concurrency", 2, 1, 32),
+        rescan_s=up.seconds("rescan", "30s"),
+        grace_s=up.seconds("grace", "10s"),
+        backoff_max_s=up.seconds("backoff_max", "30s"),
+        outbox_warn_bytes=_size(up, "outbox_warn_bytes", "2 GiB"),
+        outbox_warn_age_s=up.seconds("outbox_warn_age", "1h"),
+        outbox_check_s=up.seconds("outbox_check", "30s"),
+        **_transport(up, address, "store_address"),
+    )
+
+
+_TLS_KEYS = ("ca_file", "cert_file", "key_file")
+
+
+def is_loopback(address: str) -> bool:
+    """``127.0.0.1:50051``, ``[::1]:50051``, ``localhost:50051``."""
+    host = address.rpartition(":")[0].strip("[]") or address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _transport(section: _Section, address: str, address_key: str) -> dict[str, Any]:
+    """TLS files (all three or none) and ``insecure``, which only a loopback address may
+    have; whether one of the two is set is checked when the daemon starts
+    (``check_transport``)."""
+    insecure = section.boolean("insecure", False)
+    given = [key for key in _TLS_KEYS if key in section.table]
+    if given and len(given) < len(_TLS_KEYS):
+        missing = next(key for key in _TLS_KEYS if key not in given)
+        raise ConfigError(
+            f"[{section.name}] {missing}: missing; ca_file, cert_file and key_file go together"
+        )
+    tls = TlsConfig(*(section.path(key) for key in _TLS_KEYS)) if given else None
+    if insecure and tls is not None:
+        raise section._fail("insecure", insecure, "false when ca_file/cert_file/key_file are set")
+    if insecure and not is_loopback(address):
+        raise section._fail(
+            "insecure",
+            insecure,
+            f"false: plain-text gRPC is allowed only on a loopback address ({address_key} = "
+            f"{address!r}); use mutual TLS (`callrec certs`)",
+        )
+    return {"tls": tls, "insecure": insecure}
+
+
+def check_transport(cfg: UplinkConfig | StoreConfig) -> None:
+    """Refuse to start without mutual TLS unless plain text was asked for explicitly."""
+    if cfg.tls is not None or cfg.insecure:
+        return
+    section = "[uplink]" if isinstance(cfg, UplinkConfig) else "[store.tls]"
+    raise ConfigError(
+        f"{section} ca_file, cert_file, key_file: missing; agent and store talk mutual TLS "
+        "(make a CA and certificates with `callrec certs`), or set insecure = true for a "
+        "loopback-only test install"
+    )
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_SIZE_UNITS.update({"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40})
+
+
+def _size(section: _Section, key: str, default: object) -> int:
+    """A byte count: ``500000000``, ``"500 MB"`` or ``"2 GiB"``."""
+    value = section._get(key, default)
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if match and float(match.group(1)) > 0:
+        return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+    raise section._fail(key, value, 'a size such as "2 GiB", "500 MB" or a number of bytes')
 
 
 def _optional_path(section: _Section, key: str) -> Path | None:

@@ -8,6 +8,7 @@ from a bounded queue with a timeout; one bad entry is logged and the loop goes o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -69,8 +70,17 @@ class DirectoryQueue:
 
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        self._observer.schedule(_Handler(self.offer), str(self.root), recursive=False)
-        self._observer.start()
+        try:
+            self._observer.schedule(_Handler(self.offer), str(self.root), recursive=False)
+            self._observer.start()
+        except OSError as exc:  # e.g. out of inotify watches: the rescans still work
+            log.warning(
+                "event=%s_watch_unavailable path=%s error=%r fallback=rescan_every_%.0fs",
+                self.name,
+                self.root,
+                str(exc),
+                self.rescan_s,
+            )
         self.scan()
         for thread in self._threads:
             thread.start()
@@ -83,8 +93,10 @@ class DirectoryQueue:
     def join(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        self._observer.join(1.0)
+            if thread.ident is not None:  # started
+                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        if self._observer.ident is not None:
+            self._observer.join(1.0)
 
     def is_alive(self) -> bool:
         return all(t.is_alive() for t in self._threads)
@@ -104,10 +116,16 @@ class DirectoryQueue:
             # The rescan offers it again once the queue drains.
 
     def scan(self) -> int:
+        """Offer every entry, oldest first (a backlog drains in the order it came)."""
+        entries: list[tuple[float, str]] = []
         try:
-            names = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+            for path in self.root.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    if path.is_dir():
+                        entries.append((path.stat().st_mtime, path.name))
         except FileNotFoundError:
             return 0
+        names = [name for _, name in sorted(entries)]
         for entry in names:
             self.offer(entry)
         return len(names)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from agent.store.catalog import Catalog
 from agent.testcall import SiprecCall, free_port, make_speech, run_sipp, siprec_scenario
 from tests.support.daemons import start_agent, start_store
+from tests.support.services import free_tcp_port
 from tests.support.stack import Keys
 
 
@@ -138,3 +140,46 @@ def test_sigterm_during_three_calls_records_them_all(tmp_path: Path, keys: Keys)
         assert "incomplete" not in row.flags
         assert abs(row.duration_ms - 7000) < 800
     assert "event=agent_stopped outbox_left=0" in agent.text()
+
+
+def _scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+@pytest.mark.sip
+def test_metrics_count_exactly_the_calls_made(tmp_path: Path, keys: Keys) -> None:
+    speech = make_speech(tmp_path / "speech")
+    store, address = start_store(tmp_path)
+    sip_port, metrics_port = free_port(), free_tcp_port()
+    try:
+        agent = start_agent(
+            tmp_path, keys, address, sip_port, agent={"metrics": f"127.0.0.1:{metrics_port}"}
+        )
+        before = _scrape(metrics_port)
+        calls = 3
+        for n in range(calls):
+            spec = SiprecCall(
+                speech.customer, speech.employee, call_ms=1500, service="sip:01005577@pbx.example"
+            )
+            assert run_sipp(siprec_scenario(spec), ("127.0.0.1", sip_port), tmp_path / f"pbx{n}").ok
+        agent.wait_for(r"(event=recording_uploaded[^\n]*\n(.*\n)*?){3}", timeout=30)
+        after = _scrape(metrics_port)
+    finally:
+        agent.stop()
+        store.stop()
+
+    def moved(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert moved('callrec_calls_answered_total{source="siprec"}') == calls
+    assert moved('callrec_calls_ended_total{reason="bye"}') == calls
+    assert moved('callrec_recordings_finalized_total{source="siprec"}') == calls
+    assert after["callrec_calls_active"] == 0
+    assert moved('callrec_rtp_packets_received_total{party="customer"}') > calls * 50
+    assert after.get("callrec_outbox_entries", 0) == 0

@@ -19,12 +19,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import sdnotify
-from agent.config import AgentConfig
+from agent import logs, metrics, sdnotify
+from agent.config import AgentConfig, ConfigError, load_agent_config
 from agent.loops import DirectoryQueue
 from agent.privacy import LookupKeys, Sealer, check_private_file
+from agent.recorder.backpressure import OutboxMonitor
 from agent.recorder.finalize import Finalizer
 from agent.recorder.outbox import Outbox
+from agent.recorder.spool import SpoolPickup
 from agent.recorder.uplink import Uplink
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,11 @@ class AgentDaemon:
         self.config_path = config_path
         self.stop_event = threading.Event()
         self.forced = threading.Event()
+        self.hup_event = threading.Event()
+        self.spool: SpoolPickup | None = None  # [spool]: recordings the PBX made itself
         self.workers = [WorkerProcess(i) for i in range(config.sip.workers)]
+        self.metrics_dir = config.data_dir / "metrics"
+        self.metrics_port: int | None = None
         self.outbox = Outbox(config.outbox_dir)
         self.finalizer = Finalizer(config)
         self.finalize_queue = DirectoryQueue(
@@ -58,13 +64,17 @@ class AgentDaemon:
             workers=1,
             rescan_s=config.uplink.rescan_s,
         )
-        self.uplink = Uplink(config.uplink, self.outbox, config.quarantine_dir)
+        self.uplink = Uplink(config.uplink, self.outbox, config.quarantine_dir, site=config.site)
         self.upload_queue = DirectoryQueue(
             "upload",
             config.outbox_dir,
             self.uplink.handle,
             workers=config.uplink.concurrency,
             rescan_s=config.uplink.rescan_s,
+        )
+        up = config.uplink
+        self.outbox_monitor = OutboxMonitor(
+            self.outbox, up.outbox_warn_bytes, up.outbox_warn_age_s, up.outbox_check_s
         )
 
     # ------------------------------------------------------------ lifecycle
@@ -76,8 +86,17 @@ class AgentDaemon:
         Sealer.load(cfg.privacy.seal_public_key_file)
         for path in (cfg.captures_dir / "ready", cfg.outbox_dir, cfg.quarantine_dir):
             path.mkdir(parents=True, exist_ok=True)
+        if cfg.metrics_listen is not None:
+            # Workers (started below) inherit the directory and write their metrics there.
+            metrics.reset_multiprocess_dir(self.metrics_dir)
+            os.environ[metrics.MULTIPROC_ENV] = str(self.metrics_dir)
+            self.metrics_port = metrics.serve(cfg.metrics_listen, self.metrics_dir)
         self.finalize_queue.start()
         self.upload_queue.start()
+        self.outbox_monitor.start()
+        if cfg.spool is not None:
+            self.spool = SpoolPickup.from_config(cfg)
+            self.spool.start()
         for worker in self.workers:
             self._start_worker(worker, wait_ready=True)
         log.info(
@@ -95,9 +114,14 @@ class AgentDaemon:
         interval = sdnotify.watchdog_interval()
         tick = min(1.0, interval / 2) if interval else 1.0
         while not self.stop_event.wait(tick):
+            if self.hup_event.is_set():
+                self.hup_event.clear()
+                _reload(self)
             for worker in self.workers:
                 self._supervise(worker)
-            if not (self.finalize_queue.is_alive() and self.upload_queue.is_alive()):
+            loops = (self.finalize_queue, self.upload_queue, self.outbox_monitor)
+            spool_ok = self.spool is None or self.spool.is_alive()
+            if not (spool_ok and all(loop.is_alive() for loop in loops)):
                 log.error("event=agent_loop_died action=shutdown")
                 raise SystemExit(1)
             sdnotify.watchdog()
@@ -111,6 +135,9 @@ class AgentDaemon:
         deadline = time.monotonic() + WORKER_STOP_TIMEOUT_S
         for worker in self.workers:
             self._reap(worker, deadline)
+        if self.spool is not None:  # finish the file in hand; finalize drains what it made
+            self.spool.stop()
+            self.spool.join(30.0)
         self.finalize_queue.scan()
         self.finalize_queue.wait_idle(timeout=60.0)
         self.finalize_queue.stop()
@@ -119,8 +146,10 @@ class AgentDaemon:
             self.upload_queue.wait_idle(timeout=self.config.uplink.grace_s)
         self.uplink.stop_event.set()
         self.upload_queue.stop()
+        self.outbox_monitor.stop()
         self.finalize_queue.join(5.0)
         self.upload_queue.join(5.0)
+        self.outbox_monitor.join(5.0)
         self.uplink.close()
         left = self.outbox.entries()
         log.info("event=agent_stopped outbox_left=%d", len(left))
@@ -224,7 +253,7 @@ def run_agent(config: AgentConfig, config_path: Path) -> int:
     daemon = AgentDaemon(config, config_path)
     signal.signal(signal.SIGTERM, lambda *_: daemon.request_stop())
     signal.signal(signal.SIGINT, lambda *_: daemon.request_stop())
-    signal.signal(signal.SIGHUP, lambda *_: _forward_hup(daemon))
+    signal.signal(signal.SIGHUP, lambda *_: daemon.hup_event.set())
     try:
         daemon.startup()
         daemon.run()
@@ -233,7 +262,17 @@ def run_agent(config: AgentConfig, config_path: Path) -> int:
     return 0
 
 
-def _forward_hup(daemon: AgentDaemon) -> None:
+def _reload(daemon: AgentDaemon) -> None:
+    """SIGHUP: the log level from the config file, and the directory everywhere."""
+    try:
+        level = load_agent_config(daemon.config_path).log_level
+    except ConfigError as exc:
+        log.error("event=reload_failed reason=%r kept=previous", str(exc))
+    else:
+        logs.set_level(level)
+        log.info("event=reloaded log_level=%s", level)
+    if daemon.spool is not None:
+        daemon.spool.reload_directory()
     for worker in daemon.workers:
         if worker.process and worker.process.poll() is None:
             worker.process.send_signal(signal.SIGHUP)

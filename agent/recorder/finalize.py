@@ -15,7 +15,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from agent import audio
+from agent import audio, metrics
 from agent.capture import (
     CUSTOMER_LEG,
     EMPLOYEE_LEG,
@@ -71,6 +71,7 @@ class Finalizer:
             moved = quarantine(
                 capture, self.config.quarantine_dir, f"unreadable capture.json: {exc}"
             )
+            metrics.QUARANTINED.labels("finalize").inc()
             log.error(
                 "event=capture_quarantined entry=%s reason=%r path=%s",
                 recording_id,
@@ -79,9 +80,11 @@ class Finalizer:
             )
             return
         try:
-            self._finalize(capture, meta, target)
+            with metrics.FINALIZE_SECONDS.time():
+                self._finalize(capture, meta, target)
         except Exception as exc:  # noqa: BLE001 - any failure quarantines, never loses
             moved = quarantine(capture, self.config.quarantine_dir, f"finalize failed: {exc!r}")
+            metrics.QUARANTINED.labels("finalize").inc()
             log.error(
                 "event=capture_quarantined recording_id=%s reason=%r path=%s",
                 recording_id,
@@ -113,6 +116,9 @@ class Finalizer:
         staging.rename(target)
         fsync_dir(self.outbox_dir)
         shutil.rmtree(capture)
+        metrics.RECORDINGS_FINALIZED.labels(meta.source).inc()
+        for flag in meta.flags:
+            metrics.RECORDING_FLAGS.labels(flag.value).inc()
         duration = parse_iso(meta.ended_at or meta.started_at) - parse_iso(meta.started_at)
         log.info(
             "event=recording_finalized recording_id=%s customer=%s employee=%r direction=%s "

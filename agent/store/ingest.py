@@ -1,14 +1,20 @@
 """The store's Ingest service: resumable, idempotent uploads from recording agents.
 
 A recording arrives as ``incoming/<id>.part`` (its bytes, fsynced before the committed
-size grows) beside ``incoming/<id>.manifest``. Finish checks size and sha256, moves the
-bytes into the blob store, inserts the catalog row and returns the receipt. Every
-rejection is a gRPC status whose message says what was wrong.
+size grows) beside ``incoming/<id>.manifest``; both are created only when the first
+valid chunk arrives, so a refused upload leaves nothing behind. Finish checks size and
+sha256, moves the bytes into the blob store, inserts the catalog row and returns the
+receipt. Every rejection is a gRPC status whose message says what was wrong.
+
+Over mutual TLS the site is the client certificate's (``agent.certs``): a manifest
+for another site is refused with PERMISSION_DENIED, so the ``site`` of a catalog row
+is the site that sent it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -18,8 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from agent.capture import fsync_dir
+from agent.certs import site_from_auth_context
 from agent.manifest import DIRECTION_NAMES, ManifestError, employees_json, validate_manifest
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
@@ -30,6 +39,8 @@ from agent.store.vault import Vault
 log = logging.getLogger(__name__)
 
 MAX_CHUNK_BYTES = 256 * 1024
+# A second stream for a recording waits this long for the first to end, then ABORTED.
+LOCK_WAIT_S = 10.0
 _ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -37,6 +48,10 @@ class UploadRejected(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class UploadInterrupted(UploadRejected):
+    """The stream ended without a finish (the agent went away): what arrived is kept."""
 
 
 def receipt_of(row: RecordingRow) -> pb.UploadReceipt:
@@ -62,14 +77,17 @@ class IngestService(pb_grpc.IngestServicer):
         vault: Vault,
         incoming: Path,
         allowed_regions: tuple[str, ...] = DEFAULT_ALLOWED_REGIONS,
+        authenticate: bool = False,
     ) -> None:
         self.catalog = catalog
+        self.authenticate = authenticate
         self.vault = vault
         self.incoming = incoming
         self.region = vault.region
         self.allowed_regions = allowed_regions
         self.incoming.mkdir(parents=True, exist_ok=True)
         self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: dict[str, int] = {}
 
     def _paths(self, recording_id: str) -> tuple[Path, Path]:
         return (
@@ -84,20 +102,41 @@ class IngestService(pb_grpc.IngestServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "recording_id: expected 32 hex digits"
             )
+        site = await self._peer_site(context)
         row = await asyncio.to_thread(self.catalog.get, request.recording_id)
+        if row is not None and site is not None and row.site != site:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"recording {request.recording_id} was not sent by site {site!r}",
+            )
         if row is not None:
             return pb.QueryUploadResponse(
                 committed_size=row.size, complete=True, receipt=receipt_of(row)
             )
-        part, _ = self._paths(request.recording_id)
-        size = part.stat().st_size if part.exists() else 0
+        part, manifest_file = self._paths(request.recording_id)
+        size = await asyncio.to_thread(_partial_size, part, manifest_file, site)
         return pb.QueryUploadResponse(committed_size=size)
+
+    async def _peer_site(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+        """The site of the caller's certificate (None when the store runs without TLS)."""
+        if not self.authenticate:
+            return None
+        site = site_from_auth_context(context.auth_context())
+        if site is None:
+            log.warning("event=upload_refused reason=no_site_in_certificate")
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "the client certificate names no site (expected a URI name "
+                "callrec:site:<site>; issue one with `callrec certs agent`)",
+            )
+        return site
 
     async def Upload(
         self,
         request_iterator: AsyncIterator[pb.UploadRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.UploadReceipt:
+        site = await self._peer_site(context)
         try:
             first = await anext(request_iterator)
         except StopAsyncIteration:
@@ -116,23 +155,62 @@ class IngestService(pb_grpc.IngestServicer):
                 str(exc),
             )
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"manifest: {exc}")
+        await self._check_site(manifest, site, context)
         await self._check_region(manifest, context)
-        lock = self._locks.setdefault(manifest.recording_id, asyncio.Lock())
-        async with lock:
-            try:
-                return await self._receive(manifest, request_iterator, context)
-            except UploadRejected as exc:
-                log.warning(
-                    "event=upload_refused recording_id=%s code=%s reason=%r",
-                    manifest.recording_id,
-                    exc.code.name,
-                    str(exc),
-                )
-                await context.abort(exc.code, str(exc))
-            finally:
-                if not lock.locked():
-                    self._locks.pop(manifest.recording_id, None)
+        try:
+            async with self._exclusive(manifest.recording_id):
+                return await self._receive(manifest, request_iterator)
+        except UploadRejected as exc:
+            log.log(
+                logging.INFO if isinstance(exc, UploadInterrupted) else logging.WARNING,
+                "event=%s recording_id=%s code=%s reason=%r",
+                "upload_interrupted" if isinstance(exc, UploadInterrupted) else "upload_refused",
+                manifest.recording_id,
+                exc.code.name,
+                str(exc),
+            )
+            await context.abort(exc.code, str(exc))
         raise AssertionError("unreachable")
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, recording_id: str) -> AsyncIterator[None]:
+        """One stream per recording at a time; a second one waits, then gives up."""
+        lock = self._locks.setdefault(recording_id, asyncio.Lock())
+        self._lock_users[recording_id] = self._lock_users.get(recording_id, 0) + 1
+        try:
+            try:
+                async with asyncio.timeout(LOCK_WAIT_S):
+                    await lock.acquire()
+            except TimeoutError:
+                raise UploadRejected(
+                    grpc.StatusCode.ABORTED,
+                    f"another upload of {recording_id} is in progress; retry later",
+                ) from None
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            self._lock_users[recording_id] -= 1
+            if not self._lock_users[recording_id]:
+                del self._lock_users[recording_id], self._locks[recording_id]
+
+    async def _check_site(
+        self, manifest: pb.Manifest, site: str | None, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        if site is None or manifest.site == site:
+            return
+        log.warning(
+            "event=upload_refused recording_id=%s reason=site_mismatch site=%s certificate_site=%s",
+            manifest.recording_id,
+            manifest.site,
+            site,
+        )
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"manifest.site = {manifest.site!r} but the client certificate is for site "
+            f"{site!r}; nothing was stored",
+        )
 
     async def _check_region(
         self, manifest: pb.Manifest, context: grpc.aio.ServicerContext[Any, Any]
@@ -152,34 +230,34 @@ class IngestService(pb_grpc.IngestServicer):
         )
 
     async def _receive(
-        self,
-        manifest: pb.Manifest,
-        requests: AsyncIterator[pb.UploadRequest],
-        context: grpc.aio.ServicerContext[Any, Any],
+        self, manifest: pb.Manifest, requests: AsyncIterator[pb.UploadRequest]
     ) -> pb.UploadReceipt:
         rid = manifest.recording_id
         existing = await asyncio.to_thread(self.catalog.get, rid)
         if existing is not None:
-            if existing.sha256 != manifest.sha256:
+            if existing.sha256 != manifest.sha256 or existing.site != manifest.site:
                 raise UploadRejected(
                     grpc.StatusCode.ALREADY_EXISTS,
-                    f"recording {rid} is already stored with a different sha256",
+                    f"recording {rid} is already stored with a different sha256 or site",
                 )
             log.info("event=upload_duplicate recording_id=%s outcome=original_receipt", rid)
             return receipt_of(existing)
         part, manifest_file = self._paths(rid)
-        await asyncio.to_thread(self._start_part, manifest, part, manifest_file)
-        committed = part.stat().st_size
-        fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        committed = await asyncio.to_thread(_resumable_size, manifest, part, manifest_file)
+        fd = -1
         try:
             async for request in requests:
                 kind = request.WhichOneof("kind")
                 if kind == "chunk":
-                    committed = await self._chunk(fd, manifest, committed, request.chunk)
+                    _check_chunk(manifest, committed, request.chunk)
+                    if fd < 0:
+                        fd = await asyncio.to_thread(
+                            _open_part, manifest, part, manifest_file, committed
+                        )
+                    await asyncio.to_thread(_write_durably, fd, request.chunk.data)
+                    committed += len(request.chunk.data)
                 elif kind == "finish":
-                    os.close(fd)
-                    fd = -1
-                    return await self._finish(manifest, part, manifest_file, request.finish)
+                    return await self._finish(manifest, part, manifest_file, committed, request)
                 else:
                     raise UploadRejected(
                         grpc.StatusCode.INVALID_ARGUMENT, "a second manifest in one stream"
@@ -187,50 +265,20 @@ class IngestService(pb_grpc.IngestServicer):
         finally:
             if fd >= 0:
                 os.close(fd)
-        raise UploadRejected(
+        raise UploadInterrupted(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"stream ended before finish; committed_size={committed}",
         )
 
-    def _start_part(self, manifest: pb.Manifest, part: Path, manifest_file: Path) -> None:
-        """Keep a partial upload only if it is of the same bytes (same size and sha256)."""
-        data = manifest.SerializeToString(deterministic=True)
-        if manifest_file.exists():
-            previous = pb.Manifest.FromString(manifest_file.read_bytes())
-            if (previous.sha256, previous.size) == (manifest.sha256, manifest.size):
-                return
-            part.unlink(missing_ok=True)
-        tmp = manifest_file.with_suffix(".manifest.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(manifest_file)
-        part.touch(mode=0o600)
-
-    async def _chunk(self, fd: int, manifest: pb.Manifest, committed: int, chunk: pb.Chunk) -> int:
-        if chunk.offset != committed:
-            raise UploadRejected(
-                grpc.StatusCode.OUT_OF_RANGE,
-                f"chunk offset {chunk.offset} but committed_size is {committed}; "
-                "resume from committed_size",
-            )
-        if len(chunk.data) > MAX_CHUNK_BYTES or not chunk.data:
-            raise UploadRejected(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"chunk of {len(chunk.data)} bytes: expected 1..{MAX_CHUNK_BYTES}",
-            )
-        if committed + len(chunk.data) > manifest.size:
-            raise UploadRejected(
-                grpc.StatusCode.OUT_OF_RANGE,
-                f"chunk ends at {committed + len(chunk.data)}, past the manifest size "
-                f"{manifest.size}",
-            )
-        await asyncio.to_thread(_write_durably, fd, chunk.data)
-        return committed + len(chunk.data)
-
     async def _finish(
-        self, manifest: pb.Manifest, part: Path, manifest_file: Path, finish: pb.Finish
+        self,
+        manifest: pb.Manifest,
+        part: Path,
+        manifest_file: Path,
+        size: int,
+        request: pb.UploadRequest,
     ) -> pb.UploadReceipt:
-        rid = manifest.recording_id
-        size = part.stat().st_size
+        rid, finish = manifest.recording_id, request.finish
         if finish.size != manifest.size or finish.sha256 != manifest.sha256:
             raise UploadRejected(
                 grpc.StatusCode.INVALID_ARGUMENT, "finish does not match the manifest"
@@ -251,9 +299,11 @@ class IngestService(pb_grpc.IngestServicer):
             )
         row = await asyncio.to_thread(self._commit, manifest, part, manifest_file)
         log.info(
-            "event=recording_stored recording_id=%s site=%s bytes=%d customer=%s employee=%r",
+            "event=recording_stored recording_id=%s site=%s site_verified=%s bytes=%d "
+            "customer=%s employee=%r",
             rid,
             manifest.site,
+            "certificate" if self.authenticate else "no",
             row.size,
             row.customer_masked,
             row.employee_name,
@@ -303,6 +353,81 @@ def row_from_manifest(m: pb.Manifest, blob_key: str, region: str) -> RecordingRo
         region=region,
         stored_at_ms=now_ms(),
     )
+
+
+def _check_chunk(manifest: pb.Manifest, committed: int, chunk: pb.Chunk) -> None:
+    if chunk.offset != committed:
+        raise UploadRejected(
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"chunk offset {chunk.offset} but committed_size is {committed}; "
+            "resume from committed_size",
+        )
+    if len(chunk.data) > MAX_CHUNK_BYTES or not chunk.data:
+        raise UploadRejected(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"chunk of {len(chunk.data)} bytes: expected 1..{MAX_CHUNK_BYTES}",
+        )
+    if committed + len(chunk.data) > manifest.size:
+        raise UploadRejected(
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"chunk ends at {committed + len(chunk.data)}, past the manifest size {manifest.size}",
+        )
+
+
+def _same_upload(manifest: pb.Manifest, manifest_file: Path) -> bool:
+    try:
+        previous = pb.Manifest.FromString(manifest_file.read_bytes())
+    except (FileNotFoundError, DecodeError):
+        return False
+    return (previous.sha256, previous.size, previous.site) == (
+        manifest.sha256,
+        manifest.size,
+        manifest.site,
+    )
+
+
+def _resumable_size(manifest: pb.Manifest, part: Path, manifest_file: Path) -> int:
+    """Bytes of an earlier stream of the same recording we can build on (else 0)."""
+    if not _same_upload(manifest, manifest_file):
+        return 0
+    try:
+        return min(part.stat().st_size, manifest.size)
+    except FileNotFoundError:
+        return 0
+
+
+def _partial_size(part: Path, manifest_file: Path, site: str | None) -> int:
+    """QueryUpload's committed size; another site's partial upload counts as nothing."""
+    if site is not None:
+        try:
+            if pb.Manifest.FromString(manifest_file.read_bytes()).site != site:
+                return 0
+        except (FileNotFoundError, DecodeError):
+            return 0
+    try:
+        return part.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _open_part(manifest: pb.Manifest, part: Path, manifest_file: Path, committed: int) -> int:
+    """Open ``<id>.part`` for appending at ``committed``; a new upload (committed 0)
+    first writes its manifest durably and starts the part empty."""
+    if committed == 0:
+        tmp = manifest_file.with_suffix(".manifest.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_durably(fd, manifest.SerializeToString(deterministic=True))
+        finally:
+            os.close(fd)
+        tmp.replace(manifest_file)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    else:
+        flags = os.O_WRONLY | os.O_APPEND
+    fd = os.open(part, flags, 0o600)
+    if committed == 0:
+        fsync_dir(part.parent)
+    return fd
 
 
 def _write_durably(fd: int, data: bytes) -> None:

@@ -14,8 +14,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent import sdnotify
-from agent.config import StoreConfig
+from agent.certs import server_credentials
+from agent.config import StoreConfig, check_transport
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
+from agent.privacy import check_private_file
+from agent.store.access_service import add_access_service
 from agent.store.catalog import Catalog
 from agent.store.console import ConsoleService
 from agent.store.ingest import MAX_CHUNK_BYTES, IngestService
@@ -25,14 +28,19 @@ from agent.store.vault import open_storage
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + 64 * 1024
+# Keepalive: the server pings a silent peer every 60 s (a vanished agent frees its
+# upload within ~80 s). It accepts client pings as often as every 15 s, with or
+# without calls in flight; the agent pings every 30 s (uplink.CHANNEL_OPTIONS), so it
+# never collects a GOAWAY "too_many_pings". tests/test_faults.py checks the two agree.
+MIN_CLIENT_PING_INTERVAL_MS = 15_000
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # Let agents ping every 20 s even without calls in flight; refuse faster pings.
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 15_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
     ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_ping_strikes", 2),
 ]
 
 
@@ -52,19 +60,25 @@ class StoreServer:
 
     async def startup(self) -> None:
         cfg = self.config
+        check_transport(cfg)
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         storage = await asyncio.to_thread(open_storage, cfg)
         catalog, vault = storage.catalog, storage.vault
         self._catalog = catalog
-        ingest = IngestService(catalog, vault, cfg.incoming_dir, cfg.allowed_regions)
+        ingest = IngestService(
+            catalog,
+            vault,
+            cfg.incoming_dir,
+            cfg.allowed_regions,
+            authenticate=cfg.tls is not None,
+        )
 
         public = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_IngestServicer_to_server(ingest, public)
+        add_access_service(public, cfg, catalog, vault)  # people's access (issue 8)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, public)
-        self.port = public.add_insecure_port(cfg.listen)
-        if self.port == 0:
-            raise OSError(f"[store] listen = {cfg.listen!r}: cannot bind")
+        self.port = _bind(public, cfg)
 
         console = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_ConsoleServicer_to_server(ConsoleService(catalog, vault), console)
@@ -84,13 +98,14 @@ class StoreServer:
         health_servicer.set("callrec.v1.Ingest", health_pb2.HealthCheckResponse.SERVING)
         host = cfg.listen.rpartition(":")[0]
         log.info(
-            "event=store_ready address=%s:%d console=%s catalog=%s blobs=%s region=%s",
+            "event=store_ready address=%s:%d console=%s catalog=%s blobs=%s region=%s tls=%s",
             host,
             self.port,
             self.console_socket,
             self.engine_name,
             cfg.blobs,
             vault.region,
+            "mutual" if cfg.tls else "OFF",
         )
         sdnotify.ready()
 
@@ -132,6 +147,27 @@ class StoreServer:
             log.warning("event=store_forced_exit")
             os._exit(1)
         self.stop_event.set()
+
+
+def _bind(server: grpc.aio.Server, cfg: StoreConfig) -> int:
+    """Mutual TLS (agents prove their site with a certificate from our CA), or plain
+    text on loopback when the config asks for it explicitly."""
+    if cfg.tls is not None:
+        tls = cfg.tls
+        check_private_file(tls.key_file)
+        credentials = server_credentials(tls.ca_file, tls.cert_file, tls.key_file)
+        port = server.add_secure_port(cfg.listen, credentials)
+    else:
+        log.warning(
+            "event=store_insecure listen=%s tls=OFF reason=%r",
+            cfg.listen,
+            "[store.tls] insecure = true: agents are NOT authenticated and their site is "
+            "taken on trust; for a loopback test install only",
+        )
+        port = server.add_insecure_port(cfg.listen)
+    if port == 0:
+        raise OSError(f"[store] listen = {cfg.listen!r}: cannot bind")
+    return port
 
 
 async def serve(config: StoreConfig) -> int:

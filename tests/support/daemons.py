@@ -69,16 +69,24 @@ class Daemon:
 
 
 def start_store(
-    root: Path, port: int = 0, env: dict[str, str] | None = None, **store: str
+    root: Path,
+    port: int = 0,
+    env: dict[str, str] | None = None,
+    tls: dict[str, object] | None = None,
+    **store: str,
 ) -> tuple[Daemon, str]:
+    """``tls``: the ``[store.tls]`` table (default: plain text on loopback, asked for).
+    Starting again on the same ``root`` appends to the same log and config."""
     doc: dict[str, dict[str, object]] = {
-        "store": {"listen": f"127.0.0.1:{port}", "data_dir": str(root / "store-data"), **store}
+        "store": {"listen": f"127.0.0.1:{port}", "data_dir": str(root / "store-data"), **store},
+        "store.tls": tls or {"insecure": True},
     }
     config = write_toml(root / "store.toml", doc)
     daemon = Daemon(
         "store", ["store", "--config", str(config)], root / "logs" / "store.log", env or {}
-    ).start()
-    found = daemon.wait_for(r"event=store_ready address=(\S+)")
+    )
+    seen = len(daemon.text())
+    found = daemon.start().wait_for(r"event=store_ready address=(\S+)", after=seen)
     return daemon, found.group(1)
 
 
@@ -95,8 +103,9 @@ def start_agent(
     config = write_toml(root / "agent.toml", doc)
     daemon = Daemon(
         "agent", ["agent", "--config", str(config)], root / "logs" / "agent.log", env or {}
-    ).start()
-    daemon.wait_for(r"event=agent_ready", timeout=60)
+    )
+    seen = len(daemon.text())
+    daemon.start().wait_for(r"event=agent_ready", timeout=60, after=seen)
     return daemon
 
 

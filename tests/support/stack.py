@@ -4,6 +4,7 @@ running in-process on port 0 (its own thread and asyncio loop)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 import threading
@@ -101,7 +102,8 @@ def agent_config(
         },
         "directory": {"file": str(directory)},
         "calls": {"service_numbers": SERVICE_NUMBERS},
-        "uplink": {"store_address": store_address, "rescan": "2s", "grace": "5s"},
+        # Plain text on loopback must be asked for (mutual TLS is the default).
+        "uplink": {"store_address": store_address, "rescan": "2s", "grace": "5s", "insecure": True},
     }
     for name, values in sections.items():
         doc.setdefault(name, {}).update(values)
@@ -124,16 +126,25 @@ def write_toml(path: Path, doc: dict[str, dict[str, object]]) -> Path:
     return path
 
 
-def store_config(root: Path, listen: str = "127.0.0.1:0") -> StoreConfig:
-    return store_config_from_dict(
-        {"store": {"listen": listen, "data_dir": str(root / "store-data")}}, root
-    )
+def store_config(
+    root: Path, listen: str = "127.0.0.1:0", tls: dict[str, object] | None = None
+) -> StoreConfig:
+    """``tls``: the ``[store.tls]`` table (default: plain text on loopback, asked for)."""
+    store = {
+        "listen": listen,
+        "data_dir": str(root / "store-data"),
+        "tls": tls or {"insecure": True},
+    }
+    return store_config_from_dict({"store": store}, root)
 
 
 class InProcessStore:
-    """The real StoreServer on its own event loop thread."""
+    """The real StoreServer on its own event loop thread (plain text on loopback unless
+    the config has ``[store.tls]`` files)."""
 
     def __init__(self, config: StoreConfig) -> None:
+        if config.tls is None and not config.insecure:
+            config = dataclasses.replace(config, insecure=True)
         self.config = config
         self.loop = asyncio.new_event_loop()
         self.server = StoreServer(config)

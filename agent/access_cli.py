@@ -1,0 +1,443 @@
+"""``callrec`` subcommands of people's access (issue 8). Wired into ``agent/cli.py``
+by ``add_parsers(sub)`` and ``dispatch(args)`` (None: not one of these).
+
+On the store host (reads ``store.toml``):
+  callrec access token create --config store.toml --person e1001   shown once
+  callrec access token revoke --config store.toml (--token-id ID | --person ID)
+  callrec audit verify --config store.toml                         names the first bad entry
+
+From anywhere (token from ``$CALLREC_TOKEN`` or ``--token-file``; ``--store ADDR``;
+``--ca-file/--cert-file/--key-file`` for mutual TLS, plain text only to loopback):
+  callrec search --purpose P [--since T --until T --employee ID --team T --service N
+                 --masked +358401234*** --flag F … --limit N]
+  callrec show ID --purpose P
+  callrec play ID --purpose P [--out FILE]        (no --out: audio bytes to stdout)
+  callrec export ID --purpose P --out FILE
+  callrec dsr find --at T [--window 15m] [--number N] --reason R   (no --number: stdin)
+  callrec dsr export ID… --out package.zip --reason R
+  callrec dsr erase|restrict|unrestrict ID --reason R
+  callrec hold|release ID --reason R
+  callrec rectify ID --to EMPLOYEE [--from EMPLOYEE] --reason R
+  callrec unseal ID --reason R [--purpose legal|security]
+Data-subject commands default to ``--purpose legal``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import getpass
+import os
+import sys
+import zipfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from agent.config import ConfigError, is_loopback, load_store_config, parse_duration
+from agent.directory import Directory
+from agent.pb.callrec.v1 import access_pb2 as apb
+from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
+from agent.pb.callrec.v1 import recordings_pb2 as pb
+from agent.store import audit, tokens
+from agent.store.catalog import Catalog
+
+if TYPE_CHECKING:
+    SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+PURPOSES = {
+    "verification": apb.PURPOSE_VERIFICATION,
+    "legal": apb.PURPOSE_LEGAL,
+    "training": apb.PURPOSE_TRAINING,
+    "security": apb.PURPOSE_SECURITY,
+}
+COMMANDS = frozenset(
+    {"access", "audit", "search", "show", "play", "export", "dsr", "hold", "release"}
+    | {"rectify", "unseal"}
+)
+
+
+class UsageError(Exception):
+    """A client-side problem (no token, bad time); exit code 2."""
+
+
+# ---------------------------------------------------------------- parsers
+
+
+def _client(parser: argparse.ArgumentParser, purpose: str | None = None) -> None:
+    parser.add_argument("--store", default="127.0.0.1:50051", help="the store's address")
+    parser.add_argument("--token-file", type=Path, help="default: $CALLREC_TOKEN")
+    for name in ("ca-file", "cert-file", "key-file"):
+        parser.add_argument(f"--{name}", type=Path, help="mutual TLS (all three)")
+    parser.add_argument(
+        "--purpose", choices=sorted(PURPOSES), default=purpose, required=purpose is None
+    )
+    parser.add_argument("--reason", default="", help="why (a case id); audited")
+
+
+def _with_id(sub: SubParsers, name: str, text: str, purpose: str | None = None) -> Any:
+    parser = sub.add_parser(name, help=text)
+    parser.add_argument("recording_id")
+    _client(parser, purpose)
+    return parser
+
+
+def add_parsers(sub: SubParsers) -> None:
+    access = sub.add_parser("access", help="people's access tokens (on the store host)")
+    token = access.add_subparsers(dest="access_command", required=True)
+    tsub = token.add_parser("token", help="create or revoke a person's token")
+    tokens_sub = tsub.add_subparsers(dest="token_command", required=True)
+    create = tokens_sub.add_parser("create", help="a new token for a person (shown once)")
+    create.add_argument("--config", type=Path, required=True)
+    create.add_argument("--person", required=True, help="directory id")
+    revoke = tokens_sub.add_parser("revoke", help="revoke a token, or all of a person's")
+    revoke.add_argument("--config", type=Path, required=True)
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--token-id")
+    which.add_argument("--person")
+
+    audit_parser = sub.add_parser("audit", help="the audit log")
+    audit_sub = audit_parser.add_subparsers(dest="audit_command", required=True)
+    verify = audit_sub.add_parser("verify", help="check the hash chain")
+    verify.add_argument("--config", type=Path, required=True)
+
+    search = sub.add_parser("search", help="recordings you may see")
+    _client(search)
+    search.add_argument("--since", help="ISO time (UTC unless an offset is given)")
+    search.add_argument("--until")
+    search.add_argument("--employee", default="")
+    search.add_argument("--team", default="")
+    search.add_argument("--service", default="", help="service number, E.164")
+    search.add_argument("--masked", default="", help="e.g. +358401234***")
+    search.add_argument("--flag", action="append", default=[])
+    search.add_argument("--limit", type=int, default=100)
+
+    _with_id(sub, "show", "a recording's metadata")
+    _with_id(sub, "play", "stream a recording's audio").add_argument("--out", type=Path)
+    _with_id(sub, "export", "save a recording's audio").add_argument(
+        "--out", type=Path, required=True
+    )
+    _dsr_parsers(sub)
+
+
+def _dsr_parsers(sub: SubParsers) -> None:
+    dsr = sub.add_parser("dsr", help="data-subject requests (privacy officer)")
+    dsub = dsr.add_subparsers(dest="dsr_command", required=True)
+    find = dsub.add_parser("find", help="a customer's calls from their number and a time")
+    _client(find, "legal")
+    find.add_argument("--number", help="any format; default: read from stdin")
+    find.add_argument("--region", default="FI")
+    find.add_argument("--at", required=True, help="ISO time of the call")
+    find.add_argument("--window", default="15m", help="± around --at")
+    package = dsub.add_parser("export", help="audio + metadata JSON as a ZIP file")
+    package.add_argument("recording_ids", nargs="+")
+    package.add_argument("--out", type=Path, required=True)
+    _client(package, "legal")
+    for name in ("erase", "restrict", "unrestrict"):
+        _with_id(dsub, name, f"{name} a recording", "legal")
+    for name in ("hold", "release"):
+        _with_id(sub, name, f"legal {name} of a recording", "legal")
+    rectify = _with_id(sub, "rectify", "correct a recording's employee tag", "legal")
+    rectify.add_argument("--to", required=True, help="the right employee's directory id")
+    rectify.add_argument("--from", dest="wrong", default="", help="default: the tagged one")
+    _with_id(sub, "unseal", "open the sealed last digits of the number", "legal")
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+def dispatch(args: argparse.Namespace) -> int | None:
+    if args.command not in COMMANDS:
+        return None
+    try:
+        return _run(args)
+    except grpc.RpcError as exc:
+        sys.stderr.write(f"callrec {args.command}: {exc.code().name}: {exc.details()}\n")
+        return 1
+    except UsageError as exc:
+        sys.stderr.write(f"callrec {args.command}: {exc}\n")
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "access":
+        return token_command(args)
+    if args.command == "audit":
+        return audit_verify(args.config)
+    stub = apb_grpc.AccessStub(_channel(args))
+    handlers: dict[str, Callable[[apb_grpc.AccessStub, argparse.Namespace, Any], int]] = {
+        "search": _search,
+        "show": _show,
+        "play": _audio,
+        "export": _audio,
+        "dsr": _dsr,
+        "hold": _change,
+        "release": _change,
+        "rectify": _rectify,
+        "unseal": _unseal,
+    }
+    return handlers[args.command](stub, args, _metadata(args))
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    files = (args.ca_file, args.cert_file, args.key_file)
+    if all(files):
+        from agent.certs import channel_credentials
+
+        return grpc.secure_channel(args.store, channel_credentials(*files))
+    if any(files):
+        raise UsageError("--ca-file, --cert-file and --key-file go together")
+    if not is_loopback(args.store):
+        raise UsageError(f"--store {args.store}: plain text only to loopback; give TLS files")
+    return grpc.insecure_channel(args.store)
+
+
+def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str]]:
+    if args.token_file is not None:
+        token = args.token_file.read_text().strip()
+    else:
+        token = os.environ.get("CALLREC_TOKEN", "").strip()
+    if not token:
+        raise UsageError("no token: set $CALLREC_TOKEN or give --token-file")
+    return (("authorization", f"Bearer {token}"),)
+
+
+def _out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+
+
+# ---------------------------------------------------------------- store-host commands
+
+
+def _open_catalog(config: Path) -> tuple[Catalog, Directory | None]:
+    cfg = load_store_config(config)
+    catalog = Catalog(cfg.catalog_url)
+    directory = Directory.load(cfg.directory_file) if cfg.directory_file else None
+    return catalog, directory
+
+
+def token_command(args: argparse.Namespace) -> int:
+    catalog, directory = _open_catalog(args.config)
+    operator = f"operator:{getpass.getuser()}"
+    try:
+        catalog.migrate()
+        if args.token_command == "create":  # noqa: S105 (a subcommand, not a secret)
+            if directory is None:
+                raise ConfigError("[store] directory_file: missing, needed for access tokens")
+            person = directory.people.get(args.person)
+            if person is None:
+                raise UsageError(f"--person {args.person}: not in {directory_name(args.config)}")
+            with catalog.engine.begin() as conn:
+                new = tokens.create_token(conn, person.id, operator)
+                detail = f"person={person.id} token_id={new.token_id}"
+                audit.append(conn, operator, "token_create", None, "", "allowed", detail=detail)
+            _out(f"token for {person.id} ({person.name}), id {new.token_id} — shown once:")
+            _out(new.token)
+            return 0
+        with catalog.engine.begin() as conn:
+            count = tokens.revoke(conn, args.token_id, args.person)
+            detail = f"token_id={args.token_id or '*'} person={args.person or '-'} count={count}"
+            audit.append(conn, operator, "token_revoke", None, "", "allowed", detail=detail)
+        _out(f"revoked {count} token(s)")
+        return 0 if count else 1
+    finally:
+        catalog.close()
+
+
+def directory_name(config: Path) -> str:
+    cfg = load_store_config(config)
+    return str(cfg.directory_file)
+
+
+def audit_verify(config: Path) -> int:
+    cfg = load_store_config(config)
+    catalog = Catalog(cfg.catalog_url)
+    try:
+        verdict = audit.verify(catalog)
+    finally:
+        catalog.close()
+    if verdict.ok:
+        _out(f"audit log ok: {verdict.entries} entries, head {verdict.head_hash}")
+        return 0
+    _out(f"audit log BROKEN after {verdict.entries} good entries: {verdict.problem}")
+    return 1
+
+
+# ---------------------------------------------------------------- client commands
+
+
+def parse_time(text: str) -> dt.datetime:
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"{text!r}: expected an ISO time such as 2026-03-02T14:30") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def _ts(text: str | None) -> Timestamp | None:
+    if not text:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(parse_time(text).astimezone(dt.UTC))
+    return stamp
+
+
+def _common(args: argparse.Namespace) -> dict[str, Any]:
+    return {"purpose": PURPOSES[args.purpose], "reason": args.reason}
+
+
+def format_view(view: apb.RecordingView) -> str:
+    m, info = view.info.manifest, view.info
+    start = m.started_at.ToDatetime(dt.UTC)
+    marks = [
+        name for name, on in (("RESTRICTED", view.restricted), ("HOLD", view.legal_hold)) if on
+    ]
+    return (
+        f"{m.recording_id}  {start:%Y-%m-%d %H:%M:%S}Z  {info.duration_ms / 1000:6.1f}s  "
+        f"service={m.service_number or '-'}  customer={m.customer.masked}  "
+        f"employees={','.join(e.id for e in m.employees) or '-'}  "
+        f"{m.audio_format}  flags={','.join(m.flags) or '-'}"
+        + (f"  [{' '.join(marks)}]" if marks else "")
+    )
+
+
+def _search(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
+    request = apb.SearchRequest(
+        **_common(args),
+        since=_ts(args.since),
+        until=_ts(args.until),
+        employee_id=args.employee,
+        team=args.team,
+        service_number=args.service,
+        customer_masked=args.masked,
+        flags=args.flag,
+        limit=args.limit,
+    )
+    response = stub.Search(request, metadata=md, timeout=60)
+    for view in response.recordings:
+        _out(format_view(view))
+    if response.truncated:
+        _out("… more recordings match: narrow the search or raise --limit")
+    return 0
+
+
+def _show(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
+    request = apb.RecordingRequest(**_common(args), recording_id=args.recording_id)
+    _out(format_view(stub.GetRecording(request, metadata=md, timeout=30)))
+    return 0
+
+
+def _save(chunks: Iterable[bytes], out: Path | None) -> int:
+    if out is None:
+        size = 0
+        for data in chunks:
+            sys.stdout.buffer.write(data)
+            size += len(data)
+        sys.stdout.buffer.flush()
+        return size
+    part = out.with_name(out.name + ".part")
+    size = 0
+    with part.open("wb") as fh:
+        for data in chunks:
+            fh.write(data)
+            size += len(data)
+    part.replace(out)
+    return size
+
+
+def _audio(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
+    request = apb.RecordingRequest(**_common(args), recording_id=args.recording_id)
+    call = stub.Play if args.command == "play" else stub.Export
+    chunks: Iterable[pb.AudioChunk] = call(request, metadata=md, timeout=600)
+    size = _save((c.data for c in chunks), args.out)
+    if args.out is not None:
+        _out(f"{args.command}: {args.recording_id} → {args.out} ({size} bytes)")
+    return 0
+
+
+def _dsr(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
+    if args.dsr_command == "find":
+        return _find(stub, args, md)
+    if args.dsr_command == "export":
+        return _package(stub, args, md)
+    return _change(stub, args, md)
+
+
+def _find(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
+    number = args.number or sys.stdin.readline().strip()
+    try:
+        window_min = round(parse_duration(args.window) / 60)
+    except ValueError:
+        raise UsageError(f"--window {args.window!r}: expected e.g. 15m") from None
+    request = apb.FindByNumberRequest(
+        **_common(args), number=number, region=args.region, at=_ts(args.at),
+        window_minutes=window_min,
+    )  # fmt: skip
+    response = stub.FindByNumber(request, metadata=md, timeout=60)
+    for view in response.recordings:
+        _out(format_view(view))
+    _out(f"{len(response.recordings)} recording(s) within ±{window_min} min")
+    return 0
+
+
+def _package(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
+    request = apb.PackageRequest(**_common(args), recording_ids=args.recording_ids)
+    part = args.out.with_name(args.out.name + ".part")
+    files = 0
+    with zipfile.ZipFile(part, "w", compression=zipfile.ZIP_STORED) as package:
+        current: tuple[str, Any] | None = None
+        for chunk in stub.ExportPackage(request, metadata=md, timeout=600):
+            if chunk.WhichOneof("kind") == "metadata_json":
+                package.writestr("metadata.json", chunk.metadata_json)
+                continue
+            if current is None or current[0] != chunk.file.name:
+                if current is not None:
+                    current[1].close()
+                current = (chunk.file.name, package.open(chunk.file.name, "w"))
+                files += 1
+            current[1].write(chunk.file.data)
+        if current is not None:
+            current[1].close()
+    part.replace(args.out)
+    _out(f"package: {files} recording(s) + metadata.json → {args.out}")
+    return 0
+
+
+def _change(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
+    name = args.dsr_command if args.command == "dsr" else args.command
+    calls = {
+        "erase": stub.Erase,
+        "restrict": stub.Restrict,
+        "unrestrict": stub.Unrestrict,
+        "hold": stub.Hold,
+        "release": stub.Release,
+    }
+    request = apb.RecordingRequest(**_common(args), recording_id=args.recording_id)
+    result = calls[name](request, metadata=md, timeout=60)
+    if name == "erase" and not result.changed:
+        _out(f"erase: {result.recording_id} key shredded; the sweeper removes the rest")
+    else:
+        _out(f"{name}: {result.recording_id} {'done' if result.changed else 'already so'}")
+    return 0
+
+
+def _rectify(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
+    request = apb.RectifyRequest(
+        **_common(args), recording_id=args.recording_id, from_employee_id=args.wrong,
+        to_employee_id=args.to,
+    )  # fmt: skip
+    result = stub.RectifyEmployee(request, metadata=md, timeout=60)
+    _out(f"rectify: {result.recording_id} {'done' if result.changed else 'already so'}")
+    return 0
+
+
+def _unseal(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
+    request = apb.RecordingRequest(**_common(args), recording_id=args.recording_id)
+    sealed = stub.OpenSealedDigits(request, metadata=md, timeout=30)
+    _out(
+        f"{sealed.recording_id}  masked={sealed.customer_masked}  last_digits={sealed.last_digits}"
+    )
+    return 0
