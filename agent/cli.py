@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from agent import logs
+from agent import access_cli, certs, logs
 from agent.config import ConfigError, load_agent_config, load_store_config
 from agent.directory import Directory, DirectoryError
 from agent.manifest import DIRECTION_NAMES
@@ -57,11 +57,15 @@ def _parser() -> argparse.ArgumentParser:
     init = keys_sub.add_parser("init", help="create lookup.key, seal.pem (store) and seal.pub.pem")
     init.add_argument("directory", type=Path)
 
-    listing = sub.add_parser("list", help="list recordings in the store (operator console)")
+    listing = sub.add_parser(
+        "console-list", help="list recordings (operator console on the store host)"
+    )
     listing.add_argument("--store-dir", type=Path, required=True)
     listing.add_argument("--limit", type=int, default=20)
 
-    export = sub.add_parser("export", help="export a recording's audio (operator console)")
+    export = sub.add_parser(
+        "console-export", help="export a recording's audio (operator console on the store host)"
+    )
     export.add_argument("recording_id")
     export.add_argument("--store-dir", type=Path, required=True)
     export.add_argument("--out", type=Path, required=True)
@@ -75,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run store + agent and place a real SIPREC call")
     demo.add_argument("--dir", type=Path, default=Path("demo-data"))
     demo.add_argument("--seconds", type=float, default=6.0)
+    access_cli.add_parsers(sub)
+    certs.add_parsers(sub)
     return parser
 
 
@@ -90,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    for module in (access_cli, certs):
+        handled = module.dispatch(args)
+        if handled is not None:
+            return handled
     if args.command == "agent":
         agent_cfg = load_agent_config(args.config)
         logs.configure(agent_cfg.log_level)
@@ -116,9 +126,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_sweeper(store_cfg, once=args.once)
     if args.command == "keys":
         return keys_init(args.directory)
-    if args.command == "list":
+    if args.command == "console-list":
         return list_recordings(args.store_dir, args.limit)
-    if args.command == "export":
+    if args.command == "console-export":
         return export_audio(args.store_dir, args.recording_id, args.out, args.reason)
     if args.command == "check":
         return check_config(args.agent, args.store)

@@ -120,7 +120,7 @@ def test_inbound_call_is_stored_masked_tagged_and_stereo(stack: Stack, tmp_path:
     assert (
         callrec(
             [
-                "export",
+                "console-export",
                 row.recording_id,
                 "--store-dir",
                 str(store_dir),

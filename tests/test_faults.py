@@ -18,6 +18,7 @@ import os
 import re
 import signal
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -62,148 +63,142 @@ def pki(tmp_path: Path) -> Pki:
     return make_pki(tmp_path / "pki")
 
 
+@dataclass
+class Stack:
+    """The daemons of one test, stopped at teardown whatever happened."""
+
+    root: Path
+    keys: Keys
+    pki: Pki
+    started: list[Daemon] = field(default_factory=list)
+
+    def store(self, port: int = 0, tls: bool = True) -> tuple[Daemon, int]:
+        daemon, address = start_store(self.root, port, tls=self.pki.store_tls if tls else None)
+        self.started.append(daemon)
+        return daemon, int(address.rpartition(":")[2])
+
+    def agent(self, port: int, sip_port: int = 0, tls: bool = True, **uplink: object) -> Daemon:
+        sections = agent_sections(self.pki if tls else None, **uplink)
+        address = f"127.0.0.1:{port}"
+        daemon = start_agent(self.root, self.keys, address, sip_port or free_port(), **sections)
+        self.started.append(daemon)
+        return daemon
+
+    def capture(self, seconds: int) -> str:
+        return write_capture(self.root / "agent-data", self.keys, seconds)
+
+    def shas(self, ids: set[str]) -> dict[str, str]:
+        return outbox_shas(self.root / "agent-data", ids)
+
+
+@pytest.fixture
+def stack(tmp_path: Path, keys: Keys, pki: Pki) -> Iterator[Stack]:
+    stack = Stack(tmp_path, keys, pki)
+    try:
+        yield stack
+    finally:
+        for daemon in reversed(stack.started):
+            daemon.stop(timeout=30)
+
+
+def retried_with(agent: Daemon, rid: str, code: str) -> bool:
+    return bool(re.search(rf"event=upload_retry recording_id={rid} code={code}", agent.text()))
+
+
 # ---------------------------------------------------------------- end-to-end faults
 
 
 @pytest.mark.slow
-def test_store_down_while_50_recordings_are_made(tmp_path: Path, keys: Keys, pki: Pki) -> None:
+def test_store_down_while_50_recordings_are_made(stack: Stack) -> None:
     port = tcp_port()
-    sections = agent_sections(
-        pki, outbox_warn_bytes="200 KB", outbox_warn_age="1h", outbox_check="1s"
-    )
-    agent = start_agent(tmp_path, keys, f"127.0.0.1:{port}", free_port(), **sections)
-    store: Daemon | None = None
-    try:
-        data = tmp_path / "agent-data"
-        ids = {write_capture(data, keys, seconds=1 + i % 2) for i in range(50)}
-        made = outbox_shas(data, ids)
-        agent.wait_for(r"event=upload_retry .*code=UNAVAILABLE")
-        agent.wait_for(r"level=warning .*event=outbox_backpressure entries=50 .*over=bytes")
-        store, _ = start_store(tmp_path, port=port, tls=pki.store_tls)
-        wait_stored(tmp_path, 50, timeout=120)
-        agent.wait_for(r"event=outbox_backpressure_cleared entries=0", timeout=10)
-    finally:
-        agent.stop()
-        if store is not None:
-            store.stop()
-    assert_exactly(tmp_path, made)
+    agent = stack.agent(port, outbox_warn_bytes="200 KB", outbox_check="1s")
+    made = stack.shas({stack.capture(seconds=1 + i % 2) for i in range(50)})
+    agent.wait_for(r"event=upload_retry .*code=UNAVAILABLE")
+    agent.wait_for(r"level=warning .*event=outbox_backpressure entries=50 .*over=bytes")
+    store, _ = stack.store(port)
+    wait_stored(stack.root, 50, timeout=120)
+    agent.wait_for(r"event=outbox_backpressure_cleared entries=0", timeout=10)
+    assert_exactly(stack.root, made)
     assert agent.text().count("event=recording_uploaded") == 50
-    assert store is not None and "site_verified=certificate" in store.text()
+    assert store.text().count("site_verified=certificate") == 50
 
 
 LARGE_S = 900  # 15 minutes of stereo WAV: 28.8 MB
 
 
 @pytest.mark.slow
-def test_store_sigkilled_mid_upload_resumes(tmp_path: Path, keys: Keys, pki: Pki) -> None:
-    store, address = start_store(tmp_path, tls=pki.store_tls)
-    store_port = int(address.rpartition(":")[2])
+def test_store_sigkilled_mid_upload_resumes(stack: Stack) -> None:
+    store, store_port = stack.store()
     with TcpProxy(store_port, rate_bytes_s=8e6) as proxy:
-        agent = start_agent(
-            tmp_path, keys, f"127.0.0.1:{proxy.port}", free_port(), **agent_sections(pki)
-        )
-        try:
-            rid = write_capture(tmp_path / "agent-data", keys, seconds=LARGE_S)
-            made = outbox_shas(tmp_path / "agent-data", {rid})
-            size = LARGE_S * BYTES_PER_AUDIO_S
-            killed_at = wait_part(tmp_path, rid, size // 3)
-            store.stop(signal.SIGKILL)
-            assert killed_at < size
-            store, _ = start_store(tmp_path, port=store_port, tls=pki.store_tls)
-            wait_stored(tmp_path, 1, timeout=90)
-        finally:
-            agent.stop()
-            store.stop()
+        agent = stack.agent(proxy.port)
+        rid = stack.capture(seconds=LARGE_S)
+        made = stack.shas({rid})
+        killed_at = wait_part(stack.root, rid, LARGE_S * BYTES_PER_AUDIO_S // 3)
+        store.stop(signal.SIGKILL)
+        stack.store(store_port)
+        wait_stored(stack.root, 1, timeout=90)
     up = uploaded(agent, rid)
     assert up["resumed"] >= killed_at > 0, "resumed from the store's durable bytes"
     assert up["sent"] == up["bytes"] - up["resumed"]
     # Sent twice: only what was in flight (buffers) when the store died.
     assert up["total"] - up["bytes"] < 0.25 * up["bytes"], "re-sent far fewer than the file"
-    assert "code=UNAVAILABLE" in agent.text()
-    assert_exactly(tmp_path, made)
+    assert retried_with(agent, rid, "UNAVAILABLE")
+    assert_exactly(stack.root, made)
 
 
 @pytest.mark.slow
-def test_agent_sigkilled_mid_upload_resumes_after_restart(
-    tmp_path: Path, keys: Keys, pki: Pki
-) -> None:
-    store, address = start_store(tmp_path, tls=pki.store_tls)
-    store_port = int(address.rpartition(":")[2])
+def test_agent_sigkilled_mid_upload_resumes_after_restart(stack: Stack) -> None:
+    _, store_port = stack.store()
     sip_port = free_port()
     with TcpProxy(store_port, rate_bytes_s=8e6) as proxy:
-        store_address = f"127.0.0.1:{proxy.port}"
-        sections = agent_sections(pki)
-        agent = start_agent(tmp_path, keys, store_address, sip_port, **sections)
-        try:
-            rid = write_capture(tmp_path / "agent-data", keys, seconds=LARGE_S)
-            made = outbox_shas(tmp_path / "agent-data", {rid})
-            killed_at = wait_part(tmp_path, rid, LARGE_S * BYTES_PER_AUDIO_S // 3)
-            kill_agent(agent)
-            agent = start_agent(tmp_path, keys, store_address, sip_port, **sections)
-            wait_stored(tmp_path, 1, timeout=90)
-        finally:
-            agent.stop()
-            store.stop()
+        agent = stack.agent(proxy.port, sip_port)
+        rid = stack.capture(seconds=LARGE_S)
+        made = stack.shas({rid})
+        killed_at = wait_part(stack.root, rid, LARGE_S * BYTES_PER_AUDIO_S // 3)
+        kill_agent(agent)
+        agent = stack.agent(proxy.port, sip_port)
+        wait_stored(stack.root, 1, timeout=90)
     up = uploaded(agent, rid)  # counted by the restarted agent
     assert up["resumed"] >= killed_at > 0, "resumed from the store's durable bytes"
     assert up["sent"] == up["bytes"] - up["resumed"] < 0.7 * up["bytes"]
-    assert_exactly(tmp_path, made)
+    assert_exactly(stack.root, made)
 
 
-def test_connection_cut_mid_stream_resumes(tmp_path: Path, keys: Keys, pki: Pki) -> None:
-    store, address = start_store(tmp_path, tls=pki.store_tls)
-    with TcpProxy(int(address.rpartition(":")[2]), rate_bytes_s=4e6) as proxy:
+def test_connection_cut_mid_stream_resumes(stack: Stack) -> None:
+    _, store_port = stack.store()
+    with TcpProxy(store_port, rate_bytes_s=4e6) as proxy:
         proxy.cut_after(3_000_000)
-        agent = start_agent(
-            tmp_path, keys, f"127.0.0.1:{proxy.port}", free_port(), **agent_sections(pki)
-        )
-        try:
-            rid = write_capture(tmp_path / "agent-data", keys, seconds=120)  # 3.84 MB
-            made = outbox_shas(tmp_path / "agent-data", {rid})
-            wait_stored(tmp_path, 1, timeout=60)
-        finally:
-            agent.stop()
-            store.stop()
+        agent = stack.agent(proxy.port)
+        rid = stack.capture(seconds=120)  # 3.84 MB
+        made = stack.shas({rid})
+        wait_stored(stack.root, 1, timeout=60)
     assert proxy.cuts == 1
     up = uploaded(agent, rid)
     assert up["resumed"] > 0 and up["attempts"] == 2
-    assert re.search(rf"event=upload_retry recording_id={rid} code=UNAVAILABLE", agent.text())
-    assert_exactly(tmp_path, made)
+    assert retried_with(agent, rid, "UNAVAILABLE")
+    assert_exactly(stack.root, made)
 
 
-@pytest.mark.parametrize("transport", ["insecure", "tls"])
-def test_byte_corrupted_in_flight_is_caught_and_resent(
-    tmp_path: Path, keys: Keys, pki: Pki, transport: str
-) -> None:
-    tls = pki.store_tls if transport == "tls" else None
-    store, address = start_store(tmp_path, tls=tls)
-    with TcpProxy(int(address.rpartition(":")[2]), rate_bytes_s=20e6) as proxy:
-        agent = start_agent(
-            tmp_path,
-            keys,
-            f"127.0.0.1:{proxy.port}",
-            free_port(),
-            **agent_sections(pki if tls else None),
-        )
-        try:
-            if tls:
-                proxy.flip_raw_at(1_000_000)  # lands in a TLS record: the record fails
-            else:
-                proxy.flip_in_grpc_message()  # lands in a chunk's audio bytes
-            rid = write_capture(tmp_path / "agent-data", keys, seconds=60)
-            made = outbox_shas(tmp_path / "agent-data", {rid})
-            wait_stored(tmp_path, 1, timeout=60)
-        finally:
-            agent.stop()
-            store.stop()
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_byte_corrupted_in_flight_is_caught_and_resent(stack: Stack, tls: bool) -> None:
+    store, store_port = stack.store(tls=tls)
+    with TcpProxy(store_port, rate_bytes_s=20e6) as proxy:
+        agent = stack.agent(proxy.port, tls=tls)
+        if tls:
+            proxy.flip_raw_at(1_000_000)  # lands in a TLS record: the record fails
+        else:
+            proxy.flip_in_grpc_message()  # lands in a chunk's audio bytes
+        rid = stack.capture(seconds=60)
+        made = stack.shas({rid})
+        wait_stored(stack.root, 1, timeout=60)
     assert proxy.flips == 1
     if tls:
-        assert re.search(rf"event=upload_retry recording_id={rid} code=UNAVAILABLE", agent.text())
+        assert retried_with(agent, rid, "UNAVAILABLE")
     else:
         assert re.search(rf"event=upload_refused recording_id={rid} code=DATA_LOSS", store.text())
-        assert re.search(rf"event=upload_retry recording_id={rid} code=DATA_LOSS", agent.text())
+        assert retried_with(agent, rid, "DATA_LOSS")
         assert uploaded(agent, rid)["resumed"] == 0, "discarded bytes are sent again in full"
-    assert_exactly(tmp_path, made)
+    assert_exactly(stack.root, made)
 
 
 # ---------------------------------------------------------------- refusals

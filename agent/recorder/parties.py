@@ -33,19 +33,32 @@ Then:
   customer, second = employee), skipping an m-line the other leg already took.
 
 A plain (non-SIPREC) INVITE names its parties in configured headers instead
-(:func:`classify_headers`); its single stream is the mixed leg and its direction is
-unknown.
+(:func:`classify_headers`); its single stream is the mixed leg and its direction comes
+from a header too (``inbound``/``outbound``), else it is unknown.
+
+A metadata update in a re-INVITE or UPDATE (a transfer: a new employee joins) is read
+with :func:`read_update` and merged into the capture's metadata by
+:func:`apply_update`, which only ever adds what the call did not know yet.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import phonenumbers
 
-from agent.capture import CUSTOMER_LEG, EMPLOYEE_LEG, MIXED_LEG, UNKNOWN, Direction, Flag
+from agent.capture import (
+    CUSTOMER_LEG,
+    EMPLOYEE_LEG,
+    MIXED_LEG,
+    UNKNOWN,
+    CaptureMeta,
+    Direction,
+    Employee,
+    Flag,
+)
 from agent.directory import Directory, Person
 from agent.logs import redact_numbers
 from agent.privacy import NumberKind, ProtectedNumber, Protector, normalise
@@ -289,12 +302,29 @@ def unclassified(audio: Sequence[SdpMedia], *flags: Flag) -> CallParties:
     )
 
 
+_DIRECTION_WORDS = {
+    "inbound": Direction.INBOUND,
+    "in": Direction.INBOUND,
+    "incoming": Direction.INBOUND,
+    "outbound": Direction.OUTBOUND,
+    "out": Direction.OUTBOUND,
+    "outgoing": Direction.OUTBOUND,
+}
+
+
+def header_direction(value: str | None) -> Direction:
+    """``inbound``/``outbound`` (or in/out, incoming/outgoing) from a header."""
+    word = (value or "").split(";", 1)[0].strip().lower()
+    return _DIRECTION_WORDS.get(word, Direction.UNKNOWN)
+
+
 def classify_headers(
     customer: str | None,
     employee: str | None,
     service: str | None,
     directory: Directory,
     rules: PartyRules,
+    direction: str | None = None,
 ) -> CallParties:
     """A plain INVITE's parties from the configured headers (one mixed stream)."""
     flags: list[Flag] = []
@@ -310,7 +340,7 @@ def classify_headers(
     if service_number is None:
         flags.append(Flag.SERVICE_UNKNOWN)
     return CallParties(
-        direction=Direction.UNKNOWN,
+        direction=header_direction(direction),
         customer=protected,
         employees=(tag,),
         service_number=service_number,
@@ -330,6 +360,7 @@ class PartyHeaders:
     customer: str
     employee: str
     service: str
+    direction: str = "X-Callrec-Direction"
 
 
 @dataclass(frozen=True)
@@ -382,6 +413,7 @@ def plan_call(
             invite.header(headers.service),
             directory,
             rules,
+            invite.header(headers.direction),
         )
         return CallPlan("plain", parties, _legs(parties, audio), audio_count)
     try:
@@ -391,3 +423,78 @@ def plan_call(
         return CallPlan("siprec", parties, _legs(parties, audio), audio_count, str(exc))
     parties = classify(metadata, audio, directory, rules)
     return CallPlan("siprec", parties, _legs(parties, audio), audio_count)
+
+
+# ---------------------------------------------------------------- mid-call updates
+
+
+def read_update(
+    raw: str | bytes, directory: Directory, rules: PartyRules
+) -> tuple[CallParties | None, str | None]:
+    """The parties named by the metadata of an in-dialog re-INVITE or UPDATE, and why
+    it could not be used. ``(None, None)``: the request carries no metadata (a session
+    refresh, hold or resume), which is nothing to report."""
+    try:
+        request = parse_invite(raw)
+    except SipParseError as exc:
+        return None, str(exc)
+    if request.metadata is None:
+        return None, None
+    try:
+        metadata = parse_metadata(request.metadata)
+    except MetadataError as exc:
+        return None, str(exc)
+    return classify(metadata, (), directory, rules), None
+
+
+_PARTY_FLAGS = (
+    Flag.METADATA_INVALID,
+    Flag.CUSTOMER_UNKNOWN,
+    Flag.CUSTOMER_WITHHELD,
+    Flag.SERVICE_UNKNOWN,
+)
+
+
+def apply_update(meta: CaptureMeta, update: CallParties, at: str) -> CaptureMeta:
+    """Merge a metadata update into a capture's metadata. Employees who were not on the
+    call join it at ``at``; what the call did not know (customer, service number,
+    direction — e.g. the INVITE had no metadata) is filled in. Nothing known is ever
+    replaced (an update may be a partial document naming only who joined)."""
+    employees = _joined(meta.employees, update.employees, at)
+    flags: list[Flag] = [f for f in meta.flags if f is not Flag.EMPLOYEE_UNKNOWN]
+    if all(e.id == UNKNOWN for e in employees):
+        flags.append(Flag.EMPLOYEE_UNKNOWN)
+    customer, service, direction = meta.customer, meta.service_number, meta.direction
+    if customer.kind.value == UNKNOWN and update.customer.kind.value != UNKNOWN:
+        customer, direction = update.customer, update.direction
+        flags = [f for f in flags if f not in _PARTY_FLAGS]
+        flags += [f for f in update.flags if f is Flag.CUSTOMER_WITHHELD]
+        if service is None and update.service_number is None:
+            flags.append(Flag.SERVICE_UNKNOWN)
+    if service is None and update.service_number is not None:
+        service = update.service_number
+        flags = [f for f in flags if f is not Flag.SERVICE_UNKNOWN]
+    return replace(
+        meta,
+        customer=customer,
+        service_number=service,
+        direction=direction,
+        employees=employees,
+        flags=tuple(dict.fromkeys(flags)),
+    )
+
+
+def _joined(
+    current: tuple[Employee, ...], update: Sequence[EmployeeTag], at: str
+) -> tuple[Employee, ...]:
+    """``current`` plus whoever in ``update`` is new; the placeholder for "nobody
+    known" (an unknown employee without an AoR) gives way to anyone real."""
+    employees = list(current)
+    for tag in update:
+        if tag.id == UNKNOWN and (not tag.aor or any(e.aor == tag.aor for e in employees)):
+            continue
+        if tag.id != UNKNOWN and any(e.id == tag.id for e in employees):
+            continue
+        employees.append(Employee(tag.id, tag.name, tag.aor, at, tag.team))
+    real = [e for e in employees if e.id != UNKNOWN or e.aor]
+    return tuple(real or employees)

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 
 from agent.capture import Direction
+from agent.logs import redact_numbers
 from agent.manifest import AUDIO_FORMATS, timestamp
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
+from agent.store import audit
 from agent.store.catalog import Catalog, RecordingRow, from_ms
 from agent.store.crypto import CryptoError
 from agent.store.vault import Vault
@@ -68,6 +71,7 @@ class ConsoleService(pb_grpc.ConsoleServicer):
         until = request.until.ToMilliseconds() if request.HasField("until") else None
         limit = request.limit if 0 < request.limit <= 10_000 else 100
         rows = await asyncio.to_thread(self.catalog.list, since, until, limit)
+        await asyncio.to_thread(self._audit, "search", None, f"console list, {len(rows)} rows")
         log.info("event=console_list count=%d", len(rows))
         return pb.ListRecordingsResponse(recordings=[info_of(r) for r in rows])
 
@@ -80,7 +84,16 @@ class ConsoleService(pb_grpc.ConsoleServicer):
         assert row is not None
         if not request.reason.strip():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "reason: say why you export")
-        log.info("event=console_export recording_id=%s reason=%r", row.recording_id, request.reason)
+        reason = redact_numbers(request.reason.strip())
+        if row.restricted:
+            await asyncio.to_thread(self._audit, "export", row.recording_id, reason, "denied")
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "processing of this recording is restricted (GDPR Art. 18); only the privacy "
+                "officer can export it, for a legal purpose",
+            )
+        await asyncio.to_thread(self._audit, "export", row.recording_id, reason)
+        log.info("event=console_export recording_id=%s reason=%r", row.recording_id, reason)
         # Decrypted on the way out: byte-identical to what the agent uploaded.
         chunks: Iterator[bytes] = self.vault.read(row.recording_id, row.blob_key)
         first = True
@@ -96,6 +109,21 @@ class ConsoleService(pb_grpc.ConsoleServicer):
                 return
             yield pb.AudioChunk(data=data, audio_format=row.audio_format if first else "")
             first = False
+
+    def _audit(
+        self, action: str, recording_id: str | None, reason: str, outcome: str = "allowed"
+    ) -> None:
+        """The console is the store host's administrators' tool: audited like any access."""
+        with self.catalog.engine.begin() as conn:
+            audit.append(
+                conn,
+                f"console@{socket.gethostname()}",
+                action,
+                recording_id,
+                reason,
+                outcome,
+                purpose="maintenance",
+            )
 
 
 def file_suffix(audio_format: str) -> str:

@@ -1,0 +1,538 @@
+"""The SIP front: Kamailio 5.6 (Debian) with the dispatcher module in front of the
+agent's pjsua2 workers (each holds at most four calls, see DESIGN.md).
+
+The agent renders the front's files from its own ``[sip]`` config (one source of
+truth) into ``<data_dir>/front/``: ``kamailio.cfg`` and ``dispatcher.list``, the
+directory 0750, the files 0640, each replaced by write-and-rename (the directory is
+bind-mounted into callrec-front.service, so it is never replaced itself). In
+production systemd runs Kamailio (callrec-front.service); with ``run_front = true``
+the agent runs it itself (tests, development) and relays its log lines into ours.
+
+Routing (measured facts of DESIGN.md built in):
+
+- dispatcher algorithm 10 (call load) without a database: ``ds_hash_size > 0``, a
+  ``duid`` and ``maxload=4`` per worker, ``ds_load_update()`` on the INVITE's 2xx
+  and on BYE, so the front ``record_route()``s and sees the BYE. A call that ends
+  before it was answered (CANCEL, every worker refused) is off-loaded in the failure
+  route with ``ds_load_unset()`` — not on the CANCEL itself, which can lose the race
+  with the worker's 200 and would then drop the load of a live call;
+- failover on 486 (full: two front processes may pick the same nearly-full worker),
+  503 (the worker is draining) and timeout (dead: marked inactive at once, before the
+  next probe notices). ``ds_load_unset()`` runs *before* the destination list runs
+  empty, or a refused call would leak a slot until ``ds_hash_initexpire``;
+- no worker can take the call: the SRC gets 503;
+- OPTIONS probing (pjsua answers OPTIONS itself) every ``probe_interval``;
+- log lines name the call only by ``call_ref`` (the sha256 prefix of the Call-ID the
+  workers log too) and the worker by its ``duid``: never a From/To/R-URI user part.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from agent.config import WORKER_MAX_CALLS, AgentConfig, SipConfig
+from agent.logs import redact_numbers
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "kamailio.cfg"
+LIST_FILE = "dispatcher.list"
+PRODUCTION_RUNTIME_DIR = Path("/run/callrec-front")  # RuntimeDirectory= of the unit
+DISPATCHER_SET = 1
+SHM_MB, PKG_MB = 64, 8  # as in callrec-front.service
+FR_TIMER_MS = 1000  # no 100 Trying from a worker within 1 s: it is dead (pjsua answers at once)
+FR_INV_TIMER_MS = 5000  # 100 Trying but no final answer: a hung worker
+READY_TIMEOUT_S = 15.0
+RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+@dataclass(frozen=True)
+class FrontFiles:
+    directory: Path
+    config: Path
+    dispatcher_list: Path
+    runtime_dir: Path
+
+    @property
+    def ctl(self) -> str:
+        """The ctl module's socket, for ``kamcmd -s``."""
+        return f"unix:{self.runtime_dir / 'kamailio_ctl'}"
+
+
+def front_files(cfg: AgentConfig) -> FrontFiles:
+    directory = cfg.data_dir / "front"
+    runtime = directory / "run" if cfg.sip.run_front else PRODUCTION_RUNTIME_DIR
+    return FrontFiles(directory, directory / CONFIG_FILE, directory / LIST_FILE, runtime)
+
+
+def render_dispatcher_list(sip: SipConfig) -> str:
+    """One destination per worker. Priorities fall with the index, so that among
+    equally loaded workers the first is chosen (Kamailio sorts by priority)."""
+    lines = ["# setid destination flags priority attrs — rendered by callrec; do not edit"]
+    for index in range(sip.workers):
+        host, port = sip.worker_sip(index)
+        attrs = f"duid=w{index};maxload={WORKER_MAX_CALLS}"
+        lines.append(
+            f"{DISPATCHER_SET} sip:{host}:{port};transport=udp 0 {sip.workers - index} {attrs}"
+        )
+    return "\n".join(lines) + "\n"
+
+
+_CALL_REF = "$(ci{s.sha256}{s.substr,0,16})"
+
+
+def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
+    """Kamailio's configuration for this agent's worker pool."""
+    sip = cfg.sip
+    values = {
+        "LISTEN": sip.listen,
+        "PORT": str(sip.port),
+        "CTL": files.ctl,
+        "LIST": str(files.dispatcher_list),
+        "SET": str(DISPATCHER_SET),
+        "PING_S": str(max(1, round(sip.probe_interval_s))),
+        "EXPIRE_S": str(int(sip.max_call_s) + 60),
+        "FR_MS": str(FR_TIMER_MS),
+        "FR_INV_MS": str(FR_INV_TIMER_MS),
+        "REF": _CALL_REF,
+    }
+    text = _TEMPLATE
+    for key, value in values.items():
+        text = text.replace("%" + key + "%", value)
+    return text
+
+
+_TEMPLATE = r"""#!KAMAILIO
+# callrec SIP front: spreads new SIPREC INVITEs over the recorder workers.
+# Rendered by the agent (agent/recorder/front.py) from its [sip] config at every
+# start: edit the agent's config, not this file.
+
+debug=2
+corelog=3          # core parse errors print whole messages: only at debug level
+log_stderror=yes
+log_prefix=""
+children=2
+tcp_children=2
+auto_aliases=no
+dns=no
+rev_dns=no
+dns_try_ipv6=no
+use_dns_cache=off
+server_signature=no
+sip_warning=0
+listen=udp:%LISTEN%:%PORT%
+listen=tcp:%LISTEN%:%PORT%
+tcp_connection_lifetime=3605
+
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "rr.so"
+loadmodule "maxfwd.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+loadmodule "pv.so"
+loadmodule "xlog.so"
+loadmodule "dispatcher.so"
+loadmodule "ctl.so"
+
+modparam("ctl", "binrpc", "%CTL%")
+modparam("tm", "fr_timer", %FR_MS%)
+modparam("tm", "fr_inv_timer", %FR_INV_MS%)
+# A CANCEL reaches a worker even before its 100 Trying (a stalled worker then sees
+# INVITE and CANCEL together and records nothing).
+modparam("tm", "cancel_b_method", 2)
+modparam("tm", "failure_reply_mode", 3)
+modparam("rr", "append_fromtag", 0)
+modparam("dispatcher", "list_file", "%LIST%")
+modparam("dispatcher", "flags", 2)
+modparam("dispatcher", "xavp_dst", "_dsdst_")
+modparam("dispatcher", "xavp_ctx", "_dsctx_")
+modparam("dispatcher", "ds_hash_size", 9)
+modparam("dispatcher", "ds_hash_expire", %EXPIRE_S%)
+modparam("dispatcher", "ds_hash_initexpire", 60)
+modparam("dispatcher", "ds_hash_check_interval", 10)
+modparam("dispatcher", "ds_ping_interval", %PING_S%)
+modparam("dispatcher", "ds_probing_mode", 1)
+modparam("dispatcher", "ds_probing_threshold", 1)
+modparam("dispatcher", "ds_inactive_threshold", 1)
+modparam("dispatcher", "ds_ping_from", "sip:callrec-front@%LISTEN%")
+modparam("dispatcher", "ds_ping_reply_codes", "class=2")
+modparam("dispatcher", "ds_timer_mode", 1)
+
+request_route {
+    if (!mf_process_maxfwd_header("10")) {
+        sl_send_reply("483", "Too Many Hops");
+        exit;
+    }
+    if (has_totag()) {
+        route(IN_DIALOG);
+        exit;
+    }
+    if (is_method("CANCEL")) {
+        if (t_check_trans()) {
+            t_relay();
+        }
+        exit;
+    }
+    if (is_method("ACK")) {
+        t_check_trans();
+        exit;
+    }
+    t_check_trans();
+    if (is_method("OPTIONS")) {
+        sl_send_reply("200", "OK");
+        exit;
+    }
+    if (!is_method("INVITE")) {
+        sl_send_reply("405", "Method Not Allowed");
+        exit;
+    }
+    remove_hf("Route");
+    record_route();
+    route(DISPATCH);
+}
+
+route[DISPATCH] {
+    if (!ds_select_dst("%SET%", "10")) {
+        xlog("L_WARN", "event=front_refused call_ref=%REF% status=503 reason=no_worker\n");
+        sl_send_reply("503", "No recorder available");
+        exit;
+    }
+    xlog("L_INFO", "event=front_dispatched call_ref=%REF% worker=$xavp(_dsdst_=>dstid)\n");
+    route(RELAY);
+}
+
+route[RELAY] {
+    t_on_failure("FAILOVER");
+    t_on_reply("ANSWERED");
+    if (!t_relay()) {
+        ds_load_unset();
+        sl_reply_error();
+    }
+    exit;
+}
+
+route[IN_DIALOG] {
+    if (!loose_route()) {
+        if (is_method("ACK") && t_check_trans()) {
+            t_relay();
+        } else if (!is_method("ACK")) {
+            sl_send_reply("404", "Not here");
+        }
+        exit;
+    }
+    if (is_method("BYE")) {
+        ds_load_update();
+    }
+    if (!t_relay()) {
+        sl_reply_error();
+    }
+}
+
+onreply_route[ANSWERED] {
+    if (status =~ "^2[0-9][0-9]$" && $rm == "INVITE") {
+        ds_load_update();
+    }
+}
+
+failure_route[FAILOVER] {
+    if (t_is_canceled()) {
+        ds_load_unset();
+        exit;
+    }
+    if (!(t_check_status("486|503|408") || t_branch_timeout())) {
+        ds_load_unset();
+        exit;
+    }
+    if (t_branch_timeout() && !t_branch_replied()) {
+        ds_mark_dst("ip");
+    }
+    if ($xavp(_dsdst_[1]=>uri) != $null) {
+        xlog("L_WARN", "event=front_failover call_ref=%REF% worker=$xavp(_dsdst_=>dstid) status=$T_reply_code next=$xavp(_dsdst_[1]=>dstid)\n");
+        if (ds_next_dst()) {
+            route(RELAY);
+        }
+    }
+    ds_load_unset();
+    xlog("L_WARN", "event=front_refused call_ref=%REF% status=503 reason=all_refused last=$T_reply_code\n");
+    t_reply("503", "No recorder available");
+}
+"""
+
+
+def _write(path: Path, text: str) -> None:
+    """Write-and-rename, 0640 (the front's user reads it through group callrec)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o640)
+    tmp.replace(path)
+
+
+def write_front_files(cfg: AgentConfig) -> FrontFiles:
+    """Render the front's config and dispatcher list into ``<data_dir>/front``."""
+    files = front_files(cfg)
+    files.directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(files.directory, 0o750)
+    _write(files.dispatcher_list, render_dispatcher_list(cfg.sip))
+    _write(files.config, render_config(cfg, files))
+    log.info(
+        "event=front_rendered config=%s workers=%d sip=%s:%d probe_s=%d",
+        files.config,
+        cfg.sip.workers,
+        cfg.sip.listen,
+        cfg.sip.port,
+        max(1, round(cfg.sip.probe_interval_s)),
+    )
+    return files
+
+
+# ---------------------------------------------------------------- kamcmd
+
+
+@dataclass(frozen=True)
+class Destination:
+    duid: str
+    uri: str
+    flags: str  # "AP" active (probing), "IP" inactive (probing), "DX" disabled…
+    load: int  # calls the front counts on this worker
+
+    @property
+    def active(self) -> bool:
+        return self.flags.startswith("A")
+
+
+def kamcmd(files: FrontFiles, *command: str, timeout: float = 5.0) -> str:
+    proc = subprocess.run(
+        ["kamcmd", "-s", files.ctl, *command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"kamcmd {' '.join(command)}: {proc.stderr.strip() or proc.stdout}")
+    return proc.stdout
+
+
+def parse_dispatcher_list(text: str) -> list[Destination]:
+    """``kamcmd dispatcher.list`` → the destinations, in the file's worker order."""
+    found: list[Destination] = []
+    for block in text.split("DEST:")[1:]:
+        fields = dict(re.findall(r"^\s*(URI|FLAGS|DUID|DLGLOAD):\s*(\S+)", block, re.M))
+        found.append(
+            Destination(
+                fields.get("DUID", ""),
+                fields.get("URI", ""),
+                fields.get("FLAGS", ""),
+                int(fields.get("DLGLOAD", "0")),
+            )
+        )
+    return sorted(found, key=lambda d: int(d.duid[1:]) if d.duid[1:].isdigit() else 0)
+
+
+def destinations(files: FrontFiles) -> list[Destination]:
+    return parse_dispatcher_list(kamcmd(files, "dispatcher.list"))
+
+
+# ---------------------------------------------------------------- the process
+
+
+_LINE = re.compile(r"^\s*\d+\((\d+)\)\s+([A-Z]+):\s+(.*)$")
+_LEVELS = {
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "NOTICE": logging.INFO,
+    "WARNING": logging.WARNING,
+    "ERROR": logging.ERROR,
+    "CRITICAL": logging.CRITICAL,
+    "ALERT": logging.ERROR,
+    "BUG": logging.CRITICAL,
+}
+_URI_USER = re.compile(r"\b(sips?:)[^@\s;>\"']+@", re.IGNORECASE)
+_TEL_URI = re.compile(r"\btel:[^\s;>\"']+", re.IGNORECASE)
+
+
+def sanitize(text: str) -> str:
+    """A Kamailio log line without URI user parts or number-like digit runs."""
+    text = _URI_USER.sub(r"\1<redacted>@", text)
+    text = _TEL_URI.sub("tel:<redacted>", text)
+    return redact_numbers(text)
+
+
+class FrontProcess:
+    """Kamailio run by the agent (``run_front = true``): started after the workers,
+    stopped after them (BYEs of calls still draining pass through it), restarted if
+    it dies. Its stderr is relayed line by line into our log, sanitised; refusals
+    (``event=front_refused``) and failovers are counted."""
+
+    def __init__(self, cfg: AgentConfig, files: FrontFiles) -> None:
+        self.cfg = cfg
+        self.files = files
+        self.refused = 0
+        self.failovers = 0
+        self.restarts = 0
+        self._process: subprocess.Popen[str] | None = None
+        self._relay: threading.Thread | None = None
+        self._stopping = False
+        self._next_start = 0.0
+        self._started_at = 0.0
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def command(self) -> list[str]:
+        return [
+            str(self.cfg.sip.kamailio),
+            "-DD",
+            "-E",
+            "-Y",
+            str(self.files.runtime_dir),
+            "-m",
+            str(SHM_MB),
+            "-M",
+            str(PKG_MB),
+            "-f",
+            str(self.files.config),
+        ]
+
+    def start(self, wait: bool = True) -> None:
+        self.files.runtime_dir.mkdir(parents=True, exist_ok=True)
+        self._stopping = False
+        self._process = subprocess.Popen(
+            self.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
+        self._started_at = time.monotonic()
+        self._relay = threading.Thread(
+            target=self._relay_lines, args=(self._process.stdout,), name="front-log", daemon=True
+        )
+        self._relay.start()
+        if wait:
+            self._wait_ready()
+        log.info(
+            "event=front_started pid=%d sip=%s:%d workers=%d",
+            self._process.pid,
+            self.cfg.sip.listen,
+            self.cfg.sip.port,
+            self.cfg.sip.workers,
+        )
+
+    def _wait_ready(self) -> None:
+        """Ready once its control socket answers (children forked, lists loaded)."""
+        assert self._process is not None
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(
+                    f"kamailio exited with {self._process.returncode} at start "
+                    f"(config {self.files.config}; its log lines are above)"
+                )
+            try:
+                kamcmd(self.files, "core.uptime", timeout=2.0)
+                return
+            except (RuntimeError, subprocess.TimeoutExpired):
+                time.sleep(0.1)
+        raise RuntimeError(f"kamailio not ready in {READY_TIMEOUT_S:.0f}s")
+
+    def supervise(self) -> None:
+        """Restart Kamailio if it died (with backoff); called from the agent's loop."""
+        process = self._process
+        if process is None:
+            if time.monotonic() >= self._next_start:
+                try:
+                    self.start(wait=False)
+                except OSError as exc:
+                    log.error("event=front_start_failed error=%r", str(exc))
+                    self._schedule_restart()
+            return
+        if process.poll() is None or self._stopping:
+            return
+        log.error(
+            "event=front_died pid=%d exit_code=%s restart_in_s=%.0f",
+            process.pid,
+            process.returncode,
+            self._backoff(),
+        )
+        self._process = None
+        self._schedule_restart()
+
+    def _backoff(self) -> float:
+        return RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
+
+    def _schedule_restart(self) -> None:
+        if time.monotonic() - self._started_at > 60.0:
+            self.restarts = 0  # it ran well for a while: start the backoff afresh
+        self._next_start = time.monotonic() + self._backoff()
+        self.restarts += 1
+
+    def stop(self, timeout: float = 10.0) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        self._stopping = True
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.error("event=front_kill reason=stop_timeout pid=%d", process.pid)
+                process.kill()
+                process.wait(5)
+        if self._relay is not None:
+            self._relay.join(2.0)
+        log.info(
+            "event=front_stopped exit_code=%s refused=%d failovers=%d",
+            process.returncode,
+            self.refused,
+            self.failovers,
+        )
+
+    def _relay_lines(self, stream: IO[str] | None) -> None:
+        if stream is None:
+            return
+        for raw in stream:
+            self._relay_line(raw.rstrip("\n"))
+
+    def _relay_line(self, raw: str) -> None:
+        if not raw.strip():
+            return
+        match = _LINE.match(raw)
+        level = _LEVELS.get(match.group(2), logging.INFO) if match else logging.INFO
+        text = sanitize(match.group(3) if match else raw.strip())
+        if self._stopping and level < logging.CRITICAL:
+            level = logging.DEBUG  # children exiting at shutdown log ALERTs
+        if text.startswith("<script>: event="):
+            text = text.removeprefix("<script>: ")
+            if text.startswith("event=front_refused"):
+                self.refused += 1
+                text += f" refused_total={self.refused}"
+            elif text.startswith("event=front_failover"):
+                self.failovers += 1
+            log.log(level, "%s", text)
+            return
+        log.log(level, "event=kamailio msg=%s", _quote(text))
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,159 @@
+"""What a recorder worker writes for one call, free of pjsua2 (``sip.py`` owns every
+pjsua2 object and calls these): the capture's metadata at answer, mid-call updates
+(a transfer adds an employee), and the capture's move to ``ready`` at the end.
+
+The capture directory layout is described in :mod:`agent.capture`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+from agent.capture import (
+    CUSTOMER_LEG,
+    EMPLOYEE_LEG,
+    MIXED_LEG,
+    UNKNOWN,
+    CaptureMeta,
+    Employee,
+    Flag,
+    fsync_dir,
+    iso_ms,
+    parse_iso,
+    write_meta,
+)
+from agent.logs import redact_numbers
+from agent.recorder.parties import CallPlan
+
+log = logging.getLogger("agent.recorder.sip")
+
+LEG_ORDER = (CUSTOMER_LEG, EMPLOYEE_LEG, MIXED_LEG)
+
+
+def kv(value: object) -> str:
+    """A log value: quoted when it holds spaces or quotes."""
+    text = str(value)
+    if not text or any(c in text for c in ' "=\\'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
+
+
+def call_ref(call_id: str) -> str:
+    """A stable, non-reversible reference to a SIP Call-ID for tracing (the front logs
+    the same: ``$(ci{s.sha256}{s.substr,0,16})``)."""
+    return hashlib.sha256(call_id.encode()).hexdigest()[:16]
+
+
+def open_files() -> set[str]:
+    """Paths this process has open (Linux ``/proc/self/fd``)."""
+    paths: set[str] = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            paths.add(os.readlink(fd))
+    return paths
+
+
+def new_meta(
+    site: str, recording_id: str, ref: str, plan: CallPlan, started: dt.datetime
+) -> CaptureMeta:
+    """The capture's metadata as written at answer (``ended_at`` still open)."""
+    parties = plan.parties
+    joined = iso_ms(started)
+    return CaptureMeta(
+        recording_id=recording_id,
+        site=site,
+        source=plan.source,
+        call_ref=ref,
+        direction=parties.direction,
+        started_at=joined,
+        ended_at=None,
+        service_number=parties.service_number,
+        customer=parties.customer,
+        employees=tuple(Employee(e.id, e.name, e.aor, joined, e.team) for e in parties.employees),
+        legs=tuple(leg for leg in LEG_ORDER if leg in plan.legs.values()),
+        flags=parties.flags,
+    )
+
+
+def log_answered(meta: CaptureMeta, plan: CallPlan, worker: int) -> None:
+    log.info(
+        "event=call_answered call_ref=%s recording_id=%s worker=%d source=%s direction=%s "
+        "customer=%s employee=%s service=%s legs=%s flags=%s",
+        meta.call_ref,
+        meta.recording_id,
+        worker,
+        meta.source,
+        meta.direction.value,
+        kv(meta.customer.masked),
+        kv(", ".join(e.name for e in meta.employees)),
+        meta.service_number or "unknown",
+        ",".join(meta.legs),
+        ",".join(meta.flags) or "-",
+    )
+    if plan.problem is not None:
+        log.warning(
+            "event=metadata_invalid recording_id=%s reason=%s",
+            meta.recording_id,
+            kv(redact_numbers(plan.problem)),
+        )
+    log_unknown_employees(meta, meta.employees)
+
+
+def log_unknown_employees(meta: CaptureMeta, employees: tuple[Employee, ...]) -> None:
+    for employee in employees:
+        if employee.id == UNKNOWN:
+            log.warning(
+                "event=employee_unknown recording_id=%s aor=%s",
+                meta.recording_id,
+                kv(employee.aor or "-"),
+            )
+
+
+def log_updated(before: CaptureMeta, after: CaptureMeta) -> None:
+    added = after.employees[len(before.employees) :]
+    kept = {(e.id, e.aor) for e in after.employees}
+    dropped = [e for e in before.employees if (e.id, e.aor) not in kept]
+    log.info(
+        "event=call_updated recording_id=%s employees_added=%s employees=%s customer=%s "
+        "direction=%s flags=%s",
+        after.recording_id,
+        len(added) - len(dropped),
+        kv(", ".join(e.name for e in after.employees)),
+        kv(after.customer.masked),
+        after.direction.value,
+        ",".join(after.flags) or "-",
+    )
+    log_unknown_employees(after, added)
+
+
+def finish_capture(
+    meta: CaptureMeta,
+    directory: Path,
+    ready_dir: Path,
+    ended: dt.datetime,
+    flags: list[Flag],
+) -> CaptureMeta:
+    """Close the capture's metadata (end time, legs present, flags) and move it to
+    ``ready`` with one rename; a leg that was never written makes it incomplete."""
+    legs = tuple(leg for leg in meta.legs if (directory / leg).exists())
+    flags = [*flags] + ([Flag.INCOMPLETE] if legs != meta.legs else [])
+    meta = replace(meta, ended_at=iso_ms(ended), legs=legs).with_flags(*flags)
+    write_meta(directory, meta)
+    directory.rename(ready_dir / meta.recording_id)
+    fsync_dir(ready_dir)
+    fsync_dir(directory.parent)
+    log.info(
+        "event=call_recorded recording_id=%s call_ref=%s duration_s=%.3f legs=%s flags=%s",
+        meta.recording_id,
+        meta.call_ref,
+        (ended - parse_iso(meta.started_at)).total_seconds(),
+        ",".join(legs) or "-",
+        ",".join(meta.flags) or "-",
+    )
+    return meta
