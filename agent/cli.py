@@ -96,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    for module in (access_cli, certs):
-        handled = module.dispatch(args)
+    dispatchers: tuple[Callable[[argparse.Namespace], int | None], ...] = (
+        access_cli.dispatch,
+        certs.dispatch,
+    )
+    for dispatch in dispatchers:
+        handled = dispatch(args)
         if handled is not None:
             return handled
     if args.command == "agent":

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from alembic.script import ScriptDirectory
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 
 from agent.store import audit
 from agent.store.catalog import (
