@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 
 from agent import access_cli, certs, logs
-from agent.config import ConfigError, load_agent_config, load_store_config
+from agent.config import ConfigError, check_transport, load_agent_config, load_store_config
 from agent.directory import Directory, DirectoryError
 from agent.manifest import DIRECTION_NAMES
 from agent.pb.callrec.v1 import recordings_pb2 as pb
@@ -214,6 +214,7 @@ def check_config(agent_path: Path | None, store_path: Path | None) -> int:
     problems: list[str] = []
     if agent_path is not None:
         cfg = load_agent_config(agent_path)
+        check_transport(cfg.uplink)
         loaders: list[tuple[Callable[[Path], object], Path]] = [
             (LookupKeys.load, cfg.privacy.lookup_key_file),
             (Sealer.load, cfg.privacy.seal_public_key_file),
@@ -225,7 +226,7 @@ def check_config(agent_path: Path | None, store_path: Path | None) -> int:
             except (KeyFileError, DirectoryError) as exc:
                 problems.append(str(exc))
     if store_path is not None:
-        load_store_config(store_path)
+        check_transport(load_store_config(store_path))
     for problem in problems:
         sys.stderr.write(problem + "\n")
     if not problems:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from agent import certs
 from agent.cli import export_audio, format_recordings, keys_init
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
@@ -51,14 +52,30 @@ trained = 2026-01-15
 """
 
 
+def _make_tls(directory: Path, site: str) -> None:
+    """A small CA, the store's server certificate and the agent's client certificate
+    (what `callrec certs ca|store|agent` make): agent and store talk mutual TLS."""
+    if (directory / "ca.pem").exists():
+        return
+    ca = certs.new_ca()
+    certs.write_pair(directory, "ca", ca)
+    certs.write_pair(directory, "store", certs.issue_store(ca, ["127.0.0.1", "localhost"]))
+    certs.write_pair(directory, "agent", certs.issue_agent(ca, site))
+
+
 def _write_configs(root: Path, store_port: int, sip_port: int, rtp_start: int) -> tuple[Path, Path]:
     (root / "people.toml").write_text(PEOPLE)
+    _make_tls(root / "tls", "demo")
     store = root / "store.toml"
     store.write_text(
         "[store]\n"
         f'listen = "127.0.0.1:{store_port}"\n'
         'data_dir = "store-data"\n'
         'retention = "6 months"\n'
+        'directory_file = "people.toml"\nlookup_key_file = "keys/lookup.key"\n'
+        'seal_key_file = "keys/seal.pem"\n\n'
+        '[store.tls]\nca_file = "tls/ca.pem"\ncert_file = "tls/store.pem"\n'
+        'key_file = "tls/store.key"\n'
     )
     agent = root / "agent.toml"
     agent.write_text(
@@ -70,6 +87,7 @@ def _write_configs(root: Path, store_port: int, sip_port: int, rtp_start: int) -
         '[privacy]\nlookup_key_file = "keys/lookup.key"\n'
         'seal_public_key_file = "keys/seal.pub.pem"\n\n'
         f'[uplink]\nstore_address = "127.0.0.1:{store_port}"\n'
+        'ca_file = "tls/ca.pem"\ncert_file = "tls/agent.pem"\nkey_file = "tls/agent.key"\n'
     )
     return store, agent
 

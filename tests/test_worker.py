@@ -378,7 +378,7 @@ def _wait_active(worker: Worker, timeout: float = 10.0) -> Path:
 def test_sigterm_refuses_new_calls_and_finishes_the_call_in_progress(
     tmp_path: Path, keys: Keys, workers: list[Worker], speech: Speech, rtp: tuple[str, int]
 ) -> None:
-    workers.append(start_worker(tmp_path, keys, uplink={"grace": "2s"}))
+    workers.append(start_worker(tmp_path, keys, sip={"drain": "2s"}))
     worker = workers[-1]
     call = SiprecCall(speech.customer, speech.employee, call_ms=20000, rtp_via=rtp)
     with ThreadPoolExecutor(2) as pool:
@@ -397,7 +397,7 @@ def test_sigterm_refuses_new_calls_and_finishes_the_call_in_progress(
     meta = wait_for_capture(worker, timeout=1)
     assert meta.ended_at is not None and Flag.INCOMPLETE not in meta.flags
     duration = (parse_iso(meta.ended_at) - parse_iso(meta.started_at)).total_seconds()
-    assert 2.5 < duration < 6.0  # ~1.2 s of call, then the 2 s grace
+    assert 2.5 < duration < 6.0  # ~1.2 s of call, then the 2 s drain
     capture = worker.ready_dir / meta.recording_id
     assert wav_seconds(capture / CUSTOMER_LEG) > 2.5
     assert_leg_carries(capture / CUSTOMER_LEG, speech.customer, speech.employee)
@@ -452,7 +452,7 @@ def test_sighup_reloads_the_directory_and_keeps_the_old_one_if_broken(
 def test_second_sigterm_exits_at_once_and_the_capture_stays_recoverable(
     tmp_path: Path, keys: Keys, workers: list[Worker], speech: Speech, rtp: tuple[str, int]
 ) -> None:
-    workers.append(start_worker(tmp_path, keys, uplink={"grace": "30s"}))
+    workers.append(start_worker(tmp_path, keys, sip={"drain": "30s"}))
     worker = workers[-1]
     call = SiprecCall(speech.customer, speech.employee, call_ms=2000, rtp_via=rtp)
     with ThreadPoolExecutor(1) as pool:

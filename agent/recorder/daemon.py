@@ -25,6 +25,7 @@ from agent.loops import DirectoryQueue
 from agent.privacy import LookupKeys, Sealer, check_private_file
 from agent.recorder.backpressure import OutboxMonitor
 from agent.recorder.finalize import Finalizer
+from agent.recorder.front import FrontProcess, write_front_files
 from agent.recorder.outbox import Outbox
 from agent.recorder.spool import SpoolPickup
 from agent.recorder.uplink import Uplink
@@ -32,8 +33,13 @@ from agent.recorder.uplink import Uplink
 log = logging.getLogger(__name__)
 
 WORKER_READY_TIMEOUT_S = 20.0
-WORKER_STOP_TIMEOUT_S = 30.0
-RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+# After [sip] drain a worker hangs up what is left (3 s), closes its files and
+# destroys pjsua (~1 s); past this margin it is killed (its captures are recovered).
+WORKER_STOP_MARGIN_S = 15.0
+# The first restart is immediate (its calls' BYEs are already failing); a worker that
+# keeps dying waits longer each time, and starts afresh after HEALTHY_S of good running.
+RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
+HEALTHY_S = 60.0
 
 
 @dataclass
@@ -42,6 +48,12 @@ class WorkerProcess:
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     next_start: float = 0.0
+    started_at: float = 0.0
+    ready_fd: int | None = None  # read end of the readiness pipe while it starts
+
+    def signal(self, signum: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signum)
 
 
 class AgentDaemon:
@@ -53,6 +65,7 @@ class AgentDaemon:
         self.hup_event = threading.Event()
         self.spool: SpoolPickup | None = None  # [spool]: recordings the PBX made itself
         self.workers = [WorkerProcess(i) for i in range(config.sip.workers)]
+        self.front: FrontProcess | None = None  # [sip] run_front: Kamailio run by us
         self.metrics_dir = config.data_dir / "metrics"
         self.metrics_port: int | None = None
         self.outbox = Outbox(config.outbox_dir)
@@ -97,8 +110,7 @@ class AgentDaemon:
         if cfg.spool is not None:
             self.spool = SpoolPickup.from_config(cfg)
             self.spool.start()
-        for worker in self.workers:
-            self._start_worker(worker, wait_ready=True)
+        self._start_pool()
         log.info(
             "event=agent_ready site=%s workers=%d sip=%s:%d store=%s outbox=%d",
             cfg.site,
@@ -119,6 +131,8 @@ class AgentDaemon:
                 _reload(self)
             for worker in self.workers:
                 self._supervise(worker)
+            if self.front is not None:
+                self.front.supervise()
             loops = (self.finalize_queue, self.upload_queue, self.outbox_monitor)
             spool_ok = self.spool is None or self.spool.is_alive()
             if not (spool_ok and all(loop.is_alive() for loop in loops)):
@@ -129,12 +143,7 @@ class AgentDaemon:
     def shutdown(self) -> None:
         sdnotify.stopping()
         log.info("event=agent_stopping")
-        for worker in self.workers:
-            if worker.process and worker.process.poll() is None:
-                worker.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + WORKER_STOP_TIMEOUT_S
-        for worker in self.workers:
-            self._reap(worker, deadline)
+        self._stop_pool()
         if self.spool is not None:  # finish the file in hand; finalize drains what it made
             self.spool.stop()
             self.spool.join(30.0)
@@ -159,8 +168,9 @@ class AgentDaemon:
             log.warning("event=agent_forced_exit")
             self.forced.set()
             for worker in self.workers:
-                if worker.process and worker.process.poll() is None:
-                    worker.process.kill()
+                worker.signal(signal.SIGKILL)
+            if self.front is not None:
+                self.front.kill()
             os._exit(1)
         self.stop_event.set()
 
@@ -179,52 +189,95 @@ class AgentDaemon:
         ]
         return command if ready_fd is None else [*command, "--ready-fd", str(ready_fd)]
 
-    def _start_worker(self, worker: WorkerProcess, wait_ready: bool) -> None:
-        if not wait_ready:
-            worker.process = subprocess.Popen(
-                self._worker_command(worker, None), stdin=subprocess.DEVNULL, env=_worker_env()
-            )
-            log.info("event=worker_started index=%d pid=%d", worker.index, worker.process.pid)
-            return
-        read_fd, write_fd = os.pipe()
+    def _start_pool(self) -> None:
+        """Render the front's files, start every worker at once and wait until each
+        listens; then the front (with ``run_front``), which probes them from then on."""
+        sip = self.config.sip
+        if sip.front:
+            files = write_front_files(self.config)
+            if sip.run_front:
+                self.front = FrontProcess(self.config, files)
+        for worker in self.workers:
+            self._spawn_worker(worker, ready_pipe=True)
+        deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
+        for worker in self.workers:
+            self._await_ready(worker, deadline)
+        if self.front is not None:
+            self.front.start()
+
+    def _stop_pool(self) -> None:
+        """Workers stop taking calls (503: the front tries the next, then refuses) and
+        drain for ``[sip] drain``; the front stops last, because the BYEs of calls in
+        progress pass through it."""
+        for worker in self.workers:
+            worker.signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.sip.drain_s + WORKER_STOP_MARGIN_S
+        for worker in self.workers:
+            self._reap(worker, deadline)
+        if self.front is not None:
+            self.front.stop()
+
+    def _spawn_worker(self, worker: WorkerProcess, ready_pipe: bool) -> None:
+        read_fd, write_fd = os.pipe() if ready_pipe else (None, None)
         try:
             worker.process = subprocess.Popen(
                 self._worker_command(worker, write_fd),
-                pass_fds=(write_fd,),
+                pass_fds=() if write_fd is None else (write_fd,),
                 stdin=subprocess.DEVNULL,
                 env=_worker_env(),
             )
+        except OSError:
+            if read_fd is not None:
+                os.close(read_fd)
+            raise
         finally:
-            os.close(write_fd)
-        try:
-            if not _wait_ready(read_fd, WORKER_READY_TIMEOUT_S):
-                raise RuntimeError(
-                    f"worker {worker.index} did not become ready in {WORKER_READY_TIMEOUT_S:.0f}s "
-                    f"(exit code {worker.process.poll()})"
-                )
-        finally:
-            os.close(read_fd)
+            if write_fd is not None:
+                os.close(write_fd)
+        worker.ready_fd, worker.started_at = read_fd, time.monotonic()
         log.info("event=worker_started index=%d pid=%d", worker.index, worker.process.pid)
 
+    def _await_ready(self, worker: WorkerProcess, deadline: float) -> None:
+        fd, worker.ready_fd = worker.ready_fd, None
+        assert fd is not None and worker.process is not None
+        try:
+            ready = _wait_ready(fd, max(0.1, deadline - time.monotonic()))
+        finally:
+            os.close(fd)
+        if not ready:
+            raise RuntimeError(
+                f"worker {worker.index} did not become ready in {WORKER_READY_TIMEOUT_S:.0f}s "
+                f"(exit code {worker.process.poll()})"
+            )
+
     def _supervise(self, worker: WorkerProcess) -> None:
-        process = worker.process
-        if process is None or process.poll() is None:
-            if process is None and time.monotonic() >= worker.next_start:
-                self._start_worker(worker, wait_ready=False)
+        """Restart a worker that died (its successor recovers its captures)."""
+        process, now = worker.process, time.monotonic()
+        if process is not None and process.poll() is None:
             return
-        delay = RESTART_BACKOFF_S[min(worker.restarts, len(RESTART_BACKOFF_S) - 1)]
-        log.error(
-            "event=worker_died index=%d pid=%d exit_code=%s restart_in_s=%.0f",
-            worker.index,
-            process.pid,
-            process.returncode,
-            delay,
-        )
-        worker.process = None
-        worker.restarts += 1
-        worker.next_start = time.monotonic() + delay
+        if process is not None:
+            if now - worker.started_at >= HEALTHY_S:
+                worker.restarts = 0
+            delay = RESTART_BACKOFF_S[min(worker.restarts, len(RESTART_BACKOFF_S) - 1)]
+            log.error(
+                "event=worker_died index=%d pid=%d exit_code=%s restart_in_s=%.1f",
+                worker.index,
+                process.pid,
+                process.returncode,
+                delay,
+            )
+            worker.process, worker.next_start = None, now + delay
+            worker.restarts += 1
+        if now >= worker.next_start:
+            try:
+                self._spawn_worker(worker, ready_pipe=False)
+            except OSError as exc:
+                log.error("event=worker_start_failed index=%d error=%r", worker.index, str(exc))
+                worker.next_start = now + RESTART_BACKOFF_S[-1]
 
     def _reap(self, worker: WorkerProcess, deadline: float) -> None:
+        if worker.ready_fd is not None:  # startup failed before it was ready
+            os.close(worker.ready_fd)
+            worker.ready_fd = None
         process = worker.process
         if process is None:
             return

@@ -107,6 +107,9 @@ def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
         "FR_MS": str(FR_TIMER_MS),
         "FR_INV_MS": str(FR_INV_TIMER_MS),
         "REF": _CALL_REF,
+        "W": "$xavp(_dsdst_=>dstid)",
+        "NEXT": "$xavp(_dsdst_[1]=>dstid)",
+        "ST": "$T_reply_code",
     }
     text = _TEMPLATE
     for key, value in values.items():
@@ -210,7 +213,7 @@ route[DISPATCH] {
         sl_send_reply("503", "No recorder available");
         exit;
     }
-    xlog("L_INFO", "event=front_dispatched call_ref=%REF% worker=$xavp(_dsdst_=>dstid)\n");
+    xlog("L_INFO", "event=front_dispatched call_ref=%REF% worker=%W%\n");
     route(RELAY);
 }
 
@@ -260,13 +263,13 @@ failure_route[FAILOVER] {
         ds_mark_dst("ip");
     }
     if ($xavp(_dsdst_[1]=>uri) != $null) {
-        xlog("L_WARN", "event=front_failover call_ref=%REF% worker=$xavp(_dsdst_=>dstid) status=$T_reply_code next=$xavp(_dsdst_[1]=>dstid)\n");
+        xlog("L_WARN", "event=front_failover call_ref=%REF% worker=%W% status=%ST% next=%NEXT%\n");
         if (ds_next_dst()) {
             route(RELAY);
         }
     }
     ds_load_unset();
-    xlog("L_WARN", "event=front_refused call_ref=%REF% status=503 reason=all_refused last=$T_reply_code\n");
+    xlog("L_WARN", "event=front_refused call_ref=%REF% status=503 reason=all_refused last=%ST%\n");
     t_reply("503", "No recorder available");
 }
 """
@@ -288,7 +291,7 @@ def write_front_files(cfg: AgentConfig) -> FrontFiles:
     """Render the front's config and dispatcher list into ``<data_dir>/front``."""
     files = front_files(cfg)
     files.directory.mkdir(parents=True, exist_ok=True)
-    os.chmod(files.directory, 0o750)
+    os.chmod(files.directory, 0o750)  # noqa: S103 - the front's user reads it (group)
     _write(files.dispatcher_list, render_dispatcher_list(cfg.sip))
     _write(files.config, render_config(cfg, files))
     log.info(
@@ -508,6 +511,12 @@ class FrontProcess:
             self.failovers,
         )
 
+    def kill(self) -> None:
+        """At a forced exit: no orphan may keep the SIP port."""
+        if self._process is not None and self._process.poll() is None:
+            self._stopping = True
+            self._process.kill()
+
     def _relay_lines(self, stream: IO[str] | None) -> None:
         if stream is None:
             return
@@ -522,6 +531,8 @@ class FrontProcess:
         text = sanitize(match.group(3) if match else raw.strip())
         if self._stopping and level < logging.CRITICAL:
             level = logging.DEBUG  # children exiting at shutdown log ALERTs
+        elif level == logging.INFO and not text.startswith("<script>:"):
+            level = logging.DEBUG  # Kamailio's own start-up chatter
         if text.startswith("<script>: event="):
             text = text.removeprefix("<script>: ")
             if text.startswith("event=front_refused"):

@@ -5,14 +5,23 @@ One thread owns pjsua2 (``threadCnt = 0``, ``mainThreadOnly``) and drives it wit
 events on a deque; ``poll`` handles them after ``libHandleEvents`` returns, so no
 Python error is ever raised through a SWIG director. Exception: a disconnected
 ``Call`` is released inside its own ``onCallState`` (the pattern pjsua2 documents),
-before pjsua can reuse its call slot for a new INVITE.
+before pjsua can reuse its call slot for a new INVITE. What is written to disk is
+decided in :mod:`agent.recorder.session` (no pjsua2 there).
 
 Measured pjsua2 facts built in (wheel ``pjsua2-python`` 2.15.1, see DESIGN.md):
 ``PJSUA_MAX_CALLS = 4`` (a fifth INVITE gets 486 from pjsua itself); ``siprec`` must
 be added to Supported or ``Require: siprec`` gets 420; answer with
 ``opt.audioCount = <audio m-lines>``; SIPREC streams are ``REMOTE_HOLD`` (the offer is
 sendonly); clock rate 8000; Python references to every Call/Account/recorder, all
-dropped before ``libDestroy``; pjsua has no RTP timeout of its own.
+dropped before ``libDestroy``; pjsua has no RTP timeout of its own; a recorder's WAV
+is closed ~10-20 ms after its last reference drops; ``str(pj.Error)`` is empty (use
+``exc.info()``); hold the ``CallInfo`` in a local while iterating its media.
+
+In-dialog requests: pjsua answers re-INVITEs and UPDATEs itself (hold, resume,
+session-timer refreshes keep the recorders: they are re-connected on every media
+change). One that carries recording metadata (a transfer) is read in
+``onCallTsxState`` and merged into the capture (:func:`parties.apply_update`).
+A CANCEL that arrives before we answered leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -21,59 +30,47 @@ import collections
 import contextlib
 import ctypes
 import datetime as dt
-import hashlib
 import logging
-import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pjsua2 as pj
 
-from agent.capture import (
-    CUSTOMER_LEG,
-    EMPLOYEE_LEG,
-    MIXED_LEG,
-    UNKNOWN,
-    CaptureMeta,
-    Employee,
-    Flag,
-    fsync_dir,
-    iso_ms,
-    new_recording_id,
-    parse_iso,
-    utc_now,
-    write_meta,
-)
+from agent.capture import CaptureMeta, Flag, iso_ms, new_recording_id, utc_now, write_meta
 from agent.config import AgentConfig
 from agent.directory import LiveDirectory
 from agent.logs import redact_numbers
-from agent.recorder.parties import CallPlan, PartyHeaders, PartyRules, plan_call
+from agent.recorder.parties import (
+    CallPlan,
+    PartyHeaders,
+    PartyRules,
+    apply_update,
+    plan_call,
+    read_update,
+)
+from agent.recorder.session import (
+    call_ref,
+    finish_capture,
+    kv,
+    log_answered,
+    log_updated,
+    new_meta,
+    open_files,
+)
+
+__all__ = ["CallSession", "SipEngine", "call_ref"]
 
 log = logging.getLogger(__name__)
 pjlog = logging.getLogger("agent.recorder.pjsip")
 
 CLOCK_RATE = 8000
-LEG_ORDER = (CUSTOMER_LEG, EMPLOYEE_LEG, MIXED_LEG)
 PJ_LOG_LEVEL = 3  # level 4+ prints whole SIP messages; msgLogging is off as well
-_RECORDABLE = (pj.PJSUA_CALL_MEDIA_ACTIVE, pj.PJSUA_CALL_MEDIA_REMOTE_HOLD)
 _PJ_LEVELS = {0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING, 3: logging.INFO}
 STATS_INTERVAL_S = 1.0
 _BENIGN = "Remove port failed"
 CLOSE_WAIT_S = 5.0  # for pjsua to close a leg's WAV file after the call
-
-
-def _kv(value: object) -> str:
-    """A log value: quoted when it holds spaces or quotes."""
-    text = str(value)
-    if not text or any(c in text for c in ' "=\\'):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return text
-
-
-def call_ref(call_id: str) -> str:
-    """A stable, non-reversible reference to a SIP Call-ID for tracing."""
-    return hashlib.sha256(call_id.encode()).hexdigest()[:16]
+_UPDATE_METHODS = ("INVITE", "UPDATE")
 
 
 # ---------------------------------------------------------------- pjsip plumbing
@@ -128,7 +125,7 @@ class _LogWriter(pj.LogWriter):  # type: ignore[misc]
             # remove its conference port twice: operators see those at debug level.
             if level == logging.INFO or _BENIGN in message:
                 level = logging.DEBUG
-            pjlog.log(level, "event=pjsip msg=%s", _kv(redact_numbers(message)))
+            pjlog.log(level, "event=pjsip msg=%s", kv(redact_numbers(message)))
 
 
 class _Account(pj.Account):  # type: ignore[misc]
@@ -158,6 +155,29 @@ class _Call(pj.Call):  # type: ignore[misc]
     def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
         self.session.events.append(("media", self.session))
 
+    def onCallTsxState(self, prm: pj.OnCallTsxStateParam) -> None:
+        """A re-INVITE or UPDATE received in the dialog: keep its text if it carries
+        recording metadata (read later, outside the callback)."""
+        try:
+            event = prm.e
+            if event.type != pj.PJSIP_EVENT_TSX_STATE:
+                return
+            change = event.body.tsxState
+            tsx = change.tsx
+            if (
+                change.type != pj.PJSIP_EVENT_RX_MSG
+                or tsx.role != pj.PJSIP_ROLE_UAS
+                or tsx.state != pj.PJSIP_TSX_STATE_TRYING
+                or tsx.method not in _UPDATE_METHODS
+            ):
+                return
+            raw = change.src.rdata.wholeMsg
+            if "rs-metadata" in raw.lower():
+                self.session.updates.append((utc_now(), raw))
+                self.session.events.append(("update", self.session))
+        except Exception:
+            log.exception("event=call_tsx_failed")
+
 
 # ---------------------------------------------------------------- one call
 
@@ -169,6 +189,7 @@ class CallSession:
     events: collections.deque[tuple[str, CallSession]] = field(repr=False)
     call: _Call | None = field(default=None, repr=False)
     invite: str | None = field(default=None, repr=False)  # raw INVITE until it is read
+    updates: list[tuple[dt.datetime, str]] = field(default_factory=list, repr=False)
     ref: str = ""
     plan: CallPlan | None = field(default=None, repr=False)
     meta: CaptureMeta | None = None
@@ -199,13 +220,15 @@ class SipEngine:
     ) -> None:
         self.cfg = cfg
         self.index = index
-        self.port = cfg.sip.port + index
+        self.address, self.port = cfg.sip.worker_sip(index)
+        self.rtp_start, self.rtp_count = cfg.sip.worker_rtp(index)
         self.active_dir = cfg.captures_dir / "active" / f"w{index}"
         self.ready_dir = cfg.captures_dir / "ready"
         self._directory = directory
         self._rules = rules
+        sip = cfg.sip
         self._headers = PartyHeaders(
-            cfg.sip.customer_header, cfg.sip.employee_header, cfg.sip.service_header
+            sip.customer_header, sip.employee_header, sip.service_header, sip.direction_header
         )
         self._events: collections.deque[tuple[str, CallSession]] = collections.deque()
         self._sessions: list[CallSession] = []  # INVITE received, not yet ended
@@ -229,15 +252,16 @@ class SipEngine:
             self._start_library(self._ep)
         except pj.Error as exc:
             self.close()
-            where = f"{self.cfg.sip.listen}:{self.port}"
+            where = f"{self.address}:{self.port}"
             raise RuntimeError(f"SIP worker {self.index} on {where}: {exc.info()}") from None
         log.info(
-            "event=sip_started worker=%d listen=%s:%d rtp_ports=%d-%d",
+            "event=sip_started worker=%d listen=%s:%d rtp=%s:%d-%d",
             self.index,
-            self.cfg.sip.listen,
+            self.address,
             self.port,
-            self._rtp_start,
-            self._rtp_start + self.cfg.sip.rtp_port_count - 1,
+            self.cfg.sip.listen,
+            self.rtp_start,
+            self.rtp_start + self.rtp_count - 1,
         )
 
     def _start_library(self, ep: pj.Endpoint) -> None:
@@ -246,16 +270,12 @@ class SipEngine:
         add_supported_tag("siprec")
         tcfg = pj.TransportConfig()
         tcfg.port = self.port
-        tcfg.boundAddress = self.cfg.sip.listen
+        tcfg.boundAddress = self.address
         ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
         ep.libStart()
         ep.audDevManager().setNullDev()
         self._account = _Account(self)
         self._account.create(self._account_config(), True)
-
-    @property
-    def _rtp_start(self) -> int:
-        return self.cfg.sip.rtp_port_start + self.index * self.cfg.sip.rtp_port_count
 
     def _ep_config(self, writer: _LogWriter) -> pj.EpConfig:
         cfg = pj.EpConfig()
@@ -276,15 +296,15 @@ class SipEngine:
 
     def _account_config(self) -> pj.AccountConfig:
         acfg = pj.AccountConfig()
-        acfg.idUri = f"sip:callrec@{self.cfg.sip.listen}:{self.port}"
+        acfg.idUri = f"sip:callrec@{self.address}:{self.port}"
         tp = acfg.mediaConfig.transportConfig
-        tp.port = self._rtp_start
-        tp.portRange = self.cfg.sip.rtp_port_count
-        tp.boundAddress = self.cfg.sip.listen
+        tp.port = self.rtp_start
+        tp.portRange = self.rtp_count
+        tp.boundAddress = self.cfg.sip.listen  # media bypasses the front
         return acfg
 
     def stop_accepting(self) -> None:
-        """New INVITEs get 503 from now on; calls in progress continue."""
+        """New INVITEs get 503 from now on (the front tries another worker)."""
         self._accepting = False
 
     @property
@@ -330,7 +350,12 @@ class SipEngine:
                 self._watch(session, now)
 
     def _drain_events(self) -> None:
-        handlers = {"incoming": self._answer, "media": self._connect_media, "ended": self._finish}
+        handlers = {
+            "incoming": self._answer,
+            "media": self._connect_media,
+            "update": self._update,
+            "ended": self._finish,
+        }
         while self._events:
             kind, session = self._events.popleft()
             try:
@@ -340,7 +365,7 @@ class SipEngine:
                     "event=call_event_failed kind=%s call_ref=%s error=%s",
                     kind,
                     session.ref,
-                    _kv(redact_numbers(exc.info())),
+                    kv(redact_numbers(exc.info())),
                 )
             except Exception:
                 log.exception("event=call_event_failed kind=%s call_ref=%s", kind, session.ref)
@@ -362,7 +387,7 @@ class SipEngine:
     def _answer(self, session: CallSession) -> None:
         raw, session.invite = session.invite or "", None
         call = session.call
-        if call is None:  # CANCELled before we got to it
+        if call is None:  # CANCELled before we got to it: nothing to record
             return
         info = call.getInfo()
         session.ref = call_ref(info.callIdString)
@@ -386,60 +411,9 @@ class SipEngine:
         started = utc_now()
         session.answered_mono = session.rx_mono = time.monotonic()
         session.plan, session.directory = plan, directory
-        session.meta = self._meta(recording_id, session.ref, plan, started)
+        session.meta = new_meta(self.cfg.site, recording_id, session.ref, plan, started)
         write_meta(directory, session.meta)
-        self._log_answered(session.meta, plan)
-
-    def _meta(
-        self, recording_id: str, ref: str, plan: CallPlan, started: dt.datetime
-    ) -> CaptureMeta:
-        parties = plan.parties
-        joined = iso_ms(started)
-        return CaptureMeta(
-            recording_id=recording_id,
-            site=self.cfg.site,
-            source=plan.source,
-            call_ref=ref,
-            direction=parties.direction,
-            started_at=joined,
-            ended_at=None,
-            service_number=parties.service_number,
-            customer=parties.customer,
-            employees=tuple(
-                Employee(e.id, e.name, e.aor, joined, e.team) for e in parties.employees
-            ),
-            legs=tuple(leg for leg in LEG_ORDER if leg in plan.legs.values()),
-            flags=parties.flags,
-        )
-
-    def _log_answered(self, meta: CaptureMeta, plan: CallPlan) -> None:
-        log.info(
-            "event=call_answered call_ref=%s recording_id=%s worker=%d source=%s direction=%s "
-            "customer=%s employee=%s service=%s legs=%s flags=%s",
-            meta.call_ref,
-            meta.recording_id,
-            self.index,
-            meta.source,
-            meta.direction.value,
-            _kv(meta.customer.masked),
-            _kv(", ".join(e.name for e in meta.employees)),
-            meta.service_number or "unknown",
-            ",".join(meta.legs),
-            ",".join(meta.flags) or "-",
-        )
-        if plan.problem is not None:
-            log.warning(
-                "event=metadata_invalid recording_id=%s reason=%s",
-                meta.recording_id,
-                _kv(redact_numbers(plan.problem)),
-            )
-        for employee in meta.employees:
-            if employee.id == UNKNOWN:
-                log.warning(
-                    "event=employee_unknown recording_id=%s aor=%s",
-                    meta.recording_id,
-                    _kv(employee.aor or "-"),
-                )
+        log_answered(session.meta, plan, self.index)
 
     def _reply(self, session: CallSession, status: int, reason: str) -> None:
         assert session.call is not None
@@ -457,7 +431,7 @@ class SipEngine:
             leg = plan.legs.get(media.index)
             if leg is None or media.type != pj.PJMEDIA_TYPE_AUDIO:
                 continue
-            if media.status not in _RECORDABLE:
+            if media.audioConfSlot < 0:  # no stream (yet): nothing to connect
                 continue
             recorder = session.recorders.get(media.index)
             if recorder is None:
@@ -466,6 +440,27 @@ class SipEngine:
                 session.recorders[media.index] = recorder
             # Re-connect on every media change: a re-INVITE may give the stream a new slot.
             call.getAudioMedia(media.index).startTransmit(recorder)
+
+    def _update(self, session: CallSession) -> None:
+        """Merge the metadata of re-INVITEs/UPDATEs received since the last turn."""
+        updates, session.updates = session.updates, []
+        for at, raw in updates:
+            if session.meta is None or session.directory is None:
+                return
+            parties, problem = read_update(raw, self._directory.current, self._rules)
+            if problem is not None:
+                log.warning(
+                    "event=metadata_update_invalid recording_id=%s reason=%s",
+                    session.meta.recording_id,
+                    kv(redact_numbers(problem)),
+                )
+            if parties is None:
+                continue
+            merged = apply_update(session.meta, parties, iso_ms(at))
+            if merged != session.meta:
+                write_meta(session.directory, merged)
+                log_updated(session.meta, merged)
+                session.meta = merged
 
     def _watch(self, session: CallSession, now: float) -> None:
         """Hang up a call whose sender vanished (no RTP for rtp_timeout) or ran too long."""
@@ -510,7 +505,7 @@ class SipEngine:
         try:
             session.call.hangup(prm)
         except pj.Error as exc:
-            log.error("event=hangup_failed call_ref=%s error=%s", session.ref, _kv(exc.info()))
+            log.error("event=hangup_failed call_ref=%s error=%s", session.ref, kv(exc.info()))
 
     def _finish(self, session: CallSession) -> None:
         """The call ended: release the recorders; the capture moves once pjsua has
@@ -520,8 +515,10 @@ class SipEngine:
         session.invite = None
         session.recorders.clear()  # the last references: pjsua destroys the recorders
         if session.meta is None or session.directory is None:
-            log.info("event=call_ended_unanswered call_ref=%s", session.ref)
+            log.info("event=call_ended_unanswered call_ref=%s", session.ref or "-")
             return
+        if session.updates:
+            self._update(session)
         session.close_deadline = time.monotonic() + CLOSE_WAIT_S
         self._closing.append(session)
 
@@ -533,39 +530,12 @@ class SipEngine:
         now = time.monotonic()
         for session in list(self._closing):
             assert session.meta is not None and session.directory is not None
-            legs = [session.directory / leg for leg in session.meta.legs]
-            if any(str(leg) in still_open for leg in legs) and now < session.close_deadline:
+            legs = [str(session.directory / leg) for leg in session.meta.legs]
+            if any(leg in still_open for leg in legs) and now < session.close_deadline:
                 continue
             self._closing.remove(session)
-            if any(str(leg) in still_open for leg in legs):
+            if any(leg in still_open for leg in legs):
                 log.warning("event=leg_not_closed recording_id=%s", session.meta.recording_id)
                 session.flags.append(Flag.INCOMPLETE)
-            self._move_to_ready(session, session.meta, session.directory)
-
-    def _move_to_ready(self, session: CallSession, meta: CaptureMeta, directory: Path) -> None:
-        ended = session.ended_at or utc_now()
-        legs = tuple(leg for leg in meta.legs if (directory / leg).exists())
-        flags = [*session.flags] + ([Flag.INCOMPLETE] if legs != meta.legs else [])
-        meta = replace(meta, ended_at=iso_ms(ended), legs=legs).with_flags(*flags)
-        write_meta(directory, meta)
-        directory.rename(self.ready_dir / meta.recording_id)
-        fsync_dir(self.ready_dir)
-        fsync_dir(self.active_dir)
-        log.info(
-            "event=call_recorded recording_id=%s call_ref=%s duration_s=%.3f legs=%s flags=%s",
-            meta.recording_id,
-            meta.call_ref,
-            (ended - parse_iso(meta.started_at)).total_seconds(),
-            ",".join(legs) or "-",
-            ",".join(meta.flags) or "-",
-        )
-
-
-def open_files() -> set[str]:
-    """Paths this process has open (Linux ``/proc/self/fd``)."""
-    paths: set[str] = set()
-    fd_dir = Path("/proc/self/fd")
-    for fd in fd_dir.iterdir():
-        with contextlib.suppress(OSError):
-            paths.add(os.readlink(fd))
-    return paths
+            ended = session.ended_at or utc_now()
+            finish_capture(session.meta, session.directory, self.ready_dir, ended, session.flags)

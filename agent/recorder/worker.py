@@ -92,13 +92,13 @@ class Worker:
         """Stop taking calls, let those in progress end, then hang up the rest."""
         engine = self._sip()
         engine.stop_accepting()
-        deadline = time.monotonic() + self.cfg.uplink.grace_s
+        deadline = time.monotonic() + self.cfg.sip.drain_s
         if engine.active_calls:
             log.info(
-                "event=worker_draining worker=%d calls=%d grace_s=%.1f",
+                "event=worker_draining worker=%d calls=%d drain_s=%.1f",
                 self.index,
                 engine.active_calls,
-                self.cfg.uplink.grace_s,
+                self.cfg.sip.drain_s,
             )
         while engine.active_calls and time.monotonic() < deadline:
             engine.poll(POLL_MS)
