@@ -71,7 +71,9 @@ def _client(parser: argparse.ArgumentParser, purpose: str | None = None) -> None
     parser.add_argument("--store", default="127.0.0.1:50051", help="the store's address")
     parser.add_argument("--token-file", type=Path, help="default: $CALLREC_TOKEN")
     for name in ("ca-file", "cert-file", "key-file"):
-        parser.add_argument(f"--{name}", type=Path, help="mutual TLS (all three)")
+        parser.add_argument(
+            f"--{name}", type=Path, help="TLS: --ca-file alone for the people's port"
+        )
     parser.add_argument(
         "--purpose", choices=sorted(PURPOSES), default=purpose, required=purpose is None
     )
@@ -188,8 +190,12 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
         from agent.certs import channel_credentials
 
         return grpc.secure_channel(args.store, channel_credentials(*files))
+    if args.ca_file and not (args.cert_file or args.key_file):
+        # The store's people's port ([store] access_listen): TLS, the token says who.
+        credentials = grpc.ssl_channel_credentials(root_certificates=args.ca_file.read_bytes())
+        return grpc.secure_channel(args.store, credentials)
     if any(files):
-        raise UsageError("--ca-file, --cert-file and --key-file go together")
+        raise UsageError("--cert-file and --key-file go together (with --ca-file)")
     if not is_loopback(args.store):
         raise UsageError(f"--store {args.store}: plain text only to loopback; give TLS files")
     return grpc.insecure_channel(args.store)

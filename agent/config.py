@@ -198,6 +198,10 @@ class StoreConfig:
     directory_file: Path | None = None
     lookup_key_file: Path | None = None
     seal_key_file: Path | None = None
+    # People's tools reach Access here (TLS with the store's certificate, no client
+    # certificate: a person proves who they are with their token). None: Access is
+    # served on `listen` beside Ingest, where mutual TLS asks for a client certificate.
+    access_listen: str | None = None
 
     @property
     def blobs_dir(self) -> Path:
@@ -502,6 +506,7 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         log_level=s["log"].text("level", "info", choices=LOG_LEVELS),
         **_transport(sub["tls"], _listen(st, "listen", "127.0.0.1:50051"), "[store] listen"),
         directory_file=_optional_path(st, "directory_file"),
+        access_listen=(_listen(st, "access_listen", "") if "access_listen" in st.table else None),
         lookup_key_file=_optional_path(st, "lookup_key_file"),
         seal_key_file=_optional_path(st, "seal_key_file"),
     )

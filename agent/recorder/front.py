@@ -109,7 +109,7 @@ def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
         "REF": _CALL_REF,
         "W": "$xavp(_dsdst_=>dstid)",
         "NEXT": "$xavp(_dsdst_[1]=>dstid)",
-        "ST": "$T_reply_code",
+        "ST": "$var(status)",
     }
     text = _TEMPLATE
     for key, value in values.items():
@@ -259,7 +259,12 @@ failure_route[FAILOVER] {
         ds_load_unset();
         exit;
     }
-    if (t_branch_timeout() && !t_branch_replied()) {
+    $var(status) = "timeout";
+    if (t_check_status("486")) {
+        $var(status) = "486";
+    } else if (t_check_status("503")) {
+        $var(status) = "503";
+    } else if (t_branch_timeout() && !t_branch_replied()) {
         ds_mark_dst("ip");
     }
     if ($xavp(_dsdst_[1]=>uri) != $null) {

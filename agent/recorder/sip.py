@@ -238,6 +238,7 @@ class SipEngine:
         self._ep: pj.Endpoint | None = None
         self._writer: _LogWriter | None = None
         self._account: _Account | None = None
+        self._silence: pj.ToneGenerator | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -274,6 +275,11 @@ class SipEngine:
         ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
         ep.libStart()
         ep.audDevManager().setNullDev()
+        # An idle tone generator feeds every recorder: the bridge then writes silence
+        # while a stream has no conference port (a=inactive at the start), and each
+        # leg's timeline runs from the answer.
+        self._silence = pj.ToneGenerator()
+        self._silence.createToneGenerator(CLOCK_RATE, 1)
         self._account = _Account(self)
         self._account.create(self._account_config(), True)
 
@@ -329,6 +335,7 @@ class SipEngine:
         if self._account is not None:
             self._account.shutdown()
             self._account = None
+        self._silence = None
         if self._ep is not None:
             self._ep.libDestroy()
             self._ep = None
@@ -379,6 +386,7 @@ class SipEngine:
     def _incoming(self, account: _Account, prm: pj.OnIncomingCallParam) -> None:
         session = CallSession(events=self._events, invite=prm.rdata.wholeMsg)
         session.call = _Call(account, prm.callId, session)
+        session.ref = call_ref(session.call.getInfo().callIdString)
         self._sessions.append(session)
         self._events.append(("incoming", session))
 
@@ -390,7 +398,6 @@ class SipEngine:
         if call is None:  # CANCELled before we got to it: nothing to record
             return
         info = call.getInfo()
-        session.ref = call_ref(info.callIdString)
         if not self._accepting:
             self._reply(session, 503, "stopping")
             return
@@ -413,7 +420,17 @@ class SipEngine:
         session.plan, session.directory = plan, directory
         session.meta = new_meta(self.cfg.site, recording_id, session.ref, plan, started)
         write_meta(directory, session.meta)
+        self._start_recorders(session, plan, directory)
         log_answered(session.meta, plan, self.index)
+
+    def _start_recorders(self, session: CallSession, plan: CallPlan, directory: Path) -> None:
+        """One WAV per leg from the answer on; streams are connected as they come."""
+        for index, leg in plan.legs.items():
+            recorder = pj.AudioMediaRecorder()
+            recorder.createRecorder(str(directory / leg))
+            session.recorders[index] = recorder
+            if self._silence is not None:
+                self._silence.startTransmit(recorder)
 
     def _reply(self, session: CallSession, status: int, reason: str) -> None:
         assert session.call is not None
@@ -431,13 +448,9 @@ class SipEngine:
             leg = plan.legs.get(media.index)
             if leg is None or media.type != pj.PJMEDIA_TYPE_AUDIO:
                 continue
-            if media.audioConfSlot < 0:  # no stream (yet): nothing to connect
-                continue
             recorder = session.recorders.get(media.index)
-            if recorder is None:
-                recorder = pj.AudioMediaRecorder()
-                recorder.createRecorder(str(directory / leg))
-                session.recorders[media.index] = recorder
+            if recorder is None or media.audioConfSlot < 0:  # no stream (yet)
+                continue
             # Re-connect on every media change: a re-INVITE may give the stream a new slot.
             call.getAudioMedia(media.index).startTransmit(recorder)
 
@@ -471,11 +484,15 @@ class SipEngine:
             log.warning("event=max_call_reached recording_id=%s", meta.recording_id)
             self._hangup(session, 200)
             return
+        receiving = self._receiving(call, session)
+        if not receiving:  # on hold (a=inactive/sendonly from us): silence is expected
+            session.rx_packets, session.rx_mono = -1, now
+            return
         try:
-            packets = sum(call.getStreamStat(i).rtcp.rxStat.pkt for i in session.recorders)
+            packets = sum(call.getStreamStat(i).rtcp.rxStat.pkt for i in receiving)
         except pj.Error:
             return
-        if packets != session.rx_packets or self._on_hold(call, session):
+        if packets != session.rx_packets:
             session.rx_packets, session.rx_mono = packets, now
         elif now - session.rx_mono >= self.cfg.sip.rtp_timeout_s:
             log.warning(
@@ -487,15 +504,16 @@ class SipEngine:
             self._hangup(session, 200)
 
     @staticmethod
-    def _on_hold(call: _Call, session: CallSession) -> bool:
-        """True while no recorded stream is meant to receive (a=inactive / sendonly)."""
+    def _receiving(call: _Call, session: CallSession) -> list[int]:
+        """Recorded streams that exist and are meant to receive (not a=inactive)."""
         info = call.getInfo()  # keep it alive: .media points into it (SWIG)
-        receiving = [
-            m
+        return [
+            m.index
             for m in info.media
-            if m.index in session.recorders and m.dir & pj.PJMEDIA_DIR_DECODING
+            if m.index in session.recorders
+            and m.audioConfSlot >= 0
+            and m.dir & pj.PJMEDIA_DIR_DECODING
         ]
-        return not receiving
 
     def _hangup(self, session: CallSession, status: int) -> None:
         if session.call is None:

@@ -49,6 +49,7 @@ class StoreServer:
         self.config = config
         self.stop_event = asyncio.Event()
         self.port = 0
+        self.access_port: int | None = None
         self._servers: list[grpc.aio.Server] = []
         self._catalog: Catalog | None = None
         self._sweeper: SweeperLoop | None = None
@@ -75,10 +76,18 @@ class StoreServer:
 
         public = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_IngestServicer_to_server(ingest, public)
-        add_access_service(public, cfg, catalog, vault)  # people's access (issue 8)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, public)
         self.port = _bind(public, cfg)
+        servers = [public]
+        if cfg.access_listen is None:
+            add_access_service(public, cfg, catalog, vault)  # people's access (issue 8)
+        else:
+            people = grpc.aio.server(options=SERVER_OPTIONS)
+            add_access_service(people, cfg, catalog, vault)
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, people)
+            self.access_port = _bind_people(people, cfg, cfg.access_listen)
+            servers.append(people)
 
         console = grpc.aio.server(options=SERVER_OPTIONS)
         pb_grpc.add_ConsoleServicer_to_server(ConsoleService(catalog, vault), console)
@@ -87,11 +96,12 @@ class StoreServer:
         old_umask = os.umask(0o177)
         try:
             console.add_insecure_port(f"unix:{self.console_socket}")
-            await public.start()
+            for server in servers:
+                await server.start()
             await console.start()
         finally:
             os.umask(old_umask)
-        self._servers = [public, console]
+        self._servers = [*servers, console]
         self._sweeper = SweeperLoop(Sweeper.from_config(cfg, catalog, vault), cfg.sweep_interval_s)
         self._sweeper.start()
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -147,6 +157,25 @@ class StoreServer:
             log.warning("event=store_forced_exit")
             os._exit(1)
         self.stop_event.set()
+
+
+def _bind_people(server: grpc.aio.Server, cfg: StoreConfig, listen: str) -> int:
+    """People's port: TLS with the store's certificate; a person's token says who they
+    are (no client certificate to hand out to every employee)."""
+    if cfg.tls is not None:
+        check_private_file(cfg.tls.key_file)
+        credentials = grpc.ssl_server_credentials(
+            [(cfg.tls.key_file.read_bytes(), cfg.tls.cert_file.read_bytes())],
+            require_client_auth=False,
+        )
+        port = server.add_secure_port(listen, credentials)
+    else:
+        log.warning("event=access_insecure listen=%s tls=OFF", listen)
+        port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"[store] access_listen = {listen!r}: cannot bind")
+    log.info("event=access_listening address=%s:%d", listen.rpartition(":")[0], port)
+    return port
 
 
 def _bind(server: grpc.aio.Server, cfg: StoreConfig) -> int:

@@ -1,0 +1,197 @@
+"""The recorder pool for real: the store, the agent with N pjsua2 workers behind the
+Kamailio front it runs itself (``run_front = true``), one RTP sender for every call
+(a ControlServer in the test process), and SIPp as the SRC. Also runnable as a load
+generator that measures the pool's cost (``python -m tests.support.pool --help``)."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from agent.capture import UNKNOWN
+from agent.cli import main as callrec
+from agent.config import load_agent_config
+from agent.recorder.front import Destination, FrontFiles, destinations, front_files
+from agent.recorder.sip import call_ref
+from agent.store.catalog import Catalog, RecordingRow
+from agent.testcall.rtp import ControlServer, RtpSender
+from agent.testcall.sipp import SippResult, SiprecCall, free_port, run_sipp, siprec_scenario
+from tests.support.audio import Speech
+from tests.support.daemons import Daemon, start_agent
+from tests.support.stack import Keys
+
+FULL_NUMBER = "358401234567"
+NATIONAL = "0401234567"
+SERVICE_AOR = "sip:+35898765432@pbx.example"  # "+358 9 876 5432" in stack.SERVICE_NUMBERS
+
+
+@contextmanager
+def rtp_sender() -> Iterator[tuple[str, int]]:
+    """One sender for every call (FACTS.md: one process per call starves the host)."""
+    sender = RtpSender().start()
+    server = ControlServer(sender).start()
+    try:
+        yield server.address
+    finally:
+        server.stop()
+        sender.stop()
+        sender.join(5)
+
+
+@dataclass
+class Pool:
+    root: Path
+    agent: Daemon
+    store_dir: Path
+    sip_port: int
+    workers: int
+    files: FrontFiles
+    speech: Speech
+    rtp: tuple[str, int]
+
+    @property
+    def target(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.sip_port)
+
+    @property
+    def catalog(self) -> Catalog:
+        return Catalog(f"sqlite:///{self.store_dir / 'catalog.sqlite3'}")
+
+    def call(self, **fields: object) -> SiprecCall:
+        """A SIPREC call with this pool's speech and RTP sender."""
+        fields.setdefault("service", SERVICE_AOR)
+        base = SiprecCall(self.speech.customer, self.speech.employee, rtp_via=self.rtp)
+        return replace(base, **fields)  # type: ignore[arg-type]
+
+    def run(self, scenario: str, name: str, **kwargs: object) -> SippResult:
+        workdir = self.root / "sipp" / f"{name}-{time.monotonic_ns()}"
+        return run_sipp(scenario, self.target, workdir, **kwargs)  # type: ignore[arg-type]
+
+    def place(self, call: SiprecCall, name: str, timeout_s: float = 40.0) -> SippResult:
+        return self.run(siprec_scenario(call), name, timeout_s=timeout_s)
+
+    # ------------------------------------------------------------ what was stored
+
+    def stored(self, call_id: str | None, timeout: float = 30.0) -> RecordingRow:
+        assert call_id is not None
+        return self.stored_many([call_id], timeout)[call_id]
+
+    def stored_many(
+        self, call_ids: Sequence[str], timeout: float = 60.0
+    ) -> dict[str, RecordingRow]:
+        refs = {call_ref(c): c for c in call_ids}
+        found: dict[str, RecordingRow] = {}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for row in self.catalog.list(limit=5000):
+                if row.call_ref in refs:
+                    found[refs[row.call_ref]] = row
+            if len(found) == len(refs):
+                return found
+            time.sleep(0.3)
+        missing = sorted(set(call_ids) - set(found))
+        raise AssertionError(f"{len(missing)} calls not stored: {missing[:5]}\n{self.tail()}")
+
+    def stored_refs(self) -> set[str]:
+        return {row.call_ref for row in self.catalog.list(limit=5000)}
+
+    def export(self, row: RecordingRow, out: Path) -> Path:
+        args = ["console-export", row.recording_id, "--store-dir", str(self.store_dir)]
+        assert callrec([*args, "--out", str(out), "--reason", "test"]) == 0
+        return out
+
+    # ------------------------------------------------------------ the front and workers
+
+    def destinations(self) -> list[Destination]:
+        return destinations(self.files)
+
+    def wait_idle(self, timeout: float = 30.0) -> list[Destination]:
+        """Every worker in rotation and no call counted on any (nothing leaked)."""
+        deadline = time.monotonic() + timeout
+        found: list[Destination] = []
+        while time.monotonic() < deadline:
+            found = self.destinations()
+            if len(found) == self.workers and all(d.active and d.load == 0 for d in found):
+                return found
+            time.sleep(0.2)
+        raise AssertionError(f"pool not idle: {found}\n{self.tail()}")
+
+    def worker_pids(self) -> dict[int, int]:
+        """The latest pid of each worker index, from the agent's log."""
+        pids: dict[int, int] = {}
+        for index, pid in re.findall(r"event=worker_started index=(\d+) pid=(\d+)", self.text()):
+            pids[int(index)] = int(pid)
+        return pids
+
+    def text(self) -> str:
+        return self.agent.text()
+
+    def tail(self) -> str:
+        return self.text()[-4000:]
+
+
+def start_pool(
+    root: Path,
+    keys: Keys,
+    store_address: str,
+    store_dir: Path,
+    speech: Speech,
+    rtp: tuple[str, int],
+    workers: int,
+    **sip: object,
+) -> Pool:
+    """The agent with ``workers`` workers behind its own Kamailio on a free port."""
+    root.mkdir(parents=True, exist_ok=True)
+    sip_port = free_port()
+    settings: dict[str, object] = {
+        "front": True,
+        "run_front": True,
+        "workers": workers,
+        "worker_port": free_port(workers),
+        "rtp_port_count": 16,  # 4 calls x 2 streams x (RTP + RTCP)
+        "rtp_port_start": free_port(16 * workers),
+        "probe_interval": "1s",
+        "rtp_timeout": "3s",
+        **sip,
+    }
+    agent = start_agent(root, keys, store_address, sip_port, sip=settings)
+    cfg = load_agent_config(root / "agent.toml")
+    return Pool(root, agent, store_dir, sip_port, workers, front_files(cfg), speech, rtp)
+
+
+def stop_pool(pool: Pool) -> None:
+    """Stop the agent; its Kamailio must go with it (an orphan would keep the port)."""
+    pids = re.findall(r"event=front_started pid=(\d+)", pool.text())
+    pool.agent.stop(timeout=60)
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or _zombie(int(pid)), f"kamailio {pid} left"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def employees(row: RecordingRow) -> list[tuple[str, str]]:
+    return [(e["id"], e["name"]) for e in row.employees]
+
+
+def flags(row: RecordingRow) -> set[str]:
+    return set(row.flags.split(",")) - {""}
+
+
+def assert_times(row: RecordingRow, answered: float | None, ended: float | None) -> None:
+    """The row's times are SIPp's: the 200 OK arrived, the BYE left (±0.5 s)."""
+    assert answered is not None and ended is not None
+    assert abs(row.started_at_ms - answered * 1000) <= 500, (row.started_at_ms, answered)
+    assert abs(row.ended_at_ms - ended * 1000) <= 500, (row.ended_at_ms, ended)
+
+
+def unknown_parties(row: RecordingRow) -> bool:
+    return row.customer_kind == UNKNOWN and row.employee_id == UNKNOWN
