@@ -224,6 +224,30 @@ def test_many_number_formats_mask_and_digest_alike(stack: Stack) -> None:
             assert keys.digest(normalised, row.customer_digest_key_id) == row.customer_digest
 
 
+def test_directory_edit_applies_to_the_next_call(stack: Stack) -> None:
+    people = stack.root / "people.toml"
+    original = people.read_text()
+    try:
+        # Config management replaces the file: write beside it, rename over it.
+        staged = stack.root / ".people.toml.new"
+        staged.write_text(original.replace("Aino Virtanen", "Aino Laine"))
+        staged.replace(people)
+        stack.agent.wait_for(r"event=directory_reloaded", timeout=10)
+        row = stack.stored(stack.call("renamed"))
+        assert row.employee_name == "Aino Laine" and row.employee_id == "e1001"
+
+        mark = len(stack.agent.text())
+        people.write_text(original.replace('role = "agent"', 'role = "boss"', 1))
+        failed = stack.agent.wait_for(r"event=directory_reload_failed reason=[^\n]*", 10, mark)
+        assert "role = 'boss'" in failed.group(0)
+        row = stack.stored(stack.call("after-broken-edit"))
+        assert row.employee_name == "Aino Laine", "a broken edit keeps the previous directory"
+    finally:
+        mark = len(stack.agent.text())
+        people.write_text(original)
+        stack.agent.wait_for(r"event=directory_reloaded", timeout=10, after=mark)
+
+
 def test_full_number_is_nowhere(stack: Stack) -> None:
     """Runs last in this module: every byte the agent and the store wrote (data
     directories, SQLite, blobs, both daemons' logs incl. pjsip's) is searched."""

@@ -17,13 +17,25 @@ Routing (measured facts of DESIGN.md built in):
   route with ``ds_load_unset()`` — not on the CANCEL itself, which can lose the race
   with the worker's 200 and would then drop the load of a live call;
 - failover on 486 (full: two front processes may pick the same nearly-full worker),
-  503 (the worker is draining) and timeout (dead: marked inactive at once, before the
-  next probe notices). ``ds_load_unset()`` runs *before* the destination list runs
-  empty, or a refused call would leak a slot until ``ds_hash_initexpire``;
-- no worker can take the call: the SRC gets 503;
-- OPTIONS probing (pjsua answers OPTIONS itself) every ``probe_interval``;
+  503 (the worker is draining), 480 (it is closing: no account any more), other 5xx
+  and timeout (dead: marked inactive at once, before the next probe notices).
+  ``ds_load_unset()`` runs *before* the destination list runs empty, or a refused
+  call would leak a slot until ``ds_hash_initexpire``;
+- no worker can take the call: the SRC gets 503 (and may try another recorder);
+- OPTIONS probing (pjsua answers OPTIONS itself) every ``probe_interval``; the
+  front answers OPTIONS sent to itself (SRC keep-alives) with 200;
 - log lines name the call only by ``call_ref`` (the sha256 prefix of the Call-ID the
   workers log too) and the worker by its ``duid``: never a From/To/R-URI user part.
+  Kamailio's own parse errors (which print whole messages) are at debug level.
+
+Pointing a PBX/SBC at the front: configure it as a SIPREC recording server (SRS) at
+``sip:<[sip] listen>:<[sip] port>`` over UDP or TCP (e.g. Cisco CUBE ``media
+profile recorder`` with that address as the dial-peer target, an Oracle SBC
+``session-recording-server`` realm, FreeSWITCH/Asterisk forking a plain INVITE with
+the ``X-Callrec-*`` headers). Media goes straight to the worker's RTP address in the
+200's SDP (``[sip] listen``), so that address must be reachable from the SBC's media
+interface and the RTP ranges (``rtp_port_start`` + workers * ``rtp_port_count``)
+open in its firewall; the workers' SIP ports stay on loopback.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from typing import IO
 
 from agent.config import WORKER_MAX_CALLS, AgentConfig, SipConfig
 from agent.logs import redact_numbers
+from agent.recorder.front_cfg import TEMPLATE
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +64,7 @@ DISPATCHER_SET = 1
 SHM_MB, PKG_MB = 64, 8  # as in callrec-front.service
 FR_TIMER_MS = 1000  # no 100 Trying from a worker within 1 s: it is dead (pjsua answers at once)
 FR_INV_TIMER_MS = 5000  # 100 Trying but no final answer: a hung worker
+CALL_REF = "$(ci{s.sha256}{s.substr,0,16})"  # agent.recorder.session.call_ref, in Kamailio
 READY_TIMEOUT_S = 15.0
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -90,9 +104,6 @@ def render_dispatcher_list(sip: SipConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-_CALL_REF = "$(ci{s.sha256}{s.substr,0,16})"
-
-
 def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
     """Kamailio's configuration for this agent's worker pool."""
     sip = cfg.sip
@@ -106,178 +117,15 @@ def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
         "EXPIRE_S": str(int(sip.max_call_s) + 60),
         "FR_MS": str(FR_TIMER_MS),
         "FR_INV_MS": str(FR_INV_TIMER_MS),
-        "REF": _CALL_REF,
+        "REF": CALL_REF,
         "W": "$xavp(_dsdst_=>dstid)",
         "NEXT": "$xavp(_dsdst_[1]=>dstid)",
         "ST": "$var(status)",
     }
-    text = _TEMPLATE
+    text = TEMPLATE
     for key, value in values.items():
         text = text.replace("%" + key + "%", value)
     return text
-
-
-_TEMPLATE = r"""#!KAMAILIO
-# callrec SIP front: spreads new SIPREC INVITEs over the recorder workers.
-# Rendered by the agent (agent/recorder/front.py) from its [sip] config at every
-# start: edit the agent's config, not this file.
-
-debug=2
-corelog=3          # core parse errors print whole messages: only at debug level
-log_stderror=yes
-log_prefix=""
-children=2
-tcp_children=2
-auto_aliases=no
-dns=no
-rev_dns=no
-dns_try_ipv6=no
-use_dns_cache=off
-server_signature=no
-sip_warning=0
-listen=udp:%LISTEN%:%PORT%
-listen=tcp:%LISTEN%:%PORT%
-tcp_connection_lifetime=3605
-
-loadmodule "tm.so"
-loadmodule "sl.so"
-loadmodule "rr.so"
-loadmodule "maxfwd.so"
-loadmodule "textops.so"
-loadmodule "siputils.so"
-loadmodule "pv.so"
-loadmodule "xlog.so"
-loadmodule "dispatcher.so"
-loadmodule "ctl.so"
-
-modparam("ctl", "binrpc", "%CTL%")
-modparam("tm", "fr_timer", %FR_MS%)
-modparam("tm", "fr_inv_timer", %FR_INV_MS%)
-# A CANCEL reaches a worker even before its 100 Trying (a stalled worker then sees
-# INVITE and CANCEL together and records nothing).
-modparam("tm", "cancel_b_method", 2)
-modparam("tm", "failure_reply_mode", 3)
-modparam("rr", "append_fromtag", 0)
-modparam("dispatcher", "list_file", "%LIST%")
-modparam("dispatcher", "flags", 2)
-modparam("dispatcher", "xavp_dst", "_dsdst_")
-modparam("dispatcher", "xavp_ctx", "_dsctx_")
-modparam("dispatcher", "ds_hash_size", 9)
-modparam("dispatcher", "ds_hash_expire", %EXPIRE_S%)
-modparam("dispatcher", "ds_hash_initexpire", 60)
-modparam("dispatcher", "ds_hash_check_interval", 10)
-modparam("dispatcher", "ds_ping_interval", %PING_S%)
-modparam("dispatcher", "ds_probing_mode", 1)
-modparam("dispatcher", "ds_probing_threshold", 1)
-modparam("dispatcher", "ds_inactive_threshold", 1)
-modparam("dispatcher", "ds_ping_from", "sip:callrec-front@%LISTEN%")
-modparam("dispatcher", "ds_ping_reply_codes", "class=2")
-modparam("dispatcher", "ds_timer_mode", 1)
-
-request_route {
-    if (!mf_process_maxfwd_header("10")) {
-        sl_send_reply("483", "Too Many Hops");
-        exit;
-    }
-    if (has_totag()) {
-        route(IN_DIALOG);
-        exit;
-    }
-    if (is_method("CANCEL")) {
-        if (t_check_trans()) {
-            t_relay();
-        }
-        exit;
-    }
-    if (is_method("ACK")) {
-        t_check_trans();
-        exit;
-    }
-    t_check_trans();
-    if (is_method("OPTIONS")) {
-        sl_send_reply("200", "OK");
-        exit;
-    }
-    if (!is_method("INVITE")) {
-        sl_send_reply("405", "Method Not Allowed");
-        exit;
-    }
-    remove_hf("Route");
-    record_route();
-    route(DISPATCH);
-}
-
-route[DISPATCH] {
-    if (!ds_select_dst("%SET%", "10")) {
-        xlog("L_WARN", "event=front_refused call_ref=%REF% status=503 reason=no_worker\n");
-        sl_send_reply("503", "No recorder available");
-        exit;
-    }
-    xlog("L_INFO", "event=front_dispatched call_ref=%REF% worker=%W%\n");
-    route(RELAY);
-}
-
-route[RELAY] {
-    t_on_failure("FAILOVER");
-    t_on_reply("ANSWERED");
-    if (!t_relay()) {
-        ds_load_unset();
-        sl_reply_error();
-    }
-    exit;
-}
-
-route[IN_DIALOG] {
-    if (!loose_route()) {
-        if (is_method("ACK") && t_check_trans()) {
-            t_relay();
-        } else if (!is_method("ACK")) {
-            sl_send_reply("404", "Not here");
-        }
-        exit;
-    }
-    if (is_method("BYE")) {
-        ds_load_update();
-    }
-    if (!t_relay()) {
-        sl_reply_error();
-    }
-}
-
-onreply_route[ANSWERED] {
-    if (status =~ "^2[0-9][0-9]$" && $rm == "INVITE") {
-        ds_load_update();
-    }
-}
-
-failure_route[FAILOVER] {
-    if (t_is_canceled()) {
-        ds_load_unset();
-        exit;
-    }
-    if (!(t_check_status("486|503|408") || t_branch_timeout())) {
-        ds_load_unset();
-        exit;
-    }
-    $var(status) = "timeout";
-    if (t_check_status("486")) {
-        $var(status) = "486";
-    } else if (t_check_status("503")) {
-        $var(status) = "503";
-    } else if (t_branch_timeout() && !t_branch_replied()) {
-        ds_mark_dst("ip");
-    }
-    if ($xavp(_dsdst_[1]=>uri) != $null) {
-        xlog("L_WARN", "event=front_failover call_ref=%REF% worker=%W% status=%ST% next=%NEXT%\n");
-        if (ds_next_dst()) {
-            route(RELAY);
-        }
-    }
-    ds_load_unset();
-    xlog("L_WARN", "event=front_refused call_ref=%REF% status=503 reason=all_refused last=%ST%\n");
-    t_reply("503", "No recorder available");
-}
-"""
 
 
 def _write(path: Path, text: str) -> None:
@@ -534,8 +382,8 @@ class FrontProcess:
         match = _LINE.match(raw)
         level = _LEVELS.get(match.group(2), logging.INFO) if match else logging.INFO
         text = sanitize(match.group(3) if match else raw.strip())
-        if self._stopping and level < logging.CRITICAL:
-            level = logging.DEBUG  # children exiting at shutdown log ALERTs
+        if self._stopping:
+            level = logging.DEBUG  # its processes exiting at shutdown log ALERTs
         elif level == logging.INFO and not text.startswith("<script>:"):
             level = logging.DEBUG  # Kamailio's own start-up chatter
         if text.startswith("<script>: event="):

@@ -28,8 +28,9 @@ from agent.capture import (
     parse_iso,
     write_meta,
 )
+from agent.directory import Directory
 from agent.logs import redact_numbers
-from agent.recorder.parties import CallPlan
+from agent.recorder.parties import CallPlan, PartyRules, apply_update, read_update
 
 log = logging.getLogger("agent.recorder.sip")
 
@@ -130,6 +131,33 @@ def log_updated(before: CaptureMeta, after: CaptureMeta) -> None:
         ",".join(after.flags) or "-",
     )
     log_unknown_employees(after, added)
+
+
+def merge_updates(
+    meta: CaptureMeta,
+    directory: Path,
+    updates: list[tuple[dt.datetime, str]],
+    people: Directory,
+    rules: PartyRules,
+) -> CaptureMeta:
+    """Apply the metadata of in-dialog re-INVITEs/UPDATEs (time received, raw text) to
+    the capture: ``capture.json`` is rewritten when something changed."""
+    for at, raw in updates:
+        parties, problem = read_update(raw, people, rules)
+        if problem is not None:
+            log.warning(
+                "event=metadata_update_invalid recording_id=%s reason=%s",
+                meta.recording_id,
+                kv(redact_numbers(problem)),
+            )
+        if parties is None:
+            continue
+        merged = apply_update(meta, parties, iso_ms(at))
+        if merged != meta:
+            write_meta(directory, merged)
+            log_updated(meta, merged)
+            meta = merged
+    return meta
 
 
 def finish_capture(

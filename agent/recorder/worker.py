@@ -13,6 +13,7 @@ reloads the directory.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ from types import FrameType
 
 from agent.capture import recover_active
 from agent.config import AgentConfig, load_agent_config
-from agent.directory import LiveDirectory
+from agent.directory import DirectoryWatcher, LiveDirectory
 from agent.privacy import LookupKeys, Protector, Sealer
 from agent.recorder.parties import PartyRules
 from agent.recorder.sip import SipEngine
@@ -31,7 +32,21 @@ from agent.recorder.sip import SipEngine
 log = logging.getLogger(__name__)
 
 POLL_MS = 100
+PR_SET_PDEATHSIG = 1
 HANGUP_WAIT_S = 3.0
+
+
+def _stop_with_parent() -> None:
+    """Ask the kernel for SIGTERM when the agent dies (even by SIGKILL): an orphaned
+    worker would keep the SIP port its successor needs. Calls in progress still drain."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        log.warning("event=pdeathsig_unavailable")
+        return
+    if os.getppid() == 1:  # the agent died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Worker:
@@ -44,11 +59,13 @@ class Worker:
         self._signals = 0
         self._engine: SipEngine | None = None
         self._directory: LiveDirectory | None = None
+        self._watcher: DirectoryWatcher | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     def startup(self) -> None:
         cfg = self.cfg
+        _stop_with_parent()
         ready_dir = cfg.captures_dir / "ready"
         active_dir = cfg.captures_dir / "active" / f"w{self.index}"
         for recording_id in recover_active(active_dir, ready_dir):
@@ -58,6 +75,8 @@ class Worker:
                 self.index,
             )
         directory = LiveDirectory(cfg.directory_file)
+        self._watcher = DirectoryWatcher(directory)  # an edited directory applies at once
+        self._watcher.start()
         protector = Protector(
             cfg.privacy.default_region,
             LookupKeys.load(cfg.privacy.lookup_key_file),
@@ -110,6 +129,9 @@ class Worker:
                 engine.poll(POLL_MS)
         engine.close()
         self._engine = None
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher.join(2.0)
 
     def _sip(self) -> SipEngine:
         if self._engine is None:

@@ -152,8 +152,8 @@ def start_pool(
         "run_front": True,
         "workers": workers,
         "worker_port": free_port(workers),
-        "rtp_port_count": 16,  # 4 calls x 2 streams x (RTP + RTCP)
-        "rtp_port_start": free_port(16 * workers),
+        "rtp_port_count": 40,
+        "rtp_port_start": free_port(40 * workers),
         "probe_interval": "1s",
         "rtp_timeout": "3s",
         **sip,

@@ -1,34 +1,10 @@
-"""The pjsua2 adapter: the only module that imports pjsua2.
-
-One thread owns pjsua2 (``threadCnt = 0``, ``mainThreadOnly``) and drives it with
-:meth:`SipEngine.poll`. pjsua2 callbacks only translate what happened into our own
-events on a deque; ``poll`` handles them after ``libHandleEvents`` returns, so no
-Python error is ever raised through a SWIG director. Exception: a disconnected
-``Call`` is released inside its own ``onCallState`` (the pattern pjsua2 documents),
-before pjsua can reuse its call slot for a new INVITE. What is written to disk is
-decided in :mod:`agent.recorder.session` (no pjsua2 there).
-
-Measured pjsua2 facts built in (wheel ``pjsua2-python`` 2.15.1, see DESIGN.md):
-``PJSUA_MAX_CALLS = 4`` (a fifth INVITE gets 486 from pjsua itself); ``siprec`` must
-be added to Supported or ``Require: siprec`` gets 420; answer with
-``opt.audioCount = <audio m-lines>``; SIPREC streams are ``REMOTE_HOLD`` (the offer is
-sendonly); clock rate 8000; Python references to every Call/Account/recorder, all
-dropped before ``libDestroy``; pjsua has no RTP timeout of its own; a recorder's WAV
-is closed ~10-20 ms after its last reference drops; ``str(pj.Error)`` is empty (use
-``exc.info()``); hold the ``CallInfo`` in a local while iterating its media.
-
-In-dialog requests: pjsua answers re-INVITEs and UPDATEs itself (hold, resume,
-session-timer refreshes keep the recorders: they are re-connected on every media
-change). One that carries recording metadata (a transfer) is read in
-``onCallTsxState`` and merged into the capture (:func:`parties.apply_update`).
-A CANCEL that arrives before we answered leaves nothing behind.
-"""
+"""The calls of one recorder worker: pjsua2 callbacks translate into events on a deque,
+:meth:`SipEngine.poll` handles them on the one thread that owns pjsua2 (see the
+package docstring for the measured pjsua2 facts built in)."""
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import ctypes
 import datetime as dt
 import logging
 import time
@@ -37,95 +13,34 @@ from pathlib import Path
 
 import pjsua2 as pj
 
-from agent.capture import CaptureMeta, Flag, iso_ms, new_recording_id, utc_now, write_meta
+from agent.capture import CaptureMeta, Flag, new_recording_id, utc_now, write_meta
 from agent.config import AgentConfig
 from agent.directory import LiveDirectory
 from agent.logs import redact_numbers
-from agent.recorder.parties import (
-    CallPlan,
-    PartyHeaders,
-    PartyRules,
-    apply_update,
-    plan_call,
-    read_update,
-)
+from agent.recorder.parties import CallPlan, PartyHeaders, PartyRules, plan_call
 from agent.recorder.session import (
     call_ref,
     finish_capture,
     kv,
     log_answered,
-    log_updated,
+    merge_updates,
     new_meta,
     open_files,
 )
+from agent.recorder.sip.endpoint import (
+    CLOCK_RATE,
+    LogWriter,
+    account_config,
+    add_supported_tag,
+    endpoint_config,
+    quiet_pjlib,
+)
 
-__all__ = ["CallSession", "SipEngine", "call_ref"]
+log = logging.getLogger("agent.recorder.sip")
 
-log = logging.getLogger(__name__)
-pjlog = logging.getLogger("agent.recorder.pjsip")
-
-CLOCK_RATE = 8000
-PJ_LOG_LEVEL = 3  # level 4+ prints whole SIP messages; msgLogging is off as well
-_PJ_LEVELS = {0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING, 3: logging.INFO}
 STATS_INTERVAL_S = 1.0
-_BENIGN = "Remove port failed"
 CLOSE_WAIT_S = 5.0  # for pjsua to close a leg's WAV file after the call
 _UPDATE_METHODS = ("INVITE", "UPDATE")
-
-
-# ---------------------------------------------------------------- pjsip plumbing
-
-
-def _pj_library() -> ctypes.CDLL:
-    import pjsua2._pjsua2 as ext
-
-    return ctypes.CDLL(ext.__file__)
-
-
-class _PjStr(ctypes.Structure):
-    _fields_ = (("ptr", ctypes.c_char_p), ("slen", ctypes.c_ssize_t))
-
-
-def quiet_pjlib() -> None:
-    """Silence what pjlib prints at ``libCreate``, before our LogWriter exists."""
-    _pj_library().pj_log_set_level(0)
-
-
-def add_supported_tag(tag: str) -> None:
-    """Add an option tag to the endpoint's Supported capability (after libInit)."""
-    lib = _pj_library()
-    lib.pjsua_get_pjsip_endpt.restype = ctypes.c_void_p
-    lib.pjsip_endpt_add_capability.argtypes = (
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_uint,
-        ctypes.POINTER(_PjStr),
-    )
-    endpt = lib.pjsua_get_pjsip_endpt()
-    if not endpt:
-        raise RuntimeError("pjsip endpoint not created yet")
-    value = tag.encode()
-    status = lib.pjsip_endpt_add_capability(
-        endpt, None, pj.PJSIP_H_SUPPORTED, None, 1, ctypes.byref(_PjStr(value, len(value)))
-    )
-    if status != 0:
-        raise RuntimeError(f"pjsip_endpt_add_capability({tag!r}) failed with status {status}")
-
-
-class _LogWriter(pj.LogWriter):  # type: ignore[misc]
-    """pjsip's log into ours, with anything number-like redacted."""
-
-    def write(self, entry: pj.LogEntry) -> None:
-        with contextlib.suppress(Exception):  # never raise into pjsip
-            level = _PJ_LEVELS.get(entry.level, logging.DEBUG)
-            message = entry.msg.strip()
-            # pjsip's info lines are chatty, and destroying a recorder makes pjsua2
-            # remove its conference port twice: operators see those at debug level.
-            if level == logging.INFO or _BENIGN in message:
-                level = logging.DEBUG
-            pjlog.log(level, "event=pjsip msg=%s", kv(redact_numbers(message)))
 
 
 class _Account(pj.Account):  # type: ignore[misc]
@@ -236,7 +151,7 @@ class SipEngine:
         self._accepting = True
         self._next_stats = 0.0
         self._ep: pj.Endpoint | None = None
-        self._writer: _LogWriter | None = None
+        self._writer: LogWriter | None = None
         self._account: _Account | None = None
         self._silence: pj.ToneGenerator | None = None
 
@@ -266,8 +181,8 @@ class SipEngine:
         )
 
     def _start_library(self, ep: pj.Endpoint) -> None:
-        self._writer = _LogWriter()
-        ep.libInit(self._ep_config(self._writer))
+        self._writer = LogWriter()
+        ep.libInit(endpoint_config(self._writer))
         add_supported_tag("siprec")
         tcfg = pj.TransportConfig()
         tcfg.port = self.port
@@ -281,33 +196,8 @@ class SipEngine:
         self._silence = pj.ToneGenerator()
         self._silence.createToneGenerator(CLOCK_RATE, 1)
         self._account = _Account(self)
-        self._account.create(self._account_config(), True)
-
-    def _ep_config(self, writer: _LogWriter) -> pj.EpConfig:
-        cfg = pj.EpConfig()
-        cfg.uaConfig.threadCnt = 0
-        cfg.uaConfig.mainThreadOnly = True
-        cfg.uaConfig.userAgent = "callrec"
-        cfg.logConfig.level = PJ_LOG_LEVEL
-        cfg.logConfig.consoleLevel = PJ_LOG_LEVEL
-        cfg.logConfig.msgLogging = False
-        cfg.logConfig.decor = pj.PJ_LOG_HAS_SENDER
-        cfg.logConfig.writer = writer
-        med = cfg.medConfig
-        med.clockRate = CLOCK_RATE
-        med.sndClockRate = CLOCK_RATE
-        med.channelCount = 1
-        med.ecTailLen = 0
-        return cfg
-
-    def _account_config(self) -> pj.AccountConfig:
-        acfg = pj.AccountConfig()
-        acfg.idUri = f"sip:callrec@{self.address}:{self.port}"
-        tp = acfg.mediaConfig.transportConfig
-        tp.port = self.rtp_start
-        tp.portRange = self.rtp_count
-        tp.boundAddress = self.cfg.sip.listen  # media bypasses the front
-        return acfg
+        rtp = (self.cfg.sip.listen, self.rtp_start, self.rtp_count)
+        self._account.create(account_config(self.address, self.port, rtp), True)
 
     def stop_accepting(self) -> None:
         """New INVITEs get 503 from now on (the front tries another worker)."""
@@ -457,23 +347,11 @@ class SipEngine:
     def _update(self, session: CallSession) -> None:
         """Merge the metadata of re-INVITEs/UPDATEs received since the last turn."""
         updates, session.updates = session.updates, []
-        for at, raw in updates:
-            if session.meta is None or session.directory is None:
-                return
-            parties, problem = read_update(raw, self._directory.current, self._rules)
-            if problem is not None:
-                log.warning(
-                    "event=metadata_update_invalid recording_id=%s reason=%s",
-                    session.meta.recording_id,
-                    kv(redact_numbers(problem)),
-                )
-            if parties is None:
-                continue
-            merged = apply_update(session.meta, parties, iso_ms(at))
-            if merged != session.meta:
-                write_meta(session.directory, merged)
-                log_updated(session.meta, merged)
-                session.meta = merged
+        if session.meta is not None and session.directory is not None:
+            people = self._directory.current
+            session.meta = merge_updates(
+                session.meta, session.directory, updates, people, self._rules
+            )
 
     def _watch(self, session: CallSession, now: float) -> None:
         """Hang up a call whose sender vanished (no RTP for rtp_timeout) or ran too long."""

@@ -1,0 +1,102 @@
+"""pjsua2 endpoint plumbing for the recorder: the library handle (ctypes, for what
+pjsua2 does not expose), the ``siprec`` option tag, pjsip's log routed into ours with
+redaction, and the endpoint/account configurations of one worker."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+
+import pjsua2 as pj
+
+from agent.logs import redact_numbers
+from agent.recorder.session import kv
+
+pjlog = logging.getLogger("agent.recorder.pjsip")
+
+CLOCK_RATE = 8000  # G.711's own rate (16 kHz triples the CPU)
+PJ_LOG_LEVEL = 3  # level 4+ prints whole SIP messages; msgLogging is off as well
+_PJ_LEVELS = {0: logging.CRITICAL, 1: logging.ERROR, 2: logging.WARNING, 3: logging.INFO}
+_BENIGN = "Remove port failed"
+
+
+def _pj_library() -> ctypes.CDLL:
+    import pjsua2._pjsua2 as ext
+
+    return ctypes.CDLL(ext.__file__)
+
+
+class _PjStr(ctypes.Structure):
+    _fields_ = (("ptr", ctypes.c_char_p), ("slen", ctypes.c_ssize_t))
+
+
+def quiet_pjlib() -> None:
+    """Silence what pjlib prints at ``libCreate``, before our LogWriter exists."""
+    _pj_library().pj_log_set_level(0)
+
+
+def add_supported_tag(tag: str) -> None:
+    """Add an option tag to the endpoint's Supported capability (after libInit)."""
+    lib = _pj_library()
+    lib.pjsua_get_pjsip_endpt.restype = ctypes.c_void_p
+    lib.pjsip_endpt_add_capability.argtypes = (
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_uint,
+        ctypes.POINTER(_PjStr),
+    )
+    endpt = lib.pjsua_get_pjsip_endpt()
+    if not endpt:
+        raise RuntimeError("pjsip endpoint not created yet")
+    value = tag.encode()
+    status = lib.pjsip_endpt_add_capability(
+        endpt, None, pj.PJSIP_H_SUPPORTED, None, 1, ctypes.byref(_PjStr(value, len(value)))
+    )
+    if status != 0:
+        raise RuntimeError(f"pjsip_endpt_add_capability({tag!r}) failed with status {status}")
+
+
+class LogWriter(pj.LogWriter):  # type: ignore[misc]
+    """pjsip's log into ours, with anything number-like redacted."""
+
+    def write(self, entry: pj.LogEntry) -> None:
+        with contextlib.suppress(Exception):  # never raise into pjsip
+            level = _PJ_LEVELS.get(entry.level, logging.DEBUG)
+            message = entry.msg.strip()
+            # pjsip's info lines are chatty, and destroying a recorder makes pjsua2
+            # remove its conference port twice: operators see those at debug level.
+            if level == logging.INFO or _BENIGN in message:
+                level = logging.DEBUG
+            pjlog.log(level, "event=pjsip msg=%s", kv(redact_numbers(message)))
+
+
+def endpoint_config(writer: LogWriter) -> pj.EpConfig:
+    """One thread owns pjsua2 (no worker threads, callbacks on ``libHandleEvents``)."""
+    cfg = pj.EpConfig()
+    cfg.uaConfig.threadCnt = 0
+    cfg.uaConfig.mainThreadOnly = True
+    cfg.uaConfig.userAgent = "callrec"
+    cfg.logConfig.level = PJ_LOG_LEVEL
+    cfg.logConfig.consoleLevel = PJ_LOG_LEVEL
+    cfg.logConfig.msgLogging = False
+    cfg.logConfig.decor = pj.PJ_LOG_HAS_SENDER
+    cfg.logConfig.writer = writer
+    med = cfg.medConfig
+    med.clockRate = CLOCK_RATE
+    med.sndClockRate = CLOCK_RATE
+    med.channelCount = 1
+    med.ecTailLen = 0
+    return cfg
+
+
+def account_config(address: str, port: int, rtp: tuple[str, int, int]) -> pj.AccountConfig:
+    """The worker's only account; ``rtp`` is (address, first port, count): media binds
+    the routable address (it bypasses the front)."""
+    acfg = pj.AccountConfig()
+    acfg.idUri = f"sip:callrec@{address}:{port}"
+    tp = acfg.mediaConfig.transportConfig
+    tp.boundAddress, tp.port, tp.portRange = rtp
+    return acfg
