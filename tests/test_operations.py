@@ -184,5 +184,6 @@ def test_metrics_count_exactly_the_calls_made(tmp_path: Path, keys: Keys) -> Non
     assert moved('callrec_calls_ended_total{reason="bye"}') == calls
     assert moved('callrec_recordings_finalized_total{source="siprec"}') == calls
     assert after["callrec_calls_active"] == 0
-    assert moved('callrec_rtp_packets_received_total{party="customer"}') > calls * 50
+    # counted once a second while a call is up: most of each 1.5 s call
+    assert moved('callrec_rtp_packets_received_total{party="customer"}') > calls * 20
     assert after.get("callrec_outbox_entries", 0) == 0

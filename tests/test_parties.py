@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import pytest
 
-from agent.capture import CUSTOMER_LEG, EMPLOYEE_LEG, MIXED_LEG, Direction, Flag
+from agent.capture import (
+    CUSTOMER_LEG,
+    EMPLOYEE_LEG,
+    MIXED_LEG,
+    CaptureMeta,
+    Direction,
+    Flag,
+    parse_iso,
+)
 from agent.directory import Directory
 from agent.privacy import NumberKind, Protector
 from agent.recorder.parties import (
     CallParties,
+    CallPlan,
     PartyHeaders,
     PartyRules,
+    apply_update,
     classify,
     classify_headers,
+    header_direction,
     plan_call,
+    read_update,
     unclassified,
 )
+from agent.recorder.session import new_meta
 from agent.recorder.siprec import SdpMedia, parse_metadata
 from agent.testcall.sipp import Party, metadata_xml
 from tests.support.stack import make_keys
@@ -332,3 +345,145 @@ def test_plan_never_raises_on_garbage(rules: PartyRules) -> None:
     for raw in ("", "\x00\xff", "INVITE x SIP/2.0\r\n\r\n", b"\xff\xfe"):
         plan = plan_call(raw, DIRECTORY, rules, HEADERS, offered_audio=2)
         assert Flag.METADATA_INVALID in plan.parties.flags
+
+
+# ---------------------------------------------------------------- what real SRCs send
+
+
+@pytest.mark.parametrize(
+    ("labels", "customer_label"),
+    [(("0", "1"), "0"), (("1", "2"), "2"), (("caller", "agent"), "caller"), (("b", "a"), "a")],
+)
+def test_labels_as_numbers_from_zero_or_one_or_words(
+    rules: PartyRules, labels: tuple[str, str], customer_label: str
+) -> None:
+    audio = tuple(
+        SdpMedia(i, "audio", 40000 + 2 * i, label, "sendonly") for i, label in enumerate(labels)
+    )
+    other = labels[1] if customer_label == labels[0] else labels[0]
+    parties = run(rules, customer(sends=customer_label), employee(sends=other), audio=audio)
+    index = labels.index(customer_label)
+    assert (parties.customer_stream, parties.employee_stream) == (index, 1 - index)
+
+
+@pytest.mark.parametrize(
+    "aor",
+    [
+        "sips:+358401234567@pbx.example",
+        "tel:+358-40-123-4567",
+        '"Asiakas" <sip:0401234567@pbx.example>',
+        "<sips:+358401234567@pbx.example;user=phone>",
+    ],
+)
+def test_customer_uris_with_and_without_display_names(rules: PartyRules, aor: str) -> None:
+    parties = run(rules, customer(aor), service(), employee('"Aino" <sip:1001@pbx.example>'))
+    assert parties.customer.masked == "+358401234***"
+    assert [e.id for e in parties.employees] == ["e1001"]
+    assert parties.flags == ()
+
+
+def test_send_inside_participant_in_the_draft_namespace(rules: PartyRules) -> None:
+    xml = metadata_xml(
+        [employee(sends="1"), service(), customer(sends="2")],
+        namespace="urn:ietf:params:xml:ns:recording",
+        inline_send=True,
+    )
+    parties = classify(parse_metadata(xml), AUDIO, DIRECTORY, rules)
+    assert (parties.customer_stream, parties.employee_stream) == (1, 0)
+    assert parties.direction is Direction.OUTBOUND
+
+
+# ---------------------------------------------------------------- plain INVITE direction
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("inbound", Direction.INBOUND),
+        ("Outbound", Direction.OUTBOUND),
+        ("in", Direction.INBOUND),
+        ("outgoing;x=1", Direction.OUTBOUND),
+        ("sideways", Direction.UNKNOWN),
+        (None, Direction.UNKNOWN),
+    ],
+)
+def test_direction_header(value: str | None, expected: Direction) -> None:
+    assert header_direction(value) is expected
+
+
+def test_plan_for_a_plain_invite_takes_its_direction_from_a_header(rules: PartyRules) -> None:
+    headers = (
+        "X-Callrec-Customer: <sip:+358401234567@pbx>\r\n"
+        "X-Callrec-Employee: sip:1001@pbx.example\r\n"
+        "X-Callrec-Direction: outbound\r\n"
+    )
+    plan = plan_call(raw_invite(SDP_ONE, "application/sdp", headers), DIRECTORY, rules, HEADERS, 1)
+    assert plan.parties.direction is Direction.OUTBOUND
+
+
+# ---------------------------------------------------------------- mid-call updates
+
+STARTED = "2026-01-05T10:00:00.000Z"
+LATER = "2026-01-05T10:01:30.000Z"
+
+
+def reinvite(metadata: str | None) -> str:
+    if metadata is None:
+        return raw_invite(SDP_TWO, "application/sdp", headers="")
+    return siprec_invite(metadata)
+
+
+def answered(plan_parties: CallParties) -> CaptureMeta:
+    plan = CallPlan("siprec", plan_parties, {0: CUSTOMER_LEG, 1: EMPLOYEE_LEG}, 2)
+    return new_meta("hel-1", "a" * 32, "ref", plan, parse_iso(STARTED))
+
+
+def test_an_update_without_metadata_is_nothing_to_merge(rules: PartyRules) -> None:
+    assert read_update(reinvite(None), DIRECTORY, rules) == (None, None)
+
+
+def test_an_update_with_broken_metadata_says_why(rules: PartyRules) -> None:
+    parties, problem = read_update(reinvite("<recording"), DIRECTORY, rules)
+    assert parties is None and problem is not None and "not well-formed" in problem
+
+
+def test_transfer_adds_the_new_employee_with_the_time_they_joined(rules: PartyRules) -> None:
+    meta = answered(run(rules, customer(), service(), employee()))
+    xml = metadata_xml([customer(), Party("e2", "sip:1002@x", "Mikko", "2")])
+    update, problem = read_update(reinvite(xml), DIRECTORY, rules)
+    assert problem is None and update is not None
+    merged = apply_update(meta, update, LATER)
+    assert [(e.id, e.joined_at) for e in merged.employees] == [("e1001", STARTED), ("e1002", LATER)]
+    assert merged.customer == meta.customer and merged.flags == meta.flags
+    assert apply_update(merged, update, "2026-01-05T10:02:00.000Z") == merged  # idempotent
+
+
+def test_update_never_replaces_what_is_known(rules: PartyRules) -> None:
+    meta = answered(run(rules, customer(), service(), employee()))
+    other = run(rules, customer("sip:+358501112223@pbx"), employee("sip:1002@x"))
+    merged = apply_update(meta, other, LATER)
+    assert merged.customer == meta.customer
+    assert merged.service_number == meta.service_number
+    assert merged.direction is meta.direction
+
+
+def test_late_metadata_fills_in_a_call_that_had_none(rules: PartyRules) -> None:
+    meta = answered(unclassified(AUDIO, Flag.METADATA_INVALID))
+    update = run(rules, customer(), service(), employee())
+    merged = apply_update(meta, update, LATER)
+    assert merged.customer.masked == "+358401234***"
+    assert merged.direction is Direction.INBOUND
+    assert merged.service_number == "+358201234567"
+    assert [(e.id, e.joined_at) for e in merged.employees] == [("e1001", LATER)]
+    assert merged.flags == ()
+
+
+def test_an_unknown_employee_joining_is_kept_with_its_extension(rules: PartyRules) -> None:
+    meta = answered(run(rules, customer(), service(), employee()))
+    update = run(rules, customer(), Party("x", "sip:1099@pbx", None, "2"))
+    merged = apply_update(meta, update, LATER)
+    assert [(e.id, e.aor) for e in merged.employees] == [
+        ("e1001", EMPLOYEE),
+        ("unknown", "sip:1099@pbx"),
+    ]
+    assert Flag.EMPLOYEE_UNKNOWN not in merged.flags

@@ -177,11 +177,12 @@ class AgentDaemon:
     # ------------------------------------------------------------ workers
 
     def _worker_command(self, worker: WorkerProcess, ready_fd: int | None) -> list[str]:
+        # The worker's own entry point (= `callrec worker`): importing agent.cli would
+        # load gRPC and the store's code into every worker (~26 MB PSS each, measured).
         command = [
             sys.executable,
             "-m",
-            "agent.cli",
-            "worker",
+            "agent.recorder.worker",
             "--config",
             str(self.config_path),
             "--index",

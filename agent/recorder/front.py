@@ -373,8 +373,9 @@ class FrontProcess:
     def _relay_lines(self, stream: IO[str] | None) -> None:
         if stream is None:
             return
-        for raw in stream:
-            self._relay_line(raw.rstrip("\n"))
+        with stream:  # closed at EOF: Kamailio exited
+            for raw in stream:
+                self._relay_line(raw.rstrip("\n"))
 
     def _relay_line(self, raw: str) -> None:
         if not raw.strip():

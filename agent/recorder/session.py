@@ -15,6 +15,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from agent import metrics
 from agent.capture import (
     CUSTOMER_LEG,
     EMPLOYEE_LEG,
@@ -83,6 +84,8 @@ def new_meta(
 
 
 def log_answered(meta: CaptureMeta, plan: CallPlan, worker: int) -> None:
+    metrics.CALLS_ANSWERED.labels(meta.source).inc()
+    metrics.CALLS_ACTIVE.inc()
     log.info(
         "event=call_answered call_ref=%s recording_id=%s worker=%d source=%s direction=%s "
         "customer=%s employee=%s service=%s legs=%s flags=%s",
@@ -173,6 +176,9 @@ def finish_capture(
     flags = [*flags] + ([Flag.INCOMPLETE] if legs != meta.legs else [])
     meta = replace(meta, ended_at=iso_ms(ended), legs=legs).with_flags(*flags)
     write_meta(directory, meta)
+    metrics.CALLS_ACTIVE.dec()
+    ended_by = next((f for f in (Flag.RTP_TIMEOUT, Flag.INCOMPLETE) if f in meta.flags), None)
+    metrics.CALLS_ENDED.labels(ended_by.value if ended_by else "bye").inc()
     directory.rename(ready_dir / meta.recording_id)
     fsync_dir(ready_dir)
     fsync_dir(directory.parent)

@@ -31,7 +31,7 @@ from agent.recorder.sip import SipEngine
 
 log = logging.getLogger(__name__)
 
-POLL_MS = 100
+POLL_MS = 500  # libHandleEvents returns at once on any SIP event; this bounds idle wake-ups
 PR_SET_PDEATHSIG = 1
 HANGUP_WAIT_S = 3.0
 

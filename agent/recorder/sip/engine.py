@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pjsua2 as pj
 
+from agent import metrics
 from agent.capture import CaptureMeta, Flag, new_recording_id, utc_now, write_meta
 from agent.config import AgentConfig
 from agent.directory import LiveDirectory
@@ -97,6 +98,18 @@ class _Call(pj.Call):  # type: ignore[misc]
 # ---------------------------------------------------------------- one call
 
 
+def _count_rtp(session: CallSession, now: dict[int, tuple[int, int]]) -> None:
+    """Add what each recorded stream received (and lost) since the last look to the
+    metrics, labelled by the party whose leg it is."""
+    legs = session.plan.legs if session.plan is not None else {}
+    for index, (packets, lost) in now.items():
+        before_packets, before_lost = session.rx_counted.get(index, (0, 0))
+        party = legs.get(index, "unknown").removesuffix(".wav")
+        metrics.RTP_PACKETS_RECEIVED.labels(party).inc(max(0, packets - before_packets))
+        metrics.RTP_PACKETS_LOST.labels(party).inc(max(0, lost - before_lost))
+        session.rx_counted[index] = (packets, lost)
+
+
 @dataclass(eq=False)
 class CallSession:
     """One INVITE from arrival to the capture's move to ``ready``."""
@@ -113,6 +126,7 @@ class CallSession:
     answered_mono: float = 0.0
     rx_packets: int = -1
     rx_mono: float = 0.0
+    rx_counted: dict[int, tuple[int, int]] = field(default_factory=dict)  # packets, lost
     ended_at: dt.datetime | None = None
     close_deadline: float = 0.0
     flags: list[Flag] = field(default_factory=list)
@@ -327,6 +341,7 @@ class SipEngine:
         prm = pj.CallOpParam()
         prm.statusCode = status
         session.call.answer(prm)
+        metrics.CALLS_REFUSED.labels(str(status)).inc()
         log.info("event=call_rejected call_ref=%s status=%d reason=%s", session.ref, status, reason)
 
     def _connect_media(self, session: CallSession) -> None:
@@ -367,9 +382,11 @@ class SipEngine:
             session.rx_packets, session.rx_mono = -1, now
             return
         try:
-            packets = sum(call.getStreamStat(i).rtcp.rxStat.pkt for i in receiving)
+            stats = {i: call.getStreamStat(i).rtcp.rxStat for i in receiving}
         except pj.Error:
             return
+        packets = sum(stat.pkt for stat in stats.values())
+        _count_rtp(session, {i: (stat.pkt, stat.loss) for i, stat in stats.items()})
         if packets != session.rx_packets:
             session.rx_packets, session.rx_mono = packets, now
         elif now - session.rx_mono >= self.cfg.sip.rtp_timeout_s:
