@@ -186,8 +186,10 @@ def recover_active(active_dir: Path, ready_dir: Path) -> list[str]:
         for leg in meta.legs:
             wav = capture / leg
             if wav.exists():
-                repair_wav_header(wav)
+                # The last write is when the recording stopped: read it before the
+                # header repair below touches the file.
                 mtime = dt.datetime.fromtimestamp(wav.stat().st_mtime, dt.UTC)
+                repair_wav_header(wav)
                 latest = max(latest, iso_ms(mtime))
         meta = replace(meta, ended_at=meta.ended_at or latest).with_flags(Flag.INCOMPLETE)
         write_meta(capture, meta)

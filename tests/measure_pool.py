@@ -28,9 +28,7 @@ from pathlib import Path
 
 from agent.testcall.sipp import siprec_scenario
 from agent.testcall.speech import Speech, make_speech
-from tests.support.daemons import start_store
-from tests.support.pool import Pool, flags, rtp_sender, start_pool, stop_pool
-from tests.support.stack import make_keys
+from tests.support.pool import Pool, flags, running_pool
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -122,21 +120,9 @@ def long_speech(directory: Path, seconds: int) -> Speech:
 
 
 def run(workers: int, calls: int, seconds: int, root: Path) -> bool:
-    keys, speech = make_keys(root / "keys"), long_speech(root / "speech", seconds)
-    (root / "store").mkdir()
-    store, address = start_store(root / "store")
-    try:
-        with rtp_sender() as rtp:
-            pool = start_pool(
-                root / "agent", keys, address, root / "store" / "store-data", speech, rtp,
-                workers, rtp_timeout="10s",
-            )  # fmt: skip
-            try:
-                return _load(pool, workers, calls, seconds)
-            finally:
-                stop_pool(pool)
-    finally:
-        store.stop()
+    speech = long_speech(root / "speech", seconds)
+    with running_pool(root, workers, speech, rtp_timeout="10s") as pool:
+        return _load(pool, workers, calls, seconds)
 
 
 def _load(pool: Pool, workers: int, calls: int, seconds: int) -> bool:

@@ -35,7 +35,11 @@ needs_kamailio = pytest.mark.skipif(
 )
 
 
-def config(root: Path, keys: Keys, sip_port: int = 25060, **sip: object) -> AgentConfig:
+def config(root: Path, keys: Keys, **sip: object) -> AgentConfig:
+    """An agent config with a front over 3 workers; ``sip`` overrides [sip] keys
+    (``sip_port``: the front's port)."""
+    sip_port = sip.pop("sip_port", 25060)
+    assert isinstance(sip_port, int)
     settings: dict[str, object] = {
         "front": True,
         "workers": 3,

@@ -82,14 +82,17 @@ def test_agent_notifies_only_after_workers_and_store_link_are_up(
     tmp_path: Path, keys: Keys, notify: NotifySocket
 ) -> None:
     store, address = start_store(tmp_path)
+    agent = None
     try:
         agent = start_agent(tmp_path, keys, address, free_port(), env=_env(notify))
         ready_at = notify.messages[0][0]
-        # READY came after the worker reported its SIP transport up.
-        assert "event=worker_ready" in agent.text().split("event=agent_ready")[0]
+        # READY came only after the worker's SIP transport was up.
+        assert "event=sip_started worker=0" in agent.text().split("event=agent_ready")[0]
         time.sleep(2.5)
         assert agent.stop() == 0
     finally:
+        if agent is not None:
+            agent.stop()
         store.stop()
     _assert_lifecycle(notify.states())
     assert ready_at <= notify.messages[1][0]
@@ -101,6 +104,7 @@ def test_sigterm_during_three_calls_records_them_all(tmp_path: Path, keys: Keys)
     speech = make_speech(tmp_path / "speech")
     store, address = start_store(tmp_path)
     sip_port = free_port()
+    agent = None
     try:
         agent = start_agent(tmp_path, keys, address, sip_port)
         results: dict[int, object] = {}
@@ -133,6 +137,8 @@ def test_sigterm_during_three_calls_records_them_all(tmp_path: Path, keys: Keys)
         assert agent.process.wait(60) == 0
         rows = Catalog(f"sqlite:///{tmp_path / 'store-data' / 'catalog.sqlite3'}").list()
     finally:
+        if agent is not None:
+            agent.stop()
         store.stop()
     assert all(r.ok for r in results.values()), results  # type: ignore[attr-defined]
     assert len(rows) == 3
@@ -157,6 +163,7 @@ def test_metrics_count_exactly_the_calls_made(tmp_path: Path, keys: Keys) -> Non
     speech = make_speech(tmp_path / "speech")
     store, address = start_store(tmp_path)
     sip_port, metrics_port = free_port(), free_tcp_port()
+    agent = None
     try:
         agent = start_agent(
             tmp_path, keys, address, sip_port, agent={"metrics": f"127.0.0.1:{metrics_port}"}
@@ -174,7 +181,8 @@ def test_metrics_count_exactly_the_calls_made(tmp_path: Path, keys: Keys) -> Non
             time.sleep(0.2)
         after = _scrape(metrics_port)
     finally:
-        agent.stop()
+        if agent is not None:
+            agent.stop()
         store.stop()
 
     def moved(name: str) -> float:

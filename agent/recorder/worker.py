@@ -29,7 +29,7 @@ from agent.privacy import LookupKeys, Protector, Sealer
 from agent.recorder.parties import PartyRules
 from agent.recorder.sip import SipEngine
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("agent.recorder.worker")  # also when run as __main__
 
 POLL_MS = 500  # libHandleEvents returns at once on any SIP event; this bounds idle wake-ups
 PR_SET_PDEATHSIG = 1

@@ -86,7 +86,11 @@ def start_store(
         "store", ["store", "--config", str(config)], root / "logs" / "store.log", env or {}
     )
     seen = len(daemon.text())
-    found = daemon.start().wait_for(r"event=store_ready address=(\S+)", after=seen)
+    try:
+        found = daemon.start().wait_for(r"event=store_ready address=(\S+)", after=seen)
+    except BaseException:
+        daemon.stop()
+        raise
     return daemon, found.group(1)
 
 
@@ -105,7 +109,11 @@ def start_agent(
         "agent", ["agent", "--config", str(config)], root / "logs" / "agent.log", env or {}
     )
     seen = len(daemon.text())
-    daemon.start().wait_for(r"event=agent_ready", timeout=60, after=seen)
+    try:
+        daemon.start().wait_for(r"event=agent_ready", timeout=60, after=seen)
+    except BaseException:
+        daemon.stop()
+        raise
     return daemon
 
 

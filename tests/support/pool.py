@@ -1,13 +1,17 @@
 """The recorder pool for real: the store, the agent with N pjsua2 workers behind the
 Kamailio front it runs itself (``run_front = true``), one RTP sender for every call
-(a ControlServer in the test process), and SIPp as the SRC. Also runnable as a load
-generator that measures the pool's cost (``python -m tests.support.pool --help``)."""
+(a ControlServer in the test process), and SIPp as the SRC; and what tests check on
+what was stored (times, parties, decoded audio). ``tests.measure_pool`` uses the same
+pieces to measure the pool's cost."""
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 import re
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,9 +24,9 @@ from agent.recorder.sip import call_ref
 from agent.store.catalog import Catalog, RecordingRow
 from agent.testcall.rtp import ControlServer, RtpSender
 from agent.testcall.sipp import SippResult, SiprecCall, free_port, run_sipp, siprec_scenario
-from tests.support.audio import Speech
-from tests.support.daemons import Daemon, start_agent
-from tests.support.stack import Keys
+from tests.support.audio import Speech, best_correlation, envelope, make_speech
+from tests.support.daemons import Daemon, start_agent, start_store
+from tests.support.stack import Keys, make_keys
 
 FULL_NUMBER = "358401234567"
 NATIONAL = "0401234567"
@@ -46,6 +50,8 @@ def rtp_sender() -> Iterator[tuple[str, int]]:
 class Pool:
     root: Path
     agent: Daemon
+    keys: Keys
+    store_address: str
     store_dir: Path
     sip_port: int
     workers: int
@@ -160,7 +166,10 @@ def start_pool(
     }
     agent = start_agent(root, keys, store_address, sip_port, sip=settings)
     cfg = load_agent_config(root / "agent.toml")
-    return Pool(root, agent, store_dir, sip_port, workers, front_files(cfg), speech, rtp)
+    return Pool(
+        root, agent, keys, store_address, store_dir, sip_port, workers, front_files(cfg),
+        speech, rtp,
+    )  # fmt: skip
 
 
 def stop_pool(pool: Pool) -> None:
@@ -195,3 +204,97 @@ def assert_times(row: RecordingRow, answered: float | None, ended: float | None)
 
 def unknown_parties(row: RecordingRow) -> bool:
     return row.customer_kind == UNKNOWN and row.employee_id == UNKNOWN
+
+
+@contextmanager
+def running_pool(
+    root: Path, workers: int, speech: Speech | None = None, **sip: object
+) -> Iterator[Pool]:
+    """Store, RTP sender and a pool of ``workers``, all stopped at the end."""
+    keys, speech = make_keys(root / "keys"), speech or make_speech(root / "speech")
+    (root / "store").mkdir()
+    store, address = start_store(root / "store")
+    try:
+        with rtp_sender() as rtp:
+            store_dir = root / "store" / "store-data"
+            pool = start_pool(root / "agent", keys, address, store_dir, speech, rtp, workers, **sip)
+            try:
+                yield pool
+            finally:
+                stop_pool(pool)
+    finally:
+        store.stop()
+
+
+@contextmanager
+def second_pool(pool: Pool, workers: int, **sip: object) -> Iterator[Pool]:
+    """Another agent (own front, own port) storing into ``pool``'s store."""
+    other = start_pool(
+        pool.root / f"agent-{time.monotonic_ns()}", pool.keys, pool.store_address,
+        pool.store_dir, pool.speech, pool.rtp, workers, **sip,
+    )  # fmt: skip
+    try:
+        other.wait_idle()
+        yield other
+    finally:
+        stop_pool(other)
+
+
+def place_all(pool: Pool, calls: dict[str, str], timeout_s: float = 40.0) -> dict[str, SippResult]:
+    """Run each scenario in its own SIPp at once (over TCP if its name says so)."""
+    with ThreadPoolExecutor(len(calls)) as executor:
+        futures = {
+            name: executor.submit(
+                pool.run,
+                scenario,
+                name,
+                timeout_s=timeout_s,
+                extra_args=["-t", "t1"] if name.startswith("tcp") else [],
+            )
+            for name, scenario in calls.items()
+        }
+        return {name: future.result() for name, future in futures.items()}
+
+
+def place_and_store(
+    pool: Pool, scenarios: dict[str, str]
+) -> tuple[dict[str, SippResult], dict[str, RecordingRow]]:
+    """Place the calls at once; each must succeed and be stored with SIPp's times."""
+    results = place_all(pool, scenarios)
+    for name, result in results.items():
+        assert result.ok, (name, result.errors[-1500:])
+    rows = pool.stored_many([r.call_id or "" for r in results.values()])
+    by_name = {name: rows[result.call_id or ""] for name, result in results.items()}
+    for name, result in results.items():
+        assert_times(by_name[name], result.answered_at, result.bye_at)
+    return results, by_name
+
+
+def window_rms(
+    audio: tuple[int, Sequence[int]], channel: int, start_s: float, end_s: float
+) -> float:
+    """RMS of one channel of decoded audio between two offsets (seconds)."""
+    channels, samples = audio
+    mono = samples[channel::channels][int(start_s * 8000) : int(end_s * 8000)]
+    return math.sqrt(sum(v * v for v in mono) / max(1, len(mono)))
+
+
+def carries(path: Path, channel: int, sent: Path, other: Path) -> bool:
+    """The channel's loudness contour follows ``sent``, not ``other``."""
+    recorded = envelope(path, channel)
+    mine = best_correlation(recorded, envelope(sent))
+    theirs = best_correlation(recorded, envelope(other))
+    return mine > 0.6 and mine > theirs + 0.2
+
+
+def epoch(iso: str) -> float:
+    """ISO-8601 (UTC, with or without offset) → epoch seconds."""
+    return dt.datetime.fromisoformat(iso.rstrip("Z")).replace(tzinfo=dt.UTC).timestamp()
+
+
+def wait_log(pool: Pool, text: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in pool.text():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not logged:\n{pool.tail()}")
+        time.sleep(0.1)
