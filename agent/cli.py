@@ -28,7 +28,14 @@ from agent.directory import Directory, DirectoryError
 from agent.manifest import DIRECTION_NAMES
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
-from agent.privacy import KeyFileError, LookupKeys, Sealer, new_lookup_key_line, new_seal_keypair
+from agent.privacy import (
+    KeyFileError,
+    LookupKeys,
+    Sealer,
+    check_private_file,
+    new_lookup_key_line,
+    new_seal_keypair,
+)
 
 log = logging.getLogger("callrec")
 
@@ -211,22 +218,34 @@ def export_audio(store_dir: Path, recording_id: str, out: Path, reason: str) -> 
 
 
 def check_config(agent_path: Path | None, store_path: Path | None) -> int:
-    problems: list[str] = []
+    """Validate a config and every file it names; one line per problem."""
+    loaders: list[tuple[Callable[[Path], object], Path]] = []
+    tls = None
     if agent_path is not None:
         cfg = load_agent_config(agent_path)
         check_transport(cfg.uplink)
-        loaders: list[tuple[Callable[[Path], object], Path]] = [
+        tls = cfg.uplink.tls
+        loaders += [
             (LookupKeys.load, cfg.privacy.lookup_key_file),
             (Sealer.load, cfg.privacy.seal_public_key_file),
             (Directory.load, cfg.directory_file),
         ]
-        for load, path in loaders:
-            try:
-                load(path)
-            except (KeyFileError, DirectoryError) as exc:
-                problems.append(str(exc))
     if store_path is not None:
-        check_transport(load_store_config(store_path))
+        store_cfg = load_store_config(store_path)
+        check_transport(store_cfg)
+        tls = store_cfg.tls
+    if tls is not None:
+        loaders += [
+            (certs.load_cert, tls.ca_file),
+            (certs.load_cert, tls.cert_file),
+            (check_private_file, tls.key_file),
+        ]
+    problems: list[str] = []
+    for load, path in loaders:
+        try:
+            load(path)
+        except (KeyFileError, DirectoryError, ConfigError) as exc:
+            problems.append(str(exc))
     for problem in problems:
         sys.stderr.write(problem + "\n")
     if not problems:

@@ -100,3 +100,22 @@ def test_check_refuses_world_readable_key(
     keys.lookup.chmod(0o644)
     assert main(["check", "--agent", str(write_toml(tmp_path / "agent.toml", doc))]) == 1
     assert "readable by group or others" in capsys.readouterr().err
+
+
+def test_check_names_each_bad_tls_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    (tls / "ca.pem").write_text("not a certificate")
+    (tls / "store.key").write_text("key")
+    (tls / "store.key").chmod(0o644)
+    path = tmp_path / "store.toml"
+    path.write_text(
+        '[store]\ndata_dir = "d"\n\n[store.tls]\nca_file = "tls/ca.pem"\n'
+        'cert_file = "tls/store.pem"\nkey_file = "tls/store.key"\n'
+    )
+    assert main(["check", "--store", str(path)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3, lines
+    assert "ca.pem: not a PEM certificate" in lines[0]
+    assert "store.pem: certificate not found" in lines[1]
+    assert "store.key: key file is readable by group or others" in lines[2]
