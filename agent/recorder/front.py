@@ -40,6 +40,7 @@ open in its firewall; the workers' SIP ports stay on loopback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -278,6 +279,7 @@ class FrontProcess:
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
+            start_new_session=True,  # its own process group: no child outlives it
         )
         self._started_at = time.monotonic()
         self._relay = threading.Thread(
@@ -330,6 +332,7 @@ class FrontProcess:
             process.returncode,
             self._backoff(),
         )
+        _kill_group(process.pid)  # its children would keep the SIP port
         self._process = None
         self._schedule_restart()
 
@@ -355,6 +358,7 @@ class FrontProcess:
                 log.error("event=front_kill reason=stop_timeout pid=%d", process.pid)
                 process.kill()
                 process.wait(5)
+        _kill_group(process.pid)
         if self._relay is not None:
             self._relay.join(2.0)
         log.info(
@@ -369,6 +373,7 @@ class FrontProcess:
         if self._process is not None and self._process.poll() is None:
             self._stopping = True
             self._process.kill()
+            _kill_group(self._process.pid)
 
     def _relay_lines(self, stream: IO[str] | None) -> None:
         if stream is None:
@@ -401,3 +406,9 @@ class FrontProcess:
 
 def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _kill_group(pid: int) -> None:
+    """Kill what is left of Kamailio's process group (its forked children)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
