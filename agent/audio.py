@@ -7,11 +7,12 @@ audio) or legs of very different length are flagged by the caller.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydub import AudioSegment
+
+from agent.manifest import sha256_file
 
 SILENCE_DBFS = -60.0
 ENCODERS: dict[str, tuple[str, str | None, list[str]]] = {
@@ -47,14 +48,6 @@ def load(path: Path) -> AudioSegment:
 
 def _is_silent(segment: AudioSegment) -> bool:
     return len(segment) == 0 or segment.rms == 0 or segment.dBFS < SILENCE_DBFS
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def encode(legs: list[Path], out: Path, audio_format: str, bitrate: str) -> EncodedAudio:

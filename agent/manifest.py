@@ -8,8 +8,10 @@ full one.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import re
+from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -36,6 +38,15 @@ DIRECTION_NAMES = {v: k.value for k, v in _DIRECTIONS.items()}
 
 class ManifestError(ValueError):
     """A manifest field is missing or malformed; the message names the field."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes: what the manifest, the receipt and the store check."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def timestamp(moment: dt.datetime) -> Timestamp:

@@ -134,24 +134,7 @@ class LookupKeys:
     @classmethod
     def load(cls, path: Path) -> LookupKeys:
         check_private_file(path)
-        keys: list[tuple[str, bytes]] = []
-        for lineno, line in enumerate(path.read_text().splitlines(), 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            key_id, _, encoded = line.partition(" ")
-            try:
-                secret = base64.b64decode(encoded.strip(), validate=True)
-            except ValueError:
-                secret = b""
-            if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", key_id) or len(secret) < 32:
-                raise KeyFileError(
-                    f"{path}:{lineno}: expected '<key id> <base64 of >= 32 random bytes>'"
-                )
-            keys.append((key_id, secret))
-        if not keys:
-            raise KeyFileError(f"{path}: no keys in file")
-        return cls(tuple(keys))
+        return cls(tuple(read_key_file(path)))
 
     def digest(self, e164: str, key_id: str | None = None) -> str:
         secrets = dict(self.keys)
@@ -160,6 +143,32 @@ class LookupKeys:
 
     def all_digests(self, e164: str) -> dict[str, str]:
         return {key_id: self.digest(e164, key_id) for key_id, _ in self.keys}
+
+
+_KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+def read_key_file(path: Path, key_bytes: int = 32) -> list[tuple[str, bytes]]:
+    """Lines of ``<key id> <base64 secret>`` (the first is the active key; ``#``
+    comments allowed). Used for the lookup keys and the store's master keys."""
+    keys: list[tuple[str, bytes]] = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key_id, _, encoded = line.partition(" ")
+        try:
+            secret = base64.b64decode(encoded.strip(), validate=True)
+        except ValueError:
+            secret = b""
+        if not _KEY_ID.fullmatch(key_id) or len(secret) != key_bytes:
+            raise KeyFileError(
+                f"{path}:{lineno}: expected '<key id> <base64 of {key_bytes} random bytes>'"
+            )
+        keys.append((key_id, secret))
+    if not keys:
+        raise KeyFileError(f"{path}: no keys in file")
+    return keys
 
 
 def new_lookup_key_line(key_id: str) -> str:

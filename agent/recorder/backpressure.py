@@ -12,7 +12,7 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from agent.recorder import metrics
+from agent import metrics
 from agent.recorder.outbox import Outbox
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -29,7 +28,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from agent.capture import fsync_dir
 from agent.certs import site_from_auth_context
-from agent.manifest import DIRECTION_NAMES, ManifestError, employees_json, validate_manifest
+from agent.manifest import (
+    DIRECTION_NAMES,
+    ManifestError,
+    employees_json,
+    sha256_file,
+    validate_manifest,
+)
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
@@ -60,14 +65,6 @@ def receipt_of(row: RecordingRow) -> pb.UploadReceipt:
     return pb.UploadReceipt(
         recording_id=row.recording_id, sha256=row.sha256, size=row.size, stored_at=stored
     )
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class IngestService(pb_grpc.IngestServicer):
@@ -288,7 +285,7 @@ class IngestService(pb_grpc.IngestServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"finish at {size} bytes but the manifest says {manifest.size}",
             )
-        actual = await asyncio.to_thread(_sha256_file, part)
+        actual = await asyncio.to_thread(sha256_file, part)
         if actual != manifest.sha256:
             await asyncio.to_thread(part.unlink, True)
             await asyncio.to_thread(manifest_file.unlink, True)

@@ -14,7 +14,6 @@ import base64
 import datetime as dt
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Protocol
 
@@ -22,12 +21,11 @@ import sqlalchemy as sa
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from agent.privacy import KeyFileError, check_private_file
+from agent.privacy import KeyFileError, check_private_file, read_key_file
 from agent.store.catalog import Catalog, data_keys
 
 log = logging.getLogger(__name__)
 
-_KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _WRAP_LABEL = b"callrec-data-key-v1\x00"
 _NONCE_BYTES = 12
 
@@ -65,7 +63,7 @@ class FileKeyWrapper:
     @classmethod
     def load(cls, path: Path) -> FileKeyWrapper:
         check_private_file(path)
-        return cls(tuple(_parse_key_file(path)))
+        return cls(tuple(read_key_file(path)))
 
     @property
     def current_key_id(self) -> str:
@@ -90,25 +88,6 @@ class FileKeyWrapper:
             return AESGCM(master).decrypt(wrapped[:_NONCE_BYTES], wrapped[_NONCE_BYTES:], aad)
         except InvalidTag:
             raise KeyWrapError(f"wrapped key does not open under {key_id!r}") from None
-
-
-def _parse_key_file(path: Path) -> list[tuple[str, bytes]]:
-    keys: list[tuple[str, bytes]] = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key_id, _, encoded = line.partition(" ")
-        try:
-            secret = base64.b64decode(encoded.strip(), validate=True)
-        except ValueError:
-            secret = b""
-        if not _KEY_ID.match(key_id) or len(secret) != 32:
-            raise KeyFileError(f"{path}:{lineno}: expected '<key id> <base64 of 32 random bytes>'")
-        keys.append((key_id, secret))
-    if not keys:
-        raise KeyFileError(f"{path}: no keys in file")
-    return keys
 
 
 def new_key_id() -> str:
@@ -142,7 +121,7 @@ def create_master_key_file(path: Path, key_id: str | None = None) -> str:
 
 def add_master_key(path: Path, key_id: str | None = None) -> str:
     """Put a new key first (it wraps from now on); the old ones stay for unwrapping."""
-    old = _parse_key_file(path)
+    old = read_key_file(path)
     key_id = key_id or new_key_id()
     if key_id in dict(old):
         raise KeyFileError(f"{path}: key id {key_id!r} is already there")
@@ -166,7 +145,7 @@ def retire_master_key(path: Path, key_id: str, catalog: Catalog) -> None:
     in_use = keys_in_use(catalog).get(key_id, 0)
     if in_use:
         raise KeyFileError(f"{path}: key {key_id!r} still wraps {in_use} data keys; rewrap first")
-    keep = [(k, s) for k, s in _parse_key_file(path) if k != key_id]
+    keep = [(k, s) for k, s in read_key_file(path) if k != key_id]
     if not keep:
         raise KeyFileError(f"{path}: {key_id!r} is the only key")
     text = "".join(f"{k} {base64.b64encode(s).decode()}\n" for k, s in keep)
