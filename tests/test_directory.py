@@ -94,6 +94,40 @@ def test_watcher_reloads_on_edit_and_keeps_old_on_broken_edit(tmp_path: Path) ->
         watcher.join(5)
 
 
+class _CountingDirectory(LiveDirectory):
+    loads = 0
+
+    def reload(self) -> bool:
+        self.loads += 1
+        return super().reload()
+
+
+def test_watchers_are_not_woken_by_reads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every worker watches the same file and every reload reads it: reads must not
+    count as changes, or each reload wakes the others (it did: ~6 reloads/s each)."""
+    caplog.set_level("INFO", logger="agent.directory")
+    path = tmp_path / "people.toml"
+    path.write_text(DIRECTORY_TOML)
+    lives = [_CountingDirectory(path) for _ in range(3)]
+    watchers = [DirectoryWatcher(live, debounce_s=0.05) for live in lives]
+    for watcher in watchers:
+        watcher.start()
+    try:
+        for _ in range(5):
+            Directory.load(path)  # someone reads it (a reload elsewhere, an operator)
+        path.write_text(DIRECTORY_TOML.replace("Aino Virtanen", "Aino Laine"))
+        assert _eventually(lambda: all(live.loads for live in lives))
+        time.sleep(1.0)
+        assert [live.loads for live in lives] == [1, 1, 1]
+        path.write_text(path.read_text())  # saved again unchanged: read, not announced
+        assert _eventually(lambda: all(live.loads == 2 for live in lives))
+        assert caplog.text.count("event=directory_reloaded") == 3
+    finally:
+        for watcher in watchers:
+            watcher.stop()
+            watcher.join(5)
+
+
 def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
