@@ -169,9 +169,11 @@ def finish_capture(
     ready_dir: Path,
     ended: dt.datetime,
     flags: list[Flag],
+    received: dict[str, tuple[int, int]] | None = None,
 ) -> CaptureMeta:
     """Close the capture's metadata (end time, legs present, flags) and move it to
-    ``ready`` with one rename; a leg that was never written makes it incomplete."""
+    ``ready`` with one rename; a leg that was never written makes it incomplete.
+    ``received``: RTP packets received and lost per party, for the log line."""
     legs = tuple(leg for leg in meta.legs if (directory / leg).exists())
     flags = [*flags] + ([Flag.INCOMPLETE] if legs != meta.legs else [])
     meta = replace(meta, ended_at=iso_ms(ended), legs=legs).with_flags(*flags)
@@ -182,12 +184,15 @@ def finish_capture(
     directory.rename(ready_dir / meta.recording_id)
     fsync_dir(ready_dir)
     fsync_dir(directory.parent)
+    rtp = ",".join(f"{party}:{got}/{lost}" for party, (got, lost) in (received or {}).items())
     log.info(
-        "event=call_recorded recording_id=%s call_ref=%s duration_s=%.3f legs=%s flags=%s",
+        "event=call_recorded recording_id=%s call_ref=%s duration_s=%.3f legs=%s flags=%s "
+        "rtp_received_lost=%s",
         meta.recording_id,
         meta.call_ref,
         (ended - parse_iso(meta.started_at)).total_seconds(),
         ",".join(legs) or "-",
         ",".join(meta.flags) or "-",
+        rtp or "-",
     )
     return meta

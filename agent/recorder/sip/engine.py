@@ -71,6 +71,15 @@ class _Call(pj.Call):  # type: ignore[misc]
     def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
         self.session.events.append(("media", self.session))
 
+    def onStreamDestroyed(self, prm: pj.OnStreamDestroyedParam) -> None:
+        """The last look at a stream's counters: the once-a-second sampling would miss
+        the end of the call."""
+        try:
+            rx = self.getStreamStat(prm.streamIdx).rtcp.rxStat
+            self.session.final_rx[prm.streamIdx] = (rx.pkt, rx.loss)
+        except Exception:
+            log.exception("event=stream_stat_failed call_ref=%s", self.session.ref)
+
     def onCallTsxState(self, prm: pj.OnCallTsxStateParam) -> None:
         """A re-INVITE or UPDATE received in the dialog: keep its text if it carries
         recording metadata (read later, outside the callback)."""
@@ -110,6 +119,17 @@ def _count_rtp(session: CallSession, now: dict[int, tuple[int, int]]) -> None:
         session.rx_counted[index] = (packets, lost)
 
 
+def _received(session: CallSession) -> dict[str, tuple[int, int]]:
+    """Packets received and lost per party over the whole call (counted into the
+    metrics here for the part after the last sample)."""
+    _count_rtp(session, session.final_rx)
+    legs = session.plan.legs if session.plan is not None else {}
+    return {
+        legs.get(index, f"stream{index}").removesuffix(".wav"): counts
+        for index, counts in sorted(session.rx_counted.items())
+    }
+
+
 @dataclass(eq=False)
 class CallSession:
     """One INVITE from arrival to the capture's move to ``ready``."""
@@ -127,6 +147,7 @@ class CallSession:
     rx_packets: int = -1
     rx_mono: float = 0.0
     rx_counted: dict[int, tuple[int, int]] = field(default_factory=dict)  # packets, lost
+    final_rx: dict[int, tuple[int, int]] = field(default_factory=dict)  # at stream end
     ended_at: dt.datetime | None = None
     close_deadline: float = 0.0
     flags: list[Flag] = field(default_factory=list)
@@ -451,4 +472,7 @@ class SipEngine:
                 log.warning("event=leg_not_closed recording_id=%s", session.meta.recording_id)
                 session.flags.append(Flag.INCOMPLETE)
             ended = session.ended_at or utc_now()
-            finish_capture(session.meta, session.directory, self.ready_dir, ended, session.flags)
+            finish_capture(
+                session.meta, session.directory, self.ready_dir, ended, session.flags,
+                _received(session),
+            )  # fmt: skip
