@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.testcall.rtp import ControlServer, RtpSender, StreamSpec
+from agent.testcall.rtp import ControlServer, FifoControl, RtpSender, StreamSpec
+from agent.testcall.scenario import rtp_command
 from agent.testcall.sipp import free_port
 from tests.support.audio import make_speech, trim
 from tests.support.daemons import REPO
@@ -103,6 +104,34 @@ def test_server_sends_many_streams_from_one_thread(wav: Path) -> None:
         sender.join(5)
         for sink in sinks:
             sink.close()
+
+
+def test_fifo_takes_the_streams_of_concurrent_calls(wav: Path, tmp_path: Path) -> None:
+    """What SIPp's exec runs in load tests: one shell line per call into the FIFO."""
+    sender = RtpSender().start()
+    control = FifoControl(sender, tmp_path / "rtp.fifo").start()
+    sinks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(6)]
+    try:
+        for sink in sinks:
+            sink.bind(("127.0.0.1", 0))
+        specs = [StreamSpec("127.0.0.1", s.getsockname()[1], wav).format() for s in sinks]
+        calls = [
+            subprocess.Popen(["sh", "-c", rtp_command(pair, control.path, None)],
+                             stdout=subprocess.DEVNULL)
+            for pair in (specs[0:2], specs[2:4], specs[4:6])
+        ]  # fmt: skip
+        assert [call.wait(10) for call in calls] == [0, 0, 0]
+        for packets in receive(sinks, 50):
+            check_stream(packets, payload_type=8)
+        assert sender.wait_idle(5)
+        assert sender.streams_added == 6
+    finally:
+        control.stop()
+        sender.stop()
+        sender.join(5)
+        for sink in sinks:
+            sink.close()
+    assert not control.path.exists()
 
 
 def test_stream_spec_round_trip() -> None:

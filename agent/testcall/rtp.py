@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import os
 import random
+import select
 import socket
 import struct
 import threading
@@ -114,6 +115,8 @@ class RtpSender:
         self._idle.set()
         self._thread = threading.Thread(target=self._run, name="rtp-sender", daemon=True)
         self._cache: dict[Path, list[bytes]] = {}
+        self.max_late_s = 0.0  # how far the pace ever fell behind (load tests report it)
+        self.streams_added = 0
 
     def add(self, spec: StreamSpec) -> None:
         payloads = self._cache.get(spec.path)
@@ -124,6 +127,7 @@ class RtpSender:
         stream = _Stream(sock, (spec.host, spec.port), payloads, CODECS[self.codec][0])
         with self._lock:
             self._streams.append(stream)
+            self.streams_added += 1
             self._idle.clear()
 
     def start(self) -> RtpSender:
@@ -155,6 +159,7 @@ class RtpSender:
                         self._idle.set()
             next_tick += PTIME_S
             delay = next_tick - time.monotonic()
+            self.max_late_s = max(self.max_late_s, -delay)
             if delay > 0:
                 self._stop.wait(delay)
             elif delay < -1.0:  # hopelessly behind (machine stalled): re-anchor
@@ -201,6 +206,52 @@ class ControlServer:
                         self.sender.add(StreamSpec.parse(line.strip()))
                     except (OSError, ValueError) as exc:
                         print(f"rtp: refused {line!r}: {exc}", flush=True)
+
+
+class FifoControl:
+    """Takes stream specs (whitespace-separated, one line per call) written to a FIFO.
+
+    What a load test's scenarios use: SIPp's ``exec`` then runs
+    ``echo SPEC SPEC | tee -a FIFO`` (a few ms of CPU) instead of starting a Python
+    process per call (~0.1 s of CPU each, which at 20 calls/s is both cores). Lines
+    under PIPE_BUF bytes are written whole, so concurrent calls never interleave."""
+
+    def __init__(self, sender: RtpSender, path: Path) -> None:
+        self.sender = sender
+        self.path = path
+        os.mkfifo(path, 0o600)
+        # Read and write: the FIFO never reports end-of-file and writers never block.
+        self._fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rtp-fifo", daemon=True)
+
+    def start(self) -> FifoControl:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2.0)
+        os.close(self._fd)
+        self.path.unlink(missing_ok=True)
+
+    def _run(self) -> None:
+        pending = b""
+        while not self._stop.is_set():
+            ready, _, _ = select.select([self._fd], [], [], 0.2)
+            if not ready:
+                continue
+            try:
+                pending += os.read(self._fd, 65536)
+            except BlockingIOError:
+                continue
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                for spec in line.decode(errors="replace").split():
+                    try:
+                        self.sender.add(StreamSpec.parse(spec))
+                    except (OSError, ValueError) as exc:
+                        print(f"rtp: refused {spec!r}: {exc}", flush=True)
 
 
 def _address(text: str) -> tuple[str, int]:

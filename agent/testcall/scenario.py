@@ -136,7 +136,8 @@ class SiprecCall:
     call_ms: int = 8000
     rtp_ports: tuple[int, int] = field(default_factory=lambda: (free_port(), free_port()))
     rtp_bind: bool = True  # send from the offered ports (one call per SIPp run only)
-    rtp_via: tuple[str, int] | None = None  # a running ControlServer, or send ourselves
+    # a running ControlServer's address or FifoControl's path, or send ourselves
+    rtp_via: tuple[str, int] | Path | None = None
     rtp_pidfile: Path | None = None
 
     @property
@@ -239,18 +240,24 @@ def _hop_ack(branch_offset: int) -> str:
     )
 
 
-def rtp_command(specs: Sequence[str], via: tuple[str, int] | None, pidfile: Path | None) -> str:
-    """What SIPp's ``exec`` runs: hand the streams to a running sender (``--via``) or
-    send them from a new process. SIPp passes the attribute to ``sh -c`` without
-    unescaping XML entities, so the command must not need any (no quotes, no ``>``)."""
-    args = [sys.executable, "-m", "agent.testcall.rtp"]
-    for spec in specs:
-        args += ["--to", spec]
-    if via is not None:
-        args += ["--via", f"{via[0]}:{via[1]}"]
-    if pidfile is not None:
-        args += ["--pidfile", str(pidfile)]
-    command = " ".join(shlex.quote(a) for a in args)
+def rtp_command(
+    specs: Sequence[str], via: tuple[str, int] | Path | None, pidfile: Path | None
+) -> str:
+    """What SIPp's ``exec`` runs: hand the streams to a running sender (its FIFO, or
+    its control port with ``--via``) or send them from a new process. SIPp passes the
+    attribute to ``sh -c`` without unescaping XML entities, so the command must not
+    need any (no quotes, no ``>``)."""
+    if isinstance(via, Path):
+        command = f"echo {' '.join(specs)} | tee -a {shlex.quote(str(via))}"
+    else:
+        args = [sys.executable, "-m", "agent.testcall.rtp"]
+        for spec in specs:
+            args += ["--to", spec]
+        if via is not None:
+            args += ["--via", f"{via[0]}:{via[1]}"]
+        if pidfile is not None:
+            args += ["--pidfile", str(pidfile)]
+        command = " ".join(shlex.quote(a) for a in args)
     if any(c in command for c in '<>&"'):
         raise ValueError(f"command needs XML escaping, which SIPp would not undo: {command}")
     return command
@@ -432,7 +439,7 @@ def plain_scenario(
     headers: dict[str, str],
     call_ms: int = 5000,
     rtp_port: int | None = None,
-    rtp_via: tuple[str, int] | None = None,
+    rtp_via: tuple[str, int] | Path | None = None,
 ) -> str:
     """A plain INVITE with one sendonly stream; parties in headers."""
     port = rtp_port or free_port()

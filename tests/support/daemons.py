@@ -100,6 +100,7 @@ def start_agent(
     store_address: str,
     sip_port: int,
     env: dict[str, str] | None = None,
+    ready_timeout: float = 60.0,
     **sections: dict[str, object],
 ) -> Daemon:
     sections.setdefault("sip", {}).update({"port": sip_port})
@@ -110,7 +111,7 @@ def start_agent(
     )
     seen = len(daemon.text())
     try:
-        daemon.start().wait_for(r"event=agent_ready", timeout=60, after=seen)
+        daemon.start().wait_for(r"event=agent_ready", timeout=ready_timeout, after=seen)
     except BaseException:
         daemon.stop()
         raise

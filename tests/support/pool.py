@@ -1,6 +1,6 @@
 """The recorder pool for real: the store, the agent with N pjsua2 workers behind the
 Kamailio front it runs itself (``run_front = true``), one RTP sender for every call
-(a ControlServer in the test process), and SIPp as the SRC; and what tests check on
+(fed through a FIFO in the test process), and SIPp as the SRC; and what tests check on
 what was stored (times, parties, decoded audio). ``tests.measure_pool`` uses the same
 pieces to measure the pool's cost."""
 
@@ -22,7 +22,7 @@ from agent.config import load_agent_config
 from agent.recorder.front import Destination, FrontFiles, destinations, front_files
 from agent.recorder.sip import call_ref
 from agent.store.catalog import Catalog, RecordingRow
-from agent.testcall.rtp import ControlServer, RtpSender
+from agent.testcall.rtp import FifoControl, RtpSender
 from agent.testcall.sipp import SippResult, SiprecCall, free_port, run_sipp, siprec_scenario
 from tests.support.audio import Speech, best_correlation, envelope, make_speech
 from tests.support.daemons import Daemon, start_agent, start_store
@@ -34,14 +34,15 @@ SERVICE_AOR = "sip:+35898765432@pbx.example"  # "+358 9 876 5432" in stack.SERVI
 
 
 @contextmanager
-def rtp_sender() -> Iterator[tuple[str, int]]:
-    """One sender for every call (FACTS.md: one process per call starves the host)."""
+def rtp_sender(directory: Path) -> Iterator[tuple[Path, RtpSender]]:
+    """One sender for every call (FACTS.md: one process per call starves the host),
+    fed through a FIFO (SIPp's exec then costs a few ms per call, not a Python start)."""
     sender = RtpSender().start()
-    server = ControlServer(sender).start()
+    control = FifoControl(sender, directory / "rtp.fifo").start()
     try:
-        yield server.address
+        yield control.path, sender
     finally:
-        server.stop()
+        control.stop()
         sender.stop()
         sender.join(5)
 
@@ -57,7 +58,8 @@ class Pool:
     workers: int
     files: FrontFiles
     speech: Speech
-    rtp: tuple[str, int]
+    rtp: Path  # the RTP sender's FIFO
+    sender: RtpSender | None = None
 
     @property
     def target(self) -> tuple[str, int]:
@@ -146,8 +148,9 @@ def start_pool(
     store_address: str,
     store_dir: Path,
     speech: Speech,
-    rtp: tuple[str, int],
+    rtp: Path,
     workers: int,
+    ready_timeout: float = 60.0,
     **sip: object,
 ) -> Pool:
     """The agent with ``workers`` workers behind its own Kamailio on a free port."""
@@ -164,7 +167,9 @@ def start_pool(
         "rtp_timeout": "3s",
         **sip,
     }
-    agent = start_agent(root, keys, store_address, sip_port, sip=settings)
+    agent = start_agent(
+        root, keys, store_address, sip_port, ready_timeout=ready_timeout, sip=settings
+    )
     cfg = load_agent_config(root / "agent.toml")
     return Pool(
         root, agent, keys, store_address, store_dir, sip_port, workers, front_files(cfg),
@@ -208,16 +213,24 @@ def unknown_parties(row: RecordingRow) -> bool:
 
 @contextmanager
 def running_pool(
-    root: Path, workers: int, speech: Speech | None = None, **sip: object
+    root: Path,
+    workers: int,
+    speech: Speech | None = None,
+    ready_timeout: float = 60.0,
+    **sip: object,
 ) -> Iterator[Pool]:
     """Store, RTP sender and a pool of ``workers``, all stopped at the end."""
     keys, speech = make_keys(root / "keys"), speech or make_speech(root / "speech")
     (root / "store").mkdir()
     store, address = start_store(root / "store")
     try:
-        with rtp_sender() as rtp:
+        with rtp_sender(root) as (rtp, sender):
             store_dir = root / "store" / "store-data"
-            pool = start_pool(root / "agent", keys, address, store_dir, speech, rtp, workers, **sip)
+            pool = start_pool(
+                root / "agent", keys, address, store_dir, speech, rtp, workers, ready_timeout,
+                **sip,
+            )  # fmt: skip
+            pool.sender = sender
             try:
                 yield pool
             finally:

@@ -1,0 +1,278 @@
+"""Benchmark: concurrent SIPREC calls through the SIP front into the agent, and the
+time from hang-up to the store's durable receipt.
+
+    .venv/bin/python -m tests.bench.concurrent                      # 25 → 400
+    .venv/bin/python -m tests.bench.concurrent --steps 100 --seconds 40
+
+For each step N, a fresh store and agent with ceil(N/4) workers plus 10 % spare behind
+the agent's own Kamailio; SIPp (one process, ``--rate`` calls/s) places N two-stream
+SIPREC calls with real speech as G.711 A-law, all RTP from one sender in this process
+(FACTS.md). Measured per step:
+
+- calls recorded / offered (stored in the catalog, whole: no flag, right length);
+- RTP packets received / sent per stream: received from pjsua's stream counters at
+  the end of each stream (the worker's ``call_recorded`` line), sent = the call's
+  length * 50 packets/s (the sender plays a file longer than the call; its worst lag
+  behind the 20 ms pace is reported, since a late sender would send less);
+- CPU (% of one core) and PSS of all workers, the front (Kamailio, every process),
+  the agent's main process, idle and with every call up; the host's busy share;
+- the cost of one call as a ratio to one idle worker (CPU and PSS, same run);
+- hang-up → safe: SIPp's BYE to the store's ``stored_at`` (the receipt is sent after
+  it), p50/p99/max.
+
+A step "holds" when every offered call was stored whole and every stream received
+≥ 99 % of its packets; the first step that does not is where quality drops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import resource
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.recorder.sip import call_ref
+from agent.store.catalog import RecordingRow
+from agent.testcall.sipp import SippResult, siprec_scenario
+from tests.bench.common import Usage, children, emit, measure, percentile
+from tests.measure_pool import long_speech
+from tests.support.pool import Pool, flags, running_pool
+
+MODULE = "tests.bench.concurrent"
+PACKETS_PER_S = 50
+HOLDS_RX = 0.99
+_RECORDED = re.compile(
+    r"event=call_recorded .*?call_ref=(\S+) duration_s=([\d.]+) .*?rtp_received_lost=(\S+)"
+)
+
+
+@dataclass
+class Step:
+    calls: int
+    workers: int
+    answered: int = 0
+    refused: int = 0
+    stored: int = 0
+    whole: int = 0
+    rx_ratio_total: float = math.nan
+    rx_ratio_worst: float = math.nan
+    streams: int = 0
+    sender_late_s: float = 0.0
+    idle: dict[str, Usage] = field(default_factory=dict)
+    busy: dict[str, Usage] = field(default_factory=dict)
+    safe_s: list[float] = field(default_factory=list)
+    drain_s: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def holds(self) -> bool:
+        return self.whole == self.calls and self.rx_ratio_worst >= HOLDS_RX and not self.problems
+
+
+def groups(pool: Pool) -> dict[str, list[int]]:
+    front = int(re.findall(r"event=front_started pid=(\d+)", pool.text())[-1])
+    return {
+        "workers": list(pool.worker_pids().values()),
+        "front": children(front),
+        "agent main": [pool.agent.process.pid] if pool.agent.process else [],
+    }
+
+
+def wait_stored(pool: Pool, call_ids: list[str], timeout: float) -> dict[str, RecordingRow]:
+    """The rows of the calls that reached the store within ``timeout``."""
+    refs = {call_ref(c): c for c in call_ids}
+    found: dict[str, RecordingRow] = {}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(found) < len(refs):
+        for row in pool.catalog.list(limit=len(refs) + 100):
+            if row.call_ref in refs:
+                found[refs[row.call_ref]] = row
+        time.sleep(0.5)
+    return found
+
+
+def rtp_figures(step: Step, text: str, refs: set[str]) -> None:
+    """Received / sent per stream, from the workers' ``call_recorded`` lines."""
+    received = sent = 0
+    worst = math.inf
+    for ref, duration, rtp in _RECORDED.findall(text):
+        if ref not in refs or rtp == "-":
+            continue
+        expected = max(1, round(float(duration) * PACKETS_PER_S))
+        for stream in rtp.split(","):
+            got = int(stream.split(":", 1)[1].split("/", 1)[0])
+            received, sent = received + got, sent + expected
+            worst = min(worst, got / expected)
+            step.streams += 1
+    step.rx_ratio_total = received / sent if sent else math.nan
+    step.rx_ratio_worst = worst if sent else math.nan
+
+
+def place(pool: Pool, step: Step, seconds: int, rate: float) -> SippResult:
+    """Start the calls; measure idle before and busy while every call is up."""
+    step.idle = measure(groups(pool), 5.0)
+    call = pool.call(call_ms=seconds * 1000, rtp_bind=False, accept_refusal=True)
+    ramp = step.calls / rate
+    with ThreadPoolExecutor(1) as executor:
+        future = executor.submit(
+            pool.run, siprec_scenario(call), f"step{step.calls}", calls=step.calls,
+            rate=rate, timeout_s=seconds + ramp + 60,
+        )  # fmt: skip
+        time.sleep(ramp + 2.0)
+        window = max(5.0, seconds - ramp - 5.0)
+        step.busy = measure(groups(pool), window)
+        return future.result()
+
+
+def run_step(root: Path, calls: int, seconds: int, rate: float) -> Step:
+    workers = math.ceil(calls / 4) + max(1, math.ceil(calls / 40))
+    step = Step(calls, workers)
+    speech = long_speech(root / "speech", seconds + 10)
+    ready_s = 60.0 + workers
+    with running_pool(
+        root / f"step{calls}", workers, speech, ready_timeout=ready_s, rtp_timeout="10s"
+    ) as pool:
+        pool.wait_idle(timeout=ready_s)
+        assert pool.sender is not None
+        result = place(pool, step, seconds, rate)
+        step.sender_late_s = pool.sender.max_late_s
+        answered = [c for c in result.calls.values() if c.answered_at]
+        step.answered = len(answered)
+        step.refused = sum(1 for c in result.calls.values() if c.refused_status)
+        last_bye = max((c.bye_at or 0.0 for c in answered), default=time.time())
+        rows = wait_stored(pool, [c.call_id for c in answered], timeout=120 + calls)
+        step.drain_s = max((r.stored_at_ms / 1000 for r in rows.values()), default=0) - last_bye
+        step.stored = len(rows)
+        for c in answered:
+            row = rows.get(c.call_id)
+            if row is None or c.bye_at is None or c.answered_at is None:
+                continue
+            length_ok = abs(row.duration_ms / 1000 - (c.bye_at - c.answered_at)) <= 0.5
+            if length_ok and not flags(row):
+                step.whole += 1
+            elif len(step.problems) < 5:
+                step.problems.append(f"{row.recording_id} flags={row.flags or '-'}")
+            step.safe_s.append(row.stored_at_ms / 1000 - c.bye_at)
+        rtp_figures(step, pool.text(), {call_ref(c.call_id) for c in answered})
+    return step
+
+
+def per_worker(usage: Usage) -> tuple[float, float]:
+    n = max(1, usage.processes)
+    return usage.cpu_pct / n, usage.pss_mb / n
+
+
+def rows_of(steps: list[Step]) -> dict[str, tuple[list[str], list[list[object]]]]:
+    load_cols = [
+        "calls", "workers", "recorded", "refused", "rx/sent", "worst stream",
+        "sender lag s", "holds",
+    ]  # fmt: skip
+    cost_cols = [
+        "calls", "workers CPU %", "workers PSS MB", "front CPU %", "agent CPU %", "host %",
+        "call/idle-worker CPU", "call/idle-worker PSS",
+    ]  # fmt: skip
+    safe_cols = ["calls", "p50 s", "p99 s", "max s", "last BYE → all stored s"]
+    load, cost, safe = [], [], []
+    for s in steps:
+        load.append([
+            s.calls, s.workers, f"{s.whole}/{s.calls}", s.refused,
+            f"{s.rx_ratio_total:.4f}", f"{s.rx_ratio_worst:.4f}", s.sender_late_s,
+            "yes" if s.holds else "NO",
+        ])  # fmt: skip
+        idle_cpu, idle_pss = per_worker(s.idle["workers"])
+        busy = s.busy["workers"]
+        call_cpu = busy.cpu_pct / s.calls
+        call_pss = (busy.pss_mb - s.idle["workers"].pss_mb) / s.calls
+        cost.append([
+            s.calls, busy.cpu_pct, busy.pss_mb, s.busy["front"].cpu_pct,
+            s.busy["agent main"].cpu_pct, s.busy["host"].cpu_pct,
+            call_cpu / idle_cpu if idle_cpu else math.nan,
+            call_pss / idle_pss if idle_pss else math.nan,
+        ])  # fmt: skip
+        safe.append([
+            s.calls, percentile(s.safe_s, 50), percentile(s.safe_s, 99),
+            max(s.safe_s, default=math.nan), s.drain_s,
+        ])  # fmt: skip
+    idle = [
+        [s.calls, s.workers, *per_worker(s.idle["workers"]), s.idle["front"].cpu_pct,
+         s.idle["front"].pss_mb, s.idle["agent main"].pss_mb]
+        for s in steps
+    ]  # fmt: skip
+    idle_cols = [
+        "calls", "workers", "CPU %/worker", "PSS MB/worker", "front CPU %", "front PSS MB",
+        "agent PSS MB",
+    ]  # fmt: skip
+    return {
+        "Recording under load (calls stored whole / offered; RTP received / sent)": (
+            load_cols, load,
+        ),
+        "Idle pool before the calls": (idle_cols, idle),
+        "Cost with every call up (CPU in % of one core)": (cost_cols, cost),
+        "Hang-up → safe (SIPp's BYE → the store's durable receipt)": (safe_cols, safe),
+    }  # fmt: skip
+
+
+def as_json(step: Step) -> dict[str, object]:
+    usage = {
+        phase: {k: vars(v) for k, v in figures.items()}
+        for phase, figures in (("idle", step.idle), ("busy", step.busy))
+    }
+    return {
+        "calls": step.calls,
+        "workers": step.workers,
+        "answered": step.answered,
+        "refused": step.refused,
+        "stored": step.stored,
+        "whole": step.whole,
+        "streams": step.streams,
+        "rx_over_sent": round(step.rx_ratio_total, 5),
+        "worst_stream_rx_over_sent": round(step.rx_ratio_worst, 5),
+        "sender_max_late_s": round(step.sender_late_s, 3),
+        "hangup_to_safe_p50_s": round(percentile(step.safe_s, 50), 3),
+        "hangup_to_safe_p99_s": round(percentile(step.safe_s, 99), 3),
+        "hangup_to_safe_max_s": round(max(step.safe_s, default=math.nan), 3),
+        "last_bye_to_all_stored_s": round(step.drain_s, 2),
+        "holds": step.holds,
+        "problems": step.problems,
+        "usage": usage,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", default="25,50,100,200,400", help="concurrent calls per step")
+    parser.add_argument("--seconds", type=int, default=40, help="length of each call")
+    parser.add_argument("--rate", type=float, default=20.0, help="new calls per second")
+    parser.add_argument("--stop-after-drop", action="store_true",
+                        help="stop after the first step that does not hold")  # fmt: skip
+    args = parser.parse_args(argv)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2 sockets per call here
+    started = time.monotonic()
+    steps: list[Step] = []
+    with tempfile.TemporaryDirectory(prefix="bench-concurrent-") as tmp:
+        for calls in (int(n) for n in args.steps.split(",")):
+            step = run_step(Path(tmp), calls, args.seconds, args.rate)
+            steps.append(step)
+            print(f"step {calls}: {step.whole}/{calls} whole, holds={step.holds}", flush=True)
+            if args.stop_after_drop and not step.holds:
+                break
+    first_drop = next((s.calls for s in steps if not s.holds), None)
+    result = {
+        "call_seconds": args.seconds,
+        "rate_calls_per_s": args.rate,
+        "first_step_that_drops": first_drop,
+        "steps": [as_json(s) for s in steps],
+    }
+    emit("concurrent recording", MODULE, rows_of(steps), result, ("sipp", "kamailio"), started)
+    print(f"quality first drops at: {first_drop or 'no step (all held)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
