@@ -27,6 +27,7 @@ A step "holds" when every offered call was stored whole and every stream receive
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import math
 import re
 import resource
@@ -46,6 +47,13 @@ from tests.support.pool import Pool, flags, running_pool
 MODULE = "tests.bench.concurrent"
 PACKETS_PER_S = 50
 HOLDS_RX = 0.99
+_EVENT = re.compile(
+    r"^(\S+)Z \S+ event=(call_recorded|recording_finalized|recording_uploaded) "
+    r"recording_id=(\S+)",
+    re.M,
+)
+EVENTS = ("call_recorded", "recording_finalized", "recording_uploaded")
+PHASES = ("BYE → captured", "captured → finalized", "finalized → receipt")
 _RECORDED = re.compile(
     r"event=call_recorded .*?call_ref=(\S+) duration_s=([\d.]+) .*?rtp_received_lost=(\S+)"
 )
@@ -66,6 +74,7 @@ class Step:
     idle: dict[str, Usage] = field(default_factory=dict)
     busy: dict[str, Usage] = field(default_factory=dict)
     safe_s: list[float] = field(default_factory=list)
+    phases: dict[str, list[float]] = field(default_factory=dict)
     drain_s: float = 0.0
     problems: list[str] = field(default_factory=list)
 
@@ -111,6 +120,23 @@ def rtp_figures(step: Step, text: str, refs: set[str]) -> None:
             step.streams += 1
     step.rx_ratio_total = received / sent if sent else math.nan
     step.rx_ratio_worst = worst if sent else math.nan
+
+
+def phase_times(step: Step, text: str, byes: dict[str, float]) -> None:
+    """Where the hang-up → safe time goes, per recording (``byes``: recording id →
+    SIPp's BYE), from the agent's log: the worker moved the capture to ready, finalize
+    wrote the outbox entry, the uplink got the store's receipt."""
+    stamps: dict[str, dict[str, float]] = {}
+    for stamp, event, recording_id in _EVENT.findall(text):
+        when = dt.datetime.fromisoformat(stamp).replace(tzinfo=dt.UTC).timestamp()
+        stamps.setdefault(recording_id, {})[event] = when
+    step.phases = {name: [] for name in PHASES}
+    for recording_id, bye in byes.items():
+        seen = stamps.get(recording_id, {})
+        points = [bye, *(seen.get(e) for e in EVENTS)]
+        for name, start, end in zip(PHASES, points, points[1:], strict=False):
+            if start is not None and end is not None:
+                step.phases[name].append(end - start)
 
 
 def place(pool: Pool, step: Step, seconds: int, rate: float) -> SippResult:
@@ -159,6 +185,12 @@ def run_step(root: Path, calls: int, seconds: int, rate: float) -> Step:
                 step.problems.append(f"{row.recording_id} flags={row.flags or '-'}")
             step.safe_s.append(row.stored_at_ms / 1000 - c.bye_at)
         rtp_figures(step, pool.text(), {call_ref(c.call_id) for c in answered})
+        byes = {
+            rows[c.call_id].recording_id: c.bye_at
+            for c in answered
+            if c.call_id in rows and c.bye_at is not None
+        }
+        phase_times(step, pool.text(), byes)
     return step
 
 
@@ -176,7 +208,10 @@ def rows_of(steps: list[Step]) -> dict[str, tuple[list[str], list[list[object]]]
         "calls", "workers CPU %", "workers PSS MB", "front CPU %", "agent CPU %", "host %",
         "call/idle-worker CPU", "call/idle-worker PSS",
     ]  # fmt: skip
-    safe_cols = ["calls", "p50 s", "p99 s", "max s", "last BYE → all stored s"]
+    safe_cols = [
+        "calls", "p50 s", "p99 s", "max s", "last BYE → all stored s",
+        *(f"{name} p50/p99 s" for name in PHASES),
+    ]  # fmt: skip
     load, cost, safe = [], [], []
     for s in steps:
         load.append([
@@ -197,6 +232,8 @@ def rows_of(steps: list[Step]) -> dict[str, tuple[list[str], list[list[object]]]
         safe.append([
             s.calls, percentile(s.safe_s, 50), percentile(s.safe_s, 99),
             max(s.safe_s, default=math.nan), s.drain_s,
+            *(f"{percentile(s.phases.get(n, []), 50):.2f}/{percentile(s.phases.get(n, []), 99):.2f}"
+              for n in PHASES),
         ])  # fmt: skip
     idle = [
         [s.calls, s.workers, *per_worker(s.idle["workers"]), s.idle["front"].cpu_pct,
@@ -237,6 +274,10 @@ def as_json(step: Step) -> dict[str, object]:
         "hangup_to_safe_p99_s": round(percentile(step.safe_s, 99), 3),
         "hangup_to_safe_max_s": round(max(step.safe_s, default=math.nan), 3),
         "last_bye_to_all_stored_s": round(step.drain_s, 2),
+        "phases_p50_p99_s": {
+            name: [round(percentile(v, 50), 3), round(percentile(v, 99), 3)]
+            for name, v in step.phases.items()
+        },
         "holds": step.holds,
         "problems": step.problems,
         "usage": usage,
