@@ -41,7 +41,7 @@ from agent.recorder.sip import call_ref
 from agent.store.catalog import RecordingRow
 from agent.testcall.sipp import SippResult, siprec_scenario
 from tests.bench.common import Usage, children, emit, measure, percentile
-from tests.measure_pool import long_speech
+from tests.support.audio import long_speech
 from tests.support.pool import Pool, flags, running_pool
 
 MODULE = "tests.bench.concurrent"

@@ -30,6 +30,18 @@ def trim(source: Path, target: Path, seconds: float) -> Path:
     return target
 
 
+def long_speech(directory: Path, seconds: int) -> Speech:
+    """The test speech repeated to last a whole call (the sender plays a file once)."""
+    speech = make_speech(directory)
+    looped = []
+    for path in (speech.customer, speech.employee):
+        target = path.with_name(f"long-{path.name}")
+        times = str(seconds // 7 + 1)
+        subprocess.run(["sox", str(path), str(target), "repeat", times], check=True, timeout=60)
+        looped.append(target)
+    return Speech(*looped)
+
+
 def probe(path: Path) -> tuple[int, int, float]:
     """(channels, sample rate, duration in seconds) of an audio file."""
     out = subprocess.run(

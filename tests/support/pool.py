@@ -1,7 +1,7 @@
 """The recorder pool for real: the store, the agent with N pjsua2 workers behind the
 Kamailio front it runs itself (``run_front = true``), one RTP sender for every call
 (fed through a FIFO in the test process), and SIPp as the SRC; and what tests check on
-what was stored (times, parties, decoded audio). ``tests.measure_pool`` uses the same
+what was stored (times, parties, decoded audio). ``tests.bench.concurrent`` uses the same
 pieces to measure the pool's cost."""
 
 from __future__ import annotations
