@@ -122,7 +122,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         logs.configure(agent_cfg.log_level)
         from agent.recorder.worker import worker_main
 
-        return worker_main(agent_cfg, args.index, args.ready_fd)
+        return worker_main(agent_cfg, args.index, args.ready_fd, args.config)
     if args.command == "store":
         store_cfg = load_store_config(args.config)
         logs.configure(store_cfg.log_level)

@@ -17,9 +17,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-
 log = logging.getLogger(__name__)
 
 
@@ -164,6 +161,7 @@ class LiveDirectory:
         self.path = path
         self._lock = threading.Lock()
         self._current = Directory.load(path)
+        self.version = 0  # counts reloads that changed something
 
     @property
     def current(self) -> Directory:
@@ -178,65 +176,9 @@ class LiveDirectory:
             return False
         with self._lock:
             unchanged, self._current = fresh == self._current, fresh
-        if unchanged:  # touched or rewritten with the same content
+            self.version += 0 if unchanged else 1
+        if unchanged:  # saved again with the same content
             log.debug("event=directory_unchanged people=%d", len(fresh.people))
         else:
             log.info("event=directory_reloaded people=%d", len(fresh.people))
         return True
-
-
-# Events that can change the file's content. Not "opened" or "closed_no_write": every
-# reload reads the file, and every worker watches it, so reacting to reads made each
-# reload trigger the next one in every process (measured: ~6 reloads/s per worker).
-_CHANGES = frozenset({"created", "modified", "moved", "deleted", "closed"})
-
-
-class DirectoryWatcher:
-    """Reloads a LiveDirectory when its file changes (watchdog on the parent
-    directory, since editors and config management replace files by rename).
-    Bursts of events are coalesced; a broken edit keeps the previous directory."""
-
-    def __init__(self, live: LiveDirectory, debounce_s: float = 0.3) -> None:
-        self.live = live
-        self.debounce_s = debounce_s
-        self._changed = threading.Event()
-        self._stop = threading.Event()
-        self._observer = Observer()
-        self._thread = threading.Thread(target=self._run, name="directory-watch", daemon=True)
-
-    def start(self) -> None:
-        name = self.live.path.name
-        changed = self._changed
-
-        class _Handler(FileSystemEventHandler):
-            def on_any_event(self, event: FileSystemEvent) -> None:
-                paths = (event.src_path, getattr(event, "dest_path", ""))
-                if event.event_type in _CHANGES and any(
-                    Path(str(p)).name == name for p in paths if p
-                ):
-                    changed.set()
-
-        self._observer.schedule(_Handler(), str(self.live.path.parent), recursive=False)
-        self._observer.start()
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._changed.set()
-        self._observer.unschedule_all()
-        self._observer.stop()
-
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
-        self._observer.join(timeout)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._changed.wait()
-            if self._stop.is_set():
-                return
-            # Let the writer finish (several events per save), then read once.
-            while self._changed.is_set():
-                self._changed.clear()
-                self._stop.wait(self.debounce_s)
-            self.live.reload()

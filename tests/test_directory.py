@@ -10,11 +10,11 @@ import pytest
 from agent.directory import (
     Directory,
     DirectoryError,
-    DirectoryWatcher,
     LiveDirectory,
     Role,
     aor_keys,
 )
+from agent.loops import FileWatcher
 from tests.support.stack import DIRECTORY_TOML
 
 
@@ -76,7 +76,7 @@ def test_watcher_reloads_on_edit_and_keeps_old_on_broken_edit(tmp_path: Path) ->
     path = tmp_path / "people.toml"
     path.write_text(DIRECTORY_TOML)
     live = LiveDirectory(path)
-    watcher = DirectoryWatcher(live, debounce_s=0.1)
+    watcher = FileWatcher(path, live.reload, debounce_s=0.1)
     watcher.start()
     try:
         # An editor's save: write a new file and rename it over the old one.
@@ -103,13 +103,13 @@ class _CountingDirectory(LiveDirectory):
 
 
 def test_watchers_are_not_woken_by_reads(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """Every worker watches the same file and every reload reads it: reads must not
-    count as changes, or each reload wakes the others (it did: ~6 reloads/s each)."""
+    """Several watchers of one file, each reload reading it: reads must not count as
+    changes, or each reload wakes the others (it did: ~6 reloads/s in every worker)."""
     caplog.set_level("INFO", logger="agent.directory")
     path = tmp_path / "people.toml"
     path.write_text(DIRECTORY_TOML)
     lives = [_CountingDirectory(path) for _ in range(3)]
-    watchers = [DirectoryWatcher(live, debounce_s=0.05) for live in lives]
+    watchers = [FileWatcher(path, live.reload, debounce_s=0.05) for live in lives]
     for watcher in watchers:
         watcher.start()
     try:

@@ -433,7 +433,7 @@ def test_capture_of_a_killed_worker_is_recovered_on_restart(
     assert f"event=capture_recovered recording_id={meta.recording_id}" in second.log()
 
 
-def test_sighup_reloads_the_directory_and_keeps_the_old_one_if_broken(
+def test_sighup_reloads_the_directory_and_log_level_and_keeps_the_old_if_broken(
     tmp_path: Path, keys: Keys, workers: list[Worker]
 ) -> None:
     workers.append(start_worker(tmp_path, keys))
@@ -446,6 +446,13 @@ def test_sighup_reloads_the_directory_and_keeps_the_old_one_if_broken(
     people.write_text(good.replace("Aino Virtanen", "Aino Korhonen"))
     worker.proc.send_signal(signal.SIGHUP)
     _wait_log(worker, "event=directory_reloaded")
+    assert "event=directory_unchanged" not in worker.log()  # a debug line, level is info
+    config = worker.config_path.read_text()
+    worker.config_path.write_text(config + '\n[log]\nlevel = "debug"\n')
+    worker.proc.send_signal(signal.SIGHUP)  # the directory, then the level
+    _wait_log(worker, "event=reloaded worker=0 log_level=debug")
+    worker.proc.send_signal(signal.SIGHUP)
+    _wait_log(worker, "event=directory_unchanged")
     assert worker.proc.poll() is None
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from agent import logs, metrics, sdnotify
 from agent.config import AgentConfig, ConfigError, load_agent_config
-from agent.loops import DirectoryQueue
+from agent.directory import LiveDirectory
+from agent.loops import DirectoryQueue, FileWatcher
 from agent.privacy import LookupKeys, Sealer, check_private_file
 from agent.recorder.backpressure import OutboxMonitor
 from agent.recorder.finalize import Finalizer
@@ -63,6 +64,11 @@ class AgentDaemon:
         self.stop_event = threading.Event()
         self.forced = threading.Event()
         self.hup_event = threading.Event()
+        # One watcher for the host: a change is checked here once, then every worker
+        # is told with SIGHUP (a watcher per worker cost an inotify instance each).
+        self.directory = LiveDirectory(config.directory_file)
+        self.directory_changed = threading.Event()
+        self.directory_watcher = FileWatcher(config.directory_file, self.directory_changed.set)
         self.spool: SpoolPickup | None = None  # [spool]: recordings the PBX made itself
         self.workers = [WorkerProcess(i) for i in range(config.sip.workers)]
         self.front: FrontProcess | None = None  # [sip] run_front: Kamailio run by us
@@ -107,6 +113,7 @@ class AgentDaemon:
         self.finalize_queue.start()
         self.upload_queue.start()
         self.outbox_monitor.start()
+        self.directory_watcher.start()
         if cfg.spool is not None:
             self.spool = SpoolPickup.from_config(cfg)
             self.spool.start()
@@ -129,11 +136,17 @@ class AgentDaemon:
             if self.hup_event.is_set():
                 self.hup_event.clear()
                 _reload(self)
+            if self.directory_changed.is_set():
+                self.directory_changed.clear()
+                _directory_changed(self)
             for worker in self.workers:
                 self._supervise(worker)
             if self.front is not None:
                 self.front.supervise()
-            loops = (self.finalize_queue, self.upload_queue, self.outbox_monitor)
+            loops = (
+                self.finalize_queue, self.upload_queue, self.outbox_monitor,
+                self.directory_watcher,
+            )  # fmt: skip
             spool_ok = self.spool is None or self.spool.is_alive()
             if not (spool_ok and all(loop.is_alive() for loop in loops)):
                 log.error("event=agent_loop_died action=shutdown")
@@ -156,9 +169,11 @@ class AgentDaemon:
         self.uplink.stop_event.set()
         self.upload_queue.stop()
         self.outbox_monitor.stop()
+        self.directory_watcher.stop()
         self.finalize_queue.join(5.0)
         self.upload_queue.join(5.0)
         self.outbox_monitor.join(5.0)
+        self.directory_watcher.join(2.0)
         self.uplink.close()
         left = self.outbox.entries()
         log.info("event=agent_stopped outbox_left=%d", len(left))
@@ -325,8 +340,20 @@ def _reload(daemon: AgentDaemon) -> None:
     else:
         logs.set_level(level)
         log.info("event=reloaded log_level=%s", level)
+    daemon.directory.reload()
+    _tell_directory_users(daemon)
+
+
+def _directory_changed(daemon: AgentDaemon) -> None:
+    """The directory file changed: check it once here; only a good, different
+    directory is passed on (a broken edit is logged once and changes nothing)."""
+    before = daemon.directory.version
+    if daemon.directory.reload() and daemon.directory.version != before:
+        _tell_directory_users(daemon)
+
+
+def _tell_directory_users(daemon: AgentDaemon) -> None:
     if daemon.spool is not None:
         daemon.spool.reload_directory()
     for worker in daemon.workers:
-        if worker.process and worker.process.poll() is None:
-            worker.process.send_signal(signal.SIGHUP)
+        worker.signal(signal.SIGHUP)

@@ -7,7 +7,8 @@ hangs up the rest, finalises their captures and destroys the library.
 
 Signals only set flags: SIGTERM/SIGINT ask for an orderly stop (new INVITEs get 503),
 a second one exits at once (what was recorded is recovered on restart); SIGHUP
-reloads the directory.
+reloads the directory and the log level (the agent sends it when the directory file
+changes, and passes its own SIGHUP on).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from agent import logs
 from agent.capture import recover_active
-from agent.config import AgentConfig, load_agent_config
-from agent.directory import DirectoryWatcher, LiveDirectory
+from agent.config import AgentConfig, ConfigError, load_agent_config
+from agent.directory import LiveDirectory
 from agent.privacy import LookupKeys, Protector, Sealer
 from agent.recorder.parties import PartyRules
 from agent.recorder.sip import SipEngine
@@ -50,8 +52,15 @@ def _stop_with_parent() -> None:
 
 
 class Worker:
-    def __init__(self, cfg: AgentConfig, index: int, ready_fd: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        index: int,
+        ready_fd: int | None = None,
+        config_path: Path | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.config_path = config_path
         self.index = index
         self.ready_fd = ready_fd
         self.stop = threading.Event()
@@ -59,7 +68,6 @@ class Worker:
         self._signals = 0
         self._engine: SipEngine | None = None
         self._directory: LiveDirectory | None = None
-        self._watcher: DirectoryWatcher | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -74,9 +82,9 @@ class Worker:
                 recording_id,
                 self.index,
             )
+        # The agent watches the file and sends SIGHUP on a change: one watcher per
+        # host, not one per worker (inotify instances are limited to 128 per user).
         directory = LiveDirectory(cfg.directory_file)
-        self._watcher = DirectoryWatcher(directory)  # an edited directory applies at once
-        self._watcher.start()
         protector = Protector(
             cfg.privacy.default_region,
             LookupKeys.load(cfg.privacy.lookup_key_file),
@@ -103,9 +111,23 @@ class Worker:
         engine = self._sip()
         while not self.stop.is_set():
             engine.poll(POLL_MS)
-            if self.reload.is_set() and self._directory is not None:
+            if self.reload.is_set():
                 self.reload.clear()
-                self._directory.reload()
+                self._reload()
+
+    def _reload(self) -> None:
+        """SIGHUP: the directory, and the log level from the config file."""
+        if self._directory is not None:
+            self._directory.reload()
+        if self.config_path is None:
+            return
+        try:
+            level = load_agent_config(self.config_path).log_level
+        except ConfigError as exc:
+            log.error("event=reload_failed worker=%d reason=%r kept=previous", self.index, str(exc))
+        else:
+            logs.set_level(level)
+            log.info("event=reloaded worker=%d log_level=%s", self.index, level)
 
     def shutdown(self) -> None:
         """Stop taking calls, let those in progress end, then hang up the rest."""
@@ -129,9 +151,6 @@ class Worker:
                 engine.poll(POLL_MS)
         engine.close()
         self._engine = None
-        if self._watcher is not None:
-            self._watcher.stop()
-            self._watcher.join(2.0)
 
     def _sip(self) -> SipEngine:
         if self._engine is None:
@@ -155,9 +174,11 @@ class Worker:
         self.reload.set()
 
 
-def worker_main(cfg: AgentConfig, index: int, ready_fd: int | None) -> int:
+def worker_main(
+    cfg: AgentConfig, index: int, ready_fd: int | None, config_path: Path | None = None
+) -> int:
     """Entry point of ``callrec worker``; logging is configured by the caller."""
-    worker = Worker(cfg, index, ready_fd)
+    worker = Worker(cfg, index, ready_fd, config_path)
     worker.install_signal_handlers()
     try:
         worker.startup()
@@ -175,8 +196,6 @@ def worker_main(cfg: AgentConfig, index: int, ready_fd: int | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from agent import logs
-
     parser = argparse.ArgumentParser(prog="python -m agent.recorder.worker")
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--index", type=int, default=0)
@@ -184,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_agent_config(args.config)
     logs.configure(cfg.log_level)
-    return worker_main(cfg, args.index, args.ready_fd)
+    return worker_main(cfg, args.index, args.ready_fd, args.config)
 
 
 if __name__ == "__main__":
