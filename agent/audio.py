@@ -15,11 +15,16 @@ from pydub import AudioSegment
 from agent.manifest import sha256_file
 
 SILENCE_DBFS = -60.0
-ENCODERS: dict[str, tuple[str, str | None, list[str]]] = {
-    # archive format -> (ffmpeg container, codec, extra parameters)
-    "opus": ("ogg", "libopus", ["-application", "voip"]),
+# Opus for speech (tests/bench/finalize_cost.py, 12 x 5 min stereo 8 kHz calls at 24k):
+# complexity 5 and 60 ms frames take about half the CPU of the defaults (10, 20 ms)
+# and give ~8 % smaller files; PESQ-NB of the decoded speech 4.20 against 4.28.
+OPUS_PARAMETERS = ["-application", "voip", "-compression_level", "5", "-frame_duration", "60"]
+ENCODERS: dict[str, tuple[str, str | None, list[str] | None]] = {
+    # archive format -> (ffmpeg container, codec, extra parameters); WAV without
+    # parameters is written by pydub itself (no ffmpeg process, no temporary file)
+    "opus": ("ogg", "libopus", OPUS_PARAMETERS),
     "flac": ("flac", None, []),
-    "wav": ("wav", None, []),
+    "wav": ("wav", None, None),
 }
 
 

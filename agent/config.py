@@ -98,7 +98,7 @@ class TlsConfig:
 @dataclass(frozen=True)
 class UplinkConfig:
     store_address: str = "127.0.0.1:50051"
-    chunk_bytes: int = 128 * 1024
+    chunk_bytes: int = 256 * 1024
     concurrency: int = 2
     rescan_s: float = 30.0
     grace_s: float = 10.0
@@ -525,7 +525,7 @@ def _uplink_config(up: _Section) -> UplinkConfig:
     address = up.text("store_address", "127.0.0.1:50051")
     return UplinkConfig(
         store_address=address,
-        chunk_bytes=up.integer("chunk_bytes", 128 * 1024, 64 * 1024, 256 * 1024),
+        chunk_bytes=up.integer("chunk_bytes", 256 * 1024, 64 * 1024, 256 * 1024),
         concurrency=up.integer("concurrency", 2, 1, 32),
         rescan_s=up.seconds("rescan", "30s"),
         grace_s=up.seconds("grace", "10s"),

@@ -42,6 +42,14 @@ class KeyShredded(CryptoError):
     """The recording's data key is gone: its audio can never be read again."""
 
 
+class SourceMismatch(CryptoError):
+    """The bytes encrypted do not have the expected sha256; nothing was kept."""
+
+    def __init__(self, recording_id: str, actual: str) -> None:
+        super().__init__(recording_id, f"source changed before it was encrypted (sha256 {actual})")
+        self.actual = actual
+
+
 class Vault:
     def __init__(
         self,
@@ -65,7 +73,9 @@ class Vault:
         self, recording_id: str, source: Path, work_dir: Path, expected_sha256: str | None = None
     ) -> str:
         """Encrypt ``source`` under a fresh data key into a new blob; returns its key.
-        ``source`` is left in place (the caller removes it once the row exists)."""
+        ``source`` is left in place (the caller removes it once the row exists). With
+        ``expected_sha256``, the sha256 of the bytes encrypted must match (one pass
+        over the source both hashes and encrypts), else SourceMismatch and no blob."""
         blob_key = f"{recording_id}-{secrets.token_hex(4)}"
         data_key = new_data_key()
         key_id, wrapped = self.wrapper.wrap(data_key, key_context(recording_id, blob_key))
@@ -83,7 +93,7 @@ class Vault:
         try:
             sha256 = self._encrypt(data_key, recording_id, source, sealed)
             if expected_sha256 is not None and sha256 != expected_sha256:
-                raise CryptoError(recording_id, "source changed before it was encrypted")
+                raise SourceMismatch(recording_id, sha256)
             self.blobs.put_file(blob_key, sealed)
         except BaseException:
             sealed.unlink(missing_ok=True)
