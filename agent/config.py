@@ -84,6 +84,7 @@ class PrivacyConfig:
 class AudioConfig:
     format: str = "opus"
     bitrate: str = "24k"
+    workers: int = 0  # finalize threads (one encoder each); 0 = one per CPU core
 
 
 @dataclass(frozen=True)
@@ -383,6 +384,7 @@ def agent_config_from_dict(doc: Mapping[str, Any], base: Path) -> AgentConfig:
         audio=AudioConfig(
             format=au.text("format", "opus", choices=AUDIO_FORMATS),
             bitrate=au.text("bitrate", "24k"),
+            workers=au.integer("workers", 0, 0, 64),
         ),
         uplink=_uplink_config(up),
         log_level=s["log"].text("level", "info", choices=LOG_LEVELS),

@@ -80,7 +80,7 @@ class AgentDaemon:
             "finalize",
             config.captures_dir / "ready",
             self.finalizer.handle,
-            workers=1,
+            workers=config.audio.workers or os.cpu_count() or 1,
             rescan_s=config.uplink.rescan_s,
         )
         self.uplink = Uplink(config.uplink, self.outbox, config.quarantine_dir, site=config.site)

@@ -8,9 +8,11 @@ captures/ready/<id>/ (mono legs + capture.json, already privacy-safe)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from google.protobuf import json_format
@@ -51,6 +53,17 @@ def quarantine(entry: Path, quarantine_dir: Path, reason: str) -> Path:
     return target
 
 
+FINALIZE_NICE = 10
+
+
+def _below_recording() -> None:
+    """Run this finalize thread, and the encoder it starts, at a lower CPU priority
+    than the SIP workers: on a saturated host calls keep their audio and finalize
+    waits (Linux nice values are per thread and inherited by child processes)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FINALIZE_NICE)
+
+
 class Finalizer:
     def __init__(self, config: AgentConfig, region: str = "fi") -> None:
         self.config = config
@@ -59,6 +72,7 @@ class Finalizer:
         self.outbox_dir = config.outbox_dir
 
     def handle(self, recording_id: str) -> None:
+        _below_recording()
         capture = self.ready_dir / recording_id
         target = self.outbox_dir / recording_id
         if target.exists():
