@@ -184,7 +184,7 @@ class StoreConfig:
     catalog_url: str
     retention_months: int = 6
     sweep_interval_s: float = 3600.0
-    sweep_batch: int = 200
+    sweep_batch: int = 1000
     orphan_grace_s: float = 24 * 3600.0
     region: str = "fi"
     allowed_regions: tuple[str, ...] = DEFAULT_ALLOWED_REGIONS
@@ -500,7 +500,7 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         catalog_url=st.text("catalog", f"sqlite:///{data_dir / 'catalog.sqlite3'}"),
         retention_months=retention,
         sweep_interval_s=st.seconds("sweep_interval", "1h"),
-        sweep_batch=st.integer("sweep_batch", 200, 1, 10_000),
+        sweep_batch=st.integer("sweep_batch", 1000, 1, 10_000),
         orphan_grace_s=st.seconds("orphan_grace", "24h"),
         region=region,
         allowed_regions=allowed,

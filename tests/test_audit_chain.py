@@ -114,6 +114,36 @@ def test_concurrent_appends_make_one_chain(catalog: Catalog) -> None:
     assert verdict.ok and verdict.entries == 60, verdict.problem
 
 
+def test_a_batch_of_events_is_the_chain_that_single_appends_make(catalog: Catalog) -> None:
+    events = [audit.Event(f"system:s{n}", "destroy", f"{n:032x}", "retention", "destroyed")
+              for n in range(5)]  # fmt: skip
+    with catalog.engine.begin() as conn:
+        audit.append(conn, "person:p0", "search", None, "", "allowed", at_ms=7)
+        assert audit.append_events(conn, events, at_ms=7) == [2, 3, 4, 5, 6]
+        assert audit.append_events(conn, []) == []
+        audit.append(conn, "person:p1", "search", None, "", "allowed", at_ms=7)
+    with catalog.engine.connect() as conn:
+        batched = [r.entry_hash for r in conn.execute(sa.select(audit.audit_events))]
+    verdict = audit.verify(catalog)
+    assert verdict.ok and verdict.entries == 7, verdict.problem
+    # The same events appended one at a time give the same hashes.
+    prev, expected = audit.GENESIS, []
+    for seq, values in enumerate(
+        [{"actor": "person:p0", "action": "search", "recording_id": None, "reason": "",
+          "outcome": "allowed"},
+         *({"actor": e.actor, "action": e.action, "recording_id": e.recording_id,
+            "reason": e.reason, "outcome": e.outcome} for e in events),
+         {"actor": "person:p1", "action": "search", "recording_id": None, "reason": "",
+          "outcome": "allowed"}], 1,
+    ):  # fmt: skip
+        prev = audit.entry_hash(
+            {**values, "seq": seq, "at_ms": 7, "purpose": "", "detail": "", "prev_hash": prev}
+        )
+        expected.append(prev)
+    assert sorted(batched) == sorted(expected)
+    assert verdict.head_hash == expected[-1]
+
+
 def test_migration_chains_the_entries_written_before_it(tmp_path: Path) -> None:
     cat = Catalog(f"sqlite:///{tmp_path / 'old.sqlite3'}")
     cfg = AlembicConfig()

@@ -55,7 +55,7 @@ def test_migrations_build_exactly_the_declared_schema(catalog: Catalog) -> None:
         version = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
     assert version == ScriptDirectory(str(MIGRATIONS)).get_current_head()
     indexes = {ix["name"] for ix in sa.inspect(catalog.engine).get_indexes("recordings")}
-    assert SEARCH_INDEXES | {"ix_recordings_blob_key", "ix_recordings_destroy"} <= indexes
+    assert SEARCH_INDEXES | {"ix_recordings_blob_key", "ix_recordings_destroying"} <= indexes
 
 
 def test_insert_is_once_and_get_returns_the_row(catalog: Catalog) -> None:

@@ -195,6 +195,23 @@ def test_exactly_the_expired_unheld_recordings_go(storage: Storage, tmp_path: Pa
     assert audit_reasons(storage) == {s[k].recording_id: ["retention"] for k in gone}
 
 
+def test_one_run_takes_every_batch_also_across_equal_end_times(
+    storage: Storage, tmp_path: Path
+) -> None:
+    """Each batch starts where the previous one ended (``ended_at_ms >=``): recordings
+    that ended at the same instant as the last of a batch are not skipped."""
+    same = [seed(storage, tmp_path, at("2025-03-01 10:00")) for _ in range(5)]
+    others = [seed(storage, tmp_path, at(f"2025-0{m}-01 09:00")) for m in (2, 3, 4)]
+    fresh = seed(storage, tmp_path, at("2026-01-15 08:00"))
+    sweeper = Sweeper(storage.catalog, storage.vault, retention_months=6, batch=2,
+                      clock=Clock(at("2026-02-01 00:00")))  # fmt: skip
+    report = sweeper.run_once()
+    assert report.destroyed == len(same) + len(others) and report.failed == 0
+    assert remaining(storage) == {fresh.recording_id}
+    assert set(audit_reasons(storage)) == {s.recording_id for s in same + others}
+    assert_consistent(storage)
+
+
 def test_erasure_destroys_one_recording_now_but_not_one_on_hold(
     storage: Storage, tmp_path: Path
 ) -> None:

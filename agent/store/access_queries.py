@@ -100,8 +100,11 @@ def search(
     found: list[RecordingRow] = []
     after: tuple[int, str] | None = None
     scanned = 0
+    # The first batch is about what the caller asked for (the SQL rarely
+    # over-approximates by much); later ones are full.
+    size = min(SCAN_BATCH, limit + 1)
     while scanned < MAX_SCAN:
-        query = base.limit(SCAN_BATCH)
+        query = base.limit(size)
         if after is not None:
             query = query.where(
                 sa.tuple_(recordings.c.started_at_ms, recordings.c.recording_id) < after
@@ -114,9 +117,10 @@ def search(
                     return found, True
                 found.append(row)
         scanned += len(batch)
-        if len(batch) < SCAN_BATCH:
+        if len(batch) < size:
             return found, False
         after = (batch[-1].started_at_ms, batch[-1].recording_id)
+        size = SCAN_BATCH
     return found, True
 
 

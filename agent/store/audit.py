@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,32 +113,48 @@ def entry_hash(values: dict[str, Any]) -> str:
 
 def append_event(conn: sa.Connection, event: Event, at_ms: int | None = None) -> int:
     """Add one event inside the caller's transaction; returns its ``seq``."""
+    return append_events(conn, [event], at_ms)[0]
+
+
+def append_events(
+    conn: sa.Connection, events: Sequence[Event], at_ms: int | None = None
+) -> list[int]:
+    """Add several events, in order, inside the caller's transaction; returns their
+    ``seq``s. The same chain as one ``append_event`` per event, in three statements:
+    the head is advanced by ``len(events)`` first (which serialises appenders as
+    ``append_event`` does), the entries are chained here and inserted together, and
+    the head's hash is set to the last one."""
+    if not events:
+        return []
     head = conn.execute(
         sa.update(audit_head)
         .where(audit_head.c.id == 1)
-        .values(seq=audit_head.c.seq + 1)
+        .values(seq=audit_head.c.seq + len(events))
         .returning(audit_head.c.seq, audit_head.c.last_hash)
     ).first()
     if head is None:
         raise AuditError("audit chain head missing: the catalog is not migrated")
-    values: dict[str, Any] = {
-        "seq": head.seq,
-        "at_ms": now_ms() if at_ms is None else at_ms,
-        "actor": event.actor[:200],
-        "action": event.action[:32],
-        "recording_id": event.recording_id,
-        "purpose": event.purpose[:16],
-        "reason": event.reason[:200],
-        "outcome": event.outcome[:32],
-        "detail": event.detail[:400],
-        "prev_hash": head.last_hash,
-    }
-    values["entry_hash"] = entry_hash(values)
-    conn.execute(sa.insert(audit_events).values(**values))
-    conn.execute(
-        sa.update(audit_head).where(audit_head.c.id == 1).values(last_hash=values["entry_hash"])
-    )
-    return int(head.seq)
+    when = now_ms() if at_ms is None else at_ms
+    prev, first = str(head.last_hash), int(head.seq) - len(events) + 1
+    entries: list[dict[str, Any]] = []
+    for seq, event in enumerate(events, first):
+        values: dict[str, Any] = {
+            "seq": seq,
+            "at_ms": when,
+            "actor": event.actor[:200],
+            "action": event.action[:32],
+            "recording_id": event.recording_id,
+            "purpose": event.purpose[:16],
+            "reason": event.reason[:200],
+            "outcome": event.outcome[:32],
+            "detail": event.detail[:400],
+            "prev_hash": prev,
+        }
+        values["entry_hash"] = prev = entry_hash(values)
+        entries.append(values)
+    conn.execute(sa.insert(audit_events), entries)
+    conn.execute(sa.update(audit_head).where(audit_head.c.id == 1).values(last_hash=prev))
+    return [e["seq"] for e in entries]
 
 
 def append(

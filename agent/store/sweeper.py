@@ -5,11 +5,13 @@ Each destruction goes mark → shred key → delete blob → delete row:
 1. *claim* (one transaction): mark a batch of expired, unheld rows
    (``destroy_reason``) and null their wrapped data keys. On PostgreSQL the batch is
    picked with ``FOR UPDATE SKIP LOCKED``, so sweepers on several hosts take disjoint
-   batches; on SQLite the single ``UPDATE … RETURNING`` is atomic.
+   batches; on SQLite the single ``UPDATE … RETURNING`` is atomic. Batches are taken
+   oldest first, one expired range at a time, each starting where the last ended.
 2. delete each blob (idempotent);
 3. *finish* (one transaction): delete the marked rows whose blob is gone, their key
-   rows, and append one audit event per row actually deleted — in the same
-   transaction, so a destruction is audited exactly once even when two sweepers race.
+   rows, and append one audit event per row actually deleted (chained together by
+   ``audit.append_events``) — in the same transaction, so a destruction is audited
+   exactly once even when two sweepers race.
 
 A kill between steps leaves marked rows; every run first finishes marked rows, so
 nothing half-done outlives the next run. The audio is unreadable from step 1 on.
@@ -88,6 +90,7 @@ class SweepReport:
 class _Claimed:
     recording_id: str
     blob_key: str
+    ended_at_ms: int = 0
 
 
 class Sweeper:
@@ -128,11 +131,14 @@ class Sweeper:
         now_ms = datetime_to_ms(self.clock())
         report = SweepReport()
         self._finish_pending(now_ms, report)
-        while not self.stop_event.is_set():
-            claimed = self._claim(now_ms)
-            if not claimed:
-                break
-            self._destroy(claimed, now_ms, report)
+        for low, high in expired_ranges(now_ms, self.retention_months):
+            floor = low
+            while not self.stop_event.is_set():
+                claimed = self._claim(now_ms, floor, high)
+                if not claimed:
+                    break
+                self._destroy(claimed, now_ms, report)
+                floor = max(c.ended_at_ms for c in claimed)
         if not self.stop_event.is_set():
             self._remove_orphans(now_ms, report)
         self._measure(now_ms, report)
@@ -185,13 +191,21 @@ class Sweeper:
         ]
         return sa.or_(*parts) if parts else sa.false()
 
-    def _claim(self, now_ms: int) -> list[_Claimed]:
+    def _claim(self, now_ms: int, floor: int | None, high: int) -> list[_Claimed]:
+        """Mark the oldest batch of unheld recordings that ended in ``[floor, high]``
+        (one of ``expired_ranges``) and shred their keys. ``floor`` is where the
+        previous batch of this run ended: one index range scan per batch, however
+        many rows earlier batches left behind (PostgreSQL's dead index entries). A row
+        below ``floor`` that another sweeper had locked is that sweeper's to destroy,
+        or, if its claim rolled back, the next run's."""
+        ended = recordings.c.ended_at_ms
+        window = ended <= high if floor is None else sa.and_(ended >= floor, ended <= high)
         pick = self.catalog.skip_locked(
             sa.select(recordings.c.recording_id)
             .where(recordings.c.destroy_reason.is_(None))
             .where(recordings.c.legal_hold.is_(sa.false()))
-            .where(self._expired(now_ms))
-            .order_by(recordings.c.ended_at_ms)
+            .where(window)
+            .order_by(ended)
             .limit(self.batch)
         )
         mark = (
@@ -199,10 +213,12 @@ class Sweeper:
             .where(recordings.c.recording_id.in_(pick))
             .where(recordings.c.destroy_reason.is_(None))
             .values(destroy_reason="retention", destroy_marked_at_ms=now_ms)
-            .returning(recordings.c.recording_id, recordings.c.blob_key)
+            .returning(recordings.c.recording_id, recordings.c.blob_key, ended)
         )
         with self.catalog.engine.begin() as conn:
-            claimed = [_Claimed(r.recording_id, r.blob_key) for r in conn.execute(mark)]
+            claimed = [
+                _Claimed(r.recording_id, r.blob_key, r.ended_at_ms) for r in conn.execute(mark)
+            ]
             _shred(conn, [c.blob_key for c in claimed], now_ms)
         return claimed
 
@@ -261,11 +277,12 @@ class Sweeper:
             if deleted:
                 keys = [r.blob_key for r in deleted]
                 conn.execute(sa.delete(data_keys).where(data_keys.c.blob_key.in_(keys)))
-            for row in deleted:
-                audit.append(
-                    conn, actor, "destroy", row.recording_id, row.destroy_reason, "destroyed",
-                    at_ms=now_ms,
-                )  # fmt: skip
+            # One event per row deleted, chained in one statement batch (audit.py).
+            events = [
+                audit.Event(actor, "destroy", row.recording_id, row.destroy_reason, "destroyed")
+                for row in deleted
+            ]
+            audit.append_events(conn, events, at_ms=now_ms)
         for row in deleted:
             log.info(
                 "event=recording_swept recording_id=%s reason=%s ended_at=%s",

