@@ -14,8 +14,12 @@ SIPREC calls with real speech as G.711 A-law, all RTP from one sender in this pr
   the end of each stream (the worker's ``call_recorded`` line), sent = the call's
   length * 50 packets/s (the sender plays a file longer than the call; its worst lag
   behind the 20 ms pace is reported, since a late sender would send less);
+- packets lost: the sequence gaps pjsua counted (sent, never received); a sender
+  that falls behind sends late, not with gaps, so this separates the recorder's
+  losses from the load generator's;
 - CPU (% of one core) and PSS of all workers, the front (Kamailio, every process),
-  the agent's main process, idle and with every call up; the host's busy share;
+  the agent's main process, idle and with every call up (the host's busy share from
+  /proc/stat is in the JSON only: it is tick-sampled and reads low at light load);
 - the cost of one call as a ratio to one idle worker (CPU and PSS, same run);
 - hang-up → safe: SIPp's BYE to the store's ``stored_at`` (the receipt is sent after
   it), p50/p99/max.
@@ -69,6 +73,8 @@ class Step:
     whole: int = 0
     rx_ratio_total: float = math.nan
     rx_ratio_worst: float = math.nan
+    lost: int = 0  # sequence gaps pjsua saw: packets sent but not received
+    received: int = 0
     streams: int = 0
     sender_late_s: float = 0.0
     idle: dict[str, Usage] = field(default_factory=dict)
@@ -114,10 +120,13 @@ def rtp_figures(step: Step, text: str, refs: set[str]) -> None:
             continue
         expected = max(1, round(float(duration) * PACKETS_PER_S))
         for stream in rtp.split(","):
-            got = int(stream.split(":", 1)[1].split("/", 1)[0])
+            got_text, lost_text = stream.split(":", 1)[1].split("/", 1)
+            got = int(got_text)
+            step.lost += int(lost_text)
             received, sent = received + got, sent + expected
             worst = min(worst, got / expected)
             step.streams += 1
+    step.received = received
     step.rx_ratio_total = received / sent if sent else math.nan
     step.rx_ratio_worst = worst if sent else math.nan
 
@@ -201,11 +210,11 @@ def per_worker(usage: Usage) -> tuple[float, float]:
 
 def rows_of(steps: list[Step]) -> dict[str, tuple[list[str], list[list[object]]]]:
     load_cols = [
-        "calls", "workers", "recorded", "refused", "rx/sent", "worst stream",
+        "calls", "workers", "recorded", "refused", "rx/sent", "worst stream", "lost (gaps)",
         "sender lag s", "holds",
     ]  # fmt: skip
     cost_cols = [
-        "calls", "workers CPU %", "workers PSS MB", "front CPU %", "agent CPU %", "host %",
+        "calls", "workers CPU %", "workers PSS MB", "front CPU %", "agent CPU %",
         "call/idle-worker CPU", "call/idle-worker PSS",
     ]  # fmt: skip
     safe_cols = [
@@ -216,7 +225,8 @@ def rows_of(steps: list[Step]) -> dict[str, tuple[list[str], list[list[object]]]
     for s in steps:
         load.append([
             s.calls, s.workers, f"{s.whole}/{s.calls}", s.refused,
-            f"{s.rx_ratio_total:.4f}", f"{s.rx_ratio_worst:.4f}", s.sender_late_s,
+            f"{s.rx_ratio_total:.4f}", f"{s.rx_ratio_worst:.4f}",
+            f"{s.lost / max(1, s.lost + s.received):.5f}", s.sender_late_s,
             "yes" if s.holds else "NO",
         ])  # fmt: skip
         idle_cpu, idle_pss = per_worker(s.idle["workers"])
@@ -225,7 +235,7 @@ def rows_of(steps: list[Step]) -> dict[str, tuple[list[str], list[list[object]]]
         call_pss = (busy.pss_mb - s.idle["workers"].pss_mb) / s.calls
         cost.append([
             s.calls, busy.cpu_pct, busy.pss_mb, s.busy["front"].cpu_pct,
-            s.busy["agent main"].cpu_pct, s.busy["host"].cpu_pct,
+            s.busy["agent main"].cpu_pct,
             call_cpu / idle_cpu if idle_cpu else math.nan,
             call_pss / idle_pss if idle_pss else math.nan,
         ])  # fmt: skip
@@ -269,6 +279,8 @@ def as_json(step: Step) -> dict[str, object]:
         "streams": step.streams,
         "rx_over_sent": round(step.rx_ratio_total, 5),
         "worst_stream_rx_over_sent": round(step.rx_ratio_worst, 5),
+        "packets_received": step.received,
+        "packets_lost_gaps": step.lost,
         "sender_max_late_s": round(step.sender_late_s, 3),
         "hangup_to_safe_p50_s": round(percentile(step.safe_s, 50), 3),
         "hangup_to_safe_p99_s": round(percentile(step.safe_s, 99), 3),

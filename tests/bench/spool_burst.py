@@ -11,19 +11,19 @@ is sampled every 20 ms from /proc/self/status (pickup and writer share this proc
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import struct
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 from agent.recorder.spool import SpoolPickup
+from tests.bench.common import emit
 from tests.support.stack import agent_config, make_keys
 from tests.test_spool import sidecar, tone, wav
+
+MODULE = "tests.bench.spool_burst"
 
 
 def rss_kib() -> int:
@@ -31,13 +31,6 @@ def rss_kib() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def stage(staging: Path, n: int, seconds: float, codec: str, layout: str) -> int:
@@ -128,20 +121,12 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=0.5)
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args()
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="spool-bench-") as tmp:
         result = run(args, Path(tmp))
-    machine = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "system": platform.platform(),
-    }
-    width = max(len(k) for k in result)
-    print(f"{'metric':<{width}}  value")
-    for key, value in result.items():
-        print(f"{key:<{width}}  {value}")
-    command = " ".join([".venv/bin/python -m tests.bench.spool_burst", *sys.argv[1:]])
-    print(json.dumps({"machine": machine, "command": command, "result": result}))
+    rows = [[key, value] for key, value in result.items()]
+    emit("spool burst", MODULE, {"Spool pickup burst": (["metric", "value"], rows)}, result,
+         started=started)  # fmt: skip
     return 0
 
 

@@ -1,0 +1,79 @@
+"""The benchmark scripts themselves, at a size CI can afford: each runs as the README
+says, ends with one JSON line naming the machine, versions and command, and its
+figures say the work was really done (every call stored, every expired row destroyed,
+every byte uploaded). The figures quoted in the README come from the default sizes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from tests.support.daemons import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def bench(module: str, *args: str, timeout: float = 240.0) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", f"tests.bench.{module}", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["command"] == " ".join([f".venv/bin/python -m tests.bench.{module}", *args])
+    assert report["machine"]["cores"] >= 1 and report["versions"]["callrec"]
+    return report
+
+
+def test_concurrent_recording_stores_every_call_and_times_it() -> None:
+    report = bench("concurrent", "--steps", "4", "--seconds", "8", "--rate", "10")
+    (step,) = report["result"]["steps"]
+    assert step["calls"] == 4 and step["whole"] == 4 and step["streams"] == 8
+    assert step["rx_over_sent"] > 0.95
+    assert 0 < step["hangup_to_safe_p50_s"] <= step["hangup_to_safe_p99_s"] < 60
+    assert step["usage"]["busy"]["workers"]["processes"] == step["workers"]
+
+
+def test_store_scale_destroys_exactly_the_expired_on_both_backends() -> None:
+    report = bench(
+        "store_scale", "--rows", "4000", "--small-rows", "2000", "--expired", "500",
+        "--lookups", "20", "--searches", "10", "--blob-files",
+    )  # fmt: skip
+    backends = report["result"]["backends"]
+    assert set(backends) == {"sqlite", "postgresql"}
+    for figures in backends.values():
+        assert figures["dsr_ms"]["n"] == 20
+        for size in ("4000", "2000"):
+            sweep = figures["sweep"][size]
+            assert sweep["destroyed"] == 500 and sweep["failed"] == 0
+            assert sweep["remaining"] == int(size) - 500 and sweep["audit_ok"]
+            assert sweep["blob_files_left"] == 0
+
+
+def test_upload_reaches_the_store_over_tls_and_compares_with_a_socket() -> None:
+    report = bench("upload", "--mib", "8", "--repeats", "1")
+    result = report["result"]
+    assert result["tls"] and result["size_bytes"] == 8 * 1024 * 1024
+    assert result["median"]["grpc_MB/s"] > 0 and 0 < result["median"]["grpc/tcp"]
+
+
+def test_finalize_cost_is_measured_per_audio_hour() -> None:
+    report = bench("finalize_cost", "--calls", "1", "--minutes", "0.25", "--repeats", "1")
+    median = report["result"]["median"]
+    assert set(median) == {"opus", "flac", "wav"}
+    assert median["opus"]["cpu_h"] > median["wav"]["ffmpeg_h"] == 0
+    assert 10 < median["opus"]["kbit_s"] < 40
+
+
+def test_spool_burst_takes_every_recording() -> None:
+    report = bench("spool_burst", "--files", "30", "--seconds", "1")
+    result = report["result"]
+    assert result["recordings"] == 30 and result["quarantined"] == 0
