@@ -322,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         "first_step_that_drops": first_drop,
         "steps": [as_json(s) for s in steps],
     }
-    emit("concurrent recording", MODULE, rows_of(steps), result, ("sipp", "kamailio"), started)
     print(f"quality first drops at: {first_drop or 'no step (all held)'}")
+    emit("concurrent recording", MODULE, rows_of(steps), result, ("sipp", "kamailio"), started)
     return 0
 
 
