@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from pydub import AudioSegment
 from pydub.generators import Sine
 
@@ -33,7 +34,7 @@ from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.recorder.finalize import Finalizer
 from agent.recorder.outbox import Outbox
 from agent.recorder.uplink import CHANNEL_OPTIONS, Uplink, upload_requests
-from agent.store.catalog import Catalog
+from agent.store.catalog import Catalog, data_keys
 from tests.support.stack import InProcessStore, Keys, agent_config
 
 
@@ -217,7 +218,10 @@ def test_corrupted_bytes_are_refused_and_resent(
     with pytest.raises(grpc.RpcError) as err:
         stub.Upload(corrupted(), timeout=10)
     assert err.value.code() == grpc.StatusCode.DATA_LOSS
-    assert Catalog(store.config.catalog_url).get(meta.recording_id) is None
+    catalog = Catalog(store.config.catalog_url)
+    assert catalog.get(meta.recording_id) is None
+    with catalog.engine.connect() as conn:  # no data key left behind for the bad bytes
+        assert conn.execute(sa.select(sa.func.count()).select_from(data_keys)).scalar() == 0
     status = stub.QueryUpload(pb.QueryUploadRequest(recording_id=meta.recording_id))
     assert status.committed_size == 0 and not status.complete
     receipt = stub.Upload(upload_requests(entry, 0, 65536), timeout=10)
