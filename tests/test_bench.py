@@ -34,7 +34,7 @@ def bench(module: str, *args: str, timeout: float = 240.0) -> dict[str, Any]:
 
 
 def test_concurrent_recording_stores_every_call_and_times_it() -> None:
-    report = bench("concurrent", "--steps", "4", "--seconds", "8", "--rate", "10")
+    report = bench("concurrent", "--steps", "4", "--seconds", "6", "--spread", "4", "--rate", "10")
     (step,) = report["result"]["steps"]
     assert step["calls"] == 4 and step["whole"] == 4 and step["streams"] == 8
     assert step["rx_over_sent"] > 0.95

@@ -134,6 +134,7 @@ class SiprecCall:
     hangup: str = "src"  # "src" sends BYE after call_ms; "srs": waits for the recorder's
     accept_refusal: bool = False  # a 486/503 ends the call cleanly (load tests)
     call_ms: int = 8000
+    call_ms_spread: int = 0  # > 0: each call lasts call_ms + uniform(0, spread) ms
     rtp_ports: tuple[int, int] = field(default_factory=lambda: (free_port(), free_port()))
     rtp_bind: bool = True  # send from the offered ports (one call per SIPp run only)
     # a running ControlServer's address or FifoControl's path, or send ourselves
@@ -376,7 +377,11 @@ def _hangup(sc: _Scenario, call: SiprecCall, since_ack: int) -> None:
             retrans=False,
         )
         return
-    sc.pause(call.call_ms - since_ack)
+    if call.call_ms_spread > 0:
+        low = max(0, call.call_ms - since_ack)
+        sc.add(f'  <pause distribution="uniform" min="{low}" max="{low + call.call_ms_spread}"/>')
+    else:
+        sc.pause(call.call_ms - since_ack)
     sc.log("bye")
     sc.send(_request("BYE", sc.next_cseq(), None))
     sc.recv('response="200" crlf="true"')

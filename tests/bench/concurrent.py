@@ -148,15 +148,18 @@ def phase_times(step: Step, text: str, byes: dict[str, float]) -> None:
                 step.phases[name].append(end - start)
 
 
-def place(pool: Pool, step: Step, seconds: int, rate: float) -> SippResult:
+def place(pool: Pool, step: Step, seconds: int, rate: float, spread: int) -> SippResult:
     """Start the calls; measure idle before and busy while every call is up."""
     step.idle = measure(groups(pool), 5.0)
-    call = pool.call(call_ms=seconds * 1000, rtp_bind=False, accept_refusal=True)
+    call = pool.call(
+        call_ms=seconds * 1000, call_ms_spread=spread * 1000, rtp_bind=False,
+        accept_refusal=True,
+    )  # fmt: skip
     ramp = step.calls / rate
     with ThreadPoolExecutor(1) as executor:
         future = executor.submit(
             pool.run, siprec_scenario(call), f"step{step.calls}", calls=step.calls,
-            rate=rate, timeout_s=seconds + ramp + 60,
+            rate=rate, timeout_s=seconds + spread + ramp + 60,
         )  # fmt: skip
         time.sleep(ramp + 2.0)
         window = max(5.0, seconds - ramp - 5.0)
@@ -164,17 +167,17 @@ def place(pool: Pool, step: Step, seconds: int, rate: float) -> SippResult:
         return future.result()
 
 
-def run_step(root: Path, calls: int, seconds: int, rate: float) -> Step:
+def run_step(root: Path, calls: int, seconds: int, rate: float, spread: int = 0) -> Step:
     workers = math.ceil(calls / 4) + max(1, math.ceil(calls / 40))
     step = Step(calls, workers)
-    speech = long_speech(root / "speech", seconds + 10)
+    speech = long_speech(root / "speech", seconds + spread + 10)
     ready_s = 60.0 + workers
     with running_pool(
         root / f"step{calls}", workers, speech, ready_timeout=ready_s, rtp_timeout="10s"
     ) as pool:
         pool.wait_idle(timeout=ready_s)
         assert pool.sender is not None
-        result = place(pool, step, seconds, rate)
+        result = place(pool, step, seconds, rate, spread)
         step.sender_late_s = pool.sender.max_late_s
         answered = [c for c in result.calls.values() if c.answered_at]
         step.answered = len(answered)
@@ -301,6 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", default="25,50,100,200,400", help="concurrent calls per step")
     parser.add_argument("--seconds", type=int, default=40, help="length of each call")
     parser.add_argument("--rate", type=float, default=20.0, help="new calls per second")
+    parser.add_argument(
+        "--spread", type=int, default=0,
+        help="calls last --seconds plus up to this many seconds more (uniform): hang-ups "
+        "spread out as in steady traffic instead of all ending within seconds",
+    )  # fmt: skip
     parser.add_argument("--stop-after-drop", action="store_true",
                         help="stop after the first step that does not hold")  # fmt: skip
     args = parser.parse_args(argv)
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     steps: list[Step] = []
     with tempfile.TemporaryDirectory(prefix="bench-concurrent-") as tmp:
         for calls in (int(n) for n in args.steps.split(",")):
-            step = run_step(Path(tmp), calls, args.seconds, args.rate)
+            step = run_step(Path(tmp), calls, args.seconds, args.rate, args.spread)
             steps.append(step)
             print(f"step {calls}: {step.whole}/{calls} whole, holds={step.holds}", flush=True)
             if args.stop_after_drop and not step.holds:
@@ -319,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "call_seconds": args.seconds,
         "rate_calls_per_s": args.rate,
+        "call_spread_s": args.spread,
         "first_step_that_drops": first_drop,
         "steps": [as_json(s) for s in steps],
     }
