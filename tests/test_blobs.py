@@ -47,6 +47,16 @@ def test_put_read_exists_delete(blobs: Blobs, tmp_path: Path) -> None:
         b"".join(blobs.read("abc-1"))
 
 
+def test_delete_many_removes_a_batch_and_ignores_missing_keys(blobs: Blobs, tmp_path: Path) -> None:
+    keys = [f"many-{i}" for i in range(5)]
+    for key in keys:
+        blobs.put_file(key, _file(tmp_path, f"{key}.bin", key.encode() * 100))
+    assert blobs.delete_many([*keys[:4], "never-stored-1"]) == {}
+    assert [k for k in keys if blobs.exists(k)] == ["many-4"]
+    assert blobs.delete_many(keys[:4]) == {}  # idempotent
+    assert b"".join(blobs.read("many-4")) == b"many-4" * 100
+
+
 def test_ranged_reads(blobs: Blobs, tmp_path: Path) -> None:
     data = bytes(range(256)) * 1000
     blobs.put_file("rng-1", _file(tmp_path, "r.bin", data))

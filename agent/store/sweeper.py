@@ -245,16 +245,24 @@ class Sweeper:
     def _destroy(
         self, claimed: Sequence[_Claimed], now_ms: int, report: SweepReport, actor: str = ""
     ) -> None:
+        try:
+            failed = self.vault.blobs.delete_many([item.blob_key for item in claimed])
+        except Exception:  # e.g. S3 unreachable: the batch is retried next run
+            log.exception("event=sweep_blobs_failed count=%d", len(claimed))
+            failed = {item.blob_key: "blob store error (logged above)" for item in claimed}
         gone: list[_Claimed] = []
         for item in claimed:
-            try:
-                self.vault.blobs.delete(item.blob_key)
-            except Exception:  # one bad blob never stops the sweep; retried next run
-                log.exception("event=sweep_failed recording_id=%s step=blob", item.recording_id)
-                report.failed += 1
-                FAILURES.inc()
+            if item.blob_key not in failed:
+                gone.append(item)
                 continue
-            gone.append(item)
+            # One bad blob never stops the sweep; its row stays marked for the next run.
+            log.error(
+                "event=sweep_failed recording_id=%s step=blob error=%r",
+                item.recording_id,
+                failed[item.blob_key],
+            )
+            report.failed += 1
+            FAILURES.inc()
         if gone:
             self._finish(gone, now_ms, report, actor or self.actor)
 
