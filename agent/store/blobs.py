@@ -125,7 +125,12 @@ class FileBlobs:
                 yield chunk
 
     def delete(self, key: str) -> None:
-        self.delete_many([key])
+        path = self._path(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        fsync_dir(path.parent)
 
     def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
         failed: dict[str, str] = {}

@@ -436,7 +436,7 @@ def _open_part(manifest: pb.Manifest, part: Path, manifest_file: Path, committed
         tmp = manifest_file.with_suffix(".manifest.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            _write_durably(fd, manifest.SerializeToString(deterministic=True))
+            _append(fd, manifest.SerializeToString(deterministic=True), sync=True)
         finally:
             os.close(fd)
         tmp.replace(manifest_file)
@@ -456,10 +456,6 @@ def _append(fd: int, data: bytes, sync: bool) -> None:
         view = view[written:]
     if sync:
         os.fsync(fd)
-
-
-def _write_durably(fd: int, data: bytes) -> None:
-    _append(fd, data, sync=True)
 
 
 def _close_part(fd: int, sync: bool) -> None:

@@ -93,6 +93,18 @@ class _Claimed:
     ended_at_ms: int = 0
 
 
+def ended_within(low: int | None, high: int) -> sa.ColumnElement[bool]:
+    """The call ended in ``[low, high]`` (ms; a low of None is unbounded)."""
+    ended = recordings.c.ended_at_ms
+    return ended <= high if low is None else sa.and_(ended >= low, ended <= high)
+
+
+def expired_clause(now_ms: int, months: int) -> sa.ColumnElement[bool]:
+    """The call ended more than the retention ago (``retention.expired_ranges``)."""
+    parts = [ended_within(low, high) for low, high in expired_ranges(now_ms, months)]
+    return sa.or_(*parts) if parts else sa.false()
+
+
 class Sweeper:
     def __init__(
         self,
@@ -183,14 +195,6 @@ class Sweeper:
 
     # ------------------------------------------------------------ the four steps
 
-    def _expired(self, now_ms: int) -> sa.ColumnElement[bool]:
-        ended = recordings.c.ended_at_ms
-        parts = [
-            ended <= high if low is None else sa.and_(ended >= low, ended <= high)
-            for low, high in expired_ranges(now_ms, self.retention_months)
-        ]
-        return sa.or_(*parts) if parts else sa.false()
-
     def _claim(self, now_ms: int, floor: int | None, high: int) -> list[_Claimed]:
         """Mark the oldest batch of unheld recordings that ended in ``[floor, high]``
         (one of ``expired_ranges``) and shred their keys. ``floor`` is where the
@@ -199,7 +203,7 @@ class Sweeper:
         below ``floor`` that another sweeper had locked is that sweeper's to destroy,
         or, if its claim rolled back, the next run's."""
         ended = recordings.c.ended_at_ms
-        window = ended <= high if floor is None else sa.and_(ended >= floor, ended <= high)
+        window = ended_within(floor, high)
         pick = self.catalog.skip_locked(
             sa.select(recordings.c.recording_id)
             .where(recordings.c.destroy_reason.is_(None))
@@ -331,8 +335,9 @@ class Sweeper:
 
     def _measure(self, now_ms: int, report: SweepReport) -> None:
         live = recordings.c.destroy_reason.is_(None)
+        expired = expired_clause(now_ms, self.retention_months)
         held = sa.select(sa.func.count()).where(
-            live, recordings.c.legal_hold.is_(sa.true()), self._expired(now_ms)
+            live, recordings.c.legal_hold.is_(sa.true()), expired
         )
         oldest = sa.select(sa.func.min(recordings.c.ended_at_ms)).where(
             live, recordings.c.legal_hold.is_(sa.false())

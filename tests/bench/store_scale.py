@@ -60,7 +60,7 @@ from agent.store.blobs import FileBlobs
 from agent.store.catalog import Catalog, data_keys, recordings
 from agent.store.keys import FileKeyWrapper
 from agent.store.retention import add_months, datetime_to_ms, expired_ranges
-from agent.store.sweeper import Sweeper
+from agent.store.sweeper import Sweeper, expired_clause
 from agent.store.vault import Vault
 from tests.bench.common import emit, percentile
 from tests.support.services import Postgres
@@ -354,7 +354,7 @@ def sweep(
     if blob_files:
         with catalog.engine.connect() as conn:
             expired_keys = conn.execute(
-                sa.select(recordings.c.blob_key).where(_expired_clause(world))
+                sa.select(recordings.c.blob_key).where(expired_now(world))
             ).scalars()
             for key in expired_keys:
                 path = blobs.root / key[:2] / key
@@ -392,18 +392,13 @@ def sweep(
     }
 
 
-def _expired_clause(world: World) -> sa.ColumnElement[bool]:
-    ended = recordings.c.ended_at_ms
-    parts = [
-        ended <= high if low is None else sa.and_(ended >= low, ended <= high)
-        for low, high in expired_ranges(world.now_ms, RETENTION_MONTHS)
-    ]
-    return sa.or_(*parts)
+def expired_now(world: World) -> sa.ColumnElement[bool]:
+    return expired_clause(world.now_ms, RETENTION_MONTHS)
 
 
 def count_expired(catalog: Catalog, world: World) -> int:
     with catalog.engine.connect() as conn:
-        query = sa.select(sa.func.count()).select_from(recordings).where(_expired_clause(world))
+        query = sa.select(sa.func.count()).select_from(recordings).where(expired_now(world))
         return int(conn.execute(query).scalar_one())
 
 
