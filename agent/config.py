@@ -125,6 +125,23 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True)
+class FreeSpaceFloor:
+    """``[agent] min_free``: the free space on the data disk below which new calls are
+    refused (503) before anything is answered; calls in progress go on. A size
+    (``"2 GiB"``, the default) or a share of the file system (``"5%"``)."""
+
+    bytes: int = 2 * 1024**3
+    percent: float = 0.0
+
+    def floor(self, total_bytes: int) -> int:
+        """The floor in bytes on a file system of ``total_bytes``."""
+        return max(self.bytes, int(total_bytes * self.percent / 100))
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent else f"{self.bytes} bytes"
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     site: str
     data_dir: Path
@@ -137,6 +154,7 @@ class AgentConfig:
     log_level: str = "info"
     spool: SpoolConfig | None = None  # no [spool] section: no spool pickup
     metrics_listen: str | None = None  # "127.0.0.1:9464": Prometheus /metrics
+    min_free: FreeSpaceFloor = field(default_factory=FreeSpaceFloor)
 
     @property
     def captures_dir(self) -> Path:
@@ -390,6 +408,7 @@ def agent_config_from_dict(doc: Mapping[str, Any], base: Path) -> AgentConfig:
         log_level=s["log"].text("level", "info", choices=LOG_LEVELS),
         spool=_spool_config(s["spool"]) if "spool" in doc else None,
         metrics_listen=_listen(a, "metrics", "") if "metrics" in a.table else None,
+        min_free=_free_space_floor(a, "min_free"),
     )
     if not re.fullmatch(r"\d+k", cfg.audio.bitrate):
         raise au._fail("bitrate", cfg.audio.bitrate, 'a bitrate such as "24k"')
@@ -603,6 +622,20 @@ def _size(section: _Section, key: str, default: object) -> int:
     if match and float(match.group(1)) > 0:
         return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
     raise section._fail(key, value, 'a size such as "2 GiB", "500 MB" or a number of bytes')
+
+
+def _free_space_floor(section: _Section, key: str) -> FreeSpaceFloor:
+    """``"2 GiB"`` (a size) or ``"5%"`` (of the file system, 0-90 %)."""
+    value = section._get(key, "2 GiB")
+    if isinstance(value, str) and (match := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", value)):
+        percent = float(match.group(1))
+        if 0 < percent <= 90:
+            return FreeSpaceFloor(bytes=0, percent=percent)
+        raise section._fail(key, value, 'a share from "0.1%" to "90%", or a size such as "2 GiB"')
+    try:
+        return FreeSpaceFloor(bytes=_size(section, key, "2 GiB"))
+    except ConfigError:
+        raise section._fail(key, value, 'a size such as "2 GiB" or a share such as "5%"') from None
 
 
 def _optional_path(section: _Section, key: str) -> Path | None:

@@ -17,20 +17,23 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from agent import audio, metrics
+from agent import audio, logs, metrics
 from agent.capture import (
     CUSTOMER_LEG,
     EMPLOYEE_LEG,
+    NO_SPACE,
     CaptureMeta,
     Flag,
     fsync_dir,
     parse_iso,
+    quarantine,
     read_meta,
 )
 from agent.config import AgentConfig
 from agent.manifest import AUDIO_FORMATS, manifest_from_capture
 
 log = logging.getLogger(__name__)
+elog = logs.get_logger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 LENGTH_MISMATCH_MS = 1000
@@ -38,19 +41,6 @@ LENGTH_MISMATCH_MS = 1000
 
 def audio_file_name(audio_format: str) -> str:
     return "audio." + AUDIO_FORMATS[audio_format]
-
-
-def quarantine(entry: Path, quarantine_dir: Path, reason: str) -> Path:
-    """Move an entry we cannot process aside, with the reason beside it; nothing is lost."""
-    quarantine_dir.mkdir(parents=True, exist_ok=True)
-    target = quarantine_dir / entry.name
-    suffix = 1
-    while target.exists():
-        target = quarantine_dir / f"{entry.name}.{suffix}"
-        suffix += 1
-    entry.rename(target)
-    (target.parent / f"{target.name}.reason").write_text(reason + "\n")
-    return target
 
 
 FINALIZE_NICE = 10
@@ -97,6 +87,12 @@ class Finalizer:
             with metrics.FINALIZE_SECONDS.time():
                 self._finalize(capture, meta, target)
         except Exception as exc:  # noqa: BLE001 - any failure quarantines, never loses
+            if self._out_of_space(exc, capture):
+                # A full disk is not the capture's fault: it stays in ready/ and the next
+                # rescan tries again once there is room (nothing is quarantined for it).
+                shutil.rmtree(self.outbox_dir / f".tmp-{meta.recording_id}", ignore_errors=True)
+                elog.warning("finalize_deferred", recording_id=recording_id, reason="disk_full")
+                return
             moved = quarantine(capture, self.config.quarantine_dir, f"finalize failed: {exc!r}")
             metrics.QUARANTINED.labels("finalize").inc()
             log.error(
@@ -105,6 +101,18 @@ class Finalizer:
                 repr(exc),
                 moved,
             )
+
+    def _out_of_space(self, exc: Exception, capture: Path) -> bool:
+        """The failure was the disk's: ENOSPC, or (the encoder's error says less) less
+        room left than twice the capture's size."""
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            return True
+        try:
+            size = sum(p.stat().st_size for p in capture.iterdir())
+            stat = os.statvfs(self.outbox_dir)
+        except OSError:
+            return False
+        return stat.f_bavail * stat.f_frsize < 2 * size + 1024**2
 
     def _finalize(self, capture: Path, meta: CaptureMeta, target: Path) -> None:
         cfg = self.config
