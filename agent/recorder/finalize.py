@@ -25,6 +25,7 @@ from agent.capture import (
     CaptureMeta,
     Flag,
     fsync_dir,
+    leg_seconds,
     parse_iso,
     quarantine,
     read_meta,
@@ -125,6 +126,7 @@ class Finalizer:
         encoded = audio.encode(
             legs, staging / audio_file_name(cfg.audio.format), cfg.audio.format, cfg.audio.bitrate
         )
+        _check_length(legs, encoded)
         meta = meta.with_flags(*_audio_flags(meta, encoded))
         manifest = manifest_from_capture(
             meta, cfg.audio.format, encoded.channels, encoded.size, encoded.sha256, self.region
@@ -154,6 +156,16 @@ class Finalizer:
             encoded.size,
             cfg.audio.format,
             ",".join(meta.flags) or "-",
+        )
+
+
+def _check_length(legs: list[Path], encoded: audio.EncodedAudio) -> None:
+    """The archive holds all the audio on disk: a leg whose header understates its data
+    would otherwise be encoded short, and the capture deleted, without a word."""
+    on_disk = max((leg_seconds(leg) or 0.0) for leg in legs)
+    if encoded.duration_ms < on_disk * 1000 - LENGTH_MISMATCH_MS:
+        raise ValueError(
+            f"encoded {encoded.duration_ms / 1000:.1f} s of audio from legs of {on_disk:.1f} s"
         )
 
 

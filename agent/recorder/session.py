@@ -28,6 +28,7 @@ from agent.capture import (
     iso_ms,
     leg_seconds,
     parse_iso,
+    repair_wav_header,
     write_meta,
 )
 from agent.directory import Directory
@@ -202,6 +203,9 @@ def finish_capture(
     is, unchanged in memory, for the caller to try again."""
     legs = tuple(leg for leg in meta.legs if (directory / leg).exists())
     flags = [*flags] + ([Flag.INCOMPLETE] if legs != meta.legs else [])
+    for leg in legs:  # pjsua leaves 0 in the sizes when its last write failed (full disk)
+        with contextlib.suppress(ValueError):
+            repair_wav_header(directory / leg)
     duration_s = (ended - parse_iso(meta.started_at)).total_seconds()
     short = short_legs(directory, legs, duration_s)
     if short:
