@@ -28,10 +28,12 @@ from agent.recorder.backpressure import OutboxMonitor
 from agent.recorder.finalize import Finalizer
 from agent.recorder.front import FrontProcess, write_front_files
 from agent.recorder.outbox import Outbox
+from agent.recorder.ownership import slot_held, slot_holder
 from agent.recorder.spool import SpoolPickup
 from agent.recorder.uplink import Uplink
 
 log = logging.getLogger(__name__)
+elog = logs.get_logger(__name__)
 
 WORKER_READY_TIMEOUT_S = 20.0
 # After [sip] drain a worker hangs up what is left (3 s), closes its files and
@@ -72,7 +74,7 @@ class AgentDaemon:
         self.spool: SpoolPickup | None = None  # [spool]: recordings the PBX made itself
         self.workers = [WorkerProcess(i) for i in range(config.sip.workers)]
         self.front: FrontProcess | None = None  # [sip] run_front: Kamailio run by us
-        self.metrics_dir = config.data_dir / "metrics"
+        self.metrics_dir = _metrics_dir(config)
         self.metrics_port: int | None = None
         self.outbox = Outbox(config.outbox_dir)
         self.finalizer = Finalizer(config)
@@ -207,19 +209,41 @@ class AgentDaemon:
 
     def _start_pool(self) -> None:
         """Render the front's files, start every worker at once and wait until each
-        listens; then the front (with ``run_front``), which probes them from then on."""
+        listens; then the front (with ``run_front``), which probes them from then on.
+
+        Workers of a killed agent may still be draining calls (they hold their slots
+        and SIP ports): their successors wait for them (they are not awaited here),
+        and the front starts first, since those calls' BYEs pass through it."""
         sip = self.config.sip
         if sip.front:
             files = write_front_files(self.config)
             if sip.run_front:
                 self.front = FrontProcess(self.config, files)
+        busy = self._previous_workers()
+        if busy and self.front is not None:
+            self.front.start()
         for worker in self.workers:
-            self._spawn_worker(worker, ready_pipe=True)
+            self._spawn_worker(worker, ready_pipe=worker.index not in busy)
         deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
         for worker in self.workers:
-            self._await_ready(worker, deadline)
-        if self.front is not None:
+            if worker.index not in busy:
+                self._await_ready(worker, deadline)
+        if self.front is not None and not busy:
             self.front.start()
+
+    def _previous_workers(self) -> dict[int, int | None]:
+        """Slots still held by a previous agent's workers: index → their pid."""
+        busy: dict[int, int | None] = {}
+        for worker in self.workers:
+            active = self.config.captures_dir / "active" / f"w{worker.index}"
+            if slot_held(active):
+                busy[worker.index] = slot_holder(active)
+        if busy:
+            elog.warning(
+                "previous_workers_draining", workers=",".join(f"w{i}" for i in busy),
+                pids=",".join(str(p) for p in busy.values()), action="start_after_they_exit",
+            )  # fmt: skip
+        return busy
 
     def _stop_pool(self) -> None:
         """Workers stop taking calls (503: the front tries the next, then refuses) and
@@ -303,6 +327,14 @@ class AgentDaemon:
             log.error("event=worker_kill index=%d reason=stop_timeout", worker.index)
             process.kill()
             process.wait()
+
+
+def _metrics_dir(config: AgentConfig) -> Path:
+    """Workers' metric files are memory-mapped: on a full data disk, touching a new page
+    of one kills the process (SIGBUS). Under systemd they live in the runtime directory
+    (RAM) instead; elsewhere beside the data."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(runtime) / "metrics" if runtime else config.data_dir / "metrics"
 
 
 def _worker_env() -> dict[str, str]:

@@ -52,11 +52,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from agent import logs
 from agent.config import WORKER_MAX_CALLS, AgentConfig, SipConfig
 from agent.logs import redact_numbers
 from agent.recorder.front_cfg import TEMPLATE
 
 log = logging.getLogger(__name__)
+elog = logs.get_logger(__name__)
 
 CONFIG_FILE = "kamailio.cfg"
 LIST_FILE = "dispatcher.list"
@@ -79,6 +81,11 @@ class FrontFiles:
     config: Path
     dispatcher_list: Path
     runtime_dir: Path
+
+    @property
+    def pid_file(self) -> Path:
+        """The Kamailio the agent runs (``run_front``): its pid, also its group's."""
+        return self.runtime_dir / "front.pid"
 
     @property
     def ctl(self) -> str:
@@ -271,6 +278,7 @@ class FrontProcess:
 
     def start(self, wait: bool = True) -> None:
         self.files.runtime_dir.mkdir(parents=True, exist_ok=True)
+        kill_stale_front(self.files)
         self._stopping = False
         self._process = subprocess.Popen(
             self.command(),
@@ -282,6 +290,7 @@ class FrontProcess:
             start_new_session=True,  # its own process group: no child outlives it
         )
         self._started_at = time.monotonic()
+        _write_pid(self.files.pid_file, self._process.pid)
         self._relay = threading.Thread(
             target=self._relay_lines, args=(self._process.stdout,), name="front-log", daemon=True
         )
@@ -359,6 +368,7 @@ class FrontProcess:
                 process.kill()
                 process.wait(5)
         _kill_group(process.pid)
+        self.files.pid_file.unlink(missing_ok=True)
         if self._relay is not None:
             self._relay.join(2.0)
         log.info(
@@ -406,6 +416,52 @@ class FrontProcess:
 
 def _quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _write_pid(path: Path, pid: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{pid}\n")
+    tmp.replace(path)
+
+
+def _group_members(pgid: int, marker: str) -> list[int]:
+    """Processes of group ``pgid`` whose command line holds ``marker`` (a pid file can
+    outlive its processes, and pids are reused: never kill a stranger)."""
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()  # after "pid (comm)": state ppid pgrp …
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid and marker in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def kill_stale_front(files: FrontFiles, timeout: float = 5.0) -> int:
+    """Kill a Kamailio a previous run of the agent left (it was SIGKILLed: its front
+    would hold the SIP port and make this start fail). Returns how many processes."""
+    try:
+        pgid = int(files.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+    members = _group_members(pgid, str(files.config))
+    for pid in members:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while members and _group_members(pgid, str(files.config)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if members:
+        elog.warning(
+            "front_stale_killed", pid=pgid, processes=len(members), reason="left by a previous run"
+        )
+    files.pid_file.unlink(missing_ok=True)
+    return len(members)
 
 
 def _kill_group(pid: int) -> None:
