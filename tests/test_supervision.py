@@ -5,6 +5,7 @@ that ran well for a while starts its backoff afresh."""
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
 from pathlib import Path
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from agent.recorder import daemon as daemon_module
-from agent.recorder.daemon import RESTART_BACKOFF_S, AgentDaemon, WorkerProcess
-from tests.support.stack import Keys, agent_config
+from agent.recorder.daemon import RESTART_BACKOFF_S, AgentDaemon, WorkerProcess, WorkerStartError
+from tests.support.daemons import Daemon
+from tests.support.stack import Keys, agent_config, write_toml
 
 
 class _Stub(AgentDaemon):
@@ -75,3 +77,42 @@ def test_backoff_starts_afresh_after_a_healthy_run(
     assert time.monotonic() - start < 0.5 and worker.restarts == 1
     worker.process.kill()
     worker.process.wait(5)
+
+
+def test_start_up_failures_say_what_happened() -> None:
+    port = WorkerStartError(0, 2, "2 SIP port 127.0.0.1:5071/udp is in use by another process", 0.4)
+    assert str(port) == "worker 0: SIP port 127.0.0.1:5071/udp is in use by another process"
+    assert port.exit_code == 2
+    crashed = WorkerStartError(1, 1, "", 1.0)
+    assert (
+        str(crashed) == "worker 1: exited with code 1 before it was ready (its log lines are above)"
+    )
+    assert crashed.exit_code == 1
+    assert "killed by signal 9" in str(WorkerStartError(2, -9, "", 0.1))
+    assert (
+        str(WorkerStartError(3, None, "", 20.0)) == "worker 3: not ready after 20s, still starting"
+    )
+
+
+def test_sip_port_in_use_is_one_clear_line_and_exit_code_2(tmp_path: Path, keys: Keys) -> None:
+    """Something else holds the worker's SIP port: the agent says so in one line and
+    exits 2 at once (systemd's RestartPreventExitStatus=2: no restart loop)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        port = squatter.getsockname()[1]
+        _, doc = agent_config(tmp_path, keys, "127.0.0.1:1", sip_port=port)
+        config = write_toml(tmp_path / "agent.toml", doc)
+        agent = Daemon("agent", ["agent", "--config", str(config)], tmp_path / "agent.log")
+        started = time.monotonic()
+        process = agent.start().process
+        assert process is not None
+        assert process.wait(30) == 2, agent.text()
+    assert time.monotonic() - started < 15
+    text = agent.text()
+    failed = [line for line in text.splitlines() if "event=agent_start_failed" in line]
+    assert failed == [failed[0]] and "level=error" in failed[0], text
+    # (the address may be blanked by the log's redaction; the port and reason are not)
+    assert 'reason="worker 0: SIP port ' in failed[0]
+    assert f':{port}/udp is in use by another process" exit_code=2' in failed[0]
+    assert "Traceback" not in text and "RuntimeError" not in text
+    assert "did not become ready" not in text

@@ -277,17 +277,23 @@ class AgentDaemon:
         log.info("event=worker_started index=%d pid=%d", worker.index, worker.process.pid)
 
     def _await_ready(self, worker: WorkerProcess, deadline: float) -> None:
+        """Wait for the worker's "ready"; else say what happened: the reason it wrote
+        on the pipe and its exit code, or that it is still starting after the wait."""
         fd, worker.ready_fd = worker.ready_fd, None
         assert fd is not None and worker.process is not None
+        started = time.monotonic()
         try:
-            ready = _wait_ready(fd, max(0.1, deadline - time.monotonic()))
+            line = _read_ready(fd, max(0.1, deadline - started))
         finally:
             os.close(fd)
-        if not ready:
-            raise RuntimeError(
-                f"worker {worker.index} did not become ready in {WORKER_READY_TIMEOUT_S:.0f}s "
-                f"(exit code {worker.process.poll()})"
-            )
+        if line.startswith("ready"):
+            return
+        waited = time.monotonic() - started
+        try:
+            code: int | None = worker.process.wait(2.0 if line else 0.1)
+        except subprocess.TimeoutExpired:
+            code = None
+        raise WorkerStartError(worker.index, code, line.removeprefix("failed ").strip(), waited)
 
     def _supervise(self, worker: WorkerProcess) -> None:
         """Restart a worker that died (its successor recovers its captures)."""
@@ -345,9 +351,38 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _wait_ready(fd: int, timeout: float) -> bool:
-    ready, _, _ = select.select([fd], [], [], timeout)
-    return bool(ready) and os.read(fd, 16).startswith(b"ready")
+class WorkerStartError(RuntimeError):
+    """A worker did not start: its index, exit code (None: still running) and reason."""
+
+    def __init__(self, index: int, code: int | None, reason: str, waited_s: float) -> None:
+        self.index, self.code = index, code
+        if reason:  # "<code> <reason>", written by the worker before it exited
+            reason = reason.partition(" ")[2] or reason
+        elif code is None:
+            reason = f"not ready after {waited_s:.0f}s, still starting"
+        elif code < 0:
+            reason = f"killed by signal {-code} before it was ready"
+        else:
+            reason = f"exited with code {code} before it was ready (its log lines are above)"
+        super().__init__(f"worker {index}: {reason}")
+
+    @property
+    def exit_code(self) -> int:
+        """The agent's: 2 (don't restart: the host needs fixing) when the worker said so."""
+        return 2 if self.code == 2 else 1
+
+
+def _read_ready(fd: int, timeout: float) -> str:
+    """The worker's line on the readiness pipe; "" on EOF or timeout."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n") and len(data) < 4096:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 1024) if ready else b""
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
 
 
 def run_agent(config: AgentConfig, config_path: Path) -> int:
@@ -358,6 +393,9 @@ def run_agent(config: AgentConfig, config_path: Path) -> int:
     try:
         daemon.startup()
         daemon.run()
+    except WorkerStartError as exc:
+        elog.error("agent_start_failed", reason=str(exc), exit_code=exc.exit_code)
+        return exc.exit_code
     finally:
         daemon.shutdown()
     return 0
