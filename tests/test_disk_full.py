@@ -38,7 +38,8 @@ from agent.recorder.diskspace import DiskGuard
 from agent.recorder.ownership import CaptureOwner
 from agent.recorder.sip import call_ref
 from tests.support.audio import decode
-from tests.support.faults import fill_disk, small_tmpfs
+from tests.support.daemons import Daemon
+from tests.support.faults import fill_disk, kill_agent, small_tmpfs
 from tests.support.pool import Pool, assert_times, flags, running_pool
 from tests.support.stack import Keys, agent_config
 
@@ -238,3 +239,47 @@ def _leg_seconds(data_dir: Path) -> dict[str, float]:
 
 def _answered(pool: Pool) -> str:
     return "\n".join(line for line in pool.text().splitlines() if "event=call_answered" in line)
+
+
+@pytest.mark.slow
+@pytest.mark.sip
+def test_agent_restarts_on_a_full_disk_and_recovers_what_was_cut(tmp_path: Path) -> None:
+    """The disk fills during two calls, then the agent and its workers are SIGKILLed
+    and started again while it is still full: start-up and recovery succeed, and once
+    there is room both calls are stored, flagged incomplete, with their answer time, an
+    end at the kill (what the heartbeat proves; not the restart) and their audio."""
+    data_dir = tmp_path / "agent" / "agent-data"
+    with (
+        small_tmpfs(data_dir, "48m"),
+        running_pool(tmp_path, workers=1, agent_section={"min_free": "8 MB"}) as pool,
+    ):
+        pool.wait_idle()
+        with ThreadPoolExecutor(2) as executor:
+            calls = [
+                executor.submit(pool.place, pool.call(call_ms=CALL_MS), f"c{n}", 30.0)
+                for n in range(2)
+            ]
+            time.sleep(FILL_AT_S)
+            filler = fill_disk(data_dir)
+            on_disk = _leg_seconds(data_dir)
+            time.sleep(1.5)
+            seen = len(pool.text())
+            kill_agent(pool.agent)
+            killed_at = time.time()
+            again = Daemon("agent", pool.agent.args, pool.agent.log, pool.agent.env)
+            again.start().wait_for(r"event=agent_ready", timeout=60, after=seen)
+            pool.agent = again
+            results = [c.result() for c in calls]  # their BYEs find no dialog (481)
+        again.wait_for(r"event=worker_ready", after=seen)
+        assert pool.text().count("event=capture_recovered", seen) == 2
+        filler.unlink()
+        rows = pool.stored_many([r.call_id or "" for r in results], timeout=60)
+        for result in results:
+            row = rows[result.call_id or ""]
+            assert flags(row) == {"incomplete"}, row.flags
+            assert result.answered_at is not None
+            assert abs(row.started_at_ms / 1000 - result.answered_at) <= 0.5
+            assert killed_at - 1.5 <= row.ended_at_ms / 1000 <= killed_at + 0.2
+            audio = decode(pool.export(row, tmp_path / f"{row.recording_id}.ogg"))
+            stored_s = len(audio[1]) / audio[0] / 8000
+            assert abs(stored_s - on_disk[row.recording_id]) <= 0.5, stored_s

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import IO
 
 from agent import logs
+from agent.capture import NO_SPACE
 from agent.config import WORKER_MAX_CALLS, AgentConfig, SipConfig
 from agent.logs import redact_numbers
 from agent.recorder.front_cfg import TEMPLATE
@@ -137,15 +138,29 @@ def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    """Write-and-rename, 0640 (the front's user reads it through group callrec)."""
+    """Write-and-rename, 0640 (the front's user reads it through group callrec). On a
+    full disk an unchanged file is kept: the agent can restart there."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno not in NO_SPACE or _read(path) != text:
+            raise
+        return
     os.chmod(tmp, 0o640)
     tmp.replace(path)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def write_front_files(cfg: AgentConfig) -> FrontFiles:
