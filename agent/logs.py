@@ -144,8 +144,21 @@ def render_event(event: str, fields: Mapping[str, object]) -> str:
 
 
 def error_text(exc: BaseException) -> str:
-    """An exception as a log value: type and message (never a traceback)."""
+    """An exception as a log value: type and message (never a traceback). A database
+    error gives its first line only: SQLAlchemy appends the statement (its parameters
+    are hidden, ``hide_parameters``) and PostgreSQL a ``DETAIL`` with the failing row's
+    values."""
+    orig = getattr(exc, "orig", None)
+    if isinstance(orig, BaseException) and hasattr(exc, "statement"):
+        return f"{type(exc).__name__}: {type(orig).__name__}: {_first_line(orig)}"
+    if hasattr(exc, "diag") and hasattr(exc, "sqlstate"):  # psycopg's own
+        return f"{type(exc).__name__}: {_first_line(exc)}"
     return f"{type(exc).__name__}: {exc}"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def event_of(record: logging.LogRecord) -> tuple[str, dict[str, object]]:

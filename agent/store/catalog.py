@@ -160,7 +160,10 @@ class Catalog:
         self.url = url
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(url, pool_pre_ping=url.startswith("postgresql"))
+        # hide_parameters: an error's text (logged, or sent back) never carries the row's values
+        self.engine = sa.create_engine(
+            url, pool_pre_ping=url.startswith("postgresql"), hide_parameters=True
+        )
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
 
