@@ -5,25 +5,18 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 from collections.abc import Iterator
 
 import pytest
 
 from agent import logs
-
-# A logfmt line as Loki's ``| logfmt`` reads it: bare values or double-quoted ones
-# with backslash escapes, nothing else.
-PAIR = r'[a-z][a-z0-9_]*=(?:"(?:[^"\\]|\\.)*"|[^\s"\'=]+)'
-LINE = re.compile(rf"(?:\S+Z )?[\w.]+(?: {PAIR})+")
+from tests.support.logfmt import problems
 
 
 def assert_logfmt(line: str) -> None:
     """One quoting style: every field ``key=value`` or ``key="value"``, no single-quoted
     value, no raw control character."""
-    assert LINE.fullmatch(line), f"not logfmt: {line!r}"
-    assert not re.search(r"=\'", line), f"single-quoted value: {line!r}"
-    assert not re.search(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", line), repr(line)
+    assert problems(line) is None, (problems(line), line)
 
 
 @pytest.fixture
@@ -113,6 +106,20 @@ def test_bad_event_or_field_names_are_refused() -> None:
 
 
 # ---------------------------------------------------------------- parsing logfmt
+
+
+@pytest.mark.parametrize(
+    ("line", "why"),
+    [
+        ("x event=a k='v'", "single-quoted value of k"),
+        ("x event=a msg=two words", "not key=value"),
+        ("x k=1 event=a", "no event= first"),
+        ('x event=a k="v\r"', "a raw control character"),
+    ],
+)
+def test_the_checker_finds_what_breaks_logfmt(line: str, why: str) -> None:
+    found = problems(line)
+    assert found is not None and found.startswith(why)
 
 
 def test_parse_logfmt_reads_what_the_renderer_writes() -> None:
