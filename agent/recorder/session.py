@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -32,23 +31,13 @@ from agent.capture import (
     write_meta,
 )
 from agent.directory import Directory
-from agent.logs import redact_numbers
 from agent.recorder.parties import CallPlan, PartyRules, apply_update, read_update
 
-log = logging.getLogger("agent.recorder.sip")
-elog = logs.get_logger("agent.recorder.sip")
+log = logs.get_logger("agent.recorder.sip")
 
 SHORT_LEG_S = 2.0  # a leg this much shorter than its call lost audio (see short_legs)
 
 LEG_ORDER = (CUSTOMER_LEG, EMPLOYEE_LEG, MIXED_LEG)
-
-
-def kv(value: object) -> str:
-    """A log value: quoted when it holds spaces or quotes."""
-    text = str(value)
-    if not text or any(c in text for c in ' "=\\'):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return text
 
 
 def call_ref(call_id: str) -> str:
@@ -92,36 +81,27 @@ def log_answered(meta: CaptureMeta, plan: CallPlan, worker: int) -> None:
     metrics.CALLS_ANSWERED.labels(meta.source).inc()
     metrics.CALLS_ACTIVE.inc()
     log.info(
-        "event=call_answered call_ref=%s recording_id=%s worker=%d source=%s direction=%s "
-        "customer=%s employee=%s service=%s legs=%s flags=%s",
-        meta.call_ref,
-        meta.recording_id,
-        worker,
-        meta.source,
-        meta.direction.value,
-        kv(meta.customer.masked),
-        kv(", ".join(e.name for e in meta.employees)),
-        meta.service_number or "unknown",
-        ",".join(meta.legs),
-        ",".join(meta.flags) or "-",
+        "call_answered",
+        call_ref=meta.call_ref,
+        recording_id=meta.recording_id,
+        worker=worker,
+        source=meta.source,
+        direction=meta.direction.value,
+        customer=meta.customer.masked,
+        employee=", ".join(e.name for e in meta.employees),
+        service=logs.NotPersonal(meta.service_number or "unknown"),  # one of ours
+        legs=",".join(meta.legs),
+        flags=",".join(meta.flags) or "-",
     )
     if plan.problem is not None:
-        log.warning(
-            "event=metadata_invalid recording_id=%s reason=%s",
-            meta.recording_id,
-            kv(redact_numbers(plan.problem)),
-        )
+        log.warning("metadata_invalid", recording_id=meta.recording_id, reason=plan.problem)
     log_unknown_employees(meta, meta.employees)
 
 
 def log_unknown_employees(meta: CaptureMeta, employees: tuple[Employee, ...]) -> None:
     for employee in employees:
         if employee.id == UNKNOWN:
-            log.warning(
-                "event=employee_unknown recording_id=%s aor=%s",
-                meta.recording_id,
-                kv(employee.aor or "-"),
-            )
+            log.warning("employee_unknown", recording_id=meta.recording_id, aor=employee.aor or "-")
 
 
 def log_updated(before: CaptureMeta, after: CaptureMeta) -> None:
@@ -129,14 +109,13 @@ def log_updated(before: CaptureMeta, after: CaptureMeta) -> None:
     kept = {(e.id, e.aor) for e in after.employees}
     dropped = [e for e in before.employees if (e.id, e.aor) not in kept]
     log.info(
-        "event=call_updated recording_id=%s employees_added=%s employees=%s customer=%s "
-        "direction=%s flags=%s",
-        after.recording_id,
-        len(added) - len(dropped),
-        kv(", ".join(e.name for e in after.employees)),
-        kv(after.customer.masked),
-        after.direction.value,
-        ",".join(after.flags) or "-",
+        "call_updated",
+        recording_id=after.recording_id,
+        employees_added=len(added) - len(dropped),
+        employees=", ".join(e.name for e in after.employees),
+        customer=after.customer.masked,
+        direction=after.direction.value,
+        flags=",".join(after.flags) or "-",
     )
     log_unknown_employees(after, added)
 
@@ -153,11 +132,7 @@ def merge_updates(
     for at, raw in updates:
         parties, problem = read_update(raw, people, rules)
         if problem is not None:
-            log.warning(
-                "event=metadata_update_invalid recording_id=%s reason=%s",
-                meta.recording_id,
-                kv(redact_numbers(problem)),
-            )
+            log.warning("metadata_update_invalid", recording_id=meta.recording_id, reason=problem)
         if parties is None:
             continue
         merged = apply_update(meta, parties, iso_ms(at))
@@ -174,7 +149,7 @@ def _write_update(directory: Path, meta: CaptureMeta) -> None:
     try:
         write_meta(directory, meta)
     except OSError as exc:
-        elog.warning("capture_update_deferred", recording_id=meta.recording_id, error=exc.strerror)
+        log.warning("capture_update_deferred", recording_id=meta.recording_id, error=exc.strerror)
 
 
 def short_legs(directory: Path, legs: tuple[str, ...], call_s: float) -> dict[str, float]:
@@ -220,19 +195,18 @@ def finish_capture(
     ended_by = next((f for f in (Flag.RTP_TIMEOUT, Flag.INCOMPLETE) if f in meta.flags), None)
     metrics.CALLS_ENDED.labels(ended_by.value if ended_by else "bye").inc()
     for leg, seconds in short.items():
-        elog.warning(
+        log.warning(
             "leg_short", recording_id=meta.recording_id, leg=leg, audio_s=round(seconds, 3),
             call_s=round(duration_s, 3),
         )  # fmt: skip
     rtp = ",".join(f"{party}:{got}/{lost}" for party, (got, lost) in (received or {}).items())
     log.info(
-        "event=call_recorded recording_id=%s call_ref=%s duration_s=%.3f legs=%s flags=%s "
-        "rtp_received_lost=%s",
-        meta.recording_id,
-        meta.call_ref,
-        duration_s,
-        ",".join(legs) or "-",
-        ",".join(meta.flags) or "-",
-        rtp or "-",
+        "call_recorded",
+        recording_id=meta.recording_id,
+        call_ref=meta.call_ref,
+        duration_s=round(duration_s, 3),
+        legs=",".join(legs) or "-",
+        flags=",".join(meta.flags) or "-",
+        rtp_received_lost=rtp or "-",
     )
     return meta

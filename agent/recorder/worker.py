@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import ctypes
 import errno
-import logging
 import os
 import signal
 import socket
@@ -41,8 +40,7 @@ from agent.recorder.ownership import WorkerSlot
 from agent.recorder.parties import PartyRules
 from agent.recorder.sip import SipEngine
 
-log = logging.getLogger("agent.recorder.worker")  # also when run as __main__
-elog = logs.get_logger("agent.recorder.worker")
+log = logs.get_logger("agent.recorder.worker")  # also when run as __main__
 
 POLL_MS = 500  # libHandleEvents returns at once on any SIP event; this bounds idle wake-ups
 PR_SET_PDEATHSIG = 1
@@ -69,7 +67,7 @@ def _stop_with_parent() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, PARENT_GONE)
     except (OSError, AttributeError):
-        log.warning("event=pdeathsig_unavailable")
+        log.warning("pdeathsig_unavailable")
         return
     if os.getppid() == 1:  # the agent died before we asked
         os.kill(os.getpid(), PARENT_GONE)
@@ -134,7 +132,7 @@ class Worker:
         self._signal_ready()
 
     def _waiting(self, pid: int | None) -> None:
-        elog.warning(
+        log.warning(
             "worker_waiting", worker=self.index, predecessor_pid=pid,
             reason="the previous worker of this slot still drains its calls",
         )  # fmt: skip
@@ -146,16 +144,15 @@ class Worker:
         result = recover_active(self.active_dir, ready_dir, self.cfg.quarantine_dir, skip)
         for recording_id in result.recovered:
             log.warning(
-                "event=capture_recovered recording_id=%s worker=%d flags=incomplete",
-                recording_id,
-                self.index,
-            )
+                "capture_recovered", recording_id=recording_id, worker=self.index,
+                flags="incomplete",
+            )  # fmt: skip
         for name, reason in result.quarantined:
-            elog.error("capture_quarantined", entry=name, worker=self.index, reason=reason)
+            log.error("capture_quarantined", entry=name, worker=self.index, reason=reason)
         for name in result.in_use:
-            elog.warning("capture_in_use", entry=name, worker=self.index, action="left_alone")
+            log.warning("capture_in_use", entry=name, worker=self.index, action="left_alone")
         for name, error in result.failed:
-            elog.error(
+            log.error(
                 "capture_recovery_failed", entry=name, worker=self.index, error=error,
                 retry_in_s=RECOVERY_RETRY_S,
             )  # fmt: skip
@@ -191,7 +188,7 @@ class Worker:
             if self._next_recovery is not None and time.monotonic() >= self._next_recovery:
                 self._recover()
         if self.orphaned:
-            elog.warning(
+            log.warning(
                 "agent_gone", worker=self.index, calls=engine.active_calls,
                 action="drain_then_exit", drain_s=self.cfg.sip.drain_s,
             )  # fmt: skip
@@ -205,10 +202,10 @@ class Worker:
         try:
             level = load_agent_config(self.config_path).log_level
         except ConfigError as exc:
-            log.error("event=reload_failed worker=%d reason=%r kept=previous", self.index, str(exc))
+            log.error("reload_failed", worker=self.index, reason=str(exc), kept="previous")
         else:
             logs.set_level(level)
-            log.info("event=reloaded worker=%d log_level=%s", self.index, level)
+            log.info("reloaded", worker=self.index, log_level=level)
 
     def shutdown(self) -> None:
         """Stop taking calls, let those in progress end, then hang up the rest."""
@@ -217,15 +214,15 @@ class Worker:
         deadline = time.monotonic() + self.cfg.sip.drain_s
         if engine.active_calls:
             log.info(
-                "event=worker_draining worker=%d calls=%d drain_s=%.1f",
-                self.index,
-                engine.active_calls,
-                self.cfg.sip.drain_s,
+                "worker_draining",
+                worker=self.index,
+                calls=engine.active_calls,
+                drain_s=round(self.cfg.sip.drain_s, 1),
             )
         while engine.active_calls and time.monotonic() < deadline:
             engine.poll(POLL_MS)
         if engine.active_calls:
-            log.warning("event=worker_hangup worker=%d calls=%d", self.index, engine.active_calls)
+            log.warning("worker_hangup", worker=self.index, calls=engine.active_calls)
             engine.hangup_all()
             deadline = time.monotonic() + HANGUP_WAIT_S
             while engine.active_calls and time.monotonic() < deadline:
@@ -273,23 +270,23 @@ def worker_main(
     try:
         worker.startup()
     except StartCancelled:
-        elog.info("worker_stopped", worker=index, reason="stopped while waiting for its slot")
+        log.info("worker_stopped", worker=index, reason="stopped while waiting for its slot")
         worker.close_ready_fd()
         return 0
     except PortInUse as exc:
-        elog.error("worker_start_failed", worker=index, reason=str(exc))
+        log.error("worker_start_failed", worker=index, reason=str(exc))
         worker.fail_ready(EXIT_PORT_IN_USE, str(exc))
         return EXIT_PORT_IN_USE
     except Exception as exc:
-        log.exception("event=worker_start_failed worker=%d", index)
+        log.exception("worker_start_failed", worker=index)
         worker.fail_ready(1, f"{type(exc).__name__}: {exc}")
         return 1
-    log.info("event=worker_ready worker=%d pid=%d", index, os.getpid())
+    log.info("worker_ready", worker=index, pid=os.getpid())
     try:
         worker.run()
     finally:
         worker.shutdown()
-    log.info("event=worker_stopped worker=%d", index)
+    log.info("worker_stopped", worker=index)
     return 0
 
 
