@@ -103,7 +103,9 @@ def test_floor_refuses_below_it_counts_and_logs_each_crossing_once(
             assert guard.room_for_a_call()
     refused = REGISTRY.get_sample_value("callrec_disk_full_refusals_total")
     assert refused == refused_before + 2
-    events = [(r.getMessage(), getattr(r, logs.FIELDS_ATTR, {})) for r in caplog.records]
+    events = [
+        (getattr(r, logs.EVENT_ATTR, ""), getattr(r, logs.FIELDS_ATTR, {})) for r in caplog.records
+    ]
     below = [fields for event, fields in events if event == "disk_below_floor"]
     assert below == [
         {"worker": 3, "free_bytes": 0, "min_free_bytes": 1024**2, "action": "refuse_new_calls"}
