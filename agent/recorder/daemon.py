@@ -333,9 +333,9 @@ class AgentDaemon:
 
 
 def _metrics_dir(config: AgentConfig) -> Path:
-    """Workers' metric files are memory-mapped: on a full data disk, touching a new page
-    of one kills the process (SIGBUS). Under systemd they live in the runtime directory
-    (RAM) instead; elsewhere beside the data."""
+    """Workers' metric files are memory-mapped: on a full disk, touching a new page of
+    one kills the process (SIGBUS, measured on a full tmpfs). Under systemd they live in
+    the runtime directory (RAM) instead; elsewhere beside the data."""
     runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
     return Path(runtime) / "metrics" if runtime else config.data_dir / "metrics"
 
