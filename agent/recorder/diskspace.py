@@ -56,3 +56,36 @@ class DiskGuard:
             else:
                 log.info("disk_above_floor", action="accept_new_calls", **fields)
         return not below
+
+
+LEG_BYTES_PER_S = 16000  # a leg: 8 kHz, 16-bit mono
+STALL_BYTES = 2 * LEG_BYTES_PER_S  # a leg this far behind its call, and not growing
+
+
+def stalled_legs(legs: list[Path], sizes: dict[str, int], expected_bytes: float) -> list[str]:
+    """Legs that did not grow since the last look (``sizes``, updated here) and hold
+    less than ``expected_bytes`` by STALL_BYTES: their writes fail."""
+    stalled = []
+    for leg in legs:
+        try:
+            size = leg.stat().st_size
+        except OSError:
+            size = 0
+        if size == sizes.get(leg.name) and size < expected_bytes - STALL_BYTES:
+            stalled.append(leg.name)
+        sizes[leg.name] = size
+    return stalled
+
+
+def log_recording_stopped(
+    recording_id: str, directory: Path, stalled: list[str], sizes: dict[str, int]
+) -> None:
+    try:
+        free: int | None = free_bytes(directory)[0]
+    except OSError:
+        free = None
+    seconds = min(max(0, sizes.get(leg, 0) - 44) for leg in stalled) / LEG_BYTES_PER_S
+    log.warning(
+        "recording_stopped", recording_id=recording_id, reason="legs_not_growing",
+        legs=",".join(stalled), audio_s=round(seconds, 1), free_bytes=free, call="continues",
+    )  # fmt: skip

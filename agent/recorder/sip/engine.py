@@ -17,7 +17,12 @@ from agent import logs, metrics
 from agent.capture import CaptureMeta, Flag, iso_ms, new_recording_id, utc_now, write_meta
 from agent.config import AgentConfig
 from agent.directory import LiveDirectory
-from agent.recorder.diskspace import DiskGuard, free_bytes
+from agent.recorder.diskspace import (
+    LEG_BYTES_PER_S,
+    DiskGuard,
+    log_recording_stopped,
+    stalled_legs,
+)
 from agent.recorder.ownership import CaptureOwner
 from agent.recorder.parties import CallPlan, PartyHeaders, PartyRules, plan_call
 from agent.recorder.session import (
@@ -42,8 +47,6 @@ log = logs.get_logger("agent.recorder.sip")
 STATS_INTERVAL_S = 1.0
 CLOSE_WAIT_S = 5.0  # for pjsua to close a leg's WAV file after the call
 FINISH_RETRY_S = 1.0  # a capture that could not be closed (full disk) is tried again
-LEG_BYTES_PER_S = CLOCK_RATE * 2  # 16-bit mono
-STALL_BYTES = 2 * LEG_BYTES_PER_S  # a leg this far behind its call, and not growing
 _UPDATE_METHODS = ("INVITE", "UPDATE")
 
 
@@ -472,28 +475,13 @@ class SipEngine:
         if not session.recorders or session.directory is None or session.meta is None:
             return
         expected = (now - session.answered_mono) * LEG_BYTES_PER_S
-        stalled = []
-        for leg in session.meta.legs:
-            try:
-                size = (session.directory / leg).stat().st_size
-            except OSError:
-                size = 0
-            if size == session.leg_sizes.get(leg) and size < expected - STALL_BYTES:
-                stalled.append(leg)
-            session.leg_sizes[leg] = size
-        if not stalled:
-            return
-        session.recorders.clear()  # pjsua closes the files: the header gets the sizes
-        session.flags.append(Flag.INCOMPLETE)
-        try:
-            free: int | None = free_bytes(session.directory)[0]
-        except OSError:
-            free = None
-        audio_s = round(min(session.leg_sizes.values()) / LEG_BYTES_PER_S, 1)
-        log.warning(
-            "recording_stopped", recording_id=session.meta.recording_id, reason="legs_not_growing",
-            legs=",".join(stalled), audio_s=audio_s, free_bytes=free, call="continues",
-        )  # fmt: skip
+        legs = [session.directory / leg for leg in session.meta.legs]
+        stalled = stalled_legs(legs, session.leg_sizes, expected)
+        if stalled:
+            session.recorders.clear()  # pjsua closes the files: the header gets the sizes
+            session.flags.append(Flag.INCOMPLETE)
+            meta, directory = session.meta, session.directory
+            log_recording_stopped(meta.recording_id, directory, stalled, session.leg_sizes)
 
     @staticmethod
     def _receiving(call: _Call, session: CallSession) -> list[int]:
