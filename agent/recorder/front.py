@@ -429,9 +429,14 @@ class FrontProcess:
 
 
 def _write_pid(path: Path, pid: int) -> None:
+    """Best effort: without it (a full disk) only a stale front's clean-up is lost."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{pid}\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(f"{pid}\n")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("front_pid_file_failed", path=path, error=exc.strerror)
 
 
 def _group_members(pgid: int, marker: str) -> list[int]:
