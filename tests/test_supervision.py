@@ -5,7 +5,9 @@ that ran well for a while starts its backoff afresh."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 
 from agent.recorder import daemon as daemon_module
 from agent.recorder.daemon import RESTART_BACKOFF_S, AgentDaemon, WorkerProcess, WorkerStartError
+from agent.recorder.ownership import WorkerSlot, slot_held, slot_holder
 from tests.support.daemons import Daemon
 from tests.support.stack import Keys, agent_config, write_toml
 
@@ -116,3 +119,34 @@ def test_sip_port_in_use_is_one_clear_line_and_exit_code_2(tmp_path: Path, keys:
     assert f':{port}/udp is in use by another process" exit_code=2' in failed[0]
     assert "Traceback" not in text and "RuntimeError" not in text
     assert "did not become ready" not in text
+
+
+def test_a_worker_slot_waits_for_its_live_holder_and_not_for_a_dead_one(tmp_path: Path) -> None:
+    """A previous worker (another process) holds slot w0 until it exits: the next one
+    waits, told its pid once, and takes the slot the moment the holder is gone."""
+    active = tmp_path / "active" / "w0"
+    command = [sys.executable, "-c", HOLD_SLOT, str(active)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as holder:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert slot_held(active) and slot_holder(active) == holder.pid
+        waits: list[int | None] = []
+        started = time.monotonic()
+        slot = WorkerSlot.acquire(active, waits.append, lambda: False, poll_s=0.05)
+        assert slot is not None and waits == [holder.pid]
+        assert holder.wait(5) == 0 and time.monotonic() - started >= 0.5
+    assert slot_holder(active) == os.getpid()
+    slot.release()
+    assert not slot_held(active)
+    stopped = WorkerSlot.acquire(active, waits.append, lambda: True)  # free: taken at once
+    assert stopped is not None
+    stopped.release()
+
+
+HOLD_SLOT = """
+import sys, time
+from pathlib import Path
+from agent.recorder.ownership import WorkerSlot
+slot = WorkerSlot.acquire(Path(sys.argv[1]), print, lambda: False)
+print("held", flush=True)
+time.sleep(1.0)
+"""
