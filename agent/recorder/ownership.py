@@ -64,8 +64,10 @@ class CaptureOwner:
             if not _lock(fd):
                 raise BlockingIOError(f"{directory.name}: capture owned by another process")
             owner = cls(fd)
+            # Allocate the file's block now (the heartbeats rewrite it in place); no
+            # fsync: it serves recovery after a process death, the page cache outlives that.
+            os.pwrite(fd, b" " * _HEARTBEAT_BYTES, 0)
             owner.beat(now_iso)
-            os.fsync(fd)
         except BaseException:
             os.close(fd)
             raise
