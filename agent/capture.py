@@ -139,8 +139,8 @@ META_RESERVE = 8192  # capture.json is padded to this size (see write_meta)
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def write_meta(directory: Path, meta: CaptureMeta) -> None:
-    """Replace ``capture.json`` atomically (write, fsync, rename).
+def write_meta(directory: Path, meta: CaptureMeta, sync: bool = True) -> None:
+    """Replace ``capture.json`` atomically (write, fsync unless ``sync`` is false, rename).
 
     The file is padded with blanks to META_RESERVE bytes, so that when the disk is full
     the update (a call's end time) is written over the old bytes in place, which needs
@@ -152,7 +152,8 @@ def write_meta(directory: Path, meta: CaptureMeta) -> None:
         with tmp.open("wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
         tmp.replace(directory / CAPTURE_FILE)
     except OSError as exc:
         with contextlib.suppress(OSError):

@@ -361,8 +361,21 @@ class SipEngine:
             self._discard_capture(session)
             raise
         session.answered_mono = session.rx_mono = time.monotonic()
+        self._stamp_answer(session, plan, utc_now())
         assert session.meta is not None
         log_answered(session.meta, plan, self.index)
+
+    def _stamp_answer(self, session: CallSession, plan: CallPlan, started: dt.datetime) -> None:
+        """The call starts when the 200 went out: ``capture.json`` (written before it,
+        unsynced) gets that time now, synced (a full disk: kept in memory, written with
+        the end)."""
+        assert session.meta is not None and session.directory is not None
+        rid = session.meta.recording_id
+        session.meta = new_meta(self.cfg.site, rid, session.ref, plan, started)
+        try:
+            write_meta(session.directory, session.meta)
+        except OSError as exc:
+            log.warning("capture_update_deferred", recording_id=rid, error=exc.strerror)
 
     def _open_capture(self, session: CallSession, plan: CallPlan) -> bool:
         """All a recording needs on disk before the 200 goes out: its directory,
@@ -374,7 +387,7 @@ class SipEngine:
         session.plan, session.directory, session.meta = plan, directory, meta
         try:
             directory.mkdir(parents=True)
-            write_meta(directory, meta)
+            write_meta(directory, meta, sync=False)  # synced once the time of the 200 is in
             session.owner = CaptureOwner.claim(directory, meta.started_at)
             self._start_recorders(session, plan, directory)
         except (OSError, pj.Error) as exc:
