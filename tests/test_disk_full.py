@@ -34,7 +34,7 @@ from agent.capture import (
     write_meta,
 )
 from agent.config import ConfigError, FreeSpaceFloor, agent_config_from_dict
-from agent.recorder.diskspace import DiskGuard
+from agent.recorder.diskspace import DiskGuard, stalled_legs
 from agent.recorder.ownership import CaptureOwner
 from agent.recorder.sip import call_ref
 from tests.support.audio import decode
@@ -285,3 +285,15 @@ def test_agent_restarts_on_a_full_disk_and_recovers_what_was_cut(tmp_path: Path)
             audio = decode(pool.export(row, tmp_path / f"{row.recording_id}.ogg"))
             stored_s = len(audio[1]) / audio[0] / 8000
             assert abs(stored_s - on_disk[row.recording_id]) <= 0.5, stored_s
+
+
+def test_a_leg_is_stalled_only_when_it_stops_growing_behind_its_call(tmp_path: Path) -> None:
+    legs = [tmp_path / CUSTOMER_LEG, tmp_path / EMPLOYEE_LEG]
+    for leg in legs:
+        leg.write_bytes(bytes(44 + 16000))  # 1 s of audio
+    sizes: dict[str, int] = {}
+    assert stalled_legs(legs, sizes, expected_bytes=5 * 16000) == []  # first look
+    assert stalled_legs(legs, sizes, expected_bytes=2 * 16000) == []  # not far enough behind
+    with legs[0].open("ab") as grown:
+        grown.write(bytes(16000))
+    assert stalled_legs(legs, sizes, expected_bytes=6 * 16000) == [EMPLOYEE_LEG]
