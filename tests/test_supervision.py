@@ -6,6 +6,7 @@ that ran well for a while starts its backoff afresh."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.recorder import daemon as daemon_module
+from agent.recorder import worker as worker_module
 from agent.recorder.daemon import RESTART_BACKOFF_S, AgentDaemon, WorkerProcess, WorkerStartError
 from agent.recorder.ownership import WorkerSlot, slot_held, slot_holder
 from tests.support.daemons import Daemon
@@ -131,13 +133,13 @@ def test_a_worker_slot_waits_for_its_live_holder_and_not_for_a_dead_one(tmp_path
         assert slot_held(active) and slot_holder(active) == holder.pid
         waits: list[int | None] = []
         started = time.monotonic()
-        slot = WorkerSlot.acquire(active, waits.append, lambda: False, poll_s=0.05)
-        assert slot is not None and waits == [holder.pid]
+        slot = WorkerSlot.acquire(active, lambda p, _: waits.append(p), lambda: False, 0.05)
+        assert slot is not None and set(waits) == {holder.pid} and len(waits) >= 5
         assert holder.wait(5) == 0 and time.monotonic() - started >= 0.5
     assert slot_holder(active) == os.getpid()
     slot.release()
     assert not slot_held(active)
-    stopped = WorkerSlot.acquire(active, waits.append, lambda: True)  # free: taken at once
+    stopped = WorkerSlot.acquire(active, lambda p, _: None, lambda: True)  # free: at once
     assert stopped is not None
     stopped.release()
 
@@ -150,3 +152,38 @@ slot = WorkerSlot.acquire(Path(sys.argv[1]), print, lambda: False)
 print("held", flush=True)
 time.sleep(1.0)
 """
+
+
+def test_a_hung_predecessor_is_killed_past_its_drain_deadline(
+    tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A previous worker of slot w0 that still holds it long after ``[sip] drain``
+    (and its hang-up and close) is hung: the new worker kills it and starts; a process
+    that is not this slot's worker is never killed."""
+    monkeypatch.setattr(worker_module, "PREDECESSOR_MARGIN_S", 0.5)
+    cfg, _ = agent_config(tmp_path, keys, "127.0.0.1:1", sip={"drain": "1s"})
+    active = cfg.captures_dir / "active" / "w0"
+    fake = [sys.executable, "-c", HOLD_SLOT.replace("1.0", "60"), str(active)]
+    with subprocess.Popen(
+        [*fake, "agent.recorder.worker", "--index", "0"], stdout=subprocess.PIPE, text=True
+    ) as hung:
+        assert hung.stdout is not None and hung.stdout.readline() == "held\n"
+        worker = worker_module.Worker(cfg, 0)
+        started = time.monotonic()
+        slot = WorkerSlot.acquire(active, worker._waiting, worker.stop.is_set, 0.05)
+        assert slot is not None and hung.wait(5) == -signal.SIGKILL
+        assert 1.5 <= time.monotonic() - started < 5.0
+        slot.release()
+
+
+def test_a_stranger_holding_the_slot_is_left_alone(tmp_path: Path, keys: Keys) -> None:
+    cfg, _ = agent_config(tmp_path, keys, "127.0.0.1:1", sip={"drain": "1s"})
+    active = cfg.captures_dir / "active" / "w0"
+    stranger = [sys.executable, "-c", HOLD_SLOT.replace("1.0", "60"), str(active)]
+    with subprocess.Popen(stranger, stdout=subprocess.PIPE, text=True) as other:
+        assert other.stdout is not None and other.stdout.readline() == "held\n"
+        worker = worker_module.Worker(cfg, 0)
+        worker._waiting(other.pid, 60.0)  # long past any deadline
+        time.sleep(0.2)
+        assert other.poll() is None and worker._evicted
+        other.kill()

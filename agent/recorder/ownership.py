@@ -112,22 +112,20 @@ class WorkerSlot:
     def acquire(
         cls,
         active_dir: Path,
-        on_wait: Callable[[int | None], None],
+        on_wait: Callable[[int | None, float], None],
         stop: Callable[[], bool],
         poll_s: float = 0.2,
     ) -> WorkerSlot | None:
-        """Take the slot, waiting while a predecessor holds it (``on_wait(pid)`` is
-        called once); None if ``stop()`` turned true meanwhile."""
+        """Take the slot, waiting while a predecessor holds it (``on_wait(pid, seconds
+        waited)`` at each look); None if ``stop()`` turned true meanwhile."""
         active_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(_slot_file(active_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        waited = False
+        started = time.monotonic()
         while not _lock(fd):
-            if not waited:
-                on_wait(slot_holder(active_dir))
-                waited = True
             if stop():
                 os.close(fd)
                 return None
+            on_wait(slot_holder(active_dir), time.monotonic() - started)
             time.sleep(poll_s)
         with contextlib.suppress(OSError):  # fixed width, in place: works on a full disk
             os.pwrite(fd, f"{os.getpid()}".encode().ljust(15) + b"\n", 0)

@@ -47,6 +47,9 @@ PR_SET_PDEATHSIG = 1
 PARENT_GONE = signal.SIGUSR2
 HANGUP_WAIT_S = 3.0
 RECOVERY_RETRY_S = 30.0  # captures that could not be recovered (a full disk) are retried
+# A predecessor still holding the slot this long after [sip] drain is hung: its own
+# deadline is drain + hang-up (3 s) + close (~6 s).
+PREDECESSOR_MARGIN_S = 20.0
 EXIT_PORT_IN_USE = 2
 
 
@@ -106,6 +109,8 @@ class Worker:
         self._slot: WorkerSlot | None = None
         self.active_dir = cfg.captures_dir / "active" / f"w{index}"
         self._next_recovery: float | None = None  # set while captures wait for recovery
+        self._told_waiting = False  # for the slot
+        self._evicted = False  # a hung predecessor was killed
 
     # ------------------------------------------------------------ lifecycle
 
@@ -131,10 +136,33 @@ class Worker:
         self._engine.start()
         self._signal_ready()
 
-    def _waiting(self, pid: int | None) -> None:
-        log.warning(
-            "worker_waiting", worker=self.index, predecessor_pid=pid,
-            reason="the previous worker of this slot still drains its calls",
+    def _waiting(self, pid: int | None, waited_s: float) -> None:
+        """The slot is held: say so once; past the predecessor's own deadline (drain,
+        hang-up, close) it is hung, and is killed if it is this slot's worker."""
+        if not self._told_waiting:
+            self._told_waiting = True
+            log.warning(
+                "worker_waiting", worker=self.index, predecessor_pid=pid,
+                reason="the previous worker of this slot still drains its calls",
+            )  # fmt: skip
+        if pid is None or self._evicted or waited_s < self.cfg.sip.drain_s + PREDECESSOR_MARGIN_S:
+            return
+        self._evicted = True
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return
+        index = [b"--index", str(self.index).encode()]
+        if b"agent.recorder.worker" not in args or not any(
+            args[i : i + 2] == index for i in range(len(args))
+        ):
+            log.error("worker_slot_held", worker=self.index, pid=pid, action="left_alone")
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        log.error(
+            "worker_predecessor_killed", worker=self.index, pid=pid, waited_s=round(waited_s, 1),
+            reason="still running past its drain deadline",
         )  # fmt: skip
 
     def _recover(self) -> None:
