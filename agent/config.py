@@ -32,6 +32,28 @@ class ConfigError(ValueError):
 
 
 WORKER_MAX_CALLS = 4  # PJSUA_MAX_CALLS of the pjsua2 wheel: a fifth INVITE gets 486
+LOOPBACK_CLIENTS = ("127.0.0.0/8", "::1/128")
+MAX_SIP_MESSAGE = 65536  # the front refuses larger requests with 513
+
+
+@dataclass(frozen=True)
+class SipClient:
+    """``[[sip.clients]]``: where one recording client (an SRC at ``address``, an
+    address or network) names what its metadata may leave out. ``service_header``: a
+    header whose URI gives the service line (``P-Called-Party-ID``, ``Diversion``…);
+    ``service_number``: a fixed service line for every call of this client;
+    ``employee_header``: a header whose URI names the employee (SIPREC calls too)."""
+
+    address: str
+    service_header: str | None = None
+    service_number: str | None = None
+    employee_header: str | None = None
+
+    def matches(self, ip: str) -> bool:
+        try:
+            return ipaddress.ip_address(ip) in ipaddress.ip_network(self.address)
+        except ValueError:
+            return False
 
 
 @dataclass(frozen=True)
@@ -61,6 +83,26 @@ class SipConfig:
     worker_port: int = 5071
     kamailio: Path = Path("/usr/sbin/kamailio")
     probe_interval_s: float = 2.0
+    # The SIP edge: who may create a recording, and how.
+    allowed_clients: tuple[str, ...] = LOOPBACK_CLIENTS  # networks, normalised
+    plain: bool = False  # accept plain (non-SIPREC) INVITEs with X-Callrec-* headers
+    clients: tuple[SipClient, ...] = ()
+    # The front keeps INVITEs' metadata aside; workers fetch it here (loopback HTTP).
+    front_http_port: int = 5069
+    max_message_bytes: int = MAX_SIP_MESSAGE
+
+    def allows(self, ip: str) -> bool:
+        """``ip`` is a listed recording client (``allowed_clients`` or a ``[[sip.clients]]``)."""
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        networks = (*self.allowed_clients, *(c.address for c in self.clients))
+        return any(address in ipaddress.ip_network(net) for net in networks)
+
+    def client(self, ip: str) -> SipClient | None:
+        """The ``[[sip.clients]]`` entry for a source address (the first that matches)."""
+        return next((c for c in self.clients if c.matches(ip)), None)
 
     def worker_sip(self, index: int) -> tuple[str, int]:
         """The SIP address worker ``index`` listens on."""
@@ -421,9 +463,57 @@ def _sip_config(sip: _Section) -> SipConfig:
         worker_port=sip.integer("worker_port", min(port + 1, 65535), 1, 65535),
         kamailio=sip.path("kamailio", "/usr/sbin/kamailio"),
         probe_interval_s=sip.seconds("probe_interval", "2s"),
+        allowed_clients=_networks(sip, "allowed_clients", list(LOOPBACK_CLIENTS)),
+        plain=sip.boolean("plain", False),
+        clients=_sip_clients(sip),
+        front_http_port=sip.integer("front_http_port", max(port - 1, 1), 1, 65535),
+        max_message_bytes=sip.integer("max_message", MAX_SIP_MESSAGE, 4096, MAX_SIP_MESSAGE),
     )
     _check_sip_ports(sip, cfg)
     return cfg
+
+
+def _network(section: _Section, key: str, value: object) -> str:
+    try:
+        return str(ipaddress.ip_network(value if isinstance(value, str) else "", strict=True))
+    except ValueError:
+        raise section._fail(
+            key, value, 'addresses or networks such as "10.1.2.0/24" or "192.0.2.7"'
+        ) from None
+
+
+def _networks(section: _Section, key: str, default: list[str]) -> tuple[str, ...]:
+    values = section.strings(key, default)
+    return tuple(_network(section, key, v) for v in values)
+
+
+def _sip_clients(sip: _Section) -> tuple[SipClient, ...]:
+    tables = sip._get("clients", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise sip._fail("clients", tables, "[[sip.clients]] tables")
+    clients: list[SipClient] = []
+    for index, table in enumerate(tables):
+        c = _Section(f"sip.clients.{index}", table, sip.base)
+        client = SipClient(
+            address=_network(c, "address", c._get("address", _REQUIRED)),
+            service_header=_header(c, "service_header"),
+            service_number=c.text("service_number") if "service_number" in table else None,
+            employee_header=_header(c, "employee_header"),
+        )
+        if client.service_header and client.service_number:
+            raise c._fail("service_number", client.service_number, "no service_header beside it")
+        c.check_unknown()
+        clients.append(client)
+    return tuple(clients)
+
+
+def _header(section: _Section, key: str) -> str | None:
+    if key not in section.table:
+        return None
+    value = section.text(key)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9!#$%&'*+.^_`|~-]{0,63}", value):
+        raise section._fail(key, value, 'a SIP header name such as "P-Called-Party-ID"')
+    return value
 
 
 def _ip(section: _Section, key: str, default: str) -> str:

@@ -36,6 +36,7 @@ from agent.testcall.sipp import (
     SiprecCall,
     free_port,
     plain_scenario,
+    refused_scenario,
     run_sipp,
     siprec_scenario,
 )
@@ -288,9 +289,11 @@ def test_calls_with_bad_or_partial_metadata_are_recorded_and_flagged(
         assert metas[name].legs == (CUSTOMER_LEG, EMPLOYEE_LEG), name
         assert_times_match(metas[name], result)
 
+    assert Flag.METADATA_INVALID in metas["malformed"].flags
+    assert Flag.METADATA_MISSING in metas["no_metadata"].flags
+    assert Flag.METADATA_INVALID not in metas["no_metadata"].flags
     for name in ("malformed", "no_metadata"):
         meta = metas[name]
-        assert Flag.METADATA_INVALID in meta.flags
         assert meta.customer.masked == "unknown"
         assert meta.direction is Direction.UNKNOWN
         # Without metadata the m-line order decides: label 1 (customer speech) is first.
@@ -311,14 +314,17 @@ def test_calls_with_bad_or_partial_metadata_are_recorded_and_flagged(
     assert unknown.customer.masked == "+358401234***"
 
     log = worker.log()
-    assert log.count("event=metadata_invalid") == 2
+    assert log.count("event=metadata_invalid") == 1
+    assert log.count("event=metadata_missing") == 1
     assert f"event=employee_unknown recording_id={unknown.recording_id}" in log
     assert_no_full_number(worker)
 
 
 def test_plain_invite_is_recorded_mixed_with_parties_from_headers(
-    worker: Worker, speech: Speech, rtp: tuple[str, int], tmp_path: Path
+    keys: Keys, workers: list[Worker], speech: Speech, rtp: tuple[str, int], tmp_path: Path
 ) -> None:
+    worker = start_worker(tmp_path, keys, sip={"plain": True})
+    workers.append(worker)
     headers = {
         "X-Callrec-Customer": f"<sip:{NATIONAL}@pbx.example>",
         "X-Callrec-Employee": "<sip:1001@pbx.example>",
@@ -481,3 +487,59 @@ def _wait_log(worker: Worker, text: str, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"{text!r} not logged:\n{worker.log()}")
         time.sleep(0.05)
+
+
+# ---------------------------------------------------------------- the SIP edge
+
+
+def _no_capture(worker: Worker) -> None:
+    for directory in (worker.ready_dir, worker.active_dir):
+        assert not directory.is_dir() or not any(directory.iterdir()), directory
+
+
+def test_unlisted_client_and_plain_invites_are_refused_with_403(
+    keys: Keys, workers: list[Worker], speech: Speech, tmp_path: Path
+) -> None:
+    """A worker without the front checks the INVITE's source address itself; plain
+    INVITEs (X-Callrec-* headers, no SIPREC) need ``[sip] plain = true``."""
+    worker = start_worker(tmp_path, keys, sip={"allowed_clients": ["127.0.0.1"]})
+    workers.append(worker)
+    call = SiprecCall(speech.customer, speech.employee)
+    runs = {
+        "stranger": ("127.0.0.2", refused_scenario(call, 403)),
+        "plain": ("127.0.0.1", refused_scenario(call, 403, plain=True)),
+    }
+    for name, (source, scenario) in runs.items():
+        result = run_sipp(scenario, worker.target, tmp_path / name, timeout_s=15, local_ip=source)
+        assert result.ok, (name, result.errors or result.stdout)
+        assert result.first is not None and result.first.refused_status == 403
+    _no_capture(worker)
+    log = worker.log()
+    assert "status=403 reason=client_not_allowed source=127.0.0.2" in log
+    assert "status=403 reason=plain_not_enabled source=127.0.0.1" in log
+    assert_no_full_number(worker)
+
+
+def test_client_behind_the_front_must_come_through_the_front(
+    keys: Keys, workers: list[Worker], speech: Speech, tmp_path: Path
+) -> None:
+    """With ``front = true`` a worker takes INVITEs only from the front's address and
+    port: an SRC that reaches the worker's port directly is refused."""
+    sip = {"front": True, "port": free_port(), "worker_port": free_port()}
+    worker = start_worker(tmp_path, keys, sip=sip)
+    workers.append(worker)
+    target = worker.cfg.sip.worker_sip(0)
+    call = SiprecCall(speech.customer, speech.employee)
+    result = run_sipp(refused_scenario(call, 403), target, tmp_path / "direct", timeout_s=15)
+    assert result.ok, result.errors or result.stdout
+    _no_capture(worker)
+    assert "status=403 reason=not_from_front source=127.0.0.1" in worker.log()
+
+
+def test_worker_process_is_not_dumpable(worker: Worker) -> None:
+    """PR_SET_DUMPABLE 0 (no core file, no ptrace by our own user), read back by the
+    worker with PR_GET_DUMPABLE; unless we are root, its /proc files then belong to
+    root."""
+    assert "event=core_dumps_off worker=0 dumpable=0" in worker.log()
+    if os.getuid() != 0:
+        assert Path(f"/proc/{worker.proc.pid}/status").stat().st_uid == 0

@@ -54,6 +54,7 @@ from typing import IO
 
 from agent.config import WORKER_MAX_CALLS, AgentConfig, SipConfig
 from agent.logs import redact_numbers
+from agent.recorder import edge
 from agent.recorder.front_cfg import TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ FR_TIMER_MS = 1000  # no 100 Trying from a worker within 1 s: it is dead (pjsua 
 FR_INV_TIMER_MS = 5000  # 100 Trying but no final answer: a hung worker
 CALL_REF = "$(ci{s.sha256}{s.substr,0,16})"  # agent.recorder.session.call_ref, in Kamailio
 READY_TIMEOUT_S = 15.0
+TCP_READ_BUFFER = 256 * 1024  # per TCP connection, in shared memory
+METADATA_EXPIRE_S = 30  # metadata kept aside that no worker fetched is dropped
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -109,6 +112,7 @@ def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
     """Kamailio's configuration for this agent's worker pool."""
     sip = cfg.sip
     values = {
+        "REFUSED": "event=front_refused call_ref=%REF% status=",
         "LISTEN": sip.listen,
         "PORT": str(sip.port),
         "CTL": files.ctl,
@@ -122,11 +126,29 @@ def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
         "W": "$xavp(_dsdst_=>dstid)",
         "NEXT": "$xavp(_dsdst_[1]=>dstid)",
         "ST": "$var(status)",
+        "HTTP_LISTEN": edge.front_address(sip),
+        "HTTP_PORT": str(sip.front_http_port),
+        "ALLOWED": allowed_condition(sip),
+        "WORKERS": sip.worker_listen,
+        "MAX_MSG": str(sip.max_message_bytes),
+        "TCP_BUF": str(TCP_READ_BUFFER),
+        "PV_BUF": str(2 * sip.max_message_bytes),
+        "META_EXPIRE_S": str(METADATA_EXPIRE_S),
+        "SOURCE_HDR": edge.SOURCE_HEADER,
+        "META_HDR": edge.METADATA_HEADER,
+        "META_PATH": edge.METADATA_PATH,
+        "META_PATH_LEN": str(len(edge.METADATA_PATH)),
     }
     text = TEMPLATE
     for key, value in values.items():
         text = text.replace("%" + key + "%", value)
     return text
+
+
+def allowed_condition(sip: SipConfig) -> str:
+    """The allow-list as a Kamailio condition on the request's source address."""
+    networks = (*sip.allowed_clients, *(c.address for c in sip.clients))
+    return "(" + " || ".join(f"src_ip == {net}" for net in networks) + ")"
 
 
 def _write(path: Path, text: str) -> None:

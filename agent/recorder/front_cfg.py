@@ -22,7 +22,13 @@ server_signature=no
 sip_warning=0
 listen=udp:%LISTEN%:%PORT%
 listen=tcp:%LISTEN%:%PORT%
+listen=tcp:%HTTP_LISTEN%:%HTTP_PORT%
 tcp_connection_lifetime=3605
+# Whole messages up to [sip] max_message are read (and a little more, so that a larger
+# one over TCP is answered 513 rather than its connection dropped); $var values and
+# the metadata kept aside are that large too.
+tcp_rd_buf_size=%TCP_BUF%
+pv_buffer_size=%PV_BUF%
 
 loadmodule "tm.so"
 loadmodule "sl.so"
@@ -34,6 +40,9 @@ loadmodule "pv.so"
 loadmodule "xlog.so"
 loadmodule "dispatcher.so"
 loadmodule "ctl.so"
+loadmodule "htable.so"
+loadmodule "xhttp.so"
+loadmodule "cfgutils.so"
 
 modparam("ctl", "binrpc", "%CTL%")
 modparam("tm", "fr_timer", %FR_MS%)
@@ -58,8 +67,23 @@ modparam("dispatcher", "ds_inactive_threshold", 1)
 modparam("dispatcher", "ds_ping_from", "sip:callrec-front@%LISTEN%")
 modparam("dispatcher", "ds_ping_reply_codes", "class=2")
 modparam("dispatcher", "ds_timer_mode", 1)
+# Recording metadata kept aside (in memory only) until the worker fetches it.
+modparam("htable", "htable", "meta=>size=8;autoexpire=%META_EXPIRE_S%;")
 
 request_route {
+    if ($Rp == %HTTP_PORT%) {
+        exit;  # the metadata port speaks HTTP only
+    }
+    if (!%ALLOWED% && !(src_ip == %WORKERS% && has_totag())) {
+        xlog("L_WARN", "%REFUSED%403 reason=client_not_allowed source=$si method=$rm\n");
+        sl_send_reply("403", "Not a recording client");
+        exit;
+    }
+    if ($ml > %MAX_MSG%) {
+        xlog("L_WARN", "%REFUSED%513 reason=message_too_large bytes=$ml source=$si\n");
+        sl_send_reply("513", "Message Too Large");
+        exit;
+    }
     if (!mf_process_maxfwd_header("10")) {
         sl_send_reply("483", "Too Many Hops");
         exit;
@@ -89,7 +113,44 @@ request_route {
     }
     remove_hf("Route");
     record_route();
+    remove_hf("%SOURCE_HDR%");
+    append_hf("%SOURCE_HDR%: $si\r\n");
+    route(KEEP_METADATA);
     route(DISPATCH);
+}
+
+# The metadata part leaves the request (pjsip in the workers reads ~4,000 bytes of a
+# message at most) and waits here, in memory, under a random token the worker
+# fetches it with (GET %META_PATH%<token> on the loopback HTTP port).
+route[KEEP_METADATA] {
+    remove_hf("%META_HDR%");
+    if (!(is_method("INVITE|UPDATE") && has_body("multipart/mixed"))) {
+        return;
+    }
+    if (!get_body_part("application/rs-metadata+xml", "$var(meta)")) {
+        return;
+    }
+    $var(tok) = $(ci{s.md5}{s.substr,0,12}) + "-" + $RANDOM + "-" + $RANDOM;
+    $sht(meta=>$var(tok)) = $var(meta);
+    remove_body_part("application/rs-metadata+xml");
+    append_hf("%META_HDR%: $var(tok)\r\n");
+}
+
+event_route[xhttp:request] {
+    if ($Rp != %HTTP_PORT% || !(src_ip == 127.0.0.0/8 || src_ip == ::1)) {
+        xhttp_reply("403", "Forbidden", "", "");
+        exit;
+    }
+    if ($hu =~ "^%META_PATH%[A-Za-z0-9-]+$") {
+        $var(tok) = $(hu{s.substr,%META_PATH_LEN%,0});
+        if ($sht(meta=>$var(tok)) != $null) {
+            $var(meta) = $sht(meta=>$var(tok));
+            $sht(meta=>$var(tok)) = $null;
+            xhttp_reply("200", "OK", "application/rs-metadata+xml", "$var(meta)");
+            exit;
+        }
+    }
+    xhttp_reply("404", "Not Found", "", "");
 }
 
 route[DISPATCH] {
@@ -124,6 +185,9 @@ route[IN_DIALOG] {
     if (is_method("BYE")) {
         t_check_trans();  # a retransmission ends here: off-load once
         ds_load_update();
+    }
+    if (is_method("INVITE|UPDATE") && src_ip != %WORKERS%) {
+        route(KEEP_METADATA);
     }
     if (!t_relay()) {
         sl_reply_error();

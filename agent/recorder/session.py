@@ -101,8 +101,10 @@ def log_answered(meta: CaptureMeta, plan: CallPlan, worker: int) -> None:
         ",".join(meta.flags) or "-",
     )
     if plan.problem is not None:
+        missing = Flag.METADATA_MISSING in meta.flags
         log.warning(
-            "event=metadata_invalid recording_id=%s reason=%s",
+            "event=%s recording_id=%s reason=%s",
+            "metadata_missing" if missing else "metadata_invalid",
             meta.recording_id,
             kv(redact_numbers(plan.problem)),
         )
@@ -139,14 +141,15 @@ def log_updated(before: CaptureMeta, after: CaptureMeta) -> None:
 def merge_updates(
     meta: CaptureMeta,
     directory: Path,
-    updates: list[tuple[dt.datetime, str]],
+    updates: list[tuple[dt.datetime, str, str | None]],
     people: Directory,
     rules: PartyRules,
 ) -> CaptureMeta:
-    """Apply the metadata of in-dialog re-INVITEs/UPDATEs (time received, raw text) to
-    the capture: ``capture.json`` is rewritten when something changed."""
-    for at, raw in updates:
-        parties, problem = read_update(raw, people, rules)
+    """Apply the metadata of in-dialog re-INVITEs/UPDATEs (time received, raw text, the
+    metadata the front kept aside for it) to the capture: ``capture.json`` is
+    rewritten when something changed."""
+    for at, raw, kept in updates:
+        parties, problem = read_update(raw, people, rules, kept)
         if problem is not None:
             log.warning(
                 "event=metadata_update_invalid recording_id=%s reason=%s",

@@ -35,6 +35,7 @@ log = logging.getLogger("agent.recorder.worker")  # also when run as __main__
 
 POLL_MS = 500  # libHandleEvents returns at once on any SIP event; this bounds idle wake-ups
 PR_SET_PDEATHSIG = 1
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 HANGUP_WAIT_S = 3.0
 
 
@@ -49,6 +50,15 @@ def _stop_with_parent() -> None:
         return
     if os.getppid() == 1:  # the agent died before we asked
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _not_dumpable(index: int) -> None:
+    """No core dump, and no ptrace or ``/proc/<pid>/mem`` for other processes of our
+    user: a worker holds raw INVITEs (full numbers) in memory."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+    log.info("event=core_dumps_off worker=%d dumpable=%d", index, libc.prctl(PR_GET_DUMPABLE))
 
 
 class Worker:
@@ -73,6 +83,7 @@ class Worker:
 
     def startup(self) -> None:
         cfg = self.cfg
+        _not_dumpable(self.index)
         _stop_with_parent()
         ready_dir = cfg.captures_dir / "ready"
         active_dir = cfg.captures_dir / "active" / f"w{self.index}"

@@ -416,6 +416,28 @@ def siprec_scenario(call: SiprecCall) -> str:
     return sc.render("c,m")
 
 
+def refused_scenario(call: SiprecCall, status: int, plain: bool = False) -> str:
+    """An INVITE the recorder must refuse with ``status`` (then the hop-by-hop ACK);
+    ``plain``: a plain INVITE with one stream and ``X-Callrec-*`` headers instead."""
+    sdp_text = sdp(call.rtp_ports, call.labels, call.sdp_direction, 1)
+    if plain:
+        content_type, body = "application/sdp", sdp(call.rtp_ports[:1], [None], "sendonly", 1)
+        headers = [
+            "X-Callrec-Customer: <sip:0401234567@pbx.example>",
+            "X-Callrec-Employee: <sip:1001@pbx.example>",
+        ]
+    else:
+        content_type, body = _multipart(sdp_text, call.metadata_document(), call)
+        headers = ["Require: siprec", "Supported: siprec"]
+    sc = _Scenario("refused")
+    sc.send(_invite(content_type, body, headers))
+    sc.recv('response="100"', optional=True)
+    stamp = f'<log message="refused [call_id] [timestamp] status={status}"/>'
+    sc.recv(f'response="{status}"', action=stamp)
+    sc.send(_hop_ack(sc.messages), retrans=False)
+    return sc.render()
+
+
 def cancel_scenario(call: SiprecCall, cancel_after_ms: int) -> str:
     """The SRC gives up ``cancel_after_ms`` after the INVITE's 100 Trying (from a proxy:
     the front sends it at once): CANCEL, 487, ACK."""

@@ -18,6 +18,7 @@ from agent.capture import CaptureMeta, Flag, new_recording_id, utc_now, write_me
 from agent.config import AgentConfig
 from agent.directory import LiveDirectory
 from agent.logs import redact_numbers
+from agent.recorder import edge
 from agent.recorder.parties import CallPlan, PartyHeaders, PartyRules, plan_call
 from agent.recorder.session import (
     call_ref,
@@ -63,7 +64,10 @@ class _Call(pj.Call):  # type: ignore[misc]
 
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
         try:
-            if self.getInfo().state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            state = self.getInfo().state
+            if state == pj.PJSIP_INV_STATE_CONFIRMED:
+                self.session.acknowledged = True
+            elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
                 self.session.disconnected(utc_now())
         except Exception:
             log.exception("event=call_state_failed")
@@ -97,7 +101,7 @@ class _Call(pj.Call):  # type: ignore[misc]
             ):
                 return
             raw = change.src.rdata.wholeMsg
-            if "rs-metadata" in raw.lower():
+            if edge.has_metadata(raw):
                 self.session.updates.append((utc_now(), raw))
                 self.session.events.append(("update", self.session))
         except Exception:
@@ -137,6 +141,8 @@ class CallSession:
     events: collections.deque[tuple[str, CallSession]] = field(repr=False)
     call: _Call | None = field(default=None, repr=False)
     invite: str | None = field(default=None, repr=False)  # raw INVITE until it is read
+    source: str = ""  # where the INVITE came from ("address:port")
+    acknowledged: bool = False  # the SRC's ACK of our 200 arrived
     updates: list[tuple[dt.datetime, str]] = field(default_factory=list, repr=False)
     ref: str = ""
     plan: CallPlan | None = field(default=None, repr=False)
@@ -309,7 +315,8 @@ class SipEngine:
     # ------------------------------------------------------------ callbacks (translate only)
 
     def _incoming(self, account: _Account, prm: pj.OnIncomingCallParam) -> None:
-        session = CallSession(events=self._events, invite=prm.rdata.wholeMsg)
+        rdata = prm.rdata
+        session = CallSession(events=self._events, invite=rdata.wholeMsg, source=rdata.srcAddress)
         session.call = _Call(account, prm.callId, session)
         session.ref = call_ref(session.call.getInfo().callIdString)
         self._sessions.append(session)
@@ -326,10 +333,10 @@ class SipEngine:
         if not self._accepting:
             self._reply(session, 503, "stopping")
             return
-        plan = plan_call(
-            raw, self._directory.current, self._rules, self._headers, info.remAudioCount
-        )
+        plan = self._plan(session, raw, info.remAudioCount)
         del raw
+        if plan is None:
+            return
         if not plan.legs:
             self._reply(session, 488, "no_audio")
             return
@@ -348,6 +355,30 @@ class SipEngine:
         self._start_recorders(session, plan, directory)
         log_answered(session.meta, plan, self.index)
 
+    def _plan(self, session: CallSession, raw: str, offered_audio: int) -> CallPlan | None:
+        """The edge's checks (who sent it, did it arrive whole, plain mode), then what to
+        record; None: the INVITE was refused here."""
+        sip = self.cfg.sip
+        admission = edge.admit(sip, session.source, raw)
+        if admission.refusal is not None:
+            self._reply(session, 403, admission.refusal, admission.client_ip)
+            return None
+        cut = edge.truncated(raw)
+        if cut is not None:
+            log.warning("event=invite_truncated call_ref=%s detail=%s", session.ref, kv(cut))
+            self._reply(session, 513, "message_truncated", admission.client_ip)
+            return None
+        metadata = self._kept_metadata(session, raw)
+        client = sip.client(admission.client_ip or "")
+        plan = plan_call(
+            raw, self._directory.current, self._rules, self._headers, offered_audio, client,
+            metadata,
+        )  # fmt: skip
+        if not plan.siprec and not sip.plain:
+            self._reply(session, 403, "plain_not_enabled", admission.client_ip)
+            return None
+        return plan
+
     def _start_recorders(self, session: CallSession, plan: CallPlan, directory: Path) -> None:
         """One WAV per leg from the answer on; streams are connected as they come."""
         for index, leg in plan.legs.items():
@@ -357,13 +388,20 @@ class SipEngine:
             if self._silence is not None:
                 self._silence.startTransmit(recorder)
 
-    def _reply(self, session: CallSession, status: int, reason: str) -> None:
+    def _reply(
+        self, session: CallSession, status: int, reason: str, source: str | None = None
+    ) -> None:
+        """Refuse the INVITE: one line naming the sender's address (never a number)."""
         assert session.call is not None
         prm = pj.CallOpParam()
         prm.statusCode = status
         session.call.answer(prm)
         metrics.CALLS_REFUSED.labels(str(status)).inc()
-        log.info("event=call_rejected call_ref=%s status=%d reason=%s", session.ref, status, reason)
+        log.log(
+            logging.WARNING if status in (403, 513) else logging.INFO,
+            "event=call_rejected call_ref=%s status=%d reason=%s source=%s",
+            session.ref, status, reason, source or "-",
+        )  # fmt: skip
 
     def _connect_media(self, session: CallSession) -> None:
         call, plan, directory = session.call, session.plan, session.directory
@@ -385,9 +423,21 @@ class SipEngine:
         updates, session.updates = session.updates, []
         if session.meta is not None and session.directory is not None:
             people = self._directory.current
+            fetched = [(at, raw, self._kept_metadata(session, raw)) for at, raw in updates]
             session.meta = merge_updates(
-                session.meta, session.directory, updates, people, self._rules
+                session.meta, session.directory, fetched, people, self._rules
             )
+
+    def _kept_metadata(self, session: CallSession, raw: str) -> str | None:
+        """The metadata the front kept aside for an in-dialog request, if it did."""
+        token = edge.metadata_token(raw) if self.cfg.sip.front else None
+        if token is None:
+            return None
+        try:
+            return edge.fetch_metadata(self.cfg.sip, token)
+        except LookupError as exc:
+            log.warning("event=metadata_fetch_failed call_ref=%s reason=%s", session.ref, kv(exc))
+            return None
 
     def _watch(self, session: CallSession, now: float) -> None:
         """Hang up a call whose sender vanished (no RTP for rtp_timeout) or ran too long."""
@@ -453,6 +503,9 @@ class SipEngine:
             return
         if session.updates:
             self._update(session)
+        if not session.acknowledged:
+            log.warning("event=call_not_acknowledged recording_id=%s", session.meta.recording_id)
+            session.flags.append(Flag.NOT_ACKNOWLEDGED)
         session.close_deadline = time.monotonic() + CLOSE_WAIT_S
         self._closing.append(session)
 
