@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError, SipClient, SipConfig
-from agent.recorder.edge import admit, metadata_token, source_ip, truncated
+from agent.recorder.edge import admit, metadata_token, part_content, source_ip, truncated
 from tests.support.stack import Keys, agent_config
 
 SDP = "v=0\r\nm=audio 4000 RTP/AVP 8\r\n"
@@ -70,6 +70,12 @@ def test_admission_behind_the_front_trusts_only_the_fronts_source_header() -> No
 def test_metadata_token_must_look_like_one() -> None:
     assert metadata_token(invite(SDP, "a/b", extra="X-Callrec-Metadata: ab12cd34-5-6\r\n"))
     assert metadata_token(invite(SDP, "a/b", extra="X-Callrec-Metadata: ../../etc\r\n")) is None
+
+
+def test_part_headers_kamailio_keeps_are_dropped() -> None:
+    disposition = "Content-Disposition: recording-session\r\n\r\n<recording/>\r\n"
+    assert part_content(disposition) == "<recording/>\r\n"
+    assert part_content("\r\n<recording/>") == "\r\n<recording/>"
 
 
 def test_sip_edge_keys(tmp_path: Path, keys: Keys) -> None:

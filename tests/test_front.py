@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import metrics
 from agent.config import AgentConfig, ConfigError
 from agent.recorder.front import (
     FrontProcess,
@@ -157,17 +158,26 @@ def test_relayed_kamailio_lines_lose_user_parts_and_numbers(line: str, leak: str
     assert leak not in sanitize(line)
 
 
+def test_sanitiser_keeps_ipv4_addresses_but_not_numbers_beside_them() -> None:
+    line = "source=192.168.100.200 worker=127.0.0.1:5071 cid=040.123.4567 x=358.40.123.45.67"
+    assert sanitize(line) == (
+        "source=192.168.100.200 worker=127.0.0.1:5071 cid=<redacted> x=<redacted>"
+    )
+
+
 def test_relay_counts_refusals_and_keeps_our_event_lines(
     tmp_path: Path, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = config(tmp_path, keys, run_front=True)
     front = FrontProcess(cfg, front_files(cfg))
     caplog.set_level(logging.DEBUG, logger="agent.recorder.front")
+    refused_before = metrics.CALLS_REFUSED.labels("503")._value.get()
     front._relay_line(" 1(685) WARNING: <script>: event=front_refused call_ref=ab status=503")
     front._relay_line(" 2(686) WARNING: <script>: event=front_failover call_ref=cd worker=w0")
     front._relay_line(" 0(681) INFO: <core> [main.c:3055]: main(): processes (at least): 9")
     front._relay_line(" 3(687) ERROR: tm [t_reply.c:1]: message <sip:0401234567@x>")
     assert (front.refused, front.failovers) == (1, 1)
+    assert metrics.CALLS_REFUSED.labels("503")._value.get() == refused_before + 1
     records = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert records[0] == (
         "WARNING",

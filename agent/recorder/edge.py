@@ -125,7 +125,7 @@ def has_metadata(raw: str) -> bool:
 def fetch_metadata(sip: SipConfig, token: str) -> str:
     """The metadata the front kept under ``token`` (once: the front forgets it)."""
     url = f"http://{front_address(sip)}:{sip.front_http_port}{METADATA_PATH}{token}"
-    request = urllib.request.Request(url, headers={"Connection": "close"})
+    request = urllib.request.Request(url, headers={"Connection": "close", "Content-Length": "0"})
     try:
         with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as reply:  # noqa: S310
             data: bytes = reply.read(MAX_FETCH_BYTES + 1)
@@ -135,4 +135,16 @@ def fetch_metadata(sip: SipConfig, token: str) -> str:
         raise LookupError(f"the front did not answer: {type(exc).__name__}") from None
     if len(data) > MAX_FETCH_BYTES:
         raise LookupError("the front's metadata is larger than we read")
-    return data.decode("utf-8", "replace")
+    return part_content(data.decode("utf-8", "replace"))
+
+
+def part_content(text: str) -> str:
+    """Kamailio's ``get_body_part`` keeps the part's other headers (such as
+    Content-Disposition) before the document: drop them."""
+    if text.lstrip("\ufeff \t\r\n").startswith("<"):
+        return text
+    for sep in ("\r\n\r\n", "\n\n"):
+        head, found, content = text.partition(sep)
+        if found and re.match(r"[A-Za-z-]+:", head):
+            return content
+    return text

@@ -161,6 +161,7 @@ def start_pool(
         "run_front": True,
         "workers": workers,
         "worker_port": free_port(workers),
+        "front_http_port": free_port(),
         "rtp_port_count": 40,
         "rtp_port_start": free_port(40 * workers),
         "probe_interval": "1s",

@@ -1,0 +1,133 @@
+"""The SIP edge through the front for real: SIPp (the SRC) → Kamailio (rendered and
+run by the agent) → pjsua2 workers → the store. Who may create a recording (the
+allow-list, from another loopback address), INVITEs far larger than pjsip reads
+(the front keeps the metadata aside), and what is refused as too large."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from agent.recorder.sip import call_ref
+from agent.testcall.sipp import Party, metadata_xml, refused_scenario, siprec_scenario
+from tests.support.audio import Speech
+from tests.support.pool import (
+    FULL_NUMBER,
+    NATIONAL,
+    SERVICE_AOR,
+    Pool,
+    carries,
+    employees,
+    flags,
+    place_and_store,
+    running_pool,
+    wait_log,
+)
+
+pytestmark = pytest.mark.sip
+
+CUSTOMER_AOR = f"sip:+{FULL_NUMBER}@pbx.example;user=phone"
+AINO = ("e1001", "Aino Virtanen")
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
+    root = tmp_path_factory.mktemp("edge")
+    with running_pool(root, workers=2, allowed_clients=["127.0.0.1"]) as running:
+        yield running
+
+
+@pytest.fixture
+def speech(pool: Pool) -> Speech:
+    return pool.speech
+
+
+@pytest.fixture
+def idle(pool: Pool) -> Pool:
+    pool.wait_idle()
+    return pool
+
+
+def _not_stored(pool: Pool, call_id: str | None, wait_s: float = 3.0) -> None:
+    assert call_id is not None
+    time.sleep(wait_s)
+    assert call_ref(call_id) not in pool.stored_refs()
+    lines = [line for line in pool.text().splitlines() if call_ref(call_id) in line]
+    assert len(lines) == 1 and "event=front_refused" in lines[0], lines  # no worker saw it
+
+
+def test_a_client_not_listed_is_refused_at_the_front(idle: Pool, tmp_path: Path) -> None:
+    pool = idle
+    call = pool.call(customer=CUSTOMER_AOR)
+    scenario = refused_scenario(call, 403)
+    result = pool.run(scenario, "stranger", timeout_s=15, local_ip="127.0.0.2")
+    assert result.ok, result.errors or result.stdout
+    assert result.first is not None and result.first.refused_status == 403
+    wait_log(pool, "status=403 reason=client_not_allowed source=127.0.0.2 method=INVITE")
+    _not_stored(pool, result.call_id)
+    assert FULL_NUMBER not in pool.text() and NATIONAL not in pool.text()
+
+
+# ---------------------------------------------------------------- large INVITEs
+
+
+def big_metadata(size: int) -> str:
+    """An RFC 7865 document of about ``size`` bytes: the call's three parties, then
+    more participants (conference members, a supervisor) and extension data, as SBCs
+    send them."""
+    parties = [
+        Party("cHJ0LWN1c3Q=", CUSTOMER_AOR, "Asiakas", "1"),
+        Party("cHJ0LXN2Yw==", SERVICE_AOR),
+        Party("cHJ0LWVtcGw=", "sip:1001@pbx.example", "Aino Virtanen", "2"),
+    ]
+    doc = metadata_xml(parties).removesuffix("</recording>\n")
+    extra: list[str] = []
+    index = 0
+    while len(doc) + sum(map(len, extra)) < size - 200:
+        extra.append(
+            f'<participant participant_id="eHRyYS{index:04d}"><nameID aor="sip:queue-{index}'
+            f'@acd.example"><name xml:lang="fi">Jono {index}</name></nameID></participant>\n'
+            f'<extensiondata xmlns:x="urn:example:acd"><x:skill>parcels-{index}</x:skill>'
+            f"<x:note>{'wait-music ' * 8}</x:note></extensiondata>\n"
+        )
+        index += 1
+    return doc + "".join(extra) + "</recording>\n"
+
+
+SIZES_KB = (3.5, 5, 16, 60)
+
+
+@pytest.mark.slow
+def test_invites_up_to_64_kb_are_stored_with_every_party_and_both_channels(
+    idle: Pool, speech: Speech, tmp_path: Path
+) -> None:
+    pool = idle
+    calls = {
+        f"{transport}-{kb}": replace(
+            pool.call(metadata=big_metadata(int(kb * 1024) - 900)), call_ms=4000
+        )
+        for transport in ("udp", "tcp")
+        for kb in SIZES_KB
+    }
+    scenarios = {name: siprec_scenario(call) for name, call in calls.items()}
+    for name, scenario in scenarios.items():
+        invite = scenario.split("<![CDATA[", 1)[1].split("]]>", 1)[0]
+        wanted = float(name.split("-")[1]) * 1024
+        assert abs(len(invite) - wanted) < 600, (name, len(invite))
+    _, rows = place_and_store(pool, scenarios)
+    for name, row in rows.items():
+        assert (row.source, row.channels) == ("siprec", 2), name
+        assert row.customer_masked == "+358401234***", name
+        assert employees(row) == [AINO], name
+        assert row.service_number == "+35898765432", name
+        assert flags(row) == set(), (name, row.flags)
+    for name in ("udp-60", "tcp-60", "tcp-5"):
+        audio = pool.export(rows[name], tmp_path / f"{name}.ogg")
+        assert carries(audio, 0, speech.customer, speech.employee), name
+        assert carries(audio, 1, speech.employee, speech.customer), name
+    assert FULL_NUMBER not in pool.text() and NATIONAL not in pool.text()
+    pool.wait_idle()
