@@ -5,6 +5,7 @@ allow-list, from another loopback address), INVITEs far larger than pjsip reads
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -86,15 +87,15 @@ def big_metadata(size: int) -> str:
     ]
     doc = metadata_xml(parties).removesuffix("</recording>\n")
     extra: list[str] = []
-    index = 0
-    while len(doc) + sum(map(len, extra)) < size - 200:
+    index, total = 0, len(doc)
+    while total < size - 200:
         extra.append(
             f'<participant participant_id="eHRyYS{index:04d}"><nameID aor="sip:queue-{index}'
             f'@acd.example"><name xml:lang="fi">Jono {index}</name></nameID></participant>\n'
             f'<extensiondata xmlns:x="urn:example:acd"><x:skill>parcels-{index}</x:skill>'
             f"<x:note>{'wait-music ' * 8}</x:note></extensiondata>\n"
         )
-        index += 1
+        index, total = index + 1, total + len(extra[-1])
     return doc + "".join(extra) + "</recording>\n"
 
 
@@ -131,3 +132,36 @@ def test_invites_up_to_64_kb_are_stored_with_every_party_and_both_channels(
         assert carries(audio, 1, speech.employee, speech.customer), name
     assert FULL_NUMBER not in pool.text() and NATIONAL not in pool.text()
     pool.wait_idle()
+
+
+def _tcp_invite(pool: Pool, body_bytes: int, call_id: str) -> bytes:
+    """Send one INVITE with a body of ``body_bytes`` over TCP; the first response line."""
+    body = big_metadata(body_bytes).encode()
+    head = (
+        f"INVITE sip:srs@127.0.0.1:{pool.sip_port} SIP/2.0\r\n"
+        "Via: SIP/2.0/TCP 127.0.0.1:5999;branch=z9hG4bK-big-1\r\n"
+        "From: <sip:src@127.0.0.1>;tag=1\r\nTo: <sip:srs@127.0.0.1>\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\n"
+        "Contact: <sip:src@127.0.0.1:5999;transport=tcp>\r\nRequire: siprec\r\n"
+        f"Content-Type: application/rs-metadata+xml\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection(pool.target, timeout=10) as conn:
+        conn.sendall(head.encode() + body)
+        reply = b""
+        while b"\r\n" not in reply:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            reply += chunk
+    return reply.partition(b"\r\n")[0]
+
+
+@pytest.mark.parametrize("size", [70 * 1024, 2 * 1024 * 1024])
+def test_larger_invites_get_513_over_tcp(idle: Pool, size: int) -> None:
+    """Past [sip] max_message (64 KB) the front answers 513 and logs it, even for a
+    2 MB INVITE (its TCP read buffer holds that much); nothing reaches a worker."""
+    call_id = f"big-{size}-{time.monotonic_ns()}"
+    assert _tcp_invite(idle, size, call_id) == b"SIP/2.0 513 Message Too Large"
+    wait_log(idle, f"call_ref={call_ref(call_id)} status=513 reason=message_too_large")
+    _not_stored(idle, call_id, wait_s=0.5)
+    assert FULL_NUMBER not in idle.text()

@@ -64,12 +64,13 @@ CONFIG_FILE = "kamailio.cfg"
 LIST_FILE = "dispatcher.list"
 PRODUCTION_RUNTIME_DIR = Path("/run/callrec-front")  # RuntimeDirectory= of the unit
 DISPATCHER_SET = 1
-SHM_MB, PKG_MB = 64, 8  # as in callrec-front.service
+TCP_READ_BUFFER_MB = 4  # per TCP connection: a message up to this size gets an answer
+TCP_MAX_CONNECTIONS = 64  # SRCs keep a few connections each
+SHM_MB, PKG_MB = 64 + TCP_MAX_CONNECTIONS * TCP_READ_BUFFER_MB, 8  # as in callrec-front.service
 FR_TIMER_MS = 1000  # no 100 Trying from a worker within 1 s: it is dead (pjsua answers at once)
 FR_INV_TIMER_MS = 5000  # 100 Trying but no final answer: a hung worker
 CALL_REF = "$(ci{s.sha256}{s.substr,0,16})"  # agent.recorder.session.call_ref, in Kamailio
 READY_TIMEOUT_S = 15.0
-TCP_READ_BUFFER = 256 * 1024  # per TCP connection, in shared memory
 METADATA_EXPIRE_S = 30  # metadata kept aside that no worker fetched is dropped
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -132,7 +133,8 @@ def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
         "ALLOWED": allowed_condition(sip),
         "WORKERS": sip.worker_listen,
         "MAX_MSG": str(sip.max_message_bytes),
-        "TCP_BUF": str(TCP_READ_BUFFER),
+        "TCP_BUF": str(TCP_READ_BUFFER_MB * 1024 * 1024),
+        "TCP_MAX": str(TCP_MAX_CONNECTIONS),
         "PV_BUF": str(2 * sip.max_message_bytes),
         "META_EXPIRE_S": str(METADATA_EXPIRE_S),
         "SOURCE_HDR": edge.SOURCE_HEADER,

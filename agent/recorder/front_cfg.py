@@ -24,10 +24,13 @@ listen=udp:%LISTEN%:%PORT%
 listen=tcp:%LISTEN%:%PORT%
 listen=tcp:%HTTP_LISTEN%:%HTTP_PORT%
 tcp_connection_lifetime=3605
-# Whole messages up to [sip] max_message are read (and a little more, so that a larger
-# one over TCP is answered 513 rather than its connection dropped); $var values and
-# the metadata kept aside are that large too.
+# A TCP message is read whole before the script sees it: up to tcp_rd_buf_size per
+# connection (shared memory, touched only as data arrives), so that one far larger
+# than [sip] max_message (a 2 MB INVITE) is still answered 513 rather than its
+# connection dropped; -m covers every connection's buffer. $var values and the
+# metadata kept aside are up to max_message.
 tcp_rd_buf_size=%TCP_BUF%
+tcp_max_connections=%TCP_MAX%
 pv_buffer_size=%PV_BUF%
 
 loadmodule "tm.so"
