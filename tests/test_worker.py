@@ -3,9 +3,11 @@ RTP from one in-process sender, and the captures it leaves in ``captures/ready``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -543,3 +545,70 @@ def test_worker_process_is_not_dumpable(worker: Worker) -> None:
     assert "event=core_dumps_off worker=0 dumpable=0" in worker.log()
     if os.getuid() != 0:
         assert Path(f"/proc/{worker.proc.pid}/status").stat().st_uid == 0
+
+
+def _siprec_invite(target: tuple[str, int], local: tuple[str, int], call_id: str) -> bytes:
+    metadata = SiprecCall(Path("c.wav"), Path("e.wav"), service=SERVICE_AOR).metadata_document()
+    sdp = (
+        f"v=0\r\no=- 1 1 IN IP4 {local[0]}\r\ns=-\r\nc=IN IP4 {local[0]}\r\nt=0 0\r\n"
+        f"m=audio {free_port()} RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\na=label:1\r\na=sendonly\r\n"
+        f"m=audio {free_port()} RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\na=label:2\r\na=sendonly\r\n"
+    )
+    body = (
+        f"--b\r\nContent-Type: application/sdp\r\n\r\n{sdp}\r\n"
+        f"--b\r\nContent-Type: application/rs-metadata+xml\r\n\r\n{metadata}\r\n--b--\r\n"
+    )
+    head = (
+        f"INVITE sip:srs@{target[0]}:{target[1]} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {local[0]}:{local[1]};branch=z9hG4bK-noack\r\n"
+        f"From: <sip:src@{local[0]}>;tag=noack\r\nTo: <sip:srs@{target[0]}>\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\n"
+        f"Contact: <sip:src@{local[0]}:{local[1]}>\r\nRequire: siprec\r\n"
+        f"Content-Type: multipart/mixed;boundary=b\r\nContent-Length: {len(body.encode())}\r\n"
+    )
+    return (head + "\r\n" + body).encode()
+
+
+@pytest.mark.slow
+def test_a_call_whose_200_is_never_acknowledged_is_flagged(
+    keys: Keys, workers: list[Worker], tmp_path: Path
+) -> None:
+    """An SRC that never ACKs our 200 (it never learnt the call is recorded): the
+    capture is kept, flagged ``not_acknowledged``, not stored as a normal call."""
+    worker = start_worker(tmp_path, keys, sip={"rtp_timeout": "2s"})
+    workers.append(worker)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(1.0)
+        call_id = f"noack-{time.monotonic_ns()}"
+        sock.sendto(_siprec_invite(worker.target, sock.getsockname(), call_id), worker.target)
+        answered = False
+        deadline = time.monotonic() + 5
+        while not answered and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                answered = sock.recv(65535).startswith(b"SIP/2.0 200")
+        assert answered, worker.log()[-2000:]
+        meta = wait_for_capture(worker, call_id, timeout=45)
+    assert Flag.NOT_ACKNOWLEDGED in meta.flags
+    assert f"event=call_not_acknowledged recording_id={meta.recording_id}" in worker.log()
+
+
+def test_worker_that_refused_a_call_stops_cleanly(worker: Worker, tmp_path: Path) -> None:
+    """A refused INVITE (488: no audio to record) leaves nothing that aborts pjsua at
+    shutdown (``pjsua_call_set_user_data: Assertion call_id>=0`` was seen)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(1.0)
+        invite = _siprec_invite(worker.target, sock.getsockname(), "no-audio")
+        invite = invite.replace(b"m=audio", b"m=video").replace(b"PCMA/8000", b"H264/90000")
+        head, _, body = invite.partition(b"\r\n\r\n")
+        head = head.rsplit(b"Content-Length: ", 1)[0] + f"Content-Length: {len(body)}".encode()
+        sock.sendto(head + b"\r\n\r\n" + body, worker.target)
+        status = b""
+        deadline = time.monotonic() + 5
+        while not status.startswith(b"SIP/2.0 4") and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                status = sock.recv(65535)
+    assert status.startswith(b"SIP/2.0 488"), (status[:40], worker.log()[-2000:])
+    assert worker.stop() == 0, worker.log()[-3000:]
+    assert "Assertion" not in worker.log()
