@@ -54,9 +54,9 @@ from typing import IO
 
 from agent import metrics
 from agent.config import WORKER_MAX_CALLS, AgentConfig, SipConfig
-from agent.logs import redact_numbers
 from agent.recorder import edge
 from agent.recorder.front_cfg import TEMPLATE
+from agent.recorder.frontlog import kamailio_record
 
 log = logging.getLogger(__name__)
 
@@ -235,43 +235,6 @@ def destinations(files: FrontFiles) -> list[Destination]:
 # ---------------------------------------------------------------- the process
 
 
-_LINE = re.compile(r"^\s*\d+\((\d+)\)\s+([A-Z]+):\s+(.*)$")
-_LEVELS = {
-    "DEBUG": logging.DEBUG,
-    "INFO": logging.INFO,
-    "NOTICE": logging.INFO,
-    "WARNING": logging.WARNING,
-    "ERROR": logging.ERROR,
-    "CRITICAL": logging.CRITICAL,
-    "ALERT": logging.ERROR,
-    "BUG": logging.CRITICAL,
-}
-# xhttp wants tcp_accept_no_cl for clients that send no Content-Length; ours does.
-_BENIGN = ("tcp_accept_no_cl not set",)
-_URI_USER = re.compile(r"\b(sips?:)[^@\s;>\"']+@", re.IGNORECASE)
-_TEL_URI = re.compile(r"\btel:[^\s;>\"']+", re.IGNORECASE)
-
-
-_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w.])")
-_KEPT = re.compile(r"\x00(\d+)\x00")
-
-
-def sanitize(text: str) -> str:
-    """A Kamailio log line without URI user parts or number-like digit runs; IPv4
-    addresses (a refused client's, a worker's) are kept: they are not numbers."""
-    text = _URI_USER.sub(r"\1<redacted>@", text.replace("\x00", ""))
-    text = _TEL_URI.sub("tel:<redacted>", text)
-    kept: list[str] = []
-
-    def keep(match: re.Match[str]) -> str:
-        kept.append(match.group())
-        return f"\x00{len(kept) - 1}\x00"
-
-    text = redact_numbers(_IPV4.sub(keep, text))
-    return _KEPT.sub(lambda m: kept[int(m.group(1))], text)
-
-
 class FrontProcess:
     """Kamailio run by the agent (``run_front = true``): started after the workers,
     stopped after them (BYEs of calls still draining pass through it), restarted if
@@ -423,31 +386,20 @@ class FrontProcess:
                 self._relay_line(raw.rstrip("\n"))
 
     def _relay_line(self, raw: str) -> None:
-        if not raw.strip():
-            return
-        match = _LINE.match(raw)
-        level = _LEVELS.get(match.group(2), logging.INFO) if match else logging.INFO
-        text = sanitize(match.group(3) if match else raw.strip())
-        if self._stopping or any(benign in text for benign in _BENIGN):
+        record = kamailio_record(raw)
+        if record is None:
+            return  # a dumped message's content (see agent.recorder.frontlog)
+        level, text = record
+        if self._stopping:
             level = logging.DEBUG  # its processes exiting at shutdown log ALERTs
-        elif level == logging.INFO and not text.startswith("<script>:"):
-            level = logging.DEBUG  # Kamailio's own start-up chatter
-        if text.startswith("<script>: event="):
-            text = text.removeprefix("<script>: ")
-            if text.startswith("event=front_refused"):
-                self.refused += 1
-                status = re.search(r" status=(\d{3})\b", text)
-                metrics.CALLS_REFUSED.labels(status.group(1) if status else "503").inc()
-                text += f" refused_total={self.refused}"
-            elif text.startswith("event=front_failover"):
-                self.failovers += 1
-            log.log(level, "%s", text)
-            return
-        log.log(level, "event=kamailio msg=%s", _quote(text))
-
-
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if text.startswith("event=front_refused"):
+            self.refused += 1
+            status = re.search(r" status=(\d{3})\b", text)
+            metrics.CALLS_REFUSED.labels(status.group(1) if status else "503").inc()
+            text += f" refused_total={self.refused}"
+        elif text.startswith("event=front_failover"):
+            self.failovers += 1
+        log.log(level, "%s", text)
 
 
 def _kill_group(pid: int) -> None:
