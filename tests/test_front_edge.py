@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.recorder.sip import call_ref
-from agent.testcall.sipp import Party, metadata_xml, refused_scenario, siprec_scenario
+from agent.testcall.sipp import Midcall, Party, metadata_xml, refused_scenario, siprec_scenario
 from tests.support.audio import Speech
 from tests.support.pool import (
     FULL_NUMBER,
@@ -38,7 +38,12 @@ AINO = ("e1001", "Aino Virtanen")
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     root = tmp_path_factory.mktemp("edge")
-    with running_pool(root, workers=2, allowed_clients=["127.0.0.1"]) as running:
+    client = {
+        "address": "127.0.0.1",
+        "service_header": "P-Called-Party-ID",
+        "employee_header": "X-Agent",
+    }
+    with running_pool(root, workers=2, allowed_clients=["127.0.0.1"], clients=[client]) as running:
         yield running
 
 
@@ -165,3 +170,43 @@ def test_larger_invites_get_513_over_tcp(idle: Pool, size: int) -> None:
     wait_log(idle, f"call_ref={call_ref(call_id)} status=513 reason=message_too_large")
     _not_stored(idle, call_id, wait_s=0.5)
     assert FULL_NUMBER not in idle.text()
+
+
+def test_metadata_silent_call_takes_service_and_employee_from_the_clients_headers(
+    idle: Pool, speech: Speech, tmp_path: Path
+) -> None:
+    """The SBC's metadata names the caller and an extension nobody knows; its
+    [[sip.clients]] entry (matched on the address the front saw) names the headers
+    that carry the service line and the agent."""
+    pool = idle
+    call = pool.call(
+        customer=CUSTOMER_AOR,
+        service=None,
+        employee="sip:7777@pbx.example",
+        call_ms=4000,
+        extra_headers=(
+            "P-Called-Party-ID: <sip:+35898765432@pbx.example;user=phone>",
+            "X-Agent: <sip:1001@pbx.example>",
+        ),
+    )
+    _, rows = place_and_store(pool, {"silent": siprec_scenario(call)})
+    row = rows["silent"]
+    assert row.service_number == "+35898765432"
+    assert employees(row) == [AINO]
+    assert flags(row) == set(), row.flags
+    assert row.customer_masked == "+358401234***"
+
+
+@pytest.mark.slow
+def test_transfer_with_large_metadata_in_a_reinvite_reaches_the_recording(
+    idle: Pool, tmp_path: Path
+) -> None:
+    """A 20 KB metadata update in a re-INVITE (a transfer to Mikko) goes the same way
+    as the INVITE's: kept aside by the front, fetched by the worker."""
+    pool = idle
+    transfer = big_metadata(20 * 1024).replace("sip:1001@pbx.example", "sip:1002@x")
+    call = pool.call(customer=CUSTOMER_AOR, call_ms=6000,
+                     midcall=(Midcall(2500, metadata=transfer),))  # fmt: skip
+    _, rows = place_and_store(pool, {"transfer": siprec_scenario(call)})
+    assert employees(rows["transfer"]) == [AINO, ("e1002", "Mikko Korhonen")]
+    assert FULL_NUMBER not in pool.text()

@@ -189,9 +189,7 @@ route[IN_DIALOG] {
         t_check_trans();  # a retransmission ends here: off-load once
         ds_load_update();
     }
-    if (is_method("INVITE|UPDATE") && src_ip != %WORKERS%) {
-        route(KEEP_METADATA);
-    }
+    route(KEEP_METADATA);
     if (!t_relay()) {
         sl_reply_error();
     }

@@ -140,6 +140,7 @@ class SiprecCall:
     # a running ControlServer's address or FifoControl's path, or send ourselves
     rtp_via: tuple[str, int] | Path | None = None
     rtp_pidfile: Path | None = None
+    extra_headers: tuple[str, ...] = ()  # e.g. "P-Called-Party-ID: <sip:+358…@pbx>"
 
     @property
     def employee_label(self) -> str:
@@ -395,6 +396,7 @@ def siprec_scenario(call: SiprecCall) -> str:
     else:
         content_type, body = "application/sdp", sdp_text
     headers = ["Require: siprec", "Supported: siprec" + (", timer" if call.session_expires else "")]
+    headers += call.extra_headers
     if call.session_expires:
         headers.append(f"Session-Expires: {call.session_expires};refresher=uac")
     sc = _Scenario("siprec")
