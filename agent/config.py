@@ -90,6 +90,11 @@ class SipConfig:
     # The front keeps INVITEs' metadata aside; workers fetch it here (loopback HTTP).
     front_http_port: int = 5069
     max_message_bytes: int = MAX_SIP_MESSAGE
+    # SIP over TLS at the front (Kamailio's tls module), client certificates required.
+    tls_port: int | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None  # the CA that signs the recording clients' certificates
 
     def allows(self, ip: str) -> bool:
         """``ip`` is a listed recording client (``allowed_clients`` or a ``[[sip.clients]]``)."""
@@ -468,9 +473,24 @@ def _sip_config(sip: _Section) -> SipConfig:
         clients=_sip_clients(sip),
         front_http_port=sip.integer("front_http_port", max(port - 1, 1), 1, 65535),
         max_message_bytes=sip.integer("max_message", MAX_SIP_MESSAGE, 4096, MAX_SIP_MESSAGE),
+        **_sip_tls(sip),
     )
     _check_sip_ports(sip, cfg)
+    if cfg.tls_port is not None and not cfg.front:
+        raise sip._fail("tls_port", cfg.tls_port, "front = true (the front terminates TLS)")
     return cfg
+
+
+def _sip_tls(sip: _Section) -> dict[str, Any]:
+    """``tls_port`` and the three files it needs (all or none)."""
+    if "tls_port" not in sip.table:
+        return {}
+    return {
+        "tls_port": sip.integer("tls_port", _REQUIRED, 1, 65535),
+        "tls_cert_file": sip.path("tls_cert_file"),
+        "tls_key_file": sip.path("tls_key_file"),
+        "tls_ca_file": sip.path("tls_ca_file"),
+    }
 
 
 def _network(section: _Section, key: str, value: object) -> str:
@@ -540,6 +560,10 @@ def _check_sip_ports(sip: _Section, cfg: SipConfig) -> None:
             "rtp_port_start", cfg.rtp_port_start, f"room for {cfg.workers} RTP ranges below 65536"
         )
     sip_ports = range(cfg.worker_sip(0)[1], last + 1)
+    if cfg.front and (cfg.front_http_port in sip_ports or cfg.front_http_port == cfg.port):
+        raise sip._fail(
+            "front_http_port", cfg.front_http_port, "a port apart from the SIP and worker ports"
+        )
     if cfg.rtp_port_start <= max(sip_ports) and min(sip_ports) <= rtp_end:
         raise sip._fail("rtp_port_start", cfg.rtp_port_start, "RTP ranges apart from SIP ports")
 

@@ -5,7 +5,9 @@ allow-list, from another loopback address), INVITEs far larger than pjsip reads
 
 from __future__ import annotations
 
+import re
 import socket
+import ssl
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -13,8 +15,17 @@ from pathlib import Path
 
 import pytest
 
+from agent.certs import issue_agent, issue_store, new_ca, write_pair
 from agent.recorder.sip import call_ref
-from agent.testcall.sipp import Midcall, Party, metadata_xml, refused_scenario, siprec_scenario
+from agent.testcall.sipp import (
+    Midcall,
+    Party,
+    SiprecCall,
+    free_port,
+    metadata_xml,
+    refused_scenario,
+    siprec_scenario,
+)
 from tests.support.audio import Speech
 from tests.support.pool import (
     FULL_NUMBER,
@@ -210,3 +221,129 @@ def test_transfer_with_large_metadata_in_a_reinvite_reaches_the_recording(
     _, rows = place_and_store(pool, {"transfer": siprec_scenario(call)})
     assert employees(rows["transfer"]) == [AINO, ("e1002", "Mikko Korhonen")]
     assert FULL_NUMBER not in pool.text()
+
+
+# ---------------------------------------------------------------- SIP over TLS
+
+
+class TlsSrc:
+    """A minimal SRC over TLS (SIPp here is built without TLS): one SIPREC call through
+    the front, its dialog routed by the 200's Record-Route set."""
+
+    def __init__(self, port: int, context: ssl.SSLContext) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.conn = context.wrap_socket(raw, server_hostname="127.0.0.1")
+        self.local = self.conn.getsockname()
+        self.call_id = f"tls-{time.monotonic_ns()}@127.0.0.1"
+        self.buffer = b""
+
+    def request(self, method: str, uri: str, cseq: int, extra: str = "", body: str = "") -> None:
+        host, port = self.local[0], self.local[1]
+        head = (
+            f"{method} {uri} SIP/2.0\r\nVia: SIP/2.0/TLS {host}:{port};branch=z9hG4bK-{cseq}"
+            f"{method.lower()}\r\nFrom: <sip:src@{host}>;tag=tlssrc\r\n{extra}"
+            f"Call-ID: {self.call_id}\r\nCSeq: {cseq} {method}\r\nMax-Forwards: 70\r\n"
+            f"Contact: <sip:src@{host}:{port};transport=tls>\r\n"
+            f"Content-Length: {len(body.encode())}\r\n\r\n{body}"
+        )
+        self.conn.sendall(head.encode())
+
+    def response(self, status: int) -> dict[str, list[str]]:
+        """Headers (and "body") of the next response with this status."""
+        while True:
+            while b"\r\n\r\n" not in self.buffer:
+                chunk = self.conn.recv(65535)
+                if not chunk:
+                    raise ConnectionError("the front closed the connection")
+                self.buffer += chunk
+            head, _, rest = self.buffer.partition(b"\r\n\r\n")
+            headers: dict[str, list[str]] = {}
+            for line in head.decode().split("\r\n")[1:]:
+                name, _, value = line.partition(":")
+                headers.setdefault(name.strip().lower(), []).append(value.strip())
+            length = int(headers.get("content-length", ["0"])[0])
+            while len(rest) < length:
+                rest += self.conn.recv(65535)
+            self.buffer = rest[length:]
+            if head.startswith(f"SIP/2.0 {status} ".encode()):
+                headers["body"] = [rest[:length].decode()]
+                return headers
+
+    def in_dialog(self, method: str, cseq: int, answer: dict[str, list[str]]) -> None:
+        routes = [r for value in answer["record-route"] for r in value.split(",")]
+        target = answer["contact"][0].strip("<>").split(">")[0]
+        extra = "".join(f"Route: {r.strip()}\r\n" for r in reversed(routes))
+        self.request(method, target, cseq, extra + f"To: {answer['to'][0]}\r\n")
+
+
+def _tls_files(root: Path) -> dict[str, object]:
+    ca = new_ca("test SIP CA")
+    (root / "ca.pem").write_bytes(ca.cert_pem)
+    cert, key = write_pair(root, "front", issue_store(ca))
+    write_pair(root, "sbc", issue_agent(ca, "sbc-1"))
+    return {"tls_cert_file": str(cert), "tls_key_file": str(key),
+            "tls_ca_file": str(root / "ca.pem")}  # fmt: skip
+
+
+def _siprec_body(call: SiprecCall) -> str:
+    sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n" + "".join(
+        f"m=audio {port} RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\na=label:{label}\r\na=sendonly\r\n"
+        for port, label in zip(call.rtp_ports, call.labels, strict=True)
+    )
+    return (
+        f"--b\r\nContent-Type: application/sdp\r\n\r\n{sdp}\r\n--b\r\n"
+        "Content-Type: application/rs-metadata+xml\r\nContent-Disposition: recording-session"
+        f"\r\n\r\n{call.metadata_document()}\r\n--b--\r\n"
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not Path("/usr/lib/x86_64-linux-gnu/kamailio/modules/tls.so").exists(),
+    reason="Kamailio's tls module not installed (Debian: kamailio-tls-modules)",
+)
+def test_sip_over_tls_needs_a_client_certificate_and_records(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    tmp_path = tmp_path_factory.mktemp("tls")  # short: the ctl socket's path has a limit
+    (tmp_path / "tls").mkdir()
+    files = _tls_files(tmp_path / "tls")
+    tls_port = free_port()
+    with running_pool(tmp_path / "pool", workers=1, tls_port=tls_port, **files) as pool:
+        anonymous = ssl.create_default_context(cafile=str(tmp_path / "tls" / "ca.pem"))
+        with pytest.raises(OSError):  # ssl.SSLError, ConnectionError
+            nobody = TlsSrc(tls_port, anonymous)
+            nobody.request("OPTIONS", f"sip:127.0.0.1:{tls_port}", 1, "To: <sip:x@y>\r\n")
+            nobody.response(200)
+        context = ssl.create_default_context(cafile=str(tmp_path / "tls" / "ca.pem"))
+        context.load_cert_chain(tmp_path / "tls" / "sbc.pem", tmp_path / "tls" / "sbc.key")
+        src = TlsSrc(tls_port, context)
+        call = pool.call(customer=CUSTOMER_AOR)
+        src.request(
+            "INVITE", f"sip:srs@127.0.0.1:{tls_port};transport=tls", 1,
+            "To: <sip:srs@127.0.0.1>\r\nRequire: siprec\r\n"
+            "Content-Type: multipart/mixed;boundary=b\r\n",
+            _siprec_body(call),
+        )  # fmt: skip
+        answer = src.response(200)
+        answered = time.time()
+        src.in_dialog("ACK", 1, answer)
+        ports = re.findall(r"m=audio (\d+)", answer["body"][0])
+        ip = re.search(r"c=IN IP4 ([\d.]+)", answer["body"][0])
+        assert ip is not None and len(ports) == 2
+        specs = [
+            f"{ip.group(1)}:{port}={wav},src={src_port}"
+            for port, wav, src_port in zip(
+                ports, (pool.speech.customer, pool.speech.employee), call.rtp_ports, strict=True
+            )
+        ]
+        with pool.rtp.open("w") as fifo:
+            fifo.write(" ".join(specs) + "\n")
+        time.sleep(8)
+        src.in_dialog("BYE", 2, answer)
+        src.response(200)
+        row = pool.stored(src.call_id)
+        assert abs(row.started_at_ms - answered * 1000) <= 1000
+        assert row.customer_masked == "+358401234***" and employees(row) == [AINO]
+        audio = pool.export(row, tmp_path / "tls.ogg")
+        assert carries(audio, 0, pool.speech.customer, pool.speech.employee)

@@ -55,12 +55,13 @@ from typing import IO
 from agent import metrics
 from agent.config import WORKER_MAX_CALLS, AgentConfig, SipConfig
 from agent.recorder import edge
-from agent.recorder.front_cfg import TEMPLATE
+from agent.recorder.front_cfg import TEMPLATE, TLS_TEMPLATE
 from agent.recorder.frontlog import kamailio_record
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "kamailio.cfg"
+TLS_FILE = "tls.cfg"
 LIST_FILE = "dispatcher.list"
 PRODUCTION_RUNTIME_DIR = Path("/run/callrec-front")  # RuntimeDirectory= of the unit
 DISPATCHER_SET = 1
@@ -113,6 +114,7 @@ def render_dispatcher_list(sip: SipConfig) -> str:
 def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
     """Kamailio's configuration for this agent's worker pool."""
     sip = cfg.sip
+    tls = sip.tls_port is not None
     values = {
         "REFUSED": "event=front_refused call_ref=%REF% status=",
         "LISTEN": sip.listen,
@@ -141,10 +143,25 @@ def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
         "META_HDR": edge.METADATA_HEADER,
         "META_PATH": edge.METADATA_PATH,
         "META_PATH_LEN": str(len(edge.METADATA_PATH)),
+        "TLS_LISTEN": f"enable_tls=yes\nlisten=tls:{sip.listen}:{sip.tls_port}" if tls else "",
+        "TLS_MODULE": (
+            f'loadmodule "tls.so"\nmodparam("tls", "config", "{files.directory / TLS_FILE}")'
+            if tls
+            else ""
+        ),
     }
     text = TEMPLATE
     for key, value in values.items():
         text = text.replace("%" + key + "%", value)
+    return text
+
+
+def render_tls(sip: SipConfig) -> str:
+    """The tls module's server profile: client certificates required and verified."""
+    values = {"CERT": sip.tls_cert_file, "KEY": sip.tls_key_file, "CA": sip.tls_ca_file}
+    text = TLS_TEMPLATE
+    for key, value in values.items():
+        text = text.replace("%" + key + "%", str(value))
     return text
 
 
@@ -172,6 +189,8 @@ def write_front_files(cfg: AgentConfig) -> FrontFiles:
     files.directory.mkdir(parents=True, exist_ok=True)
     os.chmod(files.directory, 0o750)  # noqa: S103 - the front's user reads it (group)
     _write(files.dispatcher_list, render_dispatcher_list(cfg.sip))
+    if cfg.sip.tls_port is not None:
+        _write(files.directory / TLS_FILE, render_tls(cfg.sip))
     _write(files.config, render_config(cfg, files))
     log.info(
         "event=front_rendered config=%s workers=%d sip=%s:%d probe_s=%d",

@@ -23,6 +23,7 @@ sip_warning=0
 listen=udp:%LISTEN%:%PORT%
 listen=tcp:%LISTEN%:%PORT%
 listen=tcp:%HTTP_LISTEN%:%HTTP_PORT%
+%TLS_LISTEN%
 tcp_connection_lifetime=3605
 # A TCP message is read whole before the script sees it: up to tcp_rd_buf_size per
 # connection (shared memory, touched only as data arrives), so that one far larger
@@ -46,6 +47,7 @@ loadmodule "ctl.so"
 loadmodule "htable.so"
 loadmodule "xhttp.so"
 loadmodule "cfgutils.so"
+%TLS_MODULE%
 
 modparam("ctl", "binrpc", "%CTL%")
 modparam("tm", "fr_timer", %FR_MS%)
@@ -78,8 +80,10 @@ request_route {
         exit;  # the metadata port speaks HTTP only
     }
     if (!%ALLOWED% && !(src_ip == %WORKERS% && has_totag())) {
-        xlog("L_WARN", "%REFUSED%403 reason=client_not_allowed source=$si method=$rm\n");
-        sl_send_reply("403", "Not a recording client");
+        if (!is_method("ACK")) {  # an ACK gets no answer (it may end a refusal)
+            xlog("L_WARN", "%REFUSED%403 reason=client_not_allowed source=$si method=$rm\n");
+            sl_send_reply("403", "Not a recording client");
+        }
         exit;
     }
     if ($ml > %MAX_MSG%) {
@@ -232,4 +236,15 @@ failure_route[FAILOVER] {
     xlog("L_WARN", "event=front_refused call_ref=%REF% status=503 reason=all_refused last=%ST%\n");
     t_reply("503", "No recorder available");
 }
+"""
+
+# [sip] tls_port: recording clients over TLS must present a certificate our CA signed.
+TLS_TEMPLATE = """# Rendered by callrec from [sip] tls_*; do not edit.
+[server:default]
+method = TLSv1.2+
+verify_certificate = yes
+require_certificate = yes
+certificate = %CERT%
+private_key = %KEY%
+ca_list = %CA%
 """
