@@ -52,13 +52,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from agent import metrics
+from agent import logs, metrics
 from agent.config import WORKER_MAX_CALLS, AgentConfig, SipConfig
 from agent.recorder import edge
 from agent.recorder.front_cfg import TEMPLATE, TLS_TEMPLATE
-from agent.recorder.frontlog import kamailio_record
+from agent.recorder.frontlog import emit, kamailio_record
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 CONFIG_FILE = "kamailio.cfg"
 TLS_FILE = "tls.cfg"
@@ -193,12 +193,11 @@ def write_front_files(cfg: AgentConfig) -> FrontFiles:
         _write(files.directory / TLS_FILE, render_tls(cfg.sip))
     _write(files.config, render_config(cfg, files))
     log.info(
-        "event=front_rendered config=%s workers=%d sip=%s:%d probe_s=%d",
-        files.config,
-        cfg.sip.workers,
-        cfg.sip.listen,
-        cfg.sip.port,
-        max(1, round(cfg.sip.probe_interval_s)),
+        "front_rendered",
+        config=files.config,
+        workers=cfg.sip.workers,
+        sip=f"{cfg.sip.listen}:{cfg.sip.port}",
+        probe_s=max(1, round(cfg.sip.probe_interval_s)),
     )
     return files
 
@@ -311,11 +310,10 @@ class FrontProcess:
         if wait:
             self._wait_ready()
         log.info(
-            "event=front_started pid=%d sip=%s:%d workers=%d",
-            self._process.pid,
-            self.cfg.sip.listen,
-            self.cfg.sip.port,
-            self.cfg.sip.workers,
+            "front_started",
+            pid=self._process.pid,
+            sip=f"{self.cfg.sip.listen}:{self.cfg.sip.port}",
+            workers=self.cfg.sip.workers,
         )
 
     def _wait_ready(self) -> None:
@@ -343,16 +341,16 @@ class FrontProcess:
                 try:
                     self.start(wait=False)
                 except OSError as exc:
-                    log.error("event=front_start_failed error=%r", str(exc))
+                    log.error("front_start_failed", error=str(exc))
                     self._schedule_restart()
             return
         if process.poll() is None or self._stopping:
             return
         log.error(
-            "event=front_died pid=%d exit_code=%s restart_in_s=%.0f",
-            process.pid,
-            process.returncode,
-            self._backoff(),
+            "front_died",
+            pid=process.pid,
+            exit_code=process.returncode,
+            restart_in_s=round(self._backoff()),
         )
         _kill_group(process.pid)  # its children would keep the SIP port
         self._process = None
@@ -377,17 +375,17 @@ class FrontProcess:
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
-                log.error("event=front_kill reason=stop_timeout pid=%d", process.pid)
+                log.error("front_kill", reason="stop_timeout", pid=process.pid)
                 process.kill()
                 process.wait(5)
         _kill_group(process.pid)
         if self._relay is not None:
             self._relay.join(2.0)
         log.info(
-            "event=front_stopped exit_code=%s refused=%d failovers=%d",
-            process.returncode,
-            self.refused,
-            self.failovers,
+            "front_stopped",
+            exit_code=process.returncode,
+            refused=self.refused,
+            failovers=self.failovers,
         )
 
     def kill(self) -> None:
@@ -408,17 +406,16 @@ class FrontProcess:
         record = kamailio_record(raw)
         if record is None:
             return  # a dumped message's content (see agent.recorder.frontlog)
-        level, text = record
+        level, text, fields = record
         if self._stopping:
             level = logging.DEBUG  # its processes exiting at shutdown log ALERTs
-        if text.startswith("event=front_refused"):
+        if fields is not None and fields.get("event") == "front_refused":
             self.refused += 1
-            status = re.search(r" status=(\d{3})\b", text)
-            metrics.CALLS_REFUSED.labels(status.group(1) if status else "503").inc()
-            text += f" refused_total={self.refused}"
-        elif text.startswith("event=front_failover"):
+            fields["refused_total"] = self.refused
+            metrics.CALLS_REFUSED.labels(str(fields.get("status", 503))).inc()
+        elif fields is not None and fields.get("event") == "front_failover":
             self.failovers += 1
-        log.log(level, "%s", text)
+        emit(log, level, text, fields)
 
 
 def _kill_group(pid: int) -> None:

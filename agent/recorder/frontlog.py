@@ -27,9 +27,9 @@ import sys
 from types import FrameType
 
 from agent import logs
-from agent.logs import redact_numbers
+from agent.redaction import redact_numbers
 
-log = logging.getLogger("agent.recorder.front")
+log = logs.get_logger("agent.recorder.front")
 
 _LINE = re.compile(r"^\s*\d+\((\d+)\)\s+([A-Z]+):\s+(.*)$")
 _LEVELS = {
@@ -48,7 +48,9 @@ _URI_USER = re.compile(r"\b(sips?:)[^@\s;>\"']+@", re.IGNORECASE)
 _TEL_URI = re.compile(r"\btel:[^\s;>\"']+", re.IGNORECASE)
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?![\w.])")
-_DIGITS = re.compile(r"\d{6,}")
+# Six digits or more, with or without separators (040.123.4567, +358 40 123): in a
+# Kamailio line that is never anything an operator needs (IPv4 addresses are kept).
+_DIGITS = re.compile(r"\+?(?:\d[\s\-./]?){5,}\d")
 _KEPT = re.compile(r"\x00(\d+)\x00")
 
 
@@ -67,13 +69,10 @@ def sanitize(text: str) -> str:
     return _KEPT.sub(lambda m: kept[int(m.group(1))], text)
 
 
-def quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def kamailio_record(raw: str) -> tuple[int, str] | None:
-    """One line of Kamailio's output as (level, our log message); None: drop it (the
-    continuation of a dumped message, or an empty line)."""
+def kamailio_record(raw: str) -> tuple[int, str, dict[str, object] | None] | None:
+    """One line of Kamailio's output as (level, sanitised text, the fields of our own
+    config's xlog line or None); None: drop it (the continuation of a dumped message,
+    or an empty line)."""
     match = _LINE.match(raw)
     if match is None:
         return None
@@ -83,9 +82,22 @@ def kamailio_record(raw: str) -> tuple[int, str] | None:
         level = logging.DEBUG
     elif level == logging.INFO and not text.startswith("<script>:"):
         level = logging.DEBUG  # Kamailio's own start-up chatter
-    if text.startswith("<script>: event="):
-        return level, text.removeprefix("<script>: ")
-    return level, f"event=kamailio msg={quote(text)}"
+    script = text.startswith("<script>: ")  # an xlog line of our config: logfmt
+    fields = logs.parse_logfmt(text.removeprefix("<script>: ")) if script else None
+    event = fields.get("event") if fields else None
+    if not isinstance(event, str) or not logs.is_event_name(event):
+        fields = None
+    return level, text, fields
+
+
+def emit(logger: logs.EventLog, level: int, text: str, fields: dict[str, object] | None) -> None:
+    """Log a Kamailio line: our config's event with its fields, else as a message."""
+    if fields is None:
+        logger.log(level, "kamailio", msg=text)
+        return
+    fields = dict(fields)
+    event = str(fields.pop("event"))
+    logger.log(level, event, **fields)
 
 
 # ---------------------------------------------------------------- callrec front-log
@@ -133,7 +145,7 @@ def run(command: list[str]) -> int:
         if record is None:
             dropped += 1 if raw.strip() else 0
             continue
-        log.log(*record)
+        emit(log, *record)
     code = proc.wait()
-    log.info("event=front_exited exit_code=%d lines_dropped=%d", code, dropped)
+    log.info("front_exited", exit_code=code, lines_dropped=dropped)
     return code if code >= 0 else 128 - code

@@ -61,7 +61,6 @@ from agent.capture import (
 )
 from agent.config import SipClient
 from agent.directory import Directory, Person
-from agent.logs import redact_numbers
 from agent.privacy import NumberKind, ProtectedNumber, Protector, normalise
 from agent.recorder.siprec import (
     MetadataError,
@@ -75,6 +74,7 @@ from agent.recorder.siprec import (
     parse_metadata,
     parse_sdp,
 )
+from agent.redaction import redact_numbers
 
 
 @dataclass(frozen=True)

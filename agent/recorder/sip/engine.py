@@ -13,17 +13,15 @@ from pathlib import Path
 
 import pjsua2 as pj
 
-from agent import metrics
+from agent import logs, metrics
 from agent.capture import CaptureMeta, Flag, new_recording_id, utc_now, write_meta
 from agent.config import AgentConfig
 from agent.directory import LiveDirectory
-from agent.logs import redact_numbers
 from agent.recorder import edge
 from agent.recorder.parties import CallPlan, PartyHeaders, PartyRules, plan_call
 from agent.recorder.session import (
     call_ref,
     finish_capture,
-    kv,
     log_answered,
     merge_updates,
     new_meta,
@@ -38,7 +36,7 @@ from agent.recorder.sip.endpoint import (
     quiet_pjlib,
 )
 
-log = logging.getLogger("agent.recorder.sip")
+log = logs.get_logger("agent.recorder.sip")
 
 STATS_INTERVAL_S = 1.0
 CLOSE_WAIT_S = 5.0  # for pjsua to close a leg's WAV file after the call
@@ -54,7 +52,7 @@ class _Account(pj.Account):  # type: ignore[misc]
         try:
             self._engine._incoming(self, prm)
         except Exception:
-            log.exception("event=incoming_failed")
+            log.exception("incoming_failed")
 
 
 class _Call(pj.Call):  # type: ignore[misc]
@@ -70,7 +68,7 @@ class _Call(pj.Call):  # type: ignore[misc]
             elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
                 self.session.disconnected(utc_now())
         except Exception:
-            log.exception("event=call_state_failed")
+            log.exception("call_state_failed")
 
     def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
         self.session.events.append(("media", self.session))
@@ -82,7 +80,7 @@ class _Call(pj.Call):  # type: ignore[misc]
             rx = self.getStreamStat(prm.streamIdx).rtcp.rxStat
             self.session.final_rx[prm.streamIdx] = (rx.pkt, rx.loss)
         except Exception:
-            log.exception("event=stream_stat_failed call_ref=%s", self.session.ref)
+            log.exception("stream_stat_failed", call_ref=self.session.ref)
 
     def onCallTsxState(self, prm: pj.OnCallTsxStateParam) -> None:
         """A re-INVITE or UPDATE received in the dialog: keep its text if it carries
@@ -105,7 +103,7 @@ class _Call(pj.Call):  # type: ignore[misc]
                 self.session.updates.append((utc_now(), raw))
                 self.session.events.append(("update", self.session))
         except Exception:
-            log.exception("event=call_tsx_failed")
+            log.exception("call_tsx_failed")
 
 
 # ---------------------------------------------------------------- one call
@@ -212,13 +210,10 @@ class SipEngine:
             where = f"{self.address}:{self.port}"
             raise RuntimeError(f"SIP worker {self.index} on {where}: {exc.info()}") from None
         log.info(
-            "event=sip_started worker=%d listen=%s:%d rtp=%s:%d-%d",
-            self.index,
-            self.address,
-            self.port,
-            self.cfg.sip.listen,
-            self.rtp_start,
-            self.rtp_start + self.rtp_count - 1,
+            "sip_started",
+            worker=self.index,
+            listen=f"{self.address}:{self.port}",
+            rtp=f"{self.cfg.sip.listen}:{self.rtp_start}-{self.rtp_start + self.rtp_count - 1}",
         )
 
     def _start_library(self, ep: pj.Endpoint) -> None:
@@ -271,7 +266,7 @@ class SipEngine:
             self._ep.libDestroy()
             self._ep = None
         self._writer = None
-        log.info("event=sip_stopped worker=%d", self.index)
+        log.info("sip_stopped", worker=self.index)
 
     # ------------------------------------------------------------ the loop
 
@@ -299,14 +294,9 @@ class SipEngine:
             try:
                 handlers[kind](session)
             except pj.Error as exc:
-                log.error(
-                    "event=call_event_failed kind=%s call_ref=%s error=%s",
-                    kind,
-                    session.ref,
-                    kv(redact_numbers(exc.info())),
-                )
+                log.error("call_event_failed", kind=kind, call_ref=session.ref, error=exc.info())
             except Exception:
-                log.exception("event=call_event_failed kind=%s call_ref=%s", kind, session.ref)
+                log.exception("call_event_failed", kind=kind, call_ref=session.ref)
             else:
                 continue
             if kind == "incoming" and session.meta is None:
@@ -365,7 +355,7 @@ class SipEngine:
             return None
         cut = edge.truncated(raw)
         if cut is not None:
-            log.warning("event=invite_truncated call_ref=%s detail=%s", session.ref, kv(cut))
+            log.warning("invite_truncated", call_ref=session.ref, detail=cut)
             self._reply(session, 513, "message_truncated", admission.client_ip)
             return None
         metadata = self._kept_metadata(session, raw)
@@ -399,9 +389,12 @@ class SipEngine:
         metrics.CALLS_REFUSED.labels(str(status)).inc()
         log.log(
             logging.WARNING if status in (403, 513) else logging.INFO,
-            "event=call_rejected call_ref=%s status=%d reason=%s source=%s",
-            session.ref, status, reason, source or "-",
-        )  # fmt: skip
+            "call_rejected",
+            call_ref=session.ref,
+            status=status,
+            reason=reason,
+            source=source or "-",
+        )
 
     def _connect_media(self, session: CallSession) -> None:
         call, plan, directory = session.call, session.plan, session.directory
@@ -436,7 +429,7 @@ class SipEngine:
         try:
             return edge.fetch_metadata(self.cfg.sip, token)
         except LookupError as exc:
-            log.warning("event=metadata_fetch_failed call_ref=%s reason=%s", session.ref, kv(exc))
+            log.warning("metadata_fetch_failed", call_ref=session.ref, reason=str(exc))
             return None
 
     def _watch(self, session: CallSession, now: float) -> None:
@@ -445,7 +438,7 @@ class SipEngine:
         if call is None or meta is None:
             return
         if now - session.answered_mono > self.cfg.sip.max_call_s:
-            log.warning("event=max_call_reached recording_id=%s", meta.recording_id)
+            log.warning("max_call_reached", recording_id=meta.recording_id)
             self._hangup(session, 200)
             return
         receiving = self._receiving(call, session)
@@ -462,9 +455,9 @@ class SipEngine:
             session.rx_packets, session.rx_mono = packets, now
         elif now - session.rx_mono >= self.cfg.sip.rtp_timeout_s:
             log.warning(
-                "event=rtp_timeout recording_id=%s idle_s=%.1f",
-                meta.recording_id,
-                now - session.rx_mono,
+                "rtp_timeout",
+                recording_id=meta.recording_id,
+                idle_s=round(now - session.rx_mono, 1),
             )
             session.flags.append(Flag.RTP_TIMEOUT)
             self._hangup(session, 200)
@@ -489,7 +482,7 @@ class SipEngine:
         try:
             session.call.hangup(prm)
         except pj.Error as exc:
-            log.error("event=hangup_failed call_ref=%s error=%s", session.ref, kv(exc.info()))
+            log.error("hangup_failed", call_ref=session.ref, error=exc.info())
 
     def _finish(self, session: CallSession) -> None:
         """The call ended: release the recorders; the capture moves once pjsua has
@@ -499,12 +492,12 @@ class SipEngine:
         session.invite = None
         session.recorders.clear()  # the last references: pjsua destroys the recorders
         if session.meta is None or session.directory is None:
-            log.info("event=call_ended_unanswered call_ref=%s", session.ref or "-")
+            log.info("call_ended_unanswered", call_ref=session.ref or "-")
             return
         if session.updates:
             self._update(session)
         if not session.acknowledged:
-            log.warning("event=call_not_acknowledged recording_id=%s", session.meta.recording_id)
+            log.warning("call_not_acknowledged", recording_id=session.meta.recording_id)
             session.flags.append(Flag.NOT_ACKNOWLEDGED)
         session.close_deadline = time.monotonic() + CLOSE_WAIT_S
         self._closing.append(session)
@@ -522,7 +515,7 @@ class SipEngine:
                 continue
             self._closing.remove(session)
             if any(leg in still_open for leg in legs):
-                log.warning("event=leg_not_closed recording_id=%s", session.meta.recording_id)
+                log.warning("leg_not_closed", recording_id=session.meta.recording_id)
                 session.flags.append(Flag.INCOMPLETE)
             ended = session.ended_at or utc_now()
             finish_capture(
