@@ -125,7 +125,7 @@ def test_invites_up_to_64_kb_are_stored_with_every_party_and_both_channels(
     pool = idle
     calls = {
         f"{transport}-{kb}": replace(
-            pool.call(metadata=big_metadata(int(kb * 1024) - 900)), call_ms=4000
+            pool.call(metadata=big_metadata(int(kb * 1024) - 900)), call_ms=6000
         )
         for transport in ("udp", "tcp")
         for kb in SIZES_KB
@@ -142,7 +142,7 @@ def test_invites_up_to_64_kb_are_stored_with_every_party_and_both_channels(
         assert employees(row) == [AINO], name
         assert row.service_number == "+35898765432", name
         assert flags(row) == set(), (name, row.flags)
-    for name in ("udp-60", "tcp-60", "tcp-5"):
+    for name in ("udp-60", "tcp-60"):
         audio = pool.export(rows[name], tmp_path / f"{name}.ogg")
         assert carries(audio, 0, speech.customer, speech.employee), name
         assert carries(audio, 1, speech.employee, speech.customer), name
@@ -232,10 +232,20 @@ class TlsSrc:
 
     def __init__(self, port: int, context: ssl.SSLContext) -> None:
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.conn = context.wrap_socket(raw, server_hostname="127.0.0.1")
+        try:
+            self.conn = context.wrap_socket(raw, server_hostname="127.0.0.1")
+        except OSError:
+            raw.close()
+            raise
         self.local = self.conn.getsockname()
         self.call_id = f"tls-{time.monotonic_ns()}@127.0.0.1"
         self.buffer = b""
+
+    def __enter__(self) -> TlsSrc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
 
     def request(self, method: str, uri: str, cseq: int, extra: str = "", body: str = "") -> None:
         host, port = self.local[0], self.local[1]
@@ -311,37 +321,36 @@ def test_sip_over_tls_needs_a_client_certificate_and_records(
     tls_port = free_port()
     with running_pool(tmp_path / "pool", workers=1, tls_port=tls_port, **files) as pool:
         anonymous = ssl.create_default_context(cafile=str(tmp_path / "tls" / "ca.pem"))
-        with pytest.raises(OSError):  # ssl.SSLError, ConnectionError
-            nobody = TlsSrc(tls_port, anonymous)
+        with pytest.raises(OSError), TlsSrc(tls_port, anonymous) as nobody:
             nobody.request("OPTIONS", f"sip:127.0.0.1:{tls_port}", 1, "To: <sip:x@y>\r\n")
-            nobody.response(200)
+            nobody.response(200)  # ssl.SSLError or ConnectionError: no certificate
         context = ssl.create_default_context(cafile=str(tmp_path / "tls" / "ca.pem"))
         context.load_cert_chain(tmp_path / "tls" / "sbc.pem", tmp_path / "tls" / "sbc.key")
-        src = TlsSrc(tls_port, context)
-        call = pool.call(customer=CUSTOMER_AOR)
-        src.request(
-            "INVITE", f"sip:srs@127.0.0.1:{tls_port};transport=tls", 1,
-            "To: <sip:srs@127.0.0.1>\r\nRequire: siprec\r\n"
-            "Content-Type: multipart/mixed;boundary=b\r\n",
-            _siprec_body(call),
-        )  # fmt: skip
-        answer = src.response(200)
-        answered = time.time()
-        src.in_dialog("ACK", 1, answer)
-        ports = re.findall(r"m=audio (\d+)", answer["body"][0])
-        ip = re.search(r"c=IN IP4 ([\d.]+)", answer["body"][0])
-        assert ip is not None and len(ports) == 2
-        specs = [
-            f"{ip.group(1)}:{port}={wav},src={src_port}"
-            for port, wav, src_port in zip(
-                ports, (pool.speech.customer, pool.speech.employee), call.rtp_ports, strict=True
-            )
-        ]
-        with pool.rtp.open("w") as fifo:
-            fifo.write(" ".join(specs) + "\n")
-        time.sleep(8)
-        src.in_dialog("BYE", 2, answer)
-        src.response(200)
+        with TlsSrc(tls_port, context) as src:
+            call = pool.call(customer=CUSTOMER_AOR)
+            src.request(
+                "INVITE", f"sip:srs@127.0.0.1:{tls_port};transport=tls", 1,
+                "To: <sip:srs@127.0.0.1>\r\nRequire: siprec\r\n"
+                "Content-Type: multipart/mixed;boundary=b\r\n",
+                _siprec_body(call),
+            )  # fmt: skip
+            answer = src.response(200)
+            answered = time.time()
+            src.in_dialog("ACK", 1, answer)
+            ports = re.findall(r"m=audio (\d+)", answer["body"][0])
+            ip = re.search(r"c=IN IP4 ([\d.]+)", answer["body"][0])
+            assert ip is not None and len(ports) == 2
+            specs = [
+                f"{ip.group(1)}:{port}={wav},src={src_port}"
+                for port, wav, src_port in zip(
+                    ports, (pool.speech.customer, pool.speech.employee), call.rtp_ports, strict=True
+                )
+            ]
+            with pool.rtp.open("w") as fifo:
+                fifo.write(" ".join(specs) + "\n")
+            time.sleep(8)
+            src.in_dialog("BYE", 2, answer)
+            src.response(200)
         row = pool.stored(src.call_id)
         assert abs(row.started_at_ms - answered * 1000) <= 1000
         assert row.customer_masked == "+358401234***" and employees(row) == [AINO]
