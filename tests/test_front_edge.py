@@ -9,6 +9,7 @@ import re
 import socket
 import ssl
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.certs import issue_agent, issue_store, new_ca, write_pair
+from agent.config import load_agent_config
 from agent.recorder.sip import call_ref
 from agent.testcall.sipp import (
     Midcall,
@@ -24,6 +26,7 @@ from agent.testcall.sipp import (
     free_port,
     metadata_xml,
     refused_scenario,
+    run_sipp,
     siprec_scenario,
 )
 from tests.support.audio import Speech
@@ -54,7 +57,10 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         "service_header": "P-Called-Party-ID",
         "employee_header": "X-Agent",
     }
-    with running_pool(root, workers=2, allowed_clients=["127.0.0.1"], clients=[client]) as running:
+    metrics = {"metrics": f"127.0.0.1:{free_port()}"}
+    with running_pool(
+        root, workers=2, agent_section=metrics, allowed_clients=["127.0.0.1"], clients=[client]
+    ) as running:
         yield running
 
 
@@ -74,7 +80,7 @@ def _not_stored(pool: Pool, call_id: str | None, wait_s: float = 3.0) -> None:
     time.sleep(wait_s)
     assert call_ref(call_id) not in pool.stored_refs()
     lines = [line for line in pool.text().splitlines() if call_ref(call_id) in line]
-    assert len(lines) == 1 and "event=front_refused" in lines[0], lines  # no worker saw it
+    assert lines and not [line for line in lines if "call_answered" in line], lines
 
 
 def test_a_client_not_listed_is_refused_at_the_front(idle: Pool, tmp_path: Path) -> None:
@@ -86,7 +92,26 @@ def test_a_client_not_listed_is_refused_at_the_front(idle: Pool, tmp_path: Path)
     assert result.first is not None and result.first.refused_status == 403
     wait_log(pool, "status=403 reason=client_not_allowed source=127.0.0.2 method=INVITE")
     _not_stored(pool, result.call_id)
+    seen = [line for line in pool.text().splitlines() if call_ref(result.call_id or "") in line]
+    assert len(seen) == 1 and "event=front_refused" in seen[0], seen  # no worker saw it
+    # Around the front, straight to a worker: the worker takes INVITEs from the front only.
+    worker = load_agent_config(pool.root / "agent.toml").sip.worker_sip(0)
+    direct = run_sipp(scenario, worker, tmp_path / "direct", timeout_s=15)
+    assert direct.ok and direct.first is not None and direct.first.refused_status == 403
+    wait_log(pool, "status=403 reason=not_from_front source=127.0.0.1")
+    _not_stored(pool, direct.call_id, wait_s=0.5)
+    assert _refused_403(pool) >= 2  # the front's refusal and the worker's
     assert FULL_NUMBER not in pool.text() and NATIONAL not in pool.text()
+
+
+def _refused_403(pool: Pool) -> float:
+    listen = load_agent_config(pool.root / "agent.toml").metrics_listen
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    # The agent's own samples (the front's refusals) and the workers' (summed by
+    # prometheus_client's multiprocess collector) may come as two families.
+    found = re.findall(r'^callrec_calls_refused_total\{status="403"\} (\S+)$', text, re.M)
+    return sum(float(value) for value in found)
 
 
 # ---------------------------------------------------------------- large INVITEs

@@ -151,9 +151,11 @@ def start_pool(
     rtp: Path,
     workers: int,
     ready_timeout: float = 60.0,
+    agent_section: dict[str, object] | None = None,
     **sip: object,
 ) -> Pool:
-    """The agent with ``workers`` workers behind its own Kamailio on a free port."""
+    """The agent with ``workers`` workers behind its own Kamailio on a free port;
+    ``agent_section``: more ``[agent]`` keys (e.g. ``metrics``)."""
     root.mkdir(parents=True, exist_ok=True)
     sip_port = free_port()
     settings: dict[str, object] = {
@@ -169,8 +171,9 @@ def start_pool(
         **sip,
     }
     agent = start_agent(
-        root, keys, store_address, sip_port, ready_timeout=ready_timeout, sip=settings
-    )
+        root, keys, store_address, sip_port, ready_timeout=ready_timeout, sip=settings,
+        **({"agent": agent_section} if agent_section else {}),
+    )  # fmt: skip
     cfg = load_agent_config(root / "agent.toml")
     return Pool(
         root, agent, keys, store_address, store_dir, sip_port, workers, front_files(cfg),
@@ -218,6 +221,7 @@ def running_pool(
     workers: int,
     speech: Speech | None = None,
     ready_timeout: float = 60.0,
+    agent_section: dict[str, object] | None = None,
     **sip: object,
 ) -> Iterator[Pool]:
     """Store, RTP sender and a pool of ``workers``, all stopped at the end."""
@@ -229,7 +233,7 @@ def running_pool(
             store_dir = root / "store" / "store-data"
             pool = start_pool(
                 root / "agent", keys, address, store_dir, speech, rtp, workers, ready_timeout,
-                **sip,
+                agent_section, **sip,
             )  # fmt: skip
             pool.sender = sender
             try:
