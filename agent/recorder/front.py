@@ -26,7 +26,12 @@ Routing (measured facts of DESIGN.md built in):
   front answers OPTIONS sent to itself (SRC keep-alives) with 200;
 - log lines name the call only by ``call_ref`` (the sha256 prefix of the Call-ID the
   workers log too) and the worker by its ``duid``: never a From/To/R-URI user part.
-  Kamailio's own parse errors (which print whole messages) are at debug level.
+  Kamailio's own parse errors (which print whole messages) go through
+  :mod:`agent.recorder.frontlog`, which drops message content and redacts numbers;
+- the SIP edge (:mod:`agent.recorder.edge`): only listed recording clients
+  (``[sip] allowed_clients``, 403 otherwise), requests up to ``[sip] max_message``
+  (513 otherwise), the metadata part kept aside in memory for the worker to fetch;
+  optionally SIP over TLS with client certificates (``[sip] tls_port``).
 
 Pointing a PBX/SBC at the front: configure it as a SIPREC recording server (SRS) at
 ``sip:<[sip] listen>:<[sip] port>`` over UDP or TCP (e.g. Cisco CUBE ``media

@@ -8,7 +8,8 @@ TEMPLATE = r"""#!KAMAILIO
 # start: edit the agent's config, not this file.
 
 debug=2
-corelog=3          # core parse errors print whole messages: only at debug level
+corelog=3          # core parse errors at debug level; what else prints message
+                   # content goes through `callrec front-log` (agent.recorder.frontlog)
 log_stderror=yes
 log_prefix=""
 children=2
