@@ -182,6 +182,7 @@ def test_relay_counts_refusals_and_keeps_our_event_lines(
     front._relay_line(" 0(681) INFO: <core> [main.c:3055]: main(): processes (at least): 9")
     front._relay_line(" 3(687) ERROR: tm [t_reply.c:1]: message <sip:0401234567@x>")
     assert (front.refused, front.failovers) == (1, 1)
+    front._relay_line(" 2(686) INFO: <script>: event=front_dispatched call_ref=a2543172c6b9699b")
     assert metrics.CALLS_REFUSED.labels("503")._value.get() == refused_before + 1
     records = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert records[0] == (
@@ -190,6 +191,7 @@ def test_relay_counts_refusals_and_keeps_our_event_lines(
     )
     assert records[2][0] == "DEBUG"  # Kamailio's start-up chatter
     assert records[3][0] == "ERROR" and "0401234567" not in records[3][1]
+    assert "call_ref=a2543172c6b9699b" in records[4][1]  # a digest is not a number
 
 
 # ---------------------------------------------------------------- the process

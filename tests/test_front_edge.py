@@ -57,7 +57,7 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         "service_header": "P-Called-Party-ID",
         "employee_header": "X-Agent",
     }
-    metrics = {"metrics": f"127.0.0.1:{free_port()}"}
+    metrics: dict[str, object] = {"metrics": f"127.0.0.1:{free_port()}"}
     with running_pool(
         root, workers=2, agent_section=metrics, allowed_clients=["127.0.0.1"], clients=[client]
     ) as running:

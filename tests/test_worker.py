@@ -527,7 +527,7 @@ def test_client_behind_the_front_must_come_through_the_front(
 ) -> None:
     """With ``front = true`` a worker takes INVITEs only from the front's address and
     port: an SRC that reaches the worker's port directly is refused."""
-    sip = {"front": True, "port": free_port(), "worker_port": free_port()}
+    sip: dict[str, object] = {"front": True, "port": free_port(), "worker_port": free_port()}
     worker = start_worker(tmp_path, keys, sip=sip)
     workers.append(worker)
     target = worker.cfg.sip.worker_sip(0)

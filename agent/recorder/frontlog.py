@@ -54,9 +54,11 @@ _DIGITS = re.compile(r"\+?(?:\d[\s\-./]?){5,}\d")
 _KEPT = re.compile(r"\x00(\d+)\x00")
 
 
-def sanitize(text: str) -> str:
+def sanitize(text: str, strict: bool = True) -> str:
     """A Kamailio log line without URI user parts or number-like digit runs; IPv4
-    addresses (a refused client's, a worker's) are kept: they are not numbers."""
+    addresses (a refused client's, a worker's) are kept: they are not numbers.
+    ``strict``: every run of six digits goes too (Kamailio's own lines); our config's
+    event lines (``strict=False``) keep their call_ref digests whole."""
     text = _URI_USER.sub(r"\1<redacted>@", text.replace("\x00", ""))
     text = _TEL_URI.sub("tel:<redacted>", text)
     kept: list[str] = []
@@ -65,7 +67,9 @@ def sanitize(text: str) -> str:
         kept.append(match.group())
         return f"\x00{len(kept) - 1}\x00"
 
-    text = _DIGITS.sub("<redacted>", redact_numbers(_IPV4.sub(keep, text)))
+    text = redact_numbers(_IPV4.sub(keep, text))
+    if strict:
+        text = _DIGITS.sub("<redacted>", text)
     return _KEPT.sub(lambda m: kept[int(m.group(1))], text)
 
 
@@ -77,7 +81,7 @@ def kamailio_record(raw: str) -> tuple[int, str, dict[str, object] | None] | Non
     if match is None:
         return None
     level = _LEVELS.get(match.group(2), logging.INFO)
-    text = sanitize(match.group(3))
+    text = sanitize(match.group(3), strict=not match.group(3).startswith("<script>: "))
     if any(benign in text for benign in _BENIGN):
         level = logging.DEBUG
     elif level == logging.INFO and not text.startswith("<script>:"):

@@ -172,7 +172,7 @@ def start_pool(
     }
     agent = start_agent(
         root, keys, store_address, sip_port, ready_timeout=ready_timeout, sip=settings,
-        **({"agent": agent_section} if agent_section else {}),
+        agent=agent_section or {},
     )  # fmt: skip
     cfg = load_agent_config(root / "agent.toml")
     return Pool(
