@@ -48,7 +48,9 @@ class Direction(StrEnum):
 
 
 class Flag(StrEnum):
-    METADATA_INVALID = "metadata_invalid"  # SIPREC metadata missing or unreadable
+    METADATA_INVALID = "metadata_invalid"  # SIPREC metadata unreadable
+    METADATA_MISSING = "metadata_missing"  # a SIPREC INVITE without metadata
+    NOT_ACKNOWLEDGED = "not_acknowledged"  # the SRC never ACKed our 200 OK
     EMPLOYEE_UNKNOWN = "employee_unknown"  # no employee matched the directory
     CUSTOMER_WITHHELD = "customer_withheld"  # anonymous / restricted caller ID
     CUSTOMER_UNKNOWN = "customer_unknown"  # no customer number given or not a number

@@ -35,6 +35,7 @@ from agent.privacy import (
     new_lookup_key_line,
     new_seal_keypair,
 )
+from agent.recorder import frontlog
 
 log = logs.get_logger("callrec")
 
@@ -87,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=6.0)
     access_cli.add_parsers(sub)
     certs.add_parsers(sub)
+    frontlog.add_parsers(sub)
     return parser
 
 
@@ -105,6 +107,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     dispatchers: tuple[Callable[[argparse.Namespace], int | None], ...] = (
         access_cli.dispatch,
         certs.dispatch,
+        frontlog.dispatch,
     )
     for dispatch in dispatchers:
         handled = dispatch(args)

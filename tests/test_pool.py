@@ -56,7 +56,7 @@ MIKKO = ("e1002", "Mikko Korhonen")
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
-    with running_pool(tmp_path_factory.mktemp("pool"), workers=8) as running:
+    with running_pool(tmp_path_factory.mktemp("pool"), workers=8, plain=True) as running:
         yield running
 
 
@@ -133,7 +133,7 @@ def test_what_srcs_send_is_stored_with_parties_and_channels(
     nothing = row["no_metadata"]
     assert nothing.channels == 2 and nothing.customer_masked == "unknown"
     assert (nothing.employee_id, nothing.direction) == ("unknown", "unknown")
-    unknown = {"metadata_invalid", "customer_unknown", "employee_unknown", "service_unknown"}
+    unknown = {"metadata_missing", "customer_unknown", "employee_unknown", "service_unknown"}
     assert flags(nothing) == unknown
 
     plain = row["plain"]

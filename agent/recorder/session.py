@@ -94,7 +94,9 @@ def log_answered(meta: CaptureMeta, plan: CallPlan, worker: int) -> None:
         flags=",".join(meta.flags) or "-",
     )
     if plan.problem is not None:
-        log.warning("metadata_invalid", recording_id=meta.recording_id, reason=plan.problem)
+        missing = Flag.METADATA_MISSING in meta.flags
+        event = "metadata_missing" if missing else "metadata_invalid"
+        log.warning(event, recording_id=meta.recording_id, reason=plan.problem)
     log_unknown_employees(meta, meta.employees)
 
 
@@ -123,14 +125,15 @@ def log_updated(before: CaptureMeta, after: CaptureMeta) -> None:
 def merge_updates(
     meta: CaptureMeta,
     directory: Path,
-    updates: list[tuple[dt.datetime, str]],
+    updates: list[tuple[dt.datetime, str, str | None]],
     people: Directory,
     rules: PartyRules,
 ) -> CaptureMeta:
-    """Apply the metadata of in-dialog re-INVITEs/UPDATEs (time received, raw text) to
-    the capture: ``capture.json`` is rewritten when something changed."""
-    for at, raw in updates:
-        parties, problem = read_update(raw, people, rules)
+    """Apply the metadata of in-dialog re-INVITEs/UPDATEs (time received, raw text, the
+    metadata the front kept aside for it) to the capture: ``capture.json`` is
+    rewritten when something changed."""
+    for at, raw, kept in updates:
+        parties, problem = read_update(raw, people, rules, kept)
         if problem is not None:
             log.warning("metadata_update_invalid", recording_id=meta.recording_id, reason=problem)
         if parties is None:

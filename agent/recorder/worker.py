@@ -45,6 +45,7 @@ log = logs.get_logger("agent.recorder.worker")  # also when run as __main__
 POLL_MS = 500  # libHandleEvents returns at once on any SIP event; this bounds idle wake-ups
 PR_SET_PDEATHSIG = 1
 PARENT_GONE = signal.SIGUSR2
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 HANGUP_WAIT_S = 3.0
 RECOVERY_RETRY_S = 30.0  # captures that could not be recovered (a full disk) are retried
 # A predecessor still holding the slot this long after [sip] drain is hung: its own
@@ -88,6 +89,15 @@ def check_port_free(address: str, port: int) -> None:
             raise PortInUse(f"SIP port {address}:{port}/udp is in use by another process") from None
 
 
+def _not_dumpable(index: int) -> None:
+    """No core dump, and no ptrace or ``/proc/<pid>/mem`` for other processes of our
+    user: a worker holds raw INVITEs (full numbers) in memory."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+    log.info("core_dumps_off", worker=index, dumpable=libc.prctl(PR_GET_DUMPABLE))
+
+
 class Worker:
     def __init__(
         self,
@@ -116,6 +126,7 @@ class Worker:
 
     def startup(self) -> None:
         cfg = self.cfg
+        _not_dumpable(self.index)
         _stop_with_parent()
         self._slot = WorkerSlot.acquire(self.active_dir, self._waiting, self.stop.is_set)
         if self._slot is None:

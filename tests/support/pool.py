@@ -154,8 +154,8 @@ def start_pool(
     agent_section: dict[str, object] | None = None,
     **sip: object,
 ) -> Pool:
-    """The agent with ``workers`` workers behind its own Kamailio on a free port
-    (``agent_section``: more keys for its ``[agent]`` section)."""
+    """The agent with ``workers`` workers behind its own Kamailio on a free port;
+    ``agent_section``: more ``[agent]`` keys (e.g. ``metrics``)."""
     root.mkdir(parents=True, exist_ok=True)
     sip_port = free_port()
     settings: dict[str, object] = {
@@ -163,6 +163,7 @@ def start_pool(
         "run_front": True,
         "workers": workers,
         "worker_port": free_port(workers),
+        "front_http_port": free_port(),
         "rtp_port_count": 40,
         "rtp_port_start": free_port(40 * workers),
         "probe_interval": "1s",

@@ -110,6 +110,13 @@ def agent_config(
     return agent_config_from_dict(doc, root), doc
 
 
+def _toml_item(value: object) -> str:
+    """A list item: a string, or an inline table of strings (``[[sip.clients]]``)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f'{k} = "{v}"' for k, v in value.items()) + "}"
+    return f'"{value}"'
+
+
 def write_toml(path: Path, doc: dict[str, dict[str, object]]) -> Path:
     lines: list[str] = []
     for section, values in doc.items():
@@ -118,7 +125,7 @@ def write_toml(path: Path, doc: dict[str, dict[str, object]]) -> Path:
             if isinstance(value, str):
                 lines.append(f'{key} = "{value}"')
             elif isinstance(value, list):
-                lines.append(f"{key} = [" + ", ".join(f'"{v}"' for v in value) + "]")
+                lines.append(f"{key} = [" + ", ".join(_toml_item(v) for v in value) + "]")
             else:
                 lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
         lines.append("")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from agent import logs, metrics
 from agent.capture import CaptureMeta, Flag, iso_ms, new_recording_id, utc_now, write_meta
 from agent.config import AgentConfig
 from agent.directory import LiveDirectory
+from agent.recorder import edge
 from agent.recorder.diskspace import (
     LEG_BYTES_PER_S,
     DiskGuard,
@@ -69,7 +71,10 @@ class _Call(pj.Call):  # type: ignore[misc]
 
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
         try:
-            if self.getInfo().state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            state = self.getInfo().state
+            if state == pj.PJSIP_INV_STATE_CONFIRMED:
+                self.session.acknowledged = True
+            elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
                 self.session.disconnected(utc_now())
         except Exception:
             log.exception("call_state_failed")
@@ -103,7 +108,7 @@ class _Call(pj.Call):  # type: ignore[misc]
             ):
                 return
             raw = change.src.rdata.wholeMsg
-            if "rs-metadata" in raw.lower():
+            if edge.has_metadata(raw):
                 self.session.updates.append((utc_now(), raw))
                 self.session.events.append(("update", self.session))
         except Exception:
@@ -143,6 +148,8 @@ class CallSession:
     events: collections.deque[tuple[str, CallSession]] = field(repr=False)
     call: _Call | None = field(default=None, repr=False)
     invite: str | None = field(default=None, repr=False)  # raw INVITE until it is read
+    source: str = ""  # where the INVITE came from ("address:port")
+    acknowledged: bool = False  # the SRC's ACK of our 200 arrived
     updates: list[tuple[dt.datetime, str]] = field(default_factory=list, repr=False)
     ref: str = ""
     plan: CallPlan | None = field(default=None, repr=False)
@@ -322,7 +329,8 @@ class SipEngine:
     # ------------------------------------------------------------ callbacks (translate only)
 
     def _incoming(self, account: _Account, prm: pj.OnIncomingCallParam) -> None:
-        session = CallSession(events=self._events, invite=prm.rdata.wholeMsg)
+        rdata = prm.rdata
+        session = CallSession(events=self._events, invite=rdata.wholeMsg, source=rdata.srcAddress)
         session.call = _Call(account, prm.callId, session)
         session.ref = call_ref(session.call.getInfo().callIdString)
         self._sessions.append(session)
@@ -342,10 +350,10 @@ class SipEngine:
         if not self._space.room_for_a_call():
             self._reply(session, 503, "disk_full")
             return
-        plan = plan_call(
-            raw, self._directory.current, self._rules, self._headers, info.remAudioCount
-        )
+        plan = self._plan(session, raw, info.remAudioCount)
         del raw
+        if plan is None:
+            return
         if not plan.legs:
             self._reply(session, 488, "no_audio")
             return
@@ -407,6 +415,30 @@ class SipEngine:
             shutil.rmtree(session.directory, ignore_errors=True)
         session.plan = session.meta = session.directory = None
 
+    def _plan(self, session: CallSession, raw: str, offered_audio: int) -> CallPlan | None:
+        """The edge's checks (who sent it, did it arrive whole, plain mode), then what to
+        record; None: the INVITE was refused here."""
+        sip = self.cfg.sip
+        admission = edge.admit(sip, session.source, raw)
+        if admission.refusal is not None:
+            self._reply(session, 403, admission.refusal, admission.client_ip)
+            return None
+        cut = edge.truncated(raw)
+        if cut is not None:
+            log.warning("invite_truncated", call_ref=session.ref, detail=cut)
+            self._reply(session, 513, "message_truncated", admission.client_ip)
+            return None
+        metadata = self._kept_metadata(session, raw)
+        client = sip.client(admission.client_ip or "")
+        plan = plan_call(
+            raw, self._directory.current, self._rules, self._headers, offered_audio, client,
+            metadata,
+        )  # fmt: skip
+        if not plan.siprec and not sip.plain:
+            self._reply(session, 403, "plain_not_enabled", admission.client_ip)
+            return None
+        return plan
+
     def _start_recorders(self, session: CallSession, plan: CallPlan, directory: Path) -> None:
         """One WAV per leg from the answer on; streams are connected as they come."""
         for index, leg in plan.legs.items():
@@ -416,13 +448,23 @@ class SipEngine:
             if self._silence is not None:
                 self._silence.startTransmit(recorder)
 
-    def _reply(self, session: CallSession, status: int, reason: str) -> None:
+    def _reply(
+        self, session: CallSession, status: int, reason: str, source: str | None = None
+    ) -> None:
+        """Refuse the INVITE: one line naming the sender's address (never a number)."""
         assert session.call is not None
         prm = pj.CallOpParam()
         prm.statusCode = status
         session.call.answer(prm)
         metrics.CALLS_REFUSED.labels(str(status)).inc()
-        log.info("call_rejected", call_ref=session.ref, status=status, reason=reason)
+        log.log(
+            logging.WARNING if status in (403, 513) else logging.INFO,
+            "call_rejected",
+            call_ref=session.ref,
+            status=status,
+            reason=reason,
+            source=source or "-",
+        )
 
     def _connect_media(self, session: CallSession) -> None:
         call, plan, directory = session.call, session.plan, session.directory
@@ -444,9 +486,21 @@ class SipEngine:
         updates, session.updates = session.updates, []
         if session.meta is not None and session.directory is not None:
             people = self._directory.current
+            fetched = [(at, raw, self._kept_metadata(session, raw)) for at, raw in updates]
             session.meta = merge_updates(
-                session.meta, session.directory, updates, people, self._rules
+                session.meta, session.directory, fetched, people, self._rules
             )
+
+    def _kept_metadata(self, session: CallSession, raw: str) -> str | None:
+        """The metadata the front kept aside for an in-dialog request, if it did."""
+        token = edge.metadata_token(raw) if self.cfg.sip.front else None
+        if token is None:
+            return None
+        try:
+            return edge.fetch_metadata(self.cfg.sip, token)
+        except LookupError as exc:
+            log.warning("metadata_fetch_failed", call_ref=session.ref, reason=str(exc))
+            return None
 
     def _watch(self, session: CallSession, now: float) -> None:
         """Hang up a call whose sender vanished (no RTP for rtp_timeout) or ran too long."""
@@ -531,6 +585,9 @@ class SipEngine:
             self._update(session)
         if session.owner is not None:  # recovery's end time, should closing fail for good
             session.owner.beat(iso_ms(session.ended_at or utc_now()))
+        if not session.acknowledged:
+            log.warning("call_not_acknowledged", recording_id=session.meta.recording_id)
+            session.flags.append(Flag.NOT_ACKNOWLEDGED)
         session.close_deadline = time.monotonic() + CLOSE_WAIT_S
         self._closing.append(session)
 
