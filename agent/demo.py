@@ -23,7 +23,8 @@ from pathlib import Path
 import grpc
 
 from agent import certs
-from agent.cli import export_audio, format_recordings, keys_init
+from agent.cli import export_audio, format_recordings
+from agent.keys_cli import keys_init
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.testcall import SiprecCall, free_port, make_speech, run_sipp, siprec_scenario
@@ -72,8 +73,8 @@ def _write_configs(root: Path, store_port: int, sip_port: int, rtp_start: int) -
         f'listen = "127.0.0.1:{store_port}"\n'
         'data_dir = "store-data"\n'
         'retention = "6 months"\n'
-        'directory_file = "people.toml"\nlookup_key_file = "keys/lookup.key"\n'
-        'seal_key_file = "keys/seal.pem"\n\n'
+        'directory_file = "people.toml"\nseal_key_file = "keys/seal.pem"\n\n'
+        '[store.keys]\nmaster_key_file = "keys/master.key"\n\n'
         '[store.tls]\nca_file = "tls/ca.pem"\ncert_file = "tls/store.pem"\n'
         'key_file = "tls/store.key"\n'
     )
@@ -84,8 +85,7 @@ def _write_configs(root: Path, store_port: int, sip_port: int, rtp_start: int) -
         "rtp_port_count = 40\n\n"
         f'[calls]\nservice_numbers = ["{SERVICE}", "0100 5445"]\n\n'
         '[directory]\nfile = "people.toml"\n\n'
-        '[privacy]\nlookup_key_file = "keys/lookup.key"\n'
-        'seal_public_key_file = "keys/seal.pub.pem"\n\n'
+        '[privacy]\nseal_public_key_file = "keys/seal.pub.pem"\n\n'
         f'[uplink]\nstore_address = "127.0.0.1:{store_port}"\n'
         'ca_file = "tls/ca.pem"\ncert_file = "tls/agent.pem"\nkey_file = "tls/agent.key"\n'
     )

@@ -33,6 +33,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from agent import logs
 from agent.capture import fsync_dir
 from agent.certs import site_from_auth_context
 from agent.manifest import (
@@ -161,6 +162,7 @@ class IngestService(pb_grpc.IngestServicer):
                 str(exc),
             )
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"manifest: {exc}")
+        _drop_agent_digest(manifest)
         await self._check_site(manifest, site, context)
         await self._check_region(manifest, context)
         try:
@@ -356,8 +358,8 @@ def row_from_manifest(m: pb.Manifest, blob_key: str, region: str) -> RecordingRo
         service_number=m.service_number or None,
         customer_kind=m.customer.kind,
         customer_masked=m.customer.masked,
-        customer_digest=m.customer.digest or None,
-        customer_digest_key_id=m.customer.digest_key_id or None,
+        customer_digest=None,  # never kept: see agent.store.numbers
+        customer_digest_key_id=None,
         customer_tail_sealed=m.customer.tail_sealed or None,
         employee_id=first.id if first else "unknown",
         employee_name=first.name if first else "unknown",
@@ -372,6 +374,20 @@ def row_from_manifest(m: pb.Manifest, blob_key: str, region: str) -> RecordingRo
         region=region,
         stored_at_ms=now_ms(),
     )
+
+
+def _drop_agent_digest(manifest: pb.Manifest) -> None:
+    """An agent older than the key-custody change still sends a lookup digest made
+    with a key every agent held: it is dropped before anything is written."""
+    if manifest.customer.digest or manifest.customer.digest_key_id:
+        manifest.customer.ClearField("digest")
+        manifest.customer.ClearField("digest_key_id")
+        logs.get_logger(__name__).warning(
+            "agent_digest_dropped",
+            recording_id=manifest.recording_id,
+            site=manifest.site,
+            action="upgrade the agent and delete lookup.key from its host",
+        )
 
 
 def _check_chunk(manifest: pb.Manifest, committed: int, chunk: pb.Chunk) -> None:

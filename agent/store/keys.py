@@ -14,6 +14,8 @@ import base64
 import datetime as dt
 import logging
 import os
+import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -21,8 +23,10 @@ import sqlalchemy as sa
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from agent import logs
+from agent.config import StoreConfig
 from agent.privacy import KeyFileError, check_private_file, read_key_file
-from agent.store.catalog import Catalog, data_keys
+from agent.store.catalog import Catalog, data_keys, master_keys, now_ms
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,14 @@ class KeyWrapper(Protocol):
         """Every master key this wrapper can unwrap with."""
         ...
 
-    def wrap(self, data_key: bytes, context: bytes) -> tuple[str, bytes]:
-        """Returns (key id, wrapped key); ``context`` must be given again to unwrap."""
+    @property
+    def source(self) -> str:
+        """Where the master keys live ("file", "pkcs11"), for logs and the registry."""
+        ...
+
+    def wrap(self, data_key: bytes, context: bytes, key_id: str | None = None) -> tuple[str, bytes]:
+        """Returns (key id, wrapped key) under ``key_id`` (default: the current key);
+        ``context`` must be given again to unwrap."""
         ...
 
     def unwrap(self, key_id: str, wrapped: bytes, context: bytes) -> bytes: ...
@@ -69,15 +79,18 @@ class FileKeyWrapper:
     def current_key_id(self) -> str:
         return self._current
 
+    @property
+    def source(self) -> str:
+        return "file"
+
     def key_ids(self) -> frozenset[str]:
         return frozenset(self._keys)
 
-    def wrap(self, data_key: bytes, context: bytes) -> tuple[str, bytes]:
+    def wrap(self, data_key: bytes, context: bytes, key_id: str | None = None) -> tuple[str, bytes]:
+        key_id = key_id or self._current
         nonce = os.urandom(_NONCE_BYTES)
-        aad = _WRAP_LABEL + self._current.encode() + b"\x00" + context
-        return self._current, nonce + AESGCM(self._keys[self._current]).encrypt(
-            nonce, data_key, aad
-        )
+        aad = _WRAP_LABEL + key_id.encode() + b"\x00" + context
+        return key_id, nonce + AESGCM(self._keys[key_id]).encrypt(nonce, data_key, aad)
 
     def unwrap(self, key_id: str, wrapped: bytes, context: bytes) -> bytes:
         master = self._keys.get(key_id)
@@ -91,7 +104,9 @@ class FileKeyWrapper:
 
 
 def new_key_id() -> str:
-    return dt.datetime.now(dt.UTC).strftime("mk%Y%m%d%H%M%S")
+    """``mk20261202-031500-5f0c9a1e``: readable, and unique even when two stores make
+    one in the same second (the random part)."""
+    return dt.datetime.now(dt.UTC).strftime("mk%Y%m%d-%H%M%S-") + secrets.token_hex(4)
 
 
 def _line(key_id: str) -> str:
@@ -132,43 +147,141 @@ def add_master_key(path: Path, key_id: str | None = None) -> str:
 
 def keys_in_use(catalog: Catalog) -> dict[str, int]:
     """How many live (not shredded) data keys each master key wraps."""
+    with catalog.engine.connect() as conn:
+        return _in_use(conn)
+
+
+def _in_use(conn: sa.Connection) -> dict[str, int]:
     query = (
         sa.select(data_keys.c.key_id, sa.func.count())
         .where(data_keys.c.wrapped_key.is_not(None))
         .group_by(data_keys.c.key_id)
     )
-    with catalog.engine.connect() as conn:
-        return {str(k): int(n) for k, n in conn.execute(query)}
+    return {str(k): int(n) for k, n in conn.execute(query)}
 
 
 def retire_master_key(path: Path, key_id: str, catalog: Catalog) -> None:
+    """Drop ``key_id`` from the file and mark it retired in the catalog; refused while a
+    data key still needs it (run ``rewrap_all`` first)."""
     in_use = keys_in_use(catalog).get(key_id, 0)
     if in_use:
         raise KeyFileError(f"{path}: key {key_id!r} still wraps {in_use} data keys; rewrap first")
-    keep = [(k, s) for k, s in read_key_file(path) if k != key_id]
-    if not keep:
-        raise KeyFileError(f"{path}: {key_id!r} is the only key")
+    held = read_key_file(path)
+    if held[0][0] == key_id:
+        raise KeyFileError(f"{path}: {key_id!r} is the current key; rotate first")
+    keep = [(k, s) for k, s in held if k != key_id]
+    if len(keep) == len(held):
+        raise KeyFileError(f"{path}: no key {key_id!r} in the file")
     text = "".join(f"{k} {base64.b64encode(s).decode()}\n" for k, s in keep)
     _write_private(path, text, exclusive=False)
+    with catalog.engine.begin() as conn:
+        conn.execute(
+            sa.update(master_keys)
+            .where(master_keys.c.key_id == key_id, master_keys.c.retired_at_ms.is_(None))
+            .values(retired_at_ms=now_ms())
+        )
     log.info("event=master_key_retired path=%s key_id=%s", path, key_id)
 
 
+# ---------------------------------------------------------------- one key set per catalog
+
+_CHECK_CONTEXT = b"callrec-master-key-check"
+_CHECK_PLAIN = bytes(32)
+
+
+class KeySetMismatch(KeyFileError):
+    """The key source and the catalog disagree: another store's keys, or a stale copy."""
+
+
 def open_master_keys(path: Path, catalog: Catalog) -> FileKeyWrapper:
-    """Load the key file, creating it on a store that has no data keys yet; refuse to
-    start when a data key needs a master key the file lacks."""
-    in_use = keys_in_use(catalog)
-    if not path.exists() and not in_use:
-        create_master_key_file(path)
-    elif not path.exists():
-        raise KeyFileError(
-            f"{path}: master key file missing, but {sum(in_use.values())} data keys are "
-            f"wrapped by {', '.join(sorted(in_use))}"
-        )
-    wrapper = FileKeyWrapper.load(path)
-    missing = sorted(set(in_use) - wrapper.key_ids())
-    if missing:
-        raise KeyFileError(f"{path}: data keys are wrapped by {', '.join(missing)}, not in file")
+    """The key file, checked against the catalog's registry of master keys (one key
+    set for every store on a catalog). The file is created only when the catalog
+    knows no master key at all (a new register); a store whose file is missing or
+    lacks a key the catalog knows refuses to start."""
+    with catalog.serialised() as conn:
+        known, in_use = _registry(conn), _in_use(conn)
+        if not path.exists():
+            needed = sorted({*in_use, *(k for k, (_, retired) in known.items() if not retired)})
+            if needed:
+                raise KeyFileError(
+                    f"{path}: master key file missing, but the catalog knows master keys "
+                    f"{', '.join(needed)}: copy the key file every store of this catalog "
+                    "uses (it is never made again)"
+                )
+            create_master_key_file(path)
+        wrapper = FileKeyWrapper.load(path)
+        register_keys(conn, wrapper, str(path), known, in_use)
     return wrapper
+
+
+def open_key_wrapper(config: StoreConfig, catalog: Catalog) -> KeyWrapper:
+    """The configured key source, checked against the catalog (``open_master_keys``)."""
+    events = logs.get_logger(__name__)
+    inside = config.data_dir / "keys" / "master.key"
+    if inside.exists():
+        raise KeyFileError(
+            f"{inside}: a master key inside data_dir (where older versions made it): move "
+            f"it to {config.master_key_file} ([store.keys] master_key_file), so that a "
+            "backup of the state does not carry the key that opens it"
+        )
+    if config.lookup_key_file is not None:
+        events.warning(
+            "lookup_key_obsolete",
+            path=str(config.lookup_key_file),
+            action="remove [store] lookup_key_file; numbers are found through seal.pem",
+        )
+    wrapper = open_master_keys(config.master_key_file, catalog)
+    events.info("master_keys_opened", source=wrapper.source, current=wrapper.current_key_id)
+    return wrapper
+
+
+def _registry(conn: sa.Connection) -> dict[str, tuple[bytes, bool]]:
+    """key id → (check value, retired)."""
+    rows = conn.execute(
+        sa.select(master_keys.c.key_id, master_keys.c.check_value, master_keys.c.retired_at_ms)
+    )
+    return {str(k): (bytes(c), r is not None) for k, c, r in rows}
+
+
+def _holds(wrapper: KeyWrapper, key_id: str, check: bytes) -> bool:
+    try:
+        return wrapper.unwrap(key_id, check, _CHECK_CONTEXT) == _CHECK_PLAIN
+    except KeyWrapError:
+        return False
+
+
+def register_keys(
+    conn: sa.Connection,
+    wrapper: KeyWrapper,
+    where: str,
+    known: Mapping[str, tuple[bytes, bool]],
+    in_use: Mapping[str, int],
+) -> None:
+    """Refuse a wrapper that lacks a key the catalog needs or holds a different key
+    under a known id; then record the wrapper's new keys with their check values."""
+    held = wrapper.key_ids()
+    for key_id, (check, _) in known.items():
+        if key_id in held and not _holds(wrapper, key_id, check):
+            raise KeySetMismatch(
+                f"{where}: master key {key_id!r} is not the key this catalog knows by that "
+                "id (another store's own key file?); every store of a catalog shares one"
+            )
+    required = set(in_use) | {k for k, (_, retired) in known.items() if not retired}
+    if missing := sorted(required - held):
+        raise KeySetMismatch(
+            f"{where}: data keys are wrapped by {', '.join(missing)}, not in file "
+            "(every store of a catalog must use one key set)"
+        )
+    for key_id in sorted(held - set(known)):
+        _, check = wrapper.wrap(_CHECK_PLAIN, _CHECK_CONTEXT, key_id)
+        conn.execute(
+            sa.insert(master_keys).values(
+                key_id=key_id, check_value=check, source=wrapper.source, created_at_ms=now_ms()
+            )
+        )
+        logs.get_logger(__name__).info(
+            "master_key_registered", key_id=key_id, source=wrapper.source
+        )
 
 
 def key_context(recording_id: str, blob_key: str) -> bytes:
