@@ -226,7 +226,7 @@ class World:
             return [dict(r._mapping) for r in conn.execute(query)]
 
 
-def store_doc(root: Path, keys: Keys, seal: Path | None = None) -> dict[str, Any]:
+def store_doc(root: Path, keys: Keys, seal: Path | None = None, **extra: Any) -> dict[str, Any]:
     return {
         "store": {
             "listen": "127.0.0.1:0",
@@ -234,13 +234,17 @@ def store_doc(root: Path, keys: Keys, seal: Path | None = None) -> dict[str, Any
             "tls": {"insecure": True},
             "directory_file": str(root / "people.toml"),
             "seal_key_file": str(seal or keys.seal_private),
+            **extra,
         }
     }
 
 
-def running_world(root: Path, keys: Keys, seal: Path | None = None) -> Iterator[World]:
+def running_world(
+    root: Path, keys: Keys, seal: Path | None = None, **extra: Any
+) -> Iterator[World]:
+    """``extra``: more ``[store]`` keys (e.g. ``catalog`` for PostgreSQL)."""
     (root / "people.toml").write_text(PEOPLE + LEAVER)
-    doc = store_doc(root, keys, seal)
+    doc = store_doc(root, keys, seal, **extra)
     with InProcessStore(store_config_from_dict(doc, root)) as store:
         storage = open_storage(store.config)
         world = World(root, keys, store.config, store, storage, doc)
