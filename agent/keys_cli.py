@@ -2,6 +2,7 @@
 ``agent/cli.py`` by ``add_parsers(sub)`` and ``dispatch(args)`` (None: not one of these).
 
   callrec keys init DIR                          seal.pem (store) + seal.pub.pem (agents)
+  callrec keys master init   --config store.toml  the first master key of a new catalog
   callrec keys master list   --config store.toml  master keys: file, catalog, data keys
   callrec keys master rotate --config store.toml  a new master key wraps from the next start
   callrec keys master rewrap --config store.toml  re-wrap every data key under the current key
@@ -51,6 +52,7 @@ def add_parsers(sub: SubParsers) -> None:
     master = keys_sub.add_parser("master", help="the store's master keys")
     msub = master.add_subparsers(dest="master_command", required=True)
     for name, text in (
+        ("init", "create the master key file of a new catalog (never when it knows keys)"),
         ("list", "master keys in the key file and the catalog, with data keys per key"),
         ("rotate", "add a new master key; it wraps new data keys once the stores restart"),
         ("rewrap", "re-wrap every data key under the current master key (audio untouched)"),
@@ -90,7 +92,13 @@ def dispatch(args: argparse.Namespace) -> int | None:
                 "of this catalog, restart them, then run `callrec keys master rewrap`"
             )
             return 0
+        if command == "init" and config.master_key_file.exists():
+            raise ConfigError(f"{config.master_key_file}: exists; nothing to do")
         wrapper = open_key_wrapper(config, catalog)
+        if command == "init":
+            _out(f"created {config.master_key_file} ({wrapper.current_key_id}); back it up "
+                 "apart from data_dir and the catalog")  # fmt: skip
+            return 0
         if command == "rewrap":
             count = rewrap_all(catalog, wrapper)
             _out(f"re-wrapped {count} data keys under {wrapper.current_key_id}")

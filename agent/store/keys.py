@@ -208,7 +208,13 @@ def open_master_keys(path: Path, catalog: Catalog) -> FileKeyWrapper:
                     f"{', '.join(needed)}: copy the key file every store of this catalog "
                     "uses (it is never made again)"
                 )
-            create_master_key_file(path)
+            try:
+                create_master_key_file(path)
+            except OSError as exc:
+                raise KeyFileError(
+                    f"{path}: cannot create the master key ({exc.strerror}); make it with "
+                    "`callrec keys master init --config store.toml` as the store's user"
+                ) from None
         wrapper = FileKeyWrapper.load(path)
         register_keys(conn, wrapper, str(path), known, in_use)
     return wrapper
