@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import threading
 from collections.abc import Callable
@@ -209,3 +210,30 @@ def test_keys_seal_rotate_keeps_older_seals_openable(
     assert keyring.open(old_seal) == "567"
     assert keyring.open(Sealer.load(public).seal("042")) == "042"
     assert keys.seal_private.stat().st_mode & 0o777 == 0o600
+
+
+UNITS = Path(__file__).resolve().parent.parent / "systemd"
+
+
+@pytest.mark.parametrize("unit", ["callrec-store.service", "callrec-agent.service"])
+def test_unit_comments_give_key_modes_the_daemons_accept(unit: str, tmp_path: Path) -> None:
+    """Each comment line that names a key and a mode: a file with that mode passes the
+    daemons' own check (they refuse any group or other bit)."""
+    from agent.privacy import check_private_file
+
+    said = [
+        (line, int(mode, 8))
+        for line in (UNITS / unit).read_text().splitlines()
+        if line.startswith("#") and "key" in line
+        for mode in re.findall(r"\b0[0-7]{3}\b", line)
+    ]
+    assert said, "the unit says which mode its keys need"
+    for line, mode in said:
+        path = tmp_path / "key"
+        path.write_text("k")
+        path.chmod(mode)
+        try:
+            check_private_file(path)
+        except KeyFileError as exc:
+            raise AssertionError(f"{unit}: {line!r}: {exc}") from None
+        path.unlink()
