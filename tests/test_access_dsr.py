@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import secrets
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.privacy import Protector
 from agent.store import audit
 from agent.store.audit import audit_events
-from agent.store.catalog import data_keys, metadata, now_ms, recordings
+from agent.store.catalog import data_keys, from_ms, metadata, now_ms, recordings
 from agent.store.numbers import SealKeyring, rotate_seal_key
 from agent.store.sweeper import Sweeper
 from agent.store.vault import KeyShredded
@@ -131,6 +132,31 @@ def test_export_package_plays(
             assert "digest" not in json.dumps(item)
             audio = AudioSegment.from_file(io.BytesIO(package.read(item["audio_file"])), "ogg")
             assert 900 <= len(audio) <= 1100 and audio.channels == 2 and audio.rms > 100
+
+
+def test_cli_find_takes_the_number_from_stdin_never_from_argv(
+    world: World,
+    customer: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    token = tmp_path / "token"
+    token.write_text(world.tokens["po"])
+    at = from_ms(T + 3 * MINUTE).isoformat()
+    find = ["dsr", "find", "--at", at, "--reason", "DSR-9", "--store", world.store.address,
+            "--token-file", str(token)]  # fmt: skip
+    seq = world.head_seq()
+    args = _parser().parse_args([*find, "--number", "0401234567"])
+    assert access_cli.dispatch(args) == 2
+    err = capsys.readouterr().err
+    assert "--number is refused" in err and "0401234567" not in err
+    assert world.events_after(seq) == [], "nothing was asked"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("040 123 4567\n"))
+    assert access_cli.dispatch(_parser().parse_args(find)) == 0
+    out = capsys.readouterr().out
+    assert customer["before"] in out and customer["after"] in out
+    assert "2 recording(s)" in out
 
 
 def _parser() -> access_cli.argparse.ArgumentParser:
