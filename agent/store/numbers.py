@@ -21,6 +21,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
@@ -118,12 +119,11 @@ class Found:
     candidates: int  # calls whose tail was opened to compare
 
 
-def candidates(
-    catalog: Catalog, masked: str, at_ms: int, window_ms: int, limit: int
-) -> list[RecordingRow]:
-    """Live calls with this masked form whose answered part overlaps ``at ± window``."""
+def candidates_query(masked: str, at_ms: int, window_ms: int, limit: int) -> sa.Select[Any]:
+    """Live calls with this masked form whose answered part overlaps ``at ± window``
+    (served by ``ix_recordings_masked``)."""
     c = recordings.c
-    query = (
+    return (
         sa.select(recordings)
         .where(c.customer_masked == masked, c.customer_kind == "number")
         .where(c.destroy_reason.is_(None), c.customer_tail_sealed.is_not(None))
@@ -131,6 +131,12 @@ def candidates(
         .order_by(c.started_at_ms)
         .limit(limit)
     )
+
+
+def candidates(
+    catalog: Catalog, masked: str, at_ms: int, window_ms: int, limit: int
+) -> list[RecordingRow]:
+    query = candidates_query(masked, at_ms, window_ms, limit)
     with catalog.engine.connect() as conn:
         return [RecordingRow(**r._mapping) for r in conn.execute(query)]
 
