@@ -37,9 +37,10 @@ from agent.privacy import (
 )
 from agent.store.catalog import Catalog, RecordingRow, recordings
 
-# Calls sharing one masked form (1000 numbers) in the window that are opened for one
-# search; past it the request must narrow its window (each opening is ~1 ms of RSA).
-MAX_CANDIDATES = 5000
+# Calls sharing one masked form (1000 numbers) in the window that one find may open;
+# past it the request must narrow its window (an opening is 2-6 ms of RSA-3072 on
+# one core, so this bounds a find to seconds).
+MAX_CANDIDATES = 2000
 _PEM_BLOCK = re.compile(
     rb"-----BEGIN [A-Z ]*PRIVATE KEY-----.+?-----END [A-Z ]*PRIVATE KEY-----", re.S
 )

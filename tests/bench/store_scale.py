@@ -447,7 +447,7 @@ def plans(catalog: Catalog, world: World) -> dict[str, str]:
         .limit(500)
     )
     c = recordings.c
-    dsr = candidates_query(world.masked[0], since, 900_000, 5001)
+    dsr = candidates_query(world.masked[0], since, 900_000, 2001)
     first_high = expired_ranges(world.now_ms, RETENTION_MONTHS)[0][1]
     pick = (  # the sweeper's first claim of a run (the oldest expired range)
         sa.select(c.recording_id)
