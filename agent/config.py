@@ -179,6 +179,10 @@ class KeysConfig:
     # Outside data_dir (a backup of the state must not carry the key that opens it);
     # the default is keys/master.key beside the config file (/etc/callrec/keys/…).
     master_key_file: Path = Path("/etc/callrec/keys/master.key")
+    # wrapper = "pkcs11": the master keys live in a token (agent.store.pkcs11_keys).
+    pkcs11_module: Path | None = None  # e.g. /usr/lib/softhsm/libsofthsm2.so
+    pkcs11_token_label: str = "callrec"  # noqa: S105 (the token's label, not a secret)
+    pkcs11_pin_file: Path | None = None  # the user PIN, 0600
 
 
 @dataclass(frozen=True)
@@ -520,6 +524,7 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         seal_key_file=_optional_path(st, "seal_key_file"),
     )
     _outside_data_dir(sub["keys"], "master_key_file", cfg.keys.master_key_file, data_dir)
+    _outside_data_dir(sub["keys"], "pkcs11_pin_file", cfg.keys.pkcs11_pin_file, data_dir)
     _outside_data_dir(st, "seal_key_file", cfg.seal_key_file, data_dir)
     if not cfg.catalog_url.startswith(("sqlite:///", "postgresql")):
         raise st._fail(
@@ -626,9 +631,14 @@ def _subsection(parent: _Section, name: str, base: Path) -> _Section:
 
 
 def _keys_config(keys: _Section) -> KeysConfig:
+    wrapper = keys.text("wrapper", "file", choices=("file", "pkcs11"))
+    token = wrapper == "pkcs11"
     return KeysConfig(
-        wrapper=keys.text("wrapper", "file", choices=("file",)),
+        wrapper=wrapper,
         master_key_file=keys.path("master_key_file", "keys/master.key"),
+        pkcs11_module=keys.path("pkcs11_module") if token else None,
+        pkcs11_token_label=keys.text("pkcs11_token_label", "callrec"),
+        pkcs11_pin_file=keys.path("pkcs11_pin_file") if token else None,
     )
 
 

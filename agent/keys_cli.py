@@ -27,12 +27,14 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 
 from agent.config import ConfigError, StoreConfig, load_store_config
-from agent.privacy import new_seal_keypair
+from agent.privacy import KeyFileError, new_seal_keypair
 from agent.store.catalog import Catalog, master_keys
 from agent.store.keys import (
     KeyWrapper,
     add_master_key,
+    check_and_register,
     keys_in_use,
+    mark_retired,
     open_key_wrapper,
     retire_master_key,
     rewrap_all,
@@ -80,6 +82,8 @@ def dispatch(args: argparse.Namespace) -> int | None:
         return seal_rotate(config, args.public_out)
     with _catalog(config) as catalog:
         command = args.master_command
+        if config.keys.wrapper == "pkcs11" and command in ("rotate", "retire"):
+            return _token_command(config, catalog, command, getattr(args, "key_id", ""))
         if command == "retire":
             retire_master_key(config.master_key_file, args.key_id, catalog)
             _out(f"retired {args.key_id} (removed from {config.master_key_file})")
@@ -114,6 +118,34 @@ def _catalog(config: StoreConfig) -> Iterator[Catalog]:
         yield catalog
     finally:
         catalog.close()
+
+
+def _token_command(config: StoreConfig, catalog: Catalog, command: str, key_id: str) -> int:
+    """rotate / retire when the master keys are in a PKCS#11 token."""
+    from agent.store.pkcs11_keys import Pkcs11KeyWrapper
+
+    wrapper = open_key_wrapper(config, catalog)
+    assert isinstance(wrapper, Pkcs11KeyWrapper)
+    token = f"PKCS#11 token {config.keys.pkcs11_token_label!r}"
+    try:
+        if command == "rotate":
+            new_id = wrapper.generate()
+            check_and_register(catalog, wrapper, token)
+            _out(f"generated {new_id} in {token}; restart the stores, then run "
+                 "`callrec keys master rewrap`")  # fmt: skip
+            return 0
+        if in_use := keys_in_use(catalog).get(key_id, 0):
+            raise KeyFileError(
+                f"{token}: key {key_id!r} still wraps {in_use} data keys; rewrap first"
+            )
+        if key_id == wrapper.current_key_id or key_id not in wrapper.key_ids():
+            raise KeyFileError(f"{token}: {key_id!r} is the current key or not in the token")
+        wrapper.destroy(key_id)
+        mark_retired(catalog, key_id)
+        _out(f"retired {key_id} (destroyed in {token})")
+        return 0
+    finally:
+        wrapper.close()
 
 
 def _list(catalog: Catalog, wrapper: KeyWrapper) -> int:

@@ -89,18 +89,23 @@ class FileKeyWrapper:
     def wrap(self, data_key: bytes, context: bytes, key_id: str | None = None) -> tuple[str, bytes]:
         key_id = key_id or self._current
         nonce = os.urandom(_NONCE_BYTES)
-        aad = _WRAP_LABEL + key_id.encode() + b"\x00" + context
+        aad = wrap_aad(key_id, context)
         return key_id, nonce + AESGCM(self._keys[key_id]).encrypt(nonce, data_key, aad)
 
     def unwrap(self, key_id: str, wrapped: bytes, context: bytes) -> bytes:
         master = self._keys.get(key_id)
         if master is None:
             raise KeyWrapError(f"master key {key_id!r} is not in the key file")
-        aad = _WRAP_LABEL + key_id.encode() + b"\x00" + context
+        aad = wrap_aad(key_id, context)
         try:
             return AESGCM(master).decrypt(wrapped[:_NONCE_BYTES], wrapped[_NONCE_BYTES:], aad)
         except InvalidTag:
             raise KeyWrapError(f"wrapped key does not open under {key_id!r}") from None
+
+
+def wrap_aad(key_id: str, context: bytes) -> bytes:
+    """What a wrapped data key is bound to: its master key id and its recording."""
+    return _WRAP_LABEL + key_id.encode() + b"\x00" + context
 
 
 def new_key_id() -> str:
@@ -174,13 +179,18 @@ def retire_master_key(path: Path, key_id: str, catalog: Catalog) -> None:
         raise KeyFileError(f"{path}: no key {key_id!r} in the file")
     text = "".join(f"{k} {base64.b64encode(s).decode()}\n" for k, s in keep)
     _write_private(path, text, exclusive=False)
+    mark_retired(catalog, key_id)
+    log.info("event=master_key_retired path=%s key_id=%s", path, key_id)
+
+
+def mark_retired(catalog: Catalog, key_id: str) -> None:
+    """The catalog no longer requires ``key_id`` of its stores."""
     with catalog.engine.begin() as conn:
         conn.execute(
             sa.update(master_keys)
             .where(master_keys.c.key_id == key_id, master_keys.c.retired_at_ms.is_(None))
             .values(retired_at_ms=now_ms())
         )
-    log.info("event=master_key_retired path=%s key_id=%s", path, key_id)
 
 
 # ---------------------------------------------------------------- one key set per catalog
@@ -201,8 +211,7 @@ def open_master_keys(path: Path, catalog: Catalog) -> FileKeyWrapper:
     with catalog.serialised() as conn:
         known, in_use = _registry(conn), _in_use(conn)
         if not path.exists():
-            needed = sorted({*in_use, *(k for k, (_, retired) in known.items() if not retired)})
-            if needed:
+            if needed := _needed(known, in_use):
                 raise KeyFileError(
                     f"{path}: master key file missing, but the catalog knows master keys "
                     f"{', '.join(needed)}: copy the key file every store of this catalog "
@@ -236,9 +245,43 @@ def open_key_wrapper(config: StoreConfig, catalog: Catalog) -> KeyWrapper:
             path=str(config.lookup_key_file),
             action="remove [store] lookup_key_file; numbers are found through seal.pem",
         )
-    wrapper = open_master_keys(config.master_key_file, catalog)
+    wrapper: KeyWrapper
+    if config.keys.wrapper == "pkcs11":
+        wrapper = open_token_keys(config, catalog)
+    else:
+        wrapper = open_master_keys(config.master_key_file, catalog)
     events.info("master_keys_opened", source=wrapper.source, current=wrapper.current_key_id)
     return wrapper
+
+
+def open_token_keys(config: StoreConfig, catalog: Catalog) -> KeyWrapper:
+    """The master keys in the configured PKCS#11 token, checked against the catalog;
+    a first key is generated in the token only when the catalog knows none."""
+    from agent.store.pkcs11_keys import Pkcs11KeyWrapper
+
+    wrapper = Pkcs11KeyWrapper.open(config.keys)
+    where = f"PKCS#11 token {config.keys.pkcs11_token_label!r}"
+    with catalog.serialised() as conn:
+        known, in_use = _registry(conn), _in_use(conn)
+        if not wrapper.key_ids():
+            if needed := _needed(known, in_use):
+                raise KeyFileError(
+                    f"{where}: holds no callrec master key, but the catalog knows master "
+                    f"keys {', '.join(needed)}: use the token that holds them"
+                )
+            wrapper.generate()
+        register_keys(conn, wrapper, where, known, in_use)
+    return wrapper
+
+
+def check_and_register(catalog: Catalog, wrapper: KeyWrapper, where: str) -> None:
+    """``register_keys`` in its own serialised transaction (after a key was added)."""
+    with catalog.serialised() as conn:
+        register_keys(conn, wrapper, where, _registry(conn), _in_use(conn))
+
+
+def _needed(known: Mapping[str, tuple[bytes, bool]], in_use: Mapping[str, int]) -> list[str]:
+    return sorted({*in_use, *(k for k, (_, retired) in known.items() if not retired)})
 
 
 def _registry(conn: sa.Connection) -> dict[str, tuple[bytes, bool]]:
