@@ -31,7 +31,8 @@ def upgrade() -> None:
         "UPDATE recordings SET customer_digest = NULL, customer_digest_key_id = NULL "
         "WHERE customer_digest IS NOT NULL OR customer_digest_key_id IS NOT NULL"
     )
-    op.drop_index("ix_recordings_digest", table_name="recordings")
+    # A catalog adopted from before the migrations (create_all) may lack it.
+    op.drop_index("ix_recordings_digest", table_name="recordings", if_exists=True)
     op.create_index("ix_recordings_masked", "recordings", ["customer_masked", "started_at_ms"])
     op.create_table(
         "master_keys",
