@@ -239,7 +239,9 @@ def _store_checks(cfg: StoreConfig) -> list[Check]:
         (SealKeyring.load, cfg.seal_key_file),
         (Directory.load, cfg.directory_file),
     ]
-    if cfg.master_key_file.exists():
+    if cfg.keys.wrapper == "pkcs11":
+        checks.append((check_private_file, cfg.keys.pkcs11_pin_file))
+    elif cfg.master_key_file.exists():
         checks.append((FileKeyWrapper.load, cfg.master_key_file))
     return checks
 

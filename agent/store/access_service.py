@@ -6,7 +6,7 @@ Status codes: a missing/unknown/revoked token or a person no longer in the direc
 UNAUTHENTICATED; the rules say no → PERMISSION_DENIED; a malformed request (no
 purpose, no reason where one is needed, a bad id or number) → INVALID_ARGUMENT; an
 unknown or destroyed recording → NOT_FOUND; a held recording to erase →
-FAILED_PRECONDITION, and so is a missing or unusable lookup or seal key; an
+FAILED_PRECONDITION, and so is a missing or unusable seal key (seal.pem); an
 unreadable directory file → UNAVAILABLE (fail closed). Each of them is an audit
 event. Allowed reads are audited before the first byte is served; a recording that
 does not exist answers NOT_FOUND before the rules are asked (ids are 128 random
