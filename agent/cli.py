@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import logging
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -37,7 +36,7 @@ from agent.privacy import KeyFileError, Sealer, check_private_file
 from agent.store.keys import FileKeyWrapper
 from agent.store.numbers import SealKeyring
 
-log = logging.getLogger("callrec")
+log = logs.get_logger("callrec")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import logging
 import os
 import secrets
 from collections.abc import Mapping
@@ -28,7 +27,7 @@ from agent.config import StoreConfig
 from agent.privacy import KeyFileError, check_private_file, read_key_file
 from agent.store.catalog import Catalog, data_keys, master_keys, now_ms
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 _WRAP_LABEL = b"callrec-data-key-v1\x00"
 _NONCE_BYTES = 12
@@ -135,7 +134,7 @@ def create_master_key_file(path: Path, key_id: str | None = None) -> str:
     """A new key file with one key; never overwrites."""
     key_id = key_id or new_key_id()
     _write_private(path, _line(key_id), exclusive=True)
-    log.info("event=master_key_created path=%s key_id=%s", path, key_id)
+    log.info("master_key_created", path=path, key_id=key_id)
     return key_id
 
 
@@ -146,7 +145,7 @@ def add_master_key(path: Path, key_id: str | None = None) -> str:
     if key_id in dict(old):
         raise KeyFileError(f"{path}: key id {key_id!r} is already there")
     _write_private(path, _line(key_id) + path.read_text(), exclusive=False)
-    log.info("event=master_key_added path=%s key_id=%s", path, key_id)
+    log.info("master_key_added", path=path, key_id=key_id)
     return key_id
 
 
@@ -180,7 +179,7 @@ def retire_master_key(path: Path, key_id: str, catalog: Catalog) -> None:
     text = "".join(f"{k} {base64.b64encode(s).decode()}\n" for k, s in keep)
     _write_private(path, text, exclusive=False)
     mark_retired(catalog, key_id)
-    log.info("event=master_key_retired path=%s key_id=%s", path, key_id)
+    log.info("master_key_retired", path=path, key_id=key_id)
 
 
 def mark_retired(catalog: Catalog, key_id: str) -> None:
@@ -231,7 +230,6 @@ def open_master_keys(path: Path, catalog: Catalog) -> FileKeyWrapper:
 
 def open_key_wrapper(config: StoreConfig, catalog: Catalog) -> KeyWrapper:
     """The configured key source, checked against the catalog (``open_master_keys``)."""
-    events = logs.get_logger(__name__)
     inside = config.data_dir / "keys" / "master.key"
     if inside.exists():
         raise KeyFileError(
@@ -240,7 +238,7 @@ def open_key_wrapper(config: StoreConfig, catalog: Catalog) -> KeyWrapper:
             "backup of the state does not carry the key that opens it"
         )
     if config.lookup_key_file is not None:
-        events.warning(
+        log.warning(
             "lookup_key_obsolete",
             path=str(config.lookup_key_file),
             action="remove [store] lookup_key_file; numbers are found through seal.pem",
@@ -250,7 +248,7 @@ def open_key_wrapper(config: StoreConfig, catalog: Catalog) -> KeyWrapper:
         wrapper = open_token_keys(config, catalog)
     else:
         wrapper = open_master_keys(config.master_key_file, catalog)
-    events.info("master_keys_opened", source=wrapper.source, current=wrapper.current_key_id)
+    log.info("master_keys_opened", source=wrapper.source, current=wrapper.current_key_id)
     return wrapper
 
 
@@ -328,7 +326,7 @@ def register_keys(
                 key_id=key_id, check_value=check, source=wrapper.source, created_at_ms=now_ms()
             )
         )
-        logs.get_logger(__name__).info(
+        log.info(
             "master_key_registered", key_id=key_id, source=wrapper.source
         )
 
@@ -362,5 +360,5 @@ def rewrap_all(catalog: Catalog, wrapper: KeyWrapper, batch: int = 500) -> int:
                 )
         done += len(rows)
         if not rows:
-            log.info("event=data_keys_rewrapped count=%d key_id=%s", done, current)
+            log.info("data_keys_rewrapped", count=done, key_id=current)
             return done
