@@ -7,14 +7,15 @@ inside the token with AES-GCM (C_Encrypt, a random 96-bit nonce, the same associ
 data as the file wrapper), so the master key never leaves the token: a copy of the
 store host's disk or of its backups holds no master key (SoftHSM2's own token files
 are encrypted under the user PIN, which lives in ``pkcs11_pin_file``; a hardware
-token keeps the key in hardware). The current key is the newest id (ids begin with
-their UTC creation time); older keys in the token still unwrap until retired.
+token keeps the key in hardware). The current key is the newest (its CKA_ID holds
+its creation time); older keys in the token still unwrap until retired.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 import pkcs11
@@ -70,6 +71,8 @@ class Pkcs11KeyWrapper:
             for k in found
             if str(k.label).startswith(LABEL_PREFIX)
         }
+        # CKA_ID holds the creation time (ns): the newest key is current.
+        self._order = {key_id: _created(k) for key_id, k in self._keys.items()}
 
     @property
     def source(self) -> str:
@@ -79,7 +82,7 @@ class Pkcs11KeyWrapper:
     def current_key_id(self) -> str:
         if not self._keys:
             raise KeyFileError(f"PKCS#11 token {self.token_label!r} holds no callrec master key")
-        return max(self._keys)
+        return max(self._keys, key=lambda key_id: (self._order[key_id], key_id))
 
     def key_ids(self) -> frozenset[str]:
         return frozenset(self._keys)
@@ -116,6 +119,7 @@ class Pkcs11KeyWrapper:
         """A new master key made in the token (never extractable); it is current."""
         key_id = key_id or new_key_id()
         template = {
+            Attribute.ID: time.time_ns().to_bytes(8, "big"),
             Attribute.TOKEN: True,
             Attribute.PRIVATE: True,
             Attribute.SENSITIVE: True,
@@ -137,3 +141,11 @@ class Pkcs11KeyWrapper:
 
     def close(self) -> None:
         self._session.close()
+
+
+def _created(key: Any) -> bytes:
+    """The key's CKA_ID (its creation time as written by ``generate``; empty if none)."""
+    try:
+        return bytes(key[Attribute.ID])
+    except (PKCS11Error, KeyError):
+        return b""
