@@ -293,13 +293,16 @@ def test_find_across_a_seal_key_rotation_and_every_use_is_audited(world: World) 
 def test_an_agent_sealing_to_a_key_the_store_lacks_is_found_by_nobody_and_said_so(
     world: World,
 ) -> None:
-    """A seal the keyring cannot open: the find does not match it, and an unseal is
-    refused (FAILED_PRECONDITION) and audited."""
+    """A seal the keyring cannot open: ingest flags the recording, the find does not
+    match it, and an unseal is refused (FAILED_PRECONDITION) and audited."""
     stranger = world.root / "stranger.pub.pem"
     stranger.write_bytes(new_seal_keypair()[1])
     t = now_ms() - 2 * 86_400_000
     rid = world.upload(t, NUMBER, Protector.load("FI", stranger))
-    assert _find(world, NUMBER, t) == set()
+    good = world.upload(t + MINUTE, NUMBER, world.keys.protector())
+    assert _find(world, NUMBER, t) == {good}
+    flags = {r: world.storage.catalog.get(r).flags for r in (rid, good)}  # type: ignore[union-attr]
+    assert flags == {rid: "customer_seal_unopenable", good: ""}, "ingest says which"
     seq = world.head_seq()
     unseal = apb.RecordingRequest(purpose=apb.PURPOSE_LEGAL, reason="DSR-2", recording_id=rid)
     with pytest.raises(grpc.RpcError) as err:
