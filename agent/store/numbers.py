@@ -38,7 +38,7 @@ from agent.privacy import (
 from agent.store.catalog import Catalog, RecordingRow, recordings
 
 # Calls sharing one masked form (1000 numbers) in the window that one find may open;
-# past it the request must narrow its window (an opening is 2-6 ms of RSA-3072 on
+# past it the request must narrow its window (an opening is 1-6 ms of RSA-3072 on
 # one core, so this bounds a find to seconds).
 MAX_CANDIDATES = 2000
 _PEM_BLOCK = re.compile(
