@@ -5,7 +5,15 @@ default ``FileKeyWrapper`` reads a ``0600`` key file of ``<key id> <base64 32 by
 lines, the first line being the key that wraps new data keys. Rotation without touching
 audio: put a new line first (``add_master_key``), run ``rewrap_all`` (it re-wraps every
 data key under the new key, in batches, resumable), then drop the old line
-(``retire_master_key`` refuses while a data key still needs it).
+(``retire_master_key`` refuses while a data key still needs it). ``callrec keys
+master …`` runs these. The PKCS#11 wrapper (``agent.store.pkcs11_keys``) keeps the
+master keys in a token instead.
+
+One key set per catalog: the catalog's ``master_keys`` table lists every master key
+with a check value (a constant wrapped under it). ``open_key_wrapper`` refuses a key
+source that lacks a key the catalog needs or holds another key under a known id, and
+makes a first key only for a catalog that knows none, under a lock every store of
+the catalog takes (so replicas starting at once make one key, not one each).
 """
 
 from __future__ import annotations
