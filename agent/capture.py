@@ -127,8 +127,6 @@ class CaptureMeta:
             customer=ProtectedNumber(
                 kind=NumberKind(customer["kind"]),
                 masked=customer["masked"],
-                digest=customer.get("digest"),
-                digest_key_id=customer.get("digest_key_id"),
                 tail_sealed=customer.get("tail_sealed"),
             ),
             employees=tuple(Employee(**e) for e in doc.get("employees", [])),

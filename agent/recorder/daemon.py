@@ -22,7 +22,7 @@ from agent import logs, metrics, sdnotify
 from agent.config import AgentConfig, ConfigError, load_agent_config
 from agent.directory import LiveDirectory
 from agent.loops import DirectoryQueue, FileWatcher
-from agent.privacy import LookupKeys, Sealer, check_private_file
+from agent.privacy import Sealer
 from agent.recorder.backpressure import OutboxMonitor
 from agent.recorder.finalize import Finalizer
 from agent.recorder.front import FrontProcess, write_front_files
@@ -100,9 +100,13 @@ class AgentDaemon:
 
     def startup(self) -> None:
         cfg = self.config
-        check_private_file(cfg.privacy.lookup_key_file)
-        LookupKeys.load(cfg.privacy.lookup_key_file)
         Sealer.load(cfg.privacy.seal_public_key_file)
+        if cfg.privacy.lookup_key_file is not None:
+            log.warning(
+                "lookup_key_obsolete",
+                path=str(cfg.privacy.lookup_key_file),
+                action="remove [privacy] lookup_key_file and delete the file from this host",
+            )
         for path in (cfg.captures_dir / "ready", cfg.outbox_dir, cfg.quarantine_dir):
             path.mkdir(parents=True, exist_ok=True)
         if cfg.metrics_listen is not None:

@@ -35,7 +35,7 @@ from agent import logs
 from agent.capture import recover_active
 from agent.config import AgentConfig, ConfigError, load_agent_config
 from agent.directory import LiveDirectory
-from agent.privacy import LookupKeys, Protector, Sealer
+from agent.privacy import Protector
 from agent.recorder.ownership import WorkerSlot
 from agent.recorder.parties import PartyRules
 from agent.recorder.sip import SipEngine
@@ -136,11 +136,7 @@ class Worker:
         # The agent watches the file and sends SIGHUP on a change: one watcher per
         # host, not one per worker (inotify instances are limited to 128 per user).
         directory = LiveDirectory(cfg.directory_file)
-        protector = Protector(
-            cfg.privacy.default_region,
-            LookupKeys.load(cfg.privacy.lookup_key_file),
-            Sealer.load(cfg.privacy.seal_public_key_file),
-        )
+        protector = Protector.load(cfg.privacy.default_region, cfg.privacy.seal_public_key_file)
         rules = PartyRules.build(protector, cfg.service_numbers)
         self._directory = directory
         self._engine = SipEngine(cfg, self.index, directory, rules)
