@@ -92,11 +92,34 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (ConfigError, KeyFileError, DirectoryError) as exc:
+    except (ConfigError, KeyFileError, DirectoryError, ConsoleError) as exc:
         sys.stderr.write(f"callrec {args.command}: {exc}\n")
+        return 2
+    except OSError as exc:
+        if exc.filename is None:  # not about a file the operator named: a real fault
+            raise
+        sys.stderr.write(f"callrec {args.command}: {_file_problem(exc)}\n")
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+class ConsoleError(Exception):
+    """The store's console socket is not there to talk to; exit code 2."""
+
+
+def _file_problem(exc: OSError) -> str:
+    """One line for a file that can't be used: which, why, what to do."""
+    what = {
+        IsADirectoryError: "is a directory; give the file's path",
+        FileNotFoundError: "not found; check the path",
+        PermissionError: "permission denied; check the file's owner and mode "
+        "(the service user must be able to read it)",
+    }
+    for kind, text in what.items():
+        if isinstance(exc, kind):
+            return f"{exc.filename}: {text}"
+    return f"{exc.filename}: {exc.strerror or exc}"
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -149,7 +172,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _console(store_dir: Path) -> pb_grpc.ConsoleStub:
-    channel = grpc.insecure_channel(f"unix:{store_dir / 'console.sock'}")
+    sock = store_dir / "console.sock"
+    if not sock.is_socket():
+        raise ConsoleError(
+            f"{sock}: no console socket; is `callrec store` running with "
+            f"[store] data_dir = {store_dir} on this host?"
+        )
+    channel = grpc.insecure_channel(f"unix:{sock}")
     return pb_grpc.ConsoleStub(channel)
 
 
