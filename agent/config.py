@@ -123,8 +123,10 @@ class SipConfig:
 @dataclass(frozen=True)
 class PrivacyConfig:
     default_region: str = "FI"
-    lookup_key_file: Path = Path("keys/lookup.key")
     seal_public_key_file: Path = Path("keys/seal.pub.pem")
+    # Obsolete: agents no longer hold a lookup key. Accepted so that an upgraded agent
+    # still starts (and records); it warns and never reads the file.
+    lookup_key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,23 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True)
+class FreeSpaceFloor:
+    """``[agent] min_free``: the free space on the data disk below which new calls are
+    refused (503) before anything is answered; calls in progress go on. A size
+    (``"2 GiB"``, the default) or a share of the file system (``"5%"``)."""
+
+    bytes: int = 2 * 1024**3
+    percent: float = 0.0
+
+    def floor(self, total_bytes: int) -> int:
+        """The floor in bytes on a file system of ``total_bytes``."""
+        return max(self.bytes, int(total_bytes * self.percent / 100))
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent else f"{self.bytes} bytes"
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     site: str
     data_dir: Path
@@ -187,6 +206,7 @@ class AgentConfig:
     log_level: str = "info"
     spool: SpoolConfig | None = None  # no [spool] section: no spool pickup
     metrics_listen: str | None = None  # "127.0.0.1:9464": Prometheus /metrics
+    min_free: FreeSpaceFloor = field(default_factory=FreeSpaceFloor)
 
     @property
     def captures_dir(self) -> Path:
@@ -224,7 +244,13 @@ class KeysConfig:
     """The master key that wraps each recording's data key (``[store.keys]``)."""
 
     wrapper: str = "file"
-    master_key_file: Path | None = None  # None: <data_dir>/keys/master.key
+    # Outside data_dir (a backup of the state must not carry the key that opens it);
+    # the default is keys/master.key beside the config file (/etc/callrec/keys/…).
+    master_key_file: Path = Path("/etc/callrec/keys/master.key")
+    # wrapper = "pkcs11": the master keys live in a token (agent.store.pkcs11_keys).
+    pkcs11_module: Path | None = None  # e.g. /usr/lib/softhsm/libsofthsm2.so
+    pkcs11_token_label: str = "callrec"  # noqa: S105 (the token's label, not a secret)
+    pkcs11_pin_file: Path | None = None  # the user PIN, 0600
 
 
 @dataclass(frozen=True)
@@ -244,8 +270,9 @@ class StoreConfig:
     log_level: str = "info"
     tls: TlsConfig | None = None  # [store.tls]: mutual TLS for agents (the default)
     insecure: bool = False  # [store.tls] insecure = true: plain text, loopback only
-    # The Access service (issue 8): the people who may use it (None: service off), the
-    # lookup keys that find a data subject's calls, and seal.pem for the sealed digits.
+    # The Access service (issue 8): the people who may use it (None: service off) and
+    # seal.pem, the keyring that opens the sealed digits (to find a data subject's
+    # calls, and to unseal). lookup_key_file is obsolete (accepted, warned, unused).
     directory_file: Path | None = None
     lookup_key_file: Path | None = None
     seal_key_file: Path | None = None
@@ -264,7 +291,7 @@ class StoreConfig:
 
     @property
     def master_key_file(self) -> Path:
-        return self.keys.master_key_file or self.data_dir / "keys" / "master.key"
+        return self.keys.master_key_file
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -428,8 +455,8 @@ def agent_config_from_dict(doc: Mapping[str, Any], base: Path) -> AgentConfig:
         sip=sip_cfg,
         privacy=PrivacyConfig(
             default_region=pr.text("default_region", "FI").upper(),
-            lookup_key_file=pr.path("lookup_key_file", _REQUIRED),
             seal_public_key_file=pr.path("seal_public_key_file", _REQUIRED),
+            lookup_key_file=_optional_path(pr, "lookup_key_file"),
         ),
         audio=AudioConfig(
             format=au.text("format", "opus", choices=AUDIO_FORMATS),
@@ -440,6 +467,7 @@ def agent_config_from_dict(doc: Mapping[str, Any], base: Path) -> AgentConfig:
         log_level=s["log"].text("level", "info", choices=LOG_LEVELS),
         spool=_spool_config(s["spool"]) if "spool" in doc else None,
         metrics_listen=_listen(a, "metrics", "") if "metrics" in a.table else None,
+        min_free=_free_space_floor(a, "min_free"),
     )
     if not re.fullmatch(r"\d+k", cfg.audio.bitrate):
         raise au._fail("bitrate", cfg.audio.bitrate, 'a bitrate such as "24k"')
@@ -631,6 +659,9 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         lookup_key_file=_optional_path(st, "lookup_key_file"),
         seal_key_file=_optional_path(st, "seal_key_file"),
     )
+    _outside_data_dir(sub["keys"], "master_key_file", cfg.keys.master_key_file, data_dir)
+    _outside_data_dir(sub["keys"], "pkcs11_pin_file", cfg.keys.pkcs11_pin_file, data_dir)
+    _outside_data_dir(st, "seal_key_file", cfg.seal_key_file, data_dir)
     if not cfg.catalog_url.startswith(("sqlite:///", "postgresql")):
         raise st._fail(
             "catalog", cfg.catalog_url, 'a "sqlite:///…" or "postgresql+psycopg://…" URL'
@@ -723,6 +754,20 @@ def _size(section: _Section, key: str, default: object) -> int:
     raise section._fail(key, value, 'a size such as "2 GiB", "500 MB" or a number of bytes')
 
 
+def _free_space_floor(section: _Section, key: str) -> FreeSpaceFloor:
+    """``"2 GiB"`` (a size) or ``"5%"`` (of the file system, 0-90 %)."""
+    value = section._get(key, "2 GiB")
+    if isinstance(value, str) and (match := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", value)):
+        percent = float(match.group(1))
+        if 0 < percent <= 90:
+            return FreeSpaceFloor(bytes=0, percent=percent)
+        raise section._fail(key, value, 'a share from "0.1%" to "90%", or a size such as "2 GiB"')
+    try:
+        return FreeSpaceFloor(bytes=_size(section, key, "2 GiB"))
+    except ConfigError:
+        raise section._fail(key, value, 'a size such as "2 GiB" or a share such as "5%"') from None
+
+
 def _optional_path(section: _Section, key: str) -> Path | None:
     return section.path(key) if key in section.table else None
 
@@ -737,8 +782,27 @@ def _subsection(parent: _Section, name: str, base: Path) -> _Section:
 
 
 def _keys_config(keys: _Section) -> KeysConfig:
-    path = keys.path("master_key_file") if "master_key_file" in keys.table else None
-    return KeysConfig(wrapper=keys.text("wrapper", "file", choices=("file",)), master_key_file=path)
+    wrapper = keys.text("wrapper", "file", choices=("file", "pkcs11"))
+    token = wrapper == "pkcs11"
+    return KeysConfig(
+        wrapper=wrapper,
+        master_key_file=keys.path("master_key_file", "keys/master.key"),
+        pkcs11_module=keys.path("pkcs11_module") if token else None,
+        pkcs11_token_label=keys.text("pkcs11_token_label", "callrec"),
+        pkcs11_pin_file=keys.path("pkcs11_pin_file") if token else None,
+    )
+
+
+def _outside_data_dir(section: _Section, key: str, path: Path | None, data_dir: Path) -> None:
+    """Keys never sit in the state they protect: a copy of data_dir (a backup, a
+    snapshot) must not carry what opens it."""
+    if path is not None and path.resolve().is_relative_to(data_dir.resolve()):
+        raise section._fail(
+            key,
+            str(path),
+            f"a path outside data_dir ({data_dir}): a backup of the state "
+            "must not carry the key that opens it",
+        )
 
 
 def _allowed_regions(st: _Section) -> tuple[str, ...]:

@@ -122,7 +122,7 @@ def test_what_srcs_send_is_stored_with_parties_and_channels(
     _, row = place_and_store(pool, scenarios)
     for name in ("rfc", "first", "draft", "zero_based", "words", "tcp"):
         assert (row[name].source, row[name].channels) == ("siprec", 2), name
-        assert row[name].customer_masked == "+358401234***" and row[name].customer_digest
+        assert row[name].customer_masked == "+358401234***" and row[name].customer_tail_sealed
         assert employees(row[name]) == [AINO], name
         assert row[name].service_number == "+35898765432", name
         assert flags(row[name]) == set(), (name, row[name].flags)

@@ -241,7 +241,7 @@ def test_siprec_call_is_recorded_leg_by_leg(
     assert meta.site == "hel-1"
     assert meta.direction is Direction(direction)
     assert meta.customer.masked == "+358401234***"
-    assert meta.customer.digest and meta.customer.tail_sealed
+    assert meta.customer.tail_sealed
     assert [(e.id, e.name, e.team) for e in meta.employees] == [
         ("e1001", "Aino Virtanen", "parcels")
     ]
@@ -489,6 +489,33 @@ def _wait_log(worker: Worker, text: str, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"{text!r} not logged:\n{worker.log()}")
         time.sleep(0.05)
+
+
+def test_parent_death_signal_drains_however_often_it_comes(
+    tmp_path: Path, keys: Keys, workers: list[Worker], speech: Speech, rtp: tuple[str, int]
+) -> None:
+    """The kernel's parent-death signal (SIGUSR2, once per exiting agent thread) arrives
+    three times mid-call: the worker stops taking calls, records the call to its BYE and
+    exits 0; nothing is cut (a second SIGTERM would have exited at once)."""
+    workers.append(start_worker(tmp_path, keys, sip={"drain": "30s"}))
+    worker = workers[-1]
+    call = SiprecCall(speech.customer, speech.employee, call_ms=4000, rtp_via=rtp)
+    with ThreadPoolExecutor(1) as pool:
+        sipp = pool.submit(
+            run_sipp, siprec_scenario(call), worker.target, tmp_path / "sipp", timeout_s=10
+        )
+        _wait_active(worker)
+        for _ in range(3):
+            worker.proc.send_signal(signal.SIGUSR2)
+            time.sleep(0.05)
+        _wait_log(worker, "event=agent_gone worker=0 calls=1 action=drain_then_exit")
+        result = sipp.result()
+        assert worker.proc.wait(15) == 0, worker.log()
+    assert result.ok, result.errors[-1500:]
+    meta = wait_for_capture(worker, timeout=1)
+    assert Flag.INCOMPLETE not in meta.flags
+    assert_times_match(meta, result)
+    assert worker.log().count("event=agent_gone") == 1
 
 
 # ---------------------------------------------------------------- the SIP edge

@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import IO
 
 from agent import logs, metrics
+from agent.capture import NO_SPACE
 from agent.config import WORKER_MAX_CALLS, AgentConfig, SipConfig
 from agent.recorder import edge
 from agent.recorder.front_cfg import TEMPLATE, TLS_TEMPLATE
@@ -90,6 +91,11 @@ class FrontFiles:
     config: Path
     dispatcher_list: Path
     runtime_dir: Path
+
+    @property
+    def pid_file(self) -> Path:
+        """The Kamailio the agent runs (``run_front``): its pid, also its group's."""
+        return self.runtime_dir / "front.pid"
 
     @property
     def ctl(self) -> str:
@@ -177,15 +183,29 @@ def allowed_condition(sip: SipConfig) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    """Write-and-rename, 0640 (the front's user reads it through group callrec)."""
+    """Write-and-rename, 0640 (the front's user reads it through group callrec). On a
+    full disk an unchanged file is kept: the agent can restart there."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno not in NO_SPACE or _read(path) != text:
+            raise
+        return
     os.chmod(tmp, 0o640)
     tmp.replace(path)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def write_front_files(cfg: AgentConfig) -> FrontFiles:
@@ -297,6 +317,7 @@ class FrontProcess:
 
     def start(self, wait: bool = True) -> None:
         self.files.runtime_dir.mkdir(parents=True, exist_ok=True)
+        kill_stale_front(self.files)
         self._stopping = False
         self._process = subprocess.Popen(
             self.command(),
@@ -308,6 +329,7 @@ class FrontProcess:
             start_new_session=True,  # its own process group: no child outlives it
         )
         self._started_at = time.monotonic()
+        _write_pid(self.files.pid_file, self._process.pid)
         self._relay = threading.Thread(
             target=self._relay_lines, args=(self._process.stdout,), name="front-log", daemon=True
         )
@@ -384,6 +406,7 @@ class FrontProcess:
                 process.kill()
                 process.wait(5)
         _kill_group(process.pid)
+        self.files.pid_file.unlink(missing_ok=True)
         if self._relay is not None:
             self._relay.join(2.0)
         log.info(
@@ -421,6 +444,57 @@ class FrontProcess:
         elif fields is not None and fields.get("event") == "front_failover":
             self.failovers += 1
         emit(log, level, text, fields)
+
+
+def _write_pid(path: Path, pid: int) -> None:
+    """Best effort: without it (a full disk) only a stale front's clean-up is lost."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(f"{pid}\n")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("front_pid_file_failed", path=path, error=exc.strerror)
+
+
+def _group_members(pgid: int, marker: str) -> list[int]:
+    """Processes of group ``pgid`` whose command line holds ``marker`` (a pid file can
+    outlive its processes, and pids are reused: never kill a stranger)."""
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()  # after "pid (comm)": state ppid pgrp …
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid and marker in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def kill_stale_front(files: FrontFiles, timeout: float = 5.0) -> int:
+    """Kill a Kamailio a previous run of the agent left (it was SIGKILLed: its front
+    would hold the SIP port and make this start fail). Returns how many processes."""
+    try:
+        pgid = int(files.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+    members = _group_members(pgid, str(files.config))
+    for pid in members:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while members and _group_members(pgid, str(files.config)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if members:
+        log.warning(
+            "front_stale_killed", pid=pgid, processes=len(members), reason="left by a previous run"
+        )
+    files.pid_file.unlink(missing_ok=True)
+    return len(members)
 
 
 def _kill_group(pid: int) -> None:

@@ -249,7 +249,7 @@ def second_pool(pool: Pool, workers: int, **sip: object) -> Iterator[Pool]:
     """Another agent (own front, own port) storing into ``pool``'s store."""
     other = start_pool(
         pool.root / f"agent-{time.monotonic_ns()}", pool.keys, pool.store_address,
-        pool.store_dir, pool.speech, pool.rtp, workers, **sip,
+        pool.store_dir, pool.speech, pool.rtp, workers, 60.0, None, **sip,
     )  # fmt: skip
     try:
         other.wait_idle()
