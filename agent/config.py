@@ -6,13 +6,16 @@ Every error names the key and what was expected, e.g.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import json
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
 from agent.store.residency import (
@@ -299,6 +302,53 @@ class StoreConfig:
 _REQUIRED: object = object()
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+# The errors of the config being loaded (set by @_collecting): a bad typed read is noted
+# here and the load goes on with a stand-in, so one run names every wrong key.
+_collected: ContextVar[list[str] | None] = ContextVar("config_errors", default=None)
+
+
+def toml_value(value: object) -> str:
+    """A value as it is written in TOML (``true``, ``"6 monts"``, ``[1, 2]``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | Path):
+        return json.dumps(str(value), ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return str(value)
+
+
+def _collecting(load: Callable[_P, _T]) -> Callable[_P, _T]:
+    """Run a loader noting every bad key; raise one ConfigError naming them all."""
+
+    @functools.wraps(load)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        errors: list[str] = []
+        token = _collected.set(errors)
+        try:
+            return load(*args, **kwargs)
+        except ConfigError as exc:
+            errors.append(str(exc))
+            raise
+        except Exception:
+            if not errors:
+                raise
+            raise ConfigError("") from None  # a stand-in's consequence; reported below
+        finally:
+            _collected.reset(token)
+            if errors:
+                unique = [e for i, e in enumerate(errors) if e and e not in errors[:i]]
+                if len(unique) > 1:
+                    unique.insert(0, f"{len(unique)} config errors:")
+                raise ConfigError("\n".join(unique)) from None
+
+    return run
+
+
 class _Section:
     """Typed reads from one TOML table, remembering which keys were used."""
 
@@ -309,7 +359,15 @@ class _Section:
         self.used: set[str] = set()
 
     def _fail(self, key: str, value: object, expected: str) -> ConfigError:
-        return ConfigError(f"[{self.name}] {key} = {value!r}: expected {expected}")
+        return ConfigError(f"[{self.name}] {key} = {toml_value(value)}: expected {expected}")
+
+    def _bad(self, key: str, value: object, expected: str, stand_in: _T) -> _T:
+        """Note a bad value (raise it when no loader collects) and go on with a stand-in."""
+        errors = _collected.get()
+        if errors is None:
+            raise self._fail(key, value, expected)
+        errors.append(str(self._fail(key, value, expected)))
+        return stand_in
 
     def _get(self, key: str, default: object) -> object:
         self.used.add(key)
@@ -321,16 +379,18 @@ class _Section:
 
     def text(self, key: str, default: object = _REQUIRED, choices: tuple[str, ...] = ()) -> str:
         value = self._get(key, default)
+        stand_in = default if isinstance(default, str) else (choices or ("-",))[0]
         if not isinstance(value, str) or not value:
-            raise self._fail(key, value, "a non-empty string")
+            return self._bad(key, value, "a non-empty string", stand_in)
         if choices and value not in choices:
-            raise self._fail(key, value, "one of " + ", ".join(choices))
+            return self._bad(key, value, "one of " + ", ".join(choices), stand_in)
         return value
 
     def integer(self, key: str, default: object, lo: int, hi: int) -> int:
         value = self._get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise self._fail(key, value, f"an integer from {lo} to {hi}")
+            stand_in = default if isinstance(default, int) else lo
+            return self._bad(key, value, f"an integer from {lo} to {hi}", stand_in)
         return value
 
     def seconds(self, key: str, default: object) -> float:
@@ -338,33 +398,39 @@ class _Section:
         try:
             return parse_duration(value)
         except ValueError:
-            raise self._fail(key, value, 'a duration such as "30s", "5m" or "2h"') from None
+            stand_in = parse_duration(default) if isinstance(default, int | float | str) else 1.0
+            return self._bad(key, value, 'a duration such as "30s", "5m" or "2h"', stand_in)
 
     def path(self, key: str, default: object = _REQUIRED) -> Path:
         value = self._get(key, default)
         if isinstance(value, Path):
             return value if value.is_absolute() else self.base / value
         if not isinstance(value, str) or not value:
-            raise self._fail(key, value, "a file or directory path")
+            return self._bad(key, value, "a file or directory path", self.base / f"<{key}>")
         path = Path(value).expanduser()
         return path if path.is_absolute() else self.base / path
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self._get(key, default)
         if not isinstance(value, bool):
-            raise self._fail(key, value, "true or false")
+            return self._bad(key, value, "true or false", default)
         return value
 
     def strings(self, key: str, default: object) -> tuple[str, ...]:
         value = self._get(key, default)
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
-            raise self._fail(key, value, "a list of strings")
+            stand_in = tuple(default) if isinstance(default, list | tuple) else ()
+            return self._bad(key, value, "a list of strings", stand_in)
         return tuple(value)
 
     def check_unknown(self) -> None:
         unknown = sorted(set(self.table) - self.used)
-        if unknown:
-            raise ConfigError(f"[{self.name}] {unknown[0]}: unknown key")
+        errors = _collected.get()
+        for key in unknown:
+            message = f"[{self.name}] {key}: unknown key"
+            if errors is None:
+                raise ConfigError(message)
+            errors.append(message)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$")
@@ -426,7 +492,7 @@ def _sections(doc: Mapping[str, Any], allowed: tuple[str, ...], base: Path) -> d
         if name not in allowed:
             raise ConfigError(f"[{name}]: unknown section (expected one of {', '.join(allowed)})")
         if not isinstance(table, dict):
-            raise ConfigError(f"{name} = {table!r}: expected a [{name}] table")
+            raise ConfigError(f"{name} = {toml_value(table)}: expected a [{name}] table")
     return {name: _Section(name, doc.get(name, {}), base) for name in allowed}
 
 
@@ -438,6 +504,7 @@ def load_agent_config(path: Path) -> AgentConfig:
     return agent_config_from_dict(doc, path.resolve().parent)
 
 
+@_collecting
 def agent_config_from_dict(doc: Mapping[str, Any], base: Path) -> AgentConfig:
     s = _sections(
         doc,
@@ -624,6 +691,7 @@ def load_store_config(path: Path) -> StoreConfig:
     return store_config_from_dict(doc, path.resolve().parent)
 
 
+@_collecting
 def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
     s = _sections(doc, ("store", "log"), base)
     st = s["store"]
@@ -778,7 +846,7 @@ def _subsection(parent: _Section, name: str, base: Path) -> _Section:
     table = parent._get(name, {})
     if not isinstance(table, dict):
         raise ConfigError(
-            f"[{parent.name}] {name} = {table!r}: expected a [{parent.name}.{name}] table"
+            f"[{parent.name}] {name} = {toml_value(table)}: expected a [{parent.name}.{name}] table"
         )
     return _Section(f"{parent.name}.{name}", table, base)
 

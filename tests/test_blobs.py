@@ -144,15 +144,15 @@ def _store_doc(tmp_path: Path, **s3: object) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("s3", "store", "key"),
     [
-        ({"region": "us-east-1"}, {}, "[store.s3] region = 'us-east-1'"),
-        ({"region": "eu-west-2"}, {}, "[store.s3] region = 'eu-west-2'"),
+        ({"region": "us-east-1"}, {}, '[store.s3] region = "us-east-1"'),
+        ({"region": "eu-west-2"}, {}, '[store.s3] region = "eu-west-2"'),
         ({"endpoint": "https://s3.us-east-1.amazonaws.com"}, {}, "[store.s3] endpoint"),
         ({"endpoint": "https://s3.amazonaws.com"}, {}, "[store.s3] endpoint"),
         ({"endpoint": "ftp://x"}, {}, "[store.s3] endpoint"),
         ({"access_key_id": "AK"}, {}, "[store.s3] access_key_id"),
-        ({}, {"region": "us"}, "[store] region = 'us'"),
-        ({}, {"allowed_regions": ["fi"]}, "[store.s3] region = 'eu-north-1'"),
-        ({}, {"blobs": "files"}, "[store] blobs = 'files'"),
+        ({}, {"region": "us"}, '[store] region = "us"'),
+        ({}, {"allowed_regions": ["fi"]}, '[store.s3] region = "eu-north-1"'),
+        ({}, {"blobs": "files"}, '[store] blobs = "files"'),
         ({"colour": "blue"}, {}, "[store.s3] colour: unknown key"),
     ],
 )
@@ -183,7 +183,7 @@ def test_store_refuses_an_s3_endpoint_that_cannot_say_where_it_is(
 def test_store_refuses_a_missing_bucket(seaweed: SeaweedFS, tmp_path: Path) -> None:
     section = seaweed.s3_section("no-such-bucket")
     cfg = store_config_from_dict(_store_doc(tmp_path, **section), tmp_path)
-    with pytest.raises(ConfigError, match=r"^\[store.s3\] bucket = 'no-such-bucket'"):
+    with pytest.raises(ConfigError, match=r"^\[store.s3\] bucket = \"no-such-bucket\""):
         open_blobs(cfg)
 
 

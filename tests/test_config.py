@@ -23,10 +23,10 @@ def test_agent_config_round_trip(tmp_path: Path, keys: Keys) -> None:
     ("section", "key", "value", "message"),
     [
         ("sip", "port", 70000, "[sip] port = 70000: expected an integer from 1 to 65535"),
-        ("sip", "rtp_timeout", "soon", "[sip] rtp_timeout = 'soon': expected a duration"),
-        ("audio", "format", "mp3", "[audio] format = 'mp3': expected one of opus, flac, wav"),
+        ("sip", "rtp_timeout", "soon", '[sip] rtp_timeout = "soon": expected a duration'),
+        ("audio", "format", "mp3", '[audio] format = "mp3": expected one of opus, flac, wav'),
         ("audio", "workers", -1, "[audio] workers = -1: expected an integer from 0 to 64"),
-        ("agent", "site", "Helsinki 1", "[agent] site = 'Helsinki 1': expected lower-case"),
+        ("agent", "site", "Helsinki 1", '[agent] site = "Helsinki 1": expected lower-case'),
         ("sip", "colour", "blue", "[sip] colour: unknown key"),
         (
             "uplink",
@@ -58,7 +58,7 @@ def test_store_retention_error_is_readable(tmp_path: Path) -> None:
     path.write_text('[store]\ndata_dir = "d"\nretention = "6 monts"\n')
     with pytest.raises(ConfigError) as err:
         load_store_config(path)
-    assert str(err.value) == "[store] retention = '6 monts': expected e.g. \"6 months\""
+    assert str(err.value) == '[store] retention = "6 monts": expected e.g. "6 months"'
 
 
 def test_store_defaults(tmp_path: Path) -> None:
@@ -91,7 +91,7 @@ def test_cli_reports_config_error_in_one_line(
     assert main(["check", "--store", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert "[store] listen = 'nowhere'" in err
+    assert '[store] listen = "nowhere"' in err
 
 
 def test_check_store_refuses_world_readable_seal_key_and_missing_directory(
@@ -145,3 +145,40 @@ def test_check_names_each_bad_tls_file(tmp_path: Path, capsys: pytest.CaptureFix
     assert "ca.pem: not a PEM certificate" in lines[0]
     assert "store.pem: certificate not found" in lines[1]
     assert "store.key: key file is readable by group or others" in lines[2]
+
+
+def test_every_wrong_key_is_named_at_once(tmp_path: Path, keys: Keys) -> None:
+    _, doc = agent_config(tmp_path, keys, "127.0.0.1:50051")
+    doc["sip"]["port"] = 70000
+    doc["audio"] = {"format": "mp3"}
+    doc["uplink"]["insecure"] = "yes"
+    with pytest.raises(ConfigError) as err:
+        load_agent_config(write_toml(tmp_path / "agent.toml", doc))
+    lines = str(err.value).splitlines()
+    assert lines[0] == "3 config errors:"
+    assert sorted(lines[1:]) == [
+        '[audio] format = "mp3": expected one of opus, flac, wav',
+        "[sip] port = 70000: expected an integer from 1 to 65535",
+        '[uplink] insecure = "yes": expected true or false',
+    ]
+
+
+def test_values_are_shown_as_toml(tmp_path: Path, keys: Keys) -> None:
+    _, doc = agent_config(tmp_path, keys, "127.0.0.1:50051")
+    path = write_toml(tmp_path / "agent.toml", doc)
+    path.write_text(path.read_text() + "[audio]\nformat = true\nworkers = [1, 2]\n")
+    with pytest.raises(ConfigError) as err:
+        load_agent_config(path)
+    assert "[audio] format = true: expected a non-empty string" in str(err.value)
+    assert "[audio] workers = [1, 2]: expected an integer" in str(err.value)
+
+
+def test_the_cli_lists_every_error(
+    tmp_path: Path, keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, doc = agent_config(tmp_path, keys, "127.0.0.1:50051")
+    doc["sip"]["colour"] = "blue"
+    doc["sip"]["flavour"] = "mint"
+    assert main(["check", "--agent", str(write_toml(tmp_path / "agent.toml", doc))]) == 2
+    err = capsys.readouterr().err
+    assert "[sip] colour: unknown key" in err and "[sip] flavour: unknown key" in err

@@ -83,7 +83,7 @@ def test_min_free_is_a_size_or_a_share(tmp_path: Path, keys: Keys) -> None:
     doc["agent"]["min_free"] = "500 MB"
     assert agent_config_from_dict(doc, tmp_path).min_free.floor(10**12) == 500 * 10**6
     doc["agent"]["min_free"] = "lots"
-    with pytest.raises(ConfigError, match=r"\[agent\] min_free = 'lots': expected a size"):
+    with pytest.raises(ConfigError, match=r'\[agent\] min_free = "lots": expected a size'):
         agent_config_from_dict(doc, tmp_path)
 
 

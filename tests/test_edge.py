@@ -104,18 +104,18 @@ def test_sip_edge_keys(tmp_path: Path, keys: Keys) -> None:
 @pytest.mark.parametrize(
     ("sip", "message"),
     [
-        ({"allowed_clients": ["10.1.2.5/24"]}, "[sip] allowed_clients = '10.1.2.5/24': expected"),
-        ({"allowed_clients": ["pbx.example"]}, "[sip] allowed_clients = 'pbx.example'"),
-        ({"allowed_clients": "10.0.0.1"}, "[sip] allowed_clients = '10.0.0.1': expected a list"),
+        ({"allowed_clients": ["10.1.2.5/24"]}, '[sip] allowed_clients = "10.1.2.5/24": expected'),
+        ({"allowed_clients": ["pbx.example"]}, '[sip] allowed_clients = "pbx.example"'),
+        ({"allowed_clients": "10.0.0.1"}, '[sip] allowed_clients = "10.0.0.1": expected a list'),
         ({"clients": [{"service_header": "X"}]}, "[sip.clients.0] address: missing"),
         ({"clients": [{"address": "10.0.0.1", "colour": 1}]}, "[sip.clients.0] colour: unknown"),
         (
             {"clients": [{"address": "10.0.0.1", "employee_header": "X Agent"}]},
-            "[sip.clients.0] employee_header = 'X Agent': expected a SIP header name",
+            '[sip.clients.0] employee_header = "X Agent": expected a SIP header name',
         ),
         (
             {"clients": [{"address": "10.0.0.1", "service_header": "D", "service_number": "1"}]},
-            "[sip.clients.0] service_number = '1': expected no service_header beside it",
+            '[sip.clients.0] service_number = "1": expected no service_header beside it',
         ),
     ],
 )

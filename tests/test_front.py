@@ -275,9 +275,9 @@ def test_worker_addresses_behind_the_front(tmp_path: Path, keys: Keys) -> None:
         ),
         ({"rtp_port_start": 25040}, "[sip] rtp_port_start = 25040: expected RTP ranges apart"),
         ({"rtp_port_count": 16}, "[sip] rtp_port_count = 16: expected an integer from 32"),
-        ({"drain": "soon"}, "[sip] drain = 'soon': expected a duration"),
-        ({"front": "yes"}, "[sip] front = 'yes'"),
-        ({"worker_listen": "localhost"}, "[sip] worker_listen = 'localhost': expected an IP"),
+        ({"drain": "soon"}, '[sip] drain = "soon": expected a duration'),
+        ({"front": "yes"}, '[sip] front = "yes"'),
+        ({"worker_listen": "localhost"}, '[sip] worker_listen = "localhost": expected an IP'),
     ],
 )
 def test_bad_sip_keys_are_named(

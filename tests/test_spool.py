@@ -442,7 +442,7 @@ def test_spool_config(tmp_path: Path, keys: Keys) -> None:
     assert cfg.spool.settle_s == 2.0 and cfg.spool.orphan_timeout_s == 600.0
     assert agent_config(tmp_path, keys, "127.0.0.1:9")[0].spool is None
     for bad, message in [
-        ({"dir": "s", "owned": "yes"}, "[spool] owned = 'yes': expected true or false"),
+        ({"dir": "s", "owned": "yes"}, '[spool] owned = "yes": expected true or false'),
         ({"dir": "s", "settle": "1m", "orphan_timeout": "30s"}, "longer than settle"),
         ({"owned": True}, "[spool] dir: missing"),
         ({"dir": "s", "rescan": "soon"}, "[spool] rescan"),

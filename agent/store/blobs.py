@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from agent import logs
 from agent.capture import fsync_dir
-from agent.config import ConfigError, S3Config
+from agent.config import ConfigError, S3Config, toml_value
 from agent.store.residency import is_aws_host, region_allowed
 
 log = logs.get_logger(__name__)
@@ -215,7 +215,9 @@ class S3Blobs:
         ``allowed`` or that cannot say where it is, unless the operator attested it."""
         cfg = self.config
         if not region_allowed(cfg.region, allowed):
-            raise ConfigError(f"[store.s3] region = {cfg.region!r}: expected an allowed region")
+            raise ConfigError(
+                f"[store.s3] region = {toml_value(cfg.region)}: expected an allowed region"
+            )
         reported = self._bucket_region()
         if reported:
             if reported != cfg.region:
@@ -252,7 +254,7 @@ class S3Blobs:
         except ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "")
             raise ConfigError(
-                f"[store.s3] bucket = {self.bucket!r}: cannot read its location ({code})"
+                f"[store.s3] bucket = {toml_value(self.bucket)}: cannot read its location ({code})"
             ) from None
         except BotoCoreError as exc:
             raise ConfigError(
