@@ -33,7 +33,7 @@ from agent.manifest import DIRECTION_NAMES
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import KeyFileError, Sealer, check_private_file
-from agent.recorder import frontlog
+from agent.recorder import frontlog, quarantine
 from agent.store.keys import FileKeyWrapper
 from agent.store.numbers import SealKeyring
 
@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     access_cli.add_parsers(sub)
     certs.add_parsers(sub)
     frontlog.add_parsers(sub)
+    quarantine.add_parsers(sub)
     return parser
 
 
@@ -128,6 +129,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         certs.dispatch,
         frontlog.dispatch,
         keys_cli.dispatch,
+        quarantine.dispatch,
     )
     for dispatch in dispatchers:
         handled = dispatch(args)

@@ -210,6 +210,7 @@ class AgentConfig:
     spool: SpoolConfig | None = None  # no [spool] section: no spool pickup
     metrics_listen: str | None = None  # "127.0.0.1:9464": Prometheus /metrics
     min_free: FreeSpaceFloor = field(default_factory=FreeSpaceFloor)
+    quarantine_max_age_s: float = 30 * 86400.0  # then the agent deletes the entry
 
     @property
     def captures_dir(self) -> Path:
@@ -433,8 +434,10 @@ class _Section:
             errors.append(message)
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, None: 1.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h|d)?\s*$")
+_DURATION_UNITS = {
+    "ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0,
+}  # fmt: skip
 _MONTHS = re.compile(r"^\s*(\d+)\s*months?\s*$")
 
 
@@ -537,6 +540,7 @@ def agent_config_from_dict(doc: Mapping[str, Any], base: Path) -> AgentConfig:
         spool=_spool_config(s["spool"]) if "spool" in doc else None,
         metrics_listen=_listen(a, "metrics", "") if "metrics" in a.table else None,
         min_free=_free_space_floor(a, "min_free"),
+        quarantine_max_age_s=_quarantine_max_age(a),
     )
     if not re.fullmatch(r"\d+k", cfg.audio.bitrate):
         raise au._fail("bitrate", cfg.audio.bitrate, 'a bitrate such as "24k"')
@@ -739,6 +743,14 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
     for section in (*s.values(), *sub.values()):
         section.check_unknown()
     return cfg
+
+
+def _quarantine_max_age(a: _Section) -> float:
+    """Quarantined recordings hold personal data: gone well within the retention."""
+    value = a.seconds("quarantine_max_age", "30d")
+    if not 3600 <= value <= 183 * 86400:
+        raise a._fail("quarantine_max_age", a.table["quarantine_max_age"], 'from "1h" to "183d"')
+    return value
 
 
 def _uplink_config(up: _Section) -> UplinkConfig:

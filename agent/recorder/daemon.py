@@ -28,10 +28,12 @@ from agent.recorder.finalize import Finalizer
 from agent.recorder.front import FrontProcess, write_front_files
 from agent.recorder.outbox import Outbox
 from agent.recorder.ownership import slot_held, slot_holder
+from agent.recorder.quarantine import expire as expire_quarantine
 from agent.recorder.spool import SpoolPickup
 from agent.recorder.uplink import Uplink
 
 log = logs.get_logger(__name__)
+QUARANTINE_CHECK_S = 3600.0
 
 WORKER_READY_TIMEOUT_S = 20.0
 # After [sip] drain a worker hangs up what is left (3 s), closes its files and
@@ -63,6 +65,7 @@ class AgentDaemon:
         self.config_path = config_path
         self.stop_event = threading.Event()
         self.forced = threading.Event()
+        self._quarantine_checked = float("-inf")  # monotonic time of the last expiry pass
         self.hup_event = threading.Event()
         # One watcher for the host: a change is checked here once, then every worker
         # is told with SIGHUP (a watcher per worker cost an inotify instance each).
@@ -154,7 +157,18 @@ class AgentDaemon:
             if not (spool_ok and all(loop.is_alive() for loop in loops)):
                 log.error("agent_loop_died", action="shutdown")
                 raise SystemExit(1)
+            self._expire_quarantine()
             sdnotify.watchdog()
+
+    def _expire_quarantine(self) -> None:
+        """Hourly: quarantined recordings go after [agent] quarantine_max_age."""
+        if time.monotonic() - self._quarantine_checked < QUARANTINE_CHECK_S:
+            return
+        self._quarantine_checked = time.monotonic()
+        try:
+            expire_quarantine(self.config.quarantine_dir, self.config.quarantine_max_age_s)
+        except OSError as exc:
+            log.error("quarantine_expiry_failed", error=str(exc))
 
     def shutdown(self) -> None:
         sdnotify.stopping()

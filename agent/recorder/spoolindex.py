@@ -66,6 +66,12 @@ class SpoolIndex:
             [(*self._row(k), ref, now) for k in keys],
         )
 
+    def unmark(self, ref: str) -> int:
+        """Forget the files handled as ``ref`` (a quarantine entry being retried), so
+        a rescan looks at them again; how many."""
+        with self.db:
+            return self.db.execute("DELETE FROM handled WHERE ref=?", (ref,)).rowcount
+
     def find(self, sha256: str) -> str | None:
         """The recording already taken with these audio samples."""
         row = self.db.execute("SELECT recording_id FROM taken WHERE sha256=?", (sha256,))
