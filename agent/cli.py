@@ -36,6 +36,7 @@ from agent.privacy import (
     new_lookup_key_line,
     new_seal_keypair,
 )
+from agent.web import cli as web_cli
 
 log = logging.getLogger("callrec")
 
@@ -88,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seconds", type=float, default=6.0)
     access_cli.add_parsers(sub)
     certs.add_parsers(sub)
+    web_cli.add_parsers(sub)
     return parser
 
 
@@ -106,6 +108,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     dispatchers: tuple[Callable[[argparse.Namespace], int | None], ...] = (
         access_cli.dispatch,
         certs.dispatch,
+        web_cli.dispatch,
     )
     for dispatch in dispatchers:
         handled = dispatch(args)

@@ -61,6 +61,7 @@ class Operation(StrEnum):
     RELEASE = "release"
     RECTIFY = "rectify"
     UNSEAL = "unseal"
+    SIGN_IN = "sign_in"  # WhoAmI: authentication only, no recording
 
 
 class Purpose(StrEnum):

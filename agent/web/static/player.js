@@ -1,0 +1,84 @@
+// The recording page's player: speed, solo a channel (customer left, employee right),
+// skip silence, and a live waveform of both channels. Web Audio over the <audio>
+// element, which streams the recording through HTTP Range requests. No inline script
+// (the Content-Security-Policy forbids it).
+"use strict";
+
+(function () {
+  const audio = document.getElementById("audio");
+  if (!audio) return;
+  const speed = document.getElementById("speed");
+  const skip = document.getElementById("skip-silence");
+  const canvas = document.getElementById("wave");
+  let graph = null;
+
+  function build() {
+    const ctx = new AudioContext();
+    const source = ctx.createMediaElementSource(audio);
+    const split = ctx.createChannelSplitter(2);
+    const merge = ctx.createChannelMerger(2);
+    const left = ctx.createGain(), right = ctx.createGain();
+    const leftToRight = ctx.createGain(), rightToLeft = ctx.createGain();
+    const meters = [ctx.createAnalyser(), ctx.createAnalyser()];
+    source.connect(split);
+    split.connect(left, 0); split.connect(right, 1);
+    split.connect(leftToRight, 0); split.connect(rightToLeft, 1);
+    split.connect(meters[0], 0); split.connect(meters[1], 1);
+    left.connect(merge, 0, 0); right.connect(merge, 0, 1);
+    leftToRight.connect(merge, 0, 1); rightToLeft.connect(merge, 0, 0);
+    merge.connect(ctx.destination);
+    meters.forEach((m) => { m.fftSize = 1024; });
+    return { ctx, left, right, leftToRight, rightToLeft, meters };
+  }
+
+  function solo(which) {
+    if (!graph) graph = build();
+    const g = graph;
+    // both: stereo as recorded; customer/employee: that channel to both ears.
+    g.left.gain.value = which === "employee" ? 0 : 1;
+    g.right.gain.value = which === "customer" ? 0 : 1;
+    g.leftToRight.gain.value = which === "customer" ? 1 : 0;
+    g.rightToLeft.gain.value = which === "employee" ? 1 : 0;
+    document.body.dataset.solo = which;
+  }
+
+  function level(meter) {
+    const data = new Float32Array(meter.fftSize);
+    meter.getFloatTimeDomainData(data);
+    let sum = 0;
+    for (const v of data) sum += v * v;
+    return Math.sqrt(sum / data.length);
+  }
+
+  const history = [[], []];
+  function draw() {
+    if (graph && canvas) {
+      const c = canvas.getContext("2d");
+      const w = canvas.width, h = canvas.height;
+      if (!audio.paused) {
+        graph.meters.forEach((m, i) => { history[i].push(level(m)); if (history[i].length > w) history[i].shift(); });
+        if (skip && skip.checked) {
+          const quiet = history.every((hs) => (hs[hs.length - 1] || 0) < 0.01);
+          audio.playbackRate = quiet ? 3 : Number(speed.value);
+        }
+      }
+      c.clearRect(0, 0, w, h);
+      ["#1d4f91", "#2f855a"].forEach((colour, i) => {
+        c.fillStyle = colour;
+        const mid = i === 0 ? h / 4 : (3 * h) / 4;
+        history[i].forEach((v, x) => { const a = Math.min(h / 4, v * h); c.fillRect(x, mid - a, 1, 2 * a || 1); });
+      });
+    }
+    requestAnimationFrame(draw);
+  }
+
+  audio.addEventListener("play", () => {
+    if (!graph) solo("both");
+    if (graph.ctx.state === "suspended") graph.ctx.resume();
+  });
+  speed.addEventListener("change", () => { audio.playbackRate = Number(speed.value); });
+  document.querySelectorAll("input[name=solo]").forEach((r) =>
+    r.addEventListener("change", () => solo(r.value)));
+  audio.addEventListener("contextmenu", (e) => e.preventDefault());
+  requestAnimationFrame(draw);
+})();
