@@ -50,24 +50,41 @@
     return Math.sqrt(sum / data.length);
   }
 
-  const history = [[], []];
+  // A waveform drawn as the recording plays: one column per slice of the recording's
+  // length, the loudest level heard there, customer above, employee below.
+  const peaks = [[], []];
+  const names = canvas ? [canvas.dataset.customer || "", canvas.dataset.employee || ""] : [];
   function draw() {
-    if (graph && canvas) {
+    if (canvas) {
       const c = canvas.getContext("2d");
-      const w = canvas.width, h = canvas.height;
-      if (!audio.paused) {
-        graph.meters.forEach((m, i) => { history[i].push(level(m)); if (history[i].length > w) history[i].shift(); });
+      const w = canvas.width, h = canvas.height, lane = h / 2;
+      const d = audio.duration;
+      if (graph && !audio.paused && d > 0) {
+        const x = Math.min(w - 1, Math.floor((audio.currentTime / d) * w));
+        graph.meters.forEach((m, i) => { peaks[i][x] = Math.max(peaks[i][x] || 0, level(m)); });
         if (skip && skip.checked) {
-          const quiet = history.every((hs) => (hs[hs.length - 1] || 0) < 0.01);
+          const quiet = graph.meters.every((m) => level(m) < 0.01);
           audio.playbackRate = quiet ? 3 : Number(speed.value);
         }
       }
       c.clearRect(0, 0, w, h);
       ["#1d4f91", "#2f855a"].forEach((colour, i) => {
+        const mid = lane * i + lane / 2;
+        c.fillStyle = "#d9e2ec";
+        c.fillRect(0, mid, w, 1);
         c.fillStyle = colour;
-        const mid = i === 0 ? h / 4 : (3 * h) / 4;
-        history[i].forEach((v, x) => { const a = Math.min(h / 4, v * h); c.fillRect(x, mid - a, 1, 2 * a || 1); });
+        peaks[i].forEach((v, x) => {
+          if (v === undefined) return;
+          const a = Math.max(1, Math.min(lane / 2 - 2, v * lane * 1.5));
+          c.fillRect(x, mid - a, 1, 2 * a);
+        });
+        c.font = "11px sans-serif";
+        c.fillText(names[i], 4, lane * i + 12);
       });
+      if (d > 0) {
+        c.fillStyle = "#9b2c2c";
+        c.fillRect(Math.floor((audio.currentTime / d) * w), 0, 1, h);
+      }
     }
     requestAnimationFrame(draw);
   }

@@ -1,0 +1,268 @@
+"""The people's web end to end: a real Chromium (Debian's, through Playwright) against
+`callrec web` (its own process, HTTPS), the real store (Access service, vault, audit)
+and a real OpenID provider (npm oidc-provider). Screenshots of each page go to
+tests/artifacts/web/ (CALLREC_ARTIFACTS)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from agent.pb.callrec.v1 import access_pb2 as apb
+from tests.support.access_world import opus_audio
+from tests.support.web import ARTIFACTS, WebWorld, day_ms, node_ready, running_web, seed_audio
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM.exists() and node_ready()), reason="needs chromium and tests/oidc (.ci/setup)"
+)
+AINO = [("a1", "Aino Agent", "parcels")]
+MIKKO = [("a2", "Mikko Agent", "telesales")]
+COOKIE = "__Host-callrec"
+
+
+@dataclass(frozen=True)
+class Calls:
+    aino: list[str]
+    long: str
+    mikko: str
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebWorld]:
+    yield from running_web(tmp_path_factory.mktemp("web"))
+
+
+@pytest.fixture(scope="module")
+def calls(web: WebWorld) -> Calls:
+    short = opus_audio()
+    aino = [seed_audio(web.world, AINO, short, day_ms(1 + i)) for i in range(6)]
+    long = seed_audio(web.world, AINO, opus_audio(150.0), day_ms(0.5), 150, flags="silent_customer")
+    mikko = seed_audio(web.world, MIKKO, short, day_ms(0.7))
+    return Calls(aino, long, mikko)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"],
+        )
+        yield chromium
+        chromium.close()
+
+
+def shot(page: Any, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def sign_in(browser: Any, web: WebWorld, account: str, locale: str = "fi-FI") -> Any:
+    context = browser.new_context(
+        ignore_https_errors=True, locale=locale, viewport={"width": 1366, "height": 768}
+    )
+    page = context.new_page()
+    page.goto(web.url + "/")
+    page.click("a.button")  # "Kirjaudu sisään" / "Sign in"
+    page.wait_for_url(re.compile(r".*/interaction/.*"))
+    page.fill("#login", account)
+    page.click("button[type=submit]")
+    page.wait_for_load_state("networkidle")
+    return page
+
+
+def session_cookie(page: Any) -> str:
+    cookie = next(c for c in page.context.cookies() if c["name"] == COOKIE)
+    assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Lax"
+    return f"{COOKIE}={cookie['value']}"
+
+
+def employees_shown(page: Any) -> list[str]:
+    return page.locator("table.results tbody tr td:nth-child(5)").all_inner_texts()
+
+
+def test_agent_sees_own_calls_plays_seeks_and_cannot_download(
+    web: WebWorld, calls: Calls, browser: Any
+) -> None:
+    page = sign_in(browser, web, "a1")
+    shot(page, "search-agent")
+    assert page.url.endswith("/search") and "Omat puheluni" in page.inner_text("h1")
+    first = employees_shown(page)
+    assert len(first) == 5 and all(e == "Aino Agent" for e in first)
+    assert re.search(
+        r"\d\d\.\d\d\.\d{4} \d\d:\d\d:\d\d \(UTC\+0[23]:00\)", page.inner_text("table")
+    )
+    page.click("a[rel=next]")  # paging past the first page
+    second = employees_shown(page)
+    assert len(second) == 2 and all(e == "Aino Agent" for e in second)
+    assert calls.mikko not in page.content()
+
+    seq = web.world.head_seq()
+    page.goto(f"{web.url}/recordings/{calls.long}")
+    assert page.locator("audio").count() == 0, "no player before a purpose is chosen"
+    shot(page, "recording-purpose")
+    page.select_option("#purpose", "verification")
+    page.click("#start")
+    ranges: list[tuple[int, str]] = []
+    page.on(
+        "response",
+        lambda r: (
+            ranges.append((r.status, r.headers.get("content-range", "")))
+            if "/audio" in r.url
+            else None
+        ),
+    )
+    page.wait_for_function("() => document.getElementById('audio').readyState >= 1")
+    assert page.evaluate("document.getElementById('audio').duration") == pytest.approx(150, abs=1)
+    page.evaluate("document.getElementById('audio').play()")
+    page.wait_for_function("() => document.getElementById('audio').currentTime > 0.3")
+    page.evaluate("document.getElementById('audio').currentTime = 120")
+    page.wait_for_function(
+        "() => { const a = document.getElementById('audio');"
+        " return a.currentTime >= 120.2 && !a.seeking; }",
+        timeout=15_000,
+    )
+    page.check("input[name=solo][value=customer]")
+    assert page.evaluate("document.body.dataset.solo") == "customer"
+    page.evaluate("document.getElementById('audio').pause()")
+    shot(page, "recording-player")
+    assert ranges and all(status == 206 for status, _ in ranges)
+    offsets = [int(cr.split()[1].split("-")[0]) for _, cr in ranges if cr]
+    assert 0 in offsets and max(offsets) > 0, f"a seek asks for a later range: {ranges}"
+    # No download for an agent: no link, no download control, and the store refuses export.
+    assert "nodownload" in (page.get_attribute("audio", "controlslist") or "")
+    assert page.locator("a[download], a[href*=export]").count() == 0
+    plays = [
+        e for e in web.world.events_after(seq)
+        if e["action"] == "play" and e["recording_id"] == calls.long
+    ]  # fmt: skip
+    assert plays and all(
+        e["actor"] == "person:a1" and e["purpose"] == "verification" and e["outcome"] == "allowed"
+        and e["detail"].startswith("channel=web bytes=")
+        for e in plays
+    )  # fmt: skip
+    page.context.close()
+
+
+def test_supervisor_sees_the_team_in_english(web: WebWorld, calls: Calls, browser: Any) -> None:
+    page = sign_in(browser, web, "s1", locale="en-GB")
+    assert "My team's calls" in page.inner_text("h1")
+    page.fill("input[name=employee]", "a1")
+    page.click("form.filters button")
+    assert set(employees_shown(page)) == {"Aino Agent"}
+    page.goto(f"{web.url}/search?employee=a2")
+    assert employees_shown(page) == []
+    shot(page, "search-supervisor")
+    page.goto(f"{web.url}/recordings/{calls.aino[0]}")
+    assert "Destroyed on" in page.inner_text("dl.facts")
+    page.context.close()
+
+
+def test_outsider_and_untrained_are_turned_away(web: WebWorld, calls: Calls, browser: Any) -> None:
+    page = sign_in(browser, web, "nobody")
+    assert "ei ole puhelutallenteiden henkilöluettelossa" in page.inner_text("main")
+    shot(page, "refused-outsider")
+    page.goto(web.url + "/search")
+    assert page.url.rstrip("/") == web.url, "no session: back to the front page"
+    page.context.close()
+    page = sign_in(browser, web, "a3", locale="en-US")
+    assert "no training date" in page.inner_text("main")
+    page.context.close()
+
+
+def test_store_refuses_forged_expired_and_foreign_tokens(web: WebWorld) -> None:
+    access, signer = web.world.access, web.signer
+    good = signer.token("a1")
+    assert (
+        access.WhoAmI(apb.WhoAmIRequest(), metadata=[("authorization", f"Bearer {good}")]).id
+        == "a1"
+    )
+    forger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    forged = jwt.encode(
+        {"iss": signer.issuer, "sub": "po", "aud": "callrec-web", "iat": 0, "exp": 2**31},
+        forger, "RS256", headers={"kid": signer.kid},
+    )  # fmt: skip
+    seq = web.world.head_seq()
+    for token, why in [
+        (signer.token("a1", ttl_s=-120), "expired"),
+        (forged, "invalid ID token"),
+        (signer.token("a1", audience="someone-else"), "another audience"),
+        (signer.token("ghost"), "not in the directory"),
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            access.Search(
+                apb.SearchRequest(purpose=apb.PURPOSE_VERIFICATION),
+                metadata=[("authorization", f"Bearer {token}")],
+            )
+        assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert why in (err.value.details() or "")
+    refused = web.world.events_after(seq)
+    assert [e["outcome"] for e in refused] == ["unauthenticated"] * 4
+    assert all(e["detail"].startswith("channel=web") for e in refused)
+
+
+def test_another_persons_recording_and_csrf(web: WebWorld, calls: Calls, browser: Any) -> None:
+    page = sign_in(browser, web, "a1")
+    cookie = session_cookie(page)
+    seq = web.world.head_seq()
+    status, _, body = web.get(f"/recordings/{calls.mikko}", cookie)
+    assert status == 403 and b"Tallennetta ei l" in body
+    denied = web.world.events_after(seq)
+    assert [(e["actor"], e["recording_id"], e["outcome"]) for e in denied] == [
+        ("person:a1", calls.mikko, "denied")
+    ]
+    status, headers, _ = web.get("/search", cookie)
+    csp = headers["content-security-policy"]
+    assert status == 200 and "script-src 'self'" in csp and "unsafe-inline" not in csp
+    # A state change without the session's CSRF token changes nothing.
+    status = page.evaluate(
+        f"fetch('/recordings/{calls.aino[0]}/purpose', {{method: 'POST',"
+        " body: new URLSearchParams({purpose: 'verification'})}).then(r => r.status)"
+    )
+    assert status == 403
+    assert web.get(f"/recordings/{calls.aino[0]}/audio", cookie)[0] == 409, "no purpose chosen"
+    page.context.close()
+
+
+def test_range_requests(web: WebWorld, calls: Calls, browser: Any) -> None:
+    page = sign_in(browser, web, "a1")
+    page.goto(f"{web.url}/recordings/{calls.aino[0]}")
+    page.select_option("#purpose", "verification")
+    page.click("#start")
+    cookie = session_cookie(page)
+    audio, path = opus_audio(), f"/recordings/{calls.aino[0]}/audio"
+    size = len(audio)
+
+    def fetch(spec: str) -> tuple[int, dict[str, str], bytes]:
+        return web.get(path, cookie, range=spec)
+
+    cases = {
+        "bytes=0-99": (206, 0, 99),
+        f"bytes=50-{size * 10}": (206, 50, size - 1),  # past the end: clipped
+        "bytes=0-10,5-20": (206, 0, 20),  # overlapping: merged
+        "bytes=-100": (206, size - 100, size - 1),
+        f"bytes={size - 1}-": (206, size - 1, size - 1),
+    }
+    for spec, (code, first, last) in cases.items():
+        status, headers, body = fetch(spec)
+        assert status == code, spec
+        assert headers["content-range"] == f"bytes {first}-{last}/{size}", spec
+        assert body == audio[first : last + 1], spec
+        assert headers["cache-control"] == "no-store"
+    for spec in (f"bytes={size}-", f"bytes={size + 5}-{size + 10}", "bytes=0-10,100-200",
+                 "bytes=abc", "items=0-1", "bytes=9-3"):  # fmt: skip
+        status, headers, body = fetch(spec)
+        assert status == 416 and body == b"", spec
+    assert fetch(f"bytes={size}-")[1]["content-range"] == f"bytes */{size}"
+    page.context.close()
