@@ -130,6 +130,8 @@ def pick_language(accept_language: str) -> str:
             q = float(params.strip()[2:]) if params.strip().startswith("q=") else 1.0
         except ValueError:
             q = 0.0
+        if q <= 0:  # "not acceptable"
+            continue
         q -= position * 1e-6
         if lang in LANGUAGES and q > best_q:
             best, best_q = lang, q
