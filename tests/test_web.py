@@ -166,6 +166,10 @@ def test_supervisor_sees_the_team_in_english(web: WebWorld, calls: Calls, browse
     shot(page, "search-supervisor")
     page.goto(f"{web.url}/recordings/{calls.aino[0]}")
     assert "Destroyed on" in page.inner_text("dl.facts")
+    cookie = session_cookie(page)
+    page.click("header form button")  # sign out (a POST with the CSRF token)
+    assert "You have signed out." in page.inner_text("main")
+    assert web.get("/search", cookie)[0] == 303, "the old session id is dead"
     page.context.close()
 
 
@@ -265,4 +269,78 @@ def test_range_requests(web: WebWorld, calls: Calls, browser: Any) -> None:
         status, headers, body = fetch(spec)
         assert status == 416 and body == b"", spec
     assert fetch(f"bytes={size}-")[1]["content-range"] == f"bytes */{size}"
+    page.context.close()
+
+
+def test_privacy_officer_runs_a_request_from_number_to_erasure(
+    web: WebWorld, calls: Calls, browser: Any
+) -> None:
+    import datetime as dt
+    import io
+    import zipfile
+    from zoneinfo import ZoneInfo
+
+    started = (day_ms(2.5) // 60_000) * 60_000
+    rid = seed_audio(web.world, MIKKO, opus_audio(), started)
+    local = dt.datetime.fromtimestamp(started / 1000, ZoneInfo("Europe/Helsinki"))
+    seq = web.world.head_seq()
+    page = sign_in(browser, web, "po")
+    page.click("nav.main a[href='/cases']")
+    page.fill("input[name=case]", "DSR-2026-0042")
+    page.fill("input[name=number]", "040-123 4567")
+    page.fill("input[name=at]", f"{local:%d.%m.%Y %H:%M}")
+    page.click("#find")
+    assert page.url.endswith("/cases/find") and "4567" not in page.url
+    assert page.locator("input[name=id]").evaluate_all("e => e.map(x => x.value)") == [rid]
+    assert "4567" not in page.content(), "the number typed is not shown back"
+    shot(page, "case-found")
+
+    def act(action: str) -> None:
+        page.click(f"button[name=action][value={action}]")
+        page.wait_for_load_state("networkidle")
+
+    act("hold")
+    assert "Lakisääteinen säilytys" in page.inner_text("table.results")
+    act("restrict")
+    assert "Käsittely rajoitettu" in page.inner_text("table.results")
+    act("unseal")
+    assert page.inner_text("#unsealed") == "+358401234567"
+    with page.expect_download() as download:
+        page.click("button[name=action][value=export]")
+    package = zipfile.ZipFile(io.BytesIO(Path(download.value.path()).read_bytes()))
+    assert sorted(package.namelist()) == sorted(
+        ["metadata.json", f"{rid}.ogg", "LUE-MINUT_README.txt"]
+    )
+    assert package.read(f"{rid}.ogg") == opus_audio()
+    assert f"{local:%d.%m.%Y %H:%M}" in package.read("LUE-MINUT_README.txt").decode()
+    act("erase")  # held: the confirmation page names the call, the store then refuses
+    shot(page, "case-erase-confirm")
+    assert f"{local:%d.%m.%Y %H:%M}" in page.inner_text("ul.destroy")
+    page.click("#erase-yes")
+    assert "Pura säilytys ensin" in page.inner_text("main")
+    assert web.world.storage.catalog.get(rid) is not None, "on hold: not erased"
+    page.goto(web.url + "/cases")
+    page.fill("input[name=case]", "DSR-2026-0042")
+    page.fill("input[name=number]", "+358401234567")
+    page.fill("input[name=at]", f"{local:%d.%m.%Y %H:%M}")
+    page.click("#find")
+    act("release")
+    act("erase")
+    page.click("#erase-yes")
+    assert "Tehty" in page.inner_text("main")
+    row = web.world.storage.catalog.get(rid)
+    assert row is None or row.destroy_reason == "erasure"
+    steps = [
+        (e["action"], e["outcome"]) for e in web.world.events_after(seq)
+        if e["actor"] == "person:po" and e["reason"] == "DSR-2026-0042"
+        and e["action"] != "get"
+    ]  # fmt: skip
+    assert steps == [
+        ("find_by_number", "allowed"), ("hold", "allowed"), ("restrict", "allowed"),
+        ("unseal", "allowed"), ("export_package", "allowed"), ("erase", "refused"),
+        ("find_by_number", "allowed"), ("release", "allowed"), ("erase", "allowed"),
+    ]  # fmt: skip
+    for log in (web.web_log, web.world.root / "provider.log"):
+        text = log.read_text()
+        assert "1234567" not in text and "123 4567" not in text, log
     page.context.close()

@@ -421,7 +421,8 @@ class AccessService(apb_grpc.AccessServicer):
         found: list[str | None] = [r.recording_id for r in rows]
         for rid in found or [None]:
             await self._audit(grant.event(rid, detail))
-        return apb.SearchResponse(recordings=[view_of(r) for r in rows])
+        months = self.config.retention_months
+        return apb.SearchResponse(recordings=[view_of(r, months) for r in rows])
 
     def _lookup_keys(self) -> LookupKeys:
         if self.config.lookup_key_file is None:

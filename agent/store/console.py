@@ -123,6 +123,7 @@ class ConsoleService(pb_grpc.ConsoleServicer):
                 reason,
                 outcome,
                 purpose="maintenance",
+                detail="channel=console",
             )
 
 

@@ -100,6 +100,53 @@ TEXT: dict[str, dict[str, str]] = {
     "role_supervisor": {"fi": "esimies", "en": "supervisor"},
     "role_admin": {"fi": "ylläpitäjä", "en": "administrator"},
     "role_privacy_officer": {"fi": "tietosuojavastaava", "en": "privacy officer"},
+    "officer_only": {
+        "fi": "Tämä sivu on tietosuojavastaavalle.",
+        "en": "This page is for the privacy officer.",
+    },
+    "choose_recordings": {
+        "fi": "Valitse ainakin yksi tallenne ja anna asian tunnus.",
+        "en": "Choose at least one recording and give the case reference.",
+    },
+    "cases": {"fi": "Tietopyynnöt", "en": "Data subject requests"},
+    "case_ref": {"fi": "Asian tunnus", "en": "Case reference"},
+    "case_hint": {"fi": "esim. TP-2026-0042", "en": "e.g. DSR-2026-0042"},
+    "number": {"fi": "Asiakkaan puhelinnumero", "en": "Customer's phone number"},
+    "number_hint": {
+        "fi": "missä muodossa tahansa; ei tallenneta eikä näytetä",
+        "en": "in any format; not stored or shown",
+    },
+    "call_time": {"fi": "Puhelun aika", "en": "Time of the call"},
+    "window": {"fi": "± minuuttia", "en": "± minutes"},
+    "find": {"fi": "Etsi puhelut", "en": "Find the calls"},
+    "found": {"fi": "Löydetyt puhelut", "en": "Calls found"},
+    "none_for_number": {
+        "fi": "Tällä numerolla ei löytynyt puheluita tuolta ajalta.",
+        "en": "No calls from this number around that time.",
+    },
+    "export": {"fi": "Vie paketti (ZIP)", "en": "Export package (ZIP)"},
+    "restrict": {"fi": "Rajoita käsittelyä", "en": "Restrict"},
+    "unrestrict": {"fi": "Poista rajoitus", "en": "Lift restriction"},
+    "hold": {"fi": "Aseta säilytys", "en": "Legal hold"},
+    "release": {"fi": "Pura säilytys", "en": "Release hold"},
+    "unseal": {"fi": "Näytä numeron loppu", "en": "Unseal last digits"},
+    "erase": {"fi": "Poista pysyvästi", "en": "Erase"},
+    "erase_confirm": {
+        "fi": "Seuraavat tallenteet hävitetään pysyvästi. Ääntä ei voi palauttaa; "
+        "lokiin jää vain kuka, mitä ja miksi.",
+        "en": "These recordings will be destroyed for good. The audio cannot be "
+        "recovered; the audit log keeps only who, what and why.",
+    },
+    "held_first": {
+        "fi": "Tallenne on lakisääteisessä säilytyksessä, eikä sitä poistettu. Pura "
+        "säilytys ensin.",
+        "en": "The recording is on legal hold and was not erased. Release the hold first.",
+    },
+    "erase_yes": {"fi": "Kyllä, poista pysyvästi", "en": "Yes, erase for good"},
+    "cancel": {"fi": "Peruuta", "en": "Cancel"},
+    "done": {"fi": "Tehty", "en": "Done"},
+    "unsealed": {"fi": "Koko numero", "en": "Full number"},
+    "select": {"fi": "Valitse", "en": "Select"},
     "csrf": {
         "fi": "Lomake vanhentui. Lataa sivu uudelleen ja yritä uudestaan.",
         "en": "The form has expired. Reload the page and try again.",

@@ -55,6 +55,8 @@ def refused(request: Request, exc: StoreRefused) -> Response:
         return message(request, 403, "not_found", "not_found_text")
     if exc.code is grpc.StatusCode.NOT_FOUND:
         return message(request, 404, "not_found", "not_found_text")
+    if exc.code is grpc.StatusCode.FAILED_PRECONDITION and "legal hold" in exc.message:
+        return message(request, 409, "erase", "held_first")
     if exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
         return message(request, 400, "bad_request", "bad_request")
     return message(request, 503, "no_access", "unavailable")

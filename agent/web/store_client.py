@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -83,6 +84,23 @@ class StoreClient:
             return await self.stub.GetRecording(
                 request, metadata=self._md(token), timeout=TIMEOUT_S
             )
+        except grpc.aio.AioRpcError as exc:
+            raise StoreRefused(exc.code(), exc.details() or "") from None
+
+    async def unary(self, token: str, method: str, request: Any) -> Any:
+        """A unary Access call by name (the privacy officer's changes, FindByNumber…)."""
+        try:
+            return await getattr(self.stub, method)(
+                request, metadata=self._md(token), timeout=TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise StoreRefused(exc.code(), exc.details() or "") from None
+
+    async def package(self, token: str, request: apb.PackageRequest) -> list[apb.PackageChunk]:
+        """The whole export package (bounded by the store: at most 200 recordings)."""
+        try:
+            call = self.stub.ExportPackage(request, metadata=self._md(token), timeout=120)
+            return [chunk async for chunk in call]
         except grpc.aio.AioRpcError as exc:
             raise StoreRefused(exc.code(), exc.details() or "") from None
 
