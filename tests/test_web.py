@@ -340,7 +340,40 @@ def test_privacy_officer_runs_a_request_from_number_to_erasure(
         ("unseal", "allowed"), ("export_package", "allowed"), ("erase", "refused"),
         ("find_by_number", "allowed"), ("release", "allowed"), ("erase", "allowed"),
     ]  # fmt: skip
+    # The audit view shows every step of the case, and the chain is intact.
+    page.goto(f"{web.url}/audit?recording={rid}&verify=1")
+    shown = page.locator("table.audit tbody tr td:nth-child(4)").all_inner_texts()
+    for action in ("find_by_number", "hold", "restrict", "unseal", "export_package", "erase"):
+        assert action in shown, action
+    assert page.inner_text("#verified") == "Ketju ehjä"
+    shot(page, "audit")
+    with page.expect_download() as download:
+        page.click("a[href^='/audit.csv']")
+    exported = Path(download.value.path()).read_text()
+    assert exported.startswith("seq,at,actor,action") and "DSR-2026-0042" in exported
     for log in (web.web_log, web.world.root / "provider.log"):
         text = log.read_text()
         assert "1234567" not in text and "123 4567" not in text, log
     page.context.close()
+
+
+def test_audit_log_is_not_for_agents_or_supervisors(web: WebWorld, browser: Any) -> None:
+    page = sign_in(browser, web, "s1", locale="en-GB")
+    assert page.locator("nav.main a[href='/audit']").count() == 0
+    page.goto(web.url + "/audit")
+    assert "for the privacy officer and the administrators" in page.inner_text("main")
+    page.context.close()
+    for person, purpose in (("a1", apb.PURPOSE_LEGAL), ("s1", apb.PURPOSE_SECURITY),
+                            ("ad", apb.PURPOSE_LEGAL)):  # fmt: skip
+        token = web.signer.token(person)
+        with pytest.raises(grpc.RpcError) as err:
+            web.world.access.AuditLog(
+                apb.AuditRequest(purpose=purpose),
+                metadata=[("authorization", f"Bearer {token}")],
+            )
+        assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED, person
+    allowed = web.world.access.AuditLog(
+        apb.AuditRequest(purpose=apb.PURPOSE_SECURITY, limit=3),
+        metadata=[("authorization", f"Bearer {web.signer.token('ad')}")],
+    )
+    assert len(allowed.entries) == 3 and allowed.truncated and allowed.head_seq > 3

@@ -36,7 +36,7 @@ from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.privacy import KeyFileError, LookupKeys, normalise
 from agent.store import access_queries as q
-from agent.store import audit, identity, tokens
+from agent.store import audit, audit_queries, identity, tokens
 from agent.store.access import (
     OFFICER_OPERATIONS,
     Operation,
@@ -529,6 +529,39 @@ class AccessService(apb_grpc.AccessServicer):
         return apb.SealedDigits(
             recording_id=row.recording_id, customer_masked=row.customer_masked, last_digits=digits
         )
+
+    async def AuditLog(self, request: apb.AuditRequest, context: Context) -> apb.AuditResponse:
+        grant = await self._gate(context, Operation.AUDIT_VIEW, request)
+        wanted = audit_queries.AuditFilter(
+            recording_id=request.recording_id,
+            actor=f"person:{request.person_id}" if request.person_id else "",
+            since_ms=request.since.ToMilliseconds() if request.HasField("since") else None,
+            until_ms=request.until.ToMilliseconds() if request.HasField("until") else None,
+            before_seq=request.before_seq,
+        )
+        limit = request.limit if 0 < request.limit <= 1000 else 100
+        rows, more = await asyncio.to_thread(audit_queries.read, self.catalog, wanted, limit)
+        asked = ",".join(k for k, v in vars(wanted).items() if v not in ("", None, 0)) or "none"
+        detail = f"entries={len(rows)} filters={asked} verify={request.verify}"
+        await self._audit(grant.event(request.recording_id or None, detail))
+        answer = apb.AuditResponse(entries=[_entry(r) for r in rows], truncated=more)
+        answer.head_seq, answer.head_hash = await asyncio.to_thread(
+            audit_queries.head, self.catalog
+        )
+        if request.verify:
+            verdict = await asyncio.to_thread(audit.verify, self.catalog)
+            answer.verified, answer.chain_problem = verdict.ok, verdict.problem
+        return answer
+
+
+def _entry(row: dict[str, Any]) -> apb.AuditEntry:
+    entry = apb.AuditEntry(
+        seq=row["seq"], actor=row["actor"], action=row["action"],
+        recording_id=row["recording_id"] or "", purpose=row["purpose"], reason=row["reason"],
+        outcome=row["outcome"], detail=row["detail"],
+    )  # fmt: skip
+    entry.at.FromMilliseconds(row["at_ms"])
+    return entry
 
 
 def _row(grant: Grant) -> RecordingRow:

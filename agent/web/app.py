@@ -12,7 +12,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from agent.web import audio, auth, cases, pages
+from agent.web import audio, audit_view, auth, cases, pages
 from agent.web.config import WebConfig
 from agent.web.render import HERE, SecurityHeaders, page
 from agent.web.sessions import SessionMiddleware, SessionStore
@@ -45,6 +45,8 @@ def create_app(config: WebConfig) -> Starlette:
         Route("/recordings/{rid}", pages.recording),
         Route("/recordings/{rid}/purpose", pages.choose_purpose, methods=["POST"]),
         Route("/recordings/{rid}/audio", audio.audio),
+        Route("/audit", audit_view.audit),
+        Route("/audit.csv", audit_view.audit_csv),
         Route("/cases", cases.case_form),
         Route("/cases/find", cases.find, methods=["POST"]),
         Route("/cases/action", cases.act, methods=["POST"]),

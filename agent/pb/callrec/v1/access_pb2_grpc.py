@@ -110,6 +110,11 @@ class AccessStub:
                 request_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RecordingRequest.SerializeToString,
                 response_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.SealedDigits.FromString,
                 _registered_method=True)
+        self.AuditLog = channel.unary_unary(
+                '/callrec.v1.Access/AuditLog',
+                request_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.AuditRequest.SerializeToString,
+                response_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.AuditResponse.FromString,
+                _registered_method=True)
 
 
 class AccessServicer:
@@ -219,6 +224,15 @@ class AccessServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuditLog(self, request, context):
+        """The audit log (privacy officer: purpose legal or security; admin: security):
+        who accessed a recording, what a person accessed, in a period; newest first.
+        Reading it is itself audited. `verify` walks the whole hash chain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccessServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -296,6 +310,11 @@ def add_AccessServicer_to_server(servicer, server):
                     servicer.OpenSealedDigits,
                     request_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RecordingRequest.FromString,
                     response_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.SealedDigits.SerializeToString,
+            ),
+            'AuditLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuditLog,
+                    request_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.AuditRequest.FromString,
+                    response_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.AuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -703,6 +722,33 @@ class Access:
             '/callrec.v1.Access/OpenSealedDigits',
             agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RecordingRequest.SerializeToString,
             agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.SealedDigits.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuditLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/callrec.v1.Access/AuditLog',
+            agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.AuditRequest.SerializeToString,
+            agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.AuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

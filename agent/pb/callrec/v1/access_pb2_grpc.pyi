@@ -79,6 +79,11 @@ class AccessStub:
     """Correct the employee tag of a recording (to a person of the directory)."""
     OpenSealedDigits: _grpc.UnaryUnaryMultiCallable[_access_pb2.RecordingRequest, _access_pb2.SealedDigits]
     """Open the sealed last three digits of the customer's number (reason required)."""
+    AuditLog: _grpc.UnaryUnaryMultiCallable[_access_pb2.AuditRequest, _access_pb2.AuditResponse]
+    """The audit log (privacy officer: purpose legal or security; admin: security):
+    who accessed a recording, what a person accessed, in a period; newest first.
+    Reading it is itself audited. `verify` walks the whole hash chain.
+    """
 
 @_typing.type_check_only
 class AccessAsyncStub(AccessStub):
@@ -114,6 +119,11 @@ class AccessAsyncStub(AccessStub):
     """Correct the employee tag of a recording (to a person of the directory)."""
     OpenSealedDigits: _aio.UnaryUnaryMultiCallable[_access_pb2.RecordingRequest, _access_pb2.SealedDigits]  # type: ignore[assignment]
     """Open the sealed last three digits of the customer's number (reason required)."""
+    AuditLog: _aio.UnaryUnaryMultiCallable[_access_pb2.AuditRequest, _access_pb2.AuditResponse]  # type: ignore[assignment]
+    """The audit log (privacy officer: purpose legal or security; admin: security):
+    who accessed a recording, what a person accessed, in a period; newest first.
+    Reading it is itself audited. `verify` walks the whole hash chain.
+    """
 
 class AccessServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -236,5 +246,16 @@ class AccessServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_access_pb2.SealedDigits, _abc.Awaitable[_access_pb2.SealedDigits]]:
         """Open the sealed last three digits of the customer's number (reason required)."""
+
+    @_abc_1.abstractmethod
+    def AuditLog(
+        self,
+        request: _access_pb2.AuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_access_pb2.AuditResponse, _abc.Awaitable[_access_pb2.AuditResponse]]:
+        """The audit log (privacy officer: purpose legal or security; admin: security):
+        who accessed a recording, what a person accessed, in a period; newest first.
+        Reading it is itself audited. `verify` walks the whole hash chain.
+        """
 
 def add_AccessServicer_to_server(servicer: AccessServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
