@@ -94,14 +94,14 @@ def _event_and_fields(record: logging.LogRecord) -> tuple[str, dict[str, object]
 
 def _legacy_line(record: logging.LogRecord) -> str | None:
     """TRANSITION: a message still written as ``"event=… key=%s"`` text is kept as it
-    is, with control characters escaped and numbers redacted. Removed once every call
-    site logs through :class:`EventLog`."""
+    is (its call site redacted what needed it), with control characters escaped.
+    Removed once every call site logs through :class:`EventLog`."""
     if getattr(record, FIELDS_ATTR, None) is not None:
         return None
     message = record.getMessage()
     if not message.startswith("event="):
         return None
-    return _CONTROL_ONLY.sub(_escape_char, redact_numbers(message))
+    return _CONTROL_ONLY.sub(_escape_char, message)
 
 
 _CONTROL_ONLY = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
