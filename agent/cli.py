@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run store + agent and place a real SIPREC call")
     demo.add_argument("--dir", type=Path, default=Path("demo-data"))
     demo.add_argument("--seconds", type=float, default=6.0)
+    demo.add_argument("--web", action="store_true", help="then serve the people's web until Ctrl-C")
     access_cli.add_parsers(sub)
     certs.add_parsers(sub)
     web_cli.add_parsers(sub)
@@ -150,7 +151,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         logs.configure("info")
         from agent.demo import run_demo
 
-        return run_demo(args.dir, args.seconds)
+        return run_demo(args.dir, args.seconds, args.web)
     raise AssertionError(args.command)
 
 

@@ -377,3 +377,40 @@ def test_audit_log_is_not_for_agents_or_supervisors(web: WebWorld, browser: Any)
         metadata=[("authorization", f"Bearer {web.signer.token('ad')}")],
     )
     assert len(allowed.entries) == 3 and allowed.truncated and allowed.head_seq > 3
+
+
+@pytest.mark.slow
+def test_demo_serves_the_web_with_local_sign_in(tmp_path: Path, browser: Any) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "demo", "--dir", str(tmp_path / "demo"),
+         "--seconds", "3", "--web"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert demo.stdout is not None
+        url = ""
+        for line in demo.stdout:
+            if found := re.search(r"the people's web: (https://127\.0\.0\.1:\d+/)", line):
+                url = found.group(1)
+                break
+        assert url, "the demo prints the web's URL"
+        context = browser.new_context(ignore_https_errors=True, locale="en-GB")
+        page = context.new_page()
+        page.goto(url)
+        page.click("a.button")
+        page.click("button:has-text('e1001')")
+        assert employees_shown(page) == ["Aino Virtanen"]
+        page.click("table.results a")
+        page.select_option("#purpose", "verification")
+        page.click("#start")
+        page.wait_for_function("() => document.getElementById('audio').readyState >= 1")
+        context.close()
+    finally:
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(60) == 0
+        if demo.stdout is not None:
+            demo.stdout.close()

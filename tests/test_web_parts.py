@@ -145,3 +145,16 @@ def test_store_oidc_config(tmp_path: Path) -> None:
     doc["store"]["oidc"] = {"issuer": "https://idp.example"}
     with pytest.raises(ConfigError, match=r"\[store.oidc\] audience: missing"):
         store_config_from_dict(doc, tmp_path)
+
+
+def test_local_sign_in_is_for_a_loopback_demo_only(tmp_path: Path) -> None:
+    doc = web_doc(tmp_path)
+    del doc["web"]["oidc"]  # type: ignore[attr-defined]
+    doc["web"]["local"] = {"people": ["e1001"]}  # type: ignore[index]
+    assert web_config_from_dict(doc, tmp_path).local_people == ("e1001",)
+    doc["web"]["listen"] = "0.0.0.0:8443"  # type: ignore[index]
+    with pytest.raises(ConfigError, match=r"\[web.local\] people .*loopback listen"):
+        web_config_from_dict(doc, tmp_path)
+    del doc["web"]["local"]  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match=r"\[web.oidc\]: missing"):
+        web_config_from_dict(doc, tmp_path)

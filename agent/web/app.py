@@ -12,8 +12,9 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from agent.web import audio, audit_view, auth, cases, pages
+from agent.web import audio, audit_view, auth, cases, local_signin, pages
 from agent.web.config import WebConfig
+from agent.web.local_signin import LocalIssuer, issuer_url
 from agent.web.render import HERE, SecurityHeaders, page
 from agent.web.sessions import SessionMiddleware, SessionStore
 from agent.web.store_client import StoreClient
@@ -31,6 +32,7 @@ def create_app(config: WebConfig) -> Starlette:
         app.state.config = config
         app.state.store = StoreClient(config)
         app.state.oauth = auth.oauth_client(config)
+        app.state.local = LocalIssuer(issuer_url(config.listen)) if config.local_people else None
         try:
             yield
         finally:
@@ -45,6 +47,9 @@ def create_app(config: WebConfig) -> Starlette:
         Route("/recordings/{rid}", pages.recording),
         Route("/recordings/{rid}/purpose", pages.choose_purpose, methods=["POST"]),
         Route("/recordings/{rid}/audio", audio.audio),
+        Route("/local/.well-known/openid-configuration", local_signin.discovery),
+        Route("/local/jwks", local_signin.jwks),
+        Route("/local/signin", local_signin.sign_in, methods=["POST"]),
         Route("/audit", audit_view.audit),
         Route("/audit.csv", audit_view.audit_csv),
         Route("/cases", cases.case_form),

@@ -26,6 +26,8 @@ log = logs.get_logger(__name__)
 
 def oauth_client(config: WebConfig) -> Any:
     oidc = config.oidc
+    if oidc is None:
+        return None
     verify: Any = True
     if oidc.ca_file is not None:
         verify = ssl.create_default_context(cafile=str(oidc.ca_file))
@@ -48,6 +50,10 @@ def redirect_uri(request: Request, config: WebConfig) -> str:
 async def sign_in(request: Request) -> Response:
     app = request.app.state
     request.session.pop("person", None)
+    if app.oauth is None:
+        from agent.web.local_signin import sign_in_page
+
+        return await sign_in_page(request)
     response: Response = await app.oauth.authorize_redirect(
         request, redirect_uri(request, app.config)
     )
@@ -61,8 +67,12 @@ async def callback(request: Request) -> Response:
     except (OAuthError, ValueError) as exc:
         log.info("web_sign_in_failed", error=str(exc)[:200])
         return message(request, 400, "no_access", "session_over")
-    id_token = str(token.get("id_token", ""))
-    store: StoreClient = state.store
+    return await establish(request, str(token.get("id_token", "")))
+
+
+async def establish(request: Request, id_token: str) -> Response:
+    """Ask the store who the ID token names; a session only for a trained person."""
+    store: StoreClient = request.app.state.store
     try:
         person = await store.whoami(id_token)
     except StoreRefused as exc:

@@ -40,13 +40,14 @@ class WebConfig:
     tls_cert: Path
     tls_key: Path
     store_address: str
-    oidc: OidcClientConfig
+    oidc: OidcClientConfig | None  # None: the demo's local sign-in ([web.local])
     store_ca_file: Path | None = None  # None: plain text to a loopback store (tests)
     public_url: str | None = None  # e.g. "https://recordings.example.fi"; default: the Host
     session_idle_s: float = 1800.0
     time_zone: str = "Europe/Helsinki"
     page_size: int = 25
     log_level: str = "info"
+    local_people: tuple[str, ...] = ()  # [web.local] people: the demo's sign-in list
 
 
 def load_web_config(path: Path) -> WebConfig:
@@ -57,6 +58,7 @@ def web_config_from_dict(doc: Mapping[str, Any], base: Path) -> WebConfig:
     s = _sections(doc, ("web", "log"), base)
     web = s["web"]
     oidc = _subsection(web, "oidc", base)
+    local = _subsection(web, "local", base)
     cfg = WebConfig(
         listen=_listen(web, "listen", "127.0.0.1:8443"),
         tls_cert=web.path("tls_cert"),
@@ -67,14 +69,19 @@ def web_config_from_dict(doc: Mapping[str, Any], base: Path) -> WebConfig:
         session_idle_s=web.seconds("session_idle", "30m"),
         time_zone=_zone(web),
         page_size=web.integer("page_size", 25, 5, 200),
-        oidc=_oidc(oidc),
+        oidc=_oidc(oidc) if oidc.table or not local.table else None,
+        local_people=local.strings("people", []) if local.table else (),
         log_level=s["log"].text("level", "info", choices=LOG_LEVELS),
     )
     if cfg.store_ca_file is None and not is_loopback(cfg.store_address):
         raise web._fail(
             "store_ca_file", None, "the CA of the store's Access port (plain text only on loopback)"
         )
-    for section in (*s.values(), oidc):
+    if cfg.local_people and (cfg.oidc is not None or not is_loopback(cfg.listen)):
+        raise local._fail(
+            "people", list(cfg.local_people), "no [web.oidc] and a loopback listen (demo only)"
+        )
+    for section in (*s.values(), oidc, local):
         section.check_unknown()
     return cfg
 

@@ -164,6 +164,12 @@ TEXT: dict[str, dict[str, str]] = {
     "what": {"fi": "Mitä", "en": "What"},
     "outcome": {"fi": "Tulos", "en": "Outcome"},
     "detail": {"fi": "Lisätiedot", "en": "Detail"},
+    "local_signin": {
+        "fi": "Demon paikallinen kirjautuminen: valitse henkilö. Tuotannossa kirjaudutaan "
+        "yrityksen tunnuksilla (OpenID Connect).",
+        "en": "The demo's local sign-in: choose a person. In production people sign in "
+        "with the company's accounts (OpenID Connect).",
+    },
     "csrf": {
         "fi": "Lomake vanhentui. Lataa sivu uudelleen ja yritä uudestaan.",
         "en": "The form has expired. Reload the page and try again.",
