@@ -66,6 +66,7 @@ class WebWorld:
     signer: Signer
     ca_file: Path
     web_log: Path
+    web_pid: int = 0
 
     def get(self, path: str, cookie: str = "", **headers: str) -> tuple[int, dict[str, str], bytes]:
         """One HTTPS request to the web (no redirects followed)."""
@@ -205,7 +206,7 @@ def running_web(root: Path) -> Iterator[WebWorld]:
             url = f"https://127.0.0.1:{web_port}"
             _wait_https(url, tls[0], web, web_log)
             try:
-                yield WebWorld(world, url, issuer, signer, tls[0], web_log)
+                yield WebWorld(world, url, issuer, signer, tls[0], web_log, web.pid)
             finally:
                 storage.catalog.close()
     finally:
