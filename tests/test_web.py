@@ -5,11 +5,14 @@ tests/artifacts/web/ (CALLREC_ARTIFACTS)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import grpc
 import jwt
@@ -166,6 +169,25 @@ def test_supervisor_sees_the_team_in_english(web: WebWorld, calls: Calls, browse
     shot(page, "search-supervisor")
     page.goto(f"{web.url}/recordings/{calls.aino[0]}")
     assert "Destroyed on" in page.inner_text("dl.facts")
+    # A transferred call: Mikko answered, Aino took over; both with their join times.
+    started = (day_ms(3.2) // 1000) * 1000
+    joined = [dt.datetime.fromtimestamp((started + ms) / 1000, dt.UTC) for ms in (0, 95_000)]
+    people = json.dumps([
+        {"id": i, "name": n, "team": t, "joined_at": j.isoformat()}
+        for (i, n, t), j in zip(MIKKO + AINO, joined, strict=True)
+    ])  # fmt: skip
+    transferred = seed_audio(web.world, MIKKO, opus_audio(), started, employees_json=people)
+    page.goto(f"{web.url}/recordings/{transferred}")
+    helsinki = [j.astimezone(ZoneInfo("Europe/Helsinki")) for j in joined]
+    assert page.locator("dl.facts li").all_inner_texts() == [
+        f"Mikko Agent (telesales) — joined {helsinki[0]:%d.%m.%Y %H:%M:%S} (UTC+02:00)",
+        f"Aino Agent (parcels) — joined {helsinki[1]:%d.%m.%Y %H:%M:%S} (UTC+02:00)",
+    ]
+    page.select_option("#purpose", "training")
+    page.click("#start")
+    page.select_option("#speed", "1.5")
+    assert page.evaluate("document.getElementById('audio').playbackRate") == 1.5
+    shot(page, "recording-transferred")
     cookie = session_cookie(page)
     page.click("header form button")  # sign out (a POST with the CSRF token)
     assert "You have signed out." in page.inner_text("main")
@@ -275,10 +297,8 @@ def test_range_requests(web: WebWorld, calls: Calls, browser: Any) -> None:
 def test_privacy_officer_runs_a_request_from_number_to_erasure(
     web: WebWorld, calls: Calls, browser: Any
 ) -> None:
-    import datetime as dt
     import io
     import zipfile
-    from zoneinfo import ZoneInfo
 
     started = (day_ms(2.5) // 60_000) * 60_000
     rid = seed_audio(web.world, MIKKO, opus_audio(), started)
@@ -287,6 +307,10 @@ def test_privacy_officer_runs_a_request_from_number_to_erasure(
     page = sign_in(browser, web, "po")
     page.click("nav.main a[href='/cases']")
     page.fill("input[name=case]", "DSR-2026-0042")
+    page.fill("input[name=number]", "not a number 12")
+    page.fill("input[name=at]", f"{local:%d.%m.%Y %H:%M}")
+    page.click("#find")
+    assert "number" in page.inner_text("p.error") and page.locator("input[name=id]").count() == 0
     page.fill("input[name=number]", "040-123 4567")
     page.fill("input[name=at]", f"{local:%d.%m.%Y %H:%M}")
     page.click("#find")
