@@ -96,6 +96,7 @@ def _write_web_config(root: Path, store_cfg: Path, web_port: int) -> Path:
 
 def _serve_web(root: Path, web_cfg: Path, web_port: int) -> None:
     """Start the web, print where it is, keep everything up until Ctrl-C."""
+
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 

@@ -85,7 +85,7 @@ def test_web_times_search_first_byte_and_seek() -> None:
 
     if not (CHROMIUM.exists() and node_ready()):
         pytest.skip("needs chromium and tests/oidc (.ci/setup)")
-    report = bench("web", "--calls", "20", "--minutes", "2", "--requests", "10",
+    report = bench("web", "--calls", "20", "--minutes", "6", "--requests", "10",
                    "--listeners", "3", "--listen-seconds", "2")  # fmt: skip
     result = report["result"]
     assert result["calls"] == 21 and result["long_bytes"] > 1_048_576

@@ -21,7 +21,15 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agent.pb.callrec.v1 import access_pb2 as apb
 from tests.support.access_world import opus_audio
-from tests.support.web import ARTIFACTS, WebWorld, day_ms, node_ready, running_web, seed_audio
+from tests.support.web import (
+    ARTIFACTS,
+    WebWorld,
+    day_ms,
+    long_opus,
+    node_ready,
+    running_web,
+    seed_audio,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(
@@ -48,7 +56,7 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebWorld]:
 def calls(web: WebWorld) -> Calls:
     short = opus_audio()
     aino = [seed_audio(web.world, AINO, short, day_ms(1 + i)) for i in range(6)]
-    long = seed_audio(web.world, AINO, opus_audio(150.0), day_ms(0.5), 150, flags="silent_customer")
+    long = seed_audio(web.world, AINO, long_opus(420), day_ms(0.5), 420, flags="silent_customer")
     mikko = seed_audio(web.world, MIKKO, short, day_ms(0.7))
     return Calls(aino, long, mikko)
 
@@ -127,13 +135,13 @@ def test_agent_sees_own_calls_plays_seeks_and_cannot_download(
         ),
     )
     page.wait_for_function("() => document.getElementById('audio').readyState >= 1")
-    assert page.evaluate("document.getElementById('audio').duration") == pytest.approx(150, abs=1)
+    assert page.evaluate("document.getElementById('audio').duration") == pytest.approx(420, abs=1)
     page.evaluate("document.getElementById('audio').play()")
     page.wait_for_function("() => document.getElementById('audio').currentTime > 0.3")
-    page.evaluate("document.getElementById('audio').currentTime = 120")
+    page.evaluate("document.getElementById('audio').currentTime = 300")
     page.wait_for_function(
         "() => { const a = document.getElementById('audio');"
-        " return a.currentTime >= 120.2 && !a.seeking; }",
+        " return a.currentTime >= 300.2 && !a.seeking; }",
         timeout=15_000,
     )
     page.check("input[name=solo][value=customer]")

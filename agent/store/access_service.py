@@ -36,7 +36,7 @@ from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.privacy import KeyFileError, LookupKeys, normalise
 from agent.store import access_queries as q
-from agent.store import audit, audit_queries, identity, tokens
+from agent.store import access_web, audit, identity, tokens
 from agent.store.access import (
     OFFICER_OPERATIONS,
     Operation,
@@ -46,7 +46,6 @@ from agent.store.access import (
     decide,
     scope_of,
     scrub,
-    trained,
 )
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
 from agent.store.console import info_of
@@ -66,7 +65,6 @@ PURPOSES = {
     apb.PURPOSE_SECURITY: Purpose.SECURITY,
 }
 MAX_PACKAGE = 200
-MAX_RANGE = 8 * 1024 * 1024  # bytes one PlayRange serves
 
 
 class DirectoryFile:
@@ -291,18 +289,7 @@ class AccessService(apb_grpc.AccessServicer):
     # ------------------------------------------------------------ everyone
 
     async def WhoAmI(self, request: apb.WhoAmIRequest, context: Context) -> apb.PersonView:
-        attempt = Attempt("anonymous", Operation.SIGN_IN, None)
-        caller, _ = await self._caller(context, attempt)
-        attempt = replace(attempt, actor=caller.actor, channel=caller.channel)
-        if caller.person is None:
-            message = f"authentication failed: {caller.problem}"
-            await self._refuse(context, attempt, grpc.StatusCode.UNAUTHENTICATED, message)
-        person, ok = caller.person, trained(caller.person, self.today())
-        await self._audit(attempt.event("allowed" if ok else "denied", f"trained={ok}"))
-        return apb.PersonView(
-            id=person.id, name=person.name, role=person.role.value, team=person.team or "",
-            trained=ok,
-        )  # fmt: skip
+        return await access_web.who_am_i(self, context)
 
     async def Search(self, request: apb.SearchRequest, context: Context) -> apb.SearchResponse:
         grant = await self._gate(context, Operation.SEARCH, request)
@@ -358,23 +345,8 @@ class AccessService(apb_grpc.AccessServicer):
     async def PlayRange(
         self, request: apb.RangeRequest, context: Context
     ) -> AsyncIterator[apb.RangeChunk]:
-        grant = await self._gate(context, Operation.PLAY, request, request.recording_id)
-        row = _row(grant)
-        offset, length = request.offset, min(request.length or MAX_RANGE, MAX_RANGE)
-        if not 0 <= offset < row.size or length < 0:
-            await self._refuse(
-                context, grant.attempt, grpc.StatusCode.OUT_OF_RANGE,
-                f"offset: 0..{row.size - 1}, length: 0..{MAX_RANGE}",
-            )  # fmt: skip
-        length = min(length, row.size - offset)
-        await self._audit(grant.event(row.recording_id, f"bytes={offset}-{offset + length - 1}"))
-        first = True
-        async for data in self._decrypted(row, context, offset, length):
-            yield apb.RangeChunk(
-                data=data, total_size=row.size if first else 0,
-                audio_format=row.audio_format if first else "", offset=offset if first else 0,
-            )  # fmt: skip
-            first = False
+        async for chunk in access_web.play_range(self, request, context):
+            yield chunk
 
     async def _decrypted(
         self, row: RecordingRow, context: Context, offset: int = 0, length: int | None = None
@@ -531,37 +503,7 @@ class AccessService(apb_grpc.AccessServicer):
         )
 
     async def AuditLog(self, request: apb.AuditRequest, context: Context) -> apb.AuditResponse:
-        grant = await self._gate(context, Operation.AUDIT_VIEW, request)
-        wanted = audit_queries.AuditFilter(
-            recording_id=request.recording_id,
-            actor=f"person:{request.person_id}" if request.person_id else "",
-            since_ms=request.since.ToMilliseconds() if request.HasField("since") else None,
-            until_ms=request.until.ToMilliseconds() if request.HasField("until") else None,
-            before_seq=request.before_seq,
-        )
-        limit = request.limit if 0 < request.limit <= 1000 else 100
-        rows, more = await asyncio.to_thread(audit_queries.read, self.catalog, wanted, limit)
-        asked = ",".join(k for k, v in vars(wanted).items() if v not in ("", None, 0)) or "none"
-        detail = f"entries={len(rows)} filters={asked} verify={request.verify}"
-        await self._audit(grant.event(request.recording_id or None, detail))
-        answer = apb.AuditResponse(entries=[_entry(r) for r in rows], truncated=more)
-        answer.head_seq, answer.head_hash = await asyncio.to_thread(
-            audit_queries.head, self.catalog
-        )
-        if request.verify:
-            verdict = await asyncio.to_thread(audit.verify, self.catalog)
-            answer.verified, answer.chain_problem = verdict.ok, verdict.problem
-        return answer
-
-
-def _entry(row: dict[str, Any]) -> apb.AuditEntry:
-    entry = apb.AuditEntry(
-        seq=row["seq"], actor=row["actor"], action=row["action"],
-        recording_id=row["recording_id"] or "", purpose=row["purpose"], reason=row["reason"],
-        outcome=row["outcome"], detail=row["detail"],
-    )  # fmt: skip
-    entry.at.FromMilliseconds(row["at_ms"])
-    return entry
+        return await access_web.audit_log(self, request, context)
 
 
 def _row(grant: Grant) -> RecordingRow:

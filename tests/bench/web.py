@@ -30,7 +30,7 @@ from typing import Any
 
 from tests.bench.common import emit, percentile
 from tests.support.access_world import opus_audio
-from tests.support.web import WebWorld, day_ms, running_web, seed_audio
+from tests.support.web import WebWorld, day_ms, long_opus, running_web, seed_audio
 
 MODULE = "tests.bench.web"
 AINO = [("a1", "Aino Agent", "parcels")]
@@ -148,7 +148,7 @@ def measure(web: WebWorld, args: argparse.Namespace) -> dict[str, Any]:
     short = opus_audio()
     for i in range(args.calls):
         seed_audio(web.world, AINO, short, day_ms(1 + i * 30 / args.calls))
-    long_audio = opus_audio(args.minutes * 60.0)
+    long_audio = long_opus(args.minutes * 60)
     long = seed_audio(web.world, AINO, long_audio, day_ms(0.5), args.minutes * 60)
     client = Client(web, session(web))
     client.post(f"/recordings/{long}/purpose", {"csrf": csrf(client), "purpose": "verification"})

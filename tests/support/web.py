@@ -5,6 +5,7 @@ keys made here), the real store with the Access service trusting that provider, 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -245,6 +246,18 @@ def seed_audio(
     )  # fmt: skip
     assert world.storage.catalog.insert(row)
     return rid
+
+
+@functools.cache
+def long_opus(seconds: int) -> bytes:
+    """A stereo Ogg/Opus tone of ``seconds`` (ffmpeg's lavfi: fast for an hour too)."""
+    done = subprocess.run(
+        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i",
+         f"sine=frequency=440:sample_rate=8000:duration={seconds}", "-ac", "2",
+         "-c:a", "libopus", "-b:a", "24k", "-f", "ogg", "-"],
+        capture_output=True, check=True, timeout=600,
+    )  # fmt: skip
+    return done.stdout
 
 
 def day_ms(days_ago: float) -> int:
