@@ -123,7 +123,6 @@ class ConsoleService(pb_grpc.ConsoleServicer):
                 reason,
                 outcome,
                 purpose="maintenance",
-                detail="channel=console",
             )
 
 

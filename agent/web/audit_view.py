@@ -21,7 +21,7 @@ from agent.web.render import message, page
 
 PURPOSE = {"privacy_officer": apb.PURPOSE_LEGAL, "admin": apb.PURPOSE_SECURITY}
 COLUMNS = ("seq", "at", "actor", "action", "recording_id", "purpose", "reason", "outcome",
-           "detail")  # fmt: skip
+           "detail", "channel")  # fmt: skip
 
 
 def _request(request: Request, limit: int) -> tuple[apb.AuditRequest, dict[str, str], list[str]]:
@@ -48,6 +48,14 @@ def _request(request: Request, limit: int) -> tuple[apb.AuditRequest, dict[str, 
     return audit, values, errors
 
 
+def channel_of(entry: apb.AuditEntry) -> str:
+    """web / cli (the Access service writes it first in the detail), console (the
+    store host's console names itself in the actor), or "" (the store itself)."""
+    if entry.detail.startswith("channel="):
+        return entry.detail.split(" ", 1)[0].split(";", 1)[0].removeprefix("channel=")
+    return "console" if entry.actor.startswith("console") else ""
+
+
 def _rows(answer: apb.AuditResponse, zone: ZoneInfo) -> list[dict[str, Any]]:
     return [
         {
@@ -60,6 +68,7 @@ def _rows(answer: apb.AuditResponse, zone: ZoneInfo) -> list[dict[str, Any]]:
             "reason": e.reason,
             "outcome": e.outcome,
             "detail": e.detail,
+            "channel": channel_of(e),
         }
         for e in answer.entries
     ]

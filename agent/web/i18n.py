@@ -161,6 +161,7 @@ TEXT: dict[str, dict[str, str]] = {
     "csv": {"fi": "Lataa CSV", "en": "Download CSV"},
     "when": {"fi": "Aika", "en": "When"},
     "who": {"fi": "Kuka", "en": "Who"},
+    "channel": {"fi": "Kanava", "en": "Channel"},
     "what": {"fi": "Mitä", "en": "What"},
     "outcome": {"fi": "Tulos", "en": "Outcome"},
     "detail": {"fi": "Lisätiedot", "en": "Detail"},
