@@ -174,7 +174,17 @@ def test_supervisor_sees_the_team_in_english(web: WebWorld, calls: Calls, browse
     assert set(employees_shown(page)) == {"Aino Agent"}
     page.goto(f"{web.url}/search?employee=a2")
     assert employees_shown(page) == []
+    page.goto(f"{web.url}/search")
+    page.select_option("select[name=flag]", "silent_customer")
+    page.fill("input[name=service]", "+358 100 5577")
+    page.click("form.filters button")
+    assert employees_shown(page) == ["Aino Agent"], "only the call flagged silent customer"
+    assert "customer channel silent" in page.inner_text("table.results")
     shot(page, "search-supervisor")
+    page.goto(f"{web.url}/search?service=%2B358999999")
+    assert employees_shown(page) == []
+    page.goto(f"{web.url}/cases")
+    assert "for the privacy officer" in page.inner_text("main")
     page.goto(f"{web.url}/recordings/{calls.aino[0]}")
     assert "Destroyed on" in page.inner_text("dl.facts")
     # A transferred call: Mikko answered, Aino took over; both with their join times.

@@ -38,6 +38,7 @@ TEXT: dict[str, dict[str, str]] = {
     "until": {"fi": "Päättyen", "en": "Until"},
     "date_hint": {"fi": "pp.kk.vvvv tt:mm", "en": "dd.mm.yyyy hh:mm"},
     "employee": {"fi": "Työntekijä", "en": "Employee"},
+    "team": {"fi": "Tiimi", "en": "Team"},
     "employees": {"fi": "Työntekijät", "en": "Employees"},
     "direction": {"fi": "Suunta", "en": "Direction"},
     "any": {"fi": "Kaikki", "en": "Any"},

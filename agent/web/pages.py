@@ -18,13 +18,14 @@ from starlette.responses import RedirectResponse, Response
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.web import timefmt
-from agent.web.i18n import flag_words
+from agent.web.i18n import FLAGS, flag_words
 from agent.web.render import language, message, page
 from agent.web.sessions import csrf_ok
 from agent.web.store_client import BROWSE_PURPOSE, PURPOSES, StoreRefused
 
 RID = re.compile(r"^[0-9a-f]{32}$")
 MASKED = re.compile(r"^\+?[0-9 ]{4,20}\*{3}$")
+SERVICE = re.compile(r"^\+[0-9 ]{4,20}$")
 EMPLOYEE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 Handler = Callable[[Request], Awaitable[Response]]
 ROLE_PURPOSES = {
@@ -77,11 +78,12 @@ def _stamp(moment: dt.datetime | None) -> Timestamp | None:
 def _form(request: Request) -> tuple[dict[str, str], list[str]]:
     """The search form's values and the names of the fields that are wrong."""
     q = request.query_params
-    values = {k: q.get(k, "").strip()[:64] for k in ("since", "until", "employee", "customer")}
+    keys = ("since", "until", "employee", "customer", "team", "service")
+    values = {k: q.get(k, "").strip()[:64] for k in keys}
     values["direction"] = (
         q.get("direction", "") if q.get("direction") in ("inbound", "outbound") else ""
     )
-    values["flag"] = q.get("flag", "").strip()[:32]
+    values["flag"] = q.get("flag", "") if q.get("flag", "") in FLAGS else ""
     values["before"] = q.get("before", "") if q.get("before", "").isdigit() else ""
     errors = []
     for key in ("since", "until"):
@@ -93,6 +95,10 @@ def _form(request: Request) -> tuple[dict[str, str], list[str]]:
         errors.append("employee")
     if values["customer"] and not MASKED.match(values["customer"]):
         errors.append("customer")
+    if values["team"] and not EMPLOYEE.match(values["team"]):
+        errors.append("team")
+    if values["service"] and not SERVICE.match(values["service"]):
+        errors.append("service")
     return values, errors
 
 
@@ -101,7 +107,8 @@ def _search_request(request: Request, values: dict[str, str], role: str) -> apb.
     search = apb.SearchRequest(
         purpose=PURPOSES[BROWSE_PURPOSE[role]], limit=size, employee_id=values["employee"],
         customer_masked=values["customer"].replace(" ", ""), direction=values["direction"],
-        flags=[values["flag"]] if values["flag"] else [],
+        flags=[values["flag"]] if values["flag"] else [], team=values["team"],
+        service_number=values["service"].replace(" ", ""),
     )  # fmt: skip
     if since := _stamp(timefmt.parse_local(values["since"], zone)):
         search.since.CopyFrom(since)
@@ -131,9 +138,11 @@ async def search(request: Request) -> Response:
     if more and rows:
         last_ms = found.recordings[-1].info.manifest.started_at.ToMilliseconds()
         next_url = "/search?" + urlencode({**values, "before": str(last_ms)})
+    lang = language(request)
+    flags = [(f, words[lang]) for f, words in FLAGS.items()]
     return page(
         request, "search.html", 400 if errors else 200, values=values, errors=errors,
-        rows=rows, next_url=next_url, paged=bool(values["before"]),
+        rows=rows, next_url=next_url, paged=bool(values["before"]), flags=flags,
     )  # fmt: skip
 
 
