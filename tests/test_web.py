@@ -144,6 +144,7 @@ def test_agent_sees_own_calls_plays_seeks_and_cannot_download(
         " return a.currentTime >= 300.2 && !a.seeking; }",
         timeout=15_000,
     )
+    assert page.is_hidden("#audio-error")
     page.check("input[name=solo][value=customer]")
     assert page.evaluate("document.body.dataset.solo") == "customer"
     page.evaluate("document.getElementById('audio').pause()")
@@ -152,6 +153,14 @@ def test_agent_sees_own_calls_plays_seeks_and_cannot_download(
     offsets = [int(cr.split()[1].split("-")[0]) for _, cr in ranges if cr]
     assert 0 in offsets and max(offsets) > 0, f"a seek asks for a later range: {ranges}"
     # No download for an agent: no link, no download control, and the store refuses export.
+    with pytest.raises(grpc.RpcError) as export:
+        list(
+            web.world.access.Export(
+                apb.RecordingRequest(purpose=apb.PURPOSE_VERIFICATION, recording_id=calls.long),
+                metadata=[("authorization", f"Bearer {web.signer.token('a1')}")],
+            )
+        )
+    assert export.value.code() is grpc.StatusCode.PERMISSION_DENIED
     assert "nodownload" in (page.get_attribute("audio", "controlslist") or "")
     assert page.locator("a[download], a[href*=export]").count() == 0
     plays = [
@@ -310,6 +319,15 @@ def test_range_requests(web: WebWorld, calls: Calls, browser: Any) -> None:
         status, headers, body = fetch(spec)
         assert status == 416 and body == b"", spec
     assert fetch(f"bytes={size}-")[1]["content-range"] == f"bytes */{size}"
+    # A restricted call: its metadata shows, marked; its audio is refused, and said so.
+    restricted = seed_audio(web.world, AINO, opus_audio(), day_ms(9), restricted=True)
+    page.goto(f"{web.url}/recordings/{restricted}")
+    assert "Käsittely rajoitettu" in page.inner_text("dl.facts")
+    page.select_option("#purpose", "verification")
+    page.click("#start")
+    page.wait_for_selector("#audio-error", state="visible")
+    assert web.get(f"/recordings/{restricted}/audio", cookie, range="bytes=0-9")[0] == 403
+    shot(page, "recording-restricted")
     page.context.close()
 
 
@@ -418,6 +436,11 @@ def test_audit_log_is_not_for_agents_or_supervisors(web: WebWorld, browser: Any)
                 metadata=[("authorization", f"Bearer {token}")],
             )
         assert err.value.code() is grpc.StatusCode.PERMISSION_DENIED, person
+    page = sign_in(browser, web, "ad", locale="en-GB")
+    assert "All calls" in page.inner_text("h1")
+    page.click("nav.main a[href='/audit']")
+    assert page.locator("table.audit tbody tr").count() > 0
+    page.context.close()
     allowed = web.world.access.AuditLog(
         apb.AuditRequest(purpose=apb.PURPOSE_SECURITY, limit=3),
         metadata=[("authorization", f"Bearer {web.signer.token('ad')}")],

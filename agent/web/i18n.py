@@ -81,6 +81,11 @@ TEXT: dict[str, dict[str, str]] = {
     "employee_only": {"fi": "Vain työntekijä", "en": "Employee only"},
     "listen_to": {"fi": "Kuuntele", "en": "Listen to"},
     "skip_silence": {"fi": "Ohita hiljaisuus", "en": "Skip silence"},
+    "restricted_note": {
+        "fi": "Käsittelyä on rajoitettu: ääntä kuuntelee vain tietosuojavastaava "
+        "oikeudellisiin tarkoituksiin.",
+        "en": "Processing is restricted: only the privacy officer listens, for legal purposes.",
+    },
     "no_audio": {
         "fi": "Et voi kuunnella tätä tallennetta tällä käyttötarkoituksella.",
         "en": "You cannot listen to this recording for this purpose.",

@@ -97,5 +97,11 @@
   document.querySelectorAll("input[name=solo]").forEach((r) =>
     r.addEventListener("change", () => solo(r.value)));
   audio.addEventListener("contextmenu", (e) => e.preventDefault());
+  // The store refused the audio (a restricted recording, a purpose the role may not
+  // use) or the session ended: say so instead of a silent, broken player.
+  audio.addEventListener("error", () => {
+    document.getElementById("audio-error").hidden = false;
+    [audio, canvas, document.querySelector(".controls")].forEach((e) => { if (e) e.hidden = true; });
+  });
   requestAnimationFrame(draw);
 })();
