@@ -55,7 +55,7 @@ TEXT: dict[str, dict[str, str]] = {
     "on_hold": {"fi": "Lakisääteinen säilytys", "en": "Legal hold"},
     "none_found": {"fi": "Ei tallenteita näillä ehdoilla.", "en": "No recordings match."},
     "next_page": {"fi": "Seuraava sivu", "en": "Next page"},
-    "prev_page": {"fi": "Edellinen sivu", "en": "Previous page"},
+    "prev_page": {"fi": "Ensimmäinen sivu", "en": "First page"},
     "page": {"fi": "Sivu", "en": "Page"},
     "open": {"fi": "Avaa", "en": "Open"},
     "recording": {"fi": "Tallenne", "en": "Recording"},

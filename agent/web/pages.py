@@ -51,6 +51,10 @@ def signed_in(handler: Handler) -> Handler:
 def refused(request: Request, exc: StoreRefused) -> Response:
     if exc.code is grpc.StatusCode.UNAUTHENTICATED:
         request.session.clear()
+        if "expired" in exc.message and request.method == "GET":
+            # The ID token outlived itself (the provider's lifetime, often an hour):
+            # sign in again; with a live session at the provider this is one redirect.
+            return RedirectResponse("/signin", 303)
         return message(request, 401, "no_access", "session_over")
     if exc.code is grpc.StatusCode.PERMISSION_DENIED:
         return message(request, 403, "not_found", "not_found_text")
