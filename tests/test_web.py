@@ -483,3 +483,29 @@ def test_demo_serves_the_web_with_local_sign_in(tmp_path: Path, browser: Any) ->
         assert demo.wait(60) == 0
         if demo.stdout is not None:
             demo.stdout.close()
+
+
+def test_listening_to_one_side_routes_that_channel_to_both_ears(
+    web: WebWorld, calls: Calls, browser: Any
+) -> None:
+    from tests.support.web import left_only
+
+    call = seed_audio(web.world, AINO, left_only(30), day_ms(12), 30)
+    page = sign_in(browser, web, "a1")
+    page.goto(f"{web.url}/recordings/{call}")
+    page.select_option("#purpose", "verification")
+    page.click("#start")
+    page.wait_for_function("() => document.getElementById('audio').readyState >= 1")
+    page.evaluate("document.getElementById('audio').play()")
+
+    def heard(solo: str) -> tuple[float, float]:
+        page.check(f"input[name=solo][value={solo}]")
+        page.wait_for_timeout(600)
+        left, right = page.evaluate("document.body.dataset.heard").split(",")
+        return float(left), float(right)
+
+    both, customer, employee = heard("both"), heard("customer"), heard("employee")
+    assert both[0] > 0.05 and both[1] < 0.01, f"as recorded: customer left only {both}"
+    assert customer[0] > 0.05 and customer[1] > 0.05, f"customer in both ears {customer}"
+    assert employee[0] < 0.01 and employee[1] < 0.01, f"the employee was silent {employee}"
+    page.context.close()

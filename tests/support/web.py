@@ -261,5 +261,17 @@ def long_opus(seconds: int) -> bytes:
     return done.stdout
 
 
+@functools.cache
+def left_only(seconds: int) -> bytes:
+    """Stereo Ogg/Opus: a tone on the left (customer) channel, silence on the right."""
+    done = subprocess.run(
+        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i",
+         f"aevalsrc=0.5*sin(440*2*PI*t)|0:s=8000:d={seconds}:c=stereo",
+         "-c:a", "libopus", "-b:a", "32k", "-f", "ogg", "-"],
+        capture_output=True, check=True, timeout=120,
+    )  # fmt: skip
+    return done.stdout
+
+
 def day_ms(days_ago: float) -> int:
     return now_ms() - int(days_ago * 86_400_000)

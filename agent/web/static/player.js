@@ -27,8 +27,13 @@
     left.connect(merge, 0, 0); right.connect(merge, 0, 1);
     leftToRight.connect(merge, 0, 1); rightToLeft.connect(merge, 0, 0);
     merge.connect(ctx.destination);
-    meters.forEach((m) => { m.fftSize = 1024; });
-    return { ctx, left, right, leftToRight, rightToLeft, meters };
+    // What the listener hears, per ear (document.body.dataset.heard: "left,right").
+    const heard = ctx.createChannelSplitter(2);
+    const ears = [ctx.createAnalyser(), ctx.createAnalyser()];
+    merge.connect(heard);
+    heard.connect(ears[0], 0); heard.connect(ears[1], 1);
+    meters.concat(ears).forEach((m) => { m.fftSize = 1024; });
+    return { ctx, left, right, leftToRight, rightToLeft, meters, ears };
   }
 
   function solo(which) {
@@ -62,6 +67,7 @@
       if (graph && !audio.paused && d > 0) {
         const x = Math.min(w - 1, Math.floor((audio.currentTime / d) * w));
         graph.meters.forEach((m, i) => { peaks[i][x] = Math.max(peaks[i][x] || 0, level(m)); });
+        document.body.dataset.heard = graph.ears.map((m) => level(m).toFixed(3)).join(",");
         if (skip && skip.checked) {
           const quiet = graph.meters.every((m) => level(m) < 0.01);
           audio.playbackRate = quiet ? 3 : Number(speed.value);
