@@ -509,3 +509,29 @@ def test_listening_to_one_side_routes_that_channel_to_both_ears(
     assert customer[0] > 0.05 and customer[1] > 0.05, f"customer in both ears {customer}"
     assert employee[0] < 0.01 and employee[1] < 0.01, f"the employee was silent {employee}"
     page.context.close()
+
+
+def test_skip_silence_speeds_through_the_quiet_part(
+    web: WebWorld, calls: Calls, browser: Any
+) -> None:
+    from tests.support.web import left_only
+
+    call = seed_audio(web.world, AINO, left_only(30, 3, 24), day_ms(13), 30)
+    page = sign_in(browser, web, "a1")
+    page.goto(f"{web.url}/recordings/{call}")
+    page.select_option("#purpose", "verification")
+    page.click("#start")
+    page.check("#skip-silence")
+    page.wait_for_function("() => document.getElementById('audio').readyState >= 1")
+    page.evaluate("document.getElementById('audio').play()")
+    page.wait_for_function(
+        "() => { const a = document.getElementById('audio');"
+        " return a.currentTime > 4 && a.playbackRate === 3; }",
+        timeout=15_000,
+    )
+    page.wait_for_function(
+        "() => { const a = document.getElementById('audio');"
+        " return a.currentTime > 24.5 && a.playbackRate === 1; }",
+        timeout=20_000,
+    )
+    page.context.close()

@@ -262,11 +262,15 @@ def long_opus(seconds: int) -> bytes:
 
 
 @functools.cache
-def left_only(seconds: int) -> bytes:
-    """Stereo Ogg/Opus: a tone on the left (customer) channel, silence on the right."""
+def left_only(seconds: int, quiet_from: int = 0, quiet_to: int = 0) -> bytes:
+    """Stereo Ogg/Opus: a tone on the left (customer) channel, silence on the right
+    (and on both from ``quiet_from`` to ``quiet_to`` seconds)."""
+    tone = f"0.5*sin(440*2*PI*t)*not(between(t\\,{quiet_from}\\,{quiet_to}))"
+    if quiet_to <= quiet_from:
+        tone = "0.5*sin(440*2*PI*t)"
     done = subprocess.run(
         ["ffmpeg", "-v", "error", "-f", "lavfi", "-i",
-         f"aevalsrc=0.5*sin(440*2*PI*t)|0:s=8000:d={seconds}:c=stereo",
+         f"aevalsrc={tone}|0:s=8000:d={seconds}:c=stereo",
          "-c:a", "libopus", "-b:a", "32k", "-f", "ogg", "-"],
         capture_output=True, check=True, timeout=120,
     )  # fmt: skip
