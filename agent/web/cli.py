@@ -20,6 +20,6 @@ def dispatch(args: argparse.Namespace) -> int | None:
     from agent.web.server import serve
 
     config = load_web_config(args.config)
-    logs.configure(config.log_level)
+    logs.configure(config.log_level, identifier="callrec-web")
     serve(config)
     return 0
