@@ -190,6 +190,10 @@ def test_supervisor_sees_the_team_in_english(web: WebWorld, calls: Calls, browse
     assert employees_shown(page) == ["Aino Agent"], "only the call flagged silent customer"
     assert "customer channel silent" in page.inner_text("table.results")
     shot(page, "search-supervisor")
+    page.fill("input[name=customer]", "040 123 4567")  # a full number, not a masked one
+    page.click("form.filters button")
+    assert "customer" in page.inner_text("p.error") and "4567" not in page.url
+    assert "123 4567" not in page.content()
     page.goto(f"{web.url}/search?service=%2B358999999")
     assert employees_shown(page) == []
     page.goto(f"{web.url}/cases")
@@ -276,6 +280,13 @@ def test_another_persons_recording_and_csrf(web: WebWorld, calls: Calls, browser
     assert [(e["actor"], e["recording_id"], e["outcome"]) for e in denied] == [
         ("person:a1", calls.mikko, "denied")
     ]
+    seq = web.world.head_seq()
+    assert web.get("/recordings/..%2F..%2Fetc", cookie)[0] == 404
+    assert web.get("/recordings/" + "A" * 32, cookie)[0] == 404
+    status, _, body = web.get("/search?since=32.13.2026&customer=0401234567", cookie)
+    assert status == 400 and b'name="since" value="32.13.2026"' in body
+    assert b"0401234567" not in body, "a wrong customer field is not shown back"
+    assert web.world.events_after(seq) == [], "nothing reached the store"
     status, headers, _ = web.get("/search", cookie)
     csp = headers["content-security-policy"]
     assert status == 200 and "script-src 'self'" in csp and "unsafe-inline" not in csp

@@ -43,7 +43,7 @@ def create_app(config: WebConfig) -> Starlette:
         Route("/signin", auth.sign_in),
         Route("/auth/callback", auth.callback),
         Route("/signout", auth.sign_out, methods=["POST"]),
-        Route("/search", pages.search),
+        Route("/search", pages.search, methods=["GET", "POST"]),
         Route("/recordings/{rid}", pages.recording),
         Route("/recordings/{rid}/purpose", pages.choose_purpose, methods=["POST"]),
         Route("/recordings/{rid}/audio", audio.audio),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
@@ -79,9 +79,9 @@ def _stamp(moment: dt.datetime | None) -> Timestamp | None:
     return stamp
 
 
-def _form(request: Request) -> tuple[dict[str, str], list[str]]:
-    """The search form's values and the names of the fields that are wrong."""
-    q = request.query_params
+def _form(request: Request, q: Mapping[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """The search form's values and the names of the fields that are wrong. A wrong
+    customer field is not shown back (it may hold a full number)."""
     keys = ("since", "until", "employee", "customer", "team", "service")
     values = {k: q.get(k, "").strip()[:64] for k in keys}
     values["direction"] = (
@@ -99,6 +99,7 @@ def _form(request: Request) -> tuple[dict[str, str], list[str]]:
         errors.append("employee")
     if values["customer"] and not MASKED.match(values["customer"]):
         errors.append("customer")
+        values["customer"] = ""
     if values["team"] and not EMPLOYEE.match(values["team"]):
         errors.append("team")
     if values["service"] and not SERVICE.match(values["service"]):
@@ -127,8 +128,21 @@ def _search_request(request: Request, values: dict[str, str], role: str) -> apb.
 
 @signed_in
 async def search(request: Request) -> Response:
+    """GET: the results (the URL holds only valid, masked values). POST: the form,
+    checked first, so that whatever was typed (a full number in the customer field)
+    never lands in a URL, a browser history or a proxy's log."""
     person = request.session["person"]
-    values, errors = _form(request)
+    if request.method == "POST":
+        form = await request.form(max_files=0, max_fields=20)
+        if not csrf_ok(request.session, str(form.get("csrf", ""))):
+            return message(request, 403, "no_access", "csrf")
+        values, errors = _form(request, form)
+        if not errors:
+            return RedirectResponse(
+                "/search?" + urlencode({k: v for k, v in values.items() if v}), 303
+            )
+    else:
+        values, errors = _form(request, request.query_params)
     rows: list[dict[str, Any]] = []
     more = False
     if not errors:
