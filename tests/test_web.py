@@ -546,3 +546,29 @@ def test_skip_silence_speeds_through_the_quiet_part(
         timeout=20_000,
     )
     page.context.close()
+
+
+def test_the_configured_claim_names_the_person(web: WebWorld) -> None:
+    """[store.oidc] person_claim: e.g. Entra ID's employee id instead of `sub`; keys
+    from the real provider's discovery document and JWKS (over HTTPS, its CA)."""
+    from agent.config import StoreOidcConfig
+    from agent.store.identity import OidcVerifier
+
+    verifier = OidcVerifier(
+        StoreOidcConfig(web.issuer, ("callrec-web",), "employeeid", ca_file=web.ca_file)
+    )
+    signer = web.signer
+    assert verifier.verify(signer.token("opaque-oid-1", employeeid="a2")).person_id == "a2"
+    assert verifier.verify(signer.token("opaque-oid-1")).problem == (
+        "ID token has no 'employeeid' claim"
+    )
+    assert verifier.verify(signer.token("x", ttl_s=-120, employeeid="a2")).problem == (
+        "expired ID token"
+    )
+    unknown_kid = jwt.encode(
+        {"iss": signer.issuer, "sub": "x", "aud": "callrec-web", "iat": 0, "exp": 2**31},
+        signer.key, "RS256", headers={"kid": "not-published"},
+    )  # fmt: skip
+    assert verifier.verify(unknown_kid).problem == (
+        "ID token signed with a key the issuer does not publish"
+    )

@@ -71,12 +71,12 @@ class OidcVerifier:
     def _discover(self) -> str:
         url = self.config.issuer.rstrip("/") + "/.well-known/openid-configuration"
         if not url.startswith(("https://", "http://127.0.0.1", "http://localhost")):
-            raise jwt.PyJWKClientError(f"issuer must be https: {self.config.issuer}")
+            raise jwt.PyJWKClientConnectionError(f"issuer must be https: {self.config.issuer}")
         with urllib.request.urlopen(url, timeout=_FETCH_TIMEOUT_S, context=self._ssl) as r:  # noqa: S310
             document: dict[str, Any] = json.loads(r.read(256 * 1024))
         uri = document.get("jwks_uri")
         if not isinstance(uri, str) or not uri:
-            raise jwt.PyJWKClientError("the issuer's discovery document has no jwks_uri")
+            raise jwt.PyJWKClientConnectionError("the issuer's discovery document has no jwks_uri")
         return uri
 
     def verify(self, token: str) -> Identity:
@@ -97,9 +97,11 @@ class OidcVerifier:
             return Identity(None, "ID token for another audience")
         except jwt.InvalidIssuerError:
             return Identity(None, "ID token of another issuer")
-        except (jwt.PyJWKClientError, OSError) as exc:
+        except (jwt.PyJWKClientConnectionError, OSError) as exc:
             log.warning("oidc_keys_unavailable", issuer=self.config.issuer, error=str(exc)[:200])
             return Identity(None, "the identity provider's keys cannot be fetched")
+        except jwt.PyJWKClientError:
+            return Identity(None, "ID token signed with a key the issuer does not publish")
         except jwt.PyJWTError as exc:
             return Identity(None, f"invalid ID token ({type(exc).__name__})")
         person = claims.get(self.config.person_claim)
