@@ -29,7 +29,6 @@ class OidcClientConfig:
     issuer: str
     client_id: str
     client_secret_file: Path
-    person_claim: str = "sub"  # informational here: the store maps the claim
     scopes: str = "openid"
     ca_file: Path | None = None  # to trust the provider's TLS certificate
 
@@ -105,7 +104,6 @@ def _oidc(oidc: _Section) -> OidcClientConfig:
         issuer=issuer,
         client_id=oidc.text("client_id"),
         client_secret_file=oidc.path("client_secret_file"),
-        person_claim=oidc.text("person_claim", "sub"),
         scopes=oidc.text("scopes", "openid"),
         ca_file=_optional_path(oidc, "ca_file"),
     )
