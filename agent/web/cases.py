@@ -12,12 +12,13 @@ import io
 import json
 import re
 import zipfile
+from collections.abc import AsyncIterator
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from starlette.datastructures import FormData
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from agent import logs
 from agent.pb.callrec.v1 import access_pb2 as apb
@@ -157,15 +158,14 @@ async def act(request: Request) -> Response:
 
 
 async def _export(request: Request, case: str, ids: list[str]) -> Response:
-    chunks = await request.app.state.store.package(
+    first, rest = await request.app.state.store.package(
         request.session["id_token"],
         apb.PackageRequest(purpose=LEGAL, reason=case, recording_ids=ids),
     )
     zone = ZoneInfo(request.app.state.config.time_zone)
-    body = build_package(chunks, case, zone)
     name = re.sub(r"[^\w.-]", "_", case)[:40] or "case"
-    return Response(
-        body,
+    return StreamingResponse(
+        stream_package(first, rest, case, zone),
         headers={
             "content-type": "application/zip",
             "content-disposition": f'attachment; filename="{name}.zip"',
@@ -174,23 +174,49 @@ async def _export(request: Request, case: str, ids: list[str]) -> Response:
     )
 
 
-def build_package(chunks: list[apb.PackageChunk], case: str, zone: ZoneInfo) -> bytes:
-    """metadata.json, each recording's audio and a cover note in Finnish and English
-    with local times."""
-    out = io.BytesIO()
-    metadata: Any = []
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as package:
-        files: dict[str, list[bytes]] = {}
-        for chunk in chunks:
-            if chunk.WhichOneof("kind") == "metadata_json":
-                metadata = json.loads(chunk.metadata_json)
-                package.writestr("metadata.json", chunk.metadata_json)
-            else:
-                files.setdefault(chunk.file.name, []).append(chunk.file.data)
-        for name, parts in files.items():
-            package.writestr(name, b"".join(parts))
+class _Pipe(io.RawIOBase):
+    """A write-only, unseekable sink: zipfile then writes data descriptors, and what
+    it wrote is taken out after each chunk (nothing buffered, nothing on disk)."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        out, self.parts = b"".join(self.parts), []
+        return out
+
+
+async def stream_package(
+    first: apb.PackageChunk, rest: AsyncIterator[apb.PackageChunk], case: str, zone: ZoneInfo
+) -> AsyncIterator[bytes]:
+    """metadata.json, each recording's audio as it arrives, and a cover note in Finnish
+    and English with local times."""
+    pipe = _Pipe()
+    metadata = json.loads(first.metadata_json)
+    with zipfile.ZipFile(pipe, "w", zipfile.ZIP_STORED) as package:
+        package.writestr("metadata.json", first.metadata_json)
+        yield pipe.take()
+        entry: Any = None
+        current = ""
+        async for chunk in rest:
+            if chunk.file.name != current:  # the next recording's audio begins
+                if entry is not None:
+                    entry.close()
+                current = chunk.file.name
+                entry = package.open(current, "w", force_zip64=True)
+            entry.write(chunk.file.data)
+            yield pipe.take()
+        if entry is not None:
+            entry.close()
         package.writestr("LUE-MINUT_README.txt", cover_note(metadata, case, zone))
-    return out.getvalue()
+    yield pipe.take()
 
 
 def cover_note(metadata: Any, case: str, zone: ZoneInfo) -> str:

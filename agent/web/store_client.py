@@ -96,13 +96,20 @@ class StoreClient:
         except grpc.aio.AioRpcError as exc:
             raise StoreRefused(exc.code(), exc.details() or "") from None
 
-    async def package(self, token: str, request: apb.PackageRequest) -> list[apb.PackageChunk]:
-        """The whole export package (bounded by the store: at most 200 recordings)."""
+    async def package(
+        self, token: str, request: apb.PackageRequest
+    ) -> tuple[apb.PackageChunk, AsyncIterator[apb.PackageChunk]]:
+        """The package's first message (the metadata: the store has said yes) and the
+        rest to stream."""
+        call = self.stub.ExportPackage(request, metadata=self._md(token), timeout=600)
+        stream = call.__aiter__()
         try:
-            call = self.stub.ExportPackage(request, metadata=self._md(token), timeout=120)
-            return [chunk async for chunk in call]
+            first = await stream.__anext__()
         except grpc.aio.AioRpcError as exc:
             raise StoreRefused(exc.code(), exc.details() or "") from None
+        except StopAsyncIteration:
+            raise StoreRefused(grpc.StatusCode.NOT_FOUND, "empty package") from None
+        return first, stream
 
     async def play_range(
         self, token: str, rid: str, purpose: str, offset: int, length: int
