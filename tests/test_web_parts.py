@@ -84,6 +84,19 @@ def test_sessions_end_when_idle_and_csrf_is_per_session() -> None:
     now[0] = 179
     assert store.get(sid) is None, "idle for more than 60 s: gone"
     first, second = {"person": 1}, {"person": 2}
+    # Full: a flood of sign-in starts pushes out its own kind, not people signed in.
+    from agent.web import sessions
+
+    small = SessionStore(idle_s=600, clock=lambda: now[0])
+    sessions_before = sessions.MAX_SESSIONS
+    sessions.MAX_SESSIONS = 3
+    try:
+        person = small.put({"person": {"id": "a1"}})
+        flood = [small.put({"_state": n}) for n in range(5)]
+        assert small.get(person) is not None and small.get(flood[-1]) is not None
+        assert small.get(flood[0]) is None
+    finally:
+        sessions.MAX_SESSIONS = sessions_before
     token = csrf_token(first)
     assert csrf_ok(first, token) and not csrf_ok(second, token) and not csrf_ok(first, "")
 

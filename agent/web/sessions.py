@@ -62,9 +62,14 @@ class SessionStore:
         for sid, (seen, _) in list(self._sessions.items()):
             if now - seen > self.idle_s:
                 del self._sessions[sid]
-        if len(self._sessions) >= MAX_SESSIONS:  # still full: the oldest goes
-            oldest = min(self._sessions, key=lambda s: self._sessions[s][0])
-            del self._sessions[oldest]
+        if len(self._sessions) >= MAX_SESSIONS:
+            # Still full (a flood of sign-in starts): sessions of nobody signed in go
+            # first, oldest first; a signed-in person's session only after them.
+            def rank(sid: str) -> tuple[bool, float]:
+                seen, data = self._sessions[sid]
+                return ("person" in data, seen)
+
+            del self._sessions[min(self._sessions, key=rank)]
 
 
 def csrf_token(session: dict[str, Any]) -> str:
