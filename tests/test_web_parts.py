@@ -171,3 +171,21 @@ def test_local_sign_in_is_for_a_loopback_demo_only(tmp_path: Path) -> None:
     del doc["web"]["local"]  # type: ignore[attr-defined]
     with pytest.raises(ConfigError, match=r"\[web.oidc\]: missing"):
         web_config_from_dict(doc, tmp_path)
+
+
+def test_callrec_web_check_names_an_unreadable_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+
+    (tmp_path / "web.pem").write_text("cert")
+    (tmp_path / "web.key").write_text("key")
+    config = tmp_path / "web.toml"
+    config.write_text(
+        '[web]\ntls_cert = "web.pem"\ntls_key = "web.key"\n\n[web.oidc]\n'
+        'issuer = "https://login.example.fi"\nclient_id = "w"\nclient_secret_file = "secret"\n'
+    )
+    assert main(["web", "--config", str(config), "--check"]) == 2
+    assert "[web.oidc] client_secret_file" in capsys.readouterr().err
+    (tmp_path / "secret").write_text("s")
+    assert main(["web", "--config", str(config), "--check"]) == 0
