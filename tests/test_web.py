@@ -572,3 +572,17 @@ def test_the_configured_claim_names_the_person(web: WebWorld) -> None:
     assert verifier.verify(unknown_kid).problem == (
         "ID token signed with a key the issuer does not publish"
     )
+
+
+def test_personal_tokens_still_work_beside_oidc(web: WebWorld) -> None:
+    """With [store.oidc] set, a CLI's personal token (three dot-separated parts too) is
+    still checked as a personal token, and audited as channel=cli."""
+    token = web.world.issue("s1")
+    seq = web.world.head_seq()
+    found = web.world.access.Search(
+        apb.SearchRequest(purpose=apb.PURPOSE_VERIFICATION),
+        metadata=[("authorization", f"Bearer {token}")],
+    )
+    assert found is not None
+    (event,) = web.world.events_after(seq)
+    assert event["actor"] == "person:s1" and event["detail"].startswith("channel=cli")

@@ -34,7 +34,9 @@ _MAX_TOKEN = 16 * 1024
 
 
 def looks_like_jwt(token: str) -> bool:
-    return len(token) <= _MAX_TOKEN and bool(_JWT.match(token))
+    """A JWT's first part is base64url JSON (``eyJ`` = ``{"``); a personal token
+    (``crt1.<id>.<secret>``) has three dot-separated parts too and is not one."""
+    return len(token) <= _MAX_TOKEN and token.startswith("eyJ") and bool(_JWT.match(token))
 
 
 @dataclass(frozen=True)
