@@ -242,7 +242,7 @@ def seed_audio(
         employees_json=changes.pop("employees_json", None) or employees_json(people),
         size=len(audio),
         sha256=hashlib.sha256(audio).hexdigest(), customer_masked=customer.masked,
-        customer_digest=customer.digest, customer_digest_key_id=customer.digest_key_id,
+        customer_digest=None, customer_digest_key_id=None,
         customer_tail_sealed=customer.tail_sealed, **changes,
     )  # fmt: skip
     assert world.storage.catalog.insert(row)
