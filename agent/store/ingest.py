@@ -43,6 +43,7 @@ from agent.manifest import (
 )
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
+from agent.store import monitoring
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
 from agent.store.residency import DEFAULT_ALLOWED_REGIONS, region_allowed
 from agent.store.vault import SourceMismatch, Vault
@@ -138,6 +139,23 @@ class IngestService(pb_grpc.IngestServicer):
         return site
 
     async def Upload(
+        self,
+        request_iterator: AsyncIterator[pb.UploadRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.UploadReceipt:
+        """One upload stream, counted: in progress, stored, or refused by its code."""
+        monitoring.UPLOADS_IN_PROGRESS.inc()
+        try:
+            return await self._upload(request_iterator, context)
+        except BaseException:
+            code = context.code()  # what context.abort set; None: cancelled under us
+            name = code.name if isinstance(code, grpc.StatusCode) else "CANCELLED"
+            monitoring.UPLOADS_REFUSED.labels(name).inc()
+            raise
+        finally:
+            monitoring.UPLOADS_IN_PROGRESS.dec()
+
+    async def _upload(
         self,
         request_iterator: AsyncIterator[pb.UploadRequest],
         context: grpc.aio.ServicerContext[Any, Any],
@@ -326,6 +344,8 @@ class IngestService(pb_grpc.IngestServicer):
             received - started,
             time.monotonic() - received,
         )
+        monitoring.UPLOADS_STORED.inc()
+        monitoring.BYTES_STORED.inc(row.size)
         return receipt_of(row)
 
     def _commit(self, manifest: pb.Manifest, part: Path, manifest_file: Path) -> RecordingRow:
