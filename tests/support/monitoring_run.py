@@ -1,0 +1,146 @@
+"""One real run of store and agent with both /metrics endpoints, scraped as Prometheus
+would: a store holding one recording already past retention (swept at start) and one
+on legal hold, an agent with two workers recording two SIPp calls, one refused
+Access request; then the store stops and a third call waits in the outbox."""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from agent.config import load_store_config
+from agent.pb.callrec.v1 import access_pb2 as apb
+from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
+from agent.recorder.status import STATUS_INTERVAL_S
+from agent.store.retention import datetime_to_ms
+from agent.store.vault import open_storage
+from agent.testcall import SiprecCall, free_port, make_speech, run_sipp, siprec_scenario
+from tests.support.daemons import Daemon, NotifySocket, start_agent, start_store
+from tests.support.services import free_tcp_port, make_row
+from tests.support.stack import DIRECTORY_TOML, make_keys, write_toml
+
+CALLS = 2
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+@dataclass
+class Run:
+    root: Path
+    store_port: int = 0
+    agent_port: int = 0
+    scrapes: dict[str, str] = field(default_factory=dict)  # name → exposition text
+    status: list[str] = field(default_factory=list)  # the agent's STATUS= lines
+    seeded: dict[str, str] = field(default_factory=dict)  # "expired"/"held" → id
+
+
+def _seed(root: Path, store_doc: dict[str, dict[str, object]], run: Run) -> None:
+    """A recording that ended seven months ago, and one more on legal hold."""
+    config = load_store_config(write_toml(root / "store.toml", store_doc))
+    storage = open_storage(config)
+    ended = datetime_to_ms(dt.datetime.now(dt.UTC) - dt.timedelta(days=213))
+    try:
+        for name, held in (("expired", False), ("held", True)):
+            rid = secrets.token_hex(16)
+            source = root / f"{rid}.part"
+            source.write_bytes(rid.encode() * 64)
+            blob_key = storage.vault.store(rid, source, root)
+            assert storage.catalog.insert(make_row(rid, blob_key, ended, legal_hold=held))
+            run.seeded[name] = rid
+    finally:
+        storage.catalog.close()
+
+
+def _refused_access(address: str) -> None:
+    """A request without a token: UNAUTHENTICATED (and counted)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            apb_grpc.AccessStub(channel).Search(
+                apb.SearchRequest(purpose=apb.PURPOSE_VERIFICATION), timeout=10
+            )
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
+        else:
+            raise AssertionError("a request without a token was served")
+
+
+def _until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"no {what} in {timeout:.0f}s"
+        time.sleep(0.2)
+
+
+def real_run(root: Path) -> Run:
+    run = Run(root, free_tcp_port(), free_tcp_port())
+    (root / "people.toml").write_text(DIRECTORY_TOML)
+    store_keys = {
+        "metrics": f"127.0.0.1:{run.store_port}",
+        "directory_file": str(root / "people.toml"),
+    }
+    doc: dict[str, dict[str, object]] = {
+        "store": {"listen": "127.0.0.1:0", "data_dir": str(root / "store-data"), **store_keys},
+        "store.tls": {"insecure": True},
+    }
+    _seed(root, doc, run)
+    keys = make_keys(root / "keys")
+    speech = make_speech(root / "speech")
+    store, address = start_store(
+        root, metrics=store_keys["metrics"], directory_file=store_keys["directory_file"]
+    )
+    agent: Daemon | None = None
+    notify = NotifySocket(root / "notify.sock")
+    try:
+        store.wait_for(r"event=sweep_done destroyed=1 ")
+        _refused_access(address)
+        sip_port = free_port()
+        agent = start_agent(
+            root,
+            keys,
+            address,
+            sip_port,
+            agent={"metrics": f"127.0.0.1:{run.agent_port}"},
+            sip={
+                "front": True,
+                "run_front": True,
+                "workers": 2,
+                "worker_port": free_port(2),
+                "rtp_port_count": 40,
+                "rtp_port_start": free_port(80),
+                "probe_interval": "1s",
+            },
+            uplink={"outbox_check": "1s"},
+            env={"NOTIFY_SOCKET": str(root / "notify.sock")},
+        )
+        spec = SiprecCall(speech.customer, speech.employee, call_ms=1500)
+        for n in range(CALLS):
+            assert run_sipp(siprec_scenario(spec), ("127.0.0.1", sip_port), root / f"pbx{n}").ok
+        _until("uploads", lambda: agent.text().count("event=recording_uploaded") >= CALLS)
+        time.sleep(1.5)  # the outbox monitor's next check
+        run.scrapes["agent"] = scrape(run.agent_port)
+        run.scrapes["store"] = scrape(run.store_port)
+        store.stop()
+        assert run_sipp(siprec_scenario(spec), ("127.0.0.1", sip_port), root / "pbx-late").ok
+        _until(
+            "outbox entry",
+            lambda: "\ncallrec_outbox_entries 1.0\n" in scrape(run.agent_port),
+        )
+        run.scrapes["agent_store_down"] = scrape(run.agent_port)
+        time.sleep(STATUS_INTERVAL_S + 0.5)
+    finally:
+        if agent is not None:
+            agent.stop()
+        store.stop()
+        notify.close()
+        run.status = [line for line in notify.states() if line.startswith("STATUS=")]
+    return run
