@@ -49,20 +49,27 @@ def worker_exited(path: Path, pid: int) -> None:
     multiprocess.mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
 
 
-def serve(listen: str, workers_dir: Path | None = None, extra: Iterable[Collector] = ()) -> int:
+def serve(
+    listen: str,
+    workers_dir: Path | None = None,
+    extra: Iterable[Collector] = (),
+    exclude: frozenset[str] = frozenset(),
+) -> int:
     """Serve /metrics on ``host:port`` (port 0 picks one); returns the bound port.
 
     With ``workers_dir`` the workers' families come from their files and only from
-    there; ``extra`` collectors (measured at each scrape) are added to the page.
+    there; ``extra`` collectors (measured at each scrape) are added to the page;
+    ``exclude`` names families of this process's registry that are not its own (the
+    store imports this module, but the agent's families are not the store's).
     """
     host, _, port = listen.rpartition(":")
     registry = CollectorRegistry()
     if workers_dir is None:
-        registry.register(_Only(REGISTRY, keep=lambda name: True))
+        registry.register(_Only(REGISTRY, keep=lambda name: name not in exclude))
     else:
-        registry.register(_Only(REGISTRY, keep=lambda name: name not in WORKER_FAMILIES))
-        workers = multiprocess.MultiProcessCollector(None, path=str(workers_dir))  # type: ignore[no-untyped-call]
-        registry.register(_Only(workers, keep=lambda name: name in WORKER_FAMILIES))
+        own = WORKER_FAMILIES | exclude
+        registry.register(_Only(REGISTRY, keep=lambda name: name not in own))
+        registry.register(_Workers(workers_dir))
     for collector in extra:
         registry.register(collector)
     server, _thread = start_http_server(int(port), host.strip("[]"), registry=registry)
@@ -80,6 +87,25 @@ class _Only(Collector):
 
     def collect(self) -> Iterable[Metric]:
         return [family for family in self.source.collect() if self.keep(family.name)]
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+class _Workers(Collector):
+    """The workers' families, summed from their files; a family no worker has written
+    yet (a labelled counter before its first event) is still declared, empty."""
+
+    def __init__(self, workers_dir: Path) -> None:
+        self.files = multiprocess.MultiProcessCollector(None, path=str(workers_dir))  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterable[Metric]:
+        found = [f for f in self.files.collect() if f.name in WORKER_FAMILIES]  # type: ignore[no-untyped-call]
+        seen = {f.name for f in found}
+        for family in REGISTRY.collect():
+            if family.name in WORKER_FAMILIES and family.name not in seen:
+                found.append(Metric(family.name, family.documentation, family.type, family.unit))
+        return found
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -239,4 +265,24 @@ WORKER_FAMILIES = frozenset(
         "callrec_rtp_packets_received",
         "callrec_rtp_packets_lost",
     }
+)
+
+# Every family of the agent (main process and workers): the store leaves them out.
+AGENT_FAMILIES = WORKER_FAMILIES | frozenset(
+    family.name
+    for metric in (
+        RECORDINGS_FINALIZED,
+        RECORDING_FLAGS,
+        QUARANTINED,
+        FINALIZE_SECONDS,
+        OUTBOX_ENTRIES,
+        OUTBOX_BYTES,
+        OUTBOX_OLDEST_SECONDS,
+        OUTBOX_OVER_LIMIT,
+        WORKERS_CONFIGURED,
+        WORKERS_UP,
+        UPLOADS,
+        UPLOAD_BYTES_SENT,
+    )
+    for family in metric.describe()
 )

@@ -2,6 +2,9 @@
 parsed with prometheus_client's own parser: each family once, with the values the run
 must have produced."""
 
+# The real run's fixture is imported from tests.support.monitoring_run.
+# ruff: noqa: F811
+
 from __future__ import annotations
 
 import datetime as dt
@@ -11,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,14 +29,14 @@ from agent.store.retention import datetime_to_ms
 from agent.store.sweeper import read_sweep_state
 from agent.store.vault import open_storage
 from tests.support.daemons import REPO, start_store
-from tests.support.monitoring_run import CALLS, Run, real_run
+from tests.support.monitoring_run import CALLS, Run, monitoring_run  # noqa: F401 (fixture)
 from tests.support.services import make_row
 from tests.support.stack import write_toml
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
-    yield real_run(tmp_path_factory.mktemp("monitoring"))
+@pytest.fixture
+def run(monitoring_run: Run) -> Run:
+    return monitoring_run
 
 
 def families(text: str) -> dict[str, Metric]:
@@ -62,7 +64,12 @@ def test_agent_exposes_each_family_once_with_the_main_and_worker_values(run: Run
     assert value(healthy, "callrec_uploads_total", outcome="receipt_ok") == CALLS
     assert value(healthy, "callrec_quarantine_entries") == 0
     assert value(healthy, "callrec_data_dir_free_bytes") > 0
+    for role in ("client", "ca"):
+        not_after = value(healthy, "callrec_tls_certificate_not_after_timestamp_seconds", role=role)
+        assert not_after > run.scraped_at["agent"] + 300 * 86400
     assert "process_resident_memory_bytes" in healthy  # the main process's own
+    # No INVITE was refused: the family is declared all the same (dashboards find it).
+    assert healthy["callrec_calls_refused"].samples == []
     # The store is down and one recording waits: the main process's gauges, once.
     down = families(run.scrapes["agent_store_down"])
     assert value(down, "callrec_outbox_entries") == 1
@@ -87,6 +94,7 @@ def test_store_exposes_retention_ingest_access_audit_and_keys(run: Run) -> None:
     assert value(store, "callrec_ingest_uploads_stored_total") == CALLS
     assert value(store, "callrec_ingest_bytes_stored_total") > CALLS * 1000
     assert value(store, "callrec_ingest_uploads_in_progress") == 0
+    assert value(store, "callrec_ingest_refused_total", code="INVALID_ARGUMENT") == 1
     assert (
         value(store, "callrec_access_requests_total", operation="search", outcome="unauthenticated")
         == 1
@@ -98,6 +106,16 @@ def test_store_exposes_retention_ingest_access_audit_and_keys(run: Run) -> None:
     assert master.labels["current"] == "1"
     assert value(store, "callrec_store_data_keys", key_id=master.labels["key_id"]) == CALLS + 1
     assert value(store, "callrec_data_dir_free_bytes") > 0
+    # Mutual TLS: the store's certificate and CA, as issued (days of validity left).
+    days = (
+        value(store, "callrec_tls_certificate_not_after_timestamp_seconds", role="server")
+        - run.scraped_at["store"]
+    ) / 86400
+    assert days > 300
+    # Each daemon shows its own families only (both import the shared metrics module).
+    agent = families(run.scrapes["agent"])
+    assert not {n for n in store if n.startswith(("callrec_outbox", "callrec_calls"))}
+    assert not {n for n in agent if n.startswith(("callrec_sweeper", "callrec_store"))}
 
 
 @pytest.mark.sip

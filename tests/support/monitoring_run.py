@@ -1,7 +1,8 @@
 """One real run of store and agent with both /metrics endpoints, scraped as Prometheus
-would: a store holding one recording already past retention (swept at start) and one
-on legal hold, an agent with two workers recording two SIPp calls, one refused
-Access request; then the store stops and a third call waits in the outbox."""
+would, under mutual TLS: a store holding one recording already past retention (swept
+at start) and one on legal hold, an agent with two workers recording two SIPp calls, one refused
+Access request and one refused upload; then the store stops and a third call waits
+in the outbox."""
 
 from __future__ import annotations
 
@@ -14,15 +15,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import pytest
 
+from agent import certs
 from agent.config import load_store_config
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
+from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.recorder.status import STATUS_INTERVAL_S
 from agent.store.retention import datetime_to_ms
 from agent.store.vault import open_storage
 from agent.testcall import SiprecCall, free_port, make_speech, run_sipp, siprec_scenario
 from tests.support.daemons import Daemon, NotifySocket, start_agent, start_store
+from tests.support.faults import SITE, Pki, make_pki
 from tests.support.services import free_tcp_port, make_row
 from tests.support.stack import DIRECTORY_TOML, make_keys, write_toml
 
@@ -40,6 +45,7 @@ class Run:
     store_port: int = 0
     agent_port: int = 0
     scrapes: dict[str, str] = field(default_factory=dict)  # name → exposition text
+    scraped_at: dict[str, float] = field(default_factory=dict)  # name → Unix time
     status: list[str] = field(default_factory=list)  # the agent's STATUS= lines
     seeded: dict[str, str] = field(default_factory=dict)  # "expired"/"held" → id
 
@@ -61,9 +67,16 @@ def _seed(root: Path, store_doc: dict[str, dict[str, object]], run: Run) -> None
         storage.catalog.close()
 
 
-def _refused_access(address: str) -> None:
+def _channel(address: str, pki: Pki) -> grpc.Channel:
+    """The agent's own mutual-TLS identity."""
+    d, stem = pki.directory, f"agent-{SITE}"
+    creds = certs.channel_credentials(d / "ca.pem", d / f"{stem}.pem", d / f"{stem}.key")
+    return grpc.secure_channel(address, creds)
+
+
+def _refused_access(address: str, pki: Pki) -> None:
     """A request without a token: UNAUTHENTICATED (and counted)."""
-    with grpc.insecure_channel(address) as channel:
+    with _channel(address, pki) as channel:
         try:
             apb_grpc.AccessStub(channel).Search(
                 apb.SearchRequest(purpose=apb.PURPOSE_VERIFICATION), timeout=10
@@ -72,6 +85,17 @@ def _refused_access(address: str) -> None:
             assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
         else:
             raise AssertionError("a request without a token was served")
+
+
+def _refused_upload(address: str, pki: Pki) -> None:
+    """An upload stream that ends before its manifest: INVALID_ARGUMENT (and counted)."""
+    with _channel(address, pki) as channel:
+        try:
+            pb_grpc.IngestStub(channel).Upload(iter(()), timeout=10)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc
+        else:
+            raise AssertionError("an empty upload was accepted")
 
 
 def _until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -84,25 +108,30 @@ def _until(what: str, check: Callable[[], bool], timeout: float = 30.0) -> None:
 def real_run(root: Path) -> Run:
     run = Run(root, free_tcp_port(), free_tcp_port())
     (root / "people.toml").write_text(DIRECTORY_TOML)
+    pki = make_pki(root / "pki")
     store_keys = {
         "metrics": f"127.0.0.1:{run.store_port}",
         "directory_file": str(root / "people.toml"),
     }
     doc: dict[str, dict[str, object]] = {
         "store": {"listen": "127.0.0.1:0", "data_dir": str(root / "store-data"), **store_keys},
-        "store.tls": {"insecure": True},
+        "store.tls": pki.store_tls,
     }
     _seed(root, doc, run)
     keys = make_keys(root / "keys")
     speech = make_speech(root / "speech")
     store, address = start_store(
-        root, metrics=store_keys["metrics"], directory_file=store_keys["directory_file"]
+        root,
+        tls=pki.store_tls,
+        metrics=store_keys["metrics"],
+        directory_file=store_keys["directory_file"],
     )
     agent: Daemon | None = None
     notify = NotifySocket(root / "notify.sock")
     try:
         store.wait_for(r"event=sweep_done destroyed=1 ")
-        _refused_access(address)
+        _refused_access(address, pki)
+        _refused_upload(address, pki)
         sip_port = free_port()
         agent = start_agent(
             root,
@@ -119,7 +148,7 @@ def real_run(root: Path) -> Run:
                 "rtp_port_start": free_port(80),
                 "probe_interval": "1s",
             },
-            uplink={"outbox_check": "1s"},
+            uplink={"outbox_check": "1s", **pki.agent_uplink},
             env={"NOTIFY_SOCKET": str(root / "notify.sock")},
         )
         spec = SiprecCall(speech.customer, speech.employee, call_ms=1500)
@@ -127,6 +156,7 @@ def real_run(root: Path) -> Run:
             assert run_sipp(siprec_scenario(spec), ("127.0.0.1", sip_port), root / f"pbx{n}").ok
         _until("uploads", lambda: agent.text().count("event=recording_uploaded") >= CALLS)
         time.sleep(1.5)  # the outbox monitor's next check
+        run.scraped_at["agent"] = run.scraped_at["store"] = time.time()
         run.scrapes["agent"] = scrape(run.agent_port)
         run.scrapes["store"] = scrape(run.store_port)
         store.stop()
@@ -144,3 +174,9 @@ def real_run(root: Path) -> Run:
         notify.close()
         run.status = [line for line in notify.states() if line.startswith("STATUS=")]
     return run
+
+
+@pytest.fixture(scope="session")
+def monitoring_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    """One real run for every test that reads its scrapes (about 45 s)."""
+    return real_run(tmp_path_factory.mktemp("monitoring"))
