@@ -111,7 +111,9 @@ class StoreServer:
             self._sweeper = SweeperLoop(sweeper, cfg.sweep_interval_s)
             self._sweeper.start()
         if cfg.metrics_listen is not None:
-            self.metrics_port = metrics.serve(cfg.metrics_listen, extra=_collectors(cfg, vault))
+            self.metrics_port = metrics.serve(
+                cfg.metrics_listen, extra=_collectors(cfg, vault), exclude=metrics.AGENT_FAMILIES
+            )
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         health_servicer.set("callrec.v1.Ingest", health_pb2.HealthCheckResponse.SERVING)
         host = cfg.listen.rpartition(":")[0]
