@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import logging
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -37,7 +36,7 @@ from agent.privacy import (
     new_seal_keypair,
 )
 
-log = logging.getLogger("callrec")
+log = logs.get_logger("callrec")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 
@@ -14,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client.registry import Collector
 
-from agent import metrics, sdnotify
+from agent import logs, metrics, sdnotify
 from agent.certs import server_credentials
 from agent.config import StoreConfig, check_transport
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
@@ -27,7 +26,7 @@ from agent.store.monitoring import StoreCollector, store_status
 from agent.store.sweeper import Sweeper, SweeperLoop
 from agent.store.vault import Vault, open_storage
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 STATUS_INTERVAL_S = 5.0
 MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + 64 * 1024
@@ -118,14 +117,13 @@ class StoreServer:
         health_servicer.set("callrec.v1.Ingest", health_pb2.HealthCheckResponse.SERVING)
         host = cfg.listen.rpartition(":")[0]
         log.info(
-            "event=store_ready address=%s:%d console=%s catalog=%s blobs=%s region=%s tls=%s",
-            host,
-            self.port,
-            self.console_socket,
-            self.engine_name,
-            cfg.blobs,
-            vault.region,
-            "mutual" if cfg.tls else "OFF",
+            "store_ready",
+            address=f"{host}:{self.port}",
+            console=self.console_socket,
+            catalog=self.engine_name,
+            blobs=cfg.blobs,
+            region=vault.region,
+            tls="mutual" if cfg.tls else "OFF",
         )
         sdnotify.ready()
 
@@ -140,7 +138,7 @@ class StoreServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), timeout=_tick(interval))
             if self._sweeper is not None and not self._sweeper.is_alive():
-                log.error("event=store_loop_died loop=sweeper")
+                log.error("store_loop_died", loop="sweeper")
                 self.exit_code = 1
                 self.stop_event.set()
                 break
@@ -148,7 +146,7 @@ class StoreServer:
 
     async def shutdown(self, grace_s: float = 10.0) -> None:
         sdnotify.stopping()
-        log.info("event=store_stopping grace_s=%.0f", grace_s)
+        log.info("store_stopping", grace_s=round(grace_s))
         if self._sweeper is not None:
             self._sweeper.stop()
         await asyncio.gather(*(s.stop(grace_s) for s in self._servers))
@@ -156,7 +154,7 @@ class StoreServer:
             await asyncio.to_thread(self._sweeper.join, grace_s)
         if self._catalog is not None:
             self._catalog.close()
-        log.info("event=store_stopped")
+        log.info("store_stopped")
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -165,7 +163,7 @@ class StoreServer:
 
     def _on_signal(self) -> None:
         if self.stop_event.is_set():
-            log.warning("event=store_forced_exit")
+            log.warning("store_forced_exit")
             os._exit(1)
         self.stop_event.set()
 
@@ -203,11 +201,11 @@ def _bind_people(server: grpc.aio.Server, cfg: StoreConfig, listen: str) -> int:
         )
         port = server.add_secure_port(listen, credentials)
     else:
-        log.warning("event=access_insecure listen=%s tls=OFF", listen)
+        log.warning("access_insecure", listen=listen, tls="OFF")
         port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"[store] access_listen = {listen!r}: cannot bind")
-    log.info("event=access_listening address=%s:%d", listen.rpartition(":")[0], port)
+    log.info("access_listening", address=f"{listen.rpartition(':')[0]}:{port}")
     return port
 
 
@@ -221,9 +219,10 @@ def _bind(server: grpc.aio.Server, cfg: StoreConfig) -> int:
         port = server.add_secure_port(cfg.listen, credentials)
     else:
         log.warning(
-            "event=store_insecure listen=%s tls=OFF reason=%r",
-            cfg.listen,
-            "[store.tls] insecure = true: agents are NOT authenticated and their site is "
+            "store_insecure",
+            listen=cfg.listen,
+            tls="OFF",
+            reason="[store.tls] insecure = true: agents are NOT authenticated and their site is "
             "taken on trust; for a loopback test install only",
         )
         port = server.add_insecure_port(cfg.listen)
