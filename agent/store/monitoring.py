@@ -48,8 +48,9 @@ UPLOADS_REFUSED = Counter(
 UPLOADS_IN_PROGRESS = Gauge("callrec_ingest_uploads_in_progress", "Upload streams open now")
 ACCESS_REQUESTS = Counter(
     "callrec_access_requests_total",
-    "People's requests to the Access service, by role, operation and outcome "
-    "(allowed, denied, unauthenticated, not_found, unavailable, refused)",
+    "Access decisions by role, operation and outcome (allowed by the rules; denied, "
+    "unauthenticated, not_found, unavailable, refused); a request the rules allow "
+    "that is then refused (a held recording to erase) counts once each",
     ["role", "operation", "outcome"],
 )
 
