@@ -24,6 +24,7 @@ class _Stub(AgentDaemon):
         self.config_path = cfg_root / "agent.toml"
         self.workers = [WorkerProcess(0)]
         self.front = None
+        self.metrics_dir = cfg_root / "metrics"  # a dead worker's live gauges go from here
         self.code = code
 
     def _worker_command(self, worker: WorkerProcess, ready_fd: int | None) -> list[str]:
