@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import metrics
 from agent.recorder import daemon as daemon_module
 from agent.recorder.daemon import RESTART_BACKOFF_S, AgentDaemon, WorkerProcess
 from tests.support.stack import Keys, agent_config
@@ -76,3 +77,23 @@ def test_backoff_starts_afresh_after_a_healthy_run(
     assert time.monotonic() - start < 0.5 and worker.restarts == 1
     worker.process.kill()
     worker.process.wait(5)
+
+
+def test_a_dead_workers_calls_leave_the_calls_active_gauge(
+    tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed with a call up wrote calls_active 1 in its metrics file; once
+    the agent sees it dead the call no longer counts (the successor starts at 0)."""
+    stub = _Stub(tmp_path, keys, "")
+    metrics.reset_multiprocess_dir(stub.metrics_dir)
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(stub.metrics_dir))
+    stub.code = "from agent import metrics; metrics.CALLS_ACTIVE.inc(); raise SystemExit(9)"
+    first = _until_started(stub, set())
+    assert stub.workers[0].process is not None
+    stub.workers[0].process.wait(5)
+    assert metrics.calls_active(stub.metrics_dir) == 1  # as the dead worker left it
+    stub.code = "import time; time.sleep(30)"
+    _until_started(stub, {first})
+    assert metrics.calls_active(stub.metrics_dir) == 0
+    stub.workers[0].process.kill()  # type: ignore[union-attr]
+    stub.workers[0].process.wait(5)  # type: ignore[union-attr]
