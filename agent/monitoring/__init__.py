@@ -5,7 +5,7 @@ package data; ``files()`` finds them in an installed callrec."""
 from __future__ import annotations
 
 from importlib import resources
-from importlib.abc import Traversable
+from importlib.resources.abc import Traversable
 
 RULES = "callrec-alerts.yml"
 DASHBOARD = "callrec-dashboard.json"
