@@ -3,8 +3,7 @@
 and each synthetic fault firing its alert; every metric the rules and the dashboard
 name exists in the real scrapes."""
 
-# The real run's fixture is imported from tests.support.monitoring_run.
-# ruff: noqa: F811
+# The real run (monitoring_run) is a session fixture: tests/conftest.py.
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent import monitoring
-from tests.support.monitoring_run import Run, monitoring_run  # noqa: F401 (fixture)
+from tests.support.monitoring_run import Run
 from tests.support.promtool import (
     Series,
     alert_names,

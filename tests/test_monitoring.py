@@ -2,8 +2,7 @@
 parsed with prometheus_client's own parser: each family once, with the values the run
 must have produced."""
 
-# The real run's fixture is imported from tests.support.monitoring_run.
-# ruff: noqa: F811
+# The real run (monitoring_run) is a session fixture: tests/conftest.py.
 
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ from agent.store.retention import datetime_to_ms
 from agent.store.sweeper import read_sweep_state
 from agent.store.vault import open_storage
 from tests.support.daemons import REPO, start_store
-from tests.support.monitoring_run import CALLS, Run, monitoring_run  # noqa: F401 (fixture)
+from tests.support.monitoring_run import CALLS, Run
 from tests.support.services import make_row
 from tests.support.stack import write_toml
 
