@@ -85,7 +85,9 @@ def test_rules_pass_promtool_check() -> None:
 
 
 def test_the_healthy_run_fires_nothing(run: Run, tmp_path: Path) -> None:
-    checks = [(at, name, []) for at in ("5m", "1h", "5h59m") for name in alert_names(RULES)]
+    checks: list[Any] = [
+        (at, name, []) for at in ("5m", "1h", "5h59m") for name in alert_names(RULES)
+    ]
     promtool(tmp_path, healthy(run), checks)
 
 

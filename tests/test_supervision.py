@@ -95,5 +95,5 @@ def test_a_dead_workers_calls_leave_the_calls_active_gauge(
     stub.code = "import time; time.sleep(30)"
     _until_started(stub, {first})
     assert metrics.calls_active(stub.metrics_dir) == 0
-    stub.workers[0].process.kill()  # type: ignore[union-attr]
-    stub.workers[0].process.wait(5)  # type: ignore[union-attr]
+    stub.workers[0].process.kill()
+    stub.workers[0].process.wait(5)
