@@ -137,6 +137,16 @@ def test_agent_status_line_says_workers_calls_and_outbox(run: Run) -> None:
     ), waiting[-1]
 
 
+@pytest.mark.sip
+def test_store_status_line_says_uploads_and_last_sweep(run: Run) -> None:
+    """What `systemctl status callrec-store` shows, sent over a real notify socket."""
+    line = re.compile(
+        rf"STATUS=uploads {CALLS} stored \(\d+\.\d kB\), 0 in progress, 1 refused; "
+        r"last sweep \d{4}-\d\d-\d\d \d\d:\d\d UTC by store"
+    )
+    assert any(line.fullmatch(s) for s in run.store_status), run.store_status[-3:]
+
+
 @pytest.mark.parametrize(
     ("args", "line"),
     [

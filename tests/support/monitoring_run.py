@@ -29,7 +29,7 @@ from agent.testcall import SiprecCall, free_port, make_speech, run_sipp, siprec_
 from tests.support.daemons import Daemon, NotifySocket, start_agent, start_store
 from tests.support.faults import SITE, Pki, make_pki
 from tests.support.services import free_tcp_port, make_row
-from tests.support.stack import DIRECTORY_TOML, make_keys, write_toml
+from tests.support.stack import DIRECTORY_TOML, Keys, make_keys, write_toml
 
 CALLS = 2
 
@@ -47,6 +47,7 @@ class Run:
     scrapes: dict[str, str] = field(default_factory=dict)  # name → exposition text
     scraped_at: dict[str, float] = field(default_factory=dict)  # name → Unix time
     status: list[str] = field(default_factory=list)  # the agent's STATUS= lines
+    store_status: list[str] = field(default_factory=list)  # the store's
     seeded: dict[str, str] = field(default_factory=dict)  # "expired"/"held" → id
 
 
@@ -120,37 +121,22 @@ def real_run(root: Path) -> Run:
     _seed(root, doc, run)
     keys = make_keys(root / "keys")
     speech = make_speech(root / "speech")
+    notify = {name: NotifySocket(root / f"{name}-notify.sock") for name in ("store", "agent")}
     store, address = start_store(
         root,
+        # A 2 s watchdog: the store's loop (and its STATUS=) ticks every second.
+        env={"NOTIFY_SOCKET": str(notify["store"].path), "WATCHDOG_USEC": "2000000"},
         tls=pki.store_tls,
         metrics=store_keys["metrics"],
         directory_file=store_keys["directory_file"],
     )
     agent: Daemon | None = None
-    notify = NotifySocket(root / "notify.sock")
     try:
         store.wait_for(r"event=sweep_done destroyed=1 ")
         _refused_access(address, pki)
         _refused_upload(address, pki)
         sip_port = free_port()
-        agent = start_agent(
-            root,
-            keys,
-            address,
-            sip_port,
-            agent={"metrics": f"127.0.0.1:{run.agent_port}"},
-            sip={
-                "front": True,
-                "run_front": True,
-                "workers": 2,
-                "worker_port": free_port(2),
-                "rtp_port_count": 40,
-                "rtp_port_start": free_port(80),
-                "probe_interval": "1s",
-            },
-            uplink={"outbox_check": "1s", **pki.agent_uplink},
-            env={"NOTIFY_SOCKET": str(root / "notify.sock")},
-        )
+        agent = _start_agent(run, keys, pki, address, sip_port, notify["agent"])
         spec = SiprecCall(speech.customer, speech.employee, call_ms=1500)
         for n in range(CALLS):
             assert run_sipp(siprec_scenario(spec), ("127.0.0.1", sip_port), root / f"pbx{n}").ok
@@ -161,19 +147,42 @@ def real_run(root: Path) -> Run:
         run.scrapes["store"] = scrape(run.store_port)
         store.stop()
         assert run_sipp(siprec_scenario(spec), ("127.0.0.1", sip_port), root / "pbx-late").ok
-        _until(
-            "outbox entry",
-            lambda: "\ncallrec_outbox_entries 1.0\n" in scrape(run.agent_port),
-        )
+        _until("outbox entry", lambda: "\ncallrec_outbox_entries 1.0\n" in scrape(run.agent_port))
         run.scrapes["agent_store_down"] = scrape(run.agent_port)
         time.sleep(STATUS_INTERVAL_S + 0.5)
     finally:
         if agent is not None:
             agent.stop()
         store.stop()
-        notify.close()
-        run.status = [line for line in notify.states() if line.startswith("STATUS=")]
+        for sock in notify.values():
+            sock.close()
+    run.status = [line for line in notify["agent"].states() if line.startswith("STATUS=")]
+    run.store_status = [line for line in notify["store"].states() if line.startswith("STATUS=")]
     return run
+
+
+def _start_agent(
+    run: Run, keys: Keys, pki: Pki, address: str, sip_port: int, notify: NotifySocket
+) -> Daemon:
+    """Two workers behind the agent's own Kamailio, mutual TLS to the store."""
+    return start_agent(
+        run.root,
+        keys,
+        address,
+        sip_port,
+        agent={"metrics": f"127.0.0.1:{run.agent_port}"},
+        sip={
+            "front": True,
+            "run_front": True,
+            "workers": 2,
+            "worker_port": free_port(2),
+            "rtp_port_count": 40,
+            "rtp_port_start": free_port(80),
+            "probe_interval": "1s",
+        },
+        uplink={"outbox_check": "1s", **pki.agent_uplink},
+        env={"NOTIFY_SOCKET": str(notify.path)},
+    )
 
 
 @pytest.fixture(scope="session")
