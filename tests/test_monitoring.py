@@ -2,7 +2,9 @@
 parsed with prometheus_client's own parser: each family once, with the values the run
 must have produced."""
 
-# The real run (monitoring_run) is a session fixture: tests/conftest.py.
+# The real run (monitoring_run) is a session fixture: tests/conftest.py; the store
+# backends' fixtures are imported from tests.support.services.
+# ruff: noqa: F811
 
 from __future__ import annotations
 
@@ -24,12 +26,13 @@ from agent.config import load_store_config
 from agent.recorder.backpressure import OutboxLevel
 from agent.recorder.status import agent_status
 from agent.store.catalog import Catalog, recordings
+from agent.store.monitoring import measure_catalog
 from agent.store.retention import datetime_to_ms
 from agent.store.sweeper import read_sweep_state
 from agent.store.vault import open_storage
 from tests.support.daemons import REPO, start_store
 from tests.support.monitoring_run import CALLS, Run
-from tests.support.services import make_row
+from tests.support.services import Backend, backend, make_row, postgres, seaweed  # noqa: F401 (fixtures)
 from tests.support.stack import write_toml
 
 
@@ -240,3 +243,31 @@ def test_with_sweep_by_timer_only_the_timer_sweeps(tmp_path: Path) -> None:
     assert timer.returncode == 0, timer.stderr
     assert rid not in _catalog_ids(tmp_path)
     assert read_sweep_state(tmp_path / "store-data") is not None
+
+
+# ---------------------------------------------------------------- the catalog's figures
+
+
+def test_catalog_figures_on_every_backend(backend: Backend) -> None:
+    """measure_catalog's SQL on SQLite and PostgreSQL: an overdue, a held and a fresh
+    recording (the figures /metrics shows)."""
+    storage = open_storage(backend.config())
+    work = backend.root / "work"
+    work.mkdir(exist_ok=True)
+    now = dt.datetime.now(dt.UTC)
+    try:
+        for days, held in ((200, False), (250, True), (1, False)):
+            rid = secrets.token_hex(16)
+            (work / rid).write_bytes(b"x" * 256)
+            blob_key = storage.vault.store(rid, work / rid, work)
+            ended = datetime_to_ms(now - dt.timedelta(days=days))
+            assert storage.catalog.insert(make_row(rid, blob_key, ended, legal_hold=held))
+        figures = measure_catalog(storage.catalog, 6)
+    finally:
+        storage.catalog.close()
+    assert figures.past_retention == 1 and figures.held_past_retention == 1
+    # 200 days after the call, six calendar months (181 to 184 days) after it: 16 to 19 days.
+    assert 16 * 86400 <= figures.most_overdue_s <= 19 * 86400 + 60
+    assert abs(figures.oldest_age_s - 200 * 86400) < 60
+    assert sum(figures.data_keys.values()) == 3 and len(figures.data_keys) == 1
+    assert figures.audit_seq == 0  # nothing audited yet: the genesis head
