@@ -94,56 +94,66 @@ def test_the_healthy_run_fires_nothing(run: Run, tmp_path: Path) -> None:
 AGENT_JOB = {"instance": AGENT, "job": "callrec-agent"}
 STORE_JOB = {"instance": STORE, "job": "callrec-store"}
 
-FAULTS: dict[str, tuple[str, str, str, str, dict[str, str]]] = {
-    # fault: (metric, its values, eval time, alert, the alert's labels)
+BOTH = [AGENT_JOB, STORE_JOB]
+
+FAULTS: dict[str, tuple[str, str, str, str, list[dict[str, str]]]] = {
+    # fault: (metric, its values, eval time, alert, the labels of each alert it fires)
     "sweeper frozen": (
         "callrec_sweeper_last_success_timestamp_seconds",
         constant(-30),
         "3h30m",
         "CallrecSweeperNotRun",
-        STORE_JOB,
+        [STORE_JOB],
+    ),
+    "sweeper failing": (
+        "callrec_sweeper_failures_total",
+        ramp(0, 1),
+        "30m",
+        "CallrecSweeperFailures",
+        [STORE_JOB],
     ),
     "recording overdue": (
         "callrec_store_past_retention_max_seconds",
         ramp(0, 60),
         "3h30m",
         "CallrecRecordingsPastRetention",
-        STORE_JOB,
+        [STORE_JOB],
     ),
     "outbox stuck": (
         "callrec_outbox_oldest_seconds",
         ramp(0, 60),
         "1h30m",
         "CallrecOutboxStuck",
-        AGENT_JOB,
+        [AGENT_JOB],
     ),
-    "worker down": ("callrec_workers_up", constant(1), "10m", "CallrecWorkersDown", AGENT_JOB),
+    "outbox over its limit": (
+        "callrec_outbox_over_limit",
+        constant(1),
+        "30m",
+        "CallrecOutboxGrowing",
+        [AGENT_JOB],
+    ),
+    "worker down": ("callrec_workers_up", constant(1), "10m", "CallrecWorkersDown", [AGENT_JOB]),
     "quarantine": (
         "callrec_quarantine_entries",
         constant(3),
         "10m",
         "CallrecQuarantineNotEmpty",
-        AGENT_JOB,
+        [AGENT_JOB],
     ),
-    "disk": (
-        "callrec_data_dir_free_bytes",
-        constant(1_000_000),
-        "20m",
-        "CallrecDiskLow",
-        AGENT_JOB | STORE_JOB,  # both daemons: overridden on each (one alert checked)
-    ),
+    # Both daemons ran on this host's disk and both are scraped: both alert.
+    "disk": ("callrec_data_dir_free_bytes", constant(1_000_000), "20m", "CallrecDiskLow", BOTH),
+    "not scraped": ("up", constant(0), "10m", "CallrecDown", BOTH),
 }
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_a_fault_fires_its_alert(run: Run, tmp_path: Path, fault: str) -> None:
-    metric, values, at, alert, labels = FAULTS[fault]
+    metric, values, at, alert, fired = FAULTS[fault]
     series = override(healthy(run), metric, values)
-    fired = [expected(alert, **labels)]
-    if fault == "disk":  # both daemons ran on this host's disk
-        fired = [expected(alert, **AGENT_JOB), expected(alert, **STORE_JOB)]
-    # Quiet before the fault has lasted long enough, firing once it has.
-    promtool(tmp_path, series, [("1m", alert, []), (at, alert, fired)])
+    alerts = [expected(alert, **labels) for labels in fired]
+    # Quiet at the start (a "for" not yet lasted, or nothing yet), firing later.
+    promtool(tmp_path, series, [("0m", alert, []), (at, alert, alerts)])
 
 
 def test_certificate_expiring_and_uploads_failing_fire(run: Run, tmp_path: Path) -> None:
