@@ -253,6 +253,15 @@ RTP_PACKETS_RECEIVED = Counter(
 RTP_PACKETS_LOST = Counter(
     "callrec_rtp_packets_lost_total", "RTP packets lost on recorded streams", ["party"]
 )
+DISK_FREE_BYTES = Gauge(
+    "callrec_disk_free_bytes",
+    "Free bytes on the agent's data disk, as the SIP workers last saw them",
+    multiprocess_mode="livemin",
+)
+DISK_FULL_REFUSALS = Counter(
+    "callrec_disk_full_refusals_total",
+    "New calls refused (503) because the data disk was below [agent] min_free",
+)
 
 # The families only the workers write (their files are summed); every other family is
 # the main process's own.
@@ -264,6 +273,8 @@ WORKER_FAMILIES = frozenset(
         "callrec_calls_ended",
         "callrec_rtp_packets_received",
         "callrec_rtp_packets_lost",
+        "callrec_disk_free_bytes",
+        "callrec_disk_full_refusals",
     }
 )
 
