@@ -50,6 +50,7 @@ from agent.store.access import (
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
 from agent.store.console import info_of
 from agent.store.crypto import CryptoError
+from agent.store.monitoring import ACCESS_REQUESTS
 from agent.store.numbers import SealError, SealKeyring, TooManyCandidates, find_calls
 from agent.store.retention import add_months
 from agent.store.sweeper import RecordingHeld, Sweeper
@@ -115,6 +116,7 @@ class Attempt:
     purpose: str = ""
     reason: str = ""
     channel: str = "cli"
+    role: str = "unknown"  # the person's role, once known (for the metrics)
 
     def event(self, outcome: str, detail: str = "") -> audit.Event:
         detail = f"channel={self.channel} {detail}".strip()
@@ -216,6 +218,7 @@ class AccessService(apb_grpc.AccessServicer):
         outcome = _OUTCOMES.get(code, "refused")
         detail = scrub(message, 400)
         await self._audit(attempt.event(outcome, detail))
+        ACCESS_REQUESTS.labels(attempt.role, attempt.op.value, outcome).inc()
         log.info(
             "access_refused",
             actor=attempt.actor,
@@ -255,7 +258,7 @@ class AccessService(apb_grpc.AccessServicer):
             unauthenticated = grpc.StatusCode.UNAUTHENTICATED
             message = f"authentication failed: {caller.problem}"
             await self._refuse(context, attempt, unauthenticated, message)
-        attempt = replace(attempt, reason=scrub(request.reason))
+        attempt = replace(attempt, reason=scrub(request.reason), role=caller.person.role.value)
         purpose = PURPOSES.get(request.purpose)
         if purpose is None:
             await self._invalid(
@@ -270,6 +273,7 @@ class AccessService(apb_grpc.AccessServicer):
         if decision.verdict is not Verdict.ALLOW:
             denied = grpc.StatusCode.PERMISSION_DENIED
             await self._refuse(context, attempt, denied, decision.why)
+        ACCESS_REQUESTS.labels(attempt.role, op.value, "allowed").inc()
         return Grant(attempt, caller.person, purpose, row, directory)
 
     async def _recording(
