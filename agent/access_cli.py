@@ -75,14 +75,18 @@ def _client(parser: argparse.ArgumentParser, purpose: str | None = None) -> None
             f"--{name}", type=Path, help="TLS: --ca-file alone for the people's port"
         )
     parser.add_argument(
-        "--purpose", choices=sorted(PURPOSES), default=purpose, required=purpose is None
+        "--purpose",
+        choices=sorted(PURPOSES),
+        default=purpose,
+        required=purpose is None,
+        help="why you need it (your access rules allow some purposes); audited",
     )
     parser.add_argument("--reason", default="", help="why (a case id); audited")
 
 
 def _with_id(sub: SubParsers, name: str, text: str, purpose: str | None = None) -> Any:
     parser = sub.add_parser(name, help=text)
-    parser.add_argument("recording_id")
+    parser.add_argument("recording_id", help="as `callrec search` shows it")
     _client(parser, purpose)
     return parser
 
@@ -93,34 +97,36 @@ def add_parsers(sub: SubParsers) -> None:
     tsub = token.add_parser("token", help="create or revoke a person's token")
     tokens_sub = tsub.add_subparsers(dest="token_command", required=True)
     create = tokens_sub.add_parser("create", help="a new token for a person (shown once)")
-    create.add_argument("--config", type=Path, required=True)
+    create.add_argument("--config", type=Path, required=True, help="the store's config")
     create.add_argument("--person", required=True, help="directory id")
     revoke = tokens_sub.add_parser("revoke", help="revoke a token, or all of a person's")
-    revoke.add_argument("--config", type=Path, required=True)
+    revoke.add_argument("--config", type=Path, required=True, help="the store's config")
     which = revoke.add_mutually_exclusive_group(required=True)
-    which.add_argument("--token-id")
-    which.add_argument("--person")
+    which.add_argument("--token-id", help="the token id `create` printed")
+    which.add_argument("--person", help="directory id: all of this person's tokens")
 
     audit_parser = sub.add_parser("audit", help="the audit log")
     audit_sub = audit_parser.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser("verify", help="check the hash chain")
-    verify.add_argument("--config", type=Path, required=True)
+    verify.add_argument("--config", type=Path, required=True, help="the store's config")
 
     search = sub.add_parser("search", help="recordings you may see")
     _client(search)
     search.add_argument("--since", help="ISO time (UTC unless an offset is given)")
-    search.add_argument("--until")
-    search.add_argument("--employee", default="")
-    search.add_argument("--team", default="")
+    search.add_argument("--until", help="ISO time, like --since")
+    search.add_argument("--employee", default="", help="employee's directory id")
+    search.add_argument("--team", default="", help="team name as in the directory")
     search.add_argument("--service", default="", help="service number, E.164")
     search.add_argument("--masked", default="", help="e.g. +358401234***")
-    search.add_argument("--flag", action="append", default=[])
-    search.add_argument("--limit", type=int, default=100)
+    search.add_argument("--flag", action="append", default=[], help="a recording flag (repeat)")
+    search.add_argument("--limit", type=int, default=100, help="at most (default %(default)s)")
 
     _with_id(sub, "show", "a recording's metadata")
-    _with_id(sub, "play", "stream a recording's audio").add_argument("--out", type=Path)
+    _with_id(sub, "play", "stream a recording's audio").add_argument(
+        "--out", type=Path, help="write the audio here instead of playing it"
+    )
     _with_id(sub, "export", "save a recording's audio").add_argument(
-        "--out", type=Path, required=True
+        "--out", type=Path, required=True, help="the audio file to write"
     )
     _dsr_parsers(sub)
 
@@ -133,12 +139,12 @@ def _dsr_parsers(sub: SubParsers) -> None:
     # Refused when given: a number on the command line is in the process list (ps,
     # /proc/*/cmdline) and the shell's history. Defined so argparse does not echo it.
     find.add_argument("--number", help=argparse.SUPPRESS)
-    find.add_argument("--region", default="FI")
+    find.add_argument("--region", default="FI", help="the number's region (default FI)")
     find.add_argument("--at", required=True, help="ISO time of the call")
     find.add_argument("--window", default="15m", help="± around --at")
     package = dsub.add_parser("export", help="audio + metadata JSON as a ZIP file")
-    package.add_argument("recording_ids", nargs="+")
-    package.add_argument("--out", type=Path, required=True)
+    package.add_argument("recording_ids", nargs="+", help="as `dsr find` shows them")
+    package.add_argument("--out", type=Path, required=True, help="the ZIP file to write")
     _client(package, "legal")
     for name in ("erase", "restrict", "unrestrict"):
         _with_id(dsub, name, f"{name} a recording", "legal")

@@ -43,21 +43,22 @@ log = logs.get_logger("callrec")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="callrec", description="call-recording register")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     agent = sub.add_parser("agent", help="run the recording agent")
-    agent.add_argument("--config", type=Path, required=True)
+    agent.add_argument("--config", type=Path, required=True, help="agent.toml")
 
-    worker = sub.add_parser("worker", help="one SIP recorder process (started by the agent)")
-    worker.add_argument("--config", type=Path, required=True)
-    worker.add_argument("--index", type=int, default=0)
-    worker.add_argument("--ready-fd", type=int, default=None)
+    # Started by the agent, never by hand: no help=, so it is left out of `callrec --help`.
+    worker = sub.add_parser("worker", description="one SIP recorder process")
+    worker.add_argument("--config", type=Path, required=True, help="the agent's config")
+    worker.add_argument("--index", type=int, default=0, help="the worker's slot")
+    worker.add_argument("--ready-fd", type=int, default=None, help="pipe to say ready on")
 
     store = sub.add_parser("store", help="run the central store")
-    store.add_argument("--config", type=Path, required=True)
+    store.add_argument("--config", type=Path, required=True, help="store.toml")
 
     sweep = sub.add_parser("sweep", help="destroy recordings past their retention")
-    sweep.add_argument("--config", type=Path, required=True)
+    sweep.add_argument("--config", type=Path, required=True, help="store.toml")
     sweep.add_argument("--once", action="store_true", help="one pass, for a systemd timer")
     sweep.add_argument(
         "--timer",
@@ -69,25 +70,25 @@ def _parser() -> argparse.ArgumentParser:
     listing = sub.add_parser(
         "console-list", help="list recordings (operator console on the store host)"
     )
-    listing.add_argument("--store-dir", type=Path, required=True)
-    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--store-dir", type=Path, required=True, help="[store] data_dir")
+    listing.add_argument("--limit", type=int, default=20, help="at most (default %(default)s)")
 
     export = sub.add_parser(
         "console-export", help="export a recording's audio (operator console on the store host)"
     )
-    export.add_argument("recording_id")
-    export.add_argument("--store-dir", type=Path, required=True)
-    export.add_argument("--out", type=Path, required=True)
+    export.add_argument("recording_id", help="as console-list shows it")
+    export.add_argument("--store-dir", type=Path, required=True, help="[store] data_dir")
+    export.add_argument("--out", type=Path, required=True, help="the audio file to write")
     export.add_argument("--reason", required=True, help="why (written to the store's log)")
 
     check = sub.add_parser("check", help="validate a config file and the files it names")
     group = check.add_mutually_exclusive_group(required=True)
-    group.add_argument("--agent", type=Path)
-    group.add_argument("--store", type=Path)
+    group.add_argument("--agent", type=Path, help="an agent's config")
+    group.add_argument("--store", type=Path, help="a store's config")
 
     demo = sub.add_parser("demo", help="run store + agent and place a real SIPREC call")
-    demo.add_argument("--dir", type=Path, default=Path("demo-data"))
-    demo.add_argument("--seconds", type=float, default=6.0)
+    demo.add_argument("--dir", type=Path, default=Path("demo-data"), help="data (%(default)s)")
+    demo.add_argument("--seconds", type=float, default=6.0, help="call length (%(default)s)")
     demo.add_argument("--web", action="store_true", help="then serve the people's web until Ctrl-C")
     access_cli.add_parsers(sub)
     certs.add_parsers(sub)

@@ -49,7 +49,7 @@ def add_parsers(sub: SubParsers) -> None:
     keys = sub.add_parser("keys", help="key management")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     init = keys_sub.add_parser("init", help="create seal.pem (store) and seal.pub.pem (agents)")
-    init.add_argument("directory", type=Path)
+    init.add_argument("directory", type=Path, help="where seal.pem and seal.pub.pem go")
 
     master = keys_sub.add_parser("master", help="the store's master keys")
     msub = master.add_subparsers(dest="master_command", required=True)
@@ -63,7 +63,7 @@ def add_parsers(sub: SubParsers) -> None:
         cmd = msub.add_parser(name, help=text)
         cmd.add_argument("--config", type=Path, required=True, help="store.toml")
         if name == "retire":
-            cmd.add_argument("key_id")
+            cmd.add_argument("key_id", help="as `callrec keys master list` shows it")
 
     seal = keys_sub.add_parser("seal", help="the seal key pair (customers' last digits)")
     ssub = seal.add_subparsers(dest="seal_command", required=True)

@@ -13,7 +13,7 @@ from agent.web.config import WebConfig
 
 def add_parsers(sub: Any) -> None:
     web = sub.add_parser("web", help="run the people's web (HTTPS, OpenID Connect sign-in)")
-    web.add_argument("--config", type=Path, required=True)
+    web.add_argument("--config", type=Path, required=True, help="the web's config")
     web.add_argument(
         "--check", action="store_true", help="check the config and the files it names, then exit"
     )

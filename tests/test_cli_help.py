@@ -1,0 +1,39 @@
+"""`callrec --help` lists what an operator runs (not the agent's internal `worker`), and
+every option and argument of every command says what it is for."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from agent.cli import _parser
+
+CALLREC = str(Path(sys.executable).parent / "callrec")
+
+
+def _undocumented(parser: argparse.ArgumentParser, path: str) -> Iterator[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _undocumented(child, f"{path} {name}")
+        elif not isinstance(action, argparse._HelpAction) and not action.help:
+            yield f"{path} {'/'.join(action.option_strings) or action.dest}"
+
+
+def test_every_option_has_help() -> None:
+    assert list(_undocumented(_parser(), "callrec")) == []
+
+
+def test_worker_is_left_out_of_help() -> None:
+    shown = subprocess.run(
+        [CALLREC, "--help"], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+    assert "worker" not in shown
+    assert "quarantine" in shown and "console-list" in shown
+    worker = subprocess.run(
+        [CALLREC, "worker", "--help"], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
+    assert "--ready-fd" in worker
