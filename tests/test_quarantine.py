@@ -15,6 +15,8 @@ import pytest
 from agent import logs
 from agent.capture import quarantine
 from agent.config import ConfigError, load_agent_config
+from agent.recorder import daemon as daemon_module
+from agent.recorder.daemon import AgentDaemon
 from agent.recorder.quarantine import expire
 from agent.recorder.spoolindex import SpoolIndex
 from tests.support.stack import Keys, agent_config, write_toml
@@ -137,3 +139,27 @@ def test_quarantine_max_age_stays_within_the_retention(tmp_path: Path, keys: Key
     doc["agent"]["quarantine_max_age"] = "200d"
     with pytest.raises(ConfigError, match=r'quarantine_max_age = "200d": expected from "1h"'):
         load_agent_config(write_toml(tmp_path / "a.toml", doc))
+
+
+class _Loop(AgentDaemon):
+    """The agent's main loop's quarantine expiry alone (no workers, no store)."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = load_agent_config(config)
+        self._quarantine_checked = float("-inf")
+
+
+def test_the_agent_loop_expires_hourly(
+    tmp_path: Path, config: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = _Loop(config)
+    qdir = loop.config.quarantine_dir
+    first = _capture(tmp_path, qdir, "a" * 32, days=40)
+    loop._expire_quarantine()
+    assert not first.exists()
+    second = _outbox(tmp_path, qdir, "b" * 32, days=40)
+    loop._expire_quarantine()  # within the hour: not looked at again yet
+    assert second.exists()
+    monkeypatch.setattr(daemon_module, "QUARANTINE_CHECK_S", 0.0)
+    loop._expire_quarantine()
+    assert not second.exists()
