@@ -126,11 +126,11 @@ def test_web_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"session_idle": "soon"}, "[web] session_idle = 'soon': expected a duration"),
-        ({"time_zone": "Mars/Olympus"}, "[web] time_zone = 'Mars/Olympus': expected an IANA"),
+        ({"session_idle": "soon"}, '[web] session_idle = "soon": expected a duration'),
+        ({"time_zone": "Mars/Olympus"}, '[web] time_zone = "Mars/Olympus": expected an IANA'),
         ({"store_address": "10.0.0.5:50052"}, "[web] store_ca_file = None: expected the CA"),
         ({"colour": "blue"}, "[web] colour: unknown key"),
-        ({"listen": "everywhere"}, "[web] listen = 'everywhere': expected an address"),
+        ({"listen": "everywhere"}, '[web] listen = "everywhere": expected an address'),
     ],
 )
 def test_web_config_errors_name_the_key(
@@ -144,7 +144,7 @@ def test_web_config_errors_name_the_key(
 def test_web_config_needs_https_issuer(tmp_path: Path) -> None:
     doc = web_doc(tmp_path)
     doc["web"]["oidc"]["issuer"] = "http://login.example.fi"  # type: ignore[index]
-    with pytest.raises(ConfigError, match=r"\[web.oidc\] issuer = 'http://login.example.fi'"):
+    with pytest.raises(ConfigError, match=r"\[web.oidc\] issuer = \"http://login.example.fi\""):
         web_config_from_dict(doc, tmp_path)
 
 

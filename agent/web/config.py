@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from agent.config import (
     LOG_LEVELS,
     ConfigError,
+    _collecting,
     _listen,
     _load_toml,
     _optional_path,
@@ -53,6 +54,7 @@ def load_web_config(path: Path) -> WebConfig:
     return web_config_from_dict(_load_toml(path), path.resolve().parent)
 
 
+@_collecting
 def web_config_from_dict(doc: Mapping[str, Any], base: Path) -> WebConfig:
     s = _sections(doc, ("web", "log"), base)
     web = s["web"]
