@@ -514,6 +514,13 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         lookup_key_file=_optional_path(st, "lookup_key_file"),
         seal_key_file=_optional_path(st, "seal_key_file"),
     )
+    if cfg.insecure and cfg.access_listen is not None and not is_loopback(cfg.access_listen):
+        raise st._fail(
+            "access_listen",
+            cfg.access_listen,
+            "a loopback address while [store.tls] insecure = true (people's tokens would "
+            "cross the network in plain text); give [store.tls] certificate files",
+        )
     if not cfg.catalog_url.startswith(("sqlite:///", "postgresql")):
         raise st._fail(
             "catalog", cfg.catalog_url, 'a "sqlite:///…" or "postgresql+psycopg://…" URL'

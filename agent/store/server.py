@@ -15,13 +15,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from agent import sdnotify
 from agent.certs import server_credentials
-from agent.config import StoreConfig, check_transport
+from agent.config import ConfigError, StoreConfig, check_transport
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import check_private_file
-from agent.store.access_service import add_access_service
+from agent.store.access_service import AccessService, add_access_service
 from agent.store.catalog import Catalog
 from agent.store.console import ConsoleService
+from agent.store.datadir import DataDirLock
 from agent.store.ingest import MAX_CHUNK_BYTES, IngestService
+from agent.store.rpc_errors import ErrorBoundary
 from agent.store.sweeper import Sweeper, SweeperLoop
 from agent.store.vault import open_storage
 
@@ -41,6 +43,12 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", MIN_CLIENT_PING_INTERVAL_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_ping_strikes", 2),
+    # grpcio sets SO_REUSEPORT by default: a second store would bind the same port and
+    # silently take a share of the uploads. Off, so a port in use fails the start.
+    ("grpc.so_reuseport", 0),
+    # Streams one connection may hold open (HTTP/2 SETTINGS); the per-site upload cap
+    # (ingest.UploadLimits) bounds what all of a site's connections hold together.
+    ("grpc.max_concurrent_streams", 64),
 ]
 
 
@@ -53,6 +61,8 @@ class StoreServer:
         self._servers: list[grpc.aio.Server] = []
         self._catalog: Catalog | None = None
         self._sweeper: SweeperLoop | None = None
+        self._lock = DataDirLock(config.data_dir)
+        self.access: AccessService | None = None
         self.exit_code = 0
 
     @property
@@ -63,6 +73,18 @@ class StoreServer:
         cfg = self.config
         check_transport(cfg)
         cfg.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock.acquire()
+        try:
+            await self._start()
+        except BaseException:
+            await asyncio.gather(*(s.stop(0) for s in self._servers))
+            if self._catalog is not None:
+                self._catalog.close()
+            self._lock.release()
+            raise
+
+    async def _start(self) -> None:
+        cfg = self.config
         storage = await asyncio.to_thread(open_storage, cfg)
         catalog, vault = storage.catalog, storage.vault
         self._catalog = catalog
@@ -74,22 +96,27 @@ class StoreServer:
             authenticate=cfg.tls is not None,
         )
 
-        public = grpc.aio.server(options=SERVER_OPTIONS)
+        boundary = ErrorBoundary()  # no exception's text reaches a client (rpc_errors)
+        public = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[boundary])
         pb_grpc.add_IngestServicer_to_server(ingest, public)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, public)
         self.port = _bind(public, cfg)
         servers = [public]
+        self._servers = servers
         if cfg.access_listen is None:
-            add_access_service(public, cfg, catalog, vault)  # people's access (issue 8)
+            access = add_access_service(public, cfg, catalog, vault)  # people's (issue 8)
         else:
-            people = grpc.aio.server(options=SERVER_OPTIONS)
-            add_access_service(people, cfg, catalog, vault)
+            people = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[boundary])
+            access = add_access_service(people, cfg, catalog, vault)
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, people)
             self.access_port = _bind_people(people, cfg, cfg.access_listen)
             servers.append(people)
+        if access is not None:
+            boundary.add("/callrec.v1.Access/", access.failed)
+        self.access = access
 
-        console = grpc.aio.server(options=SERVER_OPTIONS)
+        console = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[boundary])
         pb_grpc.add_ConsoleServicer_to_server(ConsoleService(catalog, vault), console)
         if os.path.exists(self.console_socket):
             os.unlink(self.console_socket)
@@ -145,6 +172,7 @@ class StoreServer:
             await asyncio.to_thread(self._sweeper.join, grace_s)
         if self._catalog is not None:
             self._catalog.close()
+        self._lock.release()
         log.info("event=store_stopped")
 
     def install_signal_handlers(self) -> None:
@@ -168,12 +196,12 @@ def _bind_people(server: grpc.aio.Server, cfg: StoreConfig, listen: str) -> int:
             [(cfg.tls.key_file.read_bytes(), cfg.tls.cert_file.read_bytes())],
             require_client_auth=False,
         )
-        port = server.add_secure_port(listen, credentials)
+        port = _add_port(server, listen, "access_listen", credentials)
     else:
         log.warning("event=access_insecure listen=%s tls=OFF", listen)
-        port = server.add_insecure_port(listen)
+        port = _add_port(server, listen, "access_listen", None)
     if port == 0:
-        raise OSError(f"[store] access_listen = {listen!r}: cannot bind")
+        raise ConfigError(f"[store] access_listen = {listen!r}: cannot bind")
     log.info("event=access_listening address=%s:%d", listen.rpartition(":")[0], port)
     return port
 
@@ -185,7 +213,7 @@ def _bind(server: grpc.aio.Server, cfg: StoreConfig) -> int:
         tls = cfg.tls
         check_private_file(tls.key_file)
         credentials = server_credentials(tls.ca_file, tls.cert_file, tls.key_file)
-        port = server.add_secure_port(cfg.listen, credentials)
+        port = _add_port(server, cfg.listen, "listen", credentials)
     else:
         log.warning(
             "event=store_insecure listen=%s tls=OFF reason=%r",
@@ -193,9 +221,29 @@ def _bind(server: grpc.aio.Server, cfg: StoreConfig) -> int:
             "[store.tls] insecure = true: agents are NOT authenticated and their site is "
             "taken on trust; for a loopback test install only",
         )
-        port = server.add_insecure_port(cfg.listen)
+        port = _add_port(server, cfg.listen, "listen", None)
+    return port
+
+
+def _add_port(
+    server: grpc.aio.Server,
+    address: str,
+    key: str,
+    credentials: grpc.ServerCredentials | None,
+) -> int:
+    """Bind, or fail the start with one line (a port in use: another store?)."""
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        port = 0
     if port == 0:
-        raise OSError(f"[store] listen = {cfg.listen!r}: cannot bind")
+        raise ConfigError(
+            f"[store] {key} = {address!r}: cannot bind (the port is in use, by another "
+            "callrec store or another program, or the address is not this host's)"
+        )
     return port
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from prometheus_client import Counter, Gauge
 
+from agent import logs
 from agent.config import ConfigError, StoreConfig, load_store_config
 from agent.privacy import KeyFileError
 from agent.store import audit
@@ -49,6 +50,7 @@ from agent.store.retention import datetime_to_ms, expired_ranges, ms_to_datetime
 from agent.store.vault import Vault, open_storage
 
 log = logging.getLogger(__name__)
+elog = logs.get_logger(__name__)
 
 DESTROYED = Counter(
     "callrec_sweeper_destroyed", "Recordings destroyed (key, blob and row)", ["reason"]
@@ -166,7 +168,20 @@ class Sweeper:
             "none" if report.oldest_age_s is None else f"{report.oldest_age_s:.0f}",
         )
         LAST_RUN.set(time.time())
+        self._publish_head()
         return report
+
+    def _publish_head(self) -> None:
+        """The audit chain's head after each sweep, in the log: a copy outside the
+        catalog that pins the whole history (``callrec audit verify`` prints the
+        same hash)."""
+        try:
+            head = audit.read_head(self.catalog)
+        except Exception:  # noqa: BLE001 - a catalog hiccup is the next run's business
+            elog.exception("audit_head_unreadable")
+            return
+        if head is not None:
+            elog.info("audit_head", seq=head[0], hash=head[1])
 
     def destroy(self, recording_id: str, reason: str = "erasure", actor: str = "") -> bool:
         """Destroy one recording now (a data-subject erasure); False when it is not
@@ -294,7 +309,9 @@ class Sweeper:
                 audit.Event(actor, "destroy", row.recording_id, row.destroy_reason, "destroyed")
                 for row in deleted
             ]
-            audit.append_events(conn, events, at_ms=now_ms)
+            # The entries' time is taken under the chain's head lock (audit.py), not
+            # at the start of this run: times never go backwards along the chain.
+            audit.append_events(conn, events)
         for row in deleted:
             log.info(
                 "event=recording_swept recording_id=%s reason=%s ended_at=%s",
@@ -439,8 +456,6 @@ def run_sweeper(config: StoreConfig, once: bool = True) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from agent import logs
-
     parser = argparse.ArgumentParser(prog="callrec sweep", description="destroy expired recordings")
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--once", action="store_true", help="one sweep, then exit")

@@ -26,6 +26,7 @@ from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import Protector
 from agent.store import tokens
+from agent.store.access_service import AccessService
 from agent.store.audit import audit_events, audit_head
 from agent.store.catalog import from_ms, now_ms
 from agent.store.vault import Storage, open_storage
@@ -142,6 +143,12 @@ class World:
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.store.address)
 
+    @property
+    def access_service(self) -> AccessService:
+        service = self.store.server.access
+        assert service is not None
+        return service
+
     @functools.cached_property
     def access(self) -> apb_grpc.AccessStub:
         return apb_grpc.AccessStub(self.channel())
@@ -227,7 +234,8 @@ class World:
             return [dict(r._mapping) for r in conn.execute(query)]
 
 
-def store_doc(root: Path, keys: Keys, lookup: Path | None = None) -> dict[str, Any]:
+def store_doc(root: Path, keys: Keys, lookup: Path | None = None, **extra: Any) -> dict[str, Any]:
+    """``extra``: more ``[store]`` keys (a backend's catalog, blobs and s3)."""
     return {
         "store": {
             "listen": "127.0.0.1:0",
@@ -236,13 +244,16 @@ def store_doc(root: Path, keys: Keys, lookup: Path | None = None) -> dict[str, A
             "directory_file": str(root / "people.toml"),
             "lookup_key_file": str(lookup or keys.lookup),
             "seal_key_file": str(keys.seal_private),
+            **extra,
         }
     }
 
 
-def running_world(root: Path, keys: Keys, lookup: Path | None = None) -> Iterator[World]:
+def running_world(
+    root: Path, keys: Keys, lookup: Path | None = None, **extra: Any
+) -> Iterator[World]:
     (root / "people.toml").write_text(PEOPLE + LEAVER)
-    doc = store_doc(root, keys, lookup)
+    doc = store_doc(root, keys, lookup, **extra)
     with InProcessStore(store_config_from_dict(doc, root)) as store:
         storage = open_storage(store.config)
         world = World(root, keys, store.config, store, storage, doc)
