@@ -203,6 +203,13 @@ class StoreConfig:
     # certificate: a person proves who they are with their token). None: Access is
     # served on `listen` beside Ingest, where mutual TLS asks for a client certificate.
     access_listen: str | None = None
+    # Bounds on what agents hold open (issue 14): uploads at once and bytes of partial
+    # uploads per site, a stream's idle deadline, the age at which a partial upload is
+    # removed however recently it grew.
+    max_uploads_per_site: int = 32
+    max_incoming_bytes_per_site: int = 16 * 1024**3
+    upload_idle_timeout_s: float = 60.0
+    part_max_age_s: float = 6 * 3600.0
 
     @property
     def blobs_dir(self) -> Path:
@@ -513,6 +520,10 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         access_listen=(_listen(st, "access_listen", "") if "access_listen" in st.table else None),
         lookup_key_file=_optional_path(st, "lookup_key_file"),
         seal_key_file=_optional_path(st, "seal_key_file"),
+        max_uploads_per_site=st.integer("max_uploads_per_site", 32, 1, 10_000),
+        max_incoming_bytes_per_site=_size(st, "max_incoming_per_site", "16 GiB"),
+        upload_idle_timeout_s=st.seconds("upload_idle_timeout", "60s"),
+        part_max_age_s=st.seconds("part_max_age", "6h"),
     )
     if cfg.insecure and cfg.access_listen is not None and not is_loopback(cfg.access_listen):
         raise st._fail(

@@ -45,6 +45,7 @@ from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
 from agent.store.residency import DEFAULT_ALLOWED_REGIONS, region_allowed
+from agent.store.upload_limits import LimitExceeded, Limits, UploadLimits
 from agent.store.vault import SourceMismatch, Vault
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ MAX_CHUNK_BYTES = 256 * 1024
 SYNC_EVERY_BYTES = 8 * 1024 * 1024
 # A second stream for a recording waits this long for the first to end, then ABORTED.
 LOCK_WAIT_S = 10.0
+# A stream that sends nothing for this long is closed (DEADLINE_EXCEEDED); what it
+# sent is kept for a resume.
+IDLE_TIMEOUT_S = 60.0
 _ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -84,14 +88,18 @@ class IngestService(pb_grpc.IngestServicer):
         incoming: Path,
         allowed_regions: tuple[str, ...] = DEFAULT_ALLOWED_REGIONS,
         authenticate: bool = False,
+        limits: Limits | None = None,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
     ) -> None:
         self.catalog = catalog
+        self.idle_timeout_s = idle_timeout_s
         self.authenticate = authenticate
         self.vault = vault
         self.incoming = incoming
         self.region = vault.region
         self.allowed_regions = allowed_regions
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self.limits = UploadLimits(incoming, limits or Limits())
         self._locks: dict[str, asyncio.Lock] = {}
         self._lock_users: dict[str, int] = {}
 
@@ -144,9 +152,15 @@ class IngestService(pb_grpc.IngestServicer):
     ) -> pb.UploadReceipt:
         site = await self._peer_site(context)
         try:
-            first = await anext(request_iterator)
+            async with asyncio.timeout(self.idle_timeout_s):
+                first = await anext(request_iterator)
         except StopAsyncIteration:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload stream")
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no manifest within {self.idle_timeout_s:.0f} s; stream closed",
+            )
         if first.WhichOneof("kind") != "manifest":
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry the manifest"
@@ -164,8 +178,16 @@ class IngestService(pb_grpc.IngestServicer):
         await self._check_site(manifest, site, context)
         await self._check_region(manifest, context)
         try:
-            async with self._exclusive(manifest.recording_id):
-                return await self._receive(manifest, request_iterator)
+            with self.limits.upload(site or manifest.site, manifest.recording_id, manifest.size):
+                async with self._exclusive(manifest.recording_id):
+                    return await self._receive(manifest, request_iterator)
+        except LimitExceeded as exc:
+            log.warning(
+                "event=upload_refused recording_id=%s code=RESOURCE_EXHAUSTED reason=%r",
+                manifest.recording_id,
+                str(exc),
+            )
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except UploadRejected as exc:
             log.log(
                 logging.INFO if isinstance(exc, UploadInterrupted) else logging.WARNING,
@@ -253,7 +275,18 @@ class IngestService(pb_grpc.IngestServicer):
         started = time.monotonic()
         fd, unsynced, stored = -1, 0, False
         try:
-            async for request in requests:
+            while True:
+                try:
+                    async with asyncio.timeout(self.idle_timeout_s):
+                        request = await anext(requests)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise UploadInterrupted(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"nothing received for {self.idle_timeout_s:.0f} s; stream closed, "
+                        f"committed_size={committed}",
+                    ) from None
                 kind = request.WhichOneof("kind")
                 if kind == "chunk":
                     _check_chunk(manifest, committed, request.chunk)

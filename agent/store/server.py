@@ -25,6 +25,7 @@ from agent.store.datadir import DataDirLock
 from agent.store.ingest import MAX_CHUNK_BYTES, IngestService
 from agent.store.rpc_errors import ErrorBoundary
 from agent.store.sweeper import Sweeper, SweeperLoop
+from agent.store.upload_limits import Limits
 from agent.store.vault import open_storage
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class StoreServer:
         self._sweeper: SweeperLoop | None = None
         self._lock = DataDirLock(config.data_dir)
         self.access: AccessService | None = None
+        self.ingest: IngestService | None = None
         self.exit_code = 0
 
     @property
@@ -94,9 +96,12 @@ class StoreServer:
             cfg.incoming_dir,
             cfg.allowed_regions,
             authenticate=cfg.tls is not None,
+            limits=Limits(cfg.max_uploads_per_site, cfg.max_incoming_bytes_per_site),
+            idle_timeout_s=cfg.upload_idle_timeout_s,
         )
 
         boundary = ErrorBoundary()  # no exception's text reaches a client (rpc_errors)
+        self.ingest = ingest
         public = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[boundary])
         pb_grpc.add_IngestServicer_to_server(ingest, public)
         health_servicer = health.HealthServicer()

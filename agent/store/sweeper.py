@@ -118,6 +118,7 @@ class Sweeper:
         incoming_dir: Path | None = None,
         clock: Clock = utc_now,
         actor: str | None = None,
+        part_max_age_s: float | None = None,
     ) -> None:
         # The audit log says which sweeper (host, process) destroyed what.
         self.actor = actor or f"system:sweeper@{socket.gethostname()}/{os.getpid()}"
@@ -127,6 +128,7 @@ class Sweeper:
         self.batch = batch
         self.orphan_grace_s = orphan_grace_s
         self.incoming_dir = incoming_dir
+        self.part_max_age_s = orphan_grace_s if part_max_age_s is None else part_max_age_s
         self.clock = clock
         self.stop_event = threading.Event()
 
@@ -139,6 +141,7 @@ class Sweeper:
             config.sweep_batch,
             config.orphan_grace_s,
             config.incoming_dir,
+            part_max_age_s=config.part_max_age_s,
         )
 
     def run_once(self) -> SweepReport:
@@ -347,7 +350,9 @@ class Sweeper:
         report.partial_blobs = self.vault.blobs.remove_partial(self.orphan_grace_s)
         ORPHANS.labels(kind="blob_partial").inc(report.partial_blobs)
         if self.incoming_dir is not None:
-            report.partial_uploads = remove_stale_uploads(self.incoming_dir, self.orphan_grace_s)
+            report.partial_uploads = remove_stale_uploads(
+                self.incoming_dir, self.orphan_grace_s, self.part_max_age_s
+            )
             ORPHANS.labels(kind="incoming").inc(report.partial_uploads)
 
     def _measure(self, now_ms: int, report: SweepReport) -> None:
@@ -381,9 +386,11 @@ def _iso(ms: int) -> str:
     return ms_to_datetime(ms).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def remove_stale_uploads(incoming: Path, grace_s: float) -> int:
+def remove_stale_uploads(incoming: Path, grace_s: float, max_age_s: float | None = None) -> int:
     """Partial uploads (``<id>.part``, ``<id>.manifest``, temporary files) whose newest
-    file is older than the grace period; an agent that comes back starts over."""
+    file is older than the grace period, or that were begun more than ``max_age_s``
+    ago (the ``.manifest`` is written once, when an upload begins: its mtime is the
+    upload's age), however recently they grew; an agent that comes back starts over."""
     groups: dict[str, list[Path]] = {}
     try:
         entries = list(incoming.iterdir())
@@ -391,13 +398,15 @@ def remove_stale_uploads(incoming: Path, grace_s: float) -> int:
         return 0
     for path in entries:
         groups.setdefault(path.name.lstrip(".")[:32], []).append(path)
-    cutoff, removed = time.time() - grace_s, 0
+    now, removed = time.time(), 0
+    too_old = now - (grace_s if max_age_s is None else min(grace_s, max_age_s))
     for recording_id, paths in groups.items():
         try:
-            newest = max(p.stat().st_mtime for p in paths)
+            times = {p.name: p.stat().st_mtime for p in paths}
         except FileNotFoundError:
             continue
-        if newest >= cutoff:
+        begun = times.get(f"{recording_id}.manifest", min(times.values()))
+        if max(times.values()) >= now - grace_s and begun >= too_old:
             continue
         for path in paths:
             path.unlink(missing_ok=True)
