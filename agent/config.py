@@ -297,9 +297,9 @@ class _Section:
             raise ConfigError(f"[{self.name}] {unknown[0]}: unknown key")
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, None: 1.0}
-_MONTHS = re.compile(r"^\s*(\d+)\s*months?\s*$")
+_MONTHS = re.compile(r"\s*(\d+)\s*months?\s*")
 
 
 def parse_duration(value: object) -> float:
@@ -308,7 +308,7 @@ def parse_duration(value: object) -> float:
         raise ValueError(value)
     if isinstance(value, int | float):
         seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value)):
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     else:
         raise ValueError(value)
@@ -319,7 +319,7 @@ def parse_duration(value: object) -> float:
 
 def parse_months(value: object) -> int:
     """``"6 months"`` → 6."""
-    if isinstance(value, str) and (match := _MONTHS.match(value)):
+    if isinstance(value, str) and (match := _MONTHS.fullmatch(value)):
         months = int(match.group(1))
         if 1 <= months <= 120:
             return months
@@ -607,7 +607,7 @@ def check_transport(cfg: UplinkConfig | StoreConfig) -> None:
     )
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _SIZE_UNITS.update({"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40})
 
@@ -615,7 +615,7 @@ _SIZE_UNITS.update({"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40})
 def _size(section: _Section, key: str, default: object) -> int:
     """A byte count: ``500000000``, ``"500 MB"`` or ``"2 GiB"``."""
     value = section._get(key, default)
-    match = _SIZE.match(value) if isinstance(value, str) else None
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     if match and float(match.group(1)) > 0:

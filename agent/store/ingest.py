@@ -34,7 +34,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from agent.capture import fsync_dir
-from agent.certs import site_from_auth_context
+from agent.certs import peer_certificate, serial_of, site_of
 from agent.manifest import (
     DIRECTION_NAMES,
     ManifestError,
@@ -44,6 +44,7 @@ from agent.manifest import (
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
+from agent.store.denylist import DenyList
 from agent.store.residency import DEFAULT_ALLOWED_REGIONS, region_allowed
 from agent.store.upload_limits import LimitExceeded, Limits, UploadLimits
 from agent.store.vault import SourceMismatch, Vault
@@ -59,7 +60,7 @@ LOCK_WAIT_S = 10.0
 # A stream that sends nothing for this long is closed (DEADLINE_EXCEEDED); what it
 # sent is kept for a resume.
 IDLE_TIMEOUT_S = 60.0
-_ID = re.compile(r"^[0-9a-f]{32}$")
+_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class UploadRejected(Exception):
@@ -100,6 +101,7 @@ class IngestService(pb_grpc.IngestServicer):
         self.allowed_regions = allowed_regions
         self.incoming.mkdir(parents=True, exist_ok=True)
         self.limits = UploadLimits(incoming, limits or Limits())
+        self.denylist = DenyList(catalog)
         self._locks: dict[str, asyncio.Lock] = {}
         self._lock_users: dict[str, int] = {}
 
@@ -112,7 +114,7 @@ class IngestService(pb_grpc.IngestServicer):
     async def QueryUpload(
         self, request: pb.QueryUploadRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.QueryUploadResponse:
-        if not _ID.match(request.recording_id):
+        if not _ID.fullmatch(request.recording_id):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "recording_id: expected 32 hex digits"
             )
@@ -135,7 +137,16 @@ class IngestService(pb_grpc.IngestServicer):
         """The site of the caller's certificate (None when the store runs without TLS)."""
         if not self.authenticate:
             return None
-        site = site_from_auth_context(context.auth_context())
+        cert = peer_certificate(context.auth_context())
+        site = None if cert is None else site_of(cert)
+        if cert is not None:
+            refusal = await asyncio.to_thread(self.denylist.refusal, serial_of(cert), site)
+            if refusal is not None:
+                log.warning("event=upload_refused reason=revoked detail=%r", refusal)
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{refusal} (`callrec certs revoked`); nothing was stored",
+                )
         if site is None:
             log.warning("event=upload_refused reason=no_site_in_certificate")
             await context.abort(
