@@ -198,7 +198,7 @@ def run_demo(directory: Path, seconds: float) -> int:
         agent.wait_for(rf"event=recording_uploaded recording_id={info.manifest.recording_id}", 30)
         out("\ndemo: the store holds:\n  " + "\n  ".join(format_recordings([info])) + "\n")
         audio = root / f"recording-{info.manifest.recording_id}.ogg"
-        export_audio(root / "store-data", info.manifest.recording_id, audio, "demo")
+        export_audio(root / "store-data", info.manifest.recording_id, audio, "demo", "verification")
         scanned, leaks = _leaks(root, exclude=root / "pbx")
         out(f"demo: stereo audio (customer left, employee right): {audio}\n")
         out(

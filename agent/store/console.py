@@ -1,21 +1,36 @@
-"""The store's operator console: listing and export, on the local admin socket only."""
+"""The store's operator console: listing and export, on the local admin socket only.
+
+The socket (``console.sock``, mode 0600) admits the store's own user and root. An
+export needs a reason and one of the notice's purposes (verification, legal, training,
+security): "maintenance" is not a purpose the customers were told about. The audit
+log names the operator as the client reports its login (``console:<login>@<host>``,
+beside the store's uid: grpc does not pass the peer's credentials of a unix socket).
+When the login is a person in the directory, that person needs a training date, as
+in Access. For exports by people, use Access (``callrec export``), which checks the
+person's role and team.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
 import socket
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from agent.capture import Direction
+from agent.directory import Directory, DirectoryError
 from agent.logs import redact_numbers
 from agent.manifest import AUDIO_FORMATS, timestamp
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.store import audit
+from agent.store.access import scrub
 from agent.store.catalog import Catalog, RecordingRow, from_ms
 from agent.store.crypto import CryptoError
 from agent.store.vault import Vault
@@ -59,10 +74,27 @@ def info_of(row: RecordingRow) -> pb.RecordingInfo:
     )
 
 
+PURPOSES = ("verification", "legal", "training", "security")
+_LOGIN = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+
+
 class ConsoleService(pb_grpc.ConsoleServicer):
-    def __init__(self, catalog: Catalog, vault: Vault) -> None:
+    def __init__(self, catalog: Catalog, vault: Vault, directory_file: Path | None = None) -> None:
         self.catalog = catalog
         self.vault = vault
+        self.directory_file = directory_file
+
+    def _untrained(self, login: str) -> str | None:
+        """Why a login that is a directory person may not export (else None)."""
+        if self.directory_file is None:
+            return None
+        try:
+            person = Directory.load(self.directory_file).people.get(login)
+        except DirectoryError:
+            return "the directory cannot be read"
+        if person is not None and person.trained is None:
+            return f"{login} is a person in the directory without a training date"
+        return None
 
     async def ListRecordings(
         self, request: pb.ListRecordingsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -84,16 +116,31 @@ class ConsoleService(pb_grpc.ConsoleServicer):
         assert row is not None
         if not request.reason.strip():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "reason: say why you export")
-        reason = redact_numbers(request.reason.strip())
+        if request.purpose not in PURPOSES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "purpose: " + ", ".join(PURPOSES))
+        login = request.operator if _LOGIN.fullmatch(request.operator) else "unknown"
+        actor = f"console:{login}@{socket.gethostname()}"[:200]
+        reason = scrub(redact_numbers(request.reason.strip()))
+        said = (actor, request.purpose)
+        untrained = await asyncio.to_thread(self._untrained, login)
+        if untrained is not None:
+            await asyncio.to_thread(self._audit, "export", row.recording_id, reason, "denied", said)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, untrained)
         if row.restricted:
-            await asyncio.to_thread(self._audit, "export", row.recording_id, reason, "denied")
+            await asyncio.to_thread(self._audit, "export", row.recording_id, reason, "denied", said)
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "processing of this recording is restricted (GDPR Art. 18); only the privacy "
                 "officer can export it, for a legal purpose",
             )
-        await asyncio.to_thread(self._audit, "export", row.recording_id, reason)
-        log.info("event=console_export recording_id=%s reason=%r", row.recording_id, reason)
+        await asyncio.to_thread(self._audit, "export", row.recording_id, reason, "allowed", said)
+        log.info(
+            "event=console_export recording_id=%s actor=%s purpose=%s reason=%r",
+            row.recording_id,
+            actor,
+            request.purpose,
+            reason,
+        )
         # Decrypted on the way out: byte-identical to what the agent uploaded.
         chunks: Iterator[bytes] = self.vault.read(row.recording_id, row.blob_key)
         first = True
@@ -111,18 +158,26 @@ class ConsoleService(pb_grpc.ConsoleServicer):
             first = False
 
     def _audit(
-        self, action: str, recording_id: str | None, reason: str, outcome: str = "allowed"
+        self,
+        action: str,
+        recording_id: str | None,
+        reason: str,
+        outcome: str = "allowed",
+        said: tuple[str, str] | None = None,
     ) -> None:
-        """The console is the store host's administrators' tool: audited like any access."""
+        """The console is the store host's administrators' tool: audited like any access
+        (``said``: the actor and purpose an export names)."""
+        actor, purpose = said or (f"console@{socket.gethostname()}", "maintenance")
         with self.catalog.engine.begin() as conn:
             audit.append(
                 conn,
-                f"console@{socket.gethostname()}",
+                actor,
                 action,
                 recording_id,
                 reason,
                 outcome,
-                purpose="maintenance",
+                purpose=purpose,
+                detail=f"store_uid={os.getuid()}",
             )
 
 

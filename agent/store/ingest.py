@@ -33,6 +33,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from agent import logs
 from agent.capture import fsync_dir
 from agent.certs import peer_certificate, serial_of, site_of
 from agent.manifest import (
@@ -50,6 +51,7 @@ from agent.store.upload_limits import LimitExceeded, Limits, UploadLimits
 from agent.store.vault import SourceMismatch, Vault
 
 log = logging.getLogger(__name__)
+elog = logs.get_logger(__name__)
 
 MAX_CHUNK_BYTES = 256 * 1024
 # The part is fsynced after this many bytes (and when a stream ends without finish):
@@ -349,7 +351,7 @@ class IngestService(pb_grpc.IngestServicer):
                 f"finish at {size} bytes but the manifest says {manifest.size}",
             )
         try:
-            row = await asyncio.to_thread(self._commit, manifest, part, manifest_file)
+            row, inserted = await asyncio.to_thread(self._commit, manifest, part, manifest_file)
         except SourceMismatch as exc:
             await asyncio.to_thread(part.unlink, True)
             await asyncio.to_thread(manifest_file.unlink, True)
@@ -358,6 +360,14 @@ class IngestService(pb_grpc.IngestServicer):
                 f"sha256 of the received bytes is {exc.actual}, the manifest says "
                 f"{manifest.sha256}; upload discarded, send it again",
             ) from None
+        if not inserted:  # another stream (another replica) stored it first
+            if row.sha256 != manifest.sha256 or row.site != manifest.site:
+                raise UploadRejected(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"recording {rid} is already stored with a different sha256 or site",
+                )
+            elog.info("upload_duplicate", recording_id=rid, outcome="lost_race_original_receipt")
+            return receipt_of(row)
         log.info(
             "event=recording_stored recording_id=%s site=%s site_verified=%s bytes=%d "
             "customer=%s employee=%r receive_s=%.3f seal_s=%.3f",
@@ -372,19 +382,23 @@ class IngestService(pb_grpc.IngestServicer):
         )
         return receipt_of(row)
 
-    def _commit(self, manifest: pb.Manifest, part: Path, manifest_file: Path) -> RecordingRow:
+    def _commit(
+        self, manifest: pb.Manifest, part: Path, manifest_file: Path
+    ) -> tuple[RecordingRow, bool]:
         """Key row, then encrypted blob (whose sha256 must be the manifest's, else
-        SourceMismatch), then recording row: a row always has its blob."""
+        SourceMismatch), then recording row: a row always has its blob. Returns the
+        stored row and whether this call inserted it (False: an earlier commit won)."""
         rid = manifest.recording_id
         blob_key = self.vault.store(rid, part, self.incoming, expected_sha256=manifest.sha256)
         row = row_from_manifest(manifest, blob_key=blob_key, region=self.region)
-        if not self.catalog.insert(row):
+        inserted = self.catalog.insert(row)
+        if not inserted:
             self.vault.discard(rid, blob_key)  # an earlier commit won; keep its copy
         part.unlink(missing_ok=True)
         manifest_file.unlink(missing_ok=True)
         stored = self.catalog.get(rid)
         assert stored is not None
-        return stored
+        return stored, inserted
 
 
 def row_from_manifest(m: pb.Manifest, blob_key: str, region: str) -> RecordingRow:

@@ -122,7 +122,9 @@ class StoreServer:
         self.access = access
 
         console = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[boundary])
-        pb_grpc.add_ConsoleServicer_to_server(ConsoleService(catalog, vault), console)
+        pb_grpc.add_ConsoleServicer_to_server(
+            ConsoleService(catalog, vault, cfg.directory_file), console
+        )
         if os.path.exists(self.console_socket):
             os.unlink(self.console_socket)
         old_umask = os.umask(0o177)
