@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -238,20 +239,43 @@ def _add_port(
     key: str,
     credentials: grpc.ServerCredentials | None,
 ) -> int:
-    """Bind, or fail the start with one line (a port in use: another store?)."""
-    try:
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
-    except RuntimeError:
+    """Bind, or fail the start with one line (a port in use: another store?). The port
+    is tried with a plain socket first: grpc's own failure also prints a C-core line."""
+    if not _port_free(address):
         port = 0
+    else:
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError:
+            port = 0
     if port == 0:
         raise ConfigError(
             f"[store] {key} = {address!r}: cannot bind (the port is in use, by another "
             "callrec store or another program, or the address is not this host's)"
         )
     return port
+
+
+def _port_free(address: str) -> bool:
+    """Whether ``host:port`` can be bound now (port 0: always)."""
+    host, _, port_text = address.rpartition(":")
+    try:
+        port = int(port_text)
+        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM)
+    except (ValueError, OSError):
+        return True  # let grpc say what is wrong with it
+    if port == 0 or not infos:
+        return True
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        try:
+            probe.bind(sockaddr)
+        except OSError:
+            return False
+    return True
 
 
 async def serve(config: StoreConfig) -> int:

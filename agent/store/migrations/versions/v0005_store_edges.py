@@ -25,11 +25,13 @@ branch_labels = None
 depends_on = None
 
 _MESSAGE = "audit_head: only an append may move the chain head"
+# COALESCE: a missing entry must make the test false, not NULL (which passes a WHEN NOT).
+_NEWEST = "COALESCE((SELECT entry_hash FROM audit_events WHERE seq = NEW.seq), '')"
+_FOLLOWS = "COALESCE((SELECT prev_hash FROM audit_events WHERE seq = OLD.seq + 1), '')"
 _EXTENDS = (
     "(NEW.id = OLD.id AND NEW.seq = OLD.seq AND NEW.last_hash = OLD.last_hash) OR "
     "(NEW.id = OLD.id AND NEW.seq > OLD.seq "
-    "AND NEW.last_hash = (SELECT entry_hash FROM audit_events WHERE seq = NEW.seq) "
-    "AND OLD.last_hash = (SELECT prev_hash FROM audit_events WHERE seq = OLD.seq + 1))"
+    f"AND NEW.last_hash = {_NEWEST} AND OLD.last_hash = {_FOLLOWS})"
 )
 _SQLITE = [
     f"CREATE TRIGGER audit_head_guard BEFORE UPDATE ON audit_head FOR EACH ROW "
