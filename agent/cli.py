@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import datetime as dt
 import getpass
-import logging
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -38,7 +37,7 @@ from agent.privacy import (
     new_seal_keypair,
 )
 
-log = logging.getLogger("callrec")
+log = logs.get_logger("callrec")
 
 
 def _parser() -> argparse.ArgumentParser:

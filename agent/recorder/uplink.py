@@ -24,7 +24,7 @@ from pathlib import Path
 
 import grpc
 
-from agent import metrics
+from agent import logs, metrics
 from agent.certs import channel_credentials, load_cert, site_of
 from agent.config import ConfigError, UplinkConfig, check_transport
 from agent.pb.callrec.v1 import recordings_pb2 as pb
@@ -33,7 +33,7 @@ from agent.privacy import check_private_file
 from agent.recorder.finalize import quarantine
 from agent.recorder.outbox import Outbox, OutboxEntry
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 # The store (or the way to it) is unreachable or refuses this agent: every worker waits
 # for the same shared backoff, and the recording stays in the outbox.
@@ -154,9 +154,10 @@ def make_channel(config: UplinkConfig, site: str | None = None) -> grpc.Channel:
     check_transport(config)
     if config.tls is None:
         log.warning(
-            "event=uplink_insecure store=%s tls=OFF reason=%r",
-            config.store_address,
-            "[uplink] insecure = true: recordings travel unencrypted and the store cannot "
+            "uplink_insecure",
+            store=config.store_address,
+            tls="OFF",
+            reason="[uplink] insecure = true: recordings travel unencrypted and the store cannot "
             "verify this site; for a loopback test install only",
         )
         return grpc.insecure_channel(config.store_address, options=CHANNEL_OPTIONS)
@@ -169,10 +170,10 @@ def make_channel(config: UplinkConfig, site: str | None = None) -> grpc.Channel:
             f"{site_of(cert)!r}, this agent is [agent] site = {site!r}"
         )
     log.info(
-        "event=uplink_tls store=%s site=%s cert_expires=%s",
-        config.store_address,
-        site_of(cert),
-        cert.not_valid_after_utc.date().isoformat(),
+        "uplink_tls",
+        store=config.store_address,
+        site=site_of(cert),
+        cert_expires=cert.not_valid_after_utc.date().isoformat(),
     )
     credentials = channel_credentials(tls.ca_file, tls.cert_file, tls.key_file)
     return grpc.secure_channel(config.store_address, credentials, options=CHANNEL_OPTIONS)
@@ -297,15 +298,15 @@ class Uplink:
             raise ReceiptMismatch(str(exc)) from None
         metrics.UPLOADS.labels("receipt_ok").inc()
         log.info(
-            "event=recording_uploaded recording_id=%s bytes=%d sent=%d resumed_at=%d "
-            "attempts=%d sent_total=%d seconds=%.2f outcome=receipt_ok",
-            receipt.recording_id,
-            receipt.size,
-            progress.sent,
-            resumed_at,
-            progress.attempts,
-            progress.sent_total,
-            time.monotonic() - progress.started,
+            "recording_uploaded",
+            recording_id=receipt.recording_id,
+            bytes=receipt.size,
+            sent=progress.sent,
+            resumed_at=resumed_at,
+            attempts=progress.attempts,
+            sent_total=progress.sent_total,
+            seconds=round(time.monotonic() - progress.started, 2),
+            outcome="receipt_ok",
         )
 
     def _retry_log(
@@ -321,15 +322,14 @@ class Uplink:
         metrics.UPLOADS.labels("retry").inc()
         log.log(
             level,
-            "event=upload_retry recording_id=%s code=%s reason=%r attempt=%d retry_in_s=%.1f "
-            "sent=%d sent_total=%d",
-            entry.manifest.recording_id,
-            code.name,
-            details[:200],
-            attempt,
-            delay,
-            progress.sent,
-            progress.sent_total,
+            "upload_retry",
+            recording_id=entry.manifest.recording_id,
+            code=code.name,
+            reason=details[:200],
+            attempt=attempt,
+            retry_in_s=round(delay, 1),
+            sent=progress.sent,
+            sent_total=progress.sent_total,
         )
 
     def _deferred(
@@ -337,12 +337,12 @@ class Uplink:
     ) -> None:
         metrics.UPLOADS.labels("deferred").inc()
         log.error(
-            "event=upload_deferred recording_id=%s code=%s reason=%r attempts=%d "
-            "action=kept_in_outbox_retry_on_rescan",
-            entry.manifest.recording_id,
-            code.name,
-            details[:200],
-            progress.attempts,
+            "upload_deferred",
+            recording_id=entry.manifest.recording_id,
+            code=code.name,
+            reason=details[:200],
+            attempts=progress.attempts,
+            action="kept_in_outbox_retry_on_rescan",
         )
 
     def _refused(self, entry: OutboxEntry, code: grpc.StatusCode, details: str) -> None:
@@ -351,19 +351,11 @@ class Uplink:
         moved = quarantine(
             entry.path, self.quarantine_dir, f"store refused upload: {code.name}: {details}"
         )
-        log.error(
-            "event=upload_refused recording_id=%s code=%s reason=%r kept_in=%s",
-            rid,
-            code.name,
-            details,
-            moved,
-        )
+        log.error("upload_refused", recording_id=rid, code=code.name, reason=details, kept_in=moved)
 
     def _refused_path(self, path: Path, reason: str) -> None:
         moved = quarantine(path, self.quarantine_dir, reason)
-        log.error(
-            "event=outbox_entry_quarantined entry=%s reason=%r kept_in=%s", path.name, reason, moved
-        )
+        log.error("outbox_entry_quarantined", entry=path.name, reason=reason, kept_in=moved)
 
 
 class ReceiptMismatch(Exception):

@@ -13,7 +13,6 @@ person's role and team.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import re
 import socket
@@ -23,19 +22,20 @@ from typing import Any
 
 import grpc
 
+from agent import logs
 from agent.capture import Direction
 from agent.directory import Directory, DirectoryError
-from agent.logs import redact_numbers
 from agent.manifest import AUDIO_FORMATS, timestamp
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
+from agent.redaction import redact_numbers
 from agent.store import audit
 from agent.store.access import scrub
 from agent.store.catalog import Catalog, RecordingRow, from_ms
 from agent.store.crypto import CryptoError
 from agent.store.vault import Vault
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 _DIRECTIONS = {
     Direction.INBOUND.value: pb.DIRECTION_INBOUND,
@@ -104,7 +104,7 @@ class ConsoleService(pb_grpc.ConsoleServicer):
         limit = request.limit if 0 < request.limit <= 10_000 else 100
         rows = await asyncio.to_thread(self.catalog.list, since, until, limit)
         await asyncio.to_thread(self._audit, "search", None, f"console list, {len(rows)} rows")
-        log.info("event=console_list count=%d", len(rows))
+        log.info("console_list", count=len(rows))
         return pb.ListRecordingsResponse(recordings=[info_of(r) for r in rows])
 
     async def ExportAudio(
@@ -135,11 +135,11 @@ class ConsoleService(pb_grpc.ConsoleServicer):
             )
         await asyncio.to_thread(self._audit, "export", row.recording_id, reason, "allowed", said)
         log.info(
-            "event=console_export recording_id=%s actor=%s purpose=%s reason=%r",
-            row.recording_id,
-            actor,
-            request.purpose,
-            reason,
+            "console_export",
+            recording_id=row.recording_id,
+            actor=actor,
+            purpose=request.purpose,
+            reason=reason,
         )
         # Decrypted on the way out: byte-identical to what the agent uploaded.
         chunks: Iterator[bytes] = self.vault.read(row.recording_id, row.blob_key)
@@ -148,9 +148,7 @@ class ConsoleService(pb_grpc.ConsoleServicer):
             try:
                 data = await asyncio.to_thread(next, chunks, b"")
             except CryptoError as exc:
-                log.error(
-                    "event=export_failed recording_id=%s reason=%r", row.recording_id, str(exc)
-                )
+                log.error("export_failed", recording_id=row.recording_id, reason=str(exc))
                 await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
             if data == b"":
                 return

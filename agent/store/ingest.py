@@ -50,8 +50,7 @@ from agent.store.residency import DEFAULT_ALLOWED_REGIONS, region_allowed
 from agent.store.upload_limits import LimitExceeded, Limits, UploadLimits
 from agent.store.vault import SourceMismatch, Vault
 
-log = logging.getLogger(__name__)
-elog = logs.get_logger(__name__)
+log = logs.get_logger(__name__)
 
 MAX_CHUNK_BYTES = 256 * 1024
 # The part is fsynced after this many bytes (and when a stream ends without finish):
@@ -144,13 +143,13 @@ class IngestService(pb_grpc.IngestServicer):
         if cert is not None:
             refusal = await asyncio.to_thread(self.denylist.refusal, serial_of(cert), site)
             if refusal is not None:
-                log.warning("event=upload_refused reason=revoked detail=%r", refusal)
+                log.warning("upload_refused", reason="revoked", detail=refusal)
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"{refusal} (`callrec certs revoked`); nothing was stored",
                 )
         if site is None:
-            log.warning("event=upload_refused reason=no_site_in_certificate")
+            log.warning("upload_refused", reason="no_site_in_certificate")
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "the client certificate names no site (expected a URI name "
@@ -182,11 +181,7 @@ class IngestService(pb_grpc.IngestServicer):
         try:
             validate_manifest(manifest)
         except ManifestError as exc:
-            log.warning(
-                "event=upload_refused recording_id=%s reason=%r",
-                manifest.recording_id[:32],
-                str(exc),
-            )
+            log.warning("upload_refused", recording_id=manifest.recording_id[:32], reason=str(exc))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"manifest: {exc}")
         await self._check_site(manifest, site, context)
         await self._check_region(manifest, context)
@@ -196,19 +191,20 @@ class IngestService(pb_grpc.IngestServicer):
                     return await self._receive(manifest, request_iterator)
         except LimitExceeded as exc:
             log.warning(
-                "event=upload_refused recording_id=%s code=RESOURCE_EXHAUSTED reason=%r",
-                manifest.recording_id,
-                str(exc),
+                "upload_refused",
+                recording_id=manifest.recording_id,
+                code="RESOURCE_EXHAUSTED",
+                reason=str(exc),
             )
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except UploadRejected as exc:
+            interrupted = isinstance(exc, UploadInterrupted)
             log.log(
-                logging.INFO if isinstance(exc, UploadInterrupted) else logging.WARNING,
-                "event=%s recording_id=%s code=%s reason=%r",
-                "upload_interrupted" if isinstance(exc, UploadInterrupted) else "upload_refused",
-                manifest.recording_id,
-                exc.code.name,
-                str(exc),
+                logging.INFO if interrupted else logging.WARNING,
+                "upload_interrupted" if interrupted else "upload_refused",
+                recording_id=manifest.recording_id,
+                code=exc.code.name,
+                reason=str(exc),
             )
             await context.abort(exc.code, str(exc))
         raise AssertionError("unreachable")
@@ -242,10 +238,11 @@ class IngestService(pb_grpc.IngestServicer):
         if site is None or manifest.site == site:
             return
         log.warning(
-            "event=upload_refused recording_id=%s reason=site_mismatch site=%s certificate_site=%s",
-            manifest.recording_id,
-            manifest.site,
-            site,
+            "upload_refused",
+            recording_id=manifest.recording_id,
+            reason="site_mismatch",
+            site=manifest.site,
+            certificate_site=site,
         )
         await context.abort(
             grpc.StatusCode.PERMISSION_DENIED,
@@ -260,9 +257,10 @@ class IngestService(pb_grpc.IngestServicer):
         if region_allowed(manifest.region, self.allowed_regions):
             return
         log.warning(
-            "event=upload_refused recording_id=%s reason=region region=%r",
-            manifest.recording_id,
-            manifest.region,
+            "upload_refused",
+            recording_id=manifest.recording_id,
+            reason="region",
+            region=manifest.region,
         )
         await context.abort(
             grpc.StatusCode.FAILED_PRECONDITION,
@@ -281,7 +279,7 @@ class IngestService(pb_grpc.IngestServicer):
                     grpc.StatusCode.ALREADY_EXISTS,
                     f"recording {rid} is already stored with a different sha256 or site",
                 )
-            log.info("event=upload_duplicate recording_id=%s outcome=original_receipt", rid)
+            log.info("upload_duplicate", recording_id=rid, outcome="original_receipt")
             return receipt_of(existing)
         part, manifest_file = self._paths(rid)
         committed = await asyncio.to_thread(_resumable_size, manifest, part, manifest_file)
@@ -366,19 +364,18 @@ class IngestService(pb_grpc.IngestServicer):
                     grpc.StatusCode.ALREADY_EXISTS,
                     f"recording {rid} is already stored with a different sha256 or site",
                 )
-            elog.info("upload_duplicate", recording_id=rid, outcome="lost_race_original_receipt")
+            log.info("upload_duplicate", recording_id=rid, outcome="lost_race_original_receipt")
             return receipt_of(row)
         log.info(
-            "event=recording_stored recording_id=%s site=%s site_verified=%s bytes=%d "
-            "customer=%s employee=%r receive_s=%.3f seal_s=%.3f",
-            rid,
-            manifest.site,
-            "certificate" if self.authenticate else "no",
-            row.size,
-            row.customer_masked,
-            row.employee_name,
-            received - started,
-            time.monotonic() - received,
+            "recording_stored",
+            recording_id=rid,
+            site=manifest.site,
+            site_verified="certificate" if self.authenticate else "no",
+            bytes=row.size,
+            customer=row.customer_masked,
+            employee=row.employee_name,
+            receive_s=round(received - started, 3),
+            seal_s=round(time.monotonic() - received, 3),
         )
         return receipt_of(row)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import socket
@@ -14,7 +13,7 @@ import socket
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent import sdnotify
+from agent import logs, sdnotify
 from agent.certs import server_credentials
 from agent.config import ConfigError, StoreConfig, check_transport
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
@@ -29,7 +28,7 @@ from agent.store.sweeper import Sweeper, SweeperLoop
 from agent.store.upload_limits import Limits
 from agent.store.vault import open_storage
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + 64 * 1024
 # Keepalive: the server pings a silent peer every 60 s (a vanished agent frees its
@@ -143,14 +142,13 @@ class StoreServer:
         health_servicer.set("callrec.v1.Ingest", health_pb2.HealthCheckResponse.SERVING)
         host = cfg.listen.rpartition(":")[0]
         log.info(
-            "event=store_ready address=%s:%d console=%s catalog=%s blobs=%s region=%s tls=%s",
-            host,
-            self.port,
-            self.console_socket,
-            self.engine_name,
-            cfg.blobs,
-            vault.region,
-            "mutual" if cfg.tls else "OFF",
+            "store_ready",
+            address=f"{host}:{self.port}",
+            console=self.console_socket,
+            catalog=self.engine_name,
+            blobs=cfg.blobs,
+            region=vault.region,
+            tls="mutual" if cfg.tls else "OFF",
         )
         sdnotify.ready()
 
@@ -164,7 +162,7 @@ class StoreServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), timeout=(interval or 30) / 2)
             if self._sweeper is not None and not self._sweeper.is_alive():
-                log.error("event=store_loop_died loop=sweeper")
+                log.error("store_loop_died", loop="sweeper")
                 self.exit_code = 1
                 self.stop_event.set()
                 break
@@ -172,7 +170,7 @@ class StoreServer:
 
     async def shutdown(self, grace_s: float = 10.0) -> None:
         sdnotify.stopping()
-        log.info("event=store_stopping grace_s=%.0f", grace_s)
+        log.info("store_stopping", grace_s=round(grace_s))
         if self._sweeper is not None:
             self._sweeper.stop()
         await asyncio.gather(*(s.stop(grace_s) for s in self._servers))
@@ -181,7 +179,7 @@ class StoreServer:
         if self._catalog is not None:
             self._catalog.close()
         self._lock.release()
-        log.info("event=store_stopped")
+        log.info("store_stopped")
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -190,7 +188,7 @@ class StoreServer:
 
     def _on_signal(self) -> None:
         if self.stop_event.is_set():
-            log.warning("event=store_forced_exit")
+            log.warning("store_forced_exit")
             os._exit(1)
         self.stop_event.set()
 
@@ -206,11 +204,11 @@ def _bind_people(server: grpc.aio.Server, cfg: StoreConfig, listen: str) -> int:
         )
         port = _add_port(server, listen, "access_listen", credentials)
     else:
-        log.warning("event=access_insecure listen=%s tls=OFF", listen)
+        log.warning("access_insecure", listen=listen, tls="OFF")
         port = _add_port(server, listen, "access_listen", None)
     if port == 0:
         raise ConfigError(f"[store] access_listen = {listen!r}: cannot bind")
-    log.info("event=access_listening address=%s:%d", listen.rpartition(":")[0], port)
+    log.info("access_listening", address=f"{listen.rpartition(':')[0]}:{port}")
     return port
 
 
@@ -224,9 +222,10 @@ def _bind(server: grpc.aio.Server, cfg: StoreConfig) -> int:
         port = _add_port(server, cfg.listen, "listen", credentials)
     else:
         log.warning(
-            "event=store_insecure listen=%s tls=OFF reason=%r",
-            cfg.listen,
-            "[store.tls] insecure = true: agents are NOT authenticated and their site is "
+            "store_insecure",
+            listen=cfg.listen,
+            tls="OFF",
+            reason="[store.tls] insecure = true: agents are NOT authenticated and their site is "
             "taken on trust; for a loopback test install only",
         )
         port = _add_port(server, cfg.listen, "listen", None)
