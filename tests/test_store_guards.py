@@ -169,7 +169,7 @@ def test_each_sweep_logs_the_audit_head(tmp_path: Path, caplog: pytest.LogCaptur
     finally:
         storage.catalog.close()
     assert verdict.ok and verdict.entries == 1
-    heads = [r for r in caplog.records if r.getMessage() == "audit_head"]
+    heads = [r for r in caplog.records if getattr(r, logs.EVENT_ATTR, "") == "audit_head"]
     fields = getattr(heads[-1], logs.FIELDS_ATTR) if heads else None
     assert fields == {"seq": 1, "hash": verdict.head_hash}
 
@@ -210,9 +210,9 @@ def test_the_losing_side_of_a_duplicate_race_does_not_log_stored(
         receipt_a = on_a.result(timeout=30)
     assert receipt_a.sha256 == on_b.sha256 == hashlib.sha256(data).hexdigest()
     assert receipt_a.stored_at == on_b.stored_at
-    stored = [r for r in caplog.records if "recording_stored" in r.getMessage()]
-    lost = [r for r in caplog.records if r.getMessage() == "upload_duplicate"]
-    assert len(stored) == 1 and len(lost) == 1
+    events = [getattr(r, logs.EVENT_ATTR, "") for r in caplog.records]
+    stored, lost = events.count("recording_stored"), events.count("upload_duplicate")
+    assert stored == 1 and lost == 1
     assert list(a_cfg.incoming_dir.iterdir()) == []
 
 
