@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import getpass
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -209,9 +208,7 @@ def format_recordings(recordings: Iterable[pb.RecordingInfo]) -> list[str]:
 
 
 def export_audio(store_dir: Path, recording_id: str, out: Path, reason: str, purpose: str) -> int:
-    request = pb.ExportAudioRequest(
-        recording_id=recording_id, reason=reason, purpose=purpose, operator=getpass.getuser()
-    )
+    request = pb.ExportAudioRequest(recording_id=recording_id, reason=reason, purpose=purpose)
     stream = _console(store_dir).ExportAudio(request, timeout=60)
     tmp = out.with_name(out.name + ".part")
     size = 0

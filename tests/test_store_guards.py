@@ -31,9 +31,10 @@ from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.store import audit, tokens
 from agent.store.catalog import Catalog, now_ms
+from agent.store.console_gate import peer_of
 from agent.store.sweeper import Sweeper
 from agent.store.vault import open_storage
-from tests.support.access_world import World, running_world
+from tests.support.access_world import PEOPLE, World, running_world
 from tests.support.faults import Pki, make_pki
 from tests.support.services import (
     Postgres,
@@ -320,7 +321,7 @@ def test_console_export_needs_a_purpose_and_names_the_operator(world: World) -> 
     console = pb_grpc.ConsoleStub(
         grpc.insecure_channel(f"unix:{world.store.server.console_socket}")
     )
-    request = pb.ExportAudioRequest(recording_id=rid, reason="quality check", operator="ops1")
+    request = pb.ExportAudioRequest(recording_id=rid, reason="quality check")
     with pytest.raises(grpc.RpcError) as err:
         b"".join(c.data for c in console.ExportAudio(request, timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -328,9 +329,14 @@ def test_console_export_needs_a_purpose_and_names_the_operator(world: World) -> 
     before = world.head_seq()
     assert b"".join(c.data for c in console.ExportAudio(request, timeout=10))
     [event] = world.events_after(before)
-    assert event["actor"].startswith("console:ops1@") and event["purpose"] == "verification"
+    # The kernel's account of this process (SO_PEERCRED through the console's relay).
+    me = peer_of(f"unix-abstract:callrec-console-uid{os.getuid()}-pid{os.getpid()}-00")
+    assert me is not None
+    assert event["actor"].startswith(f"console:{me.login}@") and event["purpose"] == "verification"
+    assert f"uid={os.getuid()}" in event["detail"] and f"pid={os.getpid()}" in event["detail"]
 
-    request.operator = "a3"  # a person of the directory without a training date
+    untrained = f'\n[[person]]\nid = "{me.login}"\nname = "Operator"\nrole = "admin"\n'
+    world.rewrite_directory(PEOPLE + untrained)  # this login is a person without training
     with pytest.raises(grpc.RpcError) as err:
         b"".join(c.data for c in console.ExportAudio(request, timeout=10))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED

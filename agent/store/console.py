@@ -3,18 +3,17 @@
 The socket (``console.sock``, mode 0600) admits the store's own user and root. An
 export needs a reason and one of the notice's purposes (verification, legal, training,
 security): "maintenance" is not a purpose the customers were told about. The audit
-log names the operator as the client reports its login (``console:<login>@<host>``,
-beside the store's uid: grpc does not pass the peer's credentials of a unix socket).
-When the login is a person in the directory, that person needs a training date, as
-in Access. For exports by people, use Access (``callrec export``), which checks the
-person's role and team.
+log names the operator by the kernel's account of the client (``console_gate``:
+``console:<login>@<host>``, the session's login uid when there is one, with uid and
+pid in the detail). When the login is a person in the directory, that person needs
+a training date, as in Access. For exports by people, use Access (``callrec export``),
+which checks the person's role and team.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ from agent.redaction import redact_numbers
 from agent.store import audit
 from agent.store.access import scrub
 from agent.store.catalog import Catalog, RecordingRow, from_ms
+from agent.store.console_gate import peer_of
 from agent.store.crypto import CryptoError
 from agent.store.vault import Vault
 
@@ -75,7 +75,6 @@ def info_of(row: RecordingRow) -> pb.RecordingInfo:
 
 
 PURPOSES = ("verification", "legal", "training", "security")
-_LOGIN = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 
 
 class ConsoleService(pb_grpc.ConsoleServicer):
@@ -118,10 +117,11 @@ class ConsoleService(pb_grpc.ConsoleServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "reason: say why you export")
         if request.purpose not in PURPOSES:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "purpose: " + ", ".join(PURPOSES))
-        login = request.operator if _LOGIN.fullmatch(request.operator) else "unknown"
+        peer = peer_of(context.peer())
+        login = peer.login if peer is not None else "unknown"
         actor = f"console:{login}@{socket.gethostname()}"[:200]
         reason = scrub(redact_numbers(request.reason.strip()))
-        said = (actor, request.purpose)
+        said = (actor, request.purpose, peer.detail if peer else "peer unknown")
         untrained = await asyncio.to_thread(self._untrained, login)
         if untrained is not None:
             await asyncio.to_thread(self._audit, "export", row.recording_id, reason, "denied", said)
@@ -161,11 +161,12 @@ class ConsoleService(pb_grpc.ConsoleServicer):
         recording_id: str | None,
         reason: str,
         outcome: str = "allowed",
-        said: tuple[str, str] | None = None,
+        said: tuple[str, str, str] | None = None,
     ) -> None:
         """The console is the store host's administrators' tool: audited like any access
-        (``said``: the actor and purpose an export names)."""
-        actor, purpose = said or (f"console@{socket.gethostname()}", "maintenance")
+        (``said``: the actor, purpose and peer an export names)."""
+        default = (f"console@{socket.gethostname()}", "maintenance", f"store_uid={os.getuid()}")
+        actor, purpose, detail = said or default
         with self.catalog.engine.begin() as conn:
             audit.append(
                 conn,
@@ -175,7 +176,7 @@ class ConsoleService(pb_grpc.ConsoleServicer):
                 reason,
                 outcome,
                 purpose=purpose,
-                detail=f"store_uid={os.getuid()}",
+                detail=detail,
             )
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -30,11 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from agent import logs
-from agent.capture import fsync_dir
 from agent.certs import peer_certificate, serial_of, site_of
 from agent.manifest import (
     DIRECTION_NAMES,
@@ -44,6 +41,7 @@ from agent.manifest import (
 )
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
+from agent.store import partials
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
 from agent.store.denylist import DenyList
 from agent.store.residency import DEFAULT_ALLOWED_REGIONS, region_allowed
@@ -131,7 +129,7 @@ class IngestService(pb_grpc.IngestServicer):
                 committed_size=row.size, complete=True, receipt=receipt_of(row)
             )
         part, manifest_file = self._paths(request.recording_id)
-        size = await asyncio.to_thread(_partial_size, part, manifest_file, site)
+        size = await asyncio.to_thread(partials.committed_size, part, manifest_file, site)
         return pb.QueryUploadResponse(committed_size=size)
 
     async def _peer_site(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
@@ -282,7 +280,7 @@ class IngestService(pb_grpc.IngestServicer):
             log.info("upload_duplicate", recording_id=rid, outcome="original_receipt")
             return receipt_of(existing)
         part, manifest_file = self._paths(rid)
-        committed = await asyncio.to_thread(_resumable_size, manifest, part, manifest_file)
+        committed = await asyncio.to_thread(partials.resumable_size, manifest, part, manifest_file)
         started = time.monotonic()
         fd, unsynced, stored = -1, 0, False
         try:
@@ -303,11 +301,11 @@ class IngestService(pb_grpc.IngestServicer):
                     _check_chunk(manifest, committed, request.chunk)
                     if fd < 0:
                         fd = await asyncio.to_thread(
-                            _open_part, manifest, part, manifest_file, committed
+                            partials.open_part, manifest, part, manifest_file, committed
                         )
                     unsynced += len(request.chunk.data)
                     sync = unsynced >= SYNC_EVERY_BYTES
-                    await asyncio.to_thread(_append, fd, request.chunk.data, sync)
+                    await asyncio.to_thread(partials.append, fd, request.chunk.data, sync)
                     unsynced = 0 if sync else unsynced
                     committed += len(request.chunk.data)
                 elif kind == "finish":
@@ -322,7 +320,7 @@ class IngestService(pb_grpc.IngestServicer):
                     )
         finally:
             if fd >= 0:
-                _close_part(fd, sync=unsynced > 0 and not stored)
+                partials.close_part(fd, sync=unsynced > 0 and not stored)
         raise UploadInterrupted(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"stream ended before finish; committed_size={committed}",
@@ -446,78 +444,3 @@ def _check_chunk(manifest: pb.Manifest, committed: int, chunk: pb.Chunk) -> None
             grpc.StatusCode.OUT_OF_RANGE,
             f"chunk ends at {committed + len(chunk.data)}, past the manifest size {manifest.size}",
         )
-
-
-def _same_upload(manifest: pb.Manifest, manifest_file: Path) -> bool:
-    try:
-        previous = pb.Manifest.FromString(manifest_file.read_bytes())
-    except (FileNotFoundError, DecodeError):
-        return False
-    return (previous.sha256, previous.size, previous.site) == (
-        manifest.sha256,
-        manifest.size,
-        manifest.site,
-    )
-
-
-def _resumable_size(manifest: pb.Manifest, part: Path, manifest_file: Path) -> int:
-    """Bytes of an earlier stream of the same recording we can build on (else 0)."""
-    if not _same_upload(manifest, manifest_file):
-        return 0
-    try:
-        return min(part.stat().st_size, manifest.size)
-    except FileNotFoundError:
-        return 0
-
-
-def _partial_size(part: Path, manifest_file: Path, site: str | None) -> int:
-    """QueryUpload's committed size; another site's partial upload counts as nothing."""
-    if site is not None:
-        try:
-            if pb.Manifest.FromString(manifest_file.read_bytes()).site != site:
-                return 0
-        except (FileNotFoundError, DecodeError):
-            return 0
-    try:
-        return part.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _open_part(manifest: pb.Manifest, part: Path, manifest_file: Path, committed: int) -> int:
-    """Open ``<id>.part`` for appending at ``committed``; a new upload (committed 0)
-    first writes its manifest durably and starts the part empty."""
-    if committed == 0:
-        tmp = manifest_file.with_suffix(".manifest.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            _append(fd, manifest.SerializeToString(deterministic=True), sync=True)
-        finally:
-            os.close(fd)
-        tmp.replace(manifest_file)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    else:
-        flags = os.O_WRONLY | os.O_APPEND
-    fd = os.open(part, flags, 0o600)
-    if committed == 0:
-        fsync_dir(part.parent)
-    return fd
-
-
-def _append(fd: int, data: bytes, sync: bool) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-    if sync:
-        os.fsync(fd)
-
-
-def _close_part(fd: int, sync: bool) -> None:
-    """Close the part; a stream that ended without finish first makes what arrived
-    durable, so the committed size QueryUpload reports survives a crash."""
-    try:
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -21,6 +21,7 @@ from agent.privacy import check_private_file
 from agent.store.access_service import AccessService, add_access_service
 from agent.store.catalog import Catalog
 from agent.store.console import ConsoleService
+from agent.store.console_gate import ConsoleGate
 from agent.store.datadir import DataDirLock
 from agent.store.ingest import MAX_CHUNK_BYTES, IngestService
 from agent.store.rpc_errors import ErrorBoundary
@@ -63,6 +64,9 @@ class StoreServer:
         self._catalog: Catalog | None = None
         self._sweeper: SweeperLoop | None = None
         self._lock = DataDirLock(config.data_dir)
+        self._gate = ConsoleGate(
+            config.data_dir / "console.sock", config.data_dir / "console.inner.sock"
+        )
         self.access: AccessService | None = None
         self.ingest: IngestService | None = None
         self.exit_code = 0
@@ -125,17 +129,21 @@ class StoreServer:
         pb_grpc.add_ConsoleServicer_to_server(
             ConsoleService(catalog, vault, cfg.directory_file), console
         )
-        if os.path.exists(self.console_socket):
-            os.unlink(self.console_socket)
+        # The grpc console listens inside the 0700 data directory; console.sock is the
+        # relay that learns each client's uid (console_gate: SO_PEERCRED).
+        inner = cfg.data_dir / "console.inner.sock"
+        if inner.exists():
+            inner.unlink()
         old_umask = os.umask(0o177)
         try:
-            console.add_insecure_port(f"unix:{self.console_socket}")
+            console.add_insecure_port(f"unix:{inner}")
             for server in servers:
                 await server.start()
             await console.start()
         finally:
             os.umask(old_umask)
         self._servers = [*servers, console]
+        await self._gate.start()
         self._sweeper = SweeperLoop(Sweeper.from_config(cfg, catalog, vault), cfg.sweep_interval_s)
         self._sweeper.start()
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -173,6 +181,7 @@ class StoreServer:
         log.info("store_stopping", grace_s=round(grace_s))
         if self._sweeper is not None:
             self._sweeper.stop()
+        await self._gate.stop()
         await asyncio.gather(*(s.stop(grace_s) for s in self._servers))
         if self._sweeper is not None:
             await asyncio.to_thread(self._sweeper.join, grace_s)

@@ -437,26 +437,20 @@ class ExportAudioRequest(_message.Message):
     RECORDING_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     PURPOSE_FIELD_NUMBER: _builtins.int
-    OPERATOR_FIELD_NUMBER: _builtins.int
     recording_id: _builtins.str
     reason: _builtins.str
     purpose: _builtins.str
     """The notice's purpose: "verification", "legal", "training" or "security" (required)."""
-    operator: _builtins.str
-    """The operator's login as the client's process knows it (recorded beside the uid
-    the store sees: only the store's user and root can reach the console socket).
-    """
     def __init__(
         self,
         *,
         recording_id: _builtins.str = ...,
         reason: _builtins.str = ...,
         purpose: _builtins.str = ...,
-        operator: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["operator", b"operator", "purpose", b"purpose", "reason", b"reason", "recording_id", b"recording_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purpose", b"purpose", "reason", b"reason", "recording_id", b"recording_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
