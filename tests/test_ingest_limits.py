@@ -176,3 +176,32 @@ def test_partial_uploads_are_removed_by_age_since_they_began(tmp_path: Path, pki
         assert report.partial_uploads == 1
         assert not (incoming / f"{old}.part").exists()
         assert (incoming / f"{fresh}.part").stat().st_size == 1000
+
+
+def test_a_blob_store_failure_is_unavailable_with_a_generic_message(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The blob store fails at finish (here: a file where a blob directory must go): the
+    agent gets UNAVAILABLE (it retries), never UNKNOWN with the exception's text."""
+    with limited_store(tmp_path, pki) as store:
+        data = os.urandom(5000)
+        manifest = manifest_for(data, "hel-1")
+        blocker = store.config.blobs_dir / manifest.recording_id[:2]
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_text("not a directory")
+        requests = [
+            pb.UploadRequest(manifest=manifest),
+            pb.UploadRequest(chunk=pb.Chunk(offset=0, data=data)),
+            pb.UploadRequest(finish=pb.Finish(size=len(data), sha256=manifest.sha256)),
+        ]
+        hel = stub(store, pki)
+        with pytest.raises(grpc.RpcError) as err:
+            hel.Upload(iter(requests), timeout=20)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        details = err.value.details() or ""
+        assert "ref=" in details and str(blocker) not in details and "Errno" not in details
+        blocker.unlink()  # the agent's retry resumes from the bytes kept: finish only
+        query = pb.QueryUploadRequest(recording_id=manifest.recording_id)
+        assert hel.QueryUpload(query, timeout=10).committed_size == len(data)
+        retry = [requests[0], requests[2]]
+        assert hel.Upload(iter(retry), timeout=20).sha256 == manifest.sha256
