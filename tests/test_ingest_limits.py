@@ -1,7 +1,7 @@
 """What one agent certificate can hold open in the real store (mutual TLS, site from the
 certificate): a cap on concurrent uploads and on bytes of partial uploads per site
 (RESOURCE_EXHAUSTED while another site still uploads), an idle deadline per stream,
-and partial uploads removed by their age since they began."""
+partial uploads removed by their age since they began and encrypted at rest."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from agent.capture import new_recording_id, utc_now
 from agent.config import store_config_from_dict
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
+from agent.store import partials
 from agent.store.sweeper import Sweeper
 from agent.store.vault import open_storage
 from tests.support.faults import Pki, make_pki
@@ -175,7 +176,7 @@ def test_partial_uploads_are_removed_by_age_since_they_began(tmp_path: Path, pki
             storage.catalog.close()
         assert report.partial_uploads == 1
         assert not (incoming / f"{old}.part").exists()
-        assert (incoming / f"{fresh}.part").stat().st_size == 1000
+        assert partials.scan(incoming / f"{fresh}.part").plain == 1000
 
 
 def test_a_blob_store_failure_is_unavailable_with_a_generic_message(
@@ -205,3 +206,39 @@ def test_a_blob_store_failure_is_unavailable_with_a_generic_message(
         assert hel.QueryUpload(query, timeout=10).committed_size == len(data)
         retry = [requests[0], requests[2]]
         assert hel.Upload(iter(retry), timeout=20).sha256 == manifest.sha256
+
+
+def test_a_partial_upload_is_encrypted_at_rest_and_resumes(tmp_path: Path, pki: Pki) -> None:
+    audio = b"RIFF" + b"customer said hello " * 2000  # plaintext that is easy to spot
+    with limited_store(tmp_path, pki, upload_idle_timeout="1s") as store:
+        hel = stub(store, pki)
+        manifest = manifest_for(audio, "hel-1")
+        first = [pb.UploadRequest(manifest=manifest)] + [
+            pb.UploadRequest(chunk=pb.Chunk(offset=o, data=audio[o : o + 7000]))
+            for o in range(0, 21_000, 7000)
+        ]
+        with pytest.raises(grpc.RpcError):  # the stream ends without its finish
+            hel.Upload(iter(first), timeout=20)
+        part = store.config.incoming_dir / f"{manifest.recording_id}.part"
+        on_disk = part.read_bytes()
+        assert b"customer said hello" not in on_disk and len(on_disk) > 21_000
+        with part.open("ab") as fh:  # a record torn by a crash of the host
+            fh.write(b"\x00\x00\x10")
+        query = pb.QueryUploadRequest(recording_id=manifest.recording_id)
+        committed = hel.QueryUpload(query, timeout=10).committed_size
+        assert committed == 21_000
+        rest = [pb.UploadRequest(manifest=manifest)] + [
+            pb.UploadRequest(chunk=pb.Chunk(offset=o, data=audio[o : o + 7000]))
+            for o in range(committed, len(audio), 7000)
+        ]
+        rest.append(pb.UploadRequest(finish=pb.Finish(size=len(audio), sha256=manifest.sha256)))
+        receipt = hel.Upload(iter(rest), timeout=20)
+        assert receipt.sha256 == hashlib.sha256(audio).hexdigest()
+        assert list(store.config.incoming_dir.iterdir()) == []
+        storage = open_storage(store.config)
+        try:
+            row = storage.catalog.get(manifest.recording_id)
+            assert row is not None
+            assert b"".join(storage.vault.read(row.recording_id, row.blob_key)) == audio
+        finally:
+            storage.catalog.close()

@@ -282,7 +282,8 @@ class IngestService(pb_grpc.IngestServicer):
         part, manifest_file = self._paths(rid)
         committed = await asyncio.to_thread(partials.resumable_size, manifest, part, manifest_file)
         started = time.monotonic()
-        fd, unsynced, stored = -1, 0, False
+        writer: partials.PartWriter | None = None
+        unsynced, stored = 0, False
         try:
             while True:
                 try:
@@ -299,13 +300,18 @@ class IngestService(pb_grpc.IngestServicer):
                 kind = request.WhichOneof("kind")
                 if kind == "chunk":
                     _check_chunk(manifest, committed, request.chunk)
-                    if fd < 0:
-                        fd = await asyncio.to_thread(
-                            partials.open_part, manifest, part, manifest_file, committed
+                    if writer is None:
+                        writer = await asyncio.to_thread(
+                            partials.open_part,
+                            manifest,
+                            part,
+                            manifest_file,
+                            committed,
+                            self.vault.wrapper,
                         )
                     unsynced += len(request.chunk.data)
                     sync = unsynced >= SYNC_EVERY_BYTES
-                    await asyncio.to_thread(partials.append, fd, request.chunk.data, sync)
+                    await asyncio.to_thread(partials.append, writer, request.chunk.data, sync)
                     unsynced = 0 if sync else unsynced
                     committed += len(request.chunk.data)
                 elif kind == "finish":
@@ -319,8 +325,8 @@ class IngestService(pb_grpc.IngestServicer):
                         grpc.StatusCode.INVALID_ARGUMENT, "a second manifest in one stream"
                     )
         finally:
-            if fd >= 0:
-                partials.close_part(fd, sync=unsynced > 0 and not stored)
+            if writer is not None:
+                partials.close_part(writer, sync=unsynced > 0 and not stored)
         raise UploadInterrupted(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"stream ended before finish; committed_size={committed}",
@@ -349,8 +355,7 @@ class IngestService(pb_grpc.IngestServicer):
         try:
             row, inserted = await asyncio.to_thread(self._commit, manifest, part, manifest_file)
         except SourceMismatch as exc:
-            await asyncio.to_thread(part.unlink, True)
-            await asyncio.to_thread(manifest_file.unlink, True)
+            await asyncio.to_thread(partials.discard, part, manifest_file)
             raise UploadRejected(
                 grpc.StatusCode.DATA_LOSS,
                 f"sha256 of the received bytes is {exc.actual}, the manifest says "
@@ -384,13 +389,18 @@ class IngestService(pb_grpc.IngestServicer):
         SourceMismatch), then recording row: a row always has its blob. Returns the
         stored row and whether this call inserted it (False: an earlier commit won)."""
         rid = manifest.recording_id
-        blob_key = self.vault.store(rid, part, self.incoming, expected_sha256=manifest.sha256)
+        blob_key = self.vault.store(
+            rid,
+            part,
+            self.incoming,
+            expected_sha256=manifest.sha256,
+            opener=partials.plaintext_opener(part, rid, self.vault.wrapper),
+        )
         row = row_from_manifest(manifest, blob_key=blob_key, region=self.region)
         inserted = self.catalog.insert(row)
         if not inserted:
             self.vault.discard(rid, blob_key)  # an earlier commit won; keep its copy
-        part.unlink(missing_ok=True)
-        manifest_file.unlink(missing_ok=True)
+        partials.discard(part, manifest_file)
         stored = self.catalog.get(rid)
         assert stored is not None
         return stored, inserted
