@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -74,6 +75,12 @@ def test_a_second_store_on_the_same_port_fails_with_one_line(tmp_path: Path) -> 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "cannot bind" in lines[0] and str(port) in lines[0]
+    # The store's socket lacks SO_REUSEPORT: not even a socket that asks for it binds.
+    with InProcessStore(store_config_from_dict({"store": first}, tmp_path)):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with probe, pytest.raises(OSError):
+            probe.bind(("127.0.0.1", port))
 
 
 def test_a_second_store_on_the_same_data_dir_fails_with_one_line(tmp_path: Path) -> None:

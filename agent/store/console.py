@@ -102,7 +102,10 @@ class ConsoleService(pb_grpc.ConsoleServicer):
         until = request.until.ToMilliseconds() if request.HasField("until") else None
         limit = request.limit if 0 < request.limit <= 10_000 else 100
         rows = await asyncio.to_thread(self.catalog.list, since, until, limit)
-        await asyncio.to_thread(self._audit, "search", None, f"console list, {len(rows)} rows")
+        actor, detail = _operator(context)
+        said = (actor, "maintenance", detail)
+        reason = f"console list, {len(rows)} rows"
+        await asyncio.to_thread(self._audit, "search", None, reason, "allowed", said)
         log.info("console_list", count=len(rows))
         return pb.ListRecordingsResponse(recordings=[info_of(r) for r in rows])
 
@@ -117,11 +120,10 @@ class ConsoleService(pb_grpc.ConsoleServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "reason: say why you export")
         if request.purpose not in PURPOSES:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "purpose: " + ", ".join(PURPOSES))
-        peer = peer_of(context.peer())
-        login = peer.login if peer is not None else "unknown"
-        actor = f"console:{login}@{socket.gethostname()}"[:200]
+        actor, detail = _operator(context)
         reason = scrub(redact_numbers(request.reason.strip()))
-        said = (actor, request.purpose, peer.detail if peer else "peer unknown")
+        said = (actor, request.purpose, detail)
+        login = actor.removeprefix("console:").rpartition("@")[0]
         untrained = await asyncio.to_thread(self._untrained, login)
         if untrained is not None:
             await asyncio.to_thread(self._audit, "export", row.recording_id, reason, "denied", said)
@@ -178,6 +180,13 @@ class ConsoleService(pb_grpc.ConsoleServicer):
                 purpose=purpose,
                 detail=detail,
             )
+
+
+def _operator(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, str]:
+    """``console:<login>@<host>`` and ``uid=… login_uid=… pid=…`` of the client."""
+    peer = peer_of(context.peer())
+    login = peer.login if peer is not None else "unknown"
+    return f"console:{login}@{socket.gethostname()}"[:200], peer.detail if peer else "-"
 
 
 def file_suffix(audio_format: str) -> str:
