@@ -21,7 +21,7 @@ import sqlalchemy as sa
 
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.store import audit
-from agent.store.catalog import data_keys
+from agent.store.catalog import Catalog, data_keys
 from agent.store.throttle import FailureThrottle
 from tests.support.access_world import World, opus_audio, running_world
 from tests.support.services import Backend, backend, postgres, seaweed  # noqa: F401
@@ -146,3 +146,23 @@ def test_a_catalog_failure_is_a_generic_status_never_sql(world: World) -> None:
     assert "access_tokens" not in details
     [event] = world.events_after(before)
     assert event["outcome"] == "error" and event["action"] == "search"
+
+
+def test_counts_still_held_are_written_when_the_store_stops(
+    backend: Backend, tmp_path: Path
+) -> None:
+    extra = {k: v for k, v in backend.doc["store"].items() if k in ("catalog", "blobs", "s3")}
+    running = running_world(tmp_path, make_keys(tmp_path / "keys"), **extra)
+    world = next(running)
+    config = world.config
+    for _ in range(5):
+        with pytest.raises(grpc.RpcError):
+            world.access.Search(apb.SearchRequest(purpose=apb.PURPOSE_TRAINING), timeout=10)
+    running.close()  # the store stops within the minute
+    catalog = Catalog(config.catalog_url)
+    try:
+        with catalog.engine.connect() as conn:
+            details = [r.detail for r in conn.execute(sa.select(audit.audit_events))]
+    finally:
+        catalog.close()
+    assert sum("repeats=4" in d for d in details) == 1, details

@@ -255,6 +255,11 @@ class AccessService(apb_grpc.AccessServicer):
         for summary in self.throttle.due():
             await self._audit_summary(summary)
 
+    async def flush(self) -> None:
+        """Write every count of suppressed failures still held (the store stops)."""
+        for summary in self.throttle.drain():
+            await self._audit_summary(summary)
+
     async def failed(self, context: Context, exc: Exception, method: str) -> None:
         """An unexpected failure: audited as ``error`` (with the request as far as it is
         known), logged with a reference, answered with a generic message."""

@@ -183,6 +183,8 @@ class StoreServer:
             self._sweeper.stop()
         await self._gate.stop()
         await asyncio.gather(*(s.stop(grace_s) for s in self._servers))
+        if self.access is not None:
+            await self.access.flush()  # counts of unauthenticated failures still held
         if self._sweeper is not None:
             await asyncio.to_thread(self._sweeper.join, grace_s)
         if self._catalog is not None:

@@ -92,3 +92,14 @@ class FailureThrottle:
                     out.append(Summary(source, window.suppressed, self.window_s))
                 del self._windows[source]
         return out
+
+    def drain(self) -> list[Summary]:
+        """Every count not yet handed out, ended or not (at shutdown)."""
+        with self._lock:
+            out = [
+                Summary(source, w.suppressed, self.window_s)
+                for source, w in self._windows.items()
+                if w.suppressed
+            ]
+            self._windows.clear()
+        return out

@@ -10,7 +10,7 @@ import io
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,7 +251,7 @@ def store_doc(root: Path, keys: Keys, lookup: Path | None = None, **extra: Any) 
 
 def running_world(
     root: Path, keys: Keys, lookup: Path | None = None, **extra: Any
-) -> Iterator[World]:
+) -> Generator[World, None, None]:
     (root / "people.toml").write_text(PEOPLE + LEAVER)
     doc = store_doc(root, keys, lookup, **extra)
     with InProcessStore(store_config_from_dict(doc, root)) as store:
