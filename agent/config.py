@@ -206,7 +206,7 @@ class StoreConfig:
     # Bounds on what agents hold open (issue 14): uploads at once and bytes of partial
     # uploads per site, a stream's idle deadline, the age at which a partial upload is
     # removed however recently it grew.
-    max_uploads_per_site: int = 32
+    max_uploads_per_site: int = 16
     max_incoming_bytes_per_site: int = 16 * 1024**3
     upload_idle_timeout_s: float = 60.0
     part_max_age_s: float = 6 * 3600.0
@@ -520,7 +520,7 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         access_listen=(_listen(st, "access_listen", "") if "access_listen" in st.table else None),
         lookup_key_file=_optional_path(st, "lookup_key_file"),
         seal_key_file=_optional_path(st, "seal_key_file"),
-        max_uploads_per_site=st.integer("max_uploads_per_site", 32, 1, 10_000),
+        max_uploads_per_site=st.integer("max_uploads_per_site", 16, 1, 10_000),
         max_incoming_bytes_per_site=_size(st, "max_incoming_per_site", "16 GiB"),
         upload_idle_timeout_s=st.seconds("upload_idle_timeout", "60s"),
         part_max_age_s=st.seconds("part_max_age", "6h"),

@@ -53,6 +53,12 @@ class ManifestError(ValueError):
     """A manifest field is missing or malformed; the message names the field."""
 
 
+class ClockAhead(ManifestError):
+    """A time later than the store's clock allows: the agent's clock is probably wrong
+    (the store answers FAILED_PRECONDITION, so the agent keeps the recording in its
+    outbox and retries, rather than quarantining it)."""
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file's bytes: what the manifest, the receipt and the store check."""
     digest = hashlib.sha256()
@@ -160,7 +166,7 @@ def _validate_times(m: pb.Manifest, now: dt.datetime) -> None:
     latest = now + MAX_CLOCK_SKEW
     for name, moment in (("started_at", started), ("ended_at", ended)):
         if not EARLIEST <= moment <= latest:
-            raise ManifestError(
+            raise (ClockAhead if moment > latest else ManifestError)(
                 f"{name}: {moment.isoformat(timespec='seconds')} is not between "
                 f"{EARLIEST.date()} and the store's clock + {MAX_CLOCK_SKEW} "
                 "(is the agent's clock right?)"

@@ -35,6 +35,7 @@ from agent import logs
 from agent.certs import peer_certificate, serial_of, site_of
 from agent.manifest import (
     DIRECTION_NAMES,
+    ClockAhead,
     ManifestError,
     employees_json,
     validate_manifest,
@@ -179,8 +180,18 @@ class IngestService(pb_grpc.IngestServicer):
         try:
             validate_manifest(manifest)
         except ManifestError as exc:
-            log.warning("upload_refused", recording_id=manifest.recording_id[:32], reason=str(exc))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"manifest: {exc}")
+            code = (
+                grpc.StatusCode.FAILED_PRECONDITION
+                if isinstance(exc, ClockAhead)
+                else grpc.StatusCode.INVALID_ARGUMENT
+            )
+            log.warning(
+                "upload_refused",
+                recording_id=manifest.recording_id[:32],
+                code=code.name,
+                reason=str(exc),
+            )
+            await context.abort(code, f"manifest: {exc}")
         await self._check_site(manifest, site, context)
         await self._check_region(manifest, context)
         try:

@@ -33,7 +33,7 @@ class LimitExceeded(Exception):
 
 @dataclass(frozen=True)
 class Limits:
-    uploads_per_site: int = 32
+    uploads_per_site: int = 16
     incoming_bytes_per_site: int = 16 * 1024**3
 
 
