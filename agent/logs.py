@@ -12,11 +12,15 @@ and string values pass through :func:`redact_numbers`. Code logs events, not tex
 Integers, floats and booleans are rendered as they are (a status code or a byte count
 is never mistaken for a number to redact); ``None`` renders as ``-``. Records from
 libraries (or anything logged with a plain message) become ``event=log msg="…"``,
-through the same renderer.
+through the same renderer. String values are redacted by
+:func:`agent.redaction.redact_numbers` (possible phone numbers, not digit runs);
+:class:`NotPersonal` marks the one kind of text that is not (a configured service
+number).
 
-Under systemd (``JOURNAL_STREAM`` set) the line carries the ``<N>`` priority prefix
-journald understands (sd-daemon(3)) and no time stamp. Configured only by the entry
-point (``agent.cli``).
+Under systemd (``JOURNAL_STREAM`` set) records go to journald's native socket as
+structured entries (:mod:`agent.journal`: ``journalctl RECORDING_ID=…``); without the
+socket the line goes to stdout with the ``<N>`` priority prefix journald understands
+(sd-daemon(3)) and no time stamp. Configured only by the entry point (``agent.cli``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import os
 import re
 import sys
 from collections.abc import Mapping
+from pathlib import Path
+from typing import TextIO
 
 from agent.redaction import redact_numbers
 
@@ -38,6 +44,7 @@ _PRIORITY = {
     logging.ERROR: 3,
     logging.CRITICAL: 2,
 }
+JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 FIELDS_ATTR = "callrec_fields"  # LogRecord attribute holding an event's fields
 EVENT_ATTR = "callrec_event"  # … and its name
 _EVENT = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -138,6 +145,10 @@ def _unquote(raw: str) -> str:
     return _UNESCAPE.sub(one, raw[1:-1])
 
 
+def syslog_priority(levelno: int) -> int:
+    return _PRIORITY.get(levelno, 6)
+
+
 def render_event(event: str, fields: Mapping[str, object]) -> str:
     """``event=<name> key=value …``: the message of every record (see :class:`EventLog`)."""
     return f"event={event} {render_fields(fields)}" if fields else f"event={event}"
@@ -194,7 +205,7 @@ class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = render_line(record)
         if self.journald:
-            return f"<{_PRIORITY.get(record.levelno, 6)}>{line}"
+            return f"<{syslog_priority(record.levelno)}>{line}"
         stamp = dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
         return f"{stamp.removesuffix('+00:00')}Z {line}"
 
@@ -264,12 +275,31 @@ def get_logger(name: str) -> EventLog:
 # ---------------------------------------------------------------- configuration
 
 
-def configure(level: str, stream: object = None) -> None:
-    """Route all logging to one stream; under systemd (JOURNAL_STREAM set) add priority
-    prefixes and leave time stamps to journald."""
-    handler = logging.StreamHandler(stream or sys.stdout)  # type: ignore[arg-type]
-    handler.setFormatter(_Formatter(journald=bool(os.environ.get("JOURNAL_STREAM"))))
+def configure(
+    level: str,
+    stream: TextIO | None = None,
+    *,
+    identifier: str = "callrec",
+    journal_socket: Path = JOURNAL_SOCKET,
+) -> None:
+    """Route all logging through one renderer. Under systemd (``JOURNAL_STREAM`` set)
+    with journald's socket present, records go to it as structured entries
+    (:mod:`agent.journal`, ``SYSLOG_IDENTIFIER=identifier``); otherwise lines go to
+    ``stream`` (stdout), with ``<N>`` priority prefixes instead of time stamps under
+    systemd."""
+    from agent.journal import JournalHandler
+
+    under_systemd = bool(os.environ.get("JOURNAL_STREAM"))
+    handler: logging.Handler
+    if under_systemd and journal_socket.is_socket():
+        handler = JournalHandler(identifier, journal_socket, stream)
+    else:
+        handler = logging.StreamHandler(stream or sys.stdout)
+        handler.setFormatter(_Formatter(journald=under_systemd))
     root = logging.getLogger()
+    for old in root.handlers:
+        if isinstance(old, JournalHandler):
+            old.close()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Libraries' own chatter (Alembic's migration steps, watchdog's emitters) only

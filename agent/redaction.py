@@ -22,8 +22,9 @@ What is kept, because it is something else:
 - masked numbers as :func:`agent.privacy.mask` writes them (``+358401234***``: a
   ``+``, digits and three stars);
 - case references: an UPPER-case prefix of 2 to 5 letters glued to digits, optionally
-  with dashes (``SR0012345678``, ``INC-20260042``, ``DSR-2026-0042``). A lower- or
-  mixed-case prefix (``cid0401234567``, ``call0401234567``) is not a reference;
+  with dashes, not followed by more digit groups (``SR0012345678``, ``INC-20260042``,
+  ``DSR-2026-0042``; ``AA040-123 4567`` is a number). A lower- or mixed-case prefix
+  (``cid0401234567``, ``call0401234567``) is not a reference;
 - ISO dates and times (also compact: ``20261202T030425``), IPv4 addresses, and
   values named for what they are:
   ``status=171140``, ``code=``, ``port=``, ``pid=``, ``bytes=``, ``size=``,
@@ -51,7 +52,7 @@ _KEPT = "|".join(
         # masked numbers
         r"(?<![\d+])\+\d{3,14}\*\*\*",
         # case references
-        rf"{_NOT_ALNUM_BEFORE}[A-Z]{{2,5}}(?:-?\d+)+{_NOT_ALNUM_AFTER}",
+        rf"{_NOT_ALNUM_BEFORE}[A-Z]{{2,5}}(?:-?\d+)+{_NOT_ALNUM_AFTER}(?![ \-]?\(?\d)",
         # ISO dates and times, IPv4 addresses
         r"(?<![\d+-])(?:19|20)\d\d-[01]\d-[0-3]\d(?:[T ][0-2]\d:\d\d(?::\d\d(?:[.,]\d+)?)?)?(?!\d)",
         r"(?<![\d+])(?:19|20)\d\d[01]\d[0-3]\dT[0-2]\d\d\d(?:\d\d(?:[.,]\d+)?)?(?!\d)",
@@ -63,10 +64,14 @@ _KEPT = "|".join(
 )
 _CANDIDATE = r"(?P<number>(?:\+|%2[Bb])?\d(?:(?:[ \-]|[ \-]?\(\d{1,3}\)[ \-]?)?\d)*)"
 _SCAN = re.compile(f"(?:{_KEPT})|{_CANDIDATE}")
+_DIGIT = re.compile(r"\d")
+_FEWEST_DIGITS = 6  # the shortest possible number with its country code (phonenumbers)
 
 
 def redact_numbers(text: str, replacement: str = REDACTED) -> str:
     """``text`` with every possible phone number replaced (see the module doc)."""
+    if len(_DIGIT.findall(text)) < _FEWEST_DIGITS:  # most log values: nothing to scan
+        return text
     return _SCAN.sub(lambda match: _replace(match, replacement), text)
 
 

@@ -67,7 +67,7 @@ AROUND = st.text(
     number=numbers(),
     form=st.sampled_from(FORMATS),
     style=st.sampled_from(["plain", "url", "00", "compact"]),
-    before=AROUND.filter(lambda text: not re.search("(?:[a-f]|[A-Z]{2})$", text)),
+    before=AROUND.filter(lambda text: not re.search(r"(?:[a-f]|[A-Z]{2}[\d-]*)$", text)),
     after=AROUND.filter(lambda text: not re.match("[*a-f]", text)),
 )
 def test_any_number_in_any_text_is_redacted(
@@ -141,6 +141,7 @@ def test_the_case_reference_rule_is_upper_case_letters() -> None:
     """An upper-case prefix glued to digits is a reference; a lower-case one is not."""
     assert redact_numbers("SR0012345678 CASE-0401234567") == "SR0012345678 CASE-0401234567"
     assert redact_numbers("sr0401234567 Sr0401234567") == f"sr{REDACTED} Sr{REDACTED}"
+    assert redact_numbers("AA040-123 4567") == f"AA{REDACTED}"
 
 
 def test_audited_reasons_use_the_same_rule() -> None:

@@ -4,8 +4,9 @@ For each entry: ask the store how many bytes it holds (QueryUpload), stream the 
 (manifest, chunks with offsets, finish with size + sha256), and delete the local copy
 only when the receipt's sha256 equals ours. Transient failures back off exponentially
 with full jitter and resume from the store's committed size. While the store is
-unreachable all workers share one backoff (``RetryGate``); an entry that keeps failing
-on its own is left for the next rescan after a few attempts, so it never blocks the rest.
+unreachable all workers share one backoff (``RetryGate``) and the operator reads one
+line when that starts and ends (``StoreReachability``); an entry that keeps failing on
+its own is left for the next rescan after a few attempts, so it never blocks the rest.
 
 The channel is mutual TLS (``agent.certs``) unless ``[uplink] insecure = true`` on a
 loopback address; every call has a deadline.
@@ -32,6 +33,7 @@ from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import check_private_file
 from agent.recorder.finalize import quarantine
 from agent.recorder.outbox import Outbox, OutboxEntry
+from agent.recorder.reachability import StoreReachability
 
 log = logs.get_logger(__name__)
 
@@ -226,6 +228,9 @@ class Uplink:
         self.stub = pb_grpc.IngestStub(self.channel)
         self.stop_event = threading.Event()
         self.gate = RetryGate(self.stop_event, config.backoff_max_s)
+        self.reachability = StoreReachability(
+            lambda: len(self.outbox.entries()), config.store_down_summary_s
+        )
         self.bytes_sent = 0
 
     def close(self) -> None:
@@ -242,12 +247,18 @@ class Uplink:
             try:
                 self._upload_once(entry, progress)
                 self.gate.succeeded()
+                self.reachability.answered()
                 return
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
             except ReceiptMismatch as exc:
+                self.reachability.answered()
                 self._refused(entry, grpc.StatusCode.ALREADY_EXISTS, str(exc))
                 return
+            if code in STORE_LEVEL:
+                self.reachability.failed(entry.manifest.recording_id, code, details)
+            else:
+                self.reachability.answered()
             if code not in TRANSIENT:
                 self._refused(entry, code, details)
                 return
@@ -318,7 +329,8 @@ class Uplink:
         delay: float,
         progress: _Progress,
     ) -> None:
-        level = logging.ERROR if code in CONFIG_PROBLEMS else logging.WARNING
+        # The store being down is told once by StoreReachability, not per attempt.
+        level = logging.DEBUG if code in STORE_LEVEL else logging.WARNING
         metrics.UPLOADS.labels("retry").inc()
         log.log(
             level,
@@ -360,7 +372,3 @@ class Uplink:
 
 class ReceiptMismatch(Exception):
     """The store's receipt is not for our bytes: the entry is kept (quarantined)."""
-
-
-# An agent whose certificate the store does not accept: an operator must act.
-CONFIG_PROBLEMS = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}

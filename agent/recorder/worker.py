@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, default=None)
     args = parser.parse_args(argv)
     cfg = load_agent_config(args.config)
-    logs.configure(cfg.log_level)
+    logs.configure(cfg.log_level, identifier="callrec-agent")
     return worker_main(cfg, args.index, args.ready_fd, args.config)
 
 
