@@ -24,7 +24,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -162,50 +162,13 @@ class IngestService(pb_grpc.IngestServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.UploadReceipt:
         site = await self._peer_site(context)
-        try:
-            async with asyncio.timeout(self.idle_timeout_s):
-                first = await anext(request_iterator)
-        except StopAsyncIteration:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload stream")
-        except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no manifest within {self.idle_timeout_s:.0f} s; stream closed",
-            )
-        if first.WhichOneof("kind") != "manifest":
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry the manifest"
-            )
-        manifest = first.manifest
-        try:
-            validate_manifest(manifest)
-        except ManifestError as exc:
-            code = (
-                grpc.StatusCode.FAILED_PRECONDITION
-                if isinstance(exc, ClockAhead)
-                else grpc.StatusCode.INVALID_ARGUMENT
-            )
-            log.warning(
-                "upload_refused",
-                recording_id=manifest.recording_id[:32],
-                code=code.name,
-                reason=str(exc),
-            )
-            await context.abort(code, f"manifest: {exc}")
+        manifest = await self._manifest_of(request_iterator, context)
         await self._check_site(manifest, site, context)
         await self._check_region(manifest, context)
         try:
-            with self.limits.upload(site or manifest.site, manifest.recording_id, manifest.size):
+            with self._slot(site or manifest.site, manifest):
                 async with self._exclusive(manifest.recording_id):
                     return await self._receive(manifest, request_iterator)
-        except LimitExceeded as exc:
-            log.warning(
-                "upload_refused",
-                recording_id=manifest.recording_id,
-                code="RESOURCE_EXHAUSTED",
-                reason=str(exc),
-            )
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except UploadRejected as exc:
             interrupted = isinstance(exc, UploadInterrupted)
             log.log(
@@ -217,6 +180,48 @@ class IngestService(pb_grpc.IngestServicer):
             )
             await context.abort(exc.code, str(exc))
         raise AssertionError("unreachable")
+
+    async def _manifest_of(
+        self,
+        requests: AsyncIterator[pb.UploadRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.Manifest:
+        """The stream's first message, a valid manifest, or abort (before anything is
+        written; a time ahead of our clock is FAILED_PRECONDITION: the agent retries)."""
+        try:
+            async with asyncio.timeout(self.idle_timeout_s):
+                first = await anext(requests)
+        except StopAsyncIteration:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload stream")
+        except TimeoutError:
+            message = f"no manifest within {self.idle_timeout_s:.0f} s; stream closed"
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+        if first.WhichOneof("kind") != "manifest":
+            message = "the first message must carry the manifest"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        try:
+            validate_manifest(first.manifest)
+        except ManifestError as exc:
+            status = grpc.StatusCode
+            code = (
+                status.FAILED_PRECONDITION
+                if isinstance(exc, ClockAhead)
+                else status.INVALID_ARGUMENT
+            )
+            rid = first.manifest.recording_id[:32]
+            log.warning("upload_refused", recording_id=rid, code=code.name, reason=str(exc))
+            await context.abort(code, f"manifest: {exc}")
+        return first.manifest
+
+    @contextlib.contextmanager
+    def _slot(self, site: str, manifest: pb.Manifest) -> Iterator[None]:
+        """A place among the site's uploads (``upload_limits``), or RESOURCE_EXHAUSTED."""
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.limits.upload(site, manifest.recording_id, manifest.size))
+            except LimitExceeded as exc:
+                raise UploadRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+            yield
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, recording_id: str) -> AsyncIterator[None]:
@@ -296,18 +301,7 @@ class IngestService(pb_grpc.IngestServicer):
         writer: partials.PartWriter | None = None
         unsynced, stored = 0, False
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(self.idle_timeout_s):
-                        request = await anext(requests)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError:
-                    raise UploadInterrupted(
-                        grpc.StatusCode.DEADLINE_EXCEEDED,
-                        f"nothing received for {self.idle_timeout_s:.0f} s; stream closed, "
-                        f"committed_size={committed}",
-                    ) from None
+            while (request := await self._next(requests, committed)) is not None:
                 kind = request.WhichOneof("kind")
                 if kind == "chunk":
                     _check_chunk(manifest, committed, request.chunk)
@@ -342,6 +336,23 @@ class IngestService(pb_grpc.IngestServicer):
             grpc.StatusCode.FAILED_PRECONDITION,
             f"stream ended before finish; committed_size={committed}",
         )
+
+    async def _next(
+        self, requests: AsyncIterator[pb.UploadRequest], committed: int
+    ) -> pb.UploadRequest | None:
+        """The next message (None: the stream ended), or DEADLINE_EXCEEDED when the
+        agent sends nothing for ``idle_timeout_s`` (what arrived is kept)."""
+        try:
+            async with asyncio.timeout(self.idle_timeout_s):
+                return await anext(requests)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise UploadInterrupted(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"nothing received for {self.idle_timeout_s:.0f} s; stream closed, "
+                f"committed_size={committed}",
+            ) from None
 
     async def _finish(
         self,
