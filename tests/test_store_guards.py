@@ -325,6 +325,8 @@ def _refused(store: InProcessStore, pki: Pki, site: str = "hel-1") -> bool:
 
 def test_console_export_needs_a_purpose_and_names_the_operator(world: World) -> None:
     rid = world.seed([("a1", "Aino Agent", "parcels")])
+    for name in ("console.sock", "console.inner.sock"):  # the store's user and root only
+        assert (world.config.data_dir / name).stat().st_mode & 0o077 == 0
     console = pb_grpc.ConsoleStub(
         grpc.insecure_channel(f"unix:{world.store.server.console_socket}")
     )

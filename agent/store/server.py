@@ -125,23 +125,10 @@ class StoreServer:
             boundary.add("/callrec.v1.Access/", access.failed)
         self.access = access
 
-        console = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[boundary])
-        pb_grpc.add_ConsoleServicer_to_server(
-            ConsoleService(catalog, vault, cfg.directory_file), console
-        )
-        # The grpc console listens inside the 0700 data directory; console.sock is the
-        # relay that learns each client's uid (console_gate: SO_PEERCRED).
-        inner = cfg.data_dir / "console.inner.sock"
-        if inner.exists():
-            inner.unlink()
-        old_umask = os.umask(0o177)
-        try:
-            console.add_insecure_port(f"unix:{inner}")
-            for server in servers:
-                await server.start()
-            await console.start()
-        finally:
-            os.umask(old_umask)
+        console = self._console(ConsoleService(catalog, vault, cfg.directory_file), boundary)
+        for server in servers:
+            await server.start()
+        await console.start()
         self._servers = [*servers, console]
         await self._gate.start()
         self._sweeper = SweeperLoop(Sweeper.from_config(cfg, catalog, vault), cfg.sweep_interval_s)
@@ -159,6 +146,21 @@ class StoreServer:
             tls="mutual" if cfg.tls else "OFF",
         )
         sdnotify.ready()
+
+    def _console(self, service: ConsoleService, boundary: ErrorBoundary) -> grpc.aio.Server:
+        """The console's grpc server, listening inside the 0700 data directory;
+        ``console.sock`` is the relay that learns each client's uid (``console_gate``)."""
+        console = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[boundary])
+        pb_grpc.add_ConsoleServicer_to_server(service, console)
+        inner = self.config.data_dir / "console.inner.sock"
+        if inner.exists():
+            inner.unlink()
+        old_umask = os.umask(0o177)
+        try:
+            console.add_insecure_port(f"unix:{inner}")
+        finally:
+            os.umask(old_umask)
+        return console
 
     @property
     def engine_name(self) -> str:
