@@ -56,7 +56,7 @@ def test_unauthenticated_flood_writes_one_bounded_entry_a_minute(
     world: World, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    world.access_service.throttle = FailureThrottle(window_s=1.0)
+    world.access_service.trail.throttle = FailureThrottle(window_s=1.0)
     before = world.head_seq()
     for n in range(30):
         md = () if n % 2 else (("authorization", "Bearer " + "y" * 6000),)

@@ -239,7 +239,7 @@ def test_bad_tokens_are_unauthenticated_and_audited(
     world: World, shared: str, header: str | None, actor: str
 ) -> None:
     md = () if header is None else (("authorization", header),)
-    world.access_service.throttle = FailureThrottle()  # a new minute for this source
+    world.access_service.trail.throttle = FailureThrottle()  # a new minute for this source
     before = world.head_seq()
     with pytest.raises(grpc.RpcError) as err:
         world.access.GetRecording(_req(shared, apb.PURPOSE_VERIFICATION), metadata=md)

@@ -21,7 +21,6 @@ import datetime as dt
 import os
 import re
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,11 +47,11 @@ from agent.store.access import (
     scope_of,
     scrub,
 )
+from agent.store.access_trail import UnauthenticatedTrail
 from agent.store.catalog import Catalog, RecordingRow, now_ms
 from agent.store.console import info_of
 from agent.store.rpc_errors import bounded_id, status_of
 from agent.store.sweeper import RecordingHeld, Sweeper
-from agent.store.throttle import FailureThrottle, Summary, source_of
 from agent.store.vault import Vault
 
 log = logs.get_logger(__name__)
@@ -167,8 +166,7 @@ class AccessService(apb_grpc.AccessServicer):
         self.today = today
         self.directory = DirectoryFile(config.directory_file)
         self.sweeper = Sweeper.from_config(config, catalog, vault)
-        self.throttle = FailureThrottle()
-        self._summaries_checked = time.monotonic()
+        self.trail = UnauthenticatedTrail(self._audit)
 
     # ------------------------------------------------------------ gate and audit
 
@@ -206,19 +204,11 @@ class AccessService(apb_grpc.AccessServicer):
         self, context: Context, attempt: Attempt, code: grpc.StatusCode, message: str
     ) -> NoReturn:
         """Audit a refusal, log it, abort the call with ``code``. Unauthenticated
-        failures are aggregated per source (``throttle``): the first in a minute is
-        written, the rest are counted into one ``repeats=N`` entry."""
+        failures are aggregated per source (``access_trail``)."""
         outcome = _OUTCOMES.get(code, "refused")
         detail = scrub(message, 400)
         if code == grpc.StatusCode.UNAUTHENTICATED:
-            source = source_of(context.peer())
-            # Nobody known (no token, a malformed or unknown one): one entry per source
-            # a minute. A real token's holder (revoked, expired, left): up to 60.
-            identified = attempt.actor.startswith("person:")
-            key, burst = (f"{source}/{attempt.actor}", 60) if identified else (source, 1)
-            record, ended = self.throttle.admit(key, burst)
-            if ended is not None:
-                await self._audit_summary(ended)
+            record, source = await self.trail.admit(context.peer(), attempt.actor)
             if not record:
                 await context.abort(code, message)
                 raise AssertionError("unreachable")
@@ -235,30 +225,9 @@ class AccessService(apb_grpc.AccessServicer):
         await context.abort(code, message)
         raise AssertionError("unreachable")
 
-    async def _audit_summary(self, summary: Summary) -> None:
-        detail = (
-            f"repeats={summary.suppressed} source={summary.source} window_s={summary.window_s:.0f}"
-        )
-        await self._audit(
-            audit.Event("anonymous", "authenticate", None, "", "unauthenticated", "", detail)
-        )
-        log.warning(
-            "access_unauthenticated_repeats", source=summary.source, repeats=summary.suppressed
-        )
-
-    async def _flush_summaries(self) -> None:
-        """Write the counts of ended windows (checked at most every few seconds)."""
-        now = time.monotonic()
-        if now - self._summaries_checked < 5.0:
-            return
-        self._summaries_checked = now
-        for summary in self.throttle.due():
-            await self._audit_summary(summary)
-
     async def flush(self) -> None:
-        """Write every count of suppressed failures still held (the store stops)."""
-        for summary in self.throttle.drain():
-            await self._audit_summary(summary)
+        """Write the counts of unauthenticated failures still held (the store stops)."""
+        await self.trail.flush()
 
     async def failed(self, context: Context, exc: Exception, method: str) -> None:
         """An unexpected failure: audited as ``error`` (with the request as far as it is
@@ -294,7 +263,7 @@ class AccessService(apb_grpc.AccessServicer):
         await self._refuse(context, attempt, grpc.StatusCode.FAILED_PRECONDITION, message)
 
     async def _caller(self, context: Context, attempt: Attempt) -> tuple[Caller, Directory]:
-        await self._flush_summaries()
+        await self.trail.flush_due()
         metadata = tuple((str(k), v) for k, v in context.invocation_metadata() or ())
         try:
             caller = await asyncio.to_thread(self._identify, metadata)
