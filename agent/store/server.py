@@ -102,6 +102,7 @@ class StoreServer:
             authenticate=cfg.tls is not None,
             limits=Limits(cfg.max_uploads_per_site, cfg.max_incoming_bytes_per_site),
             idle_timeout_s=cfg.upload_idle_timeout_s,
+            seal_key_file=cfg.seal_key_file,
         )
 
         boundary = ErrorBoundary()  # no exception's text reaches a client (rpc_errors)
