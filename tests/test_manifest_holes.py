@@ -86,8 +86,6 @@ HOLES: dict[str, tuple[Change, str]] = {
                                "employees"),
     "sealed tail of 300 kB": (lambda m: setattr(m.customer, "tail_sealed", "s" * 300_000),
                               "customer"),
-    "digest key id of 300 kB": (lambda m: setattr(m.customer, "digest_key_id", "k" * 300_000),
-                                "customer"),
     "a thousand flags": (lambda m: m.flags.extend(["silent_channel"] * 1000), "flags"),
     "unknown direction": (lambda m: setattr(m, "direction", 77), "direction"),
 }  # fmt: skip

@@ -15,7 +15,7 @@ engines (SQLite: the write lock; PostgreSQL: the row lock), takes the entries' t
 under that lock (never before the previous entry's: times only go forward along the
 chain, however sweepers and services on several hosts interleave), inserts them and
 moves the head in one UPDATE. ``verify`` notices entries removed from the end. A
-trigger (migration 0005) refuses any other UPDATE of the head — one that does not
+trigger (migration 0006) refuses any other UPDATE of the head — one that does not
 move it to the newest entry of a chain that follows the old head — and its DELETE.
 Editing an entry breaks its hash, removing one leaves a gap in ``seq``, reordering
 breaks ``prev_hash``. The database also refuses UPDATE/DELETE on ``audit_events``

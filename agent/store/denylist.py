@@ -1,6 +1,6 @@
 """Agent certificates the store refuses: by serial (one lost or stolen certificate) or
 by site (every certificate of a site, e.g. a decommissioned office). Kept in the
-catalog (``agent_denylist``, migration 0005) so that every store replica refuses the
+catalog (``agent_denylist``, migration 0006) so that every store replica refuses the
 same ones; checked on every Upload and QueryUpload, cached for a few seconds.
 
   callrec certs revoke --config store.toml (--serial HEX | --site SITE | --cert FILE) --reason R

@@ -41,7 +41,7 @@ access_tokens = sa.Table(
     sa.Column("created_at_ms", sa.BigInteger, nullable=False),
     sa.Column("created_by", sa.String(200), nullable=False),
     sa.Column("revoked_at_ms", sa.BigInteger, nullable=True),
-    sa.Column("expires_at_ms", sa.BigInteger, nullable=True),  # migration 0005
+    sa.Column("expires_at_ms", sa.BigInteger, nullable=True),  # migration 0006
     sa.Column("last_used_at_ms", sa.BigInteger, nullable=True),
     sa.Index("ix_access_tokens_person", "person_id"),
 )

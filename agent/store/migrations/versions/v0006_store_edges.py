@@ -10,8 +10,8 @@ agent certificates.
 - ``agent_denylist``: certificate serials or whole sites the store refuses at ingest
   (``callrec certs revoke``).
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005"
-down_revision: str | None = "0004"
+revision = "0006"
+down_revision: str | None = "0005"
 branch_labels = None
 depends_on = None
 
