@@ -36,6 +36,7 @@ from agent.privacy import KeyFileError, Sealer, check_private_file
 from agent.recorder import frontlog
 from agent.store.keys import FileKeyWrapper
 from agent.store.numbers import SealKeyring
+from agent.web import cli as web_cli
 
 log = logs.get_logger("callrec")
 
@@ -58,6 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="destroy recordings past their retention")
     sweep.add_argument("--config", type=Path, required=True)
     sweep.add_argument("--once", action="store_true", help="one pass, for a systemd timer")
+    sweep.add_argument(
+        "--timer",
+        action="store_true",
+        help='run by callrec-sweep.timer: sweep only when [store] sweep_by = "timer"',
+    )
 
     keys_cli.add_parsers(sub)
     listing = sub.add_parser(
@@ -88,9 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run store + agent and place a real SIPREC call")
     demo.add_argument("--dir", type=Path, default=Path("demo-data"))
     demo.add_argument("--seconds", type=float, default=6.0)
+    demo.add_argument("--web", action="store_true", help="then serve the people's web until Ctrl-C")
     access_cli.add_parsers(sub)
     certs.add_parsers(sub)
     frontlog.add_parsers(sub)
+    web_cli.add_parsers(sub)
     return parser
 
 
@@ -111,6 +119,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         certs.dispatch,
         frontlog.dispatch,
         keys_cli.dispatch,
+        web_cli.dispatch,
     )
     for dispatch in dispatchers:
         handled = dispatch(args)
@@ -139,7 +148,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         logs.configure(store_cfg.log_level, identifier="callrec-sweep")
         from agent.store.sweeper import run_sweeper
 
-        return run_sweeper(store_cfg, once=args.once)
+        return run_sweeper(store_cfg, once=args.once, timer=args.timer)
     if args.command == "console-list":
         return list_recordings(args.store_dir, args.limit)
     if args.command == "console-export":
@@ -150,7 +159,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         logs.configure("info")
         from agent.demo import run_demo
 
-        return run_demo(args.dir, args.seconds)
+        return run_demo(args.dir, args.seconds, args.web)
     raise AssertionError(args.command)
 
 

@@ -16,6 +16,7 @@ bits, so this tells nobody anything).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import datetime as dt
 import os
@@ -36,7 +37,7 @@ from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.privacy import KeyFileError, normalise
 from agent.store import access_queries as q
-from agent.store import audit, tokens
+from agent.store import access_web, audit, identity, tokens
 from agent.store.access import (
     OFFICER_OPERATIONS,
     Operation,
@@ -48,9 +49,12 @@ from agent.store.access import (
     scrub,
 )
 from agent.store.access_trail import UnauthenticatedTrail
-from agent.store.catalog import Catalog, RecordingRow, now_ms
+from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
 from agent.store.console import info_of
+from agent.store.crypto import CryptoError
+from agent.store.monitoring import ACCESS_REQUESTS
 from agent.store.numbers import SealError, SealKeyring, TooManyCandidates, find_calls
+from agent.store.retention import add_months
 from agent.store.rpc_errors import bounded_id, status_of
 from agent.store.sweeper import RecordingHeld, Sweeper
 from agent.store.vault import Vault
@@ -107,6 +111,7 @@ class Caller:
     actor: str  # "person:<id>", "token:<id>" or "anonymous"
     person: Person | None
     problem: str = ""
+    channel: str = "cli"  # "web" for the web's OIDC ID tokens, "cli" for personal tokens
 
 
 @dataclass(frozen=True)
@@ -118,8 +123,11 @@ class Attempt:
     recording_id: str | None
     purpose: str = ""
     reason: str = ""
+    channel: str = "cli"
+    role: str = "unknown"  # the person's role, once known (for the metrics)
 
     def event(self, outcome: str, detail: str = "") -> audit.Event:
+        detail = f"channel={self.channel} {detail}".strip()
         return audit.Event(
             self.actor, self.op.value, self.recording_id, self.reason, outcome, self.purpose,
             detail,
@@ -148,6 +156,7 @@ _OUTCOMES = {
     grpc.StatusCode.PERMISSION_DENIED: "denied",
     grpc.StatusCode.NOT_FOUND: "not_found",
     grpc.StatusCode.UNAVAILABLE: "unavailable",
+    grpc.StatusCode.OUT_OF_RANGE: "out_of_range",
 }
 
 
@@ -168,6 +177,7 @@ class AccessService(apb_grpc.AccessServicer):
         self.directory = DirectoryFile(config.directory_file)
         self.sweeper = Sweeper.from_config(config, catalog, vault)
         self.trail = UnauthenticatedTrail(self._audit)
+        self.oidc = identity.OidcVerifier(config.oidc) if config.oidc else None
 
     # ------------------------------------------------------------ gate and audit
 
@@ -178,6 +188,8 @@ class AccessService(apb_grpc.AccessServicer):
             return Caller("anonymous", None, "no 'authorization: Bearer <token>' metadata")
         if len(token) > MAX_TOKEN_CHARS:
             return Caller("anonymous", None, "malformed token")
+        if self.oidc is not None and identity.looks_like_jwt(token.strip()):
+            return self._web_person(self.oidc.verify(token.strip()))
         checked = tokens.check(self.catalog, token.strip())
         actor = (
             f"person:{checked.person_id}"
@@ -193,6 +205,15 @@ class AccessService(apb_grpc.AccessServicer):
         if person is None:
             return Caller(actor, None, "person is not in the directory")
         return Caller(actor, person)
+
+    def _web_person(self, found: identity.Identity) -> Caller:
+        if found.person_id is None:
+            return Caller("anonymous", None, found.problem, "web")
+        person = self.directory.current().people.get(found.person_id)
+        actor = f"person:{found.person_id}"
+        if person is None:
+            return Caller(actor, None, "person is not in the directory", "web")
+        return Caller(actor, person, channel="web")
 
     async def _audit(self, event: audit.Event) -> None:
         def write() -> None:
@@ -215,6 +236,7 @@ class AccessService(apb_grpc.AccessServicer):
                 raise AssertionError("unreachable")
             detail = scrub(f"{message}; source={source}", 400)
         await self._audit(attempt.event(outcome, detail))
+        ACCESS_REQUESTS.labels(attempt.role, attempt.op.value, outcome).inc()
         log.info(
             "access_refused",
             actor=attempt.actor,
@@ -283,13 +305,13 @@ class AccessService(apb_grpc.AccessServicer):
         attempt = Attempt("anonymous", op, well_formed)
         _ATTEMPT.set(attempt)
         caller, directory = await self._caller(context, attempt)
-        attempt = replace(attempt, actor=caller.actor)
+        attempt = replace(attempt, actor=caller.actor, channel=caller.channel)
         _ATTEMPT.set(attempt)
         if caller.person is None:
             unauthenticated = grpc.StatusCode.UNAUTHENTICATED
             message = f"authentication failed: {caller.problem}"
             await self._refuse(context, attempt, unauthenticated, message)
-        attempt = replace(attempt, reason=scrub(request.reason))
+        attempt = replace(attempt, reason=scrub(request.reason), role=caller.person.role.value)
         purpose = PURPOSES.get(request.purpose)
         if purpose is None:
             await self._invalid(
@@ -307,6 +329,7 @@ class AccessService(apb_grpc.AccessServicer):
         if decision.verdict is not Verdict.ALLOW:
             denied = grpc.StatusCode.PERMISSION_DENIED
             await self._refuse(context, attempt, denied, decision.why)
+        ACCESS_REQUESTS.labels(attempt.role, op.value, "allowed").inc()
         return Grant(attempt, caller.person, purpose, row, directory)
 
     async def _recording(
@@ -329,6 +352,9 @@ class AccessService(apb_grpc.AccessServicer):
 
     # ------------------------------------------------------------ everyone
 
+    async def WhoAmI(self, request: apb.WhoAmIRequest, context: Context) -> apb.PersonView:
+        return await access_web.who_am_i(self, context)
+
     async def Search(self, request: apb.SearchRequest, context: Context) -> apb.SearchResponse:
         grant = await self._gate(context, Operation.SEARCH, request)
         filters = q.Filters(
@@ -339,12 +365,15 @@ class AccessService(apb_grpc.AccessServicer):
             service_number=request.service_number,
             customer_masked=request.customer_masked.replace(" ", ""),
             flags=tuple(request.flags),
+            direction=request.direction,
         )
         limit = request.limit if 0 < request.limit <= 1000 else 100
         scope = scope_of(grant.person, grant.directory)
         rows, more = await asyncio.to_thread(q.search, self.catalog, filters, scope, limit)
         await self._audit(grant.event(None, f"results={len(rows)} filters={filters.names()}"))
-        return apb.SearchResponse(recordings=[view_of(r) for r in rows], truncated=more)
+        months = self.config.retention_months
+        views = [view_of(r, months) for r in rows]
+        return apb.SearchResponse(recordings=views, truncated=more)
 
     async def GetRecording(
         self, request: apb.RecordingRequest, context: Context
@@ -352,7 +381,7 @@ class AccessService(apb_grpc.AccessServicer):
         grant = await self._gate(context, Operation.GET, request, request.recording_id)
         row = _row(grant)
         await self._audit(grant.event(row.recording_id))
-        return view_of(row)
+        return view_of(row, self.config.retention_months)
 
     async def Play(
         self, request: apb.RecordingRequest, context: Context
@@ -386,6 +415,26 @@ class AccessService(apb_grpc.AccessServicer):
         await self._audit(allowed)
         return _rest(first, chunks)
 
+    async def PlayRange(
+        self, request: apb.RangeRequest, context: Context
+    ) -> AsyncIterator[apb.RangeChunk]:
+        async for chunk in access_web.play_range(self, request, context):
+            yield chunk
+
+    async def _decrypted(
+        self, row: RecordingRow, context: Context, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        chunks: Iterator[bytes] = self.vault.read(row.recording_id, row.blob_key, offset, length)
+        while True:
+            try:
+                data = await asyncio.to_thread(next, chunks, b"")
+            except CryptoError as exc:
+                log.error("access_read_failed", recording_id=row.recording_id, reason=str(exc))
+                await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+            if not data:
+                return
+            yield data
+
     # ------------------------------------------------------------ privacy officer
 
     async def FindByNumber(
@@ -416,7 +465,8 @@ class AccessService(apb_grpc.AccessServicer):
         ids: list[str | None] = [r.recording_id for r in found.rows]
         for rid in ids or [None]:
             await self._audit(grant.event(rid, detail))
-        return apb.SearchResponse(recordings=[view_of(r) for r in found.rows])
+        months = self.config.retention_months
+        return apb.SearchResponse(recordings=[view_of(r, months) for r in found.rows])
 
     def _seal_keyring(self) -> SealKeyring:
         if self.config.seal_key_file is None:
@@ -518,6 +568,9 @@ class AccessService(apb_grpc.AccessServicer):
             recording_id=row.recording_id, customer_masked=row.customer_masked, last_digits=digits
         )
 
+    async def AuditLog(self, request: apb.AuditRequest, context: Context) -> apb.AuditResponse:
+        return await access_web.audit_log(self, request, context)
+
 
 async def _rest(first: bytes, chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
     data = first
@@ -532,10 +585,18 @@ def _row(grant: Grant) -> RecordingRow:
     return grant.row
 
 
-def view_of(row: RecordingRow) -> apb.RecordingView:
-    return apb.RecordingView(
+def view_of(row: RecordingRow, retention_months: int | None = None) -> apb.RecordingView:
+    view = apb.RecordingView(
         info=info_of(row), restricted=row.restricted, legal_hold=row.legal_hold
     )
+    if retention_months is not None:
+        view.destroy_after.FromDatetime(add_months(from_ms(row.ended_at_ms), retention_months))
+    for employee in row.employees:
+        joined = view.joined_at.add()
+        if employee.get("joined_at"):
+            with contextlib.suppress(ValueError):
+                joined.FromDatetime(dt.datetime.fromisoformat(employee["joined_at"]))
+    return view
 
 
 def add_access_service(
