@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="destroy recordings past their retention")
     sweep.add_argument("--config", type=Path, required=True)
     sweep.add_argument("--once", action="store_true", help="one pass, for a systemd timer")
+    sweep.add_argument(
+        "--timer",
+        action="store_true",
+        help='run by callrec-sweep.timer: sweep only when [store] sweep_by = "timer"',
+    )
 
     keys_cli.add_parsers(sub)
     listing = sub.add_parser(
@@ -133,7 +138,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         logs.configure(store_cfg.log_level, identifier="callrec-sweep")
         from agent.store.sweeper import run_sweeper
 
-        return run_sweeper(store_cfg, once=args.once)
+        return run_sweeper(store_cfg, once=args.once, timer=args.timer)
     if args.command == "console-list":
         return list_recordings(args.store_dir, args.limit)
     if args.command == "console-export":

@@ -261,6 +261,9 @@ class StoreConfig:
     retention_months: int = 6
     sweep_interval_s: float = 3600.0
     sweep_batch: int = 1000
+    # Who sweeps: "store" (its own loop, every sweep_interval) or "timer"
+    # (callrec-sweep.timer; the store's loop is off). Exactly one of them.
+    sweep_by: str = "store"
     orphan_grace_s: float = 24 * 3600.0
     region: str = "fi"
     allowed_regions: tuple[str, ...] = DEFAULT_ALLOWED_REGIONS
@@ -280,6 +283,7 @@ class StoreConfig:
     # certificate: a person proves who they are with their token). None: Access is
     # served on `listen` beside Ingest, where mutual TLS asks for a client certificate.
     access_listen: str | None = None
+    metrics_listen: str | None = None  # "127.0.0.1:9465": Prometheus /metrics
 
     @property
     def blobs_dir(self) -> Path:
@@ -646,6 +650,7 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         retention_months=retention,
         sweep_interval_s=st.seconds("sweep_interval", "1h"),
         sweep_batch=st.integer("sweep_batch", 1000, 1, 10_000),
+        sweep_by=st.text("sweep_by", "store", choices=("store", "timer")),
         orphan_grace_s=st.seconds("orphan_grace", "24h"),
         region=region,
         allowed_regions=allowed,
@@ -656,6 +661,7 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         **_transport(sub["tls"], _listen(st, "listen", "127.0.0.1:50051"), "[store] listen"),
         directory_file=_optional_path(st, "directory_file"),
         access_listen=(_listen(st, "access_listen", "") if "access_listen" in st.table else None),
+        metrics_listen=_listen(st, "metrics", "") if "metrics" in st.table else None,
         lookup_key_file=_optional_path(st, "lookup_key_file"),
         seal_key_file=_optional_path(st, "seal_key_file"),
     )

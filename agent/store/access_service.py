@@ -49,6 +49,7 @@ from agent.store.access import (
 from agent.store.catalog import Catalog, RecordingRow, now_ms
 from agent.store.console import info_of
 from agent.store.crypto import CryptoError
+from agent.store.monitoring import ACCESS_REQUESTS
 from agent.store.numbers import SealError, SealKeyring, TooManyCandidates, find_calls
 from agent.store.sweeper import RecordingHeld, Sweeper
 from agent.store.vault import Vault
@@ -111,6 +112,7 @@ class Attempt:
     recording_id: str | None
     purpose: str = ""
     reason: str = ""
+    role: str = "unknown"  # the person's role, once known (for the metrics)
 
     def event(self, outcome: str, detail: str = "") -> audit.Event:
         return audit.Event(
@@ -198,6 +200,7 @@ class AccessService(apb_grpc.AccessServicer):
         outcome = _OUTCOMES.get(code, "refused")
         detail = scrub(message, 400)
         await self._audit(attempt.event(outcome, detail))
+        ACCESS_REQUESTS.labels(attempt.role, attempt.op.value, outcome).inc()
         log.info(
             "access_refused",
             actor=attempt.actor,
@@ -237,7 +240,7 @@ class AccessService(apb_grpc.AccessServicer):
             unauthenticated = grpc.StatusCode.UNAUTHENTICATED
             message = f"authentication failed: {caller.problem}"
             await self._refuse(context, attempt, unauthenticated, message)
-        attempt = replace(attempt, reason=scrub(request.reason))
+        attempt = replace(attempt, reason=scrub(request.reason), role=caller.person.role.value)
         purpose = PURPOSES.get(request.purpose)
         if purpose is None:
             await self._invalid(
@@ -252,6 +255,7 @@ class AccessService(apb_grpc.AccessServicer):
         if decision.verdict is not Verdict.ALLOW:
             denied = grpc.StatusCode.PERMISSION_DENIED
             await self._refuse(context, attempt, denied, decision.why)
+        ACCESS_REQUESTS.labels(attempt.role, op.value, "allowed").inc()
         return Grant(attempt, caller.person, purpose, row, directory)
 
     async def _recording(

@@ -45,6 +45,7 @@ from agent.manifest import (
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import KeyFileError
+from agent.store import monitoring
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
 from agent.store.numbers import SealError, SealKeyring
 from agent.store.residency import DEFAULT_ALLOWED_REGIONS, region_allowed
@@ -144,6 +145,23 @@ class IngestService(pb_grpc.IngestServicer):
         return site
 
     async def Upload(
+        self,
+        request_iterator: AsyncIterator[pb.UploadRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.UploadReceipt:
+        """One upload stream, counted: in progress, stored, or refused by its code."""
+        monitoring.UPLOADS_IN_PROGRESS.inc()
+        try:
+            return await self._upload(request_iterator, context)
+        except BaseException:
+            code = context.code()  # what context.abort set; None: cancelled under us
+            name = code.name if isinstance(code, grpc.StatusCode) else "CANCELLED"
+            monitoring.UPLOADS_REFUSED.labels(name).inc()
+            raise
+        finally:
+            monitoring.UPLOADS_IN_PROGRESS.dec()
+
+    async def _upload(
         self,
         request_iterator: AsyncIterator[pb.UploadRequest],
         context: grpc.aio.ServicerContext[Any, Any],
@@ -330,6 +348,8 @@ class IngestService(pb_grpc.IngestServicer):
             receive_s=round(received - started, 3),
             seal_s=round(time.monotonic() - received, 3),
         )
+        monitoring.UPLOADS_STORED.inc()
+        monitoring.BYTES_STORED.inc(row.size)
         return receipt_of(row)
 
     def _commit(self, manifest: pb.Manifest, part: Path, manifest_file: Path) -> RecordingRow:

@@ -11,8 +11,9 @@ import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client.registry import Collector
 
-from agent import logs, sdnotify
+from agent import logs, metrics, sdnotify
 from agent.certs import server_credentials
 from agent.config import StoreConfig, check_transport
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
@@ -21,11 +22,13 @@ from agent.store.access_service import add_access_service
 from agent.store.catalog import Catalog
 from agent.store.console import ConsoleService
 from agent.store.ingest import MAX_CHUNK_BYTES, IngestService
+from agent.store.monitoring import StoreCollector, store_status
 from agent.store.sweeper import Sweeper, SweeperLoop
-from agent.store.vault import open_storage
+from agent.store.vault import Vault, open_storage
 
 log = logs.get_logger(__name__)
 
+STATUS_INTERVAL_S = 5.0
 MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + 64 * 1024
 # Keepalive: the server pings a silent peer every 60 s (a vanished agent frees its
 # upload within ~80 s). It accepts client pings as often as every 15 s, with or
@@ -52,6 +55,7 @@ class StoreServer:
         self._servers: list[grpc.aio.Server] = []
         self._catalog: Catalog | None = None
         self._sweeper: SweeperLoop | None = None
+        self.metrics_port: int | None = None
         self.exit_code = 0
 
     @property
@@ -102,8 +106,14 @@ class StoreServer:
         finally:
             os.umask(old_umask)
         self._servers = [*servers, console]
-        self._sweeper = SweeperLoop(Sweeper.from_config(cfg, catalog, vault), cfg.sweep_interval_s)
-        self._sweeper.start()
+        if cfg.sweep_by == "store":  # else callrec-sweep.timer sweeps (one scheduler)
+            sweeper = Sweeper.from_config(cfg, catalog, vault)
+            self._sweeper = SweeperLoop(sweeper, cfg.sweep_interval_s)
+            self._sweeper.start()
+        if cfg.metrics_listen is not None:
+            self.metrics_port = metrics.serve(
+                cfg.metrics_listen, extra=_collectors(cfg, vault), exclude=metrics.AGENT_FAMILIES
+            )
         health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         health_servicer.set("callrec.v1.Ingest", health_pb2.HealthCheckResponse.SERVING)
         host = cfg.listen.rpartition(":")[0]
@@ -125,8 +135,9 @@ class StoreServer:
     async def run(self) -> None:
         interval = sdnotify.watchdog_interval()
         while not self.stop_event.is_set():
+            sdnotify.status(store_status(self.config))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), timeout=(interval or 30) / 2)
+                await asyncio.wait_for(self.stop_event.wait(), timeout=_tick(interval))
             if self._sweeper is not None and not self._sweeper.is_alive():
                 log.error("store_loop_died", loop="sweeper")
                 self.exit_code = 1
@@ -156,6 +167,28 @@ class StoreServer:
             log.warning("store_forced_exit")
             os._exit(1)
         self.stop_event.set()
+
+
+def _tick(watchdog_s: float | None) -> float:
+    """The main loop's period: half the watchdog, and STATUS= every 5 s at most."""
+    return min(STATUS_INTERVAL_S, (watchdog_s or 30) / 2)
+
+
+def _collectors(cfg: StoreConfig, vault: Vault) -> list[Collector]:
+    collectors: list[Collector] = [
+        StoreCollector(
+            vault.catalog,
+            vault.wrapper,
+            cfg.data_dir,
+            cfg.retention_months,
+            cfg.sweep_interval_s if cfg.sweep_by == "store" else 0.0,
+        ),
+        metrics.DiskSpace(cfg.data_dir),
+    ]
+    if cfg.tls is not None:
+        files = {"server": cfg.tls.cert_file, "ca": cfg.tls.ca_file}
+        collectors.append(metrics.CertificateExpiry(files))
+    return collectors
 
 
 def _bind_people(server: grpc.aio.Server, cfg: StoreConfig, listen: str) -> int:
