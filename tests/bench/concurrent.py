@@ -41,6 +41,7 @@ import re
 import resource
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,7 +226,7 @@ def per_worker(usage: Usage) -> tuple[float, float]:
     return usage.cpu_pct / n, usage.pss_mb / n
 
 
-def rows_of(steps: list[Step]) -> dict[str, tuple[list[str], list[list[object]]]]:
+def rows_of(steps: list[Step]) -> dict[str, tuple[list[str], Sequence[Sequence[object]]]]:
     load_cols = [
         "calls", "workers", "recorded", "refused", "rx/sent", "worst stream", "lost (gaps)",
         "sender", "sender CPU %", "sender late p50/p99/max ms", "holds",
