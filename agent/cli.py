@@ -36,6 +36,7 @@ from agent.privacy import KeyFileError, Sealer, check_private_file
 from agent.recorder import frontlog
 from agent.store.keys import FileKeyWrapper
 from agent.store.numbers import SealKeyring
+from agent.web import cli as web_cli
 
 log = logs.get_logger("callrec")
 
@@ -87,9 +88,11 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run store + agent and place a real SIPREC call")
     demo.add_argument("--dir", type=Path, default=Path("demo-data"))
     demo.add_argument("--seconds", type=float, default=6.0)
+    demo.add_argument("--web", action="store_true", help="then serve the people's web until Ctrl-C")
     access_cli.add_parsers(sub)
     certs.add_parsers(sub)
     frontlog.add_parsers(sub)
+    web_cli.add_parsers(sub)
     return parser
 
 
@@ -110,6 +113,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         certs.dispatch,
         frontlog.dispatch,
         keys_cli.dispatch,
+        web_cli.dispatch,
     )
     for dispatch in dispatchers:
         handled = dispatch(args)
@@ -149,7 +153,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         logs.configure("info")
         from agent.demo import run_demo
 
-        return run_demo(args.dir, args.seconds)
+        return run_demo(args.dir, args.seconds, args.web)
     raise AssertionError(args.command)
 
 

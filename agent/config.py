@@ -254,6 +254,20 @@ class KeysConfig:
 
 
 @dataclass(frozen=True)
+class StoreOidcConfig:
+    """``[store.oidc]``: the store accepts this issuer's ID tokens (sent by the web for
+    the signed-in person) beside personal tokens; ``person_claim`` names the directory
+    person."""
+
+    issuer: str
+    audience: tuple[str, ...]  # the web's client id
+    person_claim: str = "sub"
+    jwks_uri: str | None = None  # default: from the issuer's discovery document
+    ca_file: Path | None = None  # to trust the issuer's TLS certificate
+    leeway_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     listen: str
     data_dir: Path
@@ -283,6 +297,7 @@ class StoreConfig:
     # certificate: a person proves who they are with their token). None: Access is
     # served on `listen` beside Ingest, where mutual TLS asks for a client certificate.
     access_listen: str | None = None
+    oidc: StoreOidcConfig | None = None  # [store.oidc]: ID tokens of the people's web
     metrics_listen: str | None = None  # "127.0.0.1:9465": Prometheus /metrics
 
     @property
@@ -640,7 +655,7 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
     if not region_allowed(region, allowed):
         raise st._fail("region", region, "a region in allowed_regions (EU/EEA by default)")
     blobs = st.text("blobs", "files", choices=("files", "s3"))
-    sub = {name: _subsection(st, name, base) for name in ("s3", "keys", "tls")}
+    sub = {name: _subsection(st, name, base) for name in ("s3", "keys", "tls", "oidc")}
     if blobs != "s3" and sub["s3"].table:
         raise st._fail("blobs", blobs, '"s3" when a [store.s3] table is given')
     cfg = StoreConfig(
@@ -664,6 +679,7 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         metrics_listen=_listen(st, "metrics", "") if "metrics" in st.table else None,
         lookup_key_file=_optional_path(st, "lookup_key_file"),
         seal_key_file=_optional_path(st, "seal_key_file"),
+        oidc=_store_oidc_config(sub["oidc"]) if sub["oidc"].table else None,
     )
     _outside_data_dir(sub["keys"], "master_key_file", cfg.keys.master_key_file, data_dir)
     _outside_data_dir(sub["keys"], "pkcs11_pin_file", cfg.keys.pkcs11_pin_file, data_dir)
@@ -785,6 +801,21 @@ def _subsection(parent: _Section, name: str, base: Path) -> _Section:
             f"[{parent.name}] {name} = {table!r}: expected a [{parent.name}.{name}] table"
         )
     return _Section(f"{parent.name}.{name}", table, base)
+
+
+def _store_oidc_config(oidc: _Section) -> StoreOidcConfig:
+    issuer = oidc.text("issuer")
+    if not issuer.startswith(("https://", "http://127.0.0.1", "http://localhost")):
+        raise oidc._fail("issuer", issuer, "an https:// URL (http only on loopback)")
+    audience = oidc._get("audience", _REQUIRED)
+    return StoreOidcConfig(
+        issuer=issuer,
+        audience=(audience,) if isinstance(audience, str) else oidc.strings("audience", []),
+        person_claim=oidc.text("person_claim", "sub"),
+        jwks_uri=_optional_text(oidc, "jwks_uri", "") or None,
+        ca_file=_optional_path(oidc, "ca_file"),
+        leeway_s=oidc.seconds("leeway", "30s"),
+    )
 
 
 def _keys_config(keys: _Section) -> KeysConfig:

@@ -91,3 +91,18 @@ def test_rtp_sender_is_cheap_on_time_and_delivers_everything() -> None:
         assert r["sent"] >= 2 * 20 * 50 * 3 and r["received"] == r["sent"]
         assert 0 < r["cpu_pct"] < 100
         assert 0 <= r["late_p50_ms"] <= r["late_p99_ms"] <= r["late_max_ms"]
+
+
+def test_web_times_search_first_byte_and_seek() -> None:
+    from tests.support.web import node_ready
+    from tests.test_web import CHROMIUM
+
+    if not (CHROMIUM.exists() and node_ready()):
+        pytest.skip("needs chromium and tests/oidc (.ci/setup)")
+    report = bench("web", "--calls", "20", "--minutes", "6", "--requests", "10",
+                   "--listeners", "3", "--listen-seconds", "2")  # fmt: skip
+    result = report["result"]
+    assert result["calls"] == 21 and result["long_bytes"] > 1_048_576
+    for name in ("search", "search_period", "first_byte", "seek_middle"):
+        assert result[name]["n"] == 10 and 0 < result[name]["p50_ms"] <= result[name]["p99_ms"]
+    assert result["ranges_served"] >= 3 and result["rss_peak_mib"] >= result["rss_idle_mib"] > 0

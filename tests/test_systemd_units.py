@@ -25,6 +25,7 @@ UNITS = [
     "callrec-front.service",
     "callrec-sweep.service",
     "callrec-sweep.timer",
+    "callrec-web.service",
 ]
 DAEMONS = ["callrec-agent.service", "callrec-store.service"]
 SERVICES = [u for u in UNITS if u.endswith(".service")]

@@ -16,6 +16,7 @@ bits, so this tells nobody anything).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import re
@@ -35,7 +36,7 @@ from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.privacy import KeyFileError, normalise
 from agent.store import access_queries as q
-from agent.store import audit, tokens
+from agent.store import access_web, audit, identity, tokens
 from agent.store.access import (
     OFFICER_OPERATIONS,
     Operation,
@@ -46,11 +47,12 @@ from agent.store.access import (
     scope_of,
     scrub,
 )
-from agent.store.catalog import Catalog, RecordingRow, now_ms
+from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
 from agent.store.console import info_of
 from agent.store.crypto import CryptoError
 from agent.store.monitoring import ACCESS_REQUESTS
 from agent.store.numbers import SealError, SealKeyring, TooManyCandidates, find_calls
+from agent.store.retention import add_months
 from agent.store.sweeper import RecordingHeld, Sweeper
 from agent.store.vault import Vault
 
@@ -101,6 +103,7 @@ class Caller:
     actor: str  # "person:<id>", "token:<id>" or "anonymous"
     person: Person | None
     problem: str = ""
+    channel: str = "cli"  # "web" for the web's OIDC ID tokens, "cli" for personal tokens
 
 
 @dataclass(frozen=True)
@@ -112,9 +115,11 @@ class Attempt:
     recording_id: str | None
     purpose: str = ""
     reason: str = ""
+    channel: str = "cli"
     role: str = "unknown"  # the person's role, once known (for the metrics)
 
     def event(self, outcome: str, detail: str = "") -> audit.Event:
+        detail = f"channel={self.channel} {detail}".strip()
         return audit.Event(
             self.actor, self.op.value, self.recording_id, self.reason, outcome, self.purpose,
             detail,
@@ -143,6 +148,7 @@ _OUTCOMES = {
     grpc.StatusCode.PERMISSION_DENIED: "denied",
     grpc.StatusCode.NOT_FOUND: "not_found",
     grpc.StatusCode.UNAVAILABLE: "unavailable",
+    grpc.StatusCode.OUT_OF_RANGE: "out_of_range",
 }
 
 
@@ -162,6 +168,7 @@ class AccessService(apb_grpc.AccessServicer):
         self.today = today
         self.directory = DirectoryFile(config.directory_file)
         self.sweeper = Sweeper.from_config(config, catalog, vault)
+        self.oidc = identity.OidcVerifier(config.oidc) if config.oidc else None
 
     # ------------------------------------------------------------ gate and audit
 
@@ -170,6 +177,8 @@ class AccessService(apb_grpc.AccessServicer):
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return Caller("anonymous", None, "no 'authorization: Bearer <token>' metadata")
+        if self.oidc is not None and identity.looks_like_jwt(token.strip()):
+            return self._web_person(self.oidc.verify(token.strip()))
         checked = tokens.check(self.catalog, token.strip())
         actor = (
             f"person:{checked.person_id}"
@@ -185,6 +194,15 @@ class AccessService(apb_grpc.AccessServicer):
         if person is None:
             return Caller(actor, None, "person is not in the directory")
         return Caller(actor, person)
+
+    def _web_person(self, found: identity.Identity) -> Caller:
+        if found.person_id is None:
+            return Caller("anonymous", None, found.problem, "web")
+        person = self.directory.current().people.get(found.person_id)
+        actor = f"person:{found.person_id}"
+        if person is None:
+            return Caller(actor, None, "person is not in the directory", "web")
+        return Caller(actor, person, channel="web")
 
     async def _audit(self, event: audit.Event) -> None:
         def write() -> None:
@@ -235,7 +253,7 @@ class AccessService(apb_grpc.AccessServicer):
         """Authenticate, validate, authorise — auditing every refusal — or abort."""
         attempt = Attempt("anonymous", op, recording_id)
         caller, directory = await self._caller(context, attempt)
-        attempt = replace(attempt, actor=caller.actor)
+        attempt = replace(attempt, actor=caller.actor, channel=caller.channel)
         if caller.person is None:
             unauthenticated = grpc.StatusCode.UNAUTHENTICATED
             message = f"authentication failed: {caller.problem}"
@@ -275,6 +293,9 @@ class AccessService(apb_grpc.AccessServicer):
 
     # ------------------------------------------------------------ everyone
 
+    async def WhoAmI(self, request: apb.WhoAmIRequest, context: Context) -> apb.PersonView:
+        return await access_web.who_am_i(self, context)
+
     async def Search(self, request: apb.SearchRequest, context: Context) -> apb.SearchResponse:
         grant = await self._gate(context, Operation.SEARCH, request)
         filters = q.Filters(
@@ -285,12 +306,15 @@ class AccessService(apb_grpc.AccessServicer):
             service_number=request.service_number,
             customer_masked=request.customer_masked.replace(" ", ""),
             flags=tuple(request.flags),
+            direction=request.direction,
         )
         limit = request.limit if 0 < request.limit <= 1000 else 100
         scope = scope_of(grant.person, grant.directory)
         rows, more = await asyncio.to_thread(q.search, self.catalog, filters, scope, limit)
         await self._audit(grant.event(None, f"results={len(rows)} filters={filters.names()}"))
-        return apb.SearchResponse(recordings=[view_of(r) for r in rows], truncated=more)
+        months = self.config.retention_months
+        views = [view_of(r, months) for r in rows]
+        return apb.SearchResponse(recordings=views, truncated=more)
 
     async def GetRecording(
         self, request: apb.RecordingRequest, context: Context
@@ -298,7 +322,7 @@ class AccessService(apb_grpc.AccessServicer):
         grant = await self._gate(context, Operation.GET, request, request.recording_id)
         row = _row(grant)
         await self._audit(grant.event(row.recording_id))
-        return view_of(row)
+        return view_of(row, self.config.retention_months)
 
     async def Play(
         self, request: apb.RecordingRequest, context: Context
@@ -323,8 +347,16 @@ class AccessService(apb_grpc.AccessServicer):
             yield pb.AudioChunk(data=data, audio_format=row.audio_format if first else "")
             first = False
 
-    async def _decrypted(self, row: RecordingRow, context: Context) -> AsyncIterator[bytes]:
-        chunks: Iterator[bytes] = self.vault.read(row.recording_id, row.blob_key)
+    async def PlayRange(
+        self, request: apb.RangeRequest, context: Context
+    ) -> AsyncIterator[apb.RangeChunk]:
+        async for chunk in access_web.play_range(self, request, context):
+            yield chunk
+
+    async def _decrypted(
+        self, row: RecordingRow, context: Context, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        chunks: Iterator[bytes] = self.vault.read(row.recording_id, row.blob_key, offset, length)
         while True:
             try:
                 data = await asyncio.to_thread(next, chunks, b"")
@@ -365,7 +397,8 @@ class AccessService(apb_grpc.AccessServicer):
         ids: list[str | None] = [r.recording_id for r in found.rows]
         for rid in ids or [None]:
             await self._audit(grant.event(rid, detail))
-        return apb.SearchResponse(recordings=[view_of(r) for r in found.rows])
+        months = self.config.retention_months
+        return apb.SearchResponse(recordings=[view_of(r, months) for r in found.rows])
 
     def _seal_keyring(self) -> SealKeyring:
         if self.config.seal_key_file is None:
@@ -464,6 +497,9 @@ class AccessService(apb_grpc.AccessServicer):
             recording_id=row.recording_id, customer_masked=row.customer_masked, last_digits=digits
         )
 
+    async def AuditLog(self, request: apb.AuditRequest, context: Context) -> apb.AuditResponse:
+        return await access_web.audit_log(self, request, context)
+
 
 def _row(grant: Grant) -> RecordingRow:
     if grant.row is None:
@@ -471,10 +507,18 @@ def _row(grant: Grant) -> RecordingRow:
     return grant.row
 
 
-def view_of(row: RecordingRow) -> apb.RecordingView:
-    return apb.RecordingView(
+def view_of(row: RecordingRow, retention_months: int | None = None) -> apb.RecordingView:
+    view = apb.RecordingView(
         info=info_of(row), restricted=row.restricted, legal_hold=row.legal_hold
     )
+    if retention_months is not None:
+        view.destroy_after.FromDatetime(add_months(from_ms(row.ended_at_ms), retention_months))
+    for employee in row.employees:
+        joined = view.joined_at.add()
+        if employee.get("joined_at"):
+            with contextlib.suppress(ValueError):
+                joined.FromDatetime(dt.datetime.fromisoformat(employee["joined_at"]))
+    return view
 
 
 def add_access_service(
