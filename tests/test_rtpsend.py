@@ -44,6 +44,7 @@ def test_sender_delivers_the_file_paced_with_consecutive_headers(wav: Path, tmp_
             command = rtp_command(line, sender.fifo, None)
             subprocess.run(["sh", "-c", command], check=True, stdout=subprocess.DEVNULL)
         received = receive(sinks, len(payloads))
+        assert sender.lateness().packets == 2 * len(payloads)  # up to date on request
         assert sender.wait_idle(5, streams=3)
         late = sender.stop()
     finally:

@@ -7,7 +7,8 @@
  * every stream with sendmmsg, one call per socket (streams without src= share one).
  * Lateness (how far behind the schedule the last packet of a tick went out) of every
  * tick that sent something goes into a 50 us histogram; the stats file is rewritten
- * (write + rename) each second and at exit (SIGTERM/SIGINT) as key=value pairs.
+ * (write + rename) each second, within a tick of SIGUSR1 and at exit (SIGTERM/SIGINT)
+ * as key=value pairs; "written" counts the rewrites.
  *
  * Usage: rtpsend FIFO STATSFILE
  */
@@ -51,9 +52,9 @@ static size_t nfiles;
 static struct stream *streams[MAX_STREAMS];
 static size_t nstreams;
 static int shared_fd = -1;
-static volatile sig_atomic_t stopping;
+static volatile sig_atomic_t stopping, report;
 static uint32_t hist[BUCKETS];
-static uint64_t ticks, packets, added, refused, reanchors;
+static uint64_t ticks, packets, added, refused, reanchors, written;
 static int64_t late_max_ns;
 
 static int64_t now_ns(void) {
@@ -266,9 +267,9 @@ static void write_stats(const char *path) {
     FILE *f = fopen(tmp, "w");
     if (!f) return;
     int64_t p50 = late_percentile(50), p99 = late_percentile(99);
-    fprintf(f, "pid=%d ticks=%llu packets=%llu streams_added=%llu streams_active=%zu "
+    fprintf(f, "written=%llu pid=%d ticks=%llu packets=%llu streams_added=%llu streams_active=%zu "
                "refused=%llu reanchors=%llu late_p50_us=%lld late_p99_us=%lld late_max_us=%lld\n",
-            (int)getpid(), (unsigned long long)ticks, (unsigned long long)packets,
+            (unsigned long long)++written, (int)getpid(), (unsigned long long)ticks, (unsigned long long)packets,
             (unsigned long long)added, nstreams, (unsigned long long)refused,
             (unsigned long long)reanchors, (long long)(p50 < late_max_ns ? p50 : late_max_ns) / 1000,
             (long long)(p99 < late_max_ns ? p99 : late_max_ns) / 1000, (long long)late_max_ns / 1000);
@@ -276,7 +277,10 @@ static void write_stats(const char *path) {
     rename(tmp, path);
 }
 
-static void on_signal(int sig) { (void)sig; stopping = 1; }
+static void on_signal(int sig) {
+    if (sig == SIGUSR1) report = 1;
+    else stopping = 1;
+}
 
 int main(int argc, char **argv) {
     if (argc != 3) {
@@ -291,6 +295,7 @@ int main(int argc, char **argv) {
     struct sigaction action = {.sa_handler = on_signal};
     sigaction(SIGTERM, &action, NULL);
     sigaction(SIGINT, &action, NULL);
+    sigaction(SIGUSR1, &action, NULL);
     srandom((unsigned)(now_ns() ^ getpid()));
     static char pending[1 << 16];
     size_t used = 0;
@@ -313,7 +318,8 @@ int main(int argc, char **argv) {
             next = now;
             reanchors++;
         }
-        if (now - last_stats >= 1000000000LL) {
+        if (report || now - last_stats >= 1000000000LL) {
+            report = 0;
             write_stats(argv[2]);
             last_stats = now;
         }

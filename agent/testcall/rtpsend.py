@@ -11,8 +11,8 @@ have to be built per call and one replay process started per call, which is what
 starved the host before (FACTS.md); one paced process fed by the FIFO is not.
 
 It reports its own lateness (p50/p99/max behind the schedule, in its stats file,
-rewritten each second) so a late sender is never read as a recorder's loss; its CPU is
-read from ``/proc/<pid>/stat`` by whoever measures it.
+rewritten each second and on SIGUSR1) so a late sender is never read as a recorder's
+loss; its CPU is read from ``/proc/<pid>/stat`` by whoever measures it.
 """
 
 from __future__ import annotations
@@ -89,8 +89,22 @@ class CompiledSender:
         except (OSError, ValueError):
             return {}
 
+    def fresh_stats(self, timeout: float = 2.0) -> dict[str, int]:
+        """Stats written after this call (SIGUSR1: within a tick), or the last ones."""
+        before = self.stats().get("written", 0)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGUSR1)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.process.poll() is None:
+                figures = self.stats()
+                if figures.get("written", 0) > before:
+                    return figures
+                time.sleep(0.01)
+        return self.stats()
+
     def lateness(self) -> Lateness:
-        figures = self.stats()
+        """Up to now (the process writes its stats on request)."""
+        figures = self.fresh_stats()
         return Lateness(
             figures.get("ticks", 0), figures.get("late_p50_us", 0) / 1e6,
             figures.get("late_p99_us", 0) / 1e6, figures.get("late_max_us", 0) / 1e6,
