@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--store-dir", type=Path, required=True)
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--reason", required=True, help="why (written to the store's log)")
+    export.add_argument(
+        "--purpose",
+        required=True,
+        choices=("verification", "legal", "training", "security"),
+        help="the notice's purpose this export serves (audited)",
+    )
 
     check = sub.add_parser("check", help="validate a config file and the files it names")
     group = check.add_mutually_exclusive_group(required=True)
@@ -146,7 +152,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "console-list":
         return list_recordings(args.store_dir, args.limit)
     if args.command == "console-export":
-        return export_audio(args.store_dir, args.recording_id, args.out, args.reason)
+        return export_audio(args.store_dir, args.recording_id, args.out, args.reason, args.purpose)
     if args.command == "check":
         return check_config(args.agent, args.store)
     if args.command == "demo":
@@ -185,10 +191,9 @@ def format_recordings(recordings: Iterable[pb.RecordingInfo]) -> list[str]:
     return lines
 
 
-def export_audio(store_dir: Path, recording_id: str, out: Path, reason: str) -> int:
-    stream = _console(store_dir).ExportAudio(
-        pb.ExportAudioRequest(recording_id=recording_id, reason=reason), timeout=60
-    )
+def export_audio(store_dir: Path, recording_id: str, out: Path, reason: str, purpose: str) -> int:
+    request = pb.ExportAudioRequest(recording_id=recording_id, reason=reason, purpose=purpose)
+    stream = _console(store_dir).ExportAudio(request, timeout=60)
     tmp = out.with_name(out.name + ".part")
     size = 0
     with tmp.open("wb") as fh:

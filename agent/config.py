@@ -297,6 +297,13 @@ class StoreConfig:
     # certificate: a person proves who they are with their token). None: Access is
     # served on `listen` beside Ingest, where mutual TLS asks for a client certificate.
     access_listen: str | None = None
+    # Bounds on what agents hold open (issue 14): uploads at once and bytes of partial
+    # uploads per site, a stream's idle deadline, the age at which a partial upload is
+    # removed however recently it grew.
+    max_uploads_per_site: int = 16
+    max_incoming_bytes_per_site: int = 16 * 1024**3
+    upload_idle_timeout_s: float = 60.0
+    part_max_age_s: float = 6 * 3600.0
     oidc: StoreOidcConfig | None = None  # [store.oidc]: ID tokens of the people's web
     metrics_listen: str | None = None  # "127.0.0.1:9465": Prometheus /metrics
 
@@ -386,9 +393,9 @@ class _Section:
             raise ConfigError(f"[{self.name}] {unknown[0]}: unknown key")
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, None: 1.0}
-_MONTHS = re.compile(r"^\s*(\d+)\s*months?\s*$")
+_MONTHS = re.compile(r"\s*(\d+)\s*months?\s*")
 
 
 def parse_duration(value: object) -> float:
@@ -397,7 +404,7 @@ def parse_duration(value: object) -> float:
         raise ValueError(value)
     if isinstance(value, int | float):
         seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value)):
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     else:
         raise ValueError(value)
@@ -408,7 +415,7 @@ def parse_duration(value: object) -> float:
 
 def parse_months(value: object) -> int:
     """``"6 months"`` → 6."""
-    if isinstance(value, str) and (match := _MONTHS.match(value)):
+    if isinstance(value, str) and (match := _MONTHS.fullmatch(value)):
         months = int(match.group(1))
         if 1 <= months <= 120:
             return months
@@ -679,8 +686,19 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         metrics_listen=_listen(st, "metrics", "") if "metrics" in st.table else None,
         lookup_key_file=_optional_path(st, "lookup_key_file"),
         seal_key_file=_optional_path(st, "seal_key_file"),
+        max_uploads_per_site=st.integer("max_uploads_per_site", 16, 1, 10_000),
+        max_incoming_bytes_per_site=_size(st, "max_incoming_per_site", "16 GiB"),
+        upload_idle_timeout_s=st.seconds("upload_idle_timeout", "60s"),
+        part_max_age_s=st.seconds("part_max_age", "6h"),
         oidc=_store_oidc_config(sub["oidc"]) if sub["oidc"].table else None,
     )
+    if cfg.insecure and cfg.access_listen is not None and not is_loopback(cfg.access_listen):
+        raise st._fail(
+            "access_listen",
+            cfg.access_listen,
+            "a loopback address while [store.tls] insecure = true (people's tokens would "
+            "cross the network in plain text); give [store.tls] certificate files",
+        )
     _outside_data_dir(sub["keys"], "master_key_file", cfg.keys.master_key_file, data_dir)
     _outside_data_dir(sub["keys"], "pkcs11_pin_file", cfg.keys.pkcs11_pin_file, data_dir)
     _outside_data_dir(st, "seal_key_file", cfg.seal_key_file, data_dir)
@@ -760,7 +778,7 @@ def check_transport(cfg: UplinkConfig | StoreConfig) -> None:
     )
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _SIZE_UNITS.update({"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40})
 
@@ -768,7 +786,7 @@ _SIZE_UNITS.update({"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40})
 def _size(section: _Section, key: str, default: object) -> int:
     """A byte count: ``500000000``, ``"500 MB"`` or ``"2 GiB"``."""
     value = section._get(key, default)
-    match = _SIZE.match(value) if isinstance(value, str) else None
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     if match and float(match.group(1)) > 0:

@@ -280,7 +280,7 @@ def run_demo(directory: Path, seconds: float, web: bool = False) -> int:
         agent.wait_for(rf"event=recording_uploaded recording_id={info.manifest.recording_id}", 30)
         out("\ndemo: the store holds:\n  " + "\n  ".join(format_recordings([info])) + "\n")
         audio = root / f"recording-{info.manifest.recording_id}.ogg"
-        export_audio(root / "store-data", info.manifest.recording_id, audio, "demo")
+        export_audio(root / "store-data", info.manifest.recording_id, audio, "demo", "verification")
         hit, said = _find_by_number(root, store_cfg, access_port, info)
         out(f"demo: the privacy officer's `callrec dsr find` (number on stdin, ±15 min): {said}\n")
         scanned, leaks = _leaks(root, exclude=root / "pbx")

@@ -18,6 +18,7 @@ from agent import access_cli
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
 from agent.store import audit
+from agent.store.throttle import FailureThrottle
 from tests.support.access_world import CUSTOMER, PEOPLE, World, opus_audio, running_world
 from tests.support.services import write_store_toml
 from tests.support.stack import make_keys
@@ -255,6 +256,7 @@ def test_bad_tokens_are_unauthenticated_and_audited(
     world: World, shared: str, header: str | None, actor: str
 ) -> None:
     md = () if header is None else (("authorization", header),)
+    world.access_service.trail.throttle = FailureThrottle()  # a new minute for this source
     before = world.head_seq()
     with pytest.raises(grpc.RpcError) as err:
         world.access.GetRecording(_req(shared, apb.PURPOSE_VERIFICATION), metadata=md)

@@ -121,6 +121,7 @@ class Sweeper:
         incoming_dir: Path | None = None,
         clock: Clock = utc_now,
         actor: str | None = None,
+        part_max_age_s: float | None = None,
         state_dir: Path | None = None,
     ) -> None:
         # The audit log says which sweeper (host, process) destroyed what.
@@ -131,6 +132,7 @@ class Sweeper:
         self.batch = batch
         self.orphan_grace_s = orphan_grace_s
         self.incoming_dir = incoming_dir
+        self.part_max_age_s = orphan_grace_s if part_max_age_s is None else part_max_age_s
         self.clock = clock
         self.state_dir = state_dir  # where sweep-state.json goes (None: nowhere)
         self.stop_event = threading.Event()
@@ -144,6 +146,7 @@ class Sweeper:
             config.sweep_batch,
             config.orphan_grace_s,
             config.incoming_dir,
+            part_max_age_s=config.part_max_age_s,
             state_dir=config.data_dir,
         )
 
@@ -173,9 +176,22 @@ class Sweeper:
             oldest_age_s="none" if report.oldest_age_s is None else round(report.oldest_age_s),
         )
         LAST_RUN.set(time.time())
+        self._publish_head()
         if report.failed == 0 and not self.stop_event.is_set() and self.state_dir is not None:
             write_sweep_state(self.state_dir, report.destroyed, report.held)
         return report
+
+    def _publish_head(self) -> None:
+        """The audit chain's head after each sweep, in the log: a copy outside the
+        catalog that pins the whole history (``callrec audit verify`` prints the
+        same hash)."""
+        try:
+            head = audit.read_head(self.catalog)
+        except Exception:
+            log.exception("audit_head_unreadable")
+            return
+        if head is not None:
+            log.info("audit_head", seq=head[0], hash=head[1])
 
     def destroy(self, recording_id: str, reason: str = "erasure", actor: str = "") -> bool:
         """Destroy one recording now (a data-subject erasure); False when it is not
@@ -304,7 +320,9 @@ class Sweeper:
                 audit.Event(actor, "destroy", row.recording_id, row.destroy_reason, "destroyed")
                 for row in deleted
             ]
-            audit.append_events(conn, events, at_ms=now_ms)
+            # The entries' time is taken under the chain's head lock (audit.py), not
+            # at the start of this run: times never go backwards along the chain.
+            audit.append_events(conn, events)
         for row in deleted:
             log.info(
                 "recording_swept",
@@ -340,7 +358,9 @@ class Sweeper:
         report.partial_blobs = self.vault.blobs.remove_partial(self.orphan_grace_s)
         ORPHANS.labels(kind="blob_partial").inc(report.partial_blobs)
         if self.incoming_dir is not None:
-            report.partial_uploads = remove_stale_uploads(self.incoming_dir, self.orphan_grace_s)
+            report.partial_uploads = remove_stale_uploads(
+                self.incoming_dir, self.orphan_grace_s, self.part_max_age_s
+            )
             ORPHANS.labels(kind="incoming").inc(report.partial_uploads)
 
     def _measure(self, now_ms: int, report: SweepReport) -> None:
@@ -398,9 +418,11 @@ def read_sweep_state(data_dir: Path) -> float | None:
         return None
 
 
-def remove_stale_uploads(incoming: Path, grace_s: float) -> int:
+def remove_stale_uploads(incoming: Path, grace_s: float, max_age_s: float | None = None) -> int:
     """Partial uploads (``<id>.part``, ``<id>.manifest``, temporary files) whose newest
-    file is older than the grace period; an agent that comes back starts over."""
+    file is older than the grace period, or that were begun more than ``max_age_s``
+    ago (the ``.manifest`` is written once, when an upload begins: its mtime is the
+    upload's age), however recently they grew; an agent that comes back starts over."""
     groups: dict[str, list[Path]] = {}
     try:
         entries = list(incoming.iterdir())
@@ -408,13 +430,15 @@ def remove_stale_uploads(incoming: Path, grace_s: float) -> int:
         return 0
     for path in entries:
         groups.setdefault(path.name.lstrip(".")[:32], []).append(path)
-    cutoff, removed = time.time() - grace_s, 0
+    now, removed = time.time(), 0
+    too_old = now - (grace_s if max_age_s is None else min(grace_s, max_age_s))
     for recording_id, paths in groups.items():
         try:
-            newest = max(p.stat().st_mtime for p in paths)
+            times = {p.name: p.stat().st_mtime for p in paths}
         except FileNotFoundError:
             continue
-        if newest >= cutoff:
+        begun = times.get(f"{recording_id}.manifest", min(times.values()))
+        if max(times.values()) >= now - grace_s and begun >= too_old:
             continue
         for path in paths:
             path.unlink(missing_ok=True)
@@ -478,8 +502,6 @@ def run_sweeper(config: StoreConfig, once: bool = True, timer: bool = False) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from agent import logs
-
     parser = argparse.ArgumentParser(prog="callrec sweep", description="destroy expired recordings")
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--once", action="store_true", help="one sweep, then exit")
