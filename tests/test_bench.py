@@ -40,6 +40,10 @@ def test_concurrent_recording_stores_every_call_and_times_it() -> None:
     assert step["rx_over_sent"] > 0.95
     assert 0 < step["hangup_to_safe_p50_s"] <= step["hangup_to_safe_p99_s"] < 60
     assert step["usage"]["busy"]["workers"]["processes"] == step["workers"]
+    # The compiled sender (the default) sent the calls' RTP and said how late it ran.
+    assert step["sender"] == "c" and step["usage"]["busy"]["sender"]["processes"] == 1
+    assert step["sender_packets"] >= step["packets_received"] > 0
+    assert 0 <= step["sender_late_p50_s"] <= step["sender_late_p99_s"] <= step["sender_max_late_s"]
 
 
 def test_store_scale_destroys_exactly_the_expired_on_both_backends() -> None:
@@ -77,6 +81,16 @@ def test_spool_burst_takes_every_recording() -> None:
     report = bench("spool_burst", "--files", "30", "--seconds", "1")
     result = report["result"]
     assert result["recordings"] == 30 and result["quarantined"] == 0
+
+
+def test_rtp_sender_is_cheap_on_time_and_delivers_everything() -> None:
+    report = bench("rtp_sender", "--calls", "20", "--sender", "c,python", "--seconds", "3")
+    results = report["result"]["results"]
+    assert [(r["sender"], r["calls"]) for r in results] == [("c", 20), ("python", 20)]
+    for r in results:
+        assert r["sent"] >= 2 * 20 * 50 * 3 and r["received"] == r["sent"]
+        assert 0 < r["cpu_pct"] < 100
+        assert 0 <= r["late_p50_ms"] <= r["late_p99_ms"] <= r["late_max_ms"]
 
 
 def test_web_times_search_first_byte_and_seek() -> None:

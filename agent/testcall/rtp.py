@@ -22,7 +22,9 @@ to the port the SDP offered, as a real SRC does (symmetric RTP).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
+import math
 import os
 import random
 import select
@@ -64,6 +66,27 @@ class StreamSpec:
     def format(self) -> str:
         src = f",src={self.src_port}" if self.src_port else ""
         return f"{self.host}:{self.port}={self.path}{src}"
+
+
+@dataclass(frozen=True)
+class Lateness:
+    """How far behind the 20 ms schedule a sender's ticks that sent something ran
+    (seconds), so a late sender is never read as a recorder's loss."""
+
+    ticks: int
+    p50_s: float
+    p99_s: float
+    max_s: float
+    packets: int
+
+    @classmethod
+    def of(cls, late_s: list[float], packets: int) -> Lateness:
+        ordered = sorted(late_s)
+
+        def rank(q: float) -> float:
+            return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1] if ordered else 0.0
+
+        return cls(len(ordered), rank(50), rank(99), ordered[-1] if ordered else 0.0, packets)
 
 
 def encode_wav(path: Path, codec: str = "pcma") -> list[bytes]:
@@ -117,6 +140,8 @@ class RtpSender:
         self._cache: dict[Path, list[bytes]] = {}
         self.max_late_s = 0.0  # how far the pace ever fell behind (load tests report it)
         self.streams_added = 0
+        self.packets = 0
+        self._late_s: collections.deque[float] = collections.deque(maxlen=200_000)
 
     def add(self, spec: StreamSpec) -> None:
         payloads = self._cache.get(spec.path)
@@ -140,6 +165,14 @@ class RtpSender:
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
 
+    def lateness(self) -> Lateness:
+        """Lateness of the ticks that sent something, measured after their last packet."""
+        return Lateness.of(list(self._late_s), self.packets)
+
+    def thread_ids(self) -> list[int]:
+        """The sending thread's id (its CPU is in ``/proc/<id>/stat``)."""
+        return [self._thread.native_id] if self._thread.native_id else []
+
     def wait_idle(self, timeout: float) -> bool:
         """True once every stream added so far has been sent completely."""
         return self._idle.wait(timeout)
@@ -150,6 +183,9 @@ class RtpSender:
             with self._lock:
                 streams = list(self._streams)
             done = [s for s in streams if not s.send_next()]
+            if len(done) < len(streams):
+                self.packets += len(streams) - len(done)
+                self._late_s.append(max(0.0, time.monotonic() - next_tick))
             if done:
                 with self._lock:
                     for stream in done:

@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -199,14 +199,14 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def emit(
     benchmark: str,
     module: str,
-    tables: dict[str, tuple[Sequence[str], Sequence[Sequence[object]]]],
+    tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[object]]]],
     result: dict[str, object],
     tools: Iterable[str] = (),
     started: float | None = None,
 ) -> None:
     """Print the tables, then one JSON line with the machine, versions and command."""
     stamp = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
-    header = {
+    header: dict[str, object] = {
         "benchmark": benchmark,
         "date": stamp,
         "command": command_line(module),

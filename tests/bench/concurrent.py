@@ -6,14 +6,18 @@ time from hang-up to the store's durable receipt.
 
 For each step N, a fresh store and agent with ceil(N/4) workers plus 10 % spare behind
 the agent's own Kamailio; SIPp (one process, ``--rate`` calls/s) places N two-stream
-SIPREC calls with real speech as G.711 A-law, all RTP from one sender in this process
-(FACTS.md). Measured per step:
+SIPREC calls with real speech as G.711 A-law, all RTP from one sender fed through a
+FIFO (FACTS.md): ``--sender c`` (default) the compiled one, ``agent/testcall/rtpsend.c``
+(one ``sendmmsg`` per 20 ms tick), ``--sender python`` the one Python thread that fell
+behind at 400 calls (issue 20). Measured per step:
 
 - calls recorded / offered (stored in the catalog, whole: no flag, right length);
 - RTP packets received / sent per stream: received from pjsua's stream counters at
   the end of each stream (the worker's ``call_recorded`` line), sent = the call's
-  length * 50 packets/s (the sender plays a file longer than the call; its worst lag
-  behind the 20 ms pace is reported, since a late sender would send less);
+  length * 50 packets/s (the sender plays a file longer than the call);
+- the sender's own cost and lateness: its CPU (% of one core, /proc) while every call
+  is up, and how far behind the 20 ms schedule its ticks ran (p50/p99/max), so a late
+  sender (which sends less within the call) is never read as a recorder loss;
 - packets lost: the sequence gaps pjsua counted (sent, never received); a sender
   that falls behind sends late, not with gaps, so this separates the recorder's
   losses from the load generator's;
@@ -37,6 +41,7 @@ import re
 import resource
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +51,7 @@ from agent.store.catalog import RecordingRow
 from agent.testcall.sipp import SippResult, siprec_scenario
 from tests.bench.common import Usage, children, emit, measure, percentile
 from tests.support.audio import long_speech
-from tests.support.pool import Pool, flags, running_pool
+from tests.support.pool import SENDERS, Pool, flags, running_pool
 
 MODULE = "tests.bench.concurrent"
 PACKETS_PER_S = 50
@@ -76,7 +81,11 @@ class Step:
     lost: int = 0  # sequence gaps pjsua saw: packets sent but not received
     received: int = 0
     streams: int = 0
-    sender_late_s: float = 0.0
+    sender: str = "c"
+    sender_late_s: float = 0.0  # max
+    sender_late_p50_s: float = 0.0
+    sender_late_p99_s: float = 0.0
+    sender_packets: int = 0
     idle: dict[str, Usage] = field(default_factory=dict)
     busy: dict[str, Usage] = field(default_factory=dict)
     safe_s: list[float] = field(default_factory=list)
@@ -95,6 +104,7 @@ def groups(pool: Pool) -> dict[str, list[int]]:
         "workers": list(pool.worker_pids().values()),
         "front": children(front),
         "agent main": [pool.agent.process.pid] if pool.agent.process else [],
+        "sender": pool.sender.thread_ids() if pool.sender else [],
     }
 
 
@@ -167,18 +177,23 @@ def place(pool: Pool, step: Step, seconds: int, rate: float, spread: int) -> Sip
         return future.result()
 
 
-def run_step(root: Path, calls: int, seconds: int, rate: float, spread: int = 0) -> Step:
+def run_step(
+    root: Path, calls: int, seconds: int, rate: float, spread: int = 0, sender: str = "c"
+) -> Step:
     workers = math.ceil(calls / 4) + max(1, math.ceil(calls / 40))
-    step = Step(calls, workers)
+    step = Step(calls, workers, sender=sender)
     speech = long_speech(root / "speech", seconds + spread + 10)
     ready_s = 60.0 + workers
     with running_pool(
-        root / f"step{calls}", workers, speech, ready_timeout=ready_s, rtp_timeout="10s"
-    ) as pool:
+        root / f"step{calls}", workers, speech, ready_timeout=ready_s, sender=sender,
+        rtp_timeout="10s",
+    ) as pool:  # fmt: skip
         pool.wait_idle(timeout=ready_s)
         assert pool.sender is not None
         result = place(pool, step, seconds, rate, spread)
-        step.sender_late_s = pool.sender.max_late_s
+        late = pool.sender.lateness()
+        step.sender_late_s, step.sender_late_p50_s = late.max_s, late.p50_s
+        step.sender_late_p99_s, step.sender_packets = late.p99_s, late.packets
         answered = [c for c in result.calls.values() if c.answered_at]
         step.answered = len(answered)
         step.refused = sum(1 for c in result.calls.values() if c.refused_status)
@@ -211,10 +226,10 @@ def per_worker(usage: Usage) -> tuple[float, float]:
     return usage.cpu_pct / n, usage.pss_mb / n
 
 
-def rows_of(steps: list[Step]) -> dict[str, tuple[list[str], list[list[object]]]]:
+def rows_of(steps: list[Step]) -> dict[str, tuple[list[str], Sequence[Sequence[object]]]]:
     load_cols = [
         "calls", "workers", "recorded", "refused", "rx/sent", "worst stream", "lost (gaps)",
-        "sender lag s", "holds",
+        "sender", "sender CPU %", "sender late p50/p99/max ms", "holds",
     ]  # fmt: skip
     cost_cols = [
         "calls", "workers CPU %", "workers PSS MB", "front CPU %", "agent CPU %",
@@ -229,7 +244,10 @@ def rows_of(steps: list[Step]) -> dict[str, tuple[list[str], list[list[object]]]
         load.append([
             s.calls, s.workers, f"{s.whole}/{s.calls}", s.refused,
             f"{s.rx_ratio_total:.4f}", f"{s.rx_ratio_worst:.4f}",
-            f"{s.lost / max(1, s.lost + s.received):.5f}", s.sender_late_s,
+            f"{s.lost / max(1, s.lost + s.received):.5f}", s.sender,
+            s.busy["sender"].cpu_pct,
+            f"{s.sender_late_p50_s * 1e3:.1f}/{s.sender_late_p99_s * 1e3:.1f}/"
+            f"{s.sender_late_s * 1e3:.1f}",
             "yes" if s.holds else "NO",
         ])  # fmt: skip
         idle_cpu, idle_pss = per_worker(s.idle["workers"])
@@ -284,7 +302,12 @@ def as_json(step: Step) -> dict[str, object]:
         "worst_stream_rx_over_sent": round(step.rx_ratio_worst, 5),
         "packets_received": step.received,
         "packets_lost_gaps": step.lost,
-        "sender_max_late_s": round(step.sender_late_s, 3),
+        "sender": step.sender,
+        "sender_cpu_pct": round(step.busy["sender"].cpu_pct, 2),
+        "sender_packets": step.sender_packets,
+        "sender_late_p50_s": round(step.sender_late_p50_s, 4),
+        "sender_late_p99_s": round(step.sender_late_p99_s, 4),
+        "sender_max_late_s": round(step.sender_late_s, 4),
         "hangup_to_safe_p50_s": round(percentile(step.safe_s, 50), 3),
         "hangup_to_safe_p99_s": round(percentile(step.safe_s, 99), 3),
         "hangup_to_safe_max_s": round(max(step.safe_s, default=math.nan), 3),
@@ -309,6 +332,12 @@ def main(argv: list[str] | None = None) -> int:
         help="calls last --seconds plus up to this many seconds more (uniform): hang-ups "
         "spread out as in steady traffic instead of all ending within seconds",
     )  # fmt: skip
+    parser.add_argument(
+        "--sender",
+        choices=SENDERS,
+        default="c",
+        help="the RTP load generator: compiled (c) or one Python thread",
+    )
     parser.add_argument("--stop-after-drop", action="store_true",
                         help="stop after the first step that does not hold")  # fmt: skip
     args = parser.parse_args(argv)
@@ -318,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     steps: list[Step] = []
     with tempfile.TemporaryDirectory(prefix="bench-concurrent-") as tmp:
         for calls in (int(n) for n in args.steps.split(",")):
-            step = run_step(Path(tmp), calls, args.seconds, args.rate, args.spread)
+            step = run_step(Path(tmp), calls, args.seconds, args.rate, args.spread, args.sender)
             steps.append(step)
             print(f"step {calls}: {step.whole}/{calls} whole, holds={step.holds}", flush=True)
             if args.stop_after_drop and not step.holds:
@@ -328,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         "call_seconds": args.seconds,
         "rate_calls_per_s": args.rate,
         "call_spread_s": args.spread,
+        "sender": args.sender,
         "first_step_that_drops": first_drop,
         "steps": [as_json(s) for s in steps],
     }

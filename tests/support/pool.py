@@ -23,6 +23,7 @@ from agent.recorder.front import Destination, FrontFiles, destinations, front_fi
 from agent.recorder.sip import call_ref
 from agent.store.catalog import Catalog, RecordingRow
 from agent.testcall.rtp import FifoControl, RtpSender
+from agent.testcall.rtpsend import CompiledSender
 from agent.testcall.sipp import SippResult, SiprecCall, free_port, run_sipp, siprec_scenario
 from tests.support.audio import Speech, best_correlation, envelope, make_speech
 from tests.support.daemons import Daemon, start_agent, start_store
@@ -33,10 +34,25 @@ NATIONAL = "0401234567"
 SERVICE_AOR = "sip:+35898765432@pbx.example"  # "+358 9 876 5432" in stack.SERVICE_NUMBERS
 
 
+Sender = RtpSender | CompiledSender
+SENDERS = ("c", "python")
+
+
 @contextmanager
-def rtp_sender(directory: Path) -> Iterator[tuple[Path, RtpSender]]:
+def rtp_sender(directory: Path, kind: str = "c") -> Iterator[tuple[Path, Sender]]:
     """One sender for every call (FACTS.md: one process per call starves the host),
-    fed through a FIFO (SIPp's exec then costs a few ms per call, not a Python start)."""
+    fed through a FIFO (SIPp's exec then costs a few ms per call, not a Python start):
+    ``c`` the compiled one (agent/testcall/rtpsend.c, sendmmsg per 20 ms tick),
+    ``python`` one thread of this process (tops out below 400 calls, issue 20)."""
+    if kind == "c":
+        compiled = CompiledSender(directory / "rtp.fifo")
+        try:
+            yield compiled.fifo, compiled
+        finally:
+            compiled.stop()
+        return
+    if kind != "python":
+        raise ValueError(f"sender {kind!r}: expected one of {', '.join(SENDERS)}")
     sender = RtpSender().start()
     control = FifoControl(sender, directory / "rtp.fifo").start()
     try:
@@ -59,7 +75,7 @@ class Pool:
     files: FrontFiles
     speech: Speech
     rtp: Path  # the RTP sender's FIFO
-    sender: RtpSender | None = None
+    sender: Sender | None = None
 
     @property
     def target(self) -> tuple[str, int]:
@@ -222,20 +238,22 @@ def running_pool(
     speech: Speech | None = None,
     ready_timeout: float = 60.0,
     agent_section: dict[str, object] | None = None,
+    sender: str = "python",
     **sip: object,
 ) -> Iterator[Pool]:
-    """Store, RTP sender and a pool of ``workers``, all stopped at the end."""
+    """Store, RTP sender (``sender``: see :func:`rtp_sender`) and a pool of ``workers``,
+    all stopped at the end."""
     keys, speech = make_keys(root / "keys"), speech or make_speech(root / "speech")
     (root / "store").mkdir()
     store, address = start_store(root / "store")
     try:
-        with rtp_sender(root) as (rtp, sender):
+        with rtp_sender(root, sender) as (rtp, rtp_out):
             store_dir = root / "store" / "store-data"
             pool = start_pool(
                 root / "agent", keys, address, store_dir, speech, rtp, workers, ready_timeout,
                 agent_section, **sip,
             )  # fmt: skip
-            pool.sender = sender
+            pool.sender = rtp_out
             try:
                 yield pool
             finally:
