@@ -273,9 +273,9 @@ def test_find_across_a_seal_key_rotation_and_every_use_is_audited(world: World) 
     events = world.events_after(seq)
     finds = [(e["action"], e["outcome"], e["recording_id"], e["detail"]) for e in events]
     assert finds == [
-        ("find_by_number", "allowed", before, "matches=2 opened=3 window=+-15m"),
-        ("find_by_number", "allowed", after, "matches=2 opened=3 window=+-15m"),
-        ("find_by_number", "allowed", neighbour, "matches=1 opened=3 window=+-15m"),
+        ("find_by_number", "allowed", before, "channel=cli matches=2 opened=3 window=+-15m"),
+        ("find_by_number", "allowed", after, "channel=cli matches=2 opened=3 window=+-15m"),
+        ("find_by_number", "allowed", neighbour, "channel=cli matches=1 opened=3 window=+-15m"),
     ]
     for event in events:
         assert "567" not in json.dumps(event, default=str) and "1234" not in event["detail"]
