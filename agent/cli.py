@@ -6,7 +6,7 @@ callrec keys init DIR                   create the lookup key and the seal key p
 callrec list   --store-dir DIR          list stored recordings (operator console)
 callrec export ID --out FILE --reason R export one recording's audio
 callrec check  --agent/--store FILE     validate a config and its key files
-callrec demo                            store + agent + a real SIPREC call, on defaults
+callrec demo                            store + agent + a real SIPREC call (source checkout only)
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import sys
@@ -42,6 +44,7 @@ log = logging.getLogger("callrec")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="callrec", description="call-recording register")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     agent = sub.add_parser("agent", help="run the recording agent")
@@ -83,12 +86,27 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--agent", type=Path)
     group.add_argument("--store", type=Path)
 
-    demo = sub.add_parser("demo", help="run store + agent and place a real SIPREC call")
-    demo.add_argument("--dir", type=Path, default=Path("demo-data"))
-    demo.add_argument("--seconds", type=float, default=6.0)
+    if demo_installed():
+        demo = sub.add_parser("demo", help="run store + agent and place a real SIPREC call")
+        demo.add_argument("--dir", type=Path, default=Path("demo-data"))
+        demo.add_argument("--seconds", type=float, default=6.0)
     access_cli.add_parsers(sub)
     certs.add_parsers(sub)
     return parser
+
+
+def demo_installed() -> bool:
+    """The demo and its test-call harness (SIPp scenarios, speech) ship with a source
+    checkout, not with the Debian package: a production host has no ``demo`` command."""
+    return importlib.util.find_spec("agent.demo") is not None
+
+
+def installed_version() -> str:
+    """The version of the installed distribution (its metadata, as pip or the .deb put it)."""
+    try:
+        return importlib.metadata.version("callrec")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed as a distribution)"
 
 
 def main(argv: list[str] | None = None) -> int:
