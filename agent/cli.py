@@ -101,6 +101,17 @@ def demo_installed() -> bool:
     return importlib.util.find_spec("agent.demo") is not None
 
 
+def require_sip_library() -> None:
+    """The agent's workers need pjsua2; say so in one line rather than let each worker
+    die on import (pjsua2-python has no wheel for Python 3.13)."""
+    if importlib.util.find_spec("pjsua2") is None:
+        raise ConfigError(
+            f"pjsua2 is not installed for Python {sys.version_info.major}."
+            f"{sys.version_info.minor}: the SIP workers need pjsua2-python "
+            "(wheels for Python 3.8 to 3.12)"
+        )
+
+
 def installed_version() -> str:
     """The version of the installed distribution (its metadata, as pip or the .deb put it)."""
     try:
@@ -131,6 +142,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return handled
     if args.command == "agent":
         agent_cfg = load_agent_config(args.config)
+        require_sip_library()
         logs.configure(agent_cfg.log_level)
         from agent.recorder.daemon import run_agent
 

@@ -102,3 +102,19 @@ def test_demo_is_offered_in_a_source_checkout(command: list[str]) -> None:
     result = _callrec(*command)
     assert result.returncode == 0
     assert "demo" in result.stdout
+
+
+def test_agent_without_pjsua2_says_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Python 3.13 has no pjsua2 wheel: `callrec agent` refuses with one line, exit 2."""
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None) -> ModuleSpec | None:
+        return None if name == "pjsua2" else real_find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    assert cli.main(["agent", "--config", str(EXAMPLES / "agent.toml.example")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("callrec agent: pjsua2 is not installed for Python 3.")
+    assert err.count("\n") == 1
