@@ -16,7 +16,6 @@ import asyncio
 import datetime as dt
 import importlib.metadata
 import importlib.util
-import logging
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -39,7 +38,7 @@ from agent.privacy import (
     new_seal_keypair,
 )
 
-log = logging.getLogger("callrec")
+log = logs.get_logger("callrec")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -143,25 +142,25 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "agent":
         agent_cfg = load_agent_config(args.config)
         require_sip_library()
-        logs.configure(agent_cfg.log_level)
+        logs.configure(agent_cfg.log_level, identifier="callrec-agent")
         from agent.recorder.daemon import run_agent
 
         return run_agent(agent_cfg, args.config)
     if args.command == "worker":
         agent_cfg = load_agent_config(args.config)
-        logs.configure(agent_cfg.log_level)
+        logs.configure(agent_cfg.log_level, identifier="callrec-agent")
         from agent.recorder.worker import worker_main
 
         return worker_main(agent_cfg, args.index, args.ready_fd, args.config)
     if args.command == "store":
         store_cfg = load_store_config(args.config)
-        logs.configure(store_cfg.log_level)
+        logs.configure(store_cfg.log_level, identifier="callrec-store")
         from agent.store.server import serve
 
         return asyncio.run(serve(store_cfg))
     if args.command == "sweep":
         store_cfg = load_store_config(args.config)
-        logs.configure(store_cfg.log_level)
+        logs.configure(store_cfg.log_level, identifier="callrec-sweep")
         from agent.store.sweeper import run_sweeper
 
         return run_sweeper(store_cfg, once=args.once)

@@ -111,6 +111,9 @@ class UplinkConfig:
     outbox_warn_bytes: int = 2 * 1024**3
     outbox_warn_age_s: float = 3600.0
     outbox_check_s: float = 30.0
+    # While the store is unreachable: one line when that starts and ends, a summary
+    # at most this often in between.
+    store_down_summary_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -535,6 +538,7 @@ def _uplink_config(up: _Section) -> UplinkConfig:
         outbox_warn_bytes=_size(up, "outbox_warn_bytes", "2 GiB"),
         outbox_warn_age_s=up.seconds("outbox_warn_age", "1h"),
         outbox_check_s=up.seconds("outbox_check", "30s"),
+        store_down_summary_s=up.seconds("store_down_summary", "5m"),
         **_transport(up, address, "store_address"),
     )
 

@@ -9,7 +9,6 @@ customer's full number was written nowhere.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import signal
@@ -27,8 +26,6 @@ from agent.cli import export_audio, format_recordings, keys_init
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.testcall import SiprecCall, free_port, make_speech, run_sipp, siprec_scenario
-
-log = logging.getLogger(__name__)
 
 CUSTOMER = "+358401234567"
 SERVICE = "0100 5577"

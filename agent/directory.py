@@ -7,7 +7,6 @@ replaces a good one.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import threading
 import tomllib
 from collections.abc import Mapping
@@ -17,7 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-log = logging.getLogger(__name__)
+from agent import logs
+
+log = logs.get_logger(__name__)
 
 
 class Role(StrEnum):
@@ -172,13 +173,13 @@ class LiveDirectory:
         try:
             fresh = Directory.load(self.path)
         except DirectoryError as exc:
-            log.error("event=directory_reload_failed reason=%r kept=previous", str(exc))
+            log.error("directory_reload_failed", reason=str(exc), kept="previous")
             return False
         with self._lock:
             unchanged, self._current = fresh == self._current, fresh
             self.version += 0 if unchanged else 1
         if unchanged:  # saved again with the same content
-            log.debug("event=directory_unchanged people=%d", len(fresh.people))
+            log.debug("directory_unchanged", people=len(fresh.people))
         else:
-            log.info("event=directory_reloaded people=%d", len(fresh.people))
+            log.info("directory_reloaded", people=len(fresh.people))
         return True

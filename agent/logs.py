@@ -12,22 +12,30 @@ and string values pass through :func:`redact_numbers`. Code logs events, not tex
 Integers, floats and booleans are rendered as they are (a status code or a byte count
 is never mistaken for a number to redact); ``None`` renders as ``-``. Records from
 libraries (or anything logged with a plain message) become ``event=log msg="…"``,
-through the same renderer.
+through the same renderer. String values are redacted by
+:func:`agent.redaction.redact_numbers` (possible phone numbers, not digit runs);
+:class:`NotPersonal` marks the one kind of text that is not (a configured service
+number).
 
-Under systemd (``JOURNAL_STREAM`` set) the line carries the ``<N>`` priority prefix
-journald understands (sd-daemon(3)) and no time stamp. Configured only by the entry
-point (``agent.cli``).
+Under systemd (``JOURNAL_STREAM`` set) records go to journald's native socket as
+structured entries (:mod:`agent.journal`: ``journalctl RECORDING_ID=…``); without the
+socket the line goes to stdout with the ``<N>`` priority prefix journald understands
+(sd-daemon(3)) and no time stamp. Configured only by the entry point (``agent.cli``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import os
 import re
 import sys
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import TextIO
+
+from agent.redaction import redact_numbers
 
 _PRIORITY = {
     logging.DEBUG: 7,
@@ -36,17 +44,18 @@ _PRIORITY = {
     logging.ERROR: 3,
     logging.CRITICAL: 2,
 }
+JOURNAL_SOCKET = Path("/run/systemd/journal/socket")
 FIELDS_ATTR = "callrec_fields"  # LogRecord attribute holding an event's fields
+EVENT_ATTR = "callrec_event"  # … and its name
 _EVENT = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _KEY = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
-# Anything that could be a phone number: 6+ digits, optionally with + and separators.
-_NUMBER_LIKE = re.compile(r"(?<![\w.])\+?(?:\d[\s\-\.]?){5,}\d(?![\w*])")
 
+class NotPersonal(str):
+    """Text known to hold no one's personal number (a configured service number of the
+    contact centre): rendered without redaction, still quoted and escaped."""
 
-def redact_numbers(text: str) -> str:
-    """Blank every digit run long enough to be a phone number (keeps short ids)."""
-    return _NUMBER_LIKE.sub("<redacted>", text)
+    __slots__ = ()
 
 
 # ---------------------------------------------------------------- rendering
@@ -74,37 +83,118 @@ def render_value(value: object) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return f"{value:.6g}" if abs(value) >= 1e-4 or value == 0 else f"{value:.3e}"
-    text = redact_numbers(value if isinstance(value, str) else str(value))
+        return _render_float(value)
+    text = value if isinstance(value, NotPersonal) else redact_numbers(str(value))
     if text and not _NEEDS_QUOTES.search(text):
         return text
     return '"' + _CONTROL.sub(_escape_char, text) + '"'
+
+
+def _render_float(value: float) -> str:
+    """Fixed point with up to six decimals (``3.0``, ``0.25``, ``1234567.5``); tiny
+    values in exponent form."""
+    if not math.isfinite(value):
+        return str(value)
+    text = f"{value:.6f}".rstrip("0")
+    if text.endswith("."):
+        text += "0"
+    if value != 0 and float(text) == 0:
+        return f"{value:.3e}"
+    return text
 
 
 def render_fields(fields: Mapping[str, object]) -> str:
     return " ".join(f"{key}={render_value(value)}" for key, value in fields.items())
 
 
-def _event_and_fields(record: logging.LogRecord) -> tuple[str, dict[str, object]]:
+_PAIR = re.compile(r'\s*([a-z][a-z0-9_]{0,63})=("(?:[^"\\]|\\.)*"|[^\s"]*)(?=\s|\Z)')
+_UNESCAPE = re.compile(r"\\(x[0-9a-f]{2}|u[0-9a-f]{4}|.)")
+_SMALL_INT = re.compile(r"0|[1-9][0-9]{0,5}")  # a status code or a count, never a number
+_UNESCAPED = {"n": "\n", "r": "\r", "t": "\t"}
+
+
+def is_event_name(name: str) -> bool:
+    return _EVENT.fullmatch(name) is not None
+
+
+def parse_logfmt(text: str) -> dict[str, object] | None:
+    """The fields of a logfmt line (``key=value key="quoted value"``), up to six digits
+    as ints (a status code, a count; longer runs stay text and are redacted); None
+    when the text is not wholly such pairs (a foreign line, e.g. Kamailio's own, is
+    then logged as a message)."""
+    fields: dict[str, object] = {}
+    pos, text = 0, text.rstrip()
+    while pos < len(text):
+        match = _PAIR.match(text, pos)
+        if match is None:
+            return None
+        key, raw = match.groups()
+        value = _unquote(raw) if raw.startswith('"') else raw
+        fields[key] = int(raw) if _SMALL_INT.fullmatch(raw) else value
+        pos = match.end()
+    return fields
+
+
+def _unquote(raw: str) -> str:
+    def one(match: re.Match[str]) -> str:
+        code = match.group(1)
+        if len(code) > 1:
+            return chr(int(code[1:], 16))
+        return _UNESCAPED.get(code, code)
+
+    return _UNESCAPE.sub(one, raw[1:-1])
+
+
+def syslog_priority(levelno: int) -> int:
+    return _PRIORITY.get(levelno, 6)
+
+
+def render_event(event: str, fields: Mapping[str, object]) -> str:
+    """``event=<name> key=value …``: the message of every record (see :class:`EventLog`)."""
+    return f"event={event} {render_fields(fields)}" if fields else f"event={event}"
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception as a log value: type and message (never a traceback). A database
+    error gives its first line only: SQLAlchemy appends the statement (its parameters
+    are hidden, ``hide_parameters``) and PostgreSQL a ``DETAIL`` with the failing row's
+    values."""
+    orig = getattr(exc, "orig", None)
+    if isinstance(orig, BaseException) and hasattr(exc, "statement"):
+        return f"{type(exc).__name__}: {type(orig).__name__}: {_first_line(orig)}"
+    if hasattr(exc, "diag") and hasattr(exc, "sqlstate"):  # psycopg's own
+        return f"{type(exc).__name__}: {_first_line(exc)}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def event_of(record: logging.LogRecord) -> tuple[str, dict[str, object]]:
+    """A record's event and fields; a foreign record (a library's, or a plain message)
+    is ``log`` with its text as ``msg``."""
     fields = getattr(record, FIELDS_ATTR, None)
-    if isinstance(fields, dict) and isinstance(record.msg, str):
-        return record.msg, dict(fields)
-    return "log", {"msg": record.getMessage()}
+    event = getattr(record, EVENT_ATTR, None)
+    if isinstance(fields, dict) and isinstance(event, str):
+        return event, fields
+    fields = {"msg": record.getMessage()}
+    if record.exc_info and record.exc_info[1] is not None:
+        fields["error"] = error_text(record.exc_info[1])
+    return "log", fields
 
 
-def _legacy_line(record: logging.LogRecord) -> str | None:
-    """TRANSITION: a message still written as ``"event=… key=%s"`` text is kept as it
-    is, with control characters escaped and numbers redacted. Removed once every call
-    site logs through :class:`EventLog`."""
-    if getattr(record, FIELDS_ATTR, None) is not None:
-        return None
-    message = record.getMessage()
-    if not message.startswith("event="):
-        return None
-    return _CONTROL_ONLY.sub(_escape_char, redact_numbers(message))
-
-
-_CONTROL_ONLY = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+def render_line(record: logging.LogRecord) -> str:
+    """``<logger> [level=…] event=<name> key=value …`` without time stamp or prefix."""
+    head = [record.name]
+    if record.levelno >= logging.WARNING:
+        head.append(f"level={record.levelname.lower()}")
+    if getattr(record, EVENT_ATTR, None) is not None:
+        head.append(record.getMessage())  # rendered once, by EventLog.log
+    else:
+        head.append(render_event(*event_of(record)))
+    return " ".join(head)
 
 
 class _Formatter(logging.Formatter):
@@ -113,24 +203,9 @@ class _Formatter(logging.Formatter):
         self.journald = journald
 
     def format(self, record: logging.LogRecord) -> str:
-        event, fields = _event_and_fields(record)
-        if record.exc_info and record.exc_info[1] is not None:
-            exc = record.exc_info[1]
-            fields.setdefault("error", f"{type(exc).__name__}: {exc}")
-        head = [record.name]
-        legacy = _legacy_line(record)
-        if record.levelno >= logging.WARNING and "level=" not in (legacy or ""):
-            head.append(f"level={record.levelname.lower()}")
-        if legacy is not None:
-            head.append(legacy)
-            fields.pop("msg", None)
-        else:
-            head.append(f"event={event}")
-        line = " ".join(head)
-        if fields:
-            line += " " + render_fields(fields)
+        line = render_line(record)
         if self.journald:
-            return f"<{_PRIORITY.get(record.levelno, 6)}>{line}"
+            return f"<{syslog_priority(record.levelno)}>{line}"
         stamp = dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds")
         return f"{stamp.removesuffix('+00:00')}Z {line}"
 
@@ -153,35 +228,44 @@ class EventLog:
     def isEnabledFor(self, level: int) -> bool:
         return self.logger.isEnabledFor(level)
 
-    def log(self, level: int, event: str, /, exc_info: Any = None, **fields: object) -> None:
-        if not self.logger.isEnabledFor(level):
-            return
-        if not _EVENT.fullmatch(event):
+    def log(self, level: int, event: str, /, **fields: object) -> None:
+        self._emit(level, event, fields, with_error=False)
+
+    def _emit(self, level: int, event: str, fields: dict[str, object], with_error: bool) -> None:
+        """Log ``event`` with ``fields``; the record's message is the rendered
+        ``event=… key=value …`` (what every handler, pytest's too, shows)."""
+        if not _EVENT.fullmatch(event):  # checked at every level: a bad name fails in tests
             raise ValueError(f"log event name {event!r}: expected lower_snake_case")
         bad = next((key for key in fields if not _KEY.fullmatch(key)), None)
         if bad is not None:
             raise ValueError(f"log field name {bad!r} of event {event}: expected lower_snake_case")
-        self.logger.log(level, event, exc_info=exc_info, extra={FIELDS_ATTR: fields}, stacklevel=2)
+        if not self.logger.isEnabledFor(level):
+            return
+        exc = sys.exc_info()[1] if with_error else None
+        if exc is not None:
+            fields.setdefault("error", error_text(exc))
+        extra = {FIELDS_ATTR: fields, EVENT_ATTR: event}
+        self.logger.log(level, "%s", render_event(event, fields), extra=extra, stacklevel=3)
 
     def debug(self, event: str, /, **fields: object) -> None:
-        self.log(logging.DEBUG, event, **fields)
+        self._emit(logging.DEBUG, event, fields, with_error=False)
 
     def info(self, event: str, /, **fields: object) -> None:
-        self.log(logging.INFO, event, **fields)
+        self._emit(logging.INFO, event, fields, with_error=False)
 
     def warning(self, event: str, /, **fields: object) -> None:
-        self.log(logging.WARNING, event, **fields)
+        self._emit(logging.WARNING, event, fields, with_error=False)
 
     def error(self, event: str, /, **fields: object) -> None:
-        self.log(logging.ERROR, event, **fields)
+        self._emit(logging.ERROR, event, fields, with_error=False)
 
     def critical(self, event: str, /, **fields: object) -> None:
-        self.log(logging.CRITICAL, event, **fields)
+        self._emit(logging.CRITICAL, event, fields, with_error=False)
 
     def exception(self, event: str, /, **fields: object) -> None:
         """An error with the exception's type and message (never a traceback: frames'
         values may hold a customer's number)."""
-        self.log(logging.ERROR, event, exc_info=True, **fields)
+        self._emit(logging.ERROR, event, fields, with_error=True)
 
 
 def get_logger(name: str) -> EventLog:
@@ -191,12 +275,31 @@ def get_logger(name: str) -> EventLog:
 # ---------------------------------------------------------------- configuration
 
 
-def configure(level: str, stream: object = None) -> None:
-    """Route all logging to one stream; under systemd (JOURNAL_STREAM set) add priority
-    prefixes and leave time stamps to journald."""
-    handler = logging.StreamHandler(stream or sys.stdout)  # type: ignore[arg-type]
-    handler.setFormatter(_Formatter(journald=bool(os.environ.get("JOURNAL_STREAM"))))
+def configure(
+    level: str,
+    stream: TextIO | None = None,
+    *,
+    identifier: str = "callrec",
+    journal_socket: Path = JOURNAL_SOCKET,
+) -> None:
+    """Route all logging through one renderer. Under systemd (``JOURNAL_STREAM`` set)
+    with journald's socket present, records go to it as structured entries
+    (:mod:`agent.journal`, ``SYSLOG_IDENTIFIER=identifier``); otherwise lines go to
+    ``stream`` (stdout), with ``<N>`` priority prefixes instead of time stamps under
+    systemd."""
+    from agent.journal import JournalHandler
+
+    under_systemd = bool(os.environ.get("JOURNAL_STREAM"))
+    handler: logging.Handler
+    if under_systemd and journal_socket.is_socket():
+        handler = JournalHandler(identifier, journal_socket, stream)
+    else:
+        handler = logging.StreamHandler(stream or sys.stdout)
+        handler.setFormatter(_Formatter(journald=under_systemd))
     root = logging.getLogger()
+    for old in root.handlers:
+        if isinstance(old, JournalHandler):
+            old.close()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Libraries' own chatter (Alembic's migration steps, watchdog's emitters) only

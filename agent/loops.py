@@ -9,7 +9,6 @@ from a bounded queue with a timeout; one bad entry is logged and the loop goes o
 from __future__ import annotations
 
 import contextlib
-import logging
 import queue
 import threading
 import time
@@ -19,7 +18,9 @@ from pathlib import Path
 from watchdog.events import DirCreatedEvent, DirMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-log = logging.getLogger(__name__)
+from agent import logs
+
+log = logs.get_logger(__name__)
 
 
 class _Handler(FileSystemEventHandler):
@@ -75,11 +76,10 @@ class DirectoryQueue:
             self._observer.start()
         except OSError as exc:  # e.g. out of inotify watches: the rescans still work
             log.warning(
-                "event=%s_watch_unavailable path=%s error=%r fallback=rescan_every_%.0fs",
-                self.name,
-                self.root,
-                str(exc),
-                self.rescan_s,
+                f"{self.name}_watch_unavailable",
+                path=self.root,
+                error=str(exc),
+                fallback=f"rescan_every_{self.rescan_s:.0f}s",
             )
         self.scan()
         for thread in self._threads:
@@ -155,7 +155,7 @@ class DirectoryQueue:
                 if (self.root / entry).is_dir():
                     self.handle(entry)
             except Exception:  # one bad entry never kills the loop
-                log.exception("event=%s_failed entry=%s", self.name, entry)
+                log.exception(f"{self.name}_failed", entry=entry)
             finally:
                 with self._idle:
                     self._pending.discard(entry)
@@ -229,4 +229,4 @@ class FileWatcher:
             try:
                 self.on_change()
             except Exception:  # the watcher outlives one failed reaction
-                log.exception("event=file_change_failed path=%s", self.path)
+                log.exception("file_change_failed", path=self.path)

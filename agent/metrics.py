@@ -8,7 +8,6 @@ with the workers' sums.
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
@@ -22,7 +21,9 @@ from prometheus_client import (
     start_http_server,
 )
 
-log = logging.getLogger(__name__)
+from agent import logs
+
+log = logs.get_logger(__name__)
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -48,7 +49,7 @@ def serve(listen: str, workers_dir: Path | None = None) -> int:
         multiprocess.MultiProcessCollector(registry, path=str(workers_dir))  # type: ignore[no-untyped-call]
     server, _thread = start_http_server(int(port), host.strip("[]"), registry=registry)
     bound = int(server.server_port)
-    log.info("event=metrics_listening address=%s:%d", host, bound)
+    log.info("metrics_listening", address=f"{host}:{bound}")
     return bound
 
 

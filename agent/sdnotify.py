@@ -12,11 +12,12 @@ agent's worker processes (which inherit ``$NOTIFY_SOCKET``) are ignored by syste
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 
-logger = logging.getLogger(__name__)
+from agent import logs
+
+log = logs.get_logger(__name__)
 
 # A stuck service manager must not hang the daemon's main loop.
 _SEND_TIMEOUT_S = 2.0
@@ -41,14 +42,14 @@ def notify(state: str) -> bool:
         return False
     address = _address(raw)
     if address is None:
-        logger.warning("sd_notify skipped reason=unsupported_address socket=%r", raw)
+        log.warning("sd_notify_skipped", reason="unsupported_address", socket=raw)
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.settimeout(_SEND_TIMEOUT_S)
             sock.sendto(state.encode("utf-8"), address)
     except OSError as exc:
-        logger.warning("sd_notify failed socket=%r error=%s", raw, exc)
+        log.warning("sd_notify_failed", socket=raw, error=str(exc))
         return False
     return True
 

@@ -156,3 +156,29 @@ def test_skip_locked_compiles_away_on_sqlite(tmp_path: object) -> None:
     sql = str(cat.skip_locked(sa.select(recordings.c.recording_id)).compile(cat.engine))
     assert "FOR UPDATE" not in sql
     cat.close()
+
+
+def test_a_database_error_logs_no_value_of_the_row(
+    catalog: Catalog, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLAlchemy's error text carries the bound parameters and PostgreSQL's DETAIL the
+    failing row: neither reaches a log line."""
+    from agent import logs
+
+    ended = 1_700_000_000_000
+    catalog.insert(make_row("1" * 32, "blob-key-1", ended, customer_tail_sealed="SEALED-TAIL-1"))
+    duplicate = make_row("2" * 32, "blob-key-1", ended, customer_tail_sealed="SEALED-TAIL-2")
+    missing = sample_row(3, customer_tail_sealed="SEALED-TAIL-3", employee_id=None)
+    caplog.set_level("ERROR")
+    for row in (duplicate, missing):
+        with pytest.raises(sa.exc.IntegrityError) as raised:
+            catalog.insert(row)
+        assert "hidden due to hide_parameters" in str(raised.value)
+        try:
+            raise raised.value
+        except sa.exc.IntegrityError:
+            logs.get_logger("agent.store.test").exception("insert_failed")
+    assert caplog.text.count("event=insert_failed error=") == 2
+    assert "IntegrityError" in caplog.text
+    for value in ("SEALED-TAIL", "Aino Virtanen", "blob-key-1", "+358401234", "e1001"):
+        assert value not in caplog.text, caplog.text

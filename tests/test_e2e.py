@@ -21,6 +21,7 @@ from agent.store.catalog import Catalog, RecordingRow
 from agent.testcall.sipp import SippResult, SiprecCall, free_port, run_sipp, siprec_scenario
 from tests.support.audio import Speech, best_correlation, channel_rms, envelope, make_speech
 from tests.support.daemons import Daemon, start_agent, start_store
+from tests.support.logfmt import problems
 from tests.support.stack import Keys, make_keys
 
 pytestmark = [pytest.mark.sip]
@@ -261,3 +262,15 @@ def test_full_number_is_nowhere(stack: Stack) -> None:
                     assert form.encode() not in data, f"{form!r} found in {path}"
     assert scanned >= 5
     assert "+358401234***" in stack.agent.text()
+
+
+def test_every_log_line_is_logfmt_in_one_quoting_style(stack: Stack) -> None:
+    """Issue 17: what Loki's ``| logfmt`` reads. Every line both daemons wrote in this
+    module's calls (workers', pjsip's, the uplink's, the store's) is ``<time> <logger>
+    [level=…] event=<name> key=value …`` with double quotes only."""
+    for daemon in (stack.agent, stack.store):
+        lines = daemon.text().splitlines()
+        assert len(lines) > 10, daemon.name
+        bad = [(why, line) for line in lines if (why := problems(line)) is not None]
+        assert bad == [], f"{daemon.name}: {bad[:5]}"
+    assert 'employee="Aino Virtanen"' in stack.agent.text()

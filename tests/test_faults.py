@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +103,12 @@ def stack(tmp_path: Path, keys: Keys, pki: Pki) -> Iterator[Stack]:
 
 
 def retried_with(agent: Daemon, rid: str, code: str) -> bool:
-    return bool(re.search(rf"event=upload_retry recording_id={rid} code={code}", agent.text()))
+    """An attempt of ``rid`` failed with ``code``: a per-entry retry line, or the line
+    telling that the store became unreachable (store-level codes are told once)."""
+    text = agent.text()
+    if re.search(rf"event=upload_retry recording_id={rid} code={code}", text):
+        return True
+    return bool(re.search(rf"event=store_unreachable code={code} .*recording_id={rid}", text))
 
 
 # ---------------------------------------------------------------- end-to-end faults
@@ -113,7 +119,7 @@ def test_store_down_while_50_recordings_are_made(stack: Stack) -> None:
     port = tcp_port()
     agent = stack.agent(port, outbox_warn_bytes="200 KB", outbox_check="1s")
     made = stack.shas({stack.capture(seconds=1 + i % 2) for i in range(50)})
-    agent.wait_for(r"event=upload_retry .*code=UNAVAILABLE")
+    agent.wait_for(r"level=warning event=store_unreachable code=UNAVAILABLE")
     agent.wait_for(r"level=warning .*event=outbox_backpressure entries=50 .*over=bytes")
     store, _ = stack.store(port)
     wait_stored(stack.root, 50, timeout=120)
@@ -121,6 +127,38 @@ def test_store_down_while_50_recordings_are_made(stack: Stack) -> None:
     assert_exactly(stack.root, made)
     assert agent.text().count("event=recording_uploaded") == 50
     assert store.text().count("site_verified=certificate") == 50
+
+
+@pytest.mark.slow
+def test_store_outage_is_told_once_with_summaries_not_per_attempt(stack: Stack) -> None:
+    """Issue 17: one line when the store goes away, a summary at most every
+    ``store_down_summary`` while it is away, one line when it is back; no warning per
+    attempt and entry."""
+    port = tcp_port()
+    store, _ = stack.store(port)
+    agent = stack.agent(port, backoff_max="1s", store_down_summary="3s")
+    first = stack.capture(seconds=1)
+    wait_stored(stack.root, 1, timeout=30)
+    store.stop()
+    made = stack.shas({stack.capture(seconds=1) for _ in range(3)})
+    catalog = Catalog(f"sqlite:///{stack.root / 'store-data' / 'catalog.sqlite3'}")
+    made[first] = catalog.list()[0].sha256
+    catalog.close()
+    agent.wait_for(r"event=store_unreachable code=UNAVAILABLE .*entries_waiting=\d")
+    agent.wait_for(r"event=store_still_unreachable for_s=\d+ .*entries_waiting=3", timeout=15)
+    time.sleep(4)  # attempts go on (backoff capped at 1 s): no more lines than summaries
+    stack.store(port)
+    wait_stored(stack.root, 4, timeout=60)
+    text = agent.text()
+    assert text.count("event=store_unreachable") == 1
+    back = re.findall(
+        r"event=store_reachable down_s=([\d.]+) attempts=(\d+) entries_waited=3", text
+    )
+    assert len(back) == 1 and int(back[0][1]) >= 5, text[-3000:]
+    summaries = text.count("event=store_still_unreachable")
+    assert 1 <= summaries <= float(back[0][0]) / 3 + 1, (summaries, back)
+    assert "event=upload_retry" not in text, "no line per attempt while the store is down"
+    assert_exactly(stack.root, made)
 
 
 LARGE_S = 900  # 15 minutes of stereo WAV: 28.8 MB
@@ -422,3 +460,43 @@ def test_certs_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert run("certs", "agent", str(d), "--site", "hel-1") == 2, "never overwrites"
     assert "exists" in capsys.readouterr().err
     assert run("certs", "agent", str(d), "--site", "Bad Site") == 2
+
+
+def test_store_reachability_lines_per_change_and_per_summary_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from agent.recorder.reachability import StoreReachability
+
+    now = [1000.0]
+    outbox = [3]
+    watch = StoreReachability(lambda: outbox[0], summary_every_s=300, clock=lambda: now[0])
+    caplog.set_level(logging.DEBUG, logger="agent.recorder.uplink")
+    watch.answered()  # up and answering: nothing to say
+    for _ in range(201):  # ten minutes of attempts every 3 s, 3 entries waiting, then 5
+        watch.failed("a" * 32, grpc.StatusCode.UNAVAILABLE, "connection refused")
+        now[0] += 3
+        outbox[0] = 5 if now[0] > 1300 else 3
+    watch.answered()
+    watch.answered()
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split()[0] for line in lines] == [
+        "event=store_unreachable",
+        "event=store_still_unreachable",
+        "event=store_still_unreachable",
+        "event=store_reachable",
+    ]
+    assert "entries_waiting=3" in lines[0] and "recording_id=" + "a" * 32 in lines[0]
+    assert "for_s=300 code=UNAVAILABLE" in lines[1] and "attempts=101" in lines[1]
+    assert lines[3] == "event=store_reachable down_s=603.0 attempts=201 entries_waited=5"
+    assert [r.levelname for r in caplog.records] == ["WARNING", "WARNING", "WARNING", "INFO"]
+
+
+def test_a_refused_certificate_is_an_error_line(caplog: pytest.LogCaptureFixture) -> None:
+    from agent.recorder.reachability import StoreReachability
+
+    watch = StoreReachability(lambda: 1, summary_every_s=300)
+    caplog.set_level(logging.INFO, logger="agent.recorder.uplink")
+    watch.failed("b" * 32, grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
+    [record] = caplog.records
+    assert record.levelname == "ERROR"
+    assert record.getMessage().startswith("event=store_unreachable code=PERMISSION_DENIED")

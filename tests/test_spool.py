@@ -33,7 +33,7 @@ with warnings.catch_warnings():
     import audioop
 
 CUSTOMER = "+358401234567"
-LEAKS = [CUSTOMER, CUSTOMER[1:], "0401234567", "040 123 4567", "401234567"]
+LEAKS = [CUSTOMER, CUSTOMER[1:], "0401234567", "040 123 4567", "401234567", "%2B358401234567"]
 FAST = {"settle": "0.3s", "orphan_timeout": "2s", "rescan": "1s"}
 
 
@@ -342,6 +342,16 @@ def _no_sidecar(spool: Path) -> None:
     rename_in(spool / f"{CUSTOMER}-alone.wav", wav(tone(440, 1.0)))
 
 
+def _number_in_audio_name(spool: Path) -> None:
+    """A name as PBXs write it: the number glued to letters and ``_``."""
+    rename_in(spool / "call_0401234567.wav", wav(tone(440, 1.0)))
+
+
+def _number_in_sidecar_names(spool: Path) -> None:
+    text = sidecar("cid0401234567", {"mixed": "sip:%2B358401234567@pbx.wav"}).decode()
+    rename_in(spool / "cid0401234567.json", text[:-20].encode())
+
+
 def _malformed(spool: Path) -> None:
     rename_in(spool / "bad.wav", wav(tone(440, 1.0)))
     text = sidecar("bad", {"mixed": "bad.wav"}).decode()
@@ -368,12 +378,23 @@ def _symlink(spool: Path) -> None:
     [
         (_truncated, "truncated WAV", 2),
         (_no_sidecar, "no sidecar", 1),
+        (_number_in_audio_name, "no sidecar", 1),
+        (_number_in_sidecar_names, "not JSON", 0),
         (_malformed, "not JSON", 0),
         (_audio_never_arrives, "audio never arrived", 0),
         (_dotdot, "escapes the spool", 0),
         (_symlink, "not a regular file", 0),
     ],
-    ids=["truncated", "no-sidecar", "malformed", "audio-never-arrives", "dotdot", "symlink"],
+    ids=[
+        "truncated",
+        "no-sidecar",
+        "number-in-audio",
+        "number-in-sidecar",
+        "malformed",
+        "audio-never-arrives",
+        "dotdot",
+        "symlink",
+    ],
 )
 def test_unreadable_delivery_is_quarantined_and_the_loop_goes_on(
     spool: Spool,

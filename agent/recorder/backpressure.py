@@ -8,14 +8,13 @@ disk is the buffer, and the operator is told before it fills.
 
 from __future__ import annotations
 
-import logging
 import threading
 from dataclasses import dataclass
 
-from agent import metrics
+from agent import logs, metrics
 from agent.recorder.outbox import Outbox
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,24 +72,23 @@ class OutboxMonitor:
     def _report(self, level: OutboxLevel) -> None:
         if level.over:
             log.warning(
-                "event=outbox_backpressure entries=%d bytes=%d oldest_s=%.0f over=%s "
-                "warn_bytes=%d warn_age_s=%.0f action=keep_recording "
-                "hint=%r",
-                level.entries,
-                level.bytes,
-                level.oldest_s,
-                ",".join(level.over),
-                self.warn_bytes,
-                self.warn_age_s,
-                "the store is not taking recordings fast enough: check the uplink's "
+                "outbox_backpressure",
+                entries=level.entries,
+                bytes=level.bytes,
+                oldest_s=round(level.oldest_s),
+                over=",".join(level.over),
+                warn_bytes=self.warn_bytes,
+                warn_age_s=round(self.warn_age_s),
+                action="keep_recording",
+                hint="the store is not taking recordings fast enough: check the uplink's "
                 "upload_retry lines and the store",
             )
         elif self._was_over:
             log.info(
-                "event=outbox_backpressure_cleared entries=%d bytes=%d oldest_s=%.0f",
-                level.entries,
-                level.bytes,
-                level.oldest_s,
+                "outbox_backpressure_cleared",
+                entries=level.entries,
+                bytes=level.bytes,
+                oldest_s=round(level.oldest_s),
             )
         self._was_over = bool(level.over)
 
@@ -99,4 +97,4 @@ class OutboxMonitor:
             try:
                 self.check()
             except OSError:  # the outbox changing under the scan: next interval
-                log.exception("event=outbox_check_failed")
+                log.exception("outbox_check_failed")

@@ -8,7 +8,6 @@ uploading for the grace period, and whatever is left stays safely in the outbox.
 
 from __future__ import annotations
 
-import logging
 import os
 import select
 import signal
@@ -31,7 +30,7 @@ from agent.recorder.outbox import Outbox
 from agent.recorder.spool import SpoolPickup
 from agent.recorder.uplink import Uplink
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 WORKER_READY_TIMEOUT_S = 20.0
 # After [sip] drain a worker hangs up what is left (3 s), closes its files and
@@ -119,13 +118,12 @@ class AgentDaemon:
             self.spool.start()
         self._start_pool()
         log.info(
-            "event=agent_ready site=%s workers=%d sip=%s:%d store=%s outbox=%d",
-            cfg.site,
-            len(self.workers),
-            cfg.sip.listen,
-            cfg.sip.port,
-            cfg.uplink.store_address,
-            len(self.outbox.entries()),
+            "agent_ready",
+            site=cfg.site,
+            workers=len(self.workers),
+            sip=f"{cfg.sip.listen}:{cfg.sip.port}",
+            store=cfg.uplink.store_address,
+            outbox=len(self.outbox.entries()),
         )
         sdnotify.ready()
 
@@ -149,13 +147,13 @@ class AgentDaemon:
             )  # fmt: skip
             spool_ok = self.spool is None or self.spool.is_alive()
             if not (spool_ok and all(loop.is_alive() for loop in loops)):
-                log.error("event=agent_loop_died action=shutdown")
+                log.error("agent_loop_died", action="shutdown")
                 raise SystemExit(1)
             sdnotify.watchdog()
 
     def shutdown(self) -> None:
         sdnotify.stopping()
-        log.info("event=agent_stopping")
+        log.info("agent_stopping")
         self._stop_pool()
         if self.spool is not None:  # finish the file in hand; finalize drains what it made
             self.spool.stop()
@@ -176,11 +174,11 @@ class AgentDaemon:
         self.directory_watcher.join(2.0)
         self.uplink.close()
         left = self.outbox.entries()
-        log.info("event=agent_stopped outbox_left=%d", len(left))
+        log.info("agent_stopped", outbox_left=len(left))
 
     def request_stop(self) -> None:
         if self.stop_event.is_set():
-            log.warning("event=agent_forced_exit")
+            log.warning("agent_forced_exit")
             self.forced.set()
             for worker in self.workers:
                 worker.signal(signal.SIGKILL)
@@ -250,7 +248,7 @@ class AgentDaemon:
             if write_fd is not None:
                 os.close(write_fd)
         worker.ready_fd, worker.started_at = read_fd, time.monotonic()
-        log.info("event=worker_started index=%d pid=%d", worker.index, worker.process.pid)
+        log.info("worker_started", index=worker.index, pid=worker.process.pid)
 
     def _await_ready(self, worker: WorkerProcess, deadline: float) -> None:
         fd, worker.ready_fd = worker.ready_fd, None
@@ -275,11 +273,11 @@ class AgentDaemon:
                 worker.restarts = 0
             delay = RESTART_BACKOFF_S[min(worker.restarts, len(RESTART_BACKOFF_S) - 1)]
             log.error(
-                "event=worker_died index=%d pid=%d exit_code=%s restart_in_s=%.1f",
-                worker.index,
-                process.pid,
-                process.returncode,
-                delay,
+                "worker_died",
+                index=worker.index,
+                pid=process.pid,
+                exit_code=process.returncode,
+                restart_in_s=round(delay, 1),
             )
             worker.process, worker.next_start = None, now + delay
             worker.restarts += 1
@@ -287,7 +285,7 @@ class AgentDaemon:
             try:
                 self._spawn_worker(worker, ready_pipe=False)
             except OSError as exc:
-                log.error("event=worker_start_failed index=%d error=%r", worker.index, str(exc))
+                log.error("worker_start_failed", index=worker.index, error=str(exc))
                 worker.next_start = now + RESTART_BACKOFF_S[-1]
 
     def _reap(self, worker: WorkerProcess, deadline: float) -> None:
@@ -300,7 +298,7 @@ class AgentDaemon:
         try:
             process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log.error("event=worker_kill index=%d reason=stop_timeout", worker.index)
+            log.error("worker_kill", index=worker.index, reason="stop_timeout")
             process.kill()
             process.wait()
 
@@ -336,10 +334,10 @@ def _reload(daemon: AgentDaemon) -> None:
     try:
         level = load_agent_config(daemon.config_path).log_level
     except ConfigError as exc:
-        log.error("event=reload_failed reason=%r kept=previous", str(exc))
+        log.error("reload_failed", reason=str(exc), kept="previous")
     else:
         logs.set_level(level)
-        log.info("event=reloaded log_level=%s", level)
+        log.info("reloaded", log_level=level)
     daemon.directory.reload()
     _tell_directory_users(daemon)
 

@@ -9,7 +9,6 @@ captures/ready/<id>/ (mono legs + capture.json, already privacy-safe)
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import threading
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from agent import audio, metrics
+from agent import audio, logs, metrics
 from agent.capture import (
     CUSTOMER_LEG,
     EMPLOYEE_LEG,
@@ -30,7 +29,7 @@ from agent.capture import (
 from agent.config import AgentConfig
 from agent.manifest import AUDIO_FORMATS, manifest_from_capture
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 LENGTH_MISMATCH_MS = 1000
@@ -86,12 +85,7 @@ class Finalizer:
                 capture, self.config.quarantine_dir, f"unreadable capture.json: {exc}"
             )
             metrics.QUARANTINED.labels("finalize").inc()
-            log.error(
-                "event=capture_quarantined entry=%s reason=%r path=%s",
-                recording_id,
-                str(exc),
-                moved,
-            )
+            log.error("capture_quarantined", entry=recording_id, reason=str(exc), path=moved)
             return
         try:
             with metrics.FINALIZE_SECONDS.time():
@@ -100,10 +94,10 @@ class Finalizer:
             moved = quarantine(capture, self.config.quarantine_dir, f"finalize failed: {exc!r}")
             metrics.QUARANTINED.labels("finalize").inc()
             log.error(
-                "event=capture_quarantined recording_id=%s reason=%r path=%s",
-                recording_id,
-                repr(exc),
-                moved,
+                "capture_quarantined",
+                recording_id=recording_id,
+                reason=logs.error_text(exc),
+                path=moved,
             )
 
     def _finalize(self, capture: Path, meta: CaptureMeta, target: Path) -> None:
@@ -135,17 +129,16 @@ class Finalizer:
             metrics.RECORDING_FLAGS.labels(flag.value).inc()
         duration = parse_iso(meta.ended_at or meta.started_at) - parse_iso(meta.started_at)
         log.info(
-            "event=recording_finalized recording_id=%s customer=%s employee=%r direction=%s "
-            "duration_s=%.1f audio_s=%.1f bytes=%d format=%s flags=%s",
-            meta.recording_id,
-            meta.customer.masked,
-            meta.employees[0].name if meta.employees else "unknown",
-            meta.direction.value,
-            duration.total_seconds(),
-            encoded.duration_ms / 1000,
-            encoded.size,
-            cfg.audio.format,
-            ",".join(meta.flags) or "-",
+            "recording_finalized",
+            recording_id=meta.recording_id,
+            customer=meta.customer.masked,
+            employee=meta.employees[0].name if meta.employees else "unknown",
+            direction=meta.direction.value,
+            duration_s=round(duration.total_seconds(), 1),
+            audio_s=round(encoded.duration_ms / 1000, 1),
+            bytes=encoded.size,
+            format=cfg.audio.format,
+            flags=",".join(meta.flags) or "-",
         )
 
 

@@ -52,11 +52,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from agent import logs
 from agent.config import WORKER_MAX_CALLS, AgentConfig, SipConfig
-from agent.logs import redact_numbers
 from agent.recorder.front_cfg import TEMPLATE
+from agent.redaction import redact_numbers
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 CONFIG_FILE = "kamailio.cfg"
 LIST_FILE = "dispatcher.list"
@@ -149,12 +150,11 @@ def write_front_files(cfg: AgentConfig) -> FrontFiles:
     _write(files.dispatcher_list, render_dispatcher_list(cfg.sip))
     _write(files.config, render_config(cfg, files))
     log.info(
-        "event=front_rendered config=%s workers=%d sip=%s:%d probe_s=%d",
-        files.config,
-        cfg.sip.workers,
-        cfg.sip.listen,
-        cfg.sip.port,
-        max(1, round(cfg.sip.probe_interval_s)),
+        "front_rendered",
+        config=files.config,
+        workers=cfg.sip.workers,
+        sip=f"{cfg.sip.listen}:{cfg.sip.port}",
+        probe_s=max(1, round(cfg.sip.probe_interval_s)),
     )
     return files
 
@@ -289,11 +289,10 @@ class FrontProcess:
         if wait:
             self._wait_ready()
         log.info(
-            "event=front_started pid=%d sip=%s:%d workers=%d",
-            self._process.pid,
-            self.cfg.sip.listen,
-            self.cfg.sip.port,
-            self.cfg.sip.workers,
+            "front_started",
+            pid=self._process.pid,
+            sip=f"{self.cfg.sip.listen}:{self.cfg.sip.port}",
+            workers=self.cfg.sip.workers,
         )
 
     def _wait_ready(self) -> None:
@@ -321,16 +320,16 @@ class FrontProcess:
                 try:
                     self.start(wait=False)
                 except OSError as exc:
-                    log.error("event=front_start_failed error=%r", str(exc))
+                    log.error("front_start_failed", error=str(exc))
                     self._schedule_restart()
             return
         if process.poll() is None or self._stopping:
             return
         log.error(
-            "event=front_died pid=%d exit_code=%s restart_in_s=%.0f",
-            process.pid,
-            process.returncode,
-            self._backoff(),
+            "front_died",
+            pid=process.pid,
+            exit_code=process.returncode,
+            restart_in_s=round(self._backoff()),
         )
         _kill_group(process.pid)  # its children would keep the SIP port
         self._process = None
@@ -355,17 +354,17 @@ class FrontProcess:
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
-                log.error("event=front_kill reason=stop_timeout pid=%d", process.pid)
+                log.error("front_kill", reason="stop_timeout", pid=process.pid)
                 process.kill()
                 process.wait(5)
         _kill_group(process.pid)
         if self._relay is not None:
             self._relay.join(2.0)
         log.info(
-            "event=front_stopped exit_code=%s refused=%d failovers=%d",
-            process.returncode,
-            self.refused,
-            self.failovers,
+            "front_stopped",
+            exit_code=process.returncode,
+            refused=self.refused,
+            failovers=self.failovers,
         )
 
     def kill(self) -> None:
@@ -392,20 +391,18 @@ class FrontProcess:
             level = logging.DEBUG  # its processes exiting at shutdown log ALERTs
         elif level == logging.INFO and not text.startswith("<script>:"):
             level = logging.DEBUG  # Kamailio's own start-up chatter
-        if text.startswith("<script>: event="):
-            text = text.removeprefix("<script>: ")
-            if text.startswith("event=front_refused"):
-                self.refused += 1
-                text += f" refused_total={self.refused}"
-            elif text.startswith("event=front_failover"):
-                self.failovers += 1
-            log.log(level, "%s", text)
+        script = text.startswith("<script>: ")  # an xlog line of our config: logfmt
+        fields = logs.parse_logfmt(text.removeprefix("<script>: ")) if script else None
+        event = fields.pop("event", None) if fields else None
+        if fields is None or not isinstance(event, str) or not logs.is_event_name(event):
+            log.log(level, "kamailio", msg=text)
             return
-        log.log(level, "event=kamailio msg=%s", _quote(text))
-
-
-def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if event == "front_refused":
+            self.refused += 1
+            fields["refused_total"] = self.refused
+        elif event == "front_failover":
+            self.failovers += 1
+        log.log(level, event, **fields)
 
 
 def _kill_group(pid: int) -> None:

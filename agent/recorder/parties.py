@@ -60,7 +60,6 @@ from agent.capture import (
     Flag,
 )
 from agent.directory import Directory, Person
-from agent.logs import redact_numbers
 from agent.privacy import NumberKind, ProtectedNumber, Protector, normalise
 from agent.recorder.siprec import (
     MetadataError,
@@ -73,6 +72,7 @@ from agent.recorder.siprec import (
     parse_metadata,
     parse_sdp,
 )
+from agent.redaction import redact_numbers
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-import logging
 import os
 from dataclasses import replace
 from pathlib import Path
 
-from agent import metrics
+from agent import logs, metrics
 from agent.capture import (
     CUSTOMER_LEG,
     EMPLOYEE_LEG,
@@ -30,20 +29,11 @@ from agent.capture import (
     write_meta,
 )
 from agent.directory import Directory
-from agent.logs import redact_numbers
 from agent.recorder.parties import CallPlan, PartyRules, apply_update, read_update
 
-log = logging.getLogger("agent.recorder.sip")
+log = logs.get_logger("agent.recorder.sip")
 
 LEG_ORDER = (CUSTOMER_LEG, EMPLOYEE_LEG, MIXED_LEG)
-
-
-def kv(value: object) -> str:
-    """A log value: quoted when it holds spaces or quotes."""
-    text = str(value)
-    if not text or any(c in text for c in ' "=\\'):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return text
 
 
 def call_ref(call_id: str) -> str:
@@ -87,36 +77,27 @@ def log_answered(meta: CaptureMeta, plan: CallPlan, worker: int) -> None:
     metrics.CALLS_ANSWERED.labels(meta.source).inc()
     metrics.CALLS_ACTIVE.inc()
     log.info(
-        "event=call_answered call_ref=%s recording_id=%s worker=%d source=%s direction=%s "
-        "customer=%s employee=%s service=%s legs=%s flags=%s",
-        meta.call_ref,
-        meta.recording_id,
-        worker,
-        meta.source,
-        meta.direction.value,
-        kv(meta.customer.masked),
-        kv(", ".join(e.name for e in meta.employees)),
-        meta.service_number or "unknown",
-        ",".join(meta.legs),
-        ",".join(meta.flags) or "-",
+        "call_answered",
+        call_ref=meta.call_ref,
+        recording_id=meta.recording_id,
+        worker=worker,
+        source=meta.source,
+        direction=meta.direction.value,
+        customer=meta.customer.masked,
+        employee=", ".join(e.name for e in meta.employees),
+        service=logs.NotPersonal(meta.service_number or "unknown"),  # one of ours
+        legs=",".join(meta.legs),
+        flags=",".join(meta.flags) or "-",
     )
     if plan.problem is not None:
-        log.warning(
-            "event=metadata_invalid recording_id=%s reason=%s",
-            meta.recording_id,
-            kv(redact_numbers(plan.problem)),
-        )
+        log.warning("metadata_invalid", recording_id=meta.recording_id, reason=plan.problem)
     log_unknown_employees(meta, meta.employees)
 
 
 def log_unknown_employees(meta: CaptureMeta, employees: tuple[Employee, ...]) -> None:
     for employee in employees:
         if employee.id == UNKNOWN:
-            log.warning(
-                "event=employee_unknown recording_id=%s aor=%s",
-                meta.recording_id,
-                kv(employee.aor or "-"),
-            )
+            log.warning("employee_unknown", recording_id=meta.recording_id, aor=employee.aor or "-")
 
 
 def log_updated(before: CaptureMeta, after: CaptureMeta) -> None:
@@ -124,14 +105,13 @@ def log_updated(before: CaptureMeta, after: CaptureMeta) -> None:
     kept = {(e.id, e.aor) for e in after.employees}
     dropped = [e for e in before.employees if (e.id, e.aor) not in kept]
     log.info(
-        "event=call_updated recording_id=%s employees_added=%s employees=%s customer=%s "
-        "direction=%s flags=%s",
-        after.recording_id,
-        len(added) - len(dropped),
-        kv(", ".join(e.name for e in after.employees)),
-        kv(after.customer.masked),
-        after.direction.value,
-        ",".join(after.flags) or "-",
+        "call_updated",
+        recording_id=after.recording_id,
+        employees_added=len(added) - len(dropped),
+        employees=", ".join(e.name for e in after.employees),
+        customer=after.customer.masked,
+        direction=after.direction.value,
+        flags=",".join(after.flags) or "-",
     )
     log_unknown_employees(after, added)
 
@@ -148,11 +128,7 @@ def merge_updates(
     for at, raw in updates:
         parties, problem = read_update(raw, people, rules)
         if problem is not None:
-            log.warning(
-                "event=metadata_update_invalid recording_id=%s reason=%s",
-                meta.recording_id,
-                kv(redact_numbers(problem)),
-            )
+            log.warning("metadata_update_invalid", recording_id=meta.recording_id, reason=problem)
         if parties is None:
             continue
         merged = apply_update(meta, parties, iso_ms(at))
@@ -186,13 +162,12 @@ def finish_capture(
     fsync_dir(directory.parent)
     rtp = ",".join(f"{party}:{got}/{lost}" for party, (got, lost) in (received or {}).items())
     log.info(
-        "event=call_recorded recording_id=%s call_ref=%s duration_s=%.3f legs=%s flags=%s "
-        "rtp_received_lost=%s",
-        meta.recording_id,
-        meta.call_ref,
-        (ended - parse_iso(meta.started_at)).total_seconds(),
-        ",".join(legs) or "-",
-        ",".join(meta.flags) or "-",
-        rtp or "-",
+        "call_recorded",
+        recording_id=meta.recording_id,
+        call_ref=meta.call_ref,
+        duration_s=round((ended - parse_iso(meta.started_at)).total_seconds(), 3),
+        legs=",".join(legs) or "-",
+        flags=",".join(meta.flags) or "-",
+        rtp_received_lost=rtp or "-",
     )
     return meta

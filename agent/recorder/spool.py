@@ -29,7 +29,6 @@ looked at again until they change). The full number exists only in memory here.
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import os
 import queue
 import shutil
@@ -43,6 +42,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from agent import logs
 from agent.capture import (
     CaptureMeta,
     Employee,
@@ -54,7 +54,6 @@ from agent.capture import (
 )
 from agent.config import AgentConfig, SpoolConfig
 from agent.directory import LiveDirectory
-from agent.logs import redact_numbers
 from agent.privacy import LookupKeys, Protector, Sealer
 from agent.recorder.parties import PartyRules, classify_headers
 from agent.recorder.spoolfiles import (
@@ -74,7 +73,7 @@ from agent.recorder.spoolfiles import (
 )
 from agent.recorder.spoolindex import SpoolIndex, Stat
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 EVENT_CAPACITY = 10_000
 
@@ -168,14 +167,13 @@ class SpoolPickup:
         self._observer.start()
         self._thread.start()
         log.info(
-            "event=spool_started dir=%s owned=%s settle_s=%.1f orphan_timeout_s=%.0f "
-            "rescan_s=%.0f pending_release=%d",
-            self.root,
-            self.spool.owned,
-            self.spool.settle_s,
-            self.spool.orphan_timeout_s,
-            self.spool.rescan_s,
-            len(self._pending),
+            "spool_started",
+            dir=self.root,
+            owned=self.spool.owned,
+            settle_s=round(self.spool.settle_s, 1),
+            orphan_timeout_s=round(self.spool.orphan_timeout_s),
+            rescan_s=round(self.spool.rescan_s),
+            pending_release=len(self._pending),
         )
 
     def stop(self) -> None:
@@ -217,7 +215,7 @@ class SpoolPickup:
         for staged in sorted(p for p in self.staging_dir.iterdir() if p.is_dir()):
             if self.index.is_taken(staged.name):
                 staged.rename(self.ready_dir / staged.name)
-                log.warning("event=spool_staging_recovered recording_id=%s", staged.name)
+                log.warning("spool_staging_recovered", recording_id=staged.name)
             else:
                 shutil.rmtree(staged)
         fsync_dir(self.ready_dir)
@@ -271,7 +269,7 @@ class SpoolPickup:
         try:
             entries = [e for e in os.scandir(self.root) if not e.name.startswith(".")]
         except OSError as exc:
-            log.error("event=spool_scan_failed dir=%s error=%r", self.root, exc.strerror)
+            log.error("spool_scan_failed", dir=self.root, error=exc.strerror)
             return
         present = {e.name for e in entries}
         for table in (self._writing, self._due, self._waiting):
@@ -292,11 +290,7 @@ class SpoolPickup:
             try:
                 retry = self._look_at(name)
             except OSError as exc:  # ours (disk full, permissions): try again later
-                log.error(  # an OSError names the path, which may hold a number
-                    "event=spool_failed file=%s error=%r action=retry",
-                    redact_numbers(name),
-                    redact_numbers(str(exc)),
-                )
+                log.error("spool_failed", file=name, error=str(exc), action="retry")
                 retry = time.monotonic() + self.spool.rescan_s
             if retry is not None:
                 self._due[name] = retry
@@ -318,11 +312,7 @@ class SpoolPickup:
         except OSError:
             raise
         except Exception as exc:  # noqa: BLE001 - one bad entry never stops the loop
-            log.error(  # no traceback: its values may hold the number
-                "event=spool_error file=%s error=%r",
-                redact_numbers(name),
-                redact_numbers(f"{type(exc).__name__}: {exc}"),
-            )
+            log.error("spool_error", file=name, error=f"{type(exc).__name__}: {exc}")
             self._quarantine(
                 f"unexpected error: {type(exc).__name__}", name, [], [stat_key(name, st)]
             )
@@ -408,17 +398,10 @@ class SpoolPickup:
                 shutil.rmtree(staging)
                 self.index.duplicate(earlier, keys, self.spool.owned)
                 self._pending = self.index.pending()
-                log.info(
-                    "event=spool_duplicate call_ref=%s of=%s sidecar=%s",
-                    ref,
-                    earlier,
-                    redact_numbers(name),
-                )
+                log.info("spool_duplicate", call_ref=ref, of=earlier, sidecar=name)
                 return
             if (same := self.index.same_call(ref)) is not None:
-                log.warning(
-                    "event=spool_same_call_id call_ref=%s earlier=%s action=take", ref, same
-                )
+                log.warning("spool_same_call_id", call_ref=ref, earlier=same, action="take")
             meta = self._meta(rid, car, converted, ref)
             write_meta(staging, meta)
             fsync_dir(staging)
@@ -468,11 +451,11 @@ class SpoolPickup:
         for name in files:
             self._waiting.pop(name, None)
         log.error(
-            "event=spool_quarantined entry=%s reason=%r sidecar=%s audio_files=%d",
-            entry,
-            redact_numbers(reason),
-            redact_numbers(sidecar or "-"),
-            len(files),
+            "spool_quarantined",
+            entry=entry,
+            reason=reason,
+            sidecar=sidecar or "-",
+            audio_files=len(files),
         )
 
     # ------------------------------------------------------------ owned: release
@@ -485,12 +468,10 @@ class SpoolPickup:
                 still.append((rid, keys))
                 continue
             if state == "kept":
-                log.warning(
-                    "event=spool_source_kept recording_id=%s reason=finalize_quarantined", rid
-                )
+                log.warning("spool_source_kept", recording_id=rid, reason="finalize_quarantined")
             else:
                 deleted = self._delete_source(keys)
-                log.info("event=spool_released recording_id=%s deleted=%d", rid, deleted)
+                log.info("spool_released", recording_id=rid, deleted=deleted)
             self.index.settle(rid, "released" if state == "safe" else "kept")
         self._pending = still
 
@@ -522,14 +503,13 @@ class SpoolPickup:
 
 def _log_taken(meta: CaptureMeta, layout: str, audio_s: float) -> None:
     log.info(
-        "event=spool_taken recording_id=%s call_ref=%s layout=%s customer=%s employee=%r "
-        "direction=%s audio_s=%.1f flags=%s",
-        meta.recording_id,
-        meta.call_ref,
-        layout,
-        meta.customer.masked,
-        meta.employees[0].name if meta.employees else "unknown",
-        meta.direction.value,
-        audio_s,
-        ",".join(meta.flags) or "-",
+        "spool_taken",
+        recording_id=meta.recording_id,
+        call_ref=meta.call_ref,
+        layout=layout,
+        customer=meta.customer.masked,
+        employee=meta.employees[0].name if meta.employees else "unknown",
+        direction=meta.direction.value,
+        audio_s=round(audio_s, 1),
+        flags=",".join(meta.flags) or "-",
     )

@@ -43,9 +43,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from agent.capture import CUSTOMER_LEG, EMPLOYEE_LEG, MIXED_LEG, Direction
-from agent.logs import redact_numbers
 from agent.privacy import Protector
 from agent.recorder.spoolindex import Stat
+from agent.redaction import redact_numbers
 
 with warnings.catch_warnings():  # deprecated in 3.11, gone in 3.13 (pydub needs it too)
     warnings.simplefilter("ignore", DeprecationWarning)

@@ -4,8 +4,9 @@ For each entry: ask the store how many bytes it holds (QueryUpload), stream the 
 (manifest, chunks with offsets, finish with size + sha256), and delete the local copy
 only when the receipt's sha256 equals ours. Transient failures back off exponentially
 with full jitter and resume from the store's committed size. While the store is
-unreachable all workers share one backoff (``RetryGate``); an entry that keeps failing
-on its own is left for the next rescan after a few attempts, so it never blocks the rest.
+unreachable all workers share one backoff (``RetryGate``) and the operator reads one
+line when that starts and ends (``StoreReachability``); an entry that keeps failing on
+its own is left for the next rescan after a few attempts, so it never blocks the rest.
 
 The channel is mutual TLS (``agent.certs``) unless ``[uplink] insecure = true`` on a
 loopback address; every call has a deadline.
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import grpc
 
-from agent import metrics
+from agent import logs, metrics
 from agent.certs import channel_credentials, load_cert, site_of
 from agent.config import ConfigError, UplinkConfig, check_transport
 from agent.pb.callrec.v1 import recordings_pb2 as pb
@@ -32,8 +33,9 @@ from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import check_private_file
 from agent.recorder.finalize import quarantine
 from agent.recorder.outbox import Outbox, OutboxEntry
+from agent.recorder.reachability import StoreReachability
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 # The store (or the way to it) is unreachable or refuses this agent: every worker waits
 # for the same shared backoff, and the recording stays in the outbox.
@@ -154,9 +156,10 @@ def make_channel(config: UplinkConfig, site: str | None = None) -> grpc.Channel:
     check_transport(config)
     if config.tls is None:
         log.warning(
-            "event=uplink_insecure store=%s tls=OFF reason=%r",
-            config.store_address,
-            "[uplink] insecure = true: recordings travel unencrypted and the store cannot "
+            "uplink_insecure",
+            store=config.store_address,
+            tls="OFF",
+            reason="[uplink] insecure = true: recordings travel unencrypted and the store cannot "
             "verify this site; for a loopback test install only",
         )
         return grpc.insecure_channel(config.store_address, options=CHANNEL_OPTIONS)
@@ -169,10 +172,10 @@ def make_channel(config: UplinkConfig, site: str | None = None) -> grpc.Channel:
             f"{site_of(cert)!r}, this agent is [agent] site = {site!r}"
         )
     log.info(
-        "event=uplink_tls store=%s site=%s cert_expires=%s",
-        config.store_address,
-        site_of(cert),
-        cert.not_valid_after_utc.date().isoformat(),
+        "uplink_tls",
+        store=config.store_address,
+        site=site_of(cert),
+        cert_expires=cert.not_valid_after_utc.date().isoformat(),
     )
     credentials = channel_credentials(tls.ca_file, tls.cert_file, tls.key_file)
     return grpc.secure_channel(config.store_address, credentials, options=CHANNEL_OPTIONS)
@@ -225,6 +228,9 @@ class Uplink:
         self.stub = pb_grpc.IngestStub(self.channel)
         self.stop_event = threading.Event()
         self.gate = RetryGate(self.stop_event, config.backoff_max_s)
+        self.reachability = StoreReachability(
+            lambda: len(self.outbox.entries()), config.store_down_summary_s
+        )
         self.bytes_sent = 0
 
     def close(self) -> None:
@@ -241,12 +247,18 @@ class Uplink:
             try:
                 self._upload_once(entry, progress)
                 self.gate.succeeded()
+                self.reachability.answered()
                 return
             except grpc.RpcError as exc:
                 code, details = exc.code(), exc.details() or ""
             except ReceiptMismatch as exc:
+                self.reachability.answered()
                 self._refused(entry, grpc.StatusCode.ALREADY_EXISTS, str(exc))
                 return
+            if code in STORE_LEVEL:
+                self.reachability.failed(entry.manifest.recording_id, code, details)
+            else:
+                self.reachability.answered()
             if code not in TRANSIENT:
                 self._refused(entry, code, details)
                 return
@@ -297,15 +309,15 @@ class Uplink:
             raise ReceiptMismatch(str(exc)) from None
         metrics.UPLOADS.labels("receipt_ok").inc()
         log.info(
-            "event=recording_uploaded recording_id=%s bytes=%d sent=%d resumed_at=%d "
-            "attempts=%d sent_total=%d seconds=%.2f outcome=receipt_ok",
-            receipt.recording_id,
-            receipt.size,
-            progress.sent,
-            resumed_at,
-            progress.attempts,
-            progress.sent_total,
-            time.monotonic() - progress.started,
+            "recording_uploaded",
+            recording_id=receipt.recording_id,
+            bytes=receipt.size,
+            sent=progress.sent,
+            resumed_at=resumed_at,
+            attempts=progress.attempts,
+            sent_total=progress.sent_total,
+            seconds=round(time.monotonic() - progress.started, 2),
+            outcome="receipt_ok",
         )
 
     def _retry_log(
@@ -317,19 +329,19 @@ class Uplink:
         delay: float,
         progress: _Progress,
     ) -> None:
-        level = logging.ERROR if code in CONFIG_PROBLEMS else logging.WARNING
+        # The store being down is told once by StoreReachability, not per attempt.
+        level = logging.DEBUG if code in STORE_LEVEL else logging.WARNING
         metrics.UPLOADS.labels("retry").inc()
         log.log(
             level,
-            "event=upload_retry recording_id=%s code=%s reason=%r attempt=%d retry_in_s=%.1f "
-            "sent=%d sent_total=%d",
-            entry.manifest.recording_id,
-            code.name,
-            details[:200],
-            attempt,
-            delay,
-            progress.sent,
-            progress.sent_total,
+            "upload_retry",
+            recording_id=entry.manifest.recording_id,
+            code=code.name,
+            reason=details[:200],
+            attempt=attempt,
+            retry_in_s=round(delay, 1),
+            sent=progress.sent,
+            sent_total=progress.sent_total,
         )
 
     def _deferred(
@@ -337,12 +349,12 @@ class Uplink:
     ) -> None:
         metrics.UPLOADS.labels("deferred").inc()
         log.error(
-            "event=upload_deferred recording_id=%s code=%s reason=%r attempts=%d "
-            "action=kept_in_outbox_retry_on_rescan",
-            entry.manifest.recording_id,
-            code.name,
-            details[:200],
-            progress.attempts,
+            "upload_deferred",
+            recording_id=entry.manifest.recording_id,
+            code=code.name,
+            reason=details[:200],
+            attempts=progress.attempts,
+            action="kept_in_outbox_retry_on_rescan",
         )
 
     def _refused(self, entry: OutboxEntry, code: grpc.StatusCode, details: str) -> None:
@@ -351,24 +363,12 @@ class Uplink:
         moved = quarantine(
             entry.path, self.quarantine_dir, f"store refused upload: {code.name}: {details}"
         )
-        log.error(
-            "event=upload_refused recording_id=%s code=%s reason=%r kept_in=%s",
-            rid,
-            code.name,
-            details,
-            moved,
-        )
+        log.error("upload_refused", recording_id=rid, code=code.name, reason=details, kept_in=moved)
 
     def _refused_path(self, path: Path, reason: str) -> None:
         moved = quarantine(path, self.quarantine_dir, reason)
-        log.error(
-            "event=outbox_entry_quarantined entry=%s reason=%r kept_in=%s", path.name, reason, moved
-        )
+        log.error("outbox_entry_quarantined", entry=path.name, reason=reason, kept_in=moved)
 
 
 class ReceiptMismatch(Exception):
     """The store's receipt is not for our bytes: the entry is kept (quarantined)."""
-
-
-# An agent whose certificate the store does not accept: an operator must act.
-CONFIG_PROBLEMS = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}

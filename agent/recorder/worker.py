@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import logging
 import os
 import signal
 import threading
@@ -31,7 +30,7 @@ from agent.privacy import LookupKeys, Protector, Sealer
 from agent.recorder.parties import PartyRules
 from agent.recorder.sip import SipEngine
 
-log = logging.getLogger("agent.recorder.worker")  # also when run as __main__
+log = logs.get_logger("agent.recorder.worker")  # also when run as __main__
 
 POLL_MS = 500  # libHandleEvents returns at once on any SIP event; this bounds idle wake-ups
 PR_SET_PDEATHSIG = 1
@@ -45,7 +44,7 @@ def _stop_with_parent() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
-        log.warning("event=pdeathsig_unavailable")
+        log.warning("pdeathsig_unavailable")
         return
     if os.getppid() == 1:  # the agent died before we asked
         os.kill(os.getpid(), signal.SIGTERM)
@@ -78,9 +77,10 @@ class Worker:
         active_dir = cfg.captures_dir / "active" / f"w{self.index}"
         for recording_id in recover_active(active_dir, ready_dir):
             log.warning(
-                "event=capture_recovered recording_id=%s worker=%d flags=incomplete",
-                recording_id,
-                self.index,
+                "capture_recovered",
+                recording_id=recording_id,
+                worker=self.index,
+                flags="incomplete",
             )
         # The agent watches the file and sends SIGHUP on a change: one watcher per
         # host, not one per worker (inotify instances are limited to 128 per user).
@@ -124,10 +124,10 @@ class Worker:
         try:
             level = load_agent_config(self.config_path).log_level
         except ConfigError as exc:
-            log.error("event=reload_failed worker=%d reason=%r kept=previous", self.index, str(exc))
+            log.error("reload_failed", worker=self.index, reason=str(exc), kept="previous")
         else:
             logs.set_level(level)
-            log.info("event=reloaded worker=%d log_level=%s", self.index, level)
+            log.info("reloaded", worker=self.index, log_level=level)
 
     def shutdown(self) -> None:
         """Stop taking calls, let those in progress end, then hang up the rest."""
@@ -136,15 +136,15 @@ class Worker:
         deadline = time.monotonic() + self.cfg.sip.drain_s
         if engine.active_calls:
             log.info(
-                "event=worker_draining worker=%d calls=%d drain_s=%.1f",
-                self.index,
-                engine.active_calls,
-                self.cfg.sip.drain_s,
+                "worker_draining",
+                worker=self.index,
+                calls=engine.active_calls,
+                drain_s=round(self.cfg.sip.drain_s, 1),
             )
         while engine.active_calls and time.monotonic() < deadline:
             engine.poll(POLL_MS)
         if engine.active_calls:
-            log.warning("event=worker_hangup worker=%d calls=%d", self.index, engine.active_calls)
+            log.warning("worker_hangup", worker=self.index, calls=engine.active_calls)
             engine.hangup_all()
             deadline = time.monotonic() + HANGUP_WAIT_S
             while engine.active_calls and time.monotonic() < deadline:
@@ -183,15 +183,15 @@ def worker_main(
     try:
         worker.startup()
     except Exception:
-        log.exception("event=worker_start_failed worker=%d", index)
+        log.exception("worker_start_failed", worker=index)
         worker.close_ready_fd()
         return 1
-    log.info("event=worker_ready worker=%d pid=%d", index, os.getpid())
+    log.info("worker_ready", worker=index, pid=os.getpid())
     try:
         worker.run()
     finally:
         worker.shutdown()
-    log.info("event=worker_stopped worker=%d", index)
+    log.info("worker_stopped", worker=index)
     return 0
 
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, default=None)
     args = parser.parse_args(argv)
     cfg = load_agent_config(args.config)
-    logs.configure(cfg.log_level)
+    logs.configure(cfg.log_level, identifier="callrec-agent")
     return worker_main(cfg, args.index, args.ready_fd, args.config)
 
 

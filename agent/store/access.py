@@ -39,11 +39,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import re
 from dataclasses import dataclass
 from enum import StrEnum
 
 from agent.directory import Directory, Person, Role
+from agent.redaction import redact_numbers
 from agent.store.catalog import RecordingRow
 
 
@@ -219,21 +219,9 @@ def _audio(
     return deny("the privacy officer gets audio only for purpose legal")
 
 
-# A date (kept) or a run of digits with spaces, dashes, dots, brackets.
-_DIGIT_RUN = re.compile(r"(\d{4}-\d\d-\d\d(?:[T ]\d\d:\d\d(?::\d\d)?)?)|\+?\d[\d\s().-]*\d")
-_PHONE_DIGITS = 9  # a customer's number has at least 9 digits; "DSR-2026-0042" has 8
-
-
 def scrub(text: str, limit: int = 200) -> str:
-    """A free-text reason fit for the audit log: a run of digits (with spaces, dashes,
-    dots, brackets) holding 9 or more digits, which could be a phone number, is
-    replaced (dates are kept); control characters are dropped."""
+    """A free-text reason fit for the audit log: every possible phone number replaced
+    (:func:`agent.redaction.redact_numbers`: a case reference such as ``SR0012345678``,
+    a date or a recording id is kept); control characters are dropped."""
     cleaned = "".join(ch if ch.isprintable() else " " for ch in text).strip()
-
-    def _replace(match: re.Match[str]) -> str:
-        if match.group(1):
-            return match.group()
-        digits = sum(ch.isdigit() for ch in match.group())
-        return "[number removed]" if digits >= _PHONE_DIGITS else match.group()
-
-    return _DIGIT_RUN.sub(_replace, cleaned)[:limit]
+    return redact_numbers(cleaned, "[number removed]")[:limit]

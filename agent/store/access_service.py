@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import logging
 import os
 import re
 import threading
@@ -28,6 +27,7 @@ from typing import Any, NoReturn
 
 import grpc
 
+from agent import logs
 from agent.config import StoreConfig
 from agent.directory import Directory, DirectoryError, Person
 from agent.pb.callrec.v1 import access_pb2 as apb
@@ -52,7 +52,7 @@ from agent.store.crypto import CryptoError
 from agent.store.sweeper import RecordingHeld, Sweeper
 from agent.store.vault import Vault
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 _ID = re.compile(r"^[0-9a-f]{32}$")
@@ -90,7 +90,7 @@ class DirectoryFile:
             if (stat.st_mtime_ns, stat.st_size, stat.st_ino) != self._stamp:
                 self._stamp = None
                 self._directory = self._load()
-                log.info("event=access_directory_reloaded people=%d", len(self._directory.people))
+                log.info("access_directory_reloaded", people=len(self._directory.people))
             return self._directory
 
 
@@ -198,12 +198,12 @@ class AccessService(apb_grpc.AccessServicer):
         detail = scrub(message, 400)
         await self._audit(attempt.event(outcome, detail))
         log.info(
-            "event=access_refused actor=%s action=%s recording_id=%s outcome=%s why=%r",
-            attempt.actor,
-            attempt.op.value,
-            attempt.recording_id or "-",
-            outcome,
-            detail,
+            "access_refused",
+            actor=attempt.actor,
+            action=attempt.op.value,
+            recording_id=attempt.recording_id or "-",
+            outcome=outcome,
+            why=detail,
         )
         await context.abort(code, message)
         raise AssertionError("unreachable")
@@ -221,7 +221,7 @@ class AccessService(apb_grpc.AccessServicer):
             caller = await asyncio.to_thread(self._identify, metadata)
             return caller, self.directory.current()
         except DirectoryError as exc:
-            log.error("event=access_directory_unreadable reason=%r", str(exc))
+            log.error("access_directory_unreadable", reason=str(exc))
             unavailable = grpc.StatusCode.UNAVAILABLE
             await self._refuse(context, attempt, unavailable, "the directory cannot be read")
 
@@ -324,11 +324,7 @@ class AccessService(apb_grpc.AccessServicer):
             try:
                 data = await asyncio.to_thread(next, chunks, b"")
             except CryptoError as exc:
-                log.error(
-                    "event=access_read_failed recording_id=%s reason=%r",
-                    row.recording_id,
-                    str(exc),
-                )
+                log.error("access_read_failed", recording_id=row.recording_id, reason=str(exc))
                 await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
             if not data:
                 return
@@ -351,7 +347,7 @@ class AccessService(apb_grpc.AccessServicer):
         try:
             lookup = await asyncio.to_thread(self._lookup_keys)
         except KeyFileError as exc:
-            log.error("event=access_lookup_keys_unusable reason=%r", str(exc))
+            log.error("access_lookup_keys_unusable", reason=str(exc))
             await self._unready(context, grant.attempt, "the store cannot use its lookup keys")
         digests = lookup.all_digests(number.e164)
         del number  # the full number goes no further than this line
@@ -397,7 +393,7 @@ class AccessService(apb_grpc.AccessServicer):
             done = await asyncio.to_thread(self.sweeper.destroy, rid, "erasure", grant.actor)
         except RecordingHeld:
             await self._refuse(context, grant.attempt, *held)
-        log.info("event=recording_erased recording_id=%s actor=%s", rid, grant.actor)
+        log.info("recording_erased", recording_id=rid, actor=grant.actor)
         return apb.ChangeResult(recording_id=rid, changed=done)
 
     async def Restrict(self, request: apb.RecordingRequest, context: Context) -> apb.ChangeResult:
@@ -419,13 +415,7 @@ class AccessService(apb_grpc.AccessServicer):
         rid = _row(grant).recording_id
         event = grant.event(rid)
         changed = await asyncio.to_thread(q.set_state, self.catalog, rid, column, on, event)
-        log.info(
-            "event=recording_%s recording_id=%s actor=%s changed=%s",
-            op.value,
-            rid,
-            grant.actor,
-            changed,
-        )
+        log.info(f"recording_{op.value}", recording_id=rid, actor=grant.actor, changed=changed)
         return apb.ChangeResult(recording_id=rid, changed=changed)
 
     async def RectifyEmployee(
@@ -444,9 +434,7 @@ class AccessService(apb_grpc.AccessServicer):
             )
         except q.RectifyError as exc:
             await self._invalid(context, grant.attempt, str(exc))
-        log.info(
-            "event=recording_rectified recording_id=%s actor=%s", row.recording_id, grant.actor
-        )
+        log.info("recording_rectified", recording_id=row.recording_id, actor=grant.actor)
         return apb.ChangeResult(recording_id=row.recording_id, changed=changed)
 
     async def OpenSealedDigits(
@@ -462,7 +450,7 @@ class AccessService(apb_grpc.AccessServicer):
         try:
             digits = await asyncio.to_thread(q.open_sealed, key_file, sealed)
         except (KeyFileError, ValueError) as exc:
-            log.error("event=unseal_failed recording_id=%s reason=%r", row.recording_id, str(exc))
+            log.error("unseal_failed", recording_id=row.recording_id, reason=str(exc))
             await self._unready(context, grant.attempt, "the store's seal key does not open them")
         await self._audit(grant.event(row.recording_id))
         return apb.SealedDigits(
@@ -487,9 +475,9 @@ def add_access_service(
 ) -> AccessService | None:
     """Serve Access beside Ingest when ``[store] directory_file`` is set."""
     if config.directory_file is None:
-        log.warning("event=access_disabled reason=no_directory_file")
+        log.warning("access_disabled", reason="no_directory_file")
         return None
     service = AccessService(config, catalog, vault)
     apb_grpc.add_AccessServicer_to_server(service, server)
-    log.info("event=access_enabled directory=%s", config.directory_file)
+    log.info("access_enabled", directory=config.directory_file)
     return service

@@ -10,7 +10,6 @@ vault (``<recording id>-<random>``).
 from __future__ import annotations
 
 import datetime as dt
-import logging
 import os
 import shutil
 import time
@@ -19,11 +18,12 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+from agent import logs
 from agent.capture import fsync_dir
 from agent.config import ConfigError, S3Config
 from agent.store.residency import is_aws_host, region_allowed
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 READ_CHUNK = 256 * 1024
 S3_DELETE_BATCH = 1000  # the most DeleteObjects takes in one request
@@ -237,11 +237,11 @@ class S3Blobs:
                 'expected region_attestation = "<where it runs, who says so>"'
             )
         log.warning(
-            "event=s3_region_attested endpoint=%s bucket=%s region=%s attestation=%r",
-            cfg.endpoint,
-            cfg.bucket,
-            cfg.region,
-            cfg.region_attestation,
+            "s3_region_attested",
+            endpoint=cfg.endpoint,
+            bucket=cfg.bucket,
+            region=cfg.region,
+            attestation=cfg.region_attestation,
         )
 
     def _bucket_region(self) -> str:

@@ -17,7 +17,6 @@ import contextlib
 import datetime as dt
 import fcntl
 import json
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,9 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy.dialects import postgresql, sqlite
 
-log = logging.getLogger(__name__)
+from agent import logs
+
+log = logs.get_logger(__name__)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 FIRST_REVISION = "0001"
@@ -159,7 +160,10 @@ class Catalog:
         self.url = url
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = sa.create_engine(url, pool_pre_ping=url.startswith("postgresql"))
+        # hide_parameters: an error's text (logged, or sent back) never carries the row's values
+        self.engine = sa.create_engine(
+            url, pool_pre_ping=url.startswith("postgresql"), hide_parameters=True
+        )
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
 

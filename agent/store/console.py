@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
 
+from agent import logs
 from agent.capture import Direction
-from agent.logs import redact_numbers
 from agent.manifest import AUDIO_FORMATS, timestamp
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
+from agent.redaction import redact_numbers
 from agent.store import audit
 from agent.store.catalog import Catalog, RecordingRow, from_ms
 from agent.store.crypto import CryptoError
 from agent.store.vault import Vault
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 _DIRECTIONS = {
     Direction.INBOUND.value: pb.DIRECTION_INBOUND,
@@ -72,7 +72,7 @@ class ConsoleService(pb_grpc.ConsoleServicer):
         limit = request.limit if 0 < request.limit <= 10_000 else 100
         rows = await asyncio.to_thread(self.catalog.list, since, until, limit)
         await asyncio.to_thread(self._audit, "search", None, f"console list, {len(rows)} rows")
-        log.info("event=console_list count=%d", len(rows))
+        log.info("console_list", count=len(rows))
         return pb.ListRecordingsResponse(recordings=[info_of(r) for r in rows])
 
     async def ExportAudio(
@@ -93,7 +93,7 @@ class ConsoleService(pb_grpc.ConsoleServicer):
                 "officer can export it, for a legal purpose",
             )
         await asyncio.to_thread(self._audit, "export", row.recording_id, reason)
-        log.info("event=console_export recording_id=%s reason=%r", row.recording_id, reason)
+        log.info("console_export", recording_id=row.recording_id, reason=reason)
         # Decrypted on the way out: byte-identical to what the agent uploaded.
         chunks: Iterator[bytes] = self.vault.read(row.recording_id, row.blob_key)
         first = True
@@ -101,9 +101,7 @@ class ConsoleService(pb_grpc.ConsoleServicer):
             try:
                 data = await asyncio.to_thread(next, chunks, b"")
             except CryptoError as exc:
-                log.error(
-                    "event=export_failed recording_id=%s reason=%r", row.recording_id, str(exc)
-                )
+                log.error("export_failed", recording_id=row.recording_id, reason=str(exc))
                 await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
             if data == b"":
                 return

@@ -33,6 +33,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from agent import logs
 from agent.capture import fsync_dir
 from agent.certs import site_from_auth_context
 from agent.manifest import (
@@ -47,7 +48,7 @@ from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
 from agent.store.residency import DEFAULT_ALLOWED_REGIONS, region_allowed
 from agent.store.vault import SourceMismatch, Vault
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 MAX_CHUNK_BYTES = 256 * 1024
 # The part is fsynced after this many bytes (and when a stream ends without finish):
@@ -129,7 +130,7 @@ class IngestService(pb_grpc.IngestServicer):
             return None
         site = site_from_auth_context(context.auth_context())
         if site is None:
-            log.warning("event=upload_refused reason=no_site_in_certificate")
+            log.warning("upload_refused", reason="no_site_in_certificate")
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "the client certificate names no site (expected a URI name "
@@ -155,11 +156,7 @@ class IngestService(pb_grpc.IngestServicer):
         try:
             validate_manifest(manifest)
         except ManifestError as exc:
-            log.warning(
-                "event=upload_refused recording_id=%s reason=%r",
-                manifest.recording_id[:32],
-                str(exc),
-            )
+            log.warning("upload_refused", recording_id=manifest.recording_id[:32], reason=str(exc))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"manifest: {exc}")
         await self._check_site(manifest, site, context)
         await self._check_region(manifest, context)
@@ -167,13 +164,13 @@ class IngestService(pb_grpc.IngestServicer):
             async with self._exclusive(manifest.recording_id):
                 return await self._receive(manifest, request_iterator)
         except UploadRejected as exc:
+            interrupted = isinstance(exc, UploadInterrupted)
             log.log(
-                logging.INFO if isinstance(exc, UploadInterrupted) else logging.WARNING,
-                "event=%s recording_id=%s code=%s reason=%r",
-                "upload_interrupted" if isinstance(exc, UploadInterrupted) else "upload_refused",
-                manifest.recording_id,
-                exc.code.name,
-                str(exc),
+                logging.INFO if interrupted else logging.WARNING,
+                "upload_interrupted" if interrupted else "upload_refused",
+                recording_id=manifest.recording_id,
+                code=exc.code.name,
+                reason=str(exc),
             )
             await context.abort(exc.code, str(exc))
         raise AssertionError("unreachable")
@@ -207,10 +204,11 @@ class IngestService(pb_grpc.IngestServicer):
         if site is None or manifest.site == site:
             return
         log.warning(
-            "event=upload_refused recording_id=%s reason=site_mismatch site=%s certificate_site=%s",
-            manifest.recording_id,
-            manifest.site,
-            site,
+            "upload_refused",
+            recording_id=manifest.recording_id,
+            reason="site_mismatch",
+            site=manifest.site,
+            certificate_site=site,
         )
         await context.abort(
             grpc.StatusCode.PERMISSION_DENIED,
@@ -225,9 +223,10 @@ class IngestService(pb_grpc.IngestServicer):
         if region_allowed(manifest.region, self.allowed_regions):
             return
         log.warning(
-            "event=upload_refused recording_id=%s reason=region region=%r",
-            manifest.recording_id,
-            manifest.region,
+            "upload_refused",
+            recording_id=manifest.recording_id,
+            reason="region",
+            region=manifest.region,
         )
         await context.abort(
             grpc.StatusCode.FAILED_PRECONDITION,
@@ -246,7 +245,7 @@ class IngestService(pb_grpc.IngestServicer):
                     grpc.StatusCode.ALREADY_EXISTS,
                     f"recording {rid} is already stored with a different sha256 or site",
                 )
-            log.info("event=upload_duplicate recording_id=%s outcome=original_receipt", rid)
+            log.info("upload_duplicate", recording_id=rid, outcome="original_receipt")
             return receipt_of(existing)
         part, manifest_file = self._paths(rid)
         committed = await asyncio.to_thread(_resumable_size, manifest, part, manifest_file)
@@ -315,16 +314,15 @@ class IngestService(pb_grpc.IngestServicer):
                 f"{manifest.sha256}; upload discarded, send it again",
             ) from None
         log.info(
-            "event=recording_stored recording_id=%s site=%s site_verified=%s bytes=%d "
-            "customer=%s employee=%r receive_s=%.3f seal_s=%.3f",
-            rid,
-            manifest.site,
-            "certificate" if self.authenticate else "no",
-            row.size,
-            row.customer_masked,
-            row.employee_name,
-            received - started,
-            time.monotonic() - received,
+            "recording_stored",
+            recording_id=rid,
+            site=manifest.site,
+            site_verified="certificate" if self.authenticate else "no",
+            bytes=row.size,
+            customer=row.customer_masked,
+            employee=row.employee_name,
+            receive_s=round(received - started, 3),
+            seal_s=round(time.monotonic() - received, 3),
         )
         return receipt_of(row)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
-import logging
 import os
 from pathlib import Path
 from typing import Protocol
@@ -21,10 +20,11 @@ import sqlalchemy as sa
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from agent import logs
 from agent.privacy import KeyFileError, check_private_file, read_key_file
 from agent.store.catalog import Catalog, data_keys
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 _WRAP_LABEL = b"callrec-data-key-v1\x00"
 _NONCE_BYTES = 12
@@ -115,7 +115,7 @@ def create_master_key_file(path: Path, key_id: str | None = None) -> str:
     """A new key file with one key; never overwrites."""
     key_id = key_id or new_key_id()
     _write_private(path, _line(key_id), exclusive=True)
-    log.info("event=master_key_created path=%s key_id=%s", path, key_id)
+    log.info("master_key_created", path=path, key_id=key_id)
     return key_id
 
 
@@ -126,7 +126,7 @@ def add_master_key(path: Path, key_id: str | None = None) -> str:
     if key_id in dict(old):
         raise KeyFileError(f"{path}: key id {key_id!r} is already there")
     _write_private(path, _line(key_id) + path.read_text(), exclusive=False)
-    log.info("event=master_key_added path=%s key_id=%s", path, key_id)
+    log.info("master_key_added", path=path, key_id=key_id)
     return key_id
 
 
@@ -150,7 +150,7 @@ def retire_master_key(path: Path, key_id: str, catalog: Catalog) -> None:
         raise KeyFileError(f"{path}: {key_id!r} is the only key")
     text = "".join(f"{k} {base64.b64encode(s).decode()}\n" for k, s in keep)
     _write_private(path, text, exclusive=False)
-    log.info("event=master_key_retired path=%s key_id=%s", path, key_id)
+    log.info("master_key_retired", path=path, key_id=key_id)
 
 
 def open_master_keys(path: Path, catalog: Catalog) -> FileKeyWrapper:
@@ -200,5 +200,5 @@ def rewrap_all(catalog: Catalog, wrapper: KeyWrapper, batch: int = 500) -> int:
                 )
         done += len(rows)
         if not rows:
-            log.info("event=data_keys_rewrapped count=%d key_id=%s", done, current)
+            log.info("data_keys_rewrapped", count=done, key_id=current)
             return done

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from agent import sdnotify
+from agent import logs, sdnotify
 from agent.certs import server_credentials
 from agent.config import StoreConfig, check_transport
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
@@ -25,7 +24,7 @@ from agent.store.ingest import MAX_CHUNK_BYTES, IngestService
 from agent.store.sweeper import Sweeper, SweeperLoop
 from agent.store.vault import open_storage
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 MAX_MESSAGE_BYTES = MAX_CHUNK_BYTES + 64 * 1024
 # Keepalive: the server pings a silent peer every 60 s (a vanished agent frees its
@@ -108,14 +107,13 @@ class StoreServer:
         health_servicer.set("callrec.v1.Ingest", health_pb2.HealthCheckResponse.SERVING)
         host = cfg.listen.rpartition(":")[0]
         log.info(
-            "event=store_ready address=%s:%d console=%s catalog=%s blobs=%s region=%s tls=%s",
-            host,
-            self.port,
-            self.console_socket,
-            self.engine_name,
-            cfg.blobs,
-            vault.region,
-            "mutual" if cfg.tls else "OFF",
+            "store_ready",
+            address=f"{host}:{self.port}",
+            console=self.console_socket,
+            catalog=self.engine_name,
+            blobs=cfg.blobs,
+            region=vault.region,
+            tls="mutual" if cfg.tls else "OFF",
         )
         sdnotify.ready()
 
@@ -129,7 +127,7 @@ class StoreServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), timeout=(interval or 30) / 2)
             if self._sweeper is not None and not self._sweeper.is_alive():
-                log.error("event=store_loop_died loop=sweeper")
+                log.error("store_loop_died", loop="sweeper")
                 self.exit_code = 1
                 self.stop_event.set()
                 break
@@ -137,7 +135,7 @@ class StoreServer:
 
     async def shutdown(self, grace_s: float = 10.0) -> None:
         sdnotify.stopping()
-        log.info("event=store_stopping grace_s=%.0f", grace_s)
+        log.info("store_stopping", grace_s=round(grace_s))
         if self._sweeper is not None:
             self._sweeper.stop()
         await asyncio.gather(*(s.stop(grace_s) for s in self._servers))
@@ -145,7 +143,7 @@ class StoreServer:
             await asyncio.to_thread(self._sweeper.join, grace_s)
         if self._catalog is not None:
             self._catalog.close()
-        log.info("event=store_stopped")
+        log.info("store_stopped")
 
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -154,7 +152,7 @@ class StoreServer:
 
     def _on_signal(self) -> None:
         if self.stop_event.is_set():
-            log.warning("event=store_forced_exit")
+            log.warning("store_forced_exit")
             os._exit(1)
         self.stop_event.set()
 
@@ -170,11 +168,11 @@ def _bind_people(server: grpc.aio.Server, cfg: StoreConfig, listen: str) -> int:
         )
         port = server.add_secure_port(listen, credentials)
     else:
-        log.warning("event=access_insecure listen=%s tls=OFF", listen)
+        log.warning("access_insecure", listen=listen, tls="OFF")
         port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"[store] access_listen = {listen!r}: cannot bind")
-    log.info("event=access_listening address=%s:%d", listen.rpartition(":")[0], port)
+    log.info("access_listening", address=f"{listen.rpartition(':')[0]}:{port}")
     return port
 
 
@@ -188,9 +186,10 @@ def _bind(server: grpc.aio.Server, cfg: StoreConfig) -> int:
         port = server.add_secure_port(cfg.listen, credentials)
     else:
         log.warning(
-            "event=store_insecure listen=%s tls=OFF reason=%r",
-            cfg.listen,
-            "[store.tls] insecure = true: agents are NOT authenticated and their site is "
+            "store_insecure",
+            listen=cfg.listen,
+            tls="OFF",
+            reason="[store.tls] insecure = true: agents are NOT authenticated and their site is "
             "taken on trust; for a loopback test install only",
         )
         port = server.add_insecure_port(cfg.listen)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import logging
 import os
 import signal
 import socket
@@ -41,6 +40,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from prometheus_client import Counter, Gauge
 
+from agent import logs
 from agent.config import ConfigError, StoreConfig, load_store_config
 from agent.privacy import KeyFileError
 from agent.store import audit
@@ -48,7 +48,7 @@ from agent.store.catalog import Catalog, data_keys, recordings
 from agent.store.retention import datetime_to_ms, expired_ranges, ms_to_datetime
 from agent.store.vault import Vault, open_storage
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 DESTROYED = Counter(
     "callrec_sweeper_destroyed", "Recordings destroyed (key, blob and row)", ["reason"]
@@ -155,15 +155,14 @@ class Sweeper:
             self._remove_orphans(now_ms, report)
         self._measure(now_ms, report)
         log.info(
-            "event=sweep_done destroyed=%d held=%d failed=%d orphan_keys=%d "
-            "partial_blobs=%d partial_uploads=%d oldest_age_s=%s",
-            report.destroyed,
-            report.held,
-            report.failed,
-            report.orphan_keys,
-            report.partial_blobs,
-            report.partial_uploads,
-            "none" if report.oldest_age_s is None else f"{report.oldest_age_s:.0f}",
+            "sweep_done",
+            destroyed=report.destroyed,
+            held=report.held,
+            failed=report.failed,
+            orphan_keys=report.orphan_keys,
+            partial_blobs=report.partial_blobs,
+            partial_uploads=report.partial_uploads,
+            oldest_age_s="none" if report.oldest_age_s is None else round(report.oldest_age_s),
         )
         LAST_RUN.set(time.time())
         return report
@@ -242,7 +241,7 @@ class Sweeper:
                 _shred(conn, [p.blob_key for p in pending], now_ms)
             if not pending:
                 return
-            log.info("event=sweep_resumed count=%d", len(pending))
+            log.info("sweep_resumed", count=len(pending))
             self._destroy(pending, now_ms, report)
             after = pending[-1].recording_id
 
@@ -252,7 +251,7 @@ class Sweeper:
         try:
             failed = self.vault.blobs.delete_many([item.blob_key for item in claimed])
         except Exception:  # e.g. S3 unreachable: the batch is retried next run
-            log.exception("event=sweep_blobs_failed count=%d", len(claimed))
+            log.exception("sweep_blobs_failed", count=len(claimed))
             failed = {item.blob_key: "blob store error (logged above)" for item in claimed}
         gone: list[_Claimed] = []
         for item in claimed:
@@ -261,9 +260,10 @@ class Sweeper:
                 continue
             # One bad blob never stops the sweep; its row stays marked for the next run.
             log.error(
-                "event=sweep_failed recording_id=%s step=blob error=%r",
-                item.recording_id,
-                failed[item.blob_key],
+                "sweep_failed",
+                recording_id=item.recording_id,
+                step="blob",
+                error=failed[item.blob_key],
             )
             report.failed += 1
             FAILURES.inc()
@@ -297,10 +297,10 @@ class Sweeper:
             audit.append_events(conn, events, at_ms=now_ms)
         for row in deleted:
             log.info(
-                "event=recording_swept recording_id=%s reason=%s ended_at=%s",
-                row.recording_id,
-                row.destroy_reason,
-                _iso(row.ended_at_ms),
+                "recording_swept",
+                recording_id=row.recording_id,
+                reason=row.destroy_reason,
+                ended_at=_iso(row.ended_at_ms),
             )
             DESTROYED.labels(reason=row.destroy_reason).inc()
         report.destroyed += len(deleted)
@@ -322,7 +322,7 @@ class Sweeper:
             try:
                 self.vault.discard(orphan.recording_id, orphan.blob_key)
             except Exception:  # retried next run
-                log.exception("event=orphan_failed recording_id=%s", orphan.recording_id)
+                log.exception("orphan_failed", recording_id=orphan.recording_id)
                 report.failed += 1
                 continue
             report.orphan_keys += 1
@@ -385,7 +385,7 @@ def remove_stale_uploads(incoming: Path, grace_s: float) -> int:
         for path in paths:
             path.unlink(missing_ok=True)
         removed += 1
-        log.info("event=partial_upload_removed recording_id=%s files=%d", recording_id, len(paths))
+        log.info("partial_upload_removed", recording_id=recording_id, files=len(paths))
     return removed
 
 
@@ -415,7 +415,7 @@ class SweeperLoop:
             try:
                 self.sweeper.run_once()
             except Exception:  # a failed run is retried at the next interval
-                log.exception("event=sweep_run_failed")
+                log.exception("sweep_run_failed")
                 FAILURES.inc()
             self.stop_event.wait(self.interval_s)
 

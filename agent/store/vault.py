@@ -10,7 +10,6 @@ then delete the key row (and the recording row, in the sweeper).
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
+from agent import logs
 from agent.config import StoreConfig
 from agent.privacy import check_private_file
 from agent.store.blobs import Blobs, FileBlobs, S3Blobs
@@ -35,7 +35,7 @@ from agent.store.crypto import (
 )
 from agent.store.keys import KeyWrapper, key_context, open_master_keys
 
-log = logging.getLogger(__name__)
+log = logs.get_logger(__name__)
 
 
 class KeyShredded(CryptoError):
@@ -164,7 +164,7 @@ class Vault:
         self.blobs.delete(blob_key)
         with self.catalog.engine.begin() as conn:
             conn.execute(sa.delete(data_keys).where(data_keys.c.blob_key == blob_key))
-        log.info("event=blob_discarded recording_id=%s blob_key=%s", recording_id, blob_key)
+        log.info("blob_discarded", recording_id=recording_id, blob_key=blob_key)
 
 
 def _split_header(recording_id: str, stream: Iterator[bytes]) -> tuple[Header, bytes]:

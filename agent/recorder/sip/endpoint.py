@@ -10,10 +10,9 @@ import logging
 
 import pjsua2 as pj
 
-from agent.logs import redact_numbers
-from agent.recorder.session import kv
+from agent import logs
 
-pjlog = logging.getLogger("agent.recorder.pjsip")
+pjlog = logs.get_logger("agent.recorder.pjsip")
 
 CLOCK_RATE = 8000  # G.711's own rate (16 kHz triples the CPU)
 PJ_LOG_LEVEL = 3  # level 4+ prints whole SIP messages; msgLogging is off as well
@@ -70,7 +69,7 @@ class LogWriter(pj.LogWriter):  # type: ignore[misc]
             # remove its conference port twice: operators see those at debug level.
             if level == logging.INFO or _BENIGN in message:
                 level = logging.DEBUG
-            pjlog.log(level, "event=pjsip msg=%s", kv(redact_numbers(message)))
+            pjlog.log(level, "pjsip", msg=message)
 
 
 def endpoint_config(writer: LogWriter) -> pj.EpConfig:

@@ -6,23 +6,20 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pjsua2 as pj
 
-from agent import metrics
+from agent import logs, metrics
 from agent.capture import CaptureMeta, Flag, new_recording_id, utc_now, write_meta
 from agent.config import AgentConfig
 from agent.directory import LiveDirectory
-from agent.logs import redact_numbers
 from agent.recorder.parties import CallPlan, PartyHeaders, PartyRules, plan_call
 from agent.recorder.session import (
     call_ref,
     finish_capture,
-    kv,
     log_answered,
     merge_updates,
     new_meta,
@@ -37,7 +34,7 @@ from agent.recorder.sip.endpoint import (
     quiet_pjlib,
 )
 
-log = logging.getLogger("agent.recorder.sip")
+log = logs.get_logger("agent.recorder.sip")
 
 STATS_INTERVAL_S = 1.0
 CLOSE_WAIT_S = 5.0  # for pjsua to close a leg's WAV file after the call
@@ -53,7 +50,7 @@ class _Account(pj.Account):  # type: ignore[misc]
         try:
             self._engine._incoming(self, prm)
         except Exception:
-            log.exception("event=incoming_failed")
+            log.exception("incoming_failed")
 
 
 class _Call(pj.Call):  # type: ignore[misc]
@@ -66,7 +63,7 @@ class _Call(pj.Call):  # type: ignore[misc]
             if self.getInfo().state == pj.PJSIP_INV_STATE_DISCONNECTED:
                 self.session.disconnected(utc_now())
         except Exception:
-            log.exception("event=call_state_failed")
+            log.exception("call_state_failed")
 
     def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
         self.session.events.append(("media", self.session))
@@ -78,7 +75,7 @@ class _Call(pj.Call):  # type: ignore[misc]
             rx = self.getStreamStat(prm.streamIdx).rtcp.rxStat
             self.session.final_rx[prm.streamIdx] = (rx.pkt, rx.loss)
         except Exception:
-            log.exception("event=stream_stat_failed call_ref=%s", self.session.ref)
+            log.exception("stream_stat_failed", call_ref=self.session.ref)
 
     def onCallTsxState(self, prm: pj.OnCallTsxStateParam) -> None:
         """A re-INVITE or UPDATE received in the dialog: keep its text if it carries
@@ -101,7 +98,7 @@ class _Call(pj.Call):  # type: ignore[misc]
                 self.session.updates.append((utc_now(), raw))
                 self.session.events.append(("update", self.session))
         except Exception:
-            log.exception("event=call_tsx_failed")
+            log.exception("call_tsx_failed")
 
 
 # ---------------------------------------------------------------- one call
@@ -206,13 +203,10 @@ class SipEngine:
             where = f"{self.address}:{self.port}"
             raise RuntimeError(f"SIP worker {self.index} on {where}: {exc.info()}") from None
         log.info(
-            "event=sip_started worker=%d listen=%s:%d rtp=%s:%d-%d",
-            self.index,
-            self.address,
-            self.port,
-            self.cfg.sip.listen,
-            self.rtp_start,
-            self.rtp_start + self.rtp_count - 1,
+            "sip_started",
+            worker=self.index,
+            listen=f"{self.address}:{self.port}",
+            rtp=f"{self.cfg.sip.listen}:{self.rtp_start}-{self.rtp_start + self.rtp_count - 1}",
         )
 
     def _start_library(self, ep: pj.Endpoint) -> None:
@@ -265,7 +259,7 @@ class SipEngine:
             self._ep.libDestroy()
             self._ep = None
         self._writer = None
-        log.info("event=sip_stopped worker=%d", self.index)
+        log.info("sip_stopped", worker=self.index)
 
     # ------------------------------------------------------------ the loop
 
@@ -293,14 +287,9 @@ class SipEngine:
             try:
                 handlers[kind](session)
             except pj.Error as exc:
-                log.error(
-                    "event=call_event_failed kind=%s call_ref=%s error=%s",
-                    kind,
-                    session.ref,
-                    kv(redact_numbers(exc.info())),
-                )
+                log.error("call_event_failed", kind=kind, call_ref=session.ref, error=exc.info())
             except Exception:
-                log.exception("event=call_event_failed kind=%s call_ref=%s", kind, session.ref)
+                log.exception("call_event_failed", kind=kind, call_ref=session.ref)
             else:
                 continue
             if kind == "incoming" and session.meta is None:
@@ -363,7 +352,7 @@ class SipEngine:
         prm.statusCode = status
         session.call.answer(prm)
         metrics.CALLS_REFUSED.labels(str(status)).inc()
-        log.info("event=call_rejected call_ref=%s status=%d reason=%s", session.ref, status, reason)
+        log.info("call_rejected", call_ref=session.ref, status=status, reason=reason)
 
     def _connect_media(self, session: CallSession) -> None:
         call, plan, directory = session.call, session.plan, session.directory
@@ -395,7 +384,7 @@ class SipEngine:
         if call is None or meta is None:
             return
         if now - session.answered_mono > self.cfg.sip.max_call_s:
-            log.warning("event=max_call_reached recording_id=%s", meta.recording_id)
+            log.warning("max_call_reached", recording_id=meta.recording_id)
             self._hangup(session, 200)
             return
         receiving = self._receiving(call, session)
@@ -412,9 +401,9 @@ class SipEngine:
             session.rx_packets, session.rx_mono = packets, now
         elif now - session.rx_mono >= self.cfg.sip.rtp_timeout_s:
             log.warning(
-                "event=rtp_timeout recording_id=%s idle_s=%.1f",
-                meta.recording_id,
-                now - session.rx_mono,
+                "rtp_timeout",
+                recording_id=meta.recording_id,
+                idle_s=round(now - session.rx_mono, 1),
             )
             session.flags.append(Flag.RTP_TIMEOUT)
             self._hangup(session, 200)
@@ -439,7 +428,7 @@ class SipEngine:
         try:
             session.call.hangup(prm)
         except pj.Error as exc:
-            log.error("event=hangup_failed call_ref=%s error=%s", session.ref, kv(exc.info()))
+            log.error("hangup_failed", call_ref=session.ref, error=exc.info())
 
     def _finish(self, session: CallSession) -> None:
         """The call ended: release the recorders; the capture moves once pjsua has
@@ -449,7 +438,7 @@ class SipEngine:
         session.invite = None
         session.recorders.clear()  # the last references: pjsua destroys the recorders
         if session.meta is None or session.directory is None:
-            log.info("event=call_ended_unanswered call_ref=%s", session.ref or "-")
+            log.info("call_ended_unanswered", call_ref=session.ref or "-")
             return
         if session.updates:
             self._update(session)
@@ -469,7 +458,7 @@ class SipEngine:
                 continue
             self._closing.remove(session)
             if any(leg in still_open for leg in legs):
-                log.warning("event=leg_not_closed recording_id=%s", session.meta.recording_id)
+                log.warning("leg_not_closed", recording_id=session.meta.recording_id)
                 session.flags.append(Flag.INCOMPLETE)
             ended = session.ended_at or utc_now()
             finish_capture(
