@@ -13,7 +13,7 @@ From anywhere (token from ``$CALLREC_TOKEN`` or ``--token-file``; ``--store ADDR
   callrec show ID --purpose P
   callrec play ID --purpose P [--out FILE]        (no --out: audio bytes to stdout)
   callrec export ID --purpose P --out FILE
-  callrec dsr find --at T [--window 15m] [--number N] --reason R   (no --number: stdin)
+  callrec dsr find --at T [--window 15m] --reason R   (the number: stdin or a prompt)
   callrec dsr export ID… --out package.zip --reason R
   callrec dsr erase|restrict|unrestrict ID --reason R
   callrec hold|release ID --reason R
@@ -130,7 +130,9 @@ def _dsr_parsers(sub: SubParsers) -> None:
     dsub = dsr.add_subparsers(dest="dsr_command", required=True)
     find = dsub.add_parser("find", help="a customer's calls from their number and a time")
     _client(find, "legal")
-    find.add_argument("--number", help="any format; default: read from stdin")
+    # Refused when given: a number on the command line is in the process list (ps,
+    # /proc/*/cmdline) and the shell's history. Defined so argparse does not echo it.
+    find.add_argument("--number", help=argparse.SUPPRESS)
     find.add_argument("--region", default="FI")
     find.add_argument("--at", required=True, help="ISO time of the call")
     find.add_argument("--window", default="15m", help="± around --at")
@@ -373,7 +375,12 @@ def _dsr(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
 
 
 def _find(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
-    number = args.number or sys.stdin.readline().strip()
+    if args.number is not None:
+        raise UsageError(
+            "--number is refused: a number on the command line shows in the process "
+            "list and the shell history; give it on stdin or at the prompt"
+        )
+    number = _read_number()
     try:
         window_min = round(parse_duration(args.window) / 60)
     except ValueError:
@@ -387,6 +394,17 @@ def _find(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
         _out(format_view(view))
     _out(f"{len(response.recordings)} recording(s) within ±{window_min} min")
     return 0
+
+
+def _read_number() -> str:
+    """The customer's number from the terminal (not echoed) or one line of stdin."""
+    if sys.stdin.isatty():
+        number = getpass.getpass("customer's number (not shown): ")
+    else:
+        number = sys.stdin.readline(200)
+    if not number.strip():
+        raise UsageError("no number: give it on stdin or at the prompt")
+    return number.strip()
 
 
 def _package(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:

@@ -9,24 +9,30 @@ Layout under the agent's ``captures/`` directory::
     active/w<N>/<recording id>/   being recorded by worker N (capture.json written at answer)
     ready/<recording id>/         hung up, legs closed; finalize takes it from here
 
-A worker moves a capture from ``active`` to ``ready`` with one ``rename``. A worker
-that starts and finds captures in its own ``active`` directory recovers them: its
-predecessor died mid-call, so they are repaired and flagged ``incomplete``.
+A worker moves a capture from ``active`` to ``ready`` with one ``rename``. While it
+records, it holds the capture's ``owner`` lock and beats a heartbeat into it (see
+:mod:`agent.recorder.ownership`). A worker that starts and finds captures in its own
+``active`` directory whose owner is dead recovers them: they are repaired and flagged
+``incomplete``, their end taken from the metadata, the heartbeat and the audio on disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import json
 import os
 import struct
 import uuid
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from agent.privacy import NumberKind, ProtectedNumber
+from agent.recorder.ownership import capture_owned, last_heartbeat
 
 CAPTURE_FILE = "capture.json"
 CUSTOMER_LEG = "customer.wav"
@@ -42,7 +48,9 @@ class Direction(StrEnum):
 
 
 class Flag(StrEnum):
-    METADATA_INVALID = "metadata_invalid"  # SIPREC metadata missing or unreadable
+    METADATA_INVALID = "metadata_invalid"  # SIPREC metadata unreadable
+    METADATA_MISSING = "metadata_missing"  # a SIPREC INVITE without metadata
+    NOT_ACKNOWLEDGED = "not_acknowledged"  # the SRC never ACKed our 200 OK
     EMPLOYEE_UNKNOWN = "employee_unknown"  # no employee matched the directory
     CUSTOMER_WITHHELD = "customer_withheld"  # anonymous / restricted caller ID
     CUSTOMER_UNKNOWN = "customer_unknown"  # no customer number given or not a number
@@ -119,8 +127,6 @@ class CaptureMeta:
             customer=ProtectedNumber(
                 kind=NumberKind(customer["kind"]),
                 masked=customer["masked"],
-                digest=customer.get("digest"),
-                digest_key_id=customer.get("digest_key_id"),
                 tail_sealed=customer.get("tail_sealed"),
             ),
             employees=tuple(Employee(**e) for e in doc.get("employees", [])),
@@ -129,14 +135,48 @@ class CaptureMeta:
         )
 
 
-def write_meta(directory: Path, meta: CaptureMeta) -> None:
-    """Replace ``capture.json`` atomically (write, fsync, rename)."""
+META_RESERVE = 8192  # capture.json is padded to this size (see write_meta)
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_meta(directory: Path, meta: CaptureMeta, sync: bool = True) -> None:
+    """Replace ``capture.json`` atomically (write, fsync unless ``sync`` is false, rename).
+
+    The file is padded with blanks to META_RESERVE bytes, so that when the disk is full
+    the update (a call's end time) is written over the old bytes in place, which needs
+    no new block; only then, and only if it fits, is the write not atomic."""
+    data = meta.to_json().encode()
+    data += b" " * max(0, META_RESERVE - len(data) - 1) + b"\n"
     tmp = directory / (CAPTURE_FILE + ".tmp")
-    with tmp.open("w") as fh:
-        fh.write(meta.to_json())
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(directory / CAPTURE_FILE)
+    try:
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            if sync:
+                os.fsync(fh.fileno())
+        tmp.replace(directory / CAPTURE_FILE)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if exc.errno not in NO_SPACE or not _overwrite(directory / CAPTURE_FILE, data):
+            raise
+
+
+def _overwrite(path: Path, data: bytes) -> bool:
+    """Write ``data`` over an existing file's bytes, blank-padded to its size."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        size = os.fstat(fd).st_size
+        if len(data) > size:
+            return False
+        os.pwrite(fd, data.rstrip(b"\n").ljust(size - 1) + b"\n", 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
 
 
 def read_meta(directory: Path) -> CaptureMeta:
@@ -174,28 +214,95 @@ def repair_wav_header(path: Path) -> int:
     return data
 
 
-def recover_active(active_dir: Path, ready_dir: Path) -> list[str]:
+def quarantine(entry: Path, quarantine_dir: Path, reason: str) -> Path:
+    """Move an entry we cannot process aside, with the reason beside it; nothing is lost.
+    (A reason file that can't be written, on a full disk, is left out: the log has it.)"""
+    quarantine_dir.mkdir(parents=True, exist_ok=True)
+    target = quarantine_dir / entry.name
+    suffix = 1
+    while target.exists():
+        target = quarantine_dir / f"{entry.name}.{suffix}"
+        suffix += 1
+    entry.rename(target)
+    with contextlib.suppress(OSError):
+        (target.parent / f"{target.name}.reason").write_text(reason + "\n")
+    return target
+
+
+def leg_seconds(path: Path) -> float | None:
+    """Seconds of audio in a leg as it lies on disk, from its size (the header of a
+    leg whose writer died says 0); None if it has no WAV header. Reads only."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            header = fh.read(44)
+    except FileNotFoundError:
+        return None
+    if len(header) < 44 or header[:4] != b"RIFF" or header[8:12] != b"WAVE":
+        return None
+    byte_rate = struct.unpack_from("<I", header, 28)[0] or 16000
+    return (size - 44) / byte_rate
+
+
+@dataclass
+class Recovery:
+    """What :func:`recover_active` did, capture by capture."""
+
+    recovered: list[str] = field(default_factory=list)
+    in_use: list[str] = field(default_factory=list)  # a live process still writes it
+    quarantined: list[tuple[str, str]] = field(default_factory=list)  # (name, reason)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (name, error): retried later
+
+
+def recover_active(
+    active_dir: Path, ready_dir: Path, quarantine_dir: Path, skip: Collection[str] = ()
+) -> Recovery:
     """Move captures a dead worker left in ``active_dir`` to ``ready_dir``, repaired and
-    flagged incomplete. Returns the recording ids recovered."""
-    recovered: list[str] = []
+    flagged incomplete. A capture whose owner still lives is left alone; one without
+    readable metadata is quarantined with the reason; one that fails (a full disk) is
+    left for the next attempt, and the others go on. ``skip``: the caller's own."""
+    result = Recovery()
     if not active_dir.is_dir():
-        return recovered
-    for capture in sorted(p for p in active_dir.iterdir() if p.is_dir()):
+        return result
+    for capture in sorted(p for p in active_dir.iterdir() if p.is_dir() and p.name not in skip):
+        try:
+            _recover(capture, ready_dir, quarantine_dir, result)
+        except OSError as exc:
+            result.failed.append((capture.name, f"{type(exc).__name__}: {exc.strerror or exc}"))
+    if result.recovered:
+        with contextlib.suppress(OSError):
+            fsync_dir(ready_dir)
+    return result
+
+
+def _recover(capture: Path, ready_dir: Path, quarantine_dir: Path, result: Recovery) -> None:
+    if capture_owned(capture):
+        result.in_use.append(capture.name)
+        return
+    reason: str | None = None
+    try:
         meta = read_meta(capture)
-        latest = meta.started_at
-        for leg in meta.legs:
-            wav = capture / leg
-            if wav.exists():
-                # The last write is when the recording stopped: read it before the
-                # header repair below touches the file.
-                mtime = dt.datetime.fromtimestamp(wav.stat().st_mtime, dt.UTC)
-                repair_wav_header(wav)
-                latest = max(latest, iso_ms(mtime))
-        meta = replace(meta, ended_at=meta.ended_at or latest).with_flags(Flag.INCOMPLETE)
-        write_meta(capture, meta)
-        ready_dir.mkdir(parents=True, exist_ok=True)
-        capture.rename(ready_dir / capture.name)
-        recovered.append(meta.recording_id)
-    if recovered:
-        fsync_dir(ready_dir)
-    return recovered
+    except FileNotFoundError:
+        reason = "no capture.json: the call was never answered"
+    except (ValueError, KeyError, TypeError) as exc:
+        reason = f"unreadable capture.json: {type(exc).__name__}: {exc}"
+    if reason is not None:
+        quarantine(capture, quarantine_dir, reason)
+        result.quarantined.append((capture.name, reason))
+        return
+    seconds = {leg: leg_seconds(capture / leg) for leg in meta.legs}
+    legs = tuple(leg for leg in meta.legs if seconds[leg] is not None)
+    started = parse_iso(meta.started_at)
+    ends = [started] + [started + dt.timedelta(seconds=s or 0.0) for s in seconds.values()]
+    if (beat := last_heartbeat(capture)) is not None:
+        ends.append(parse_iso(beat))
+    ended = meta.ended_at or iso_ms(max(ends))
+    # The end time goes into the metadata first: a failed attempt leaves it there for
+    # the next, and the header repairs below (which touch the legs) change no evidence.
+    meta = replace(meta, ended_at=ended, legs=legs).with_flags(Flag.INCOMPLETE)
+    write_meta(capture, meta)
+    for leg in legs:
+        repair_wav_header(capture / leg)
+    ready_dir.mkdir(parents=True, exist_ok=True)
+    capture.rename(ready_dir / capture.name)
+    result.recovered.append(meta.recording_id)

@@ -2,7 +2,7 @@
 
 callrec agent  --config agent.toml      the recording agent beside the PBX
 callrec store  --config store.toml      the central store
-callrec keys init DIR                   create the lookup key and the seal key pair
+callrec keys init|master|seal …         seal key pair; master key rotate/rewrap/retire
 callrec list   --store-dir DIR          list stored recordings (operator console)
 callrec export ID --out FILE --reason R export one recording's audio
 callrec check  --agent/--store FILE     validate a config and its key files
@@ -16,27 +16,28 @@ import asyncio
 import datetime as dt
 import importlib.metadata
 import importlib.util
-import os
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import grpc
 
-from agent import access_cli, certs, logs
-from agent.config import ConfigError, check_transport, load_agent_config, load_store_config
+from agent import access_cli, certs, keys_cli, logs
+from agent.config import (
+    ConfigError,
+    StoreConfig,
+    check_transport,
+    load_agent_config,
+    load_store_config,
+)
 from agent.directory import Directory, DirectoryError
 from agent.manifest import DIRECTION_NAMES
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
-from agent.privacy import (
-    KeyFileError,
-    LookupKeys,
-    Sealer,
-    check_private_file,
-    new_lookup_key_line,
-    new_seal_keypair,
-)
+from agent.privacy import KeyFileError, Sealer, check_private_file
+from agent.recorder import frontlog
+from agent.store.keys import FileKeyWrapper
+from agent.store.numbers import SealKeyring
 
 log = logs.get_logger("callrec")
 
@@ -61,11 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--config", type=Path, required=True)
     sweep.add_argument("--once", action="store_true", help="one pass, for a systemd timer")
 
-    keys = sub.add_parser("keys", help="key management")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    init = keys_sub.add_parser("init", help="create lookup.key, seal.pem (store) and seal.pub.pem")
-    init.add_argument("directory", type=Path)
-
+    keys_cli.add_parsers(sub)
     listing = sub.add_parser(
         "console-list", help="list recordings (operator console on the store host)"
     )
@@ -91,6 +88,7 @@ def _parser() -> argparse.ArgumentParser:
         demo.add_argument("--seconds", type=float, default=6.0)
     access_cli.add_parsers(sub)
     certs.add_parsers(sub)
+    frontlog.add_parsers(sub)
     return parser
 
 
@@ -134,6 +132,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     dispatchers: tuple[Callable[[argparse.Namespace], int | None], ...] = (
         access_cli.dispatch,
         certs.dispatch,
+        frontlog.dispatch,
+        keys_cli.dispatch,
     )
     for dispatch in dispatchers:
         handled = dispatch(args)
@@ -164,8 +164,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         from agent.store.sweeper import run_sweeper
 
         return run_sweeper(store_cfg, once=args.once)
-    if args.command == "keys":
-        return keys_init(args.directory)
     if args.command == "console-list":
         return list_recordings(args.store_dir, args.limit)
     if args.command == "console-export":
@@ -178,29 +176,6 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_demo(args.dir, args.seconds)
     raise AssertionError(args.command)
-
-
-def keys_init(directory: Path) -> int:
-    """Write ``lookup.key`` (agent and store), ``seal.pub.pem`` (agent) and ``seal.pem``
-    (store only: it opens the sealed digits). Existing files are never overwritten."""
-    directory.mkdir(parents=True, exist_ok=True)
-    private, public = new_seal_keypair()
-    files = {
-        "lookup.key": new_lookup_key_line(dt.date.today().strftime("k%Y%m%d")).encode(),
-        "seal.pem": private,
-        "seal.pub.pem": public,
-    }
-    for name, content in files.items():
-        path = directory / name
-        if path.exists():
-            sys.stdout.write(f"kept     {path} (exists)\n")
-            continue
-        mode = 0o644 if name.endswith(".pub.pem") else 0o600
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(content)
-        sys.stdout.write(f"created  {path} (mode {mode:o})\n")
-    return 0
 
 
 def _console(store_dir: Path) -> pb_grpc.ConsoleStub:
@@ -246,16 +221,19 @@ def export_audio(store_dir: Path, recording_id: str, out: Path, reason: str) -> 
     return 0
 
 
+Check = tuple[Callable[[Path], object], Path | None]  # None: not configured, skipped
+
+
 def check_config(agent_path: Path | None, store_path: Path | None) -> int:
     """Validate a config and every file it names; one line per problem."""
-    loaders: list[tuple[Callable[[Path], object], Path]] = []
+    loaders: list[Check] = []
     tls = None
     if agent_path is not None:
         cfg = load_agent_config(agent_path)
         check_transport(cfg.uplink)
         tls = cfg.uplink.tls
         loaders += [
-            (LookupKeys.load, cfg.privacy.lookup_key_file),
+            (_obsolete("[privacy] lookup_key_file"), cfg.privacy.lookup_key_file),
             (Sealer.load, cfg.privacy.seal_public_key_file),
             (Directory.load, cfg.directory_file),
         ]
@@ -263,6 +241,7 @@ def check_config(agent_path: Path | None, store_path: Path | None) -> int:
         store_cfg = load_store_config(store_path)
         check_transport(store_cfg)
         tls = store_cfg.tls
+        loaders += _store_checks(store_cfg)
     if tls is not None:
         loaders += [
             (certs.load_cert, tls.ca_file),
@@ -271,6 +250,8 @@ def check_config(agent_path: Path | None, store_path: Path | None) -> int:
         ]
     problems: list[str] = []
     for load, path in loaders:
+        if path is None:
+            continue
         try:
             load(path)
         except (KeyFileError, DirectoryError, ConfigError) as exc:
@@ -280,6 +261,31 @@ def check_config(agent_path: Path | None, store_path: Path | None) -> int:
     if not problems:
         sys.stdout.write("ok\n")
     return 1 if problems else 0
+
+
+def _store_checks(cfg: StoreConfig) -> list[Check]:
+    """The seal keyring (private, readable), the directory of people, the master key
+    file when it exists (a new catalog's first start creates it), no lookup key."""
+    checks: list[Check] = [
+        (_obsolete("[store] lookup_key_file"), cfg.lookup_key_file),
+        (SealKeyring.load, cfg.seal_key_file),
+        (Directory.load, cfg.directory_file),
+    ]
+    if cfg.keys.wrapper == "pkcs11":
+        checks.append((check_private_file, cfg.keys.pkcs11_pin_file))
+    elif cfg.master_key_file.exists():
+        checks.append((FileKeyWrapper.load, cfg.master_key_file))
+    return checks
+
+
+def _obsolete(key: str) -> Callable[[Path], object]:
+    def refuse(path: Path) -> None:
+        raise ConfigError(
+            f"{key} = {str(path)!r}: obsolete, no lookup key is used any more; remove the "
+            "setting and delete the file from this host (and its backups)"
+        )
+
+    return refuse
 
 
 if __name__ == "__main__":

@@ -32,6 +32,28 @@ class ConfigError(ValueError):
 
 
 WORKER_MAX_CALLS = 4  # PJSUA_MAX_CALLS of the pjsua2 wheel: a fifth INVITE gets 486
+LOOPBACK_CLIENTS = ("127.0.0.0/8", "::1/128")
+MAX_SIP_MESSAGE = 65536  # the front refuses larger requests with 513
+
+
+@dataclass(frozen=True)
+class SipClient:
+    """``[[sip.clients]]``: where one recording client (an SRC at ``address``, an
+    address or network) names what its metadata may leave out. ``service_header``: a
+    header whose URI gives the service line (``P-Called-Party-ID``, ``Diversion``…);
+    ``service_number``: a fixed service line for every call of this client;
+    ``employee_header``: a header whose URI names the employee (SIPREC calls too)."""
+
+    address: str
+    service_header: str | None = None
+    service_number: str | None = None
+    employee_header: str | None = None
+
+    def matches(self, ip: str) -> bool:
+        try:
+            return ipaddress.ip_address(ip) in ipaddress.ip_network(self.address)
+        except ValueError:
+            return False
 
 
 @dataclass(frozen=True)
@@ -61,6 +83,31 @@ class SipConfig:
     worker_port: int = 5071
     kamailio: Path = Path("/usr/sbin/kamailio")
     probe_interval_s: float = 2.0
+    # The SIP edge: who may create a recording, and how.
+    allowed_clients: tuple[str, ...] = LOOPBACK_CLIENTS  # networks, normalised
+    plain: bool = False  # accept plain (non-SIPREC) INVITEs with X-Callrec-* headers
+    clients: tuple[SipClient, ...] = ()
+    # The front keeps INVITEs' metadata aside; workers fetch it here (loopback HTTP).
+    front_http_port: int = 5069
+    max_message_bytes: int = MAX_SIP_MESSAGE
+    # SIP over TLS at the front (Kamailio's tls module), client certificates required.
+    tls_port: int | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None  # the CA that signs the recording clients' certificates
+
+    def allows(self, ip: str) -> bool:
+        """``ip`` is a listed recording client (``allowed_clients`` or a ``[[sip.clients]]``)."""
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        networks = (*self.allowed_clients, *(c.address for c in self.clients))
+        return any(address in ipaddress.ip_network(net) for net in networks)
+
+    def client(self, ip: str) -> SipClient | None:
+        """The ``[[sip.clients]]`` entry for a source address (the first that matches)."""
+        return next((c for c in self.clients if c.matches(ip)), None)
 
     def worker_sip(self, index: int) -> tuple[str, int]:
         """The SIP address worker ``index`` listens on."""
@@ -76,8 +123,10 @@ class SipConfig:
 @dataclass(frozen=True)
 class PrivacyConfig:
     default_region: str = "FI"
-    lookup_key_file: Path = Path("keys/lookup.key")
     seal_public_key_file: Path = Path("keys/seal.pub.pem")
+    # Obsolete: agents no longer hold a lookup key. Accepted so that an upgraded agent
+    # still starts (and records); it warns and never reads the file.
+    lookup_key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +177,23 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True)
+class FreeSpaceFloor:
+    """``[agent] min_free``: the free space on the data disk below which new calls are
+    refused (503) before anything is answered; calls in progress go on. A size
+    (``"2 GiB"``, the default) or a share of the file system (``"5%"``)."""
+
+    bytes: int = 2 * 1024**3
+    percent: float = 0.0
+
+    def floor(self, total_bytes: int) -> int:
+        """The floor in bytes on a file system of ``total_bytes``."""
+        return max(self.bytes, int(total_bytes * self.percent / 100))
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent else f"{self.bytes} bytes"
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     site: str
     data_dir: Path
@@ -140,6 +206,7 @@ class AgentConfig:
     log_level: str = "info"
     spool: SpoolConfig | None = None  # no [spool] section: no spool pickup
     metrics_listen: str | None = None  # "127.0.0.1:9464": Prometheus /metrics
+    min_free: FreeSpaceFloor = field(default_factory=FreeSpaceFloor)
 
     @property
     def captures_dir(self) -> Path:
@@ -177,7 +244,13 @@ class KeysConfig:
     """The master key that wraps each recording's data key (``[store.keys]``)."""
 
     wrapper: str = "file"
-    master_key_file: Path | None = None  # None: <data_dir>/keys/master.key
+    # Outside data_dir (a backup of the state must not carry the key that opens it);
+    # the default is keys/master.key beside the config file (/etc/callrec/keys/…).
+    master_key_file: Path = Path("/etc/callrec/keys/master.key")
+    # wrapper = "pkcs11": the master keys live in a token (agent.store.pkcs11_keys).
+    pkcs11_module: Path | None = None  # e.g. /usr/lib/softhsm/libsofthsm2.so
+    pkcs11_token_label: str = "callrec"  # noqa: S105 (the token's label, not a secret)
+    pkcs11_pin_file: Path | None = None  # the user PIN, 0600
 
 
 @dataclass(frozen=True)
@@ -197,8 +270,9 @@ class StoreConfig:
     log_level: str = "info"
     tls: TlsConfig | None = None  # [store.tls]: mutual TLS for agents (the default)
     insecure: bool = False  # [store.tls] insecure = true: plain text, loopback only
-    # The Access service (issue 8): the people who may use it (None: service off), the
-    # lookup keys that find a data subject's calls, and seal.pem for the sealed digits.
+    # The Access service (issue 8): the people who may use it (None: service off) and
+    # seal.pem, the keyring that opens the sealed digits (to find a data subject's
+    # calls, and to unseal). lookup_key_file is obsolete (accepted, warned, unused).
     directory_file: Path | None = None
     lookup_key_file: Path | None = None
     seal_key_file: Path | None = None
@@ -217,7 +291,7 @@ class StoreConfig:
 
     @property
     def master_key_file(self) -> Path:
-        return self.keys.master_key_file or self.data_dir / "keys" / "master.key"
+        return self.keys.master_key_file
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -381,8 +455,8 @@ def agent_config_from_dict(doc: Mapping[str, Any], base: Path) -> AgentConfig:
         sip=sip_cfg,
         privacy=PrivacyConfig(
             default_region=pr.text("default_region", "FI").upper(),
-            lookup_key_file=pr.path("lookup_key_file", _REQUIRED),
             seal_public_key_file=pr.path("seal_public_key_file", _REQUIRED),
+            lookup_key_file=_optional_path(pr, "lookup_key_file"),
         ),
         audio=AudioConfig(
             format=au.text("format", "opus", choices=AUDIO_FORMATS),
@@ -393,6 +467,7 @@ def agent_config_from_dict(doc: Mapping[str, Any], base: Path) -> AgentConfig:
         log_level=s["log"].text("level", "info", choices=LOG_LEVELS),
         spool=_spool_config(s["spool"]) if "spool" in doc else None,
         metrics_listen=_listen(a, "metrics", "") if "metrics" in a.table else None,
+        min_free=_free_space_floor(a, "min_free"),
     )
     if not re.fullmatch(r"\d+k", cfg.audio.bitrate):
         raise au._fail("bitrate", cfg.audio.bitrate, 'a bitrate such as "24k"')
@@ -424,9 +499,72 @@ def _sip_config(sip: _Section) -> SipConfig:
         worker_port=sip.integer("worker_port", min(port + 1, 65535), 1, 65535),
         kamailio=sip.path("kamailio", "/usr/sbin/kamailio"),
         probe_interval_s=sip.seconds("probe_interval", "2s"),
+        allowed_clients=_networks(sip, "allowed_clients", list(LOOPBACK_CLIENTS)),
+        plain=sip.boolean("plain", False),
+        clients=_sip_clients(sip),
+        front_http_port=sip.integer("front_http_port", max(port - 1, 1), 1, 65535),
+        max_message_bytes=sip.integer("max_message", MAX_SIP_MESSAGE, 4096, MAX_SIP_MESSAGE),
+        **_sip_tls(sip),
     )
     _check_sip_ports(sip, cfg)
+    if cfg.tls_port is not None and not cfg.front:
+        raise sip._fail("tls_port", cfg.tls_port, "front = true (the front terminates TLS)")
     return cfg
+
+
+def _sip_tls(sip: _Section) -> dict[str, Any]:
+    """``tls_port`` and the three files it needs (all or none)."""
+    if "tls_port" not in sip.table:
+        return {}
+    return {
+        "tls_port": sip.integer("tls_port", _REQUIRED, 1, 65535),
+        "tls_cert_file": sip.path("tls_cert_file"),
+        "tls_key_file": sip.path("tls_key_file"),
+        "tls_ca_file": sip.path("tls_ca_file"),
+    }
+
+
+def _network(section: _Section, key: str, value: object) -> str:
+    try:
+        return str(ipaddress.ip_network(value if isinstance(value, str) else "", strict=True))
+    except ValueError:
+        raise section._fail(
+            key, value, 'addresses or networks such as "10.1.2.0/24" or "192.0.2.7"'
+        ) from None
+
+
+def _networks(section: _Section, key: str, default: list[str]) -> tuple[str, ...]:
+    values = section.strings(key, default)
+    return tuple(_network(section, key, v) for v in values)
+
+
+def _sip_clients(sip: _Section) -> tuple[SipClient, ...]:
+    tables = sip._get("clients", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise sip._fail("clients", tables, "[[sip.clients]] tables")
+    clients: list[SipClient] = []
+    for index, table in enumerate(tables):
+        c = _Section(f"sip.clients.{index}", table, sip.base)
+        client = SipClient(
+            address=_network(c, "address", c._get("address", _REQUIRED)),
+            service_header=_header(c, "service_header"),
+            service_number=c.text("service_number") if "service_number" in table else None,
+            employee_header=_header(c, "employee_header"),
+        )
+        if client.service_header and client.service_number:
+            raise c._fail("service_number", client.service_number, "no service_header beside it")
+        c.check_unknown()
+        clients.append(client)
+    return tuple(clients)
+
+
+def _header(section: _Section, key: str) -> str | None:
+    if key not in section.table:
+        return None
+    value = section.text(key)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9!#$%&'*+.^_`|~-]{0,63}", value):
+        raise section._fail(key, value, 'a SIP header name such as "P-Called-Party-ID"')
+    return value
 
 
 def _ip(section: _Section, key: str, default: str) -> str:
@@ -453,6 +591,10 @@ def _check_sip_ports(sip: _Section, cfg: SipConfig) -> None:
             "rtp_port_start", cfg.rtp_port_start, f"room for {cfg.workers} RTP ranges below 65536"
         )
     sip_ports = range(cfg.worker_sip(0)[1], last + 1)
+    if cfg.front and (cfg.front_http_port in sip_ports or cfg.front_http_port == cfg.port):
+        raise sip._fail(
+            "front_http_port", cfg.front_http_port, "a port apart from the SIP and worker ports"
+        )
     if cfg.rtp_port_start <= max(sip_ports) and min(sip_ports) <= rtp_end:
         raise sip._fail("rtp_port_start", cfg.rtp_port_start, "RTP ranges apart from SIP ports")
 
@@ -517,6 +659,9 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         lookup_key_file=_optional_path(st, "lookup_key_file"),
         seal_key_file=_optional_path(st, "seal_key_file"),
     )
+    _outside_data_dir(sub["keys"], "master_key_file", cfg.keys.master_key_file, data_dir)
+    _outside_data_dir(sub["keys"], "pkcs11_pin_file", cfg.keys.pkcs11_pin_file, data_dir)
+    _outside_data_dir(st, "seal_key_file", cfg.seal_key_file, data_dir)
     if not cfg.catalog_url.startswith(("sqlite:///", "postgresql")):
         raise st._fail(
             "catalog", cfg.catalog_url, 'a "sqlite:///…" or "postgresql+psycopg://…" URL'
@@ -609,6 +754,20 @@ def _size(section: _Section, key: str, default: object) -> int:
     raise section._fail(key, value, 'a size such as "2 GiB", "500 MB" or a number of bytes')
 
 
+def _free_space_floor(section: _Section, key: str) -> FreeSpaceFloor:
+    """``"2 GiB"`` (a size) or ``"5%"`` (of the file system, 0-90 %)."""
+    value = section._get(key, "2 GiB")
+    if isinstance(value, str) and (match := re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*%\s*", value)):
+        percent = float(match.group(1))
+        if 0 < percent <= 90:
+            return FreeSpaceFloor(bytes=0, percent=percent)
+        raise section._fail(key, value, 'a share from "0.1%" to "90%", or a size such as "2 GiB"')
+    try:
+        return FreeSpaceFloor(bytes=_size(section, key, "2 GiB"))
+    except ConfigError:
+        raise section._fail(key, value, 'a size such as "2 GiB" or a share such as "5%"') from None
+
+
 def _optional_path(section: _Section, key: str) -> Path | None:
     return section.path(key) if key in section.table else None
 
@@ -623,8 +782,27 @@ def _subsection(parent: _Section, name: str, base: Path) -> _Section:
 
 
 def _keys_config(keys: _Section) -> KeysConfig:
-    path = keys.path("master_key_file") if "master_key_file" in keys.table else None
-    return KeysConfig(wrapper=keys.text("wrapper", "file", choices=("file",)), master_key_file=path)
+    wrapper = keys.text("wrapper", "file", choices=("file", "pkcs11"))
+    token = wrapper == "pkcs11"
+    return KeysConfig(
+        wrapper=wrapper,
+        master_key_file=keys.path("master_key_file", "keys/master.key"),
+        pkcs11_module=keys.path("pkcs11_module") if token else None,
+        pkcs11_token_label=keys.text("pkcs11_token_label", "callrec"),
+        pkcs11_pin_file=keys.path("pkcs11_pin_file") if token else None,
+    )
+
+
+def _outside_data_dir(section: _Section, key: str, path: Path | None, data_dir: Path) -> None:
+    """Keys never sit in the state they protect: a copy of data_dir (a backup, a
+    snapshot) must not carry what opens it."""
+    if path is not None and path.resolve().is_relative_to(data_dir.resolve()):
+        raise section._fail(
+            key,
+            str(path),
+            f"a path outside data_dir ({data_dir}): a backup of the state "
+            "must not carry the key that opens it",
+        )
 
 
 def _allowed_regions(st: _Section) -> tuple[str, ...]:

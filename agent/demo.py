@@ -22,7 +22,8 @@ from pathlib import Path
 import grpc
 
 from agent import certs
-from agent.cli import export_audio, format_recordings, keys_init
+from agent.cli import export_audio, format_recordings
+from agent.keys_cli import keys_init
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.testcall import SiprecCall, free_port, make_speech, run_sipp, siprec_scenario
@@ -46,6 +47,12 @@ role = "supervisor"
 team = "parcels"
 aors = ["sip:2001@pbx.example"]
 trained = 2026-01-15
+
+[[person]]
+id = "p3001"
+name = "Pirjo Privacy"
+role = "privacy_officer"
+trained = 2026-01-15
 """
 
 
@@ -60,17 +67,20 @@ def _make_tls(directory: Path, site: str) -> None:
     certs.write_pair(directory, "agent", certs.issue_agent(ca, site))
 
 
-def _write_configs(root: Path, store_port: int, sip_port: int, rtp_start: int) -> tuple[Path, Path]:
+def _write_configs(
+    root: Path, store_port: int, sip_port: int, rtp_start: int, access_port: int
+) -> tuple[Path, Path]:
     (root / "people.toml").write_text(PEOPLE)
     _make_tls(root / "tls", "demo")
     store = root / "store.toml"
     store.write_text(
         "[store]\n"
         f'listen = "127.0.0.1:{store_port}"\n'
+        f'access_listen = "127.0.0.1:{access_port}"\n'
         'data_dir = "store-data"\n'
         'retention = "6 months"\n'
-        'directory_file = "people.toml"\nlookup_key_file = "keys/lookup.key"\n'
-        'seal_key_file = "keys/seal.pem"\n\n'
+        'directory_file = "people.toml"\nseal_key_file = "keys/seal.pem"\n\n'
+        '[store.keys]\nmaster_key_file = "keys/master.key"\n\n'
         '[store.tls]\nca_file = "tls/ca.pem"\ncert_file = "tls/store.pem"\n'
         'key_file = "tls/store.key"\n'
     )
@@ -81,8 +91,7 @@ def _write_configs(root: Path, store_port: int, sip_port: int, rtp_start: int) -
         "rtp_port_count = 40\n\n"
         f'[calls]\nservice_numbers = ["{SERVICE}", "0100 5445"]\n\n'
         '[directory]\nfile = "people.toml"\n\n'
-        '[privacy]\nlookup_key_file = "keys/lookup.key"\n'
-        'seal_public_key_file = "keys/seal.pub.pem"\n\n'
+        '[privacy]\nseal_public_key_file = "keys/seal.pub.pem"\n\n'
         f'[uplink]\nstore_address = "127.0.0.1:{store_port}"\n'
         'ca_file = "tls/ca.pem"\ncert_file = "tls/agent.pem"\nkey_file = "tls/agent.key"\n'
     )
@@ -162,14 +171,45 @@ def _leaks(root: Path, exclude: Path) -> tuple[int, list[str]]:
     return scanned, found
 
 
+def _find_by_number(
+    root: Path, store_cfg: Path, access_port: int, info: pb.RecordingInfo
+) -> tuple[bool, str]:
+    """What a data-subject request does: a token for the privacy officer, then
+    ``callrec dsr find`` with the number on stdin (never on the command line) and the
+    time of the call; the store opens the sealed digits of the calls with the masked
+    form in the window (audited) and answers with the call."""
+    cli = [sys.executable, "-m", "agent.cli"]
+    made = subprocess.run(
+        [*cli, "access", "token", "create", "--config", str(store_cfg), "--person", "p3001"],
+        cwd=root, capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    token = made.stdout.strip().splitlines()[-1]
+    at = info.manifest.started_at.ToDatetime().isoformat() + "Z"
+    found = subprocess.run(
+        [*cli, "dsr", "find", "--at", at, "--reason", "demo DSR-1",
+         "--store", f"127.0.0.1:{access_port}", "--ca-file", "tls/ca.pem"],
+        cwd=root, input="040 123 4567\n", capture_output=True, text=True, timeout=60,
+        env={**os.environ, "CALLREC_TOKEN": token}, check=False,
+    )  # fmt: skip
+    if found.returncode != 0:
+        raise RuntimeError(f"dsr find failed: {found.stderr.strip()}")
+    hit = info.manifest.recording_id in found.stdout
+    return hit, found.stdout.strip().splitlines()[-1] + (" (the call)" if hit else " (NOT it)")
+
+
 def run_demo(directory: Path, seconds: float) -> int:
     root = directory.resolve()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     out = sys.stdout.write
     out(f"demo: working in {root}\n")
     keys_init(root / "keys")
-    store_port, sip_port, rtp_start = free_port(), free_port(), free_port(40)
-    store_cfg, agent_cfg = _write_configs(root, store_port, sip_port, rtp_start)
+    store_port, sip_port, rtp_start, access_port = (
+        free_port(),
+        free_port(),
+        free_port(40),
+        free_port(),
+    )
+    store_cfg, agent_cfg = _write_configs(root, store_port, sip_port, rtp_start, access_port)
     store = _Daemon("store", ["store", "--config", str(store_cfg)], root)
     agent: _Daemon | None = None
     try:
@@ -196,13 +236,15 @@ def run_demo(directory: Path, seconds: float) -> int:
         out("\ndemo: the store holds:\n  " + "\n  ".join(format_recordings([info])) + "\n")
         audio = root / f"recording-{info.manifest.recording_id}.ogg"
         export_audio(root / "store-data", info.manifest.recording_id, audio, "demo")
+        hit, said = _find_by_number(root, store_cfg, access_port, info)
+        out(f"demo: the privacy officer's `callrec dsr find` (number on stdin, ±15 min): {said}\n")
         scanned, leaks = _leaks(root, exclude=root / "pbx")
         out(f"demo: stereo audio (customer left, employee right): {audio}\n")
         out(
             f"demo: full customer number searched in {scanned} files the system wrote: "
             + ("NOT FOUND (good)\n" if not leaks else "FOUND:\n  " + "\n  ".join(leaks) + "\n")
         )
-        return 1 if leaks else 0
+        return 1 if leaks or not hit else 0
     finally:
         if agent is not None:
             agent.stop()

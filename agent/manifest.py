@@ -21,6 +21,7 @@ from agent.pb.callrec.v1 import recordings_pb2 as pb
 MAX_RECORDING_BYTES = 4 * 1024**3
 AUDIO_FORMATS = {"opus": "ogg", "flac": "flac", "wav": "wav"}
 CUSTOMER_KINDS = {"number", "anonymous", "unknown", "invalid"}
+MAX_SEALED_CHARS = 1024  # base64 of an RSA-OAEP block: 512 chars at 3072 bits, 684 at 4096
 
 _ID = re.compile(r"^[0-9a-f]{32}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -73,8 +74,6 @@ def manifest_from_capture(
         customer=pb.Customer(
             kind=customer.kind.value,
             masked=customer.masked,
-            digest=customer.digest or "",
-            digest_key_id=customer.digest_key_id or "",
             tail_sealed=customer.tail_sealed or "",
         ),
         employees=[
@@ -131,8 +130,10 @@ def _validate_customer(c: pb.Customer) -> None:
     if c.kind == "number":
         if not _MASKED.match(c.masked):
             raise ManifestError("customer.masked: expected a masked number such as +358401234***")
-        if not (_SHA.match(c.digest) and c.digest_key_id and c.tail_sealed):
-            raise ManifestError("customer: a number needs digest, digest_key_id and tail_sealed")
+        if not 0 < len(c.tail_sealed) <= MAX_SEALED_CHARS:
+            raise ManifestError(f"customer.tail_sealed: a number needs 1..{MAX_SEALED_CHARS} chars")
+        if c.digest and not _SHA.match(c.digest):  # from an agent older than 0005: dropped
+            raise ManifestError("customer.digest: expected 64 lower-case hex digits or nothing")
     elif c.masked != c.kind or c.digest or c.tail_sealed:
         raise ManifestError(f"customer: a {c.kind} customer carries no number, digest or seal")
 

@@ -124,3 +124,12 @@ RTP_PACKETS_RECEIVED = Counter(
 RTP_PACKETS_LOST = Counter(
     "callrec_rtp_packets_lost_total", "RTP packets lost on recorded streams", ["party"]
 )
+DISK_FREE_BYTES = Gauge(
+    "callrec_disk_free_bytes",
+    "Free bytes on the agent's data disk, as the SIP workers last saw them",
+    multiprocess_mode="livemin",
+)
+DISK_FULL_REFUSALS = Counter(
+    "callrec_disk_full_refusals_total",
+    "New calls refused (503) because the data disk was below [agent] min_free",
+)

@@ -1,15 +1,15 @@
-"""The privacy boundary: a customer's number becomes a masked form, a keyed digest and
-sealed last digits. Nothing downstream of these functions ever sees the full number.
+"""The privacy boundary: a customer's number becomes a masked form and sealed last
+digits (RSA-OAEP, randomised, to the store's public key). Nothing downstream of these
+functions ever sees the full number, and nothing an agent host keeps can be checked
+against a guessed number: the agent holds no lookup key and writes no digest. Only
+the store, holding ``seal.pem``, can open the tail (``agent.store.numbers``).
 
-Pure functions and two small key holders; no I/O except reading key files.
+Pure functions and a small key holder; no I/O except reading key files.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
-import os
 import re
 import stat
 from dataclasses import dataclass
@@ -120,37 +120,12 @@ def check_private_file(path: Path) -> None:
         )
 
 
-@dataclass(frozen=True)
-class LookupKeys:
-    """HMAC keys for the caller digest. The first is used for new calls; all of them
-    are tried when a data-subject request looks a number up (key rotation)."""
-
-    keys: tuple[tuple[str, bytes], ...]
-
-    @property
-    def active_id(self) -> str:
-        return self.keys[0][0]
-
-    @classmethod
-    def load(cls, path: Path) -> LookupKeys:
-        check_private_file(path)
-        return cls(tuple(read_key_file(path)))
-
-    def digest(self, e164: str, key_id: str | None = None) -> str:
-        secrets = dict(self.keys)
-        secret = secrets[key_id or self.active_id]
-        return hmac.new(secret, e164.encode(), hashlib.sha256).hexdigest()
-
-    def all_digests(self, e164: str) -> dict[str, str]:
-        return {key_id: self.digest(e164, key_id) for key_id, _ in self.keys}
-
-
 _KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
 def read_key_file(path: Path, key_bytes: int = 32) -> list[tuple[str, bytes]]:
     """Lines of ``<key id> <base64 secret>`` (the first is the active key; ``#``
-    comments allowed). Used for the lookup keys and the store's master keys."""
+    comments allowed). Used for the store's master keys."""
     keys: list[tuple[str, bytes]] = []
     for lineno, line in enumerate(path.read_text().splitlines(), 1):
         line = line.strip()
@@ -169,10 +144,6 @@ def read_key_file(path: Path, key_bytes: int = 32) -> list[tuple[str, bytes]]:
     if not keys:
         raise KeyFileError(f"{path}: no keys in file")
     return keys
-
-
-def new_lookup_key_line(key_id: str) -> str:
-    return f"{key_id} {base64.b64encode(os.urandom(32)).decode()}\n"
 
 
 _OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
@@ -227,16 +198,21 @@ class ProtectedNumber:
 
     kind: NumberKind
     masked: str  # "+358401234***", or the kind's name for non-numbers
-    digest: str | None = None
-    digest_key_id: str | None = None
     tail_sealed: str | None = None
 
 
 @dataclass(frozen=True)
 class Protector:
+    """What an agent host holds: the region for national numbers and the store's
+    public seal key. No lookup key: an agent host's files give nothing to test a
+    guessed number against (only the store, with ``seal.pem``, opens the tail)."""
+
     region: str
-    lookup: LookupKeys
     sealer: Sealer
+
+    @classmethod
+    def load(cls, region: str, seal_public_key_file: Path) -> Protector:
+        return cls(region, Sealer.load(seal_public_key_file))
 
     def protect(self, raw: str | None) -> ProtectedNumber:
         norm = normalise(raw, self.region)
@@ -245,7 +221,5 @@ class Protector:
         return ProtectedNumber(
             NumberKind.NUMBER,
             masked=mask(norm.e164),
-            digest=self.lookup.digest(norm.e164),
-            digest_key_id=self.lookup.active_id,
             tail_sealed=self.sealer.seal(tail(norm.e164)),
         )

@@ -1,5 +1,5 @@
 """Data-subject requests against the real store: one customer's calls among thousands,
-found from the number in another format and a time ±15 min (also across a lookup-key
+found from the number in another format and a time ±15 min (also across a seal-key
 rotation); the export package plays; erasure leaves nothing readable by any path and
 an audit record without personal data; held recordings survive the sweeper."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import secrets
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,10 +20,11 @@ from pydub import AudioSegment
 
 from agent import access_cli
 from agent.pb.callrec.v1 import access_pb2 as apb
-from agent.privacy import LookupKeys, Protector, Sealer
+from agent.privacy import Protector
 from agent.store import audit
 from agent.store.audit import audit_events
-from agent.store.catalog import data_keys, metadata, now_ms, recordings
+from agent.store.catalog import data_keys, from_ms, metadata, now_ms, recordings
+from agent.store.numbers import SealKeyring, rotate_seal_key
 from agent.store.sweeper import Sweeper
 from agent.store.vault import KeyShredded
 from tests.support.access_world import World, running_world, write_private
@@ -38,19 +40,20 @@ OTHERS = 3000
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     root = tmp_path_factory.mktemp("dsr")
     keys = make_keys(root / "keys")
-    old = keys.lookup.read_text()  # "k1 …": the key the older calls were digested with
-    rotated = write_private(root / "keys" / "lookup-rotated.key", "k2 " + "Q" * 43 + "=\n" + old)
-    yield from running_world(root, keys, lookup=rotated)
+    # The store's keyring after a rotation: a new key first, the one older calls were
+    # sealed to after it; agents now hold the new public key.
+    (root / "store-keys").mkdir()
+    keyring = write_private(root / "store-keys" / "seal.pem", keys.seal_private.read_text())
+    (root / "keys" / "seal-new.pub.pem").write_bytes(rotate_seal_key(keyring))
+    assert len(SealKeyring.load(keyring).keys) == 2
+    yield from running_world(root, keys, seal=keyring)
 
 
 @pytest.fixture(scope="module")
 def customer(world: World) -> dict[str, str]:
     """The customer's calls (through Ingest), decoys and thousands of other calls."""
-    old = world.keys.protector()  # lookup key k1 only
-    assert world.config.lookup_key_file is not None
-    new = Protector("FI", LookupKeys.load(world.config.lookup_key_file),
-                    Sealer.load(world.keys.seal_public))  # fmt: skip
-    assert new.lookup.active_id == "k2"
+    old = world.keys.protector()  # seals to the key before the rotation
+    new = Protector.load("FI", world.root / "keys" / "seal-new.pub.pem")
     calls = {
         "before": world.upload(T - 10 * MINUTE, "+358 40 123 4567", old),
         "after": world.upload(T + 5 * MINUTE, "0401234567", new),  # after the key rotation
@@ -66,8 +69,9 @@ def _insert_others(world: World, count: int) -> None:
     for n in range(count):
         start = T + (n - count // 2) * 2_000  # ±50 minutes around T
         rid = secrets.token_hex(16)
-        row = make_row(rid, f"{rid}-x", start + 60_000, customer_digest=secrets.token_hex(32),
-                       customer_masked=f"+3584{n:07d}"[:-3] + "***")  # fmt: skip
+        masked = f"+3584{n:07d}"[:-3] + "***"
+        row = make_row(rid, f"{rid}-x", start + 60_000, customer_masked=masked,
+                       customer_tail_sealed=secrets.token_urlsafe(32))  # fmt: skip
         rows.append(vars(row))
     with world.storage.catalog.engine.begin() as conn:
         conn.execute(sa.insert(recordings), rows)
@@ -128,6 +132,31 @@ def test_export_package_plays(
             assert "digest" not in json.dumps(item)
             audio = AudioSegment.from_file(io.BytesIO(package.read(item["audio_file"])), "ogg")
             assert 900 <= len(audio) <= 1100 and audio.channels == 2 and audio.rms > 100
+
+
+def test_cli_find_takes_the_number_from_stdin_never_from_argv(
+    world: World,
+    customer: dict[str, str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    token = tmp_path / "token"
+    token.write_text(world.tokens["po"])
+    at = from_ms(T + 3 * MINUTE).isoformat()
+    find = ["dsr", "find", "--at", at, "--reason", "DSR-9", "--store", world.store.address,
+            "--token-file", str(token)]  # fmt: skip
+    seq = world.head_seq()
+    args = _parser().parse_args([*find, "--number", "0401234567"])
+    assert access_cli.dispatch(args) == 2
+    err = capsys.readouterr().err
+    assert "--number is refused" in err and "0401234567" not in err
+    assert world.events_after(seq) == [], "nothing was asked"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("040 123 4567\n"))
+    assert access_cli.dispatch(_parser().parse_args(find)) == 0
+    out = capsys.readouterr().out
+    assert customer["before"] in out and customer["after"] in out
+    assert "2 recording(s)" in out
 
 
 def _parser() -> access_cli.argparse.ArgumentParser:

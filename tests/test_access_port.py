@@ -43,7 +43,6 @@ def test_people_port_is_tls_with_token_and_ingest_keeps_mutual_tls(
             "access_listen": f"127.0.0.1:{people_port}",
             "data_dir": str(tmp_path / "store-data"),
             "directory_file": str(tmp_path / "people.toml"),
-            "lookup_key_file": str(keys.lookup),
             "seal_key_file": str(keys.seal_private),
             "tls": {
                 "ca_file": str(tls / "ca.pem"),

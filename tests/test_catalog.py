@@ -30,7 +30,7 @@ SEARCH_INDEXES = {
     "ix_recordings_ended",
     "ix_recordings_employee",
     "ix_recordings_team",
-    "ix_recordings_digest",
+    "ix_recordings_masked",
 }
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from agent.cli import main
 from agent.config import ConfigError, load_agent_config, load_store_config, parse_duration
-from tests.support.stack import Keys, agent_config, write_toml
+from tests.support.stack import DIRECTORY_TOML, Keys, agent_config, write_toml
 
 
 def test_agent_config_round_trip(tmp_path: Path, keys: Keys) -> None:
@@ -94,13 +94,38 @@ def test_cli_reports_config_error_in_one_line(
     assert "[store] listen = 'nowhere'" in err
 
 
-def test_check_refuses_world_readable_key(
+def test_check_store_refuses_world_readable_seal_key_and_missing_directory(
     tmp_path: Path, keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    path = tmp_path / "store.toml"
+    path.write_text(
+        '[store]\ndata_dir = "d"\nseal_key_file = "keys/seal.pem"\n'
+        'directory_file = "people.toml"\n\n[store.tls]\ninsecure = true\n'
+    )
+    (tmp_path / "people.toml").write_text(DIRECTORY_TOML)
+    assert main(["check", "--store", str(path)]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out == "ok\n"
+    keys.seal_private.chmod(0o644)
+    (tmp_path / "people.toml").unlink()
+    assert main(["check", "--store", str(path)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2, lines
+    assert "seal.pem: key file is readable by group or others" in lines[0]
+    assert "people.toml: directory file not found" in lines[1]
+
+
+def test_check_agent_refuses_a_lookup_key(
+    tmp_path: Path, keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An agent host that still names its old lookup.key is told to delete it."""
     _, doc = agent_config(tmp_path, keys, "127.0.0.1:50051")
-    keys.lookup.chmod(0o644)
-    assert main(["check", "--agent", str(write_toml(tmp_path / "agent.toml", doc))]) == 1
-    assert "readable by group or others" in capsys.readouterr().err
+    config = write_toml(tmp_path / "agent.toml", doc)
+    assert main(["check", "--agent", str(config)]) == 0, capsys.readouterr().err
+    doc["privacy"]["lookup_key_file"] = str(keys.directory / "lookup.key")
+    config = write_toml(tmp_path / "agent.toml", doc)
+    assert main(["check", "--agent", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "[privacy] lookup_key_file" in err and "delete the file" in err
 
 
 def test_check_names_each_bad_tls_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

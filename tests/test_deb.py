@@ -130,6 +130,7 @@ def test_check_passes_on_the_installed_examples(root: debroot.Root) -> None:
         cd /etc/callrec
         for f in agent store people; do cp $f.toml.example $f.toml; done
         callrec keys init /etc/callrec/keys >/dev/null
+        callrec keys master init --config /etc/callrec/store.toml >/dev/null
         callrec certs ca /etc/callrec/tls >/dev/null
         callrec certs store /etc/callrec/tls --host store.example >/dev/null
         callrec certs agent /etc/callrec/tls --site hel-1 >/dev/null

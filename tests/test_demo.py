@@ -29,6 +29,10 @@ def test_demo_places_a_call_and_shows_it_stored(tmp_path: Path) -> None:
     assert done.returncode == 0, output[-3000:]
     assert re.search(r"customer=\+358401234\*\*\*\s+employee=\"Aino Virtanen\"", output), output
     assert "NOT FOUND (good)" in output
+    assert (
+        "`callrec dsr find` (number on stdin, ±15 min): 1 recording(s) within ±15 min (the call)"
+        in output
+    )
     assert "event=recording_uploaded" in output and "event=recording_stored" in output
     exported = list(demo.glob("recording-*.ogg"))
     assert len(exported) == 1

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main as callrec
-from agent.privacy import LookupKeys, normalise
+from agent.privacy import mask, normalise
 from agent.recorder.sip import call_ref
 from agent.store.catalog import Catalog, RecordingRow
+from agent.store.numbers import SealKeyring
 from agent.testcall.sipp import SippResult, SiprecCall, free_port, run_sipp, siprec_scenario
 from tests.support.audio import Speech, best_correlation, channel_rms, envelope, make_speech
 from tests.support.daemons import Daemon, start_agent, start_store
@@ -108,7 +109,7 @@ def test_inbound_call_is_stored_masked_tagged_and_stereo(stack: Stack, tmp_path:
     assert abs(row.ended_at_ms - _ms(result.bye_at)) <= 500
     assert abs(row.duration_ms - 4000) <= 700
     assert row.customer_masked == "+358401234***"
-    assert row.customer_digest and row.customer_tail_sealed
+    assert row.customer_tail_sealed and row.customer_digest is None
     assert row.employee_name == "Aino Virtanen" and row.employee_id == "e1001"
     assert row.service_number == "+3581005577"
     assert row.direction == "inbound"
@@ -177,7 +178,7 @@ def test_withheld_number_is_recorded_without_digest(stack: Stack) -> None:
     result = stack.call("withheld", customer="sip:anonymous@anonymous.invalid")
     row = stack.stored(result)
     assert row.customer_kind == "anonymous" and row.customer_masked == "anonymous"
-    assert row.customer_digest is None
+    assert row.customer_tail_sealed is None
     assert "customer_withheld" in row.flags.split(",")
 
 
@@ -212,17 +213,18 @@ def _forms(e164: str) -> list[str]:
     return forms
 
 
-def test_many_number_formats_mask_and_digest_alike(stack: Stack) -> None:
-    keys = LookupKeys.load(stack.keys.lookup)
+def test_many_number_formats_mask_and_seal_alike(stack: Stack) -> None:
+    keyring = SealKeyring.load(stack.keys.seal_private)
     for n, (sent, e164) in enumerate(FORMATS):
         row = stack.stored(stack.call(f"format-{n}", customer=sent))
         assert row.customer_masked == e164[:-3] + "***", sent
-        # A data-subject request gives the number in any format: the digest matches.
+        # A data-subject request gives the number in any format: the masked form and
+        # the sealed tail (opened by the store) match it.
+        assert row.customer_tail_sealed and keyring.open(row.customer_tail_sealed) == e164[-3:]
         givens = [f for f in _forms(e164) if f.startswith(("+", "00", "0"))]
         for given in givens:
             normalised = normalise(given, "FI").e164
-            assert normalised == e164
-            assert keys.digest(normalised, row.customer_digest_key_id) == row.customer_digest
+            assert normalised == e164 and mask(normalised) == row.customer_masked
 
 
 def test_directory_edit_applies_to_the_next_call(stack: Stack) -> None:

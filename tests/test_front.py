@@ -4,28 +4,34 @@ shape the pool."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from agent import metrics
 from agent.config import AgentConfig, ConfigError
 from agent.recorder.front import (
+    FrontFiles,
     FrontProcess,
     destinations,
     front_files,
+    kamcmd,
     parse_dispatcher_list,
     render_config,
     render_dispatcher_list,
-    sanitize,
     write_front_files,
 )
+from agent.recorder.frontlog import sanitize
 from agent.testcall.sipp import free_port
 from tests.support.stack import Keys, agent_config
 
@@ -157,17 +163,27 @@ def test_relayed_kamailio_lines_lose_user_parts_and_numbers(line: str, leak: str
     assert leak not in sanitize(line)
 
 
+def test_sanitiser_keeps_ipv4_addresses_but_not_numbers_beside_them() -> None:
+    line = "source=192.168.100.200 worker=127.0.0.1:5071 cid=040.123.4567 x=358.40.123.45.67"
+    assert sanitize(line) == (
+        "source=192.168.100.200 worker=127.0.0.1:5071 cid=<redacted> x=<redacted>"
+    )
+
+
 def test_relay_counts_refusals_and_keeps_our_event_lines(
     tmp_path: Path, keys: Keys, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = config(tmp_path, keys, run_front=True)
     front = FrontProcess(cfg, front_files(cfg))
     caplog.set_level(logging.DEBUG, logger="agent.recorder.front")
+    refused_before = metrics.CALLS_REFUSED.labels("503")._value.get()
     front._relay_line(" 1(685) WARNING: <script>: event=front_refused call_ref=ab status=503")
     front._relay_line(" 2(686) WARNING: <script>: event=front_failover call_ref=cd worker=w0")
     front._relay_line(" 0(681) INFO: <core> [main.c:3055]: main(): processes (at least): 9")
     front._relay_line(" 3(687) ERROR: tm [t_reply.c:1]: message <sip:0401234567@x>")
     assert (front.refused, front.failovers) == (1, 1)
+    front._relay_line(" 2(686) INFO: <script>: event=front_dispatched call_ref=a2543172c6b9699b")
+    assert metrics.CALLS_REFUSED.labels("503")._value.get() == refused_before + 1
     records = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert records[0] == (
         "WARNING",
@@ -175,6 +191,7 @@ def test_relay_counts_refusals_and_keeps_our_event_lines(
     )
     assert records[2][0] == "DEBUG"  # Kamailio's start-up chatter
     assert records[3][0] == "ERROR" and "0401234567" not in records[3][1]
+    assert "call_ref=a2543172c6b9699b" in records[4][1]  # a digest is not a number
 
 
 # ---------------------------------------------------------------- the process
@@ -269,3 +286,86 @@ def test_bad_sip_keys_are_named(
     with pytest.raises(ConfigError) as exc:
         config(tmp_path, keys, **sip)
     assert str(exc.value).startswith(message), str(exc.value)
+
+
+# ---------------------------------------------------------------- what Kamailio logs
+
+LEAKY_NUMBER = "358401234567"
+
+
+def _leaky_requests(port: int) -> None:
+    """What makes Kamailio 5.6 print message content: a caller-ID name with an
+    unbalanced quote (UDP), and a TCP request without Content-Length (its whole
+    buffer is dumped)."""
+    invite = (
+        f"INVITE sip:srs@127.0.0.1:{port} SIP/2.0\r\n"
+        "Via: SIP/2.0/UDP 127.0.0.1:5999;branch=z9hG4bK-leak\r\n"
+        f'From: "Asiakas +{LEAKY_NUMBER} <sip:+{LEAKY_NUMBER}@pbx.example>;tag=1\r\n'
+        f"To: <sip:0{LEAKY_NUMBER[3:]}@127.0.0.1>\r\nCall-ID: leak-1\r\nCSeq: 1 INVITE\r\n"
+        f"Contact: <sip:{LEAKY_NUMBER}@127.0.0.1:5999>\r\nMax-Forwards: 70\r\n"
+        "Content-Length: 0\r\n\r\n"
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.sendto(invite.encode(), ("127.0.0.1", port))
+    bad_tcp = invite.replace("Content-Length: 0\r\n", "").replace("UDP", "TCP")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as tcp:
+        tcp.sendall(bad_tcp.encode())
+        with contextlib.suppress(OSError):
+            tcp.recv(1000)
+
+
+def _front_command(cfg: AgentConfig, files: FrontFiles) -> list[str]:
+    """callrec-front.service's ExecStart, with this test's paths."""
+    unit = (Path(__file__).parent.parent / "systemd" / "callrec-front.service").read_text()
+    line = next(x for x in unit.splitlines() if x.startswith("ExecStart="))
+    command = line.removeprefix("ExecStart=").split()
+    replace = {
+        "/opt/callrec/venv/bin/callrec": str(Path(sys.executable).parent / "callrec"),
+        "/usr/sbin/kamailio": KAMAILIO,
+        "/run/callrec-front": str(files.runtime_dir),
+        "/var/lib/callrec-agent/front/kamailio.cfg": str(files.config),
+    }
+    return [replace.get(arg, arg) for arg in command]
+
+
+@needs_kamailio
+def test_production_front_log_holds_no_number(tmp_path: Path, keys: Keys) -> None:
+    cfg = config(tmp_path, keys, sip_port=free_port(), run_front=True, workers=1,
+                 worker_port=free_port(), front_http_port=free_port())  # fmt: skip
+    files = write_front_files(cfg)
+    files.runtime_dir.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "journal.txt"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(_front_command(cfg, files), stdout=sink, stderr=sink)
+    try:
+        _wait(lambda: bool(kamcmd(files, "core.uptime", timeout=2.0)), 15.0)
+        _leaky_requests(cfg.sip.port)
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+    text = out.read_text()
+    assert "bad request" in text or "parse" in text, text[-3000:]  # it did complain
+    assert "event=front_exited exit_code=0 lines_dropped=" in text
+    for leak in (LEAKY_NUMBER, LEAKY_NUMBER[3:]):
+        assert leak not in text, text[-3000:]
+
+
+@needs_kamailio
+def test_front_run_by_the_agent_logs_no_number(
+    tmp_path: Path, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = config(tmp_path, keys, sip_port=free_port(), run_front=True, workers=1,
+                 worker_port=free_port(), front_http_port=free_port())  # fmt: skip
+    caplog.set_level(logging.DEBUG)
+    front = FrontProcess(cfg, write_front_files(cfg))
+    front.start()
+    try:
+        _leaky_requests(cfg.sip.port)
+        time.sleep(1.0)
+    finally:
+        front.stop()
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "bad request" in text or "parse" in text, text[-3000:]
+    for leak in (LEAKY_NUMBER, LEAKY_NUMBER[3:]):
+        assert leak not in text, text[-3000:]

@@ -49,8 +49,8 @@ def test_every_example_is_shipped_and_loads() -> None:
 
 
 def test_check_passes_on_the_examples_after_the_documented_steps(tmp_path: Path) -> None:
-    """The examples' comments: `callrec keys init /etc/callrec/keys`, a CA with
-    `callrec certs`, then `callrec check`. Here /etc/callrec is a temporary folder."""
+    """The examples' comments: `callrec keys init /etc/callrec/keys`, `keys master
+    init`, a CA with `callrec certs`, then `callrec check`. Here /etc/callrec is a temporary folder."""
     etc = tmp_path / "etc-callrec"
     etc.mkdir()
     for example in EXAMPLES.glob("*.toml.example"):
@@ -58,6 +58,7 @@ def test_check_passes_on_the_examples_after_the_documented_steps(tmp_path: Path)
         (etc / example.name.removesuffix(".example")).write_text(text)
     for step in (
         ["keys", "init", f"{etc}/keys"],
+        ["keys", "master", "init", "--config", f"{etc}/store.toml"],
         ["certs", "ca", f"{etc}/tls"],
         ["certs", "store", f"{etc}/tls", "--host", "store.example"],
         ["certs", "agent", f"{etc}/tls", "--site", "hel-1"],
@@ -73,7 +74,7 @@ def test_check_names_a_missing_key_file_of_an_example() -> None:
     """Unchanged examples on a host without keys: one line per missing file, not ok."""
     checked = _callrec("check", "--agent", str(EXAMPLES / "agent.toml.example"))
     assert checked.returncode == 1
-    assert "/etc/callrec/keys/lookup.key" in checked.stderr
+    assert "/etc/callrec/keys/seal.pub.pem" in checked.stderr
     assert checked.stdout == ""
 
 

@@ -13,6 +13,7 @@ from agent.capture import (
     Flag,
     parse_iso,
 )
+from agent.config import SipClient
 from agent.directory import Directory
 from agent.privacy import NumberKind, Protector
 from agent.recorder.parties import (
@@ -90,7 +91,7 @@ def test_inbound_call(rules: PartyRules) -> None:
     assert parties.direction is Direction.INBOUND
     assert parties.customer.kind is NumberKind.NUMBER
     assert parties.customer.masked == "+358401234***"
-    assert parties.customer.digest and parties.customer.tail_sealed
+    assert parties.customer.tail_sealed
     assert [(e.id, e.name, e.aor, e.team) for e in parties.employees] == [
         ("e1001", "Aino Virtanen", EMPLOYEE, "parcels")
     ]
@@ -160,7 +161,7 @@ def test_withheld_customer(rules: PartyRules) -> None:
     parties = run(rules, customer("sip:anonymous@anonymous.invalid"), service(), employee())
     assert parties.customer.kind is NumberKind.ANONYMOUS
     assert parties.customer.masked == "anonymous"
-    assert parties.customer.digest is None
+    assert parties.customer.tail_sealed is None
     assert parties.flags == (Flag.CUSTOMER_WITHHELD,)
     assert parties.direction is Direction.INBOUND
     assert parties.customer_stream == 0
@@ -309,7 +310,8 @@ def test_plan_with_malformed_metadata_still_records(rules: PartyRules) -> None:
 def test_plan_without_metadata_still_records(rules: PartyRules) -> None:
     plan = plan_call(raw_invite(SDP_TWO, "application/sdp"), DIRECTORY, rules, HEADERS, 2)
     assert plan.problem is not None and "no application/rs-metadata+xml" in plan.problem
-    assert Flag.METADATA_INVALID in plan.parties.flags
+    assert Flag.METADATA_MISSING in plan.parties.flags
+    assert Flag.METADATA_INVALID not in plan.parties.flags
     assert len(plan.legs) == 2
 
 
@@ -487,3 +489,80 @@ def test_an_unknown_employee_joining_is_kept_with_its_extension(rules: PartyRule
         ("unknown", "sip:1099@pbx"),
     ]
     assert Flag.EMPLOYEE_UNKNOWN not in merged.flags
+
+
+# ---------------------------------------------------------------- per-client sources
+
+
+def _client_invite(metadata: str | None, headers: str) -> str:
+    if metadata is None:
+        return raw_invite(SDP_TWO, "application/sdp", "Require: siprec\r\n" + headers)
+    body = (
+        "--b\r\nContent-Type: application/sdp\r\n\r\n" + SDP_TWO + "\r\n"
+        "--b\r\nContent-Type: application/rs-metadata+xml\r\n\r\n" + metadata + "\r\n--b--\r\n"
+    )
+    return raw_invite(body, "multipart/mixed;boundary=b", "Require: siprec\r\n" + headers)
+
+
+def test_service_line_and_employee_from_the_clients_headers(rules: PartyRules) -> None:
+    """The metadata names only the caller and an extension nobody knows: the client's
+    configured headers give the service line and the employee."""
+    client = SipClient("10.1.2.0/24", "P-Called-Party-ID", None, "X-Agent")
+    xml = metadata_xml([customer(sends="1"), employee("sip:9999@pbx.example", sends="2")])
+    headers = (
+        "P-Called-Party-ID: <sip:+35898765432@pbx.example;user=phone>\r\n"
+        "X-Agent: <sip:1001@pbx.example>\r\n"
+    )
+    plan = plan_call(_client_invite(xml, headers), DIRECTORY, rules, HEADERS, 2, client)
+    assert plan.parties.service_number == "+35898765432"
+    assert [e.id for e in plan.parties.employees] == ["e1001"]
+    assert plan.parties.flags == ()
+    without = plan_call(_client_invite(xml, headers), DIRECTORY, rules, HEADERS, 2)
+    assert {Flag.SERVICE_UNKNOWN, Flag.EMPLOYEE_UNKNOWN} <= set(without.parties.flags)
+
+
+def test_fixed_service_line_and_first_diversion_entry(rules: PartyRules) -> None:
+    xml = metadata_xml([customer(sends="1"), employee(sends="2")])
+    fixed = SipClient("192.0.2.7/32", service_number="+358 20 123 4567")
+    plan = plan_call(_client_invite(xml, ""), DIRECTORY, rules, HEADERS, 2, fixed)
+    assert plan.parties.service_number == "+358201234567" and plan.parties.flags == ()
+    diversion = SipClient("192.0.2.7/32", service_header="Diversion")
+    headers = 'Diversion: "Palvelu, Oy" <tel:+358201234567>;reason=unconditional, <sip:1@x>\r\n'
+    plan = plan_call(_client_invite(xml, headers), DIRECTORY, rules, HEADERS, 2, diversion)
+    assert plan.parties.service_number == "+358201234567"
+
+
+def test_clients_header_never_puts_a_customer_number_in_the_service_line(
+    rules: PartyRules,
+) -> None:
+    """Only a configured service number is taken from a header: a misconfigured
+    header naming the customer leaves the service line unknown."""
+    client = SipClient("10.1.2.0/24", service_header="P-Asserted-Identity")
+    xml = metadata_xml([customer(sends="1"), employee(sends="2")])
+    headers = "P-Asserted-Identity: <sip:+358401234567@pbx.example>\r\n"
+    plan = plan_call(_client_invite(xml, headers), DIRECTORY, rules, HEADERS, 2, client)
+    assert plan.parties.service_number is None
+    assert Flag.SERVICE_UNKNOWN in plan.parties.flags
+
+
+def test_employee_header_also_fills_a_call_without_metadata(rules: PartyRules) -> None:
+    client = SipClient("10.1.2.0/24", employee_header="X-Agent")
+    raw = _client_invite(None, "X-Agent: sip:1001@pbx.example\r\n")
+    plan = plan_call(raw, DIRECTORY, rules, HEADERS, 2, client)
+    assert [e.id for e in plan.parties.employees] == ["e1001"]
+    assert Flag.METADATA_MISSING in plan.parties.flags
+    assert Flag.EMPLOYEE_UNKNOWN not in plan.parties.flags
+
+
+def test_metadata_in_an_unknown_encoding_is_recorded_flagged(rules: PartyRules) -> None:
+    xml = '<?xml version="1.0" encoding="x-unknown"?><recording/>'
+    plan = plan_call(_client_invite(xml, ""), DIRECTORY, rules, HEADERS, 2)
+    assert Flag.METADATA_INVALID in plan.parties.flags and len(plan.legs) == 2
+    assert plan.problem is not None and "encoding" in plan.problem
+
+
+def test_metadata_kept_aside_by_the_front_is_used(rules: PartyRules) -> None:
+    xml = metadata_xml([customer(sends="1"), service(), employee(sends="2")])
+    raw = raw_invite(SDP_TWO, "application/sdp", "Require: siprec\r\nX-Callrec-Metadata: t\r\n")
+    plan = plan_call(raw, DIRECTORY, rules, HEADERS, 2, metadata=xml)
+    assert plan.parties.flags == () and plan.parties.customer.masked == "+358401234***"

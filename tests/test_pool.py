@@ -56,7 +56,7 @@ MIKKO = ("e1002", "Mikko Korhonen")
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
-    with running_pool(tmp_path_factory.mktemp("pool"), workers=8) as running:
+    with running_pool(tmp_path_factory.mktemp("pool"), workers=8, plain=True) as running:
         yield running
 
 
@@ -122,7 +122,7 @@ def test_what_srcs_send_is_stored_with_parties_and_channels(
     _, row = place_and_store(pool, scenarios)
     for name in ("rfc", "first", "draft", "zero_based", "words", "tcp"):
         assert (row[name].source, row[name].channels) == ("siprec", 2), name
-        assert row[name].customer_masked == "+358401234***" and row[name].customer_digest
+        assert row[name].customer_masked == "+358401234***" and row[name].customer_tail_sealed
         assert employees(row[name]) == [AINO], name
         assert row[name].service_number == "+35898765432", name
         assert flags(row[name]) == set(), (name, row[name].flags)
@@ -133,7 +133,7 @@ def test_what_srcs_send_is_stored_with_parties_and_channels(
     nothing = row["no_metadata"]
     assert nothing.channels == 2 and nothing.customer_masked == "unknown"
     assert (nothing.employee_id, nothing.direction) == ("unknown", "unknown")
-    unknown = {"metadata_invalid", "customer_unknown", "employee_unknown", "service_unknown"}
+    unknown = {"metadata_missing", "customer_unknown", "employee_unknown", "service_unknown"}
     assert flags(nothing) == unknown
 
     plain = row["plain"]

@@ -1,4 +1,4 @@
-"""Masking, digest and sealing: pure functions, tested without a network."""
+"""Masking and sealing: pure functions, tested without a network."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from hypothesis import strategies as st
 
 from agent.privacy import (
     KeyFileError,
-    LookupKeys,
     NumberKind,
     Sealer,
+    check_private_file,
     mask,
-    new_lookup_key_line,
     normalise,
+    read_key_file,
     unseal,
     uri_user,
 )
@@ -72,62 +72,50 @@ def test_mask_keeps_length_and_hides_three() -> None:
     assert len(mask("+46812345678")) == len("+46812345678")
 
 
-def test_protect_produces_masked_digest_and_seal(keys: Keys) -> None:
+def test_protect_produces_masked_form_and_seal_only(keys: Keys) -> None:
     protector = keys.protector()
     protected = protector.protect("040 123 4567")
     assert protected.masked == "+358401234***"
-    assert protected.digest == LookupKeys.load(keys.lookup).digest("+358401234567")
-    assert protected.digest_key_id == "k1"
     assert protected.tail_sealed and "567" not in protected.tail_sealed
+    assert set(vars(protected)) == {"kind", "masked", "tail_sealed"}, "no digest any more"
     private = serialization.load_pem_private_key(keys.seal_private.read_bytes(), None)
     assert unseal(private, protected.tail_sealed) == "567"  # type: ignore[arg-type]
+    again = protector.protect("+358401234567").tail_sealed
+    assert again != protected.tail_sealed, "sealing is randomised: equal numbers look unequal"
 
 
-def test_withheld_has_no_digest(keys: Keys) -> None:
+def test_withheld_has_no_seal(keys: Keys) -> None:
     protected = keys.protector().protect("sip:anonymous@anonymous.invalid")
     assert protected.kind is NumberKind.ANONYMOUS
     assert protected.masked == "anonymous"
-    assert protected.digest is None and protected.tail_sealed is None
+    assert protected.tail_sealed is None
 
 
 @given(st.from_regex(r"\A04[0-9]{8}\Z"))
-def test_any_format_gives_the_same_digest(national: str) -> None:
-    keys = LookupKeys((("k1", b"k" * 32),))
+def test_any_format_gives_the_same_masked_form(national: str) -> None:
     e164 = normalise(national, "FI").e164
     assert e164 is not None
     spaced = f"{national[:3]} {national[3:6]} {national[6:]}"
     international = "00358" + national[1:]
     uri = f"sip:+358{national[1:]}@pbx.example"
-    digests = {
-        keys.digest(normalise(v, "FI").e164 or "") for v in (national, spaced, international, uri)
-    }
-    assert digests == {keys.digest(e164)}
+    forms = {mask(normalise(v, "FI").e164 or "") for v in (national, spaced, international, uri)}
+    assert forms == {mask(e164)}
     assert mask(e164).endswith("***") and national[-3:] not in mask(e164)[-3:]
 
 
-def test_key_rotation_keeps_old_digests_findable(tmp_path: Path) -> None:
-    path = tmp_path / "lookup.key"
-    path.write_text(new_lookup_key_line("k2") + new_lookup_key_line("k1"))
-    path.chmod(0o600)
-    keys = LookupKeys.load(path)
-    assert keys.active_id == "k2"
-    assert set(keys.all_digests("+358401234567")) == {"k1", "k2"}
-
-
-def test_world_readable_lookup_key_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "lookup.key"
-    path.write_text(new_lookup_key_line("k1"))
+def test_world_readable_key_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "master.key"
+    path.write_text("k1 " + "A" * 43 + "=\n")
     path.chmod(0o644)
     with pytest.raises(KeyFileError, match="readable by group or others"):
-        LookupKeys.load(path)
+        check_private_file(path)
 
 
-def test_malformed_lookup_key_names_the_line(tmp_path: Path) -> None:
-    path = tmp_path / "lookup.key"
+def test_malformed_key_file_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "master.key"
     path.write_text("k1 not-base64!\n")
-    path.chmod(0o600)
-    with pytest.raises(KeyFileError, match=r"lookup.key:1: expected"):
-        LookupKeys.load(path)
+    with pytest.raises(KeyFileError, match=r"master.key:1: expected"):
+        read_key_file(path)
 
 
 def test_sealer_refuses_non_key(tmp_path: Path) -> None:

@@ -223,7 +223,7 @@ def test_pair_written_slowly_becomes_one_stored_recording(
         uplink.close()
     row = Catalog(store.config.catalog_url).get(rid)
     assert row is not None and row.source == "spool"
-    assert row.customer_masked == "+358401234***" and row.customer_digest
+    assert row.customer_masked == "+358401234***" and row.customer_tail_sealed
     assert row.employee_name == "Aino Virtanen" and row.employee_id == "e1001"
     assert row.service_number == "+3581005577" and row.direction == "inbound"
     assert row.duration_ms == 3000 and row.channels == 2

@@ -232,3 +232,18 @@ def test_sysusers_creates_the_users(tmp_path: Path) -> None:
         assert passwd[user][6].endswith("nologin")
     assert passwd["callrec"][5] == "/var/lib/callrec-agent"
     assert group["callrec"][3] == "callrec-front"
+
+
+@pytest.mark.parametrize("unit", ["callrec-agent.service", "callrec-front.service"])
+def test_processes_holding_raw_invites_write_no_core(unit: str) -> None:
+    assert _directives(unit)["LimitCORE"] == ["0"]
+
+
+def test_front_log_goes_through_the_redacting_filter() -> None:
+    """Kamailio prints whole SIP messages on parse errors: the unit runs it through
+    ``callrec front-log`` (tests/test_front.py runs that very command line)."""
+    d = _directives("callrec-front.service")
+    command = d["ExecStart"][0].split()
+    assert command[:3] == ["/opt/callrec/venv/bin/callrec", "front-log", "--"]
+    assert command[3] == "/usr/sbin/kamailio" and "-E" in command
+    assert "/opt/callrec" in d["ExecPaths"][0].split()

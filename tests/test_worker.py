@@ -3,9 +3,11 @@ RTP from one in-process sender, and the captures it leaves in ``captures/ready``
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,6 +38,7 @@ from agent.testcall.sipp import (
     SiprecCall,
     free_port,
     plain_scenario,
+    refused_scenario,
     run_sipp,
     siprec_scenario,
 )
@@ -238,7 +241,7 @@ def test_siprec_call_is_recorded_leg_by_leg(
     assert meta.site == "hel-1"
     assert meta.direction is Direction(direction)
     assert meta.customer.masked == "+358401234***"
-    assert meta.customer.digest and meta.customer.tail_sealed
+    assert meta.customer.tail_sealed
     assert [(e.id, e.name, e.team) for e in meta.employees] == [
         ("e1001", "Aino Virtanen", "parcels")
     ]
@@ -288,9 +291,11 @@ def test_calls_with_bad_or_partial_metadata_are_recorded_and_flagged(
         assert metas[name].legs == (CUSTOMER_LEG, EMPLOYEE_LEG), name
         assert_times_match(metas[name], result)
 
+    assert Flag.METADATA_INVALID in metas["malformed"].flags
+    assert Flag.METADATA_MISSING in metas["no_metadata"].flags
+    assert Flag.METADATA_INVALID not in metas["no_metadata"].flags
     for name in ("malformed", "no_metadata"):
         meta = metas[name]
-        assert Flag.METADATA_INVALID in meta.flags
         assert meta.customer.masked == "unknown"
         assert meta.direction is Direction.UNKNOWN
         # Without metadata the m-line order decides: label 1 (customer speech) is first.
@@ -311,14 +316,17 @@ def test_calls_with_bad_or_partial_metadata_are_recorded_and_flagged(
     assert unknown.customer.masked == "+358401234***"
 
     log = worker.log()
-    assert log.count("event=metadata_invalid") == 2
+    assert log.count("event=metadata_invalid") == 1
+    assert log.count("event=metadata_missing") == 1
     assert f"event=employee_unknown recording_id={unknown.recording_id}" in log
     assert_no_full_number(worker)
 
 
 def test_plain_invite_is_recorded_mixed_with_parties_from_headers(
-    worker: Worker, speech: Speech, rtp: tuple[str, int], tmp_path: Path
+    keys: Keys, workers: list[Worker], speech: Speech, rtp: tuple[str, int], tmp_path: Path
 ) -> None:
+    worker = start_worker(tmp_path, keys, sip={"plain": True})
+    workers.append(worker)
     headers = {
         "X-Callrec-Customer": f"<sip:{NATIONAL}@pbx.example>",
         "X-Callrec-Employee": "<sip:1001@pbx.example>",
@@ -481,3 +489,164 @@ def _wait_log(worker: Worker, text: str, timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"{text!r} not logged:\n{worker.log()}")
         time.sleep(0.05)
+
+
+def test_parent_death_signal_drains_however_often_it_comes(
+    tmp_path: Path, keys: Keys, workers: list[Worker], speech: Speech, rtp: tuple[str, int]
+) -> None:
+    """The kernel's parent-death signal (SIGUSR2, once per exiting agent thread) arrives
+    three times mid-call: the worker stops taking calls, records the call to its BYE and
+    exits 0; nothing is cut (a second SIGTERM would have exited at once)."""
+    workers.append(start_worker(tmp_path, keys, sip={"drain": "30s"}))
+    worker = workers[-1]
+    call = SiprecCall(speech.customer, speech.employee, call_ms=4000, rtp_via=rtp)
+    with ThreadPoolExecutor(1) as pool:
+        sipp = pool.submit(
+            run_sipp, siprec_scenario(call), worker.target, tmp_path / "sipp", timeout_s=10
+        )
+        _wait_active(worker)
+        for _ in range(3):
+            worker.proc.send_signal(signal.SIGUSR2)
+            time.sleep(0.05)
+        _wait_log(worker, "event=agent_gone worker=0 calls=1 action=drain_then_exit")
+        result = sipp.result()
+        assert worker.proc.wait(15) == 0, worker.log()
+    assert result.ok, result.errors[-1500:]
+    meta = wait_for_capture(worker, timeout=1)
+    assert Flag.INCOMPLETE not in meta.flags
+    assert_times_match(meta, result)
+    assert worker.log().count("event=agent_gone") == 1
+
+
+# ---------------------------------------------------------------- the SIP edge
+
+
+def _no_capture(worker: Worker) -> None:
+    for directory in (worker.ready_dir, worker.active_dir):
+        assert not directory.is_dir() or not any(directory.iterdir()), directory
+
+
+def test_unlisted_client_and_plain_invites_are_refused_with_403(
+    keys: Keys, workers: list[Worker], speech: Speech, tmp_path: Path
+) -> None:
+    """A worker without the front checks the INVITE's source address itself; plain
+    INVITEs (X-Callrec-* headers, no SIPREC) need ``[sip] plain = true``."""
+    worker = start_worker(tmp_path, keys, sip={"allowed_clients": ["127.0.0.1"]})
+    workers.append(worker)
+    call = SiprecCall(speech.customer, speech.employee)
+    runs = {
+        "stranger": ("127.0.0.2", refused_scenario(call, 403)),
+        "plain": ("127.0.0.1", refused_scenario(call, 403, plain=True)),
+    }
+    for name, (source, scenario) in runs.items():
+        result = run_sipp(scenario, worker.target, tmp_path / name, timeout_s=15, local_ip=source)
+        assert result.ok, (name, result.errors or result.stdout)
+        assert result.first is not None and result.first.refused_status == 403
+    _no_capture(worker)
+    log = worker.log()
+    assert "status=403 reason=client_not_allowed source=127.0.0.2" in log
+    assert "status=403 reason=plain_not_enabled source=127.0.0.1" in log
+    assert_no_full_number(worker)
+
+
+def test_client_behind_the_front_must_come_through_the_front(
+    keys: Keys, workers: list[Worker], speech: Speech, tmp_path: Path
+) -> None:
+    """With ``front = true`` a worker takes INVITEs only from the front's address and
+    port: an SRC that reaches the worker's port directly is refused."""
+    sip: dict[str, object] = {"front": True, "port": free_port(), "worker_port": free_port()}
+    worker = start_worker(tmp_path, keys, sip=sip)
+    workers.append(worker)
+    target = worker.cfg.sip.worker_sip(0)
+    call = SiprecCall(speech.customer, speech.employee)
+    result = run_sipp(refused_scenario(call, 403), target, tmp_path / "direct", timeout_s=15)
+    assert result.ok, result.errors or result.stdout
+    _no_capture(worker)
+    assert "status=403 reason=not_from_front source=127.0.0.1" in worker.log()
+
+
+def test_worker_process_is_not_dumpable(worker: Worker) -> None:
+    """PR_SET_DUMPABLE 0 (no core file, no ptrace by our own user), read back by the
+    worker with PR_GET_DUMPABLE; unless we are root, its /proc files then belong to
+    root."""
+    assert "event=core_dumps_off worker=0 dumpable=0" in worker.log()
+    if os.getuid() != 0:
+        assert Path(f"/proc/{worker.proc.pid}/status").stat().st_uid == 0
+
+
+def _siprec_invite(target: tuple[str, int], local: tuple[str, int], call_id: str) -> bytes:
+    metadata = SiprecCall(Path("c.wav"), Path("e.wav"), service=SERVICE_AOR).metadata_document()
+    sdp = (
+        f"v=0\r\no=- 1 1 IN IP4 {local[0]}\r\ns=-\r\nc=IN IP4 {local[0]}\r\nt=0 0\r\n"
+        f"m=audio {free_port()} RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\na=label:1\r\na=sendonly\r\n"
+        f"m=audio {free_port()} RTP/AVP 8\r\na=rtpmap:8 PCMA/8000\r\na=label:2\r\na=sendonly\r\n"
+    )
+    body = (
+        f"--b\r\nContent-Type: application/sdp\r\n\r\n{sdp}\r\n"
+        f"--b\r\nContent-Type: application/rs-metadata+xml\r\n\r\n{metadata}\r\n--b--\r\n"
+    )
+    head = (
+        f"INVITE sip:srs@{target[0]}:{target[1]} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {local[0]}:{local[1]};branch=z9hG4bK-noack\r\n"
+        f"From: <sip:src@{local[0]}>;tag=noack\r\nTo: <sip:srs@{target[0]}>\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\n"
+        f"Contact: <sip:src@{local[0]}:{local[1]}>\r\nRequire: siprec\r\n"
+        f"Content-Type: multipart/mixed;boundary=b\r\nContent-Length: {len(body.encode())}\r\n"
+    )
+    return (head + "\r\n" + body).encode()
+
+
+@pytest.mark.slow
+def test_a_call_whose_200_is_never_acknowledged_is_flagged(
+    keys: Keys, workers: list[Worker], tmp_path: Path
+) -> None:
+    """An SRC that never ACKs our 200 (it never learnt the call is recorded): the
+    capture is kept, flagged ``not_acknowledged``, not stored as a normal call."""
+    worker = start_worker(tmp_path, keys, sip={"rtp_timeout": "2s"})
+    workers.append(worker)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(1.0)
+        call_id = f"noack-{time.monotonic_ns()}"
+        sock.sendto(_siprec_invite(worker.target, sock.getsockname(), call_id), worker.target)
+        answered = False
+        deadline = time.monotonic() + 5
+        while not answered and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                answered = sock.recv(65535).startswith(b"SIP/2.0 200")
+        assert answered, worker.log()[-2000:]
+        meta = wait_for_capture(worker, call_id, timeout=45)
+    assert Flag.NOT_ACKNOWLEDGED in meta.flags
+    assert f"event=call_not_acknowledged recording_id={meta.recording_id}" in worker.log()
+
+
+def _refused_status(worker: Worker, call_id: str, changes: dict[bytes, bytes]) -> bytes:
+    """Send an INVITE changed by ``changes`` (Content-Length fixed up); the final
+    4xx/5xx status line."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.settimeout(1.0)
+        invite = _siprec_invite(worker.target, sock.getsockname(), call_id)
+        for old, new in changes.items():
+            invite = invite.replace(old, new)
+        head, _, body = invite.partition(b"\r\n\r\n")
+        head = head.rsplit(b"Content-Length: ", 1)[0] + f"Content-Length: {len(body)}".encode()
+        sock.sendto(head + b"\r\n\r\n" + body, worker.target)
+        status = b""
+        deadline = time.monotonic() + 5
+        while not status.startswith((b"SIP/2.0 4", b"SIP/2.0 5")) and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                status = sock.recv(65535)
+    return status.partition(b"\r\n")[0]
+
+
+def test_worker_that_refused_calls_stops_cleanly(worker: Worker) -> None:
+    """Refused INVITEs (no audio to record: ours; no codec in common: pjsua's own
+    488) leave nothing that aborts pjsua at shutdown (``pjsua_call_set_user_data:
+    Assertion call_id>=0`` was seen)."""
+    video = {b"m=audio": b"m=video", b"PCMA/8000": b"H264/90000"}
+    assert _refused_status(worker, "no-audio", video).startswith(b"SIP/2.0 488")
+    g729 = {b"RTP/AVP 8": b"RTP/AVP 18", b"8 PCMA/8000": b"18 G729/8000"}
+    assert _refused_status(worker, "no-codec", g729).startswith((b"SIP/2.0 4", b"SIP/2.0 5"))
+    assert worker.stop() == 0, worker.log()[-3000:]
+    assert "Assertion" not in worker.log()

@@ -22,11 +22,12 @@ from agent import logs, metrics, sdnotify
 from agent.config import AgentConfig, ConfigError, load_agent_config
 from agent.directory import LiveDirectory
 from agent.loops import DirectoryQueue, FileWatcher
-from agent.privacy import LookupKeys, Sealer, check_private_file
+from agent.privacy import Sealer
 from agent.recorder.backpressure import OutboxMonitor
 from agent.recorder.finalize import Finalizer
 from agent.recorder.front import FrontProcess, write_front_files
 from agent.recorder.outbox import Outbox
+from agent.recorder.ownership import slot_held, slot_holder
 from agent.recorder.spool import SpoolPickup
 from agent.recorder.uplink import Uplink
 
@@ -71,7 +72,7 @@ class AgentDaemon:
         self.spool: SpoolPickup | None = None  # [spool]: recordings the PBX made itself
         self.workers = [WorkerProcess(i) for i in range(config.sip.workers)]
         self.front: FrontProcess | None = None  # [sip] run_front: Kamailio run by us
-        self.metrics_dir = config.data_dir / "metrics"
+        self.metrics_dir = _metrics_dir(config)
         self.metrics_port: int | None = None
         self.outbox = Outbox(config.outbox_dir)
         self.finalizer = Finalizer(config)
@@ -99,9 +100,13 @@ class AgentDaemon:
 
     def startup(self) -> None:
         cfg = self.config
-        check_private_file(cfg.privacy.lookup_key_file)
-        LookupKeys.load(cfg.privacy.lookup_key_file)
         Sealer.load(cfg.privacy.seal_public_key_file)
+        if cfg.privacy.lookup_key_file is not None:
+            log.warning(
+                "lookup_key_obsolete",
+                path=str(cfg.privacy.lookup_key_file),
+                action="remove [privacy] lookup_key_file and delete the file from this host",
+            )
         for path in (cfg.captures_dir / "ready", cfg.outbox_dir, cfg.quarantine_dir):
             path.mkdir(parents=True, exist_ok=True)
         if cfg.metrics_listen is not None:
@@ -205,19 +210,41 @@ class AgentDaemon:
 
     def _start_pool(self) -> None:
         """Render the front's files, start every worker at once and wait until each
-        listens; then the front (with ``run_front``), which probes them from then on."""
+        listens; then the front (with ``run_front``), which probes them from then on.
+
+        Workers of a killed agent may still be draining calls (they hold their slots
+        and SIP ports): their successors wait for them (they are not awaited here),
+        and the front starts first, since those calls' BYEs pass through it."""
         sip = self.config.sip
         if sip.front:
             files = write_front_files(self.config)
             if sip.run_front:
                 self.front = FrontProcess(self.config, files)
+        busy = self._previous_workers()
+        if busy and self.front is not None:
+            self.front.start()
         for worker in self.workers:
-            self._spawn_worker(worker, ready_pipe=True)
+            self._spawn_worker(worker, ready_pipe=worker.index not in busy)
         deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
         for worker in self.workers:
-            self._await_ready(worker, deadline)
-        if self.front is not None:
+            if worker.index not in busy:
+                self._await_ready(worker, deadline)
+        if self.front is not None and not busy:
             self.front.start()
+
+    def _previous_workers(self) -> dict[int, int | None]:
+        """Slots still held by a previous agent's workers: index → their pid."""
+        busy: dict[int, int | None] = {}
+        for worker in self.workers:
+            active = self.config.captures_dir / "active" / f"w{worker.index}"
+            if slot_held(active):
+                busy[worker.index] = slot_holder(active)
+        if busy:
+            log.warning(
+                "previous_workers_draining", workers=",".join(f"w{i}" for i in busy),
+                pids=",".join(str(p) for p in busy.values()), action="start_after_they_exit",
+            )  # fmt: skip
+        return busy
 
     def _stop_pool(self) -> None:
         """Workers stop taking calls (503: the front tries the next, then refuses) and
@@ -251,17 +278,23 @@ class AgentDaemon:
         log.info("worker_started", index=worker.index, pid=worker.process.pid)
 
     def _await_ready(self, worker: WorkerProcess, deadline: float) -> None:
+        """Wait for the worker's "ready"; else say what happened: the reason it wrote
+        on the pipe and its exit code, or that it is still starting after the wait."""
         fd, worker.ready_fd = worker.ready_fd, None
         assert fd is not None and worker.process is not None
+        started = time.monotonic()
         try:
-            ready = _wait_ready(fd, max(0.1, deadline - time.monotonic()))
+            line = _read_ready(fd, max(0.1, deadline - started))
         finally:
             os.close(fd)
-        if not ready:
-            raise RuntimeError(
-                f"worker {worker.index} did not become ready in {WORKER_READY_TIMEOUT_S:.0f}s "
-                f"(exit code {worker.process.poll()})"
-            )
+        if line.startswith("ready"):
+            return
+        waited = time.monotonic() - started
+        try:
+            code: int | None = worker.process.wait(2.0 if line else 0.1)
+        except subprocess.TimeoutExpired:
+            code = None
+        raise WorkerStartError(worker.index, code, line.removeprefix("failed ").strip(), waited)
 
     def _supervise(self, worker: WorkerProcess) -> None:
         """Restart a worker that died (its successor recovers its captures)."""
@@ -303,6 +336,14 @@ class AgentDaemon:
             process.wait()
 
 
+def _metrics_dir(config: AgentConfig) -> Path:
+    """Workers' metric files are memory-mapped: on a full disk, touching a new page of
+    one kills the process (SIGBUS, measured on a full tmpfs). Under systemd they live in
+    the runtime directory (RAM) instead; elsewhere beside the data."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(runtime) / "metrics" if runtime else config.data_dir / "metrics"
+
+
 def _worker_env() -> dict[str, str]:
     """Workers report to us, not to systemd."""
     env = dict(os.environ)
@@ -311,9 +352,38 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _wait_ready(fd: int, timeout: float) -> bool:
-    ready, _, _ = select.select([fd], [], [], timeout)
-    return bool(ready) and os.read(fd, 16).startswith(b"ready")
+class WorkerStartError(RuntimeError):
+    """A worker did not start: its index, exit code (None: still running) and reason."""
+
+    def __init__(self, index: int, code: int | None, reason: str, waited_s: float) -> None:
+        self.index, self.code = index, code
+        if reason:  # "<code> <reason>", written by the worker before it exited
+            reason = reason.partition(" ")[2] or reason
+        elif code is None:
+            reason = f"not ready after {waited_s:.0f}s, still starting"
+        elif code < 0:
+            reason = f"killed by signal {-code} before it was ready"
+        else:
+            reason = f"exited with code {code} before it was ready (its log lines are above)"
+        super().__init__(f"worker {index}: {reason}")
+
+    @property
+    def exit_code(self) -> int:
+        """The agent's: 2 (don't restart: the host needs fixing) when the worker said so."""
+        return 2 if self.code == 2 else 1
+
+
+def _read_ready(fd: int, timeout: float) -> str:
+    """The worker's line on the readiness pipe; "" on EOF or timeout."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n") and len(data) < 4096:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(fd, 1024) if ready else b""
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
 
 
 def run_agent(config: AgentConfig, config_path: Path) -> int:
@@ -324,6 +394,9 @@ def run_agent(config: AgentConfig, config_path: Path) -> int:
     try:
         daemon.startup()
         daemon.run()
+    except WorkerStartError as exc:
+        log.error("agent_start_failed", reason=str(exc), exit_code=exc.exit_code)
+        return exc.exit_code
     finally:
         daemon.shutdown()
     return 0

@@ -20,10 +20,13 @@ from agent import audio, logs, metrics
 from agent.capture import (
     CUSTOMER_LEG,
     EMPLOYEE_LEG,
+    NO_SPACE,
     CaptureMeta,
     Flag,
     fsync_dir,
+    leg_seconds,
     parse_iso,
+    quarantine,
     read_meta,
 )
 from agent.config import AgentConfig
@@ -37,19 +40,6 @@ LENGTH_MISMATCH_MS = 1000
 
 def audio_file_name(audio_format: str) -> str:
     return "audio." + AUDIO_FORMATS[audio_format]
-
-
-def quarantine(entry: Path, quarantine_dir: Path, reason: str) -> Path:
-    """Move an entry we cannot process aside, with the reason beside it; nothing is lost."""
-    quarantine_dir.mkdir(parents=True, exist_ok=True)
-    target = quarantine_dir / entry.name
-    suffix = 1
-    while target.exists():
-        target = quarantine_dir / f"{entry.name}.{suffix}"
-        suffix += 1
-    entry.rename(target)
-    (target.parent / f"{target.name}.reason").write_text(reason + "\n")
-    return target
 
 
 FINALIZE_NICE = 10
@@ -91,6 +81,12 @@ class Finalizer:
             with metrics.FINALIZE_SECONDS.time():
                 self._finalize(capture, meta, target)
         except Exception as exc:  # noqa: BLE001 - any failure quarantines, never loses
+            if self._out_of_space(exc, capture):
+                # A full disk is not the capture's fault: it stays in ready/ and the next
+                # rescan tries again once there is room (nothing is quarantined for it).
+                shutil.rmtree(self.outbox_dir / f".tmp-{meta.recording_id}", ignore_errors=True)
+                log.warning("finalize_deferred", recording_id=recording_id, reason="disk_full")
+                return
             moved = quarantine(capture, self.config.quarantine_dir, f"finalize failed: {exc!r}")
             metrics.QUARANTINED.labels("finalize").inc()
             log.error(
@@ -99,6 +95,18 @@ class Finalizer:
                 reason=logs.error_text(exc),
                 path=moved,
             )
+
+    def _out_of_space(self, exc: Exception, capture: Path) -> bool:
+        """The failure was the disk's: ENOSPC, or (the encoder's error says less) less
+        room left than twice the capture's size."""
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            return True
+        try:
+            size = sum(p.stat().st_size for p in capture.iterdir())
+            stat = os.statvfs(self.outbox_dir)
+        except OSError:
+            return False
+        return stat.f_bavail * stat.f_frsize < 2 * size + 1024**2
 
     def _finalize(self, capture: Path, meta: CaptureMeta, target: Path) -> None:
         cfg = self.config
@@ -111,6 +119,7 @@ class Finalizer:
         encoded = audio.encode(
             legs, staging / audio_file_name(cfg.audio.format), cfg.audio.format, cfg.audio.bitrate
         )
+        _check_length(legs, encoded)
         meta = meta.with_flags(*_audio_flags(meta, encoded))
         manifest = manifest_from_capture(
             meta, cfg.audio.format, encoded.channels, encoded.size, encoded.sha256, self.region
@@ -139,6 +148,16 @@ class Finalizer:
             bytes=encoded.size,
             format=cfg.audio.format,
             flags=",".join(meta.flags) or "-",
+        )
+
+
+def _check_length(legs: list[Path], encoded: audio.EncodedAudio) -> None:
+    """The archive holds all the audio on disk: a leg whose header understates its data
+    would otherwise be encoded short, and the capture deleted, without a word."""
+    on_disk = max((leg_seconds(leg) or 0.0) for leg in legs)
+    if encoded.duration_ms < on_disk * 1000 - LENGTH_MISMATCH_MS:
+        raise ValueError(
+            f"encoded {encoded.duration_ms / 1000:.1f} s of audio from legs of {on_disk:.1f} s"
         )
 
 

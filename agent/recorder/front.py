@@ -26,7 +26,12 @@ Routing (measured facts of DESIGN.md built in):
   front answers OPTIONS sent to itself (SRC keep-alives) with 200;
 - log lines name the call only by ``call_ref`` (the sha256 prefix of the Call-ID the
   workers log too) and the worker by its ``duid``: never a From/To/R-URI user part.
-  Kamailio's own parse errors (which print whole messages) are at debug level.
+  Kamailio's own parse errors (which print whole messages) go through
+  :mod:`agent.recorder.frontlog`, which drops message content and redacts numbers;
+- the SIP edge (:mod:`agent.recorder.edge`): only listed recording clients
+  (``[sip] allowed_clients``, 403 otherwise), requests up to ``[sip] max_message``
+  (513 otherwise), the metadata part kept aside in memory for the worker to fetch;
+  optionally SIP over TLS with client certificates (``[sip] tls_port``).
 
 Pointing a PBX/SBC at the front: configure it as a SIPREC recording server (SRS) at
 ``sip:<[sip] listen>:<[sip] port>`` over UDP or TCP (e.g. Cisco CUBE ``media
@@ -52,22 +57,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from agent import logs
+from agent import logs, metrics
+from agent.capture import NO_SPACE
 from agent.config import WORKER_MAX_CALLS, AgentConfig, SipConfig
-from agent.recorder.front_cfg import TEMPLATE
-from agent.redaction import redact_numbers
+from agent.recorder import edge
+from agent.recorder.front_cfg import TEMPLATE, TLS_TEMPLATE
+from agent.recorder.frontlog import emit, kamailio_record
 
 log = logs.get_logger(__name__)
 
 CONFIG_FILE = "kamailio.cfg"
+TLS_FILE = "tls.cfg"
 LIST_FILE = "dispatcher.list"
 PRODUCTION_RUNTIME_DIR = Path("/run/callrec-front")  # RuntimeDirectory= of the unit
 DISPATCHER_SET = 1
-SHM_MB, PKG_MB = 64, 8  # as in callrec-front.service
+TCP_READ_BUFFER_MB = 4  # per TCP connection: a message up to this size gets an answer
+TCP_MAX_CONNECTIONS = 64  # SRCs keep a few connections each
+SHM_MB, PKG_MB = 64 + TCP_MAX_CONNECTIONS * TCP_READ_BUFFER_MB, 8  # as in callrec-front.service
 FR_TIMER_MS = 1000  # no 100 Trying from a worker within 1 s: it is dead (pjsua answers at once)
 FR_INV_TIMER_MS = 5000  # 100 Trying but no final answer: a hung worker
 CALL_REF = "$(ci{s.sha256}{s.substr,0,16})"  # agent.recorder.session.call_ref, in Kamailio
 READY_TIMEOUT_S = 15.0
+METADATA_EXPIRE_S = 30  # metadata kept aside that no worker fetched is dropped
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -80,6 +91,11 @@ class FrontFiles:
     config: Path
     dispatcher_list: Path
     runtime_dir: Path
+
+    @property
+    def pid_file(self) -> Path:
+        """The Kamailio the agent runs (``run_front``): its pid, also its group's."""
+        return self.runtime_dir / "front.pid"
 
     @property
     def ctl(self) -> str:
@@ -109,7 +125,9 @@ def render_dispatcher_list(sip: SipConfig) -> str:
 def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
     """Kamailio's configuration for this agent's worker pool."""
     sip = cfg.sip
+    tls = sip.tls_port is not None
     values = {
+        "REFUSED": "event=front_refused call_ref=%REF% status=",
         "LISTEN": sip.listen,
         "PORT": str(sip.port),
         "CTL": files.ctl,
@@ -123,6 +141,25 @@ def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
         "W": "$xavp(_dsdst_=>dstid)",
         "NEXT": "$xavp(_dsdst_[1]=>dstid)",
         "ST": "$var(status)",
+        "HTTP_LISTEN": edge.front_address(sip),
+        "HTTP_PORT": str(sip.front_http_port),
+        "ALLOWED": allowed_condition(sip),
+        "WORKERS": sip.worker_listen,
+        "MAX_MSG": str(sip.max_message_bytes),
+        "TCP_BUF": str(TCP_READ_BUFFER_MB * 1024 * 1024),
+        "TCP_MAX": str(TCP_MAX_CONNECTIONS),
+        "PV_BUF": str(2 * sip.max_message_bytes),
+        "META_EXPIRE_S": str(METADATA_EXPIRE_S),
+        "SOURCE_HDR": edge.SOURCE_HEADER,
+        "META_HDR": edge.METADATA_HEADER,
+        "META_PATH": edge.METADATA_PATH,
+        "META_PATH_LEN": str(len(edge.METADATA_PATH)),
+        "TLS_LISTEN": f"enable_tls=yes\nlisten=tls:{sip.listen}:{sip.tls_port}" if tls else "",
+        "TLS_MODULE": (
+            f'loadmodule "tls.so"\nmodparam("tls", "config", "{files.directory / TLS_FILE}")'
+            if tls
+            else ""
+        ),
     }
     text = TEMPLATE
     for key, value in values.items():
@@ -130,16 +167,45 @@ def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
     return text
 
 
+def render_tls(sip: SipConfig) -> str:
+    """The tls module's server profile: client certificates required and verified."""
+    values = {"CERT": sip.tls_cert_file, "KEY": sip.tls_key_file, "CA": sip.tls_ca_file}
+    text = TLS_TEMPLATE
+    for key, value in values.items():
+        text = text.replace("%" + key + "%", str(value))
+    return text
+
+
+def allowed_condition(sip: SipConfig) -> str:
+    """The allow-list as a Kamailio condition on the request's source address."""
+    networks = (*sip.allowed_clients, *(c.address for c in sip.clients))
+    return "(" + " || ".join(f"src_ip == {net}" for net in networks) + ")"
+
+
 def _write(path: Path, text: str) -> None:
-    """Write-and-rename, 0640 (the front's user reads it through group callrec)."""
+    """Write-and-rename, 0640 (the front's user reads it through group callrec). On a
+    full disk an unchanged file is kept: the agent can restart there."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno not in NO_SPACE or _read(path) != text:
+            raise
+        return
     os.chmod(tmp, 0o640)
     tmp.replace(path)
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def write_front_files(cfg: AgentConfig) -> FrontFiles:
@@ -148,6 +214,8 @@ def write_front_files(cfg: AgentConfig) -> FrontFiles:
     files.directory.mkdir(parents=True, exist_ok=True)
     os.chmod(files.directory, 0o750)  # noqa: S103 - the front's user reads it (group)
     _write(files.dispatcher_list, render_dispatcher_list(cfg.sip))
+    if cfg.sip.tls_port is not None:
+        _write(files.directory / TLS_FILE, render_tls(cfg.sip))
     _write(files.config, render_config(cfg, files))
     log.info(
         "front_rendered",
@@ -210,28 +278,6 @@ def destinations(files: FrontFiles) -> list[Destination]:
 # ---------------------------------------------------------------- the process
 
 
-_LINE = re.compile(r"^\s*\d+\((\d+)\)\s+([A-Z]+):\s+(.*)$")
-_LEVELS = {
-    "DEBUG": logging.DEBUG,
-    "INFO": logging.INFO,
-    "NOTICE": logging.INFO,
-    "WARNING": logging.WARNING,
-    "ERROR": logging.ERROR,
-    "CRITICAL": logging.CRITICAL,
-    "ALERT": logging.ERROR,
-    "BUG": logging.CRITICAL,
-}
-_URI_USER = re.compile(r"\b(sips?:)[^@\s;>\"']+@", re.IGNORECASE)
-_TEL_URI = re.compile(r"\btel:[^\s;>\"']+", re.IGNORECASE)
-
-
-def sanitize(text: str) -> str:
-    """A Kamailio log line without URI user parts or number-like digit runs."""
-    text = _URI_USER.sub(r"\1<redacted>@", text)
-    text = _TEL_URI.sub("tel:<redacted>", text)
-    return redact_numbers(text)
-
-
 class FrontProcess:
     """Kamailio run by the agent (``run_front = true``): started after the workers,
     stopped after them (BYEs of calls still draining pass through it), restarted if
@@ -271,6 +317,7 @@ class FrontProcess:
 
     def start(self, wait: bool = True) -> None:
         self.files.runtime_dir.mkdir(parents=True, exist_ok=True)
+        kill_stale_front(self.files)
         self._stopping = False
         self._process = subprocess.Popen(
             self.command(),
@@ -282,6 +329,7 @@ class FrontProcess:
             start_new_session=True,  # its own process group: no child outlives it
         )
         self._started_at = time.monotonic()
+        _write_pid(self.files.pid_file, self._process.pid)
         self._relay = threading.Thread(
             target=self._relay_lines, args=(self._process.stdout,), name="front-log", daemon=True
         )
@@ -358,6 +406,7 @@ class FrontProcess:
                 process.kill()
                 process.wait(5)
         _kill_group(process.pid)
+        self.files.pid_file.unlink(missing_ok=True)
         if self._relay is not None:
             self._relay.join(2.0)
         log.info(
@@ -382,27 +431,70 @@ class FrontProcess:
                 self._relay_line(raw.rstrip("\n"))
 
     def _relay_line(self, raw: str) -> None:
-        if not raw.strip():
-            return
-        match = _LINE.match(raw)
-        level = _LEVELS.get(match.group(2), logging.INFO) if match else logging.INFO
-        text = sanitize(match.group(3) if match else raw.strip())
+        record = kamailio_record(raw)
+        if record is None:
+            return  # a dumped message's content (see agent.recorder.frontlog)
+        level, text, fields = record
         if self._stopping:
             level = logging.DEBUG  # its processes exiting at shutdown log ALERTs
-        elif level == logging.INFO and not text.startswith("<script>:"):
-            level = logging.DEBUG  # Kamailio's own start-up chatter
-        script = text.startswith("<script>: ")  # an xlog line of our config: logfmt
-        fields = logs.parse_logfmt(text.removeprefix("<script>: ")) if script else None
-        event = fields.pop("event", None) if fields else None
-        if fields is None or not isinstance(event, str) or not logs.is_event_name(event):
-            log.log(level, "kamailio", msg=text)
-            return
-        if event == "front_refused":
+        if fields is not None and fields.get("event") == "front_refused":
             self.refused += 1
             fields["refused_total"] = self.refused
-        elif event == "front_failover":
+            metrics.CALLS_REFUSED.labels(str(fields.get("status", 503))).inc()
+        elif fields is not None and fields.get("event") == "front_failover":
             self.failovers += 1
-        log.log(level, event, **fields)
+        emit(log, level, text, fields)
+
+
+def _write_pid(path: Path, pid: int) -> None:
+    """Best effort: without it (a full disk) only a stale front's clean-up is lost."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(f"{pid}\n")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        log.warning("front_pid_file_failed", path=path, error=exc.strerror)
+
+
+def _group_members(pgid: int, marker: str) -> list[int]:
+    """Processes of group ``pgid`` whose command line holds ``marker`` (a pid file can
+    outlive its processes, and pids are reused: never kill a stranger)."""
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()  # after "pid (comm)": state ppid pgrp …
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid and marker in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def kill_stale_front(files: FrontFiles, timeout: float = 5.0) -> int:
+    """Kill a Kamailio a previous run of the agent left (it was SIGKILLed: its front
+    would hold the SIP port and make this start fail). Returns how many processes."""
+    try:
+        pgid = int(files.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return 0
+    members = _group_members(pgid, str(files.config))
+    for pid in members:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while members and _group_members(pgid, str(files.config)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if members:
+        log.warning(
+            "front_stale_killed", pid=pgid, processes=len(members), reason="left by a previous run"
+        )
+    files.pid_file.unlink(missing_ok=True)
+    return len(members)
 
 
 def _kill_group(pid: int) -> None:

@@ -8,7 +8,8 @@ TEMPLATE = r"""#!KAMAILIO
 # start: edit the agent's config, not this file.
 
 debug=2
-corelog=3          # core parse errors print whole messages: only at debug level
+corelog=3          # core parse errors at debug level; what else prints message
+                   # content goes through `callrec front-log` (agent.recorder.frontlog)
 log_stderror=yes
 log_prefix=""
 children=2
@@ -22,7 +23,17 @@ server_signature=no
 sip_warning=0
 listen=udp:%LISTEN%:%PORT%
 listen=tcp:%LISTEN%:%PORT%
+listen=tcp:%HTTP_LISTEN%:%HTTP_PORT%
+%TLS_LISTEN%
 tcp_connection_lifetime=3605
+# A TCP message is read whole before the script sees it: up to tcp_rd_buf_size per
+# connection (shared memory, touched only as data arrives), so that one far larger
+# than [sip] max_message (a 2 MB INVITE) is still answered 513 rather than its
+# connection dropped; -m covers every connection's buffer. $var values and the
+# metadata kept aside are up to max_message.
+tcp_rd_buf_size=%TCP_BUF%
+tcp_max_connections=%TCP_MAX%
+pv_buffer_size=%PV_BUF%
 
 loadmodule "tm.so"
 loadmodule "sl.so"
@@ -34,6 +45,10 @@ loadmodule "pv.so"
 loadmodule "xlog.so"
 loadmodule "dispatcher.so"
 loadmodule "ctl.so"
+loadmodule "htable.so"
+loadmodule "xhttp.so"
+loadmodule "cfgutils.so"
+%TLS_MODULE%
 
 modparam("ctl", "binrpc", "%CTL%")
 modparam("tm", "fr_timer", %FR_MS%)
@@ -58,8 +73,25 @@ modparam("dispatcher", "ds_inactive_threshold", 1)
 modparam("dispatcher", "ds_ping_from", "sip:callrec-front@%LISTEN%")
 modparam("dispatcher", "ds_ping_reply_codes", "class=2")
 modparam("dispatcher", "ds_timer_mode", 1)
+# Recording metadata kept aside (in memory only) until the worker fetches it.
+modparam("htable", "htable", "meta=>size=8;autoexpire=%META_EXPIRE_S%;")
 
 request_route {
+    if ($Rp == %HTTP_PORT%) {
+        exit;  # the metadata port speaks HTTP only
+    }
+    if (!%ALLOWED% && !(src_ip == %WORKERS% && has_totag())) {
+        if (!is_method("ACK")) {  # an ACK gets no answer (it may end a refusal)
+            xlog("L_WARN", "%REFUSED%403 reason=client_not_allowed source=$si method=$rm\n");
+            sl_send_reply("403", "Not a recording client");
+        }
+        exit;
+    }
+    if ($ml > %MAX_MSG%) {
+        xlog("L_WARN", "%REFUSED%513 reason=message_too_large bytes=$ml source=$si\n");
+        sl_send_reply("513", "Message Too Large");
+        exit;
+    }
     if (!mf_process_maxfwd_header("10")) {
         sl_send_reply("483", "Too Many Hops");
         exit;
@@ -89,7 +121,44 @@ request_route {
     }
     remove_hf("Route");
     record_route();
+    remove_hf("%SOURCE_HDR%");
+    append_hf("%SOURCE_HDR%: $si\r\n");
+    route(KEEP_METADATA);
     route(DISPATCH);
+}
+
+# The metadata part leaves the request (pjsip in the workers reads ~4,000 bytes of a
+# message at most) and waits here, in memory, under a random token the worker
+# fetches it with (GET %META_PATH%<token> on the loopback HTTP port).
+route[KEEP_METADATA] {
+    remove_hf("%META_HDR%");
+    if (!(is_method("INVITE|UPDATE") && has_body("multipart/mixed"))) {
+        return;
+    }
+    if (!get_body_part("application/rs-metadata+xml", "$var(meta)")) {
+        return;
+    }
+    $var(tok) = $(ci{s.md5}{s.substr,0,12}) + "-" + $RANDOM + "-" + $RANDOM;
+    $sht(meta=>$var(tok)) = $var(meta);
+    remove_body_part("application/rs-metadata+xml");
+    append_hf("%META_HDR%: $var(tok)\r\n");
+}
+
+event_route[xhttp:request] {
+    if ($Rp != %HTTP_PORT% || !(src_ip == 127.0.0.0/8 || src_ip == ::1)) {
+        xhttp_reply("403", "Forbidden", "", "");
+        exit;
+    }
+    if ($hu =~ "^%META_PATH%[A-Za-z0-9-]+$") {
+        $var(tok) = $(hu{s.substr,%META_PATH_LEN%,0});
+        if ($sht(meta=>$var(tok)) != $null) {
+            $var(meta) = $sht(meta=>$var(tok));
+            $sht(meta=>$var(tok)) = $null;
+            xhttp_reply("200", "OK", "application/rs-metadata+xml", "$var(meta)");
+            exit;
+        }
+    }
+    xhttp_reply("404", "Not Found", "", "");
 }
 
 route[DISPATCH] {
@@ -125,6 +194,7 @@ route[IN_DIALOG] {
         t_check_trans();  # a retransmission ends here: off-load once
         ds_load_update();
     }
+    route(KEEP_METADATA);
     if (!t_relay()) {
         sl_reply_error();
     }
@@ -167,4 +237,15 @@ failure_route[FAILOVER] {
     xlog("L_WARN", "event=front_refused call_ref=%REF% status=503 reason=all_refused last=%ST%\n");
     t_reply("503", "No recorder available");
 }
+"""
+
+# [sip] tls_port: recording clients over TLS must present a certificate our CA signed.
+TLS_TEMPLATE = """# Rendered by callrec from [sip] tls_*; do not edit.
+[server:default]
+method = TLSv1.2+
+verify_certificate = yes
+require_certificate = yes
+certificate = %CERT%
+private_key = %KEY%
+ca_list = %CA%
 """

@@ -59,10 +59,12 @@ from agent.capture import (
     Employee,
     Flag,
 )
+from agent.config import SipClient
 from agent.directory import Directory, Person
 from agent.privacy import NumberKind, ProtectedNumber, Protector, normalise
 from agent.recorder.siprec import (
     MetadataError,
+    MetadataMissing,
     Participant,
     RecordingMetadata,
     SdpMedia,
@@ -372,6 +374,7 @@ class CallPlan:
     legs: Mapping[int, str]  # SDP m-line index → leg file name
     audio_count: int  # audio m-lines in the offer (answer with this many)
     problem: str | None = None  # why the metadata could not be used
+    siprec: bool = True  # False: a plain INVITE (no siprec option tag, no metadata)
 
 
 def _legs(parties: CallParties, audio: Sequence[SdpMedia]) -> dict[int, str]:
@@ -391,14 +394,20 @@ def plan_call(
     rules: PartyRules,
     headers: PartyHeaders,
     offered_audio: int,
+    client: SipClient | None = None,
+    metadata: str | None = None,
 ) -> CallPlan:
     """Parse and classify an INVITE. Never raises for bad input: a call whose metadata
-    cannot be read is still recorded, flagged :attr:`Flag.METADATA_INVALID`.
+    cannot be read is still recorded, flagged :attr:`Flag.METADATA_INVALID` (or
+    :attr:`Flag.METADATA_MISSING` when it has none). ``client``: what the recording
+    client's configuration adds where the metadata is silent (:func:`apply_client`).
 
     ``offered_audio`` is pjsua's count of audio m-lines, used when the body cannot be
-    read here."""
+    read here; ``metadata``: the document the front kept aside for this INVITE."""
     try:
         invite = parse_invite(raw)
+        if metadata is not None:
+            invite = replace(invite, metadata=metadata, siprec=True)
         media = parse_sdp(invite.sdp) if invite.sdp is not None else ()
     except SipParseError as exc:
         audio = tuple(SdpMedia(i, "audio", 1, None, "sendonly") for i in range(offered_audio))
@@ -407,29 +416,84 @@ def plan_call(
     audio = audio_streams(media)
     audio_count = sum(1 for m in media if m.kind == "audio") or offered_audio
     if not invite.siprec and len(audio) == 1:
+        employee_header = (client.employee_header if client else None) or headers.employee
         parties = classify_headers(
             invite.header(headers.customer),
-            invite.header(headers.employee),
+            invite.header(employee_header),
             invite.header(headers.service),
             directory,
             rules,
             invite.header(headers.direction),
         )
-        return CallPlan("plain", parties, _legs(parties, audio), audio_count)
+        parties = apply_client(parties, invite.headers, client, directory, rules)
+        return CallPlan("plain", parties, _legs(parties, audio), audio_count, siprec=False)
+    problem: str | None = None
     try:
-        metadata = parse_metadata(invite.metadata)
+        parties = classify(parse_metadata(invite.metadata), audio, directory, rules)
+    except MetadataMissing as exc:
+        parties, problem = unclassified(audio, Flag.METADATA_MISSING), str(exc)
     except MetadataError as exc:
-        parties = unclassified(audio, Flag.METADATA_INVALID)
-        return CallPlan("siprec", parties, _legs(parties, audio), audio_count, str(exc))
-    parties = classify(metadata, audio, directory, rules)
-    return CallPlan("siprec", parties, _legs(parties, audio), audio_count)
+        parties, problem = unclassified(audio, Flag.METADATA_INVALID), str(exc)
+    parties = apply_client(parties, invite.headers, client, directory, rules)
+    return CallPlan(
+        "siprec", parties, _legs(parties, audio), audio_count, problem, siprec=invite.siprec
+    )
+
+
+def first_value(value: str | None) -> str | None:
+    """The first entry of a comma-separated header value (``Diversion``,
+    ``History-Info``), commas inside ``<…>`` or quotes left alone."""
+    if value is None:
+        return None
+    depth, quoted = 0, False
+    for index, char in enumerate(value):
+        if char == '"':
+            quoted = not quoted
+        elif not quoted and char in "<>":
+            depth += 1 if char == "<" else -1
+        elif char == "," and not quoted and depth <= 0:
+            return value[:index].strip() or None
+    return value.strip() or None
+
+
+def apply_client(
+    parties: CallParties,
+    headers: Mapping[str, str],
+    client: SipClient | None,
+    directory: Directory,
+    rules: PartyRules,
+) -> CallParties:
+    """Fill what the metadata left out from the recording client's configured sources:
+    the service line (a header, or a fixed number: only a configured service number
+    is taken, so a misconfigured header cannot put a customer's number there) and the
+    employee (a header naming a directory AoR). Nothing the metadata said is replaced."""
+    if client is None:
+        return parties
+    flags = list(parties.flags)
+    service = parties.service_number
+    if service is None:
+        raw = client.service_number
+        if client.service_header:
+            raw = first_value(headers.get(client.service_header.lower()))
+        e164 = normalise(raw, rules.region).e164 if raw else None
+        if e164 is not None and e164 in rules.service_numbers:
+            service = e164
+            flags = [f for f in flags if f is not Flag.SERVICE_UNKNOWN]
+    employees = parties.employees
+    if client.employee_header and all(e.id == UNKNOWN for e in employees):
+        aor = first_value(headers.get(client.employee_header.lower()))
+        person = directory.find_by_aor(aor) if aor else None
+        if person is not None:
+            employees = (EmployeeTag.of(person, aor or ""),)
+            flags = [f for f in flags if f is not Flag.EMPLOYEE_UNKNOWN]
+    return replace(parties, service_number=service, employees=employees, flags=tuple(flags))
 
 
 # ---------------------------------------------------------------- mid-call updates
 
 
 def read_update(
-    raw: str | bytes, directory: Directory, rules: PartyRules
+    raw: str | bytes, directory: Directory, rules: PartyRules, kept: str | None = None
 ) -> tuple[CallParties | None, str | None]:
     """The parties named by the metadata of an in-dialog re-INVITE or UPDATE, and why
     it could not be used. ``(None, None)``: the request carries no metadata (a session
@@ -438,6 +502,8 @@ def read_update(
         request = parse_invite(raw)
     except SipParseError as exc:
         return None, str(exc)
+    if kept is not None:
+        request = replace(request, metadata=kept)
     if request.metadata is None:
         return None, None
     try:
@@ -449,6 +515,7 @@ def read_update(
 
 _PARTY_FLAGS = (
     Flag.METADATA_INVALID,
+    Flag.METADATA_MISSING,
     Flag.CUSTOMER_UNKNOWN,
     Flag.CUSTOMER_WITHHELD,
     Flag.SERVICE_UNKNOWN,

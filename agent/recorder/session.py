@@ -25,13 +25,17 @@ from agent.capture import (
     Flag,
     fsync_dir,
     iso_ms,
+    leg_seconds,
     parse_iso,
+    repair_wav_header,
     write_meta,
 )
 from agent.directory import Directory
 from agent.recorder.parties import CallPlan, PartyRules, apply_update, read_update
 
 log = logs.get_logger("agent.recorder.sip")
+
+SHORT_LEG_S = 2.0  # a leg this much shorter than its call lost audio (see short_legs)
 
 LEG_ORDER = (CUSTOMER_LEG, EMPLOYEE_LEG, MIXED_LEG)
 
@@ -90,7 +94,9 @@ def log_answered(meta: CaptureMeta, plan: CallPlan, worker: int) -> None:
         flags=",".join(meta.flags) or "-",
     )
     if plan.problem is not None:
-        log.warning("metadata_invalid", recording_id=meta.recording_id, reason=plan.problem)
+        missing = Flag.METADATA_MISSING in meta.flags
+        event = "metadata_missing" if missing else "metadata_invalid"
+        log.warning(event, recording_id=meta.recording_id, reason=plan.problem)
     log_unknown_employees(meta, meta.employees)
 
 
@@ -119,24 +125,45 @@ def log_updated(before: CaptureMeta, after: CaptureMeta) -> None:
 def merge_updates(
     meta: CaptureMeta,
     directory: Path,
-    updates: list[tuple[dt.datetime, str]],
+    updates: list[tuple[dt.datetime, str, str | None]],
     people: Directory,
     rules: PartyRules,
 ) -> CaptureMeta:
-    """Apply the metadata of in-dialog re-INVITEs/UPDATEs (time received, raw text) to
-    the capture: ``capture.json`` is rewritten when something changed."""
-    for at, raw in updates:
-        parties, problem = read_update(raw, people, rules)
+    """Apply the metadata of in-dialog re-INVITEs/UPDATEs (time received, raw text, the
+    metadata the front kept aside for it) to the capture: ``capture.json`` is
+    rewritten when something changed."""
+    for at, raw, kept in updates:
+        parties, problem = read_update(raw, people, rules, kept)
         if problem is not None:
             log.warning("metadata_update_invalid", recording_id=meta.recording_id, reason=problem)
         if parties is None:
             continue
         merged = apply_update(meta, parties, iso_ms(at))
         if merged != meta:
-            write_meta(directory, merged)
+            _write_update(directory, merged)
             log_updated(meta, merged)
             meta = merged
     return meta
+
+
+def _write_update(directory: Path, meta: CaptureMeta) -> None:
+    """A mid-call update is kept in memory if the disk refuses it: the capture's
+    metadata is written again (with it) when the call ends."""
+    try:
+        write_meta(directory, meta)
+    except OSError as exc:
+        log.warning("capture_update_deferred", recording_id=meta.recording_id, error=exc.strerror)
+
+
+def short_legs(directory: Path, legs: tuple[str, ...], call_s: float) -> dict[str, float]:
+    """Legs holding less audio than the call lasted (by SHORT_LEG_S or more): their
+    writes failed (a full disk) or stopped. Leg → seconds on disk."""
+    found: dict[str, float] = {}
+    for leg in legs:
+        seconds = leg_seconds(directory / leg)
+        if seconds is None or seconds < call_s - SHORT_LEG_S:
+            found[leg] = seconds or 0.0
+    return found
 
 
 def finish_capture(
@@ -148,24 +175,39 @@ def finish_capture(
     received: dict[str, tuple[int, int]] | None = None,
 ) -> CaptureMeta:
     """Close the capture's metadata (end time, legs present, flags) and move it to
-    ``ready`` with one rename; a leg that was never written makes it incomplete.
-    ``received``: RTP packets received and lost per party, for the log line."""
+    ``ready`` with one rename; a leg that was never written, or holds less audio than
+    the call lasted, makes it incomplete. ``received``: RTP packets received and lost
+    per party, for the log line. An OSError (a full disk) leaves the capture where it
+    is, unchanged in memory, for the caller to try again."""
     legs = tuple(leg for leg in meta.legs if (directory / leg).exists())
     flags = [*flags] + ([Flag.INCOMPLETE] if legs != meta.legs else [])
+    for leg in legs:  # pjsua leaves 0 in the sizes when its last write failed (full disk)
+        with contextlib.suppress(ValueError):
+            repair_wav_header(directory / leg)
+    duration_s = (ended - parse_iso(meta.started_at)).total_seconds()
+    short = short_legs(directory, legs, duration_s)
+    if short:
+        flags.append(Flag.INCOMPLETE)
     meta = replace(meta, ended_at=iso_ms(ended), legs=legs).with_flags(*flags)
     write_meta(directory, meta)
+    directory.rename(ready_dir / meta.recording_id)
+    with contextlib.suppress(OSError):
+        fsync_dir(ready_dir)
+        fsync_dir(directory.parent)
     metrics.CALLS_ACTIVE.dec()
     ended_by = next((f for f in (Flag.RTP_TIMEOUT, Flag.INCOMPLETE) if f in meta.flags), None)
     metrics.CALLS_ENDED.labels(ended_by.value if ended_by else "bye").inc()
-    directory.rename(ready_dir / meta.recording_id)
-    fsync_dir(ready_dir)
-    fsync_dir(directory.parent)
+    for leg, seconds in short.items():
+        log.warning(
+            "leg_short", recording_id=meta.recording_id, leg=leg, audio_s=round(seconds, 3),
+            call_s=round(duration_s, 3),
+        )  # fmt: skip
     rtp = ",".join(f"{party}:{got}/{lost}" for party, (got, lost) in (received or {}).items())
     log.info(
         "call_recorded",
         recording_id=meta.recording_id,
         call_ref=meta.call_ref,
-        duration_s=round((ended - parse_iso(meta.started_at)).total_seconds(), 3),
+        duration_s=round(duration_s, 3),
         legs=",".join(legs) or "-",
         flags=",".join(meta.flags) or "-",
         rtp_received_lost=rtp or "-",

@@ -48,6 +48,10 @@ class MetadataError(ValueError):
     """The recording metadata is missing or unreadable; the call is still recorded."""
 
 
+class MetadataMissing(MetadataError):
+    """The INVITE carries no recording metadata at all."""
+
+
 # ---------------------------------------------------------------- SIP message
 
 
@@ -307,7 +311,7 @@ def _attr(element: Element, *names: str) -> str | None:
 def _read_root(xml: str | bytes | None) -> Element:
     data = xml.encode() if isinstance(xml, str) else (xml or b"")
     if not data.strip():
-        raise MetadataError("no application/rs-metadata+xml part in the INVITE")
+        raise MetadataMissing("no application/rs-metadata+xml part in the INVITE")
     if len(data) > MAX_METADATA_BYTES:
         raise MetadataError(f"metadata larger than {MAX_METADATA_BYTES} bytes")
     try:
@@ -317,6 +321,8 @@ def _read_root(xml: str | bytes | None) -> Element:
     except DefusedXmlException as exc:
         reason = type(exc).__name__
         raise MetadataError(f"metadata uses forbidden XML constructs: {reason}") from None
+    except (LookupError, ValueError) as exc:  # encoding="x-unknown", utf-7…
+        raise MetadataError(f"metadata in an encoding we cannot read: {exc}") from None
     ns, name = _local(root.tag)
     if name != "recording" or ns not in NAMESPACES:
         raise MetadataError(

@@ -29,6 +29,8 @@ looked at again until they change). The full number exists only in memory here.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import os
 import queue
 import shutil
@@ -54,7 +56,7 @@ from agent.capture import (
 )
 from agent.config import AgentConfig, SpoolConfig
 from agent.directory import LiveDirectory
-from agent.privacy import LookupKeys, Protector, Sealer
+from agent.privacy import KeyFileError, Protector
 from agent.recorder.parties import PartyRules, classify_headers
 from agent.recorder.spoolfiles import (
     AUDIO_SUFFIX,
@@ -141,10 +143,8 @@ class SpoolPickup:
     @classmethod
     def from_config(cls, config: AgentConfig) -> SpoolPickup:
         """With the agent's keys and a live directory (SIGHUP reloads it)."""
-        protector = Protector(
-            config.privacy.default_region,
-            LookupKeys.load(config.privacy.lookup_key_file),
-            Sealer.load(config.privacy.seal_public_key_file),
+        protector = Protector.load(
+            config.privacy.default_region, config.privacy.seal_public_key_file
         )
         return cls(config, protector, LiveDirectory(config.directory_file))
 
@@ -155,10 +155,10 @@ class SpoolPickup:
             raise FileNotFoundError(f"[spool] dir = {str(self.root)!r}: not a directory")
         for path in (self.ready_dir, self.staging_dir, self.config.quarantine_dir):
             path.mkdir(parents=True, exist_ok=True)
-        lookup = self.protector.lookup
+        key = _index_key(self.config.data_dir / "spool-index.key")
         self._index = SpoolIndex(
             self.config.data_dir / "spool-index.sqlite3",
-            lambda name: lookup.digest(name, lookup.active_id)[:32],
+            lambda name: hmac.new(key, name.encode(), hashlib.sha256).hexdigest()[:32],
         )
         self._recover_staging()
         self._index.prune({p.name for p in self.root.iterdir()})
@@ -513,3 +513,21 @@ def _log_taken(meta: CaptureMeta, layout: str, audio_s: float) -> None:
         audio_s=round(audio_s, 1),
         flags=",".join(meta.flags) or "-",
     )
+
+
+def _index_key(path: Path) -> bytes:
+    """This host's key for the spool index's file-name digests (a PBX may put numbers
+    in file names): 32 random bytes made on first use, 0600, never leaving the host."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) != 32:
+            raise KeyFileError(f"{path}: expected 32 bytes (delete it to make a new one)") from None
+        return key
+    key = os.urandom(32)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return key

@@ -4,7 +4,7 @@ it without reading it, and every recording taken (hashed call id, sha256 of its 
 samples, whether its owned source still waits to be deleted).
 
 A PBX may put the customer's number in its file names, so names are kept only as a
-keyed digest (``name_digest``, the agent's lookup HMAC); the plain names of an owned
+keyed digest (``name_digest``, an HMAC under a key of this host's own); the plain names of an owned
 recording's files are kept only until they are deleted.
 """
 

@@ -26,12 +26,12 @@ from pathlib import Path
 import grpc
 
 from agent import logs, metrics
+from agent.capture import quarantine
 from agent.certs import channel_credentials, load_cert, site_of
 from agent.config import ConfigError, UplinkConfig, check_transport
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import check_private_file
-from agent.recorder.finalize import quarantine
 from agent.recorder.outbox import Outbox, OutboxEntry
 from agent.recorder.reachability import StoreReachability
 

@@ -1,25 +1,21 @@
-"""Catalog queries and changes behind the Access service: scoped search, finding a
-data subject's calls by keyed digest and time, the data-subject changes (each written
-with its audit event in one transaction), the export package's metadata and opening
-the sealed digits. Blocking; the service runs them in threads.
+"""Catalog queries and changes behind the Access service: scoped search, the
+data-subject changes (each written with its audit event in one transaction) and the
+export package's metadata (finding calls by number is ``agent.store.numbers``).
+Blocking; the service runs them in threads.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agent.directory import Person
 from agent.manifest import AUDIO_FORMATS
-from agent.privacy import KeyFileError, check_private_file, unseal
 from agent.store import audit
 from agent.store.access import RecordingFacts, Scope
 from agent.store.catalog import Catalog, RecordingRow, from_ms, recordings
@@ -124,28 +120,6 @@ def search(
     return found, True
 
 
-def find_by_digests(
-    catalog: Catalog, digests: Mapping[str, str], at_ms: int, window_ms: int
-) -> list[RecordingRow]:
-    """Calls whose customer digest is one of ``digests`` (lookup key id → digest) and
-    whose answered part overlaps ``at_ms ± window_ms``; oldest first."""
-    c = recordings.c
-    match = sa.or_(
-        *(
-            sa.and_(c.customer_digest_key_id == key_id, c.customer_digest == digest)
-            for key_id, digest in digests.items()
-        )
-    )
-    query = (
-        sa.select(recordings)
-        .where(c.destroy_reason.is_(None), match)
-        .where(c.started_at_ms <= at_ms + window_ms, c.ended_at_ms >= at_ms - window_ms)
-        .order_by(c.started_at_ms)
-    )
-    with catalog.engine.connect() as conn:
-        return [RecordingRow(**r._mapping) for r in conn.execute(query)]
-
-
 def set_state(
     catalog: Catalog, recording_id: str, column: str, value: bool, event: audit.Event
 ) -> bool:
@@ -242,18 +216,6 @@ def package_metadata(rows: Sequence[RecordingRow], generated_ms: int) -> str:
     ]
     package = {"generated_at": _iso(generated_ms), "recordings": items}
     return json.dumps(package, indent=2, ensure_ascii=False)
-
-
-def open_sealed(key_file: Path, sealed: str) -> str:
-    """The last digits sealed with the store's public key, opened with ``seal.pem``."""
-    check_private_file(key_file)
-    try:
-        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
-    except ValueError as exc:
-        raise KeyFileError(f"{key_file}: not a PEM private key: {exc}") from None
-    if not isinstance(key, rsa.RSAPrivateKey):
-        raise KeyFileError(f"{key_file}: expected an RSA private key")
-    return unseal(key, sealed)
 
 
 def today_utc() -> dt.date:

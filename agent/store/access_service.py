@@ -6,7 +6,7 @@ Status codes: a missing/unknown/revoked token or a person no longer in the direc
 UNAUTHENTICATED; the rules say no → PERMISSION_DENIED; a malformed request (no
 purpose, no reason where one is needed, a bad id or number) → INVALID_ARGUMENT; an
 unknown or destroyed recording → NOT_FOUND; a held recording to erase →
-FAILED_PRECONDITION, and so is a missing or unusable lookup or seal key; an
+FAILED_PRECONDITION, and so is a missing or unusable seal key (seal.pem); an
 unreadable directory file → UNAVAILABLE (fail closed). Each of them is an audit
 event. Allowed reads are audited before the first byte is served; a recording that
 does not exist answers NOT_FOUND before the rules are asked (ids are 128 random
@@ -33,7 +33,7 @@ from agent.directory import Directory, DirectoryError, Person
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
 from agent.pb.callrec.v1 import recordings_pb2 as pb
-from agent.privacy import KeyFileError, LookupKeys, normalise
+from agent.privacy import KeyFileError, normalise
 from agent.store import access_queries as q
 from agent.store import audit, tokens
 from agent.store.access import (
@@ -49,6 +49,7 @@ from agent.store.access import (
 from agent.store.catalog import Catalog, RecordingRow, now_ms
 from agent.store.console import info_of
 from agent.store.crypto import CryptoError
+from agent.store.numbers import SealError, SealKeyring, TooManyCandidates, find_calls
 from agent.store.sweeper import RecordingHeld, Sweeper
 from agent.store.vault import Vault
 
@@ -345,24 +346,27 @@ class AccessService(apb_grpc.AccessServicer):
         if not request.HasField("at") or not 1 <= window <= 1440:
             await self._invalid(context, grant.attempt, "at: required; window_minutes: 1..1440")
         try:
-            lookup = await asyncio.to_thread(self._lookup_keys)
+            keyring = await asyncio.to_thread(self._seal_keyring)
         except KeyFileError as exc:
-            log.error("access_lookup_keys_unusable", reason=str(exc))
-            await self._unready(context, grant.attempt, "the store cannot use its lookup keys")
-        digests = lookup.all_digests(number.e164)
-        del number  # the full number goes no further than this line
-        at_ms, window_ms = request.at.ToMilliseconds(), window * 60_000
-        rows = await asyncio.to_thread(q.find_by_digests, self.catalog, digests, at_ms, window_ms)
-        detail = f"matches={len(rows)} window=+-{window}m"
-        found: list[str | None] = [r.recording_id for r in rows]
-        for rid in found or [None]:
+            log.error("access_seal_key_unusable", reason=str(exc))
+            await self._unready(context, grant.attempt, "the store cannot use its seal key")
+        at_ms, window_ms, e164 = request.at.ToMilliseconds(), window * 60_000, number.e164
+        try:
+            found = await asyncio.to_thread(
+                find_calls, self.catalog, keyring, e164, at_ms, window_ms
+            )
+        except TooManyCandidates as exc:
+            await self._invalid(context, grant.attempt, f"window_minutes: {exc}; narrow it")
+        detail = f"matches={len(found.rows)} opened={found.candidates} window=+-{window}m"
+        ids: list[str | None] = [r.recording_id for r in found.rows]
+        for rid in ids or [None]:
             await self._audit(grant.event(rid, detail))
-        return apb.SearchResponse(recordings=[view_of(r) for r in rows])
+        return apb.SearchResponse(recordings=[view_of(r) for r in found.rows])
 
-    def _lookup_keys(self) -> LookupKeys:
-        if self.config.lookup_key_file is None:
-            raise KeyFileError("[store] lookup_key_file is not set")
-        return LookupKeys.load(self.config.lookup_key_file)
+    def _seal_keyring(self) -> SealKeyring:
+        if self.config.seal_key_file is None:
+            raise KeyFileError("[store] seal_key_file is not set")
+        return SealKeyring.load(self.config.seal_key_file)
 
     async def ExportPackage(
         self, request: apb.PackageRequest, context: Context
@@ -442,14 +446,13 @@ class AccessService(apb_grpc.AccessServicer):
     ) -> apb.SealedDigits:
         grant = await self._gate(context, Operation.UNSEAL, request, request.recording_id)
         row = _row(grant)
-        sealed, key_file = row.customer_tail_sealed, self.config.seal_key_file
+        sealed = row.customer_tail_sealed
         if not sealed:
             await self._invalid(context, grant.attempt, f"no sealed digits ({row.customer_kind})")
-        if key_file is None:
-            await self._unready(context, grant.attempt, "the store has no [store] seal_key_file")
         try:
-            digits = await asyncio.to_thread(q.open_sealed, key_file, sealed)
-        except (KeyFileError, ValueError) as exc:
+            keyring = await asyncio.to_thread(self._seal_keyring)
+            digits = await asyncio.to_thread(keyring.open, sealed)
+        except (KeyFileError, SealError) as exc:
             log.error("unseal_failed", recording_id=row.recording_id, reason=str(exc))
             await self._unready(context, grant.attempt, "the store's seal key does not open them")
         await self._audit(grant.event(row.recording_id))

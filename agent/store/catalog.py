@@ -8,7 +8,8 @@ tables below describe it for queries and must match the newest migration.
 Tables: ``recordings`` (one row per stored recording; a row exists only after its blob
 does), ``data_keys`` (each blob's wrapped data key; written before the blob, so every
 blob has one; ``wrapped_key`` NULL means crypto-shredded), and ``audit_events``
-(defined in ``agent.store.audit``).
+(defined in ``agent.store.audit``), and ``master_keys`` (the master keys this catalog
+knows, with check values: one key set for every store on the catalog).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ recordings = sa.Table(
     sa.Column("service_number", sa.String(32), nullable=True),
     sa.Column("customer_kind", sa.String(16), nullable=False),
     sa.Column("customer_masked", sa.String(32), nullable=False),
+    # Always NULL since migration 0005 (digests made on agent hosts were removed).
     sa.Column("customer_digest", sa.String(64), nullable=True),
     sa.Column("customer_digest_key_id", sa.String(32), nullable=True),
     sa.Column("customer_tail_sealed", sa.Text, nullable=True),
@@ -74,7 +76,7 @@ recordings = sa.Table(
     sa.Index("ix_recordings_ended", "ended_at_ms"),
     sa.Index("ix_recordings_employee", "employee_id", "started_at_ms"),
     sa.Index("ix_recordings_team", "employee_team", "started_at_ms"),
-    sa.Index("ix_recordings_digest", "customer_digest", "started_at_ms"),
+    sa.Index("ix_recordings_masked", "customer_masked", "started_at_ms"),
     sa.Index("ix_recordings_blob_key", "blob_key", unique=True),
     # Only the rows being destroyed (the sweeper's resume; migration 0004).
     sa.Index(
@@ -96,6 +98,17 @@ data_keys = sa.Table(
     sa.Column("shredded_at_ms", sa.BigInteger, nullable=True),
     sa.Index("ix_data_keys_recording", "recording_id"),
     sa.Index("ix_data_keys_created", "created_at_ms"),
+)
+
+
+master_keys = sa.Table(
+    "master_keys",
+    metadata,
+    sa.Column("key_id", sa.String(64), primary_key=True),
+    sa.Column("check_value", sa.LargeBinary, nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("created_at_ms", sa.BigInteger, nullable=False),
+    sa.Column("retired_at_ms", sa.BigInteger, nullable=True),
 )
 
 
@@ -200,6 +213,16 @@ class Catalog:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def serialised(self) -> Iterator[sa.Connection]:
+        """A transaction that no other process runs at the same time (the migration
+        lock): for the few read-decide-write steps that must not interleave across
+        store replicas, such as registering master keys."""
+        with self._migration_lock(), self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(7061728)"))
+            yield conn
 
     def close(self) -> None:
         self.engine.dispose()

@@ -44,13 +44,16 @@ from agent.manifest import (
 )
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
+from agent.privacy import KeyFileError
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
+from agent.store.numbers import SealError, SealKeyring
 from agent.store.residency import DEFAULT_ALLOWED_REGIONS, region_allowed
 from agent.store.vault import SourceMismatch, Vault
 
 log = logs.get_logger(__name__)
 
 MAX_CHUNK_BYTES = 256 * 1024
+SEAL_UNOPENABLE = "customer_seal_unopenable"  # flag: no key of seal.pem opens the tail
 # The part is fsynced after this many bytes (and when a stream ends without finish):
 # one fsync per chunk cost ~0.3 ms each, a third of the store's receive time.
 SYNC_EVERY_BYTES = 8 * 1024 * 1024
@@ -85,7 +88,9 @@ class IngestService(pb_grpc.IngestServicer):
         incoming: Path,
         allowed_regions: tuple[str, ...] = DEFAULT_ALLOWED_REGIONS,
         authenticate: bool = False,
+        seal_key_file: Path | None = None,
     ) -> None:
+        self.seal_key_file = seal_key_file  # to check that each sealed tail opens
         self.catalog = catalog
         self.authenticate = authenticate
         self.vault = vault
@@ -158,6 +163,7 @@ class IngestService(pb_grpc.IngestServicer):
         except ManifestError as exc:
             log.warning("upload_refused", recording_id=manifest.recording_id[:32], reason=str(exc))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"manifest: {exc}")
+        _drop_agent_digest(manifest)
         await self._check_site(manifest, site, context)
         await self._check_region(manifest, context)
         try:
@@ -331,6 +337,7 @@ class IngestService(pb_grpc.IngestServicer):
         SourceMismatch), then recording row: a row always has its blob."""
         rid = manifest.recording_id
         blob_key = self.vault.store(rid, part, self.incoming, expected_sha256=manifest.sha256)
+        self._check_seal(manifest)
         row = row_from_manifest(manifest, blob_key=blob_key, region=self.region)
         if not self.catalog.insert(row):
             self.vault.discard(rid, blob_key)  # an earlier commit won; keep its copy
@@ -339,6 +346,26 @@ class IngestService(pb_grpc.IngestServicer):
         stored = self.catalog.get(rid)
         assert stored is not None
         return stored
+
+    def _check_seal(self, manifest: pb.Manifest) -> None:
+        """A sealed tail the store cannot open (an agent with a wrong or stale
+        seal.pub.pem) would make the call unfindable by number: flag it, and say so.
+        The opened digits live only in this function's memory."""
+        sealed = manifest.customer.tail_sealed
+        if self.seal_key_file is None or not sealed:
+            return
+        try:
+            SealKeyring.load(self.seal_key_file).open(sealed)
+        except KeyFileError as exc:
+            log.error("seal_key_unusable", recording_id=manifest.recording_id, reason=str(exc))
+        except SealError:
+            manifest.flags.append(SEAL_UNOPENABLE)
+            log.warning(
+                "customer_seal_unopenable",
+                recording_id=manifest.recording_id,
+                site=manifest.site,
+                action="give the agent the store's current seal.pub.pem",
+            )
 
 
 def row_from_manifest(m: pb.Manifest, blob_key: str, region: str) -> RecordingRow:
@@ -354,8 +381,8 @@ def row_from_manifest(m: pb.Manifest, blob_key: str, region: str) -> RecordingRo
         service_number=m.service_number or None,
         customer_kind=m.customer.kind,
         customer_masked=m.customer.masked,
-        customer_digest=m.customer.digest or None,
-        customer_digest_key_id=m.customer.digest_key_id or None,
+        customer_digest=None,  # never kept: see agent.store.numbers
+        customer_digest_key_id=None,
         customer_tail_sealed=m.customer.tail_sealed or None,
         employee_id=first.id if first else "unknown",
         employee_name=first.name if first else "unknown",
@@ -370,6 +397,20 @@ def row_from_manifest(m: pb.Manifest, blob_key: str, region: str) -> RecordingRo
         region=region,
         stored_at_ms=now_ms(),
     )
+
+
+def _drop_agent_digest(manifest: pb.Manifest) -> None:
+    """An agent older than the key-custody change still sends a lookup digest made
+    with a key every agent held: it is dropped before anything is written."""
+    if manifest.customer.digest or manifest.customer.digest_key_id:
+        manifest.customer.ClearField("digest")
+        manifest.customer.ClearField("digest_key_id")
+        log.warning(
+            "agent_digest_dropped",
+            recording_id=manifest.recording_id,
+            site=manifest.site,
+            action="upgrade the agent and delete lookup.key from its host",
+        )
 
 
 def _check_chunk(manifest: pb.Manifest, committed: int, chunk: pb.Chunk) -> None:

@@ -71,6 +71,7 @@ class StoreServer:
             cfg.incoming_dir,
             cfg.allowed_regions,
             authenticate=cfg.tls is not None,
+            seal_key_file=cfg.seal_key_file,
         )
 
         public = grpc.aio.server(options=SERVER_OPTIONS)

@@ -33,7 +33,7 @@ from agent.store.crypto import (
     new_data_key,
     span,
 )
-from agent.store.keys import KeyWrapper, key_context, open_master_keys
+from agent.store.keys import KeyWrapper, key_context, open_key_wrapper
 
 log = logs.get_logger(__name__)
 
@@ -208,7 +208,7 @@ def open_storage(config: StoreConfig) -> Storage:
     try:
         catalog.migrate()
         blobs = open_blobs(config)
-        wrapper = open_master_keys(config.master_key_file, catalog)
+        wrapper = open_key_wrapper(config, catalog)
     except BaseException:
         catalog.close()
         raise

@@ -140,6 +140,7 @@ class SiprecCall:
     # a running ControlServer's address or FifoControl's path, or send ourselves
     rtp_via: tuple[str, int] | Path | None = None
     rtp_pidfile: Path | None = None
+    extra_headers: tuple[str, ...] = ()  # e.g. "P-Called-Party-ID: <sip:+358…@pbx>"
 
     @property
     def employee_label(self) -> str:
@@ -395,6 +396,7 @@ def siprec_scenario(call: SiprecCall) -> str:
     else:
         content_type, body = "application/sdp", sdp_text
     headers = ["Require: siprec", "Supported: siprec" + (", timer" if call.session_expires else "")]
+    headers += call.extra_headers
     if call.session_expires:
         headers.append(f"Session-Expires: {call.session_expires};refresher=uac")
     sc = _Scenario("siprec")
@@ -414,6 +416,28 @@ def siprec_scenario(call: SiprecCall) -> str:
         sc.send(_hop_ack(sc.messages), retrans=False)
         sc.add('  <label id="end"/>')
     return sc.render("c,m")
+
+
+def refused_scenario(call: SiprecCall, status: int, plain: bool = False) -> str:
+    """An INVITE the recorder must refuse with ``status`` (then the hop-by-hop ACK);
+    ``plain``: a plain INVITE with one stream and ``X-Callrec-*`` headers instead."""
+    sdp_text = sdp(call.rtp_ports, call.labels, call.sdp_direction, 1)
+    if plain:
+        content_type, body = "application/sdp", sdp(call.rtp_ports[:1], [None], "sendonly", 1)
+        headers = [
+            "X-Callrec-Customer: <sip:0401234567@pbx.example>",
+            "X-Callrec-Employee: <sip:1001@pbx.example>",
+        ]
+    else:
+        content_type, body = _multipart(sdp_text, call.metadata_document(), call)
+        headers = ["Require: siprec", "Supported: siprec"]
+    sc = _Scenario("refused")
+    sc.send(_invite(content_type, body, headers))
+    sc.recv('response="100"', optional=True)
+    stamp = f'<log message="refused [call_id] [timestamp] status={status}"/>'
+    sc.recv(f'response="{status}"', action=stamp)
+    sc.send(_hop_ack(sc.messages), retrans=False)
+    return sc.render()
 
 
 def cancel_scenario(call: SiprecCall, cancel_after_ms: int) -> str:

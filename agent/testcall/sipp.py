@@ -26,6 +26,7 @@ from agent.testcall.scenario import (
     cancel_scenario,
     metadata_xml,
     plain_scenario,
+    refused_scenario,
     siprec_scenario,
 )
 
@@ -42,6 +43,7 @@ __all__ = [
     "free_port",
     "metadata_xml",
     "plain_scenario",
+    "refused_scenario",
     "run_sipp",
     "siprec_scenario",
 ]
@@ -120,9 +122,10 @@ def run_sipp(
     calls: int = 1,
     rate: float | None = None,
     extra_args: Sequence[str] = (),
+    local_ip: str = "127.0.0.1",
 ) -> SippResult:
     """Run SIPp in the foreground (never ``-bg``) and report what happened. ``calls``
-    calls at once (``-l``) at ``rate`` per second."""
+    calls at once (``-l``) at ``rate`` per second, sent from ``local_ip``."""
     workdir.mkdir(parents=True, exist_ok=True)
     scenario = workdir / "scenario.xml"
     scenario.write_text(scenario_xml)
@@ -131,7 +134,7 @@ def run_sipp(
         stale.unlink(missing_ok=True)
     args = [
         "sipp", f"{target[0]}:{target[1]}", "-sf", str(scenario),
-        "-m", str(calls), "-l", str(calls), "-i", "127.0.0.1",
+        "-m", str(calls), "-l", str(calls), "-i", local_ip,
         "-p", str(free_port()), "-mp", str(free_port(4)),
         "-timeout", f"{int(timeout_s)}s", "-timeout_error", "-nostdin",
         "-trace_err", "-error_file", str(errors), "-trace_logs", "-log_file", str(logs),

@@ -6,14 +6,16 @@ migrations), with bulk inserts (SQLite ``executemany`` in 50,000-row transaction
 PostgreSQL ``COPY``). The data: calls spread over seven months ending now, exactly
 ``--expired`` of them past the six-month retention; 400 employees in 40 teams (a
 generated directory, 5 % of calls transferred to a second employee); 200,000 customer
-numbers turned into keyed digests with ``agent.privacy.LookupKeys`` (two lookup keys,
-rotated three months ago); one ``data_keys`` row per recording as ingest writes it.
+numbers masked, their last digits sealed to a seal key that was rotated three months
+ago (``agent.store.numbers``: the store's keyring holds both keys; each customer's
+tail is sealed once and reused, which changes nothing for a find); one ``data_keys``
+row per recording as ingest writes it.
 
 Then, on the big catalog:
 
 * the privacy officer's "find" (``FindByNumber``): a number in some written format
-  and a time, normalised, digested under every lookup key and matched with
-  ``access_queries.find_by_digests``;
+  and a time, normalised, and found with ``numbers.find_calls`` (the calls with its
+  masked form in the window, their sealed tails opened and compared);
 * a supervisor's search of one team's 7-day window (``access_queries.search`` with
   the supervisor's ``scope_of``), with and without the team filter;
 
@@ -33,7 +35,6 @@ synchronous=FULL) on the local disk; the load itself uses synchronous=OFF.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import dataclasses
 import datetime as dt
@@ -49,16 +50,19 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agent.config import StoreConfig
 from agent.directory import Directory, Person
-from agent.privacy import LookupKeys, mask, normalise
+from agent.privacy import Sealer, mask, new_seal_keypair, normalise
 from agent.store import access_queries as q
 from agent.store import audit
 from agent.store.access import scope_of
 from agent.store.blobs import FileBlobs
 from agent.store.catalog import Catalog, data_keys, recordings
 from agent.store.keys import FileKeyWrapper
+from agent.store.numbers import SealKeyring, candidates_query, find_calls
 from agent.store.retention import add_months, datetime_to_ms, expired_ranges
 from agent.store.sweeper import Sweeper, expired_clause
 from agent.store.vault import Vault
@@ -87,11 +91,20 @@ class World:
     now: dt.datetime
     directory: Directory
     agents: list[Person]
-    lookup: LookupKeys
+    keyring: SealKeyring  # (new key, old key)
+    sealers: tuple[Sealer, Sealer]  # (new, old)
     numbers: list[str]  # E.164
     masked: list[str]
-    digests: dict[str, list[str]]  # key id -> digest per customer
-    rotated_ms: int  # calls before this used the old lookup key
+    rotated_ms: int  # calls before this were sealed to the old key
+    sealed: dict[tuple[int, int], str] = dataclasses.field(default_factory=dict)
+
+    def seal(self, customer: int, started_ms: int) -> str:
+        """The customer's tail sealed to the key of the call's time (once per pair)."""
+        which = 0 if started_ms >= self.rotated_ms else 1
+        key = (customer, which)
+        if key not in self.sealed:
+            self.sealed[key] = self.sealers[which].seal(self.numbers[customer][-3:])
+        return self.sealed[key]
 
     @classmethod
     def make(cls, rng: random.Random) -> World:
@@ -114,15 +127,16 @@ class World:
                 )
         directory = Directory.from_dict({"person": people})
         agents = [p for p in directory.people.values()]
-        lookup = LookupKeys((("k2", rng.randbytes(32)), ("k1", rng.randbytes(32))))
+        pairs = [new_seal_keypair() for _ in range(2)]  # (new, old)
+        keyring = SealKeyring(tuple(_private(p) for p, _ in pairs))
+        sealers = (Sealer(_public(pairs[0][1])), Sealer(_public(pairs[1][1])))
         numbers = sorted({f"+35840{rng.randrange(10**7):07d}" for _ in range(CUSTOMERS * 2)})[
             :CUSTOMERS
         ]
         rng.shuffle(numbers)
-        digests = {key_id: [lookup.digest(n, key_id) for n in numbers] for key_id in ("k1", "k2")}
         rotated = datetime_to_ms(add_months(now, -3))
         masked = [mask(n) for n in numbers]
-        return cls(now, directory, agents, lookup, numbers, masked, digests, rotated)
+        return cls(now, directory, agents, keyring, sealers, numbers, masked, rotated)
 
     @property
     def now_ms(self) -> int:
@@ -154,7 +168,6 @@ def generate(
 ) -> Iterator[tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]]:
     """Chunks of (recording rows, data-key rows) in column order."""
     (e_lo, e_hi), (l_lo, l_hi) = time_bounds(world)
-    sealed = base64.b64encode(rng.randbytes(256)).decode()  # RSA-2048 OAEP size
     for start in range(0, rows, CHUNK):
         recs: list[tuple[Any, ...]] = []
         keys: list[tuple[Any, ...]] = []
@@ -168,7 +181,6 @@ def generate(
             if rng.random() < 0.05:
                 employees.append(_employee(rng.choice(world.agents), started + 60_000))
             c = rng.randrange(CUSTOMERS)
-            key_id = "k2" if started >= world.rotated_ms else "k1"
             stored = ended + rng.randrange(2_000, 120_000)
             if i >= expired and rng.random() < 0.002 and len(samples) < 5_000:
                 samples.append(Sample(c, rid, started, ended))
@@ -184,9 +196,9 @@ def generate(
                     "+3581005577",
                     "number",
                     world.masked[c],
-                    world.digests[key_id][c],
-                    key_id,
-                    sealed,
+                    None,
+                    None,
+                    world.seal(c, started),
                     who.id,
                     who.name,
                     who.team,
@@ -207,6 +219,18 @@ def generate(
             )
             keys.append((blob_key, rid, "m1", rng.randbytes(60), stored - 1_000, None))
         yield recs, keys
+
+
+def _private(pem: bytes) -> rsa.RSAPrivateKey:
+    key = serialization.load_pem_private_key(pem, password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return key
+
+
+def _public(pem: bytes) -> rsa.RSAPublicKey:
+    key = serialization.load_pem_public_key(pem)
+    assert isinstance(key, rsa.RSAPublicKey)
+    return key
 
 
 def _employee(person: Person, at_ms: int) -> dict[str, Any]:
@@ -294,8 +318,8 @@ def dsr_lookups(
         def find(raw: str = raw, at_ms: int = at_ms) -> list[Any]:
             number = normalise(raw, "FI")
             assert number.e164 is not None, raw
-            digests = world.lookup.all_digests(number.e164)
-            return q.find_by_digests(catalog, digests, at_ms, 15 * 60_000)
+            found = find_calls(catalog, world.keyring, number.e164, at_ms, 15 * 60_000)
+            return found.rows
 
         took, rows = timed(find)
         assert s.recording_id in {r.recording_id for r in rows}, "lookup missed its call"
@@ -422,21 +446,8 @@ def plans(catalog: Catalog, world: World) -> dict[str, str]:
         .order_by(recordings.c.started_at_ms.desc(), recordings.c.recording_id.desc())
         .limit(500)
     )
-    digests = world.lookup.all_digests(world.numbers[0])
     c = recordings.c
-    dsr = (
-        sa.select(recordings)
-        .where(c.destroy_reason.is_(None))
-        .where(
-            sa.or_(
-                *(
-                    sa.and_(c.customer_digest_key_id == k, c.customer_digest == d)
-                    for k, d in digests.items()
-                )
-            )
-        )
-        .where(c.started_at_ms <= since + 900_000, c.ended_at_ms >= since - 900_000)
-    )
+    dsr = candidates_query(world.masked[0], since, 900_000, 2001)
     first_high = expired_ranges(world.now_ms, RETENTION_MONTHS)[0][1]
     pick = (  # the sweeper's first claim of a run (the oldest expired range)
         sa.select(c.recording_id)

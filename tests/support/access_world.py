@@ -182,7 +182,7 @@ class World:
             employee_name=people[0][1], employee_team=people[0][2],
             employees_json=employees_json(people), size=len(audio),
             sha256=hashlib.sha256(audio).hexdigest(), customer_masked=customer.masked,
-            customer_digest=customer.digest, customer_digest_key_id=customer.digest_key_id,
+            customer_digest=None, customer_digest_key_id=None,
             customer_tail_sealed=customer.tail_sealed, **changes,
         )  # fmt: skip
         assert self.storage.catalog.insert(row)
@@ -200,8 +200,7 @@ class World:
             direction=pb.DIRECTION_INBOUND, started_at=timestamp(from_ms(started_ms)),
             ended_at=timestamp(from_ms(started_ms + int(seconds * 1000))),
             service_number="+3581005577",
-            customer=pb.Customer(kind=c.kind.value, masked=c.masked, digest=c.digest or "",
-                                 digest_key_id=c.digest_key_id or "",
+            customer=pb.Customer(kind=c.kind.value, masked=c.masked,
                                  tail_sealed=c.tail_sealed or ""),
             employees=[pb.Employee(id="a1", name="Aino Agent", aor="sip:1001@pbx",
                                    team="parcels", joined_at=timestamp(from_ms(started_ms)))],
@@ -227,22 +226,25 @@ class World:
             return [dict(r._mapping) for r in conn.execute(query)]
 
 
-def store_doc(root: Path, keys: Keys, lookup: Path | None = None) -> dict[str, Any]:
+def store_doc(root: Path, keys: Keys, seal: Path | None = None, **extra: Any) -> dict[str, Any]:
     return {
         "store": {
             "listen": "127.0.0.1:0",
             "data_dir": str(root / "store-data"),
             "tls": {"insecure": True},
             "directory_file": str(root / "people.toml"),
-            "lookup_key_file": str(lookup or keys.lookup),
-            "seal_key_file": str(keys.seal_private),
+            "seal_key_file": str(seal or keys.seal_private),
+            **extra,
         }
     }
 
 
-def running_world(root: Path, keys: Keys, lookup: Path | None = None) -> Iterator[World]:
+def running_world(
+    root: Path, keys: Keys, seal: Path | None = None, **extra: Any
+) -> Iterator[World]:
+    """``extra``: more ``[store]`` keys (e.g. ``catalog`` for PostgreSQL)."""
     (root / "people.toml").write_text(PEOPLE + LEAVER)
-    doc = store_doc(root, keys, lookup)
+    doc = store_doc(root, keys, seal, **extra)
     with InProcessStore(store_config_from_dict(doc, root)) as store:
         storage = open_storage(store.config)
         world = World(root, keys, store.config, store, storage, doc)

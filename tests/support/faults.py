@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import json
 import math
 import os
@@ -13,10 +14,15 @@ import re
 import signal
 import socket
 import struct
+import subprocess
 import time
 import wave
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 from agent import certs
 from agent.capture import (
@@ -219,3 +225,38 @@ def uploaded(agent: Daemon, rid: str) -> dict[str, int]:
         if found["rid"] == rid:
             return {k: int(v) for k, v in found.groupdict().items() if k != "rid"}
     raise AssertionError(f"no recording_uploaded for {rid}:\n{agent.text()[-3000:]}")
+
+
+# ---------------------------------------------------------------- a small disk
+
+
+@contextmanager
+def small_tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted on ``path`` (needs root), unmounted at the end."""
+    path.mkdir(parents=True, exist_ok=True)
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)]
+    done = subprocess.run(mount, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"a tmpfs can't be mounted here (root needed): {done.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+def fill_disk(directory: Path) -> Path:
+    """Fill ``directory``'s file system to its last page; returns the filler file."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    chunk = 1 << 20
+    try:
+        while chunk >= 512:
+            try:
+                os.write(fd, bytes(chunk))
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                chunk //= 2
+    finally:
+        os.close(fd)
+    return filler

@@ -151,9 +151,11 @@ def start_pool(
     rtp: Path,
     workers: int,
     ready_timeout: float = 60.0,
+    agent_section: dict[str, object] | None = None,
     **sip: object,
 ) -> Pool:
-    """The agent with ``workers`` workers behind its own Kamailio on a free port."""
+    """The agent with ``workers`` workers behind its own Kamailio on a free port;
+    ``agent_section``: more ``[agent]`` keys (e.g. ``metrics``)."""
     root.mkdir(parents=True, exist_ok=True)
     sip_port = free_port()
     settings: dict[str, object] = {
@@ -161,6 +163,7 @@ def start_pool(
         "run_front": True,
         "workers": workers,
         "worker_port": free_port(workers),
+        "front_http_port": free_port(),
         "rtp_port_count": 40,
         "rtp_port_start": free_port(40 * workers),
         "probe_interval": "1s",
@@ -168,8 +171,9 @@ def start_pool(
         **sip,
     }
     agent = start_agent(
-        root, keys, store_address, sip_port, ready_timeout=ready_timeout, sip=settings
-    )
+        root, keys, store_address, sip_port, ready_timeout=ready_timeout, sip=settings,
+        agent=agent_section or {},
+    )  # fmt: skip
     cfg = load_agent_config(root / "agent.toml")
     return Pool(
         root, agent, keys, store_address, store_dir, sip_port, workers, front_files(cfg),
@@ -217,6 +221,7 @@ def running_pool(
     workers: int,
     speech: Speech | None = None,
     ready_timeout: float = 60.0,
+    agent_section: dict[str, object] | None = None,
     **sip: object,
 ) -> Iterator[Pool]:
     """Store, RTP sender and a pool of ``workers``, all stopped at the end."""
@@ -228,7 +233,7 @@ def running_pool(
             store_dir = root / "store" / "store-data"
             pool = start_pool(
                 root / "agent", keys, address, store_dir, speech, rtp, workers, ready_timeout,
-                **sip,
+                agent_section, **sip,
             )  # fmt: skip
             pool.sender = sender
             try:
@@ -244,7 +249,7 @@ def second_pool(pool: Pool, workers: int, **sip: object) -> Iterator[Pool]:
     """Another agent (own front, own port) storing into ``pool``'s store."""
     other = start_pool(
         pool.root / f"agent-{time.monotonic_ns()}", pool.keys, pool.store_address,
-        pool.store_dir, pool.speech, pool.rtp, workers, **sip,
+        pool.store_dir, pool.speech, pool.rtp, workers, 60.0, None, **sip,
     )  # fmt: skip
     try:
         other.wait_idle()

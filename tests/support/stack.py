@@ -17,7 +17,7 @@ from agent.config import (
     agent_config_from_dict,
     store_config_from_dict,
 )
-from agent.privacy import LookupKeys, Protector, Sealer, new_lookup_key_line, new_seal_keypair
+from agent.privacy import Protector, new_seal_keypair
 from agent.store.server import StoreServer
 from agent.testcall.sipp import free_port
 
@@ -53,12 +53,11 @@ SERVICE_NUMBERS = ["0100 5577", "0100 5445", "+358 9 876 5432"]
 @dataclass(frozen=True)
 class Keys:
     directory: Path
-    lookup: Path
-    seal_private: Path
-    seal_public: Path
+    seal_private: Path  # the store's keyring (seal.pem)
+    seal_public: Path  # what agents hold
 
     def protector(self, region: str = "FI") -> Protector:
-        return Protector(region, LookupKeys.load(self.lookup), Sealer.load(self.seal_public))
+        return Protector.load(region, self.seal_public)
 
 
 @functools.cache
@@ -70,14 +69,10 @@ def make_keys(directory: Path) -> Keys:
     """Key files as `callrec keys init` writes them (one RSA key per test session)."""
     private, public = _keypair()
     directory.mkdir(parents=True, exist_ok=True)
-    keys = Keys(
-        directory, directory / "lookup.key", directory / "seal.pem", directory / "seal.pub.pem"
-    )
-    keys.lookup.write_text(new_lookup_key_line("k1"))
+    keys = Keys(directory, directory / "seal.pem", directory / "seal.pub.pem")
     keys.seal_private.write_bytes(private)
     keys.seal_public.write_bytes(public)
-    for path in (keys.lookup, keys.seal_private):
-        os.chmod(path, 0o600)
+    os.chmod(keys.seal_private, 0o600)
     return keys
 
 
@@ -96,10 +91,7 @@ def agent_config(
             "rtp_port_count": 40,
             "rtp_timeout": "10s",
         },
-        "privacy": {
-            "lookup_key_file": str(keys.lookup),
-            "seal_public_key_file": str(keys.seal_public),
-        },
+        "privacy": {"seal_public_key_file": str(keys.seal_public)},
         "directory": {"file": str(directory)},
         "calls": {"service_numbers": SERVICE_NUMBERS},
         # Plain text on loopback must be asked for (mutual TLS is the default).
@@ -110,6 +102,13 @@ def agent_config(
     return agent_config_from_dict(doc, root), doc
 
 
+def _toml_item(value: object) -> str:
+    """A list item: a string, or an inline table of strings (``[[sip.clients]]``)."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f'{k} = "{v}"' for k, v in value.items()) + "}"
+    return f'"{value}"'
+
+
 def write_toml(path: Path, doc: dict[str, dict[str, object]]) -> Path:
     lines: list[str] = []
     for section, values in doc.items():
@@ -118,7 +117,7 @@ def write_toml(path: Path, doc: dict[str, dict[str, object]]) -> Path:
             if isinstance(value, str):
                 lines.append(f'{key} = "{value}"')
             elif isinstance(value, list):
-                lines.append(f"{key} = [" + ", ".join(f'"{v}"' for v in value) + "]")
+                lines.append(f"{key} = [" + ", ".join(_toml_item(v) for v in value) + "]")
             else:
                 lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
         lines.append("")

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +15,17 @@ from pathlib import Path
 import pjsua2 as pj
 
 from agent import logs, metrics
-from agent.capture import CaptureMeta, Flag, new_recording_id, utc_now, write_meta
+from agent.capture import CaptureMeta, Flag, iso_ms, new_recording_id, utc_now, write_meta
 from agent.config import AgentConfig
 from agent.directory import LiveDirectory
+from agent.recorder import edge
+from agent.recorder.diskspace import (
+    LEG_BYTES_PER_S,
+    DiskGuard,
+    log_recording_stopped,
+    stalled_legs,
+)
+from agent.recorder.ownership import CaptureOwner
 from agent.recorder.parties import CallPlan, PartyHeaders, PartyRules, plan_call
 from agent.recorder.session import (
     call_ref,
@@ -38,6 +48,7 @@ log = logs.get_logger("agent.recorder.sip")
 
 STATS_INTERVAL_S = 1.0
 CLOSE_WAIT_S = 5.0  # for pjsua to close a leg's WAV file after the call
+FINISH_RETRY_S = 1.0  # a capture that could not be closed (full disk) is tried again
 _UPDATE_METHODS = ("INVITE", "UPDATE")
 
 
@@ -60,7 +71,10 @@ class _Call(pj.Call):  # type: ignore[misc]
 
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
         try:
-            if self.getInfo().state == pj.PJSIP_INV_STATE_DISCONNECTED:
+            state = self.getInfo().state
+            if state == pj.PJSIP_INV_STATE_CONFIRMED:
+                self.session.acknowledged = True
+            elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
                 self.session.disconnected(utc_now())
         except Exception:
             log.exception("call_state_failed")
@@ -94,7 +108,7 @@ class _Call(pj.Call):  # type: ignore[misc]
             ):
                 return
             raw = change.src.rdata.wholeMsg
-            if "rs-metadata" in raw.lower():
+            if edge.has_metadata(raw):
                 self.session.updates.append((utc_now(), raw))
                 self.session.events.append(("update", self.session))
         except Exception:
@@ -134,6 +148,8 @@ class CallSession:
     events: collections.deque[tuple[str, CallSession]] = field(repr=False)
     call: _Call | None = field(default=None, repr=False)
     invite: str | None = field(default=None, repr=False)  # raw INVITE until it is read
+    source: str = ""  # where the INVITE came from ("address:port")
+    acknowledged: bool = False  # the SRC's ACK of our 200 arrived
     updates: list[tuple[dt.datetime, str]] = field(default_factory=list, repr=False)
     ref: str = ""
     plan: CallPlan | None = field(default=None, repr=False)
@@ -148,6 +164,9 @@ class CallSession:
     ended_at: dt.datetime | None = None
     close_deadline: float = 0.0
     flags: list[Flag] = field(default_factory=list)
+    owner: CaptureOwner | None = field(default=None, repr=False)  # the capture's lock
+    leg_sizes: dict[str, int] = field(default_factory=dict)  # at the last look
+    retry_at: float = 0.0  # closing failed (a full disk): try again then
 
     def disconnected(self, at: dt.datetime) -> None:
         """From ``onCallState``: release the Call now (see the module docstring)."""
@@ -173,6 +192,7 @@ class SipEngine:
         self.ready_dir = cfg.captures_dir / "ready"
         self._directory = directory
         self._rules = rules
+        self._space = DiskGuard(cfg.captures_dir, cfg.min_free, index)
         sip = cfg.sip
         self._headers = PartyHeaders(
             sip.customer_header, sip.employee_header, sip.service_header, sip.direction_header
@@ -237,6 +257,12 @@ class SipEngine:
         """Calls in progress, and ended calls whose capture has not moved yet."""
         return len(self._sessions) + len(self._closing)
 
+    def capture_names(self) -> set[str]:
+        """The capture directories this engine is writing or closing."""
+        return {
+            s.directory.name for s in (*self._sessions, *self._closing) if s.directory is not None
+        }
+
     def hangup_all(self) -> None:
         for session in list(self._sessions):
             self._hangup(session, 503 if session.meta is None else 200)
@@ -266,14 +292,19 @@ class SipEngine:
     def poll(self, timeout_ms: int) -> None:
         """One turn of the loop: pjsip events, then ours, then the RTP watchdog."""
         assert self._ep is not None
-        self._ep.libHandleEvents(timeout_ms if not self._closing else min(timeout_ms, 10))
+        closing = any(s.retry_at == 0.0 for s in self._closing)
+        self._ep.libHandleEvents(min(timeout_ms, 10) if closing else timeout_ms)
         self._drain_events()
         self._move_closed()
         now = time.monotonic()
         if now >= self._next_stats:
             self._next_stats = now + STATS_INTERVAL_S
+            self._space.check()
             for session in list(self._sessions):
-                self._watch(session, now)
+                try:
+                    self._watch(session, now)
+                except Exception:  # one call's trouble never leaves the loop
+                    log.exception("call_watch_failed", call_ref=session.ref)
 
     def _drain_events(self) -> None:
         handlers = {
@@ -298,7 +329,8 @@ class SipEngine:
     # ------------------------------------------------------------ callbacks (translate only)
 
     def _incoming(self, account: _Account, prm: pj.OnIncomingCallParam) -> None:
-        session = CallSession(events=self._events, invite=prm.rdata.wholeMsg)
+        rdata = prm.rdata
+        session = CallSession(events=self._events, invite=rdata.wholeMsg, source=rdata.srcAddress)
         session.call = _Call(account, prm.callId, session)
         session.ref = call_ref(session.call.getInfo().callIdString)
         self._sessions.append(session)
@@ -315,27 +347,97 @@ class SipEngine:
         if not self._accepting:
             self._reply(session, 503, "stopping")
             return
-        plan = plan_call(
-            raw, self._directory.current, self._rules, self._headers, info.remAudioCount
-        )
+        if not self._space.room_for_a_call():
+            self._reply(session, 503, "disk_full")
+            return
+        plan = self._plan(session, raw, info.remAudioCount)
         del raw
+        if plan is None:
+            return
         if not plan.legs:
             self._reply(session, 488, "no_audio")
             return
-        recording_id = new_recording_id()
-        directory = self.active_dir / recording_id
-        directory.mkdir(parents=True)
+        if not self._open_capture(session, plan):
+            self._reply(session, 503, "disk_full")
+            return
         prm = pj.CallOpParam(True)
         prm.statusCode = 200
         prm.opt.audioCount = plan.audio_count
-        call.answer(prm)
-        started = utc_now()
+        try:
+            call.answer(prm)
+        except pj.Error:
+            self._discard_capture(session)
+            raise
         session.answered_mono = session.rx_mono = time.monotonic()
-        session.plan, session.directory = plan, directory
-        session.meta = new_meta(self.cfg.site, recording_id, session.ref, plan, started)
-        write_meta(directory, session.meta)
-        self._start_recorders(session, plan, directory)
+        self._stamp_answer(session, plan, utc_now())
+        assert session.meta is not None
         log_answered(session.meta, plan, self.index)
+
+    def _stamp_answer(self, session: CallSession, plan: CallPlan, started: dt.datetime) -> None:
+        """The call starts when the 200 went out: ``capture.json`` (written before it,
+        unsynced) gets that time now, synced (a full disk: kept in memory, written with
+        the end)."""
+        assert session.meta is not None and session.directory is not None
+        rid = session.meta.recording_id
+        session.meta = new_meta(self.cfg.site, rid, session.ref, plan, started)
+        try:
+            write_meta(session.directory, session.meta)
+        except OSError as exc:
+            log.warning("capture_update_deferred", recording_id=rid, error=exc.strerror)
+
+    def _open_capture(self, session: CallSession, plan: CallPlan) -> bool:
+        """All a recording needs on disk before the 200 goes out: its directory,
+        ``capture.json``, the owner lock and one WAV per leg. False, with nothing left
+        behind, when the disk refuses any of it."""
+        recording_id = new_recording_id()
+        directory = self.active_dir / recording_id
+        meta = new_meta(self.cfg.site, recording_id, session.ref, plan, utc_now())
+        session.plan, session.directory, session.meta = plan, directory, meta
+        try:
+            directory.mkdir(parents=True)
+            write_meta(directory, meta, sync=False)  # synced once the time of the 200 is in
+            session.owner = CaptureOwner.claim(directory, meta.started_at)
+            self._start_recorders(session, plan, directory)
+        except (OSError, pj.Error) as exc:
+            error = exc.info() if isinstance(exc, pj.Error) else exc.strerror
+            log.error("capture_open_failed", call_ref=session.ref, error=error)
+            self._discard_capture(session)
+            return False
+        return True
+
+    def _discard_capture(self, session: CallSession) -> None:
+        """Undo :meth:`_open_capture` for a call that is not answered after all."""
+        session.recorders.clear()
+        if session.owner is not None:
+            session.owner.release()
+            session.owner = None
+        if session.directory is not None:
+            shutil.rmtree(session.directory, ignore_errors=True)
+        session.plan = session.meta = session.directory = None
+
+    def _plan(self, session: CallSession, raw: str, offered_audio: int) -> CallPlan | None:
+        """The edge's checks (who sent it, did it arrive whole, plain mode), then what to
+        record; None: the INVITE was refused here."""
+        sip = self.cfg.sip
+        admission = edge.admit(sip, session.source, raw)
+        if admission.refusal is not None:
+            self._reply(session, 403, admission.refusal, admission.client_ip)
+            return None
+        cut = edge.truncated(raw)
+        if cut is not None:
+            log.warning("invite_truncated", call_ref=session.ref, detail=cut)
+            self._reply(session, 513, "message_truncated", admission.client_ip)
+            return None
+        metadata = self._kept_metadata(session, raw)
+        client = sip.client(admission.client_ip or "")
+        plan = plan_call(
+            raw, self._directory.current, self._rules, self._headers, offered_audio, client,
+            metadata,
+        )  # fmt: skip
+        if not plan.siprec and not sip.plain:
+            self._reply(session, 403, "plain_not_enabled", admission.client_ip)
+            return None
+        return plan
 
     def _start_recorders(self, session: CallSession, plan: CallPlan, directory: Path) -> None:
         """One WAV per leg from the answer on; streams are connected as they come."""
@@ -346,13 +448,23 @@ class SipEngine:
             if self._silence is not None:
                 self._silence.startTransmit(recorder)
 
-    def _reply(self, session: CallSession, status: int, reason: str) -> None:
+    def _reply(
+        self, session: CallSession, status: int, reason: str, source: str | None = None
+    ) -> None:
+        """Refuse the INVITE: one line naming the sender's address (never a number)."""
         assert session.call is not None
         prm = pj.CallOpParam()
         prm.statusCode = status
         session.call.answer(prm)
         metrics.CALLS_REFUSED.labels(str(status)).inc()
-        log.info("call_rejected", call_ref=session.ref, status=status, reason=reason)
+        log.log(
+            logging.WARNING if status in (403, 513) else logging.INFO,
+            "call_rejected",
+            call_ref=session.ref,
+            status=status,
+            reason=reason,
+            source=source or "-",
+        )
 
     def _connect_media(self, session: CallSession) -> None:
         call, plan, directory = session.call, session.plan, session.directory
@@ -374,15 +486,30 @@ class SipEngine:
         updates, session.updates = session.updates, []
         if session.meta is not None and session.directory is not None:
             people = self._directory.current
+            fetched = [(at, raw, self._kept_metadata(session, raw)) for at, raw in updates]
             session.meta = merge_updates(
-                session.meta, session.directory, updates, people, self._rules
+                session.meta, session.directory, fetched, people, self._rules
             )
+
+    def _kept_metadata(self, session: CallSession, raw: str) -> str | None:
+        """The metadata the front kept aside for an in-dialog request, if it did."""
+        token = edge.metadata_token(raw) if self.cfg.sip.front else None
+        if token is None:
+            return None
+        try:
+            return edge.fetch_metadata(self.cfg.sip, token)
+        except LookupError as exc:
+            log.warning("metadata_fetch_failed", call_ref=session.ref, reason=str(exc))
+            return None
 
     def _watch(self, session: CallSession, now: float) -> None:
         """Hang up a call whose sender vanished (no RTP for rtp_timeout) or ran too long."""
         call, meta = session.call, session.meta
         if call is None or meta is None:
             return
+        if session.owner is not None:
+            session.owner.beat(iso_ms(utc_now()))
+        self._check_legs(session, now)
         if now - session.answered_mono > self.cfg.sip.max_call_s:
             log.warning("max_call_reached", recording_id=meta.recording_id)
             self._hangup(session, 200)
@@ -408,16 +535,30 @@ class SipEngine:
             session.flags.append(Flag.RTP_TIMEOUT)
             self._hangup(session, 200)
 
+    def _check_legs(self, session: CallSession, now: float) -> None:
+        """Stop recording a call whose legs stopped growing while the call runs (their
+        writes fail: the disk is full): each leg keeps what was written, without a hole
+        later; the call goes on to its BYE and is flagged incomplete."""
+        if not session.recorders or session.directory is None or session.meta is None:
+            return
+        expected = (now - session.answered_mono) * LEG_BYTES_PER_S
+        legs = [session.directory / leg for leg in session.meta.legs]
+        stalled = stalled_legs(legs, session.leg_sizes, expected)
+        if stalled:
+            session.recorders.clear()  # pjsua closes the files: the header gets the sizes
+            session.flags.append(Flag.INCOMPLETE)
+            meta, directory = session.meta, session.directory
+            log_recording_stopped(meta.recording_id, directory, stalled, session.leg_sizes)
+
     @staticmethod
     def _receiving(call: _Call, session: CallSession) -> list[int]:
         """Recorded streams that exist and are meant to receive (not a=inactive)."""
         info = call.getInfo()  # keep it alive: .media points into it (SWIG)
+        legs = session.plan.legs if session.plan is not None else {}
         return [
             m.index
             for m in info.media
-            if m.index in session.recorders
-            and m.audioConfSlot >= 0
-            and m.dir & pj.PJMEDIA_DIR_DECODING
+            if m.index in legs and m.audioConfSlot >= 0 and m.dir & pj.PJMEDIA_DIR_DECODING
         ]
 
     def _hangup(self, session: CallSession, status: int) -> None:
@@ -442,26 +583,45 @@ class SipEngine:
             return
         if session.updates:
             self._update(session)
+        if session.owner is not None:  # recovery's end time, should closing fail for good
+            session.owner.beat(iso_ms(session.ended_at or utc_now()))
+        if not session.acknowledged:
+            log.warning("call_not_acknowledged", recording_id=session.meta.recording_id)
+            session.flags.append(Flag.NOT_ACKNOWLEDGED)
         session.close_deadline = time.monotonic() + CLOSE_WAIT_S
         self._closing.append(session)
 
     def _move_closed(self) -> None:
-        """Move every capture whose legs pjsua has closed to ``ready``."""
+        """Move every capture whose legs pjsua has closed to ``ready``; one that can't
+        be (a full disk) is tried again every FINISH_RETRY_S."""
         if not self._closing:
             return
         still_open = open_files()
         now = time.monotonic()
         for session in list(self._closing):
             assert session.meta is not None and session.directory is not None
+            if now < session.retry_at:
+                continue
             legs = [str(session.directory / leg) for leg in session.meta.legs]
-            if any(leg in still_open for leg in legs) and now < session.close_deadline:
+            if any(leg in still_open for leg in legs):
+                if now < session.close_deadline:
+                    continue
+                if Flag.INCOMPLETE not in session.flags:
+                    log.warning("leg_not_closed", recording_id=session.meta.recording_id)
+                    session.flags.append(Flag.INCOMPLETE)
+            try:
+                finish_capture(
+                    session.meta, session.directory, self.ready_dir,
+                    session.ended_at or utc_now(), session.flags, _received(session),
+                )  # fmt: skip
+            except OSError as exc:
+                log.error(
+                    "capture_close_failed", recording_id=session.meta.recording_id,
+                    error=exc.strerror, retry_in_s=FINISH_RETRY_S,
+                )  # fmt: skip
+                session.retry_at = now + FINISH_RETRY_S
                 continue
             self._closing.remove(session)
-            if any(leg in still_open for leg in legs):
-                log.warning("leg_not_closed", recording_id=session.meta.recording_id)
-                session.flags.append(Flag.INCOMPLETE)
-            ended = session.ended_at or utc_now()
-            finish_capture(
-                session.meta, session.directory, self.ready_dir, ended, session.flags,
-                _received(session),
-            )  # fmt: skip
+            if session.owner is not None:
+                session.owner.release()
+                session.owner = None

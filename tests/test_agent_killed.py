@@ -1,0 +1,105 @@
+"""The agent's main process SIGKILLed during calls and started again 2 s later (as an
+operator or a supervisor would), with its own Kamailio front (``run_front``) and
+workers: the workers finish their calls (however many times the kernel tells them their
+parent died), the restarted agent replaces the stale front and waits for the old
+workers before starting theirs, every call is stored once and whole, and no process of
+either run is left behind."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from agent.recorder.sip import call_ref
+from tests.support.audio import decode
+from tests.support.daemons import Daemon
+from tests.support.pool import Pool, assert_times, flags, running_pool
+
+pytestmark = [pytest.mark.slow, pytest.mark.sip]
+
+CALL_MS = 7000  # within the test speech
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _processes_under(root: Path) -> list[str]:
+    """Live processes whose command line names a file under ``root``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and _alive(int(entry.name)):
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if str(root) in cmdline:
+                found.append(f"{entry.name}: {cmdline[:200]}")
+    return found
+
+
+def _restart(pool: Pool) -> Daemon:
+    old = pool.agent
+    again = Daemon("agent", old.args, old.log, old.env)
+    seen = len(old.text())
+    again.start().wait_for(r"event=agent_ready", timeout=60, after=seen)
+    return again
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), [p for p in pids if _alive(p)]
+
+
+def test_agent_killed_mid_calls_and_restarted(tmp_path: Path) -> None:
+    with running_pool(tmp_path, workers=2) as pool:
+        pool.wait_idle()
+        old_workers = list(pool.worker_pids().values())
+        old_front = int(re.findall(r"event=front_started pid=(\d+)", pool.text())[-1])
+        assert pool.agent.process is not None
+        with ThreadPoolExecutor(3) as executor:
+            calls = [
+                executor.submit(pool.place, pool.call(call_ms=CALL_MS), f"k{n}", 40.0)
+                for n in range(3)
+            ]
+            time.sleep(2.0)
+            killed_at = len(pool.text())
+            pool.agent.process.send_signal(signal.SIGKILL)
+            pool.agent.process.wait(10)
+            time.sleep(2.0)
+            pool.agent = _restart(pool)
+            results = [call.result() for call in calls]
+        for result in results:
+            assert result.ok, result.errors[-1500:]
+        rows = pool.stored_many([r.call_id or "" for r in results], timeout=60)
+        for result in results:
+            row = rows[result.call_id or ""]
+            assert flags(row) == set(), row.flags  # whole: nothing cut, nothing recovered
+            assert_times(row, result.answered_at, result.bye_at)
+            audio = decode(pool.export(row, tmp_path / f"{row.recording_id}.ogg"))
+            seconds = len(audio[1]) / audio[0] / 8000
+            assert result.answered_at is not None and result.bye_at is not None
+            assert abs(seconds - (result.bye_at - result.answered_at)) <= 0.5, seconds
+        refs = [r.call_ref for r in pool.catalog.list(limit=5000)]
+        assert sorted(refs) == sorted(call_ref(r.call_id or "") for r in results), "each once"
+        _wait_gone([*old_workers, old_front], timeout=20)
+        after = pool.text()[killed_at:]
+        assert "event=previous_workers_draining" in after
+        assert "event=front_stale_killed" in after
+        assert after.count("event=agent_gone") == len(old_workers)  # once each, drained
+        assert "event=capture_recovered" not in after and "event=worker_died" not in after
+        pool.wait_idle()  # the new workers took their slots and ports over
+        new_workers = pool.worker_pids()
+        assert set(new_workers.values()).isdisjoint(old_workers)
+        assert "event=worker_ready" in after
+    assert _processes_under(tmp_path) == []
