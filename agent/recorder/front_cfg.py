@@ -75,6 +75,7 @@ modparam("dispatcher", "ds_ping_reply_codes", "class=2")
 modparam("dispatcher", "ds_timer_mode", 1)
 # Recording metadata kept aside (in memory only) until the worker fetches it.
 modparam("htable", "htable", "meta=>size=8;autoexpire=%META_EXPIRE_S%;")
+modparam("htable", "htable", "refused=>size=8;autoexpire=60;")
 
 request_route {
     if ($Rp == %HTTP_PORT%) {
@@ -82,7 +83,11 @@ request_route {
     }
     if (!%ALLOWED% && !(src_ip == %WORKERS% && has_totag())) {
         if (!is_method("ACK")) {  # an ACK gets no answer (it may end a refusal)
-            xlog("L_WARN", "%REFUSED%403 reason=client_not_allowed source=$si method=$rm\n");
+            # One line per source address a minute: a flood cannot fill the journal.
+            if ($sht(refused=>$si) == $null) {
+                $sht(refused=>$si) = 1;
+                xlog("L_WARN", "%REFUSED%403 reason=client_not_allowed source=$si method=$rm\n");
+            }
             sl_send_reply("403", "Not a recording client");
         }
         exit;
