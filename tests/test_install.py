@@ -50,11 +50,13 @@ def test_every_example_is_shipped_and_loads() -> None:
 
 def test_check_passes_on_the_examples_after_the_documented_steps(tmp_path: Path) -> None:
     """The examples' comments: `callrec keys init /etc/callrec/keys`, `keys master
-    init`, a CA with `callrec certs`, then `callrec check`. Here /etc/callrec is a temporary folder."""
+    init`, a CA with `callrec certs`, then `callrec check`. Here /etc/callrec is a
+    temporary folder, and so is /var/lib."""
     etc = tmp_path / "etc-callrec"
     etc.mkdir()
     for example in EXAMPLES.glob("*.toml.example"):
         text = example.read_text().replace("/etc/callrec/", f"{etc}/")
+        text = text.replace("/var/lib/", f"{tmp_path}/var-lib-")
         (etc / example.name.removesuffix(".example")).write_text(text)
     for step in (
         ["keys", "init", f"{etc}/keys"],
