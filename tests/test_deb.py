@@ -83,6 +83,8 @@ def test_sip_library_loads_with_only_the_depends(root: debroot.Root) -> None:
     """pjsua2's wheel carries its own libraries: nothing missing on a minbase host."""
     done = root.run("/opt/callrec/venv/bin/python -c 'import pjsua2; print(pjsua2.Endpoint)'")
     assert "Endpoint" in done.stdout
+    # The PKCS#11 master-key wrapper (the hsm extra) is bundled too.
+    root.run("/opt/callrec/venv/bin/python -c 'import pkcs11'")
 
 
 def test_no_demo_or_test_call_harness(root: debroot.Root) -> None:
