@@ -2,7 +2,8 @@
 by ``add_parsers(sub)`` and ``dispatch(args)`` (None: not one of these).
 
 On the store host (reads ``store.toml``):
-  callrec access token create --config store.toml --person e1001   shown once
+  callrec access token create --config store.toml --person e1001 [--expires 90d]  shown once
+  callrec access token list --config store.toml [--person ID]      created, expires, last used
   callrec access token revoke --config store.toml (--token-id ID | --person ID)
   callrec audit verify --config store.toml                         names the first bad entry
 
@@ -95,6 +96,12 @@ def add_parsers(sub: SubParsers) -> None:
     create = tokens_sub.add_parser("create", help="a new token for a person (shown once)")
     create.add_argument("--config", type=Path, required=True)
     create.add_argument("--person", required=True, help="directory id")
+    create.add_argument(
+        "--expires", default=f"{tokens.DEFAULT_LIFETIME_DAYS}d", help="lifetime, e.g. 90d or 12w"
+    )
+    listing = tokens_sub.add_parser("list", help="tokens with their expiry and last use")
+    listing.add_argument("--config", type=Path, required=True)
+    listing.add_argument("--person", help="only this person's")
     revoke = tokens_sub.add_parser("revoke", help="revoke a token, or all of a person's")
     revoke.add_argument("--config", type=Path, required=True)
     which = revoke.add_mutually_exclusive_group(required=True)
@@ -232,15 +239,21 @@ def token_command(args: argparse.Namespace) -> int:
     operator = f"operator:{getpass.getuser()}"
     try:
         catalog.migrate()
+        if args.token_command == "list":  # noqa: S105 (a subcommand, not a secret)
+            return _list_tokens(catalog, args.person)
         if args.token_command == "create":  # noqa: S105 (a subcommand, not a secret)
             if directory is None:
                 raise ConfigError("[store] directory_file: missing, needed for access tokens")
             person = directory.people.get(args.person)
             if person is None:
                 raise UsageError(f"--person {args.person}: not in {directory_name(args.config)}")
+            try:
+                days = tokens.parse_lifetime(args.expires)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
             with catalog.engine.begin() as conn:
-                new = tokens.create_token(conn, person.id, operator)
-                detail = f"person={person.id} token_id={new.token_id}"
+                new = tokens.create_token(conn, person.id, operator, days)
+                detail = f"person={person.id} token_id={new.token_id} days={days}"
                 audit.append(conn, operator, "token_create", None, "", "allowed", detail=detail)
             _out(f"token for {person.id} ({person.name}), id {new.token_id} — shown once:")
             _out(new.token)
@@ -253,6 +266,34 @@ def token_command(args: argparse.Namespace) -> int:
         return 0 if count else 1
     finally:
         catalog.close()
+
+
+def _list_tokens(catalog: Catalog, person_id: str | None) -> int:
+    with catalog.engine.connect() as conn:
+        rows = tokens.list_tokens(conn, person_id)
+    _out("token_id          person     created           expires           last_used         state")
+    now = dt.datetime.now(dt.UTC)
+    for row in rows:
+        expires = _when(row.expires_at_ms)
+        state = (
+            "revoked"
+            if row.revoked_at_ms is not None
+            else "expired"
+            if row.expires_at_ms is not None and row.expires_at_ms <= now.timestamp() * 1000
+            else "live"
+        )
+        _out(
+            f"{row.token_id}  {row.person_id:<9.9}  {_when(row.created_at_ms)}  "
+            f"{expires if row.expires_at_ms is not None else 'never':<16}  "
+            f"{_when(row.last_used_at_ms) if row.last_used_at_ms else 'never':<16}  {state}"
+        )
+    return 0
+
+
+def _when(ms: int | None) -> str:
+    if ms is None:
+        return "-"
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
 
 
 def directory_name(config: Path) -> str:

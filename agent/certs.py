@@ -35,7 +35,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from agent.config import ConfigError
 
 SITE_URI_PREFIX = "callrec:site:"
-_SITE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+_SITE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _SKEW = dt.timedelta(minutes=5)
 CA_DAYS = 3650
 LEAF_DAYS = 825
@@ -177,7 +177,7 @@ def issue_store(ca: Issued, hosts: Iterable[str] = (), days: int = LEAF_DAYS) ->
 
 def issue_agent(ca: Issued, site: str, days: int = LEAF_DAYS) -> Issued:
     """An agent's client certificate: CN = site, URI name ``callrec:site:<site>``."""
-    if not _SITE.match(site):
+    if not _SITE.fullmatch(site):
         raise CertError(f"site {site!r}: expected lower-case letters, digits and '-'")
     names = [x509.UniformResourceIdentifier(SITE_URI_PREFIX + site)]
     return _leaf(ca, _name(site, "agent"), names, ExtendedKeyUsageOID.CLIENT_AUTH, days)
@@ -197,20 +197,35 @@ def site_of(cert: x509.Certificate) -> str | None:
         for uri in san.get_values_for_type(x509.UniformResourceIdentifier)
         if uri.startswith(SITE_URI_PREFIX)
     ]
-    if len(sites) != 1 or not _SITE.match(sites[0]):
+    if len(sites) != 1 or not _SITE.fullmatch(sites[0]):
         return None
     return sites[0]
 
 
 def site_from_auth_context(auth: Mapping[str, Iterable[bytes]]) -> str | None:
     """The site of the peer of a gRPC call over mutual TLS (None: no site certificate)."""
+    cert = peer_certificate(auth)
+    return None if cert is None else site_of(cert)
+
+
+def peer_certificate(auth: Mapping[str, Iterable[bytes]]) -> x509.Certificate | None:
+    """The client certificate of a gRPC call over mutual TLS, if there is one."""
     pems = list(auth.get("x509_pem_cert", ()))
     if len(pems) != 1:
         return None
     try:
-        return site_of(x509.load_pem_x509_certificate(pems[0]))
+        return x509.load_pem_x509_certificate(pems[0])
     except ValueError:
         return None
+
+
+def serial_of(cert: x509.Certificate) -> str:
+    """The serial number in lower-case hex (what ``callrec certs revoke --serial`` takes)."""
+    return format(cert.serial_number, "x")
+
+
+def valid_site(site: str) -> bool:
+    return bool(_SITE.fullmatch(site))
 
 
 def load_cert(path: Path) -> x509.Certificate:
@@ -311,6 +326,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     agent.add_argument("--days", type=int, default=LEAF_DAYS)
     show = certs_sub.add_parser("show", help="describe a certificate")
     show.add_argument("file", type=Path)
+    from agent.store import denylist  # the store's deny list (revoke, unrevoke, revoked)
+
+    denylist.add_parsers(certs_sub)
 
 
 def dispatch(args: argparse.Namespace) -> int | None:
@@ -328,6 +346,10 @@ def dispatch(args: argparse.Namespace) -> int | None:
 
 def _run(args: argparse.Namespace) -> list[str]:
     command = args.certs_command
+    if command in ("revoke", "unrevoke", "revoked"):
+        from agent.store import denylist
+
+        return denylist.run(args)
     if command == "show":
         return describe(load_cert(args.file))
     if command == "ca":

@@ -38,6 +38,7 @@ from agent.privacy import KeyFileError, Sealer, check_private_file
 from agent.recorder import frontlog
 from agent.store.keys import FileKeyWrapper
 from agent.store.numbers import SealKeyring
+from agent.web import cli as web_cli
 
 log = logs.get_logger("callrec")
 
@@ -61,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="destroy recordings past their retention")
     sweep.add_argument("--config", type=Path, required=True)
     sweep.add_argument("--once", action="store_true", help="one pass, for a systemd timer")
+    sweep.add_argument(
+        "--timer",
+        action="store_true",
+        help='run by callrec-sweep.timer: sweep only when [store] sweep_by = "timer"',
+    )
 
     keys_cli.add_parsers(sub)
     listing = sub.add_parser(
@@ -76,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--store-dir", type=Path, required=True)
     export.add_argument("--out", type=Path, required=True)
     export.add_argument("--reason", required=True, help="why (written to the store's log)")
+    export.add_argument(
+        "--purpose",
+        required=True,
+        choices=("verification", "legal", "training", "security"),
+        help="the notice's purpose this export serves (audited)",
+    )
 
     check = sub.add_parser("check", help="validate a config file and the files it names")
     group = check.add_mutually_exclusive_group(required=True)
@@ -86,9 +98,13 @@ def _parser() -> argparse.ArgumentParser:
         demo = sub.add_parser("demo", help="run store + agent and place a real SIPREC call")
         demo.add_argument("--dir", type=Path, default=Path("demo-data"))
         demo.add_argument("--seconds", type=float, default=6.0)
+        demo.add_argument(
+            "--web", action="store_true", help="then serve the people's web until Ctrl-C"
+        )
     access_cli.add_parsers(sub)
     certs.add_parsers(sub)
     frontlog.add_parsers(sub)
+    web_cli.add_parsers(sub)
     return parser
 
 
@@ -134,6 +150,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         certs.dispatch,
         frontlog.dispatch,
         keys_cli.dispatch,
+        web_cli.dispatch,
     )
     for dispatch in dispatchers:
         handled = dispatch(args)
@@ -163,18 +180,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         logs.configure(store_cfg.log_level, identifier="callrec-sweep")
         from agent.store.sweeper import run_sweeper
 
-        return run_sweeper(store_cfg, once=args.once)
+        return run_sweeper(store_cfg, once=args.once, timer=args.timer)
     if args.command == "console-list":
         return list_recordings(args.store_dir, args.limit)
     if args.command == "console-export":
-        return export_audio(args.store_dir, args.recording_id, args.out, args.reason)
+        return export_audio(args.store_dir, args.recording_id, args.out, args.reason, args.purpose)
     if args.command == "check":
         return check_config(args.agent, args.store)
     if args.command == "demo":
         logs.configure("info")
         from agent.demo import run_demo
 
-        return run_demo(args.dir, args.seconds)
+        return run_demo(args.dir, args.seconds, args.web)
     raise AssertionError(args.command)
 
 
@@ -206,10 +223,9 @@ def format_recordings(recordings: Iterable[pb.RecordingInfo]) -> list[str]:
     return lines
 
 
-def export_audio(store_dir: Path, recording_id: str, out: Path, reason: str) -> int:
-    stream = _console(store_dir).ExportAudio(
-        pb.ExportAudioRequest(recording_id=recording_id, reason=reason), timeout=60
-    )
+def export_audio(store_dir: Path, recording_id: str, out: Path, reason: str, purpose: str) -> int:
+    request = pb.ExportAudioRequest(recording_id=recording_id, reason=reason, purpose=purpose)
+    stream = _console(store_dir).ExportAudio(request, timeout=60)
     tmp = out.with_name(out.name + ".part")
     size = 0
     with tmp.open("wb") as fh:

@@ -254,6 +254,20 @@ class KeysConfig:
 
 
 @dataclass(frozen=True)
+class StoreOidcConfig:
+    """``[store.oidc]``: the store accepts this issuer's ID tokens (sent by the web for
+    the signed-in person) beside personal tokens; ``person_claim`` names the directory
+    person."""
+
+    issuer: str
+    audience: tuple[str, ...]  # the web's client id
+    person_claim: str = "sub"
+    jwks_uri: str | None = None  # default: from the issuer's discovery document
+    ca_file: Path | None = None  # to trust the issuer's TLS certificate
+    leeway_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     listen: str
     data_dir: Path
@@ -261,6 +275,9 @@ class StoreConfig:
     retention_months: int = 6
     sweep_interval_s: float = 3600.0
     sweep_batch: int = 1000
+    # Who sweeps: "store" (its own loop, every sweep_interval) or "timer"
+    # (callrec-sweep.timer; the store's loop is off). Exactly one of them.
+    sweep_by: str = "store"
     orphan_grace_s: float = 24 * 3600.0
     region: str = "fi"
     allowed_regions: tuple[str, ...] = DEFAULT_ALLOWED_REGIONS
@@ -280,6 +297,15 @@ class StoreConfig:
     # certificate: a person proves who they are with their token). None: Access is
     # served on `listen` beside Ingest, where mutual TLS asks for a client certificate.
     access_listen: str | None = None
+    # Bounds on what agents hold open (issue 14): uploads at once and bytes of partial
+    # uploads per site, a stream's idle deadline, the age at which a partial upload is
+    # removed however recently it grew.
+    max_uploads_per_site: int = 16
+    max_incoming_bytes_per_site: int = 16 * 1024**3
+    upload_idle_timeout_s: float = 60.0
+    part_max_age_s: float = 6 * 3600.0
+    oidc: StoreOidcConfig | None = None  # [store.oidc]: ID tokens of the people's web
+    metrics_listen: str | None = None  # "127.0.0.1:9465": Prometheus /metrics
 
     @property
     def blobs_dir(self) -> Path:
@@ -367,9 +393,9 @@ class _Section:
             raise ConfigError(f"[{self.name}] {unknown[0]}: unknown key")
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*$")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|min|h)?\s*")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, None: 1.0}
-_MONTHS = re.compile(r"^\s*(\d+)\s*months?\s*$")
+_MONTHS = re.compile(r"\s*(\d+)\s*months?\s*")
 
 
 def parse_duration(value: object) -> float:
@@ -378,7 +404,7 @@ def parse_duration(value: object) -> float:
         raise ValueError(value)
     if isinstance(value, int | float):
         seconds = float(value)
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value)):
         seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
     else:
         raise ValueError(value)
@@ -389,7 +415,7 @@ def parse_duration(value: object) -> float:
 
 def parse_months(value: object) -> int:
     """``"6 months"`` → 6."""
-    if isinstance(value, str) and (match := _MONTHS.match(value)):
+    if isinstance(value, str) and (match := _MONTHS.fullmatch(value)):
         months = int(match.group(1))
         if 1 <= months <= 120:
             return months
@@ -636,7 +662,7 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
     if not region_allowed(region, allowed):
         raise st._fail("region", region, "a region in allowed_regions (EU/EEA by default)")
     blobs = st.text("blobs", "files", choices=("files", "s3"))
-    sub = {name: _subsection(st, name, base) for name in ("s3", "keys", "tls")}
+    sub = {name: _subsection(st, name, base) for name in ("s3", "keys", "tls", "oidc")}
     if blobs != "s3" and sub["s3"].table:
         raise st._fail("blobs", blobs, '"s3" when a [store.s3] table is given')
     cfg = StoreConfig(
@@ -646,6 +672,7 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         retention_months=retention,
         sweep_interval_s=st.seconds("sweep_interval", "1h"),
         sweep_batch=st.integer("sweep_batch", 1000, 1, 10_000),
+        sweep_by=st.text("sweep_by", "store", choices=("store", "timer")),
         orphan_grace_s=st.seconds("orphan_grace", "24h"),
         region=region,
         allowed_regions=allowed,
@@ -656,9 +683,22 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         **_transport(sub["tls"], _listen(st, "listen", "127.0.0.1:50051"), "[store] listen"),
         directory_file=_optional_path(st, "directory_file"),
         access_listen=(_listen(st, "access_listen", "") if "access_listen" in st.table else None),
+        metrics_listen=_listen(st, "metrics", "") if "metrics" in st.table else None,
         lookup_key_file=_optional_path(st, "lookup_key_file"),
         seal_key_file=_optional_path(st, "seal_key_file"),
+        max_uploads_per_site=st.integer("max_uploads_per_site", 16, 1, 10_000),
+        max_incoming_bytes_per_site=_size(st, "max_incoming_per_site", "16 GiB"),
+        upload_idle_timeout_s=st.seconds("upload_idle_timeout", "60s"),
+        part_max_age_s=st.seconds("part_max_age", "6h"),
+        oidc=_store_oidc_config(sub["oidc"]) if sub["oidc"].table else None,
     )
+    if cfg.insecure and cfg.access_listen is not None and not is_loopback(cfg.access_listen):
+        raise st._fail(
+            "access_listen",
+            cfg.access_listen,
+            "a loopback address while [store.tls] insecure = true (people's tokens would "
+            "cross the network in plain text); give [store.tls] certificate files",
+        )
     _outside_data_dir(sub["keys"], "master_key_file", cfg.keys.master_key_file, data_dir)
     _outside_data_dir(sub["keys"], "pkcs11_pin_file", cfg.keys.pkcs11_pin_file, data_dir)
     _outside_data_dir(st, "seal_key_file", cfg.seal_key_file, data_dir)
@@ -738,7 +778,7 @@ def check_transport(cfg: UplinkConfig | StoreConfig) -> None:
     )
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*$")
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?\s*")
 _SIZE_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _SIZE_UNITS.update({"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40})
 
@@ -746,7 +786,7 @@ _SIZE_UNITS.update({"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40})
 def _size(section: _Section, key: str, default: object) -> int:
     """A byte count: ``500000000``, ``"500 MB"`` or ``"2 GiB"``."""
     value = section._get(key, default)
-    match = _SIZE.match(value) if isinstance(value, str) else None
+    match = _SIZE.fullmatch(value) if isinstance(value, str) else None
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     if match and float(match.group(1)) > 0:
@@ -779,6 +819,21 @@ def _subsection(parent: _Section, name: str, base: Path) -> _Section:
             f"[{parent.name}] {name} = {table!r}: expected a [{parent.name}.{name}] table"
         )
     return _Section(f"{parent.name}.{name}", table, base)
+
+
+def _store_oidc_config(oidc: _Section) -> StoreOidcConfig:
+    issuer = oidc.text("issuer")
+    if not issuer.startswith(("https://", "http://127.0.0.1", "http://localhost")):
+        raise oidc._fail("issuer", issuer, "an https:// URL (http only on loopback)")
+    audience = oidc._get("audience", _REQUIRED)
+    return StoreOidcConfig(
+        issuer=issuer,
+        audience=(audience,) if isinstance(audience, str) else oidc.strings("audience", []),
+        person_claim=oidc.text("person_claim", "sub"),
+        jwks_uri=_optional_text(oidc, "jwks_uri", "") or None,
+        ca_file=_optional_path(oidc, "ca_file"),
+        leeway_s=oidc.seconds("leeway", "30s"),
+    )
 
 
 def _keys_config(keys: _Section) -> KeysConfig:

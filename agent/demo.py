@@ -39,6 +39,7 @@ role = "agent"
 team = "parcels"
 supervisor = "s2001"
 aors = ["sip:1001@pbx.example", "1001"]
+trained = 2026-01-15
 
 [[person]]
 id = "s2001"
@@ -54,6 +55,7 @@ name = "Pirjo Privacy"
 role = "privacy_officer"
 trained = 2026-01-15
 """
+WEB_PEOPLE = ("e1001", "s2001", "p3001")
 
 
 def _make_tls(directory: Path, site: str) -> None:
@@ -65,6 +67,47 @@ def _make_tls(directory: Path, site: str) -> None:
     certs.write_pair(directory, "ca", ca)
     certs.write_pair(directory, "store", certs.issue_store(ca, ["127.0.0.1", "localhost"]))
     certs.write_pair(directory, "agent", certs.issue_agent(ca, site))
+
+
+def _write_web_config(root: Path, store_cfg: Path, web_port: int, access_port: int) -> Path:
+    """The web on loopback with the demo's local sign-in; the store trusts its tokens
+    ([store.oidc]) and serves Access to it on access_listen (TLS, no client cert)."""
+    with store_cfg.open("a") as fh:
+        fh.write(
+            f'\n[store.oidc]\nissuer = "https://127.0.0.1:{web_port}/local"\n'
+            'audience = "callrec-web-local"\nca_file = "tls/ca.pem"\n'
+        )
+    web = root / "web.toml"
+    web.write_text(
+        f'[web]\nlisten = "127.0.0.1:{web_port}"\ntls_cert = "tls/store.pem"\n'
+        f'tls_key = "tls/store.key"\nstore_address = "127.0.0.1:{access_port}"\n'
+        'store_ca_file = "tls/ca.pem"\n\n'
+        f"[web.local]\npeople = {list(WEB_PEOPLE)!r}\n".replace("'", '"')
+    )
+    return web
+
+
+def _serve_web(root: Path, web_cfg: Path, web_port: int) -> None:
+    """Start the web, print where it is, keep everything up until Ctrl-C."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    web = _Daemon("web", ["web", "--config", str(web_cfg)], root)
+    try:
+        web.wait_for(r"Application startup complete", 60)
+        sys.stdout.write(
+            f"\ndemo: the people's web: https://127.0.0.1:{web_port}/ (the demo's own CA: "
+            f"{root / 'tls' / 'ca.pem'}); sign in as {', '.join(WEB_PEOPLE)} "
+            "(agent, supervisor, privacy officer). Ctrl-C stops everything.\n"
+        )
+        while web.process.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        web.stop()
 
 
 def _write_configs(
@@ -197,7 +240,7 @@ def _find_by_number(
     return hit, found.stdout.strip().splitlines()[-1] + (" (the call)" if hit else " (NOT it)")
 
 
-def run_demo(directory: Path, seconds: float) -> int:
+def run_demo(directory: Path, seconds: float, web: bool = False) -> int:
     root = directory.resolve()
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     out = sys.stdout.write
@@ -210,6 +253,8 @@ def run_demo(directory: Path, seconds: float) -> int:
         free_port(),
     )
     store_cfg, agent_cfg = _write_configs(root, store_port, sip_port, rtp_start, access_port)
+    web_port = free_port()
+    web_cfg = _write_web_config(root, store_cfg, web_port, access_port) if web else None
     store = _Daemon("store", ["store", "--config", str(store_cfg)], root)
     agent: _Daemon | None = None
     try:
@@ -235,7 +280,7 @@ def run_demo(directory: Path, seconds: float) -> int:
         agent.wait_for(rf"event=recording_uploaded recording_id={info.manifest.recording_id}", 30)
         out("\ndemo: the store holds:\n  " + "\n  ".join(format_recordings([info])) + "\n")
         audio = root / f"recording-{info.manifest.recording_id}.ogg"
-        export_audio(root / "store-data", info.manifest.recording_id, audio, "demo")
+        export_audio(root / "store-data", info.manifest.recording_id, audio, "demo", "verification")
         hit, said = _find_by_number(root, store_cfg, access_port, info)
         out(f"demo: the privacy officer's `callrec dsr find` (number on stdin, ±15 min): {said}\n")
         scanned, leaks = _leaks(root, exclude=root / "pbx")
@@ -244,6 +289,8 @@ def run_demo(directory: Path, seconds: float) -> int:
             f"demo: full customer number searched in {scanned} files the system wrote: "
             + ("NOT FOUND (good)\n" if not leaks else "FOUND:\n  " + "\n  ".join(leaks) + "\n")
         )
+        if web_cfg is not None and hit and not leaks:
+            _serve_web(root, web_cfg, web_port)
         return 1 if leaks or not hit else 0
     finally:
         if agent is not None:

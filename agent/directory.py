@@ -7,6 +7,7 @@ replaces a good one.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import threading
 import tomllib
 from collections.abc import Mapping
@@ -112,6 +113,11 @@ class Directory:
         return None
 
 
+# Ids the catalog gives meaning to: "unknown" is the employee of an untagged call.
+RESERVED_IDS = frozenset({"unknown"})
+_PERSON_ID = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+
+
 def _person(entry: object, where: str) -> Person:
     if not isinstance(entry, dict):
         raise DirectoryError(f"{where}: expected a table")
@@ -128,6 +134,12 @@ def _person(entry: object, where: str) -> Person:
     if unknown:
         raise DirectoryError(f"{where}: unknown field {sorted(unknown)[0]!r}")
     person_id = text("id")
+    assert person_id is not None
+    if not _PERSON_ID.fullmatch(person_id) or person_id.lower() in RESERVED_IDS:
+        raise DirectoryError(
+            f"{where}: id = {person_id[:80]!r}: expected 1..64 letters, digits or . _ @ - "
+            f"other than {', '.join(sorted(RESERVED_IDS))} (the catalog's untagged employee)"
+        )
     where = f"{where} ({person_id})"
     role_raw = text("role") or ""
     try:
@@ -142,7 +154,10 @@ def _person(entry: object, where: str) -> Person:
     trained = entry.get("trained")
     if trained is not None and not isinstance(trained, dt.date):
         raise DirectoryError(f"{where}: trained = {trained!r}: expected a date like 2026-01-31")
-    assert person_id is not None
+    for key, limit in (("name", 200), ("team", 64), ("supervisor", 64)):
+        value = entry.get(key)
+        if isinstance(value, str) and len(value.strip()) > limit:
+            raise DirectoryError(f"{where}: {key}: longer than {limit} characters")
     return Person(
         id=person_id,
         name=text("name") or "",

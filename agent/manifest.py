@@ -13,6 +13,7 @@ import json
 import re
 from pathlib import Path
 
+import phonenumbers
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from agent.capture import CaptureMeta, Direction, parse_iso
@@ -23,12 +24,24 @@ AUDIO_FORMATS = {"opus": "ogg", "flac": "flac", "wav": "wav"}
 CUSTOMER_KINDS = {"number", "anonymous", "unknown", "invalid"}
 MAX_SEALED_CHARS = 1024  # base64 of an RSA-OAEP block: 512 chars at 3072 bits, 684 at 4096
 
-_ID = re.compile(r"^[0-9a-f]{32}$")
-_SHA = re.compile(r"^[0-9a-f]{64}$")
-_SITE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_MASKED = re.compile(r"^\+\d{1,14}\*\*\*$")
-_E164 = re.compile(r"^\+\d{3,15}$")
-_FLAG = re.compile(r"^[a-z_]{1,40}$")
+# Every pattern is used with fullmatch: "$" would also accept a trailing newline.
+_ID = re.compile(r"[0-9a-f]{32}")
+_SHA = re.compile(r"[0-9a-f]{64}")
+_SITE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+_MASKED = re.compile(r"\+(\d{1,12})\*\*\*")
+_E164 = re.compile(r"\+\d{3,15}")
+_FLAG = re.compile(r"[a-z_]{1,40}")
+_KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,32}")
+_REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+# Times: a manifest's clock may run ahead of the store's by at most MAX_CLOCK_SKEW; a
+# call lasts at most MAX_CALL; nothing is older than EARLIEST (a zero or garbage time).
+MAX_CLOCK_SKEW = dt.timedelta(minutes=10)
+MAX_CALL = dt.timedelta(hours=24)
+EARLIEST = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+# Lengths: the catalog's columns (agent.store.catalog) and what the JSON column holds.
+MAX_TEXT = {"call_ref": 64, "employee.id": 64, "employee.name": 200, "employee.team": 64,
+            "employee.aor": 256, "tail_sealed": 1024, "flags": 400}  # fmt: skip
+MAX_FLAGS = 16
 _DIRECTIONS = {
     Direction.INBOUND: pb.DIRECTION_INBOUND,
     Direction.OUTBOUND: pb.DIRECTION_OUTBOUND,
@@ -39,6 +52,12 @@ DIRECTION_NAMES = {v: k.value for k, v in _DIRECTIONS.items()}
 
 class ManifestError(ValueError):
     """A manifest field is missing or malformed; the message names the field."""
+
+
+class ClockAhead(ManifestError):
+    """A time later than the store's clock allows: the agent's clock is probably wrong
+    (the store answers FAILED_PRECONDITION, so the agent keeps the recording in its
+    outbox and retries, rather than quarantining it)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -95,47 +114,119 @@ def manifest_from_capture(
     )
 
 
-def validate_manifest(m: pb.Manifest) -> None:
-    """Raise ManifestError naming the first field that is wrong."""
+def validate_manifest(m: pb.Manifest, now: dt.datetime | None = None) -> None:
+    """Raise ManifestError naming the first field that is wrong. Everything the store
+    will write is checked here, before anything is written: patterns (whole-string),
+    lengths that fit the catalog's columns, times within ``MAX_CLOCK_SKEW`` of ``now``
+    (the store's clock) and a call no longer than ``MAX_CALL``."""
     checks: list[tuple[bool, str]] = [
-        (bool(_ID.match(m.recording_id)), "recording_id: expected 32 lower-case hex digits"),
-        (bool(_SITE.match(m.site)), "site: expected a site name such as 'hel-1'"),
+        (bool(_ID.fullmatch(m.recording_id)), "recording_id: expected 32 lower-case hex digits"),
+        (bool(_SITE.fullmatch(m.site)), "site: expected a site name such as 'hel-1'"),
         (m.source in ("siprec", "plain", "spool"), "source: expected siprec, plain or spool"),
-        (0 < len(m.call_ref) <= 64, "call_ref: expected 1..64 characters"),
-        (m.HasField("started_at") and m.HasField("ended_at"), "started_at/ended_at: required"),
-        (m.started_at.ToNanoseconds() <= m.ended_at.ToNanoseconds(), "ended_at: before started_at"),
+        (0 < len(m.call_ref) <= MAX_TEXT["call_ref"], "call_ref: expected 1..64 characters"),
+        (m.direction in DIRECTION_NAMES, "direction: expected inbound, outbound or unspecified"),
         (
-            not m.service_number or bool(_E164.match(m.service_number)),
+            not m.service_number or bool(_E164.fullmatch(m.service_number)),
             "service_number: expected E.164 such as +3581005577",
         ),
         (m.audio_format in AUDIO_FORMATS, "audio_format: expected opus, flac or wav"),
         (0 < m.size <= MAX_RECORDING_BYTES, f"size: expected 1..{MAX_RECORDING_BYTES}"),
-        (bool(_SHA.match(m.sha256)), "sha256: expected 64 lower-case hex digits"),
+        (bool(_SHA.fullmatch(m.sha256)), "sha256: expected 64 lower-case hex digits"),
         (m.channels in (1, 2), "channels: expected 1 or 2"),
+        (not m.region or bool(_REGION.fullmatch(m.region)), "region: expected e.g. 'fi'"),
         (len(m.employees) <= 32, "employees: at most 32"),
-        (all(_FLAG.match(f) for f in m.flags), "flags: expected lower_case words"),
+        (len(m.flags) <= MAX_FLAGS, f"flags: at most {MAX_FLAGS}"),
+        (all(_FLAG.fullmatch(f) for f in m.flags), "flags: expected lower_case words"),
+        (len(",".join(m.flags)) <= MAX_TEXT["flags"], "flags: at most 400 characters in all"),
     ]
     for ok, message in checks:
         if not ok:
             raise ManifestError(message)
+    _validate_times(m, now or dt.datetime.now(dt.UTC))
     _validate_customer(m.customer)
     for e in m.employees:
-        if not e.id or len(e.id) > 64 or not e.name or len(e.name) > 200:
-            raise ManifestError("employees: each needs an id and a name")
+        _validate_employee(e)
+
+
+def _time_of(ts: Timestamp, name: str) -> dt.datetime:
+    """A Timestamp as a datetime, or ManifestError (out of range, bad nanos)."""
+    if not 0 <= ts.nanos <= 999_999_999:
+        raise ManifestError(f"{name}: nanos out of range")
+    try:
+        return ts.ToDatetime(dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        raise ManifestError(f"{name}: not a time between 0001 and 9999") from None
+
+
+def _validate_times(m: pb.Manifest, now: dt.datetime) -> None:
+    if not (m.HasField("started_at") and m.HasField("ended_at")):
+        raise ManifestError("started_at/ended_at: required")
+    started, ended = _time_of(m.started_at, "started_at"), _time_of(m.ended_at, "ended_at")
+    latest = now + MAX_CLOCK_SKEW
+    for name, moment in (("started_at", started), ("ended_at", ended)):
+        if not EARLIEST <= moment <= latest:
+            raise (ClockAhead if moment > latest else ManifestError)(
+                f"{name}: {moment.isoformat(timespec='seconds')} is not between "
+                f"{EARLIEST.date()} and the store's clock + {MAX_CLOCK_SKEW} "
+                "(is the agent's clock right?)"
+            )
+    if ended < started:
+        raise ManifestError("ended_at: before started_at")
+    if ended - started > MAX_CALL:
+        raise ManifestError(f"ended_at: the call lasts longer than {MAX_CALL}")
+    for e in m.employees:
+        if e.HasField("joined_at"):
+            _time_of(e.joined_at, "employees.joined_at")
+
+
+def _validate_employee(e: pb.Employee) -> None:
+    if not e.id or len(e.id) > MAX_TEXT["employee.id"] or not e.id.isprintable():
+        raise ManifestError("employees: each needs an id of 1..64 printable characters")
+    if not e.name or len(e.name) > MAX_TEXT["employee.name"] or not e.name.isprintable():
+        raise ManifestError("employees: each needs a name of 1..200 printable characters")
+    if len(e.team) > MAX_TEXT["employee.team"] or len(e.aor) > MAX_TEXT["employee.aor"]:
+        raise ManifestError("employees: team at most 64 characters, aor at most 256")
 
 
 def _validate_customer(c: pb.Customer) -> None:
     if c.kind not in CUSTOMER_KINDS:
         raise ManifestError("customer.kind: expected number, anonymous, unknown or invalid")
     if c.kind == "number":
-        if not _MASKED.match(c.masked):
-            raise ManifestError("customer.masked: expected a masked number such as +358401234***")
+        if not masked_is_plausible(c.masked):
+            raise ManifestError(
+                "customer.masked: expected a masked number such as +358401234*** (the full "
+                "number's E.164 form with its last three digits as ***)"
+            )
         if not 0 < len(c.tail_sealed) <= MAX_SEALED_CHARS:
             raise ManifestError(f"customer.tail_sealed: a number needs 1..{MAX_SEALED_CHARS} chars")
-        if c.digest and not _SHA.match(c.digest):  # from an agent older than 0005: dropped
+        if c.digest and not _SHA.fullmatch(c.digest):  # from an agent older than 0005: dropped
             raise ManifestError("customer.digest: expected 64 lower-case hex digits or nothing")
     elif c.masked != c.kind or c.digest or c.tail_sealed:
         raise ManifestError(f"customer: a {c.kind} customer carries no number, digest or seal")
+
+
+def masked_is_plausible(masked: str) -> bool:
+    """``+<digits>***``: the digits before ``***`` and three more must make a number
+    phonenumbers finds possible for its country (E.164: at most 15 digits), and a
+    form whose digits are themselves a valid number while no completion of them is
+    valid (a full number with ``***`` appended) is refused. Numbering plans with
+    variable lengths (e.g. German landlines) can't tell the two apart: there the
+    check only bounds the length."""
+    match = _MASKED.fullmatch(masked)
+    if match is None:
+        return False
+    digits = match.group(1)
+    if len(digits) + 3 > 15:
+        return False
+    try:
+        completions = [phonenumbers.parse(f"+{digits}{tail}") for tail in ("000", "500", "999")]
+        if not phonenumbers.is_possible_number(completions[0]):
+            return False
+        if any(phonenumbers.is_valid_number(n) for n in completions):
+            return True
+        return not phonenumbers.is_valid_number(phonenumbers.parse(f"+{digits}"))
+    except phonenumbers.NumberParseException:
+        return False
 
 
 def employees_json(m: pb.Manifest) -> str:

@@ -1,16 +1,23 @@
 """Prometheus metrics over HTTP on a local port, for both daemons.
 
-The agent's SIP workers are separate processes: they write their counters with
+The agent's SIP workers are separate processes: they write their metrics with
 prometheus_client's multiprocess mode into a directory the agent gives them
-(``PROMETHEUS_MULTIPROC_DIR``); the agent's endpoint serves its own metrics together
-with the workers' sums.
+(``PROMETHEUS_MULTIPROC_DIR``). Every process imports this module, so every process
+holds every metric object; each family has one owner, though: ``WORKER_FAMILIES``
+come from the workers' files (summed), every other family from the main process's
+registry. ``serve`` takes each family from its owner only, so a scrape shows each
+family once (the workers' files also hold zeros of the main process's gauges, and
+the main process holds zeros of the workers' counters).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
+from cryptography import x509
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -20,6 +27,9 @@ from prometheus_client import (
     multiprocess,
     start_http_server,
 )
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from agent import logs
 
@@ -39,28 +49,154 @@ def worker_exited(path: Path, pid: int) -> None:
     multiprocess.mark_process_dead(pid, str(path))  # type: ignore[no-untyped-call]
 
 
-def serve(listen: str, workers_dir: Path | None = None) -> int:
-    """Serve /metrics on ``host:port`` (port 0 picks one); returns the bound port."""
+def serve(
+    listen: str,
+    workers_dir: Path | None = None,
+    extra: Iterable[Collector] = (),
+    exclude: frozenset[str] = frozenset(),
+) -> int:
+    """Serve /metrics on ``host:port`` (port 0 picks one); returns the bound port.
+
+    With ``workers_dir`` the workers' families come from their files and only from
+    there; ``extra`` collectors (measured at each scrape) are added to the page;
+    ``exclude`` names families of this process's registry that are not its own (the
+    store imports this module, but the agent's families are not the store's).
+    """
     host, _, port = listen.rpartition(":")
-    registry: CollectorRegistry = REGISTRY
-    if workers_dir is not None:
-        registry = CollectorRegistry()
-        registry.register(_Chain(REGISTRY))
-        multiprocess.MultiProcessCollector(registry, path=str(workers_dir))  # type: ignore[no-untyped-call]
+    registry = CollectorRegistry()
+    if workers_dir is None:
+        registry.register(_Only(REGISTRY, keep=lambda name: name not in exclude))
+    else:
+        own = WORKER_FAMILIES | exclude
+        registry.register(_Only(REGISTRY, keep=lambda name: name not in own))
+        registry.register(_Workers(workers_dir))
+    for collector in extra:
+        registry.register(collector)
     server, _thread = start_http_server(int(port), host.strip("[]"), registry=registry)
     bound = int(server.server_port)
     log.info("metrics_listening", address=f"{host}:{bound}")
     return bound
 
 
-class _Chain:
-    """Collects another registry's metrics (the main process's own)."""
+class _Only(Collector):
+    """The families of another collector whose name ``keep`` accepts."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
+    def __init__(self, source: Collector, keep: Callable[[str], bool]) -> None:
+        self.source = source
+        self.keep = keep
 
-    def collect(self):  # type: ignore[no-untyped-def]
-        return self.registry.collect()
+    def collect(self) -> Iterable[Metric]:
+        return [family for family in self.source.collect() if self.keep(family.name)]
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+class _Workers(Collector):
+    """The workers' families, summed from their files; a family no worker has written
+    yet (a labelled counter before its first event) is still declared, empty."""
+
+    def __init__(self, workers_dir: Path) -> None:
+        self.files = multiprocess.MultiProcessCollector(None, path=str(workers_dir))  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterable[Metric]:
+        found = [f for f in self.files.collect() if f.name in WORKER_FAMILIES]  # type: ignore[no-untyped-call]
+        seen = {f.name for f in found}
+        for family in REGISTRY.collect():
+            if family.name in WORKER_FAMILIES and family.name not in seen:
+                found.append(Metric(family.name, family.documentation, family.type, family.unit))
+        return found
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+class CertificateExpiry(Collector):
+    """``callrec_tls_certificate_not_after_timestamp_seconds{role}``: read at each
+    scrape, so a renewed file shows at once (a file that can't be read is left out)."""
+
+    def __init__(self, files: Mapping[str, Path]) -> None:
+        self.files = dict(files)
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "callrec_tls_certificate_not_after_timestamp_seconds",
+            "When each TLS certificate this daemon uses stops being valid (Unix time)",
+            labels=["role"],
+        )
+        for role, path in sorted(self.files.items()):
+            try:
+                cert = x509.load_pem_x509_certificate(path.read_bytes())
+            except (OSError, ValueError):
+                continue
+            family.add_metric([role], cert.not_valid_after_utc.timestamp())
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+class DiskSpace(Collector):
+    """Free and total bytes of the file system holding the daemon's data directory."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+
+    def collect(self) -> Iterator[Metric]:
+        free = GaugeMetricFamily(
+            "callrec_data_dir_free_bytes",
+            "Bytes free (for the daemon's user) on the data directory's file system",
+        )
+        size = GaugeMetricFamily(
+            "callrec_data_dir_size_bytes", "Size of the data directory's file system"
+        )
+        try:
+            st = os.statvfs(self.data_dir)
+        except OSError:
+            return
+        free.add_metric([], st.f_bavail * st.f_frsize)
+        size.add_metric([], st.f_blocks * st.f_frsize)
+        yield free
+        yield size
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+def quarantined(quarantine_dir: Path) -> int:
+    """Entries set aside in quarantine/ (each has a ``<name>.reason`` file beside it)."""
+    try:
+        names = os.listdir(quarantine_dir)
+    except FileNotFoundError:
+        return 0
+    return sum(1 for name in names if not name.endswith(".reason") and not name.startswith("."))
+
+
+class Quarantine(Collector):
+    """``callrec_quarantine_entries``: counted at each scrape."""
+
+    def __init__(self, quarantine_dir: Path) -> None:
+        self.quarantine_dir = quarantine_dir
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "callrec_quarantine_entries",
+            "Recordings set aside in quarantine/ that need an operator",
+        )
+        family.add_metric([], quarantined(self.quarantine_dir))
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+def calls_active(workers_dir: Path) -> int:
+    """Calls being recorded now, summed over the workers' files."""
+    collector = multiprocess.MultiProcessCollector(None, path=str(workers_dir))  # type: ignore[no-untyped-call]
+    for family in collector.collect():  # type: ignore[no-untyped-call]
+        if family.name == "callrec_calls_active":
+            return int(sum(sample.value for sample in family.samples))
+    return 0
 
 
 # ---------------------------------------------------------------- the agent's main process
@@ -78,28 +214,21 @@ FINALIZE_SECONDS = Histogram(
     "callrec_finalize_seconds", "Time to merge, encode and hash one recording"
 )
 
-# Outbox and uplink (the main process; gauges also valid in multiprocess mode).
+# Outbox and uplink (the main process).
 
 OUTBOX_ENTRIES = Gauge(
-    "callrec_outbox_entries",
-    "Recordings in the outbox waiting for the store's receipt",
-    multiprocess_mode="livemax",
+    "callrec_outbox_entries", "Recordings in the outbox waiting for the store's receipt"
 )
-OUTBOX_BYTES = Gauge(
-    "callrec_outbox_bytes",
-    "Bytes in the outbox waiting for the store's receipt",
-    multiprocess_mode="livemax",
-)
+OUTBOX_BYTES = Gauge("callrec_outbox_bytes", "Bytes in the outbox waiting for the store's receipt")
 OUTBOX_OLDEST_SECONDS = Gauge(
-    "callrec_outbox_oldest_seconds",
-    "Age of the oldest recording in the outbox (0 when empty)",
-    multiprocess_mode="livemax",
+    "callrec_outbox_oldest_seconds", "Age of the oldest recording in the outbox (0 when empty)"
 )
 OUTBOX_OVER_LIMIT = Gauge(
     "callrec_outbox_over_limit",
     "1 while the outbox is past [uplink] outbox_warn_bytes or outbox_warn_age",
-    multiprocess_mode="livemax",
 )
+WORKERS_CONFIGURED = Gauge("callrec_workers_configured", "SIP worker processes configured")
+WORKERS_UP = Gauge("callrec_workers_up", "SIP worker processes running now")
 UPLOADS = Counter(
     "callrec_uploads_total",
     "Upload attempts that ended, by outcome (receipt_ok, retry, deferred, refused)",
@@ -132,4 +261,39 @@ DISK_FREE_BYTES = Gauge(
 DISK_FULL_REFUSALS = Counter(
     "callrec_disk_full_refusals_total",
     "New calls refused (503) because the data disk was below [agent] min_free",
+)
+
+# The families only the workers write (their files are summed); every other family is
+# the main process's own.
+WORKER_FAMILIES = frozenset(
+    {
+        "callrec_calls_active",
+        "callrec_calls_answered",
+        "callrec_calls_refused",
+        "callrec_calls_ended",
+        "callrec_rtp_packets_received",
+        "callrec_rtp_packets_lost",
+        "callrec_disk_free_bytes",
+        "callrec_disk_full_refusals",
+    }
+)
+
+# Every family of the agent (main process and workers): the store leaves them out.
+AGENT_FAMILIES = WORKER_FAMILIES | frozenset(
+    family.name
+    for metric in (
+        RECORDINGS_FINALIZED,
+        RECORDING_FLAGS,
+        QUARANTINED,
+        FINALIZE_SECONDS,
+        OUTBOX_ENTRIES,
+        OUTBOX_BYTES,
+        OUTBOX_OLDEST_SECONDS,
+        OUTBOX_OVER_LIMIT,
+        WORKERS_CONFIGURED,
+        WORKERS_UP,
+        UPLOADS,
+        UPLOAD_BYTES_SENT,
+    )
+    for family in metric.describe()
 )

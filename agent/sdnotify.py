@@ -74,6 +74,15 @@ def status(text: str) -> bool:
     return notify("STATUS=" + " ".join(text.splitlines()))
 
 
+def human_bytes(size: float) -> str:
+    """1234567 → "1.2 MB" (decimal units, as ``df -H`` and most dashboards)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
 def watchdog_interval() -> float | None:
     """The watchdog timeout in seconds from ``$WATCHDOG_USEC``, or None if not enabled.
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.monitoring_run import monitoring_run  # noqa: F401 (one real run, shared)
 from tests.support.stack import InProcessStore, Keys, make_keys, store_config
 
 

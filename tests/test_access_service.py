@@ -12,11 +12,13 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from agent import access_cli
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
 from agent.store import audit
+from agent.store.throttle import FailureThrottle
 from tests.support.access_world import CUSTOMER, PEOPLE, World, opus_audio, running_world
 from tests.support.services import write_store_toml
 from tests.support.stack import make_keys
@@ -210,6 +212,22 @@ def test_untrained_agent_gets_nothing(world: World) -> None:
     assert "training" in (err.value.details() or "")
 
 
+def test_decisions_are_counted_by_role_operation_and_outcome(world: World) -> None:
+    """The store's /metrics: callrec_access_requests_total{role, operation, outcome}."""
+
+    def counted(role: str, outcome: str) -> float:
+        labels = {"role": role, "operation": "get", "outcome": outcome}
+        return REGISTRY.get_sample_value("callrec_access_requests_total", labels) or 0.0
+
+    rid = world.seed([("a3", "Untrained Agent", "parcels")])
+    before = counted("agent", "denied"), counted("supervisor", "allowed")
+    with pytest.raises(grpc.RpcError):
+        world.access.GetRecording(_req(rid, apb.PURPOSE_VERIFICATION), metadata=world.md("a3"))
+    world.access.GetRecording(_req(rid, apb.PURPOSE_VERIFICATION), metadata=world.md("s1"))
+    assert counted("agent", "denied") == before[0] + 1
+    assert counted("supervisor", "allowed") == before[1] + 1
+
+
 def test_restricted_recording_is_played_only_by_the_officer_for_legal(world: World) -> None:
     rid = world.seed(AINO, restricted=True)
     view = world.access.GetRecording(_req(rid, apb.PURPOSE_VERIFICATION), metadata=world.md("s1"))
@@ -238,6 +256,7 @@ def test_bad_tokens_are_unauthenticated_and_audited(
     world: World, shared: str, header: str | None, actor: str
 ) -> None:
     md = () if header is None else (("authorization", header),)
+    world.access_service.trail.throttle = FailureThrottle()  # a new minute for this source
     before = world.head_seq()
     with pytest.raises(grpc.RpcError) as err:
         world.access.GetRecording(_req(shared, apb.PURPOSE_VERIFICATION), metadata=md)

@@ -77,3 +77,18 @@ def test_spool_burst_takes_every_recording() -> None:
     report = bench("spool_burst", "--files", "30", "--seconds", "1")
     result = report["result"]
     assert result["recordings"] == 30 and result["quarantined"] == 0
+
+
+def test_web_times_search_first_byte_and_seek() -> None:
+    from tests.support.web import node_ready
+    from tests.test_web import CHROMIUM
+
+    if not (CHROMIUM.exists() and node_ready()):
+        pytest.skip("needs chromium and tests/oidc (.ci/setup)")
+    report = bench("web", "--calls", "20", "--minutes", "6", "--requests", "10",
+                   "--listeners", "3", "--listen-seconds", "2")  # fmt: skip
+    result = report["result"]
+    assert result["calls"] == 21 and result["long_bytes"] > 1_048_576
+    for name in ("search", "search_period", "first_byte", "seek_middle"):
+        assert result[name]["n"] == 10 and 0 < result[name]["p50_ms"] <= result[name]["p99_ms"]
+    assert result["ranges_served"] >= 3 and result["rss_peak_mib"] >= result["rss_idle_mib"] > 0

@@ -281,7 +281,9 @@ def test_uploaded_audio_exports_byte_identical_and_is_encrypted_at_rest(
         ingest = pb_grpc.IngestStub(grpc.insecure_channel(store.address))
         receipt = ingest.Upload(_requests(manifest, data), timeout=30)
         console = pb_grpc.ConsoleStub(grpc.insecure_channel(f"unix:{store.server.console_socket}"))
-        request = pb.ExportAudioRequest(recording_id=manifest.recording_id, reason="test")
+        request = pb.ExportAudioRequest(
+            recording_id=manifest.recording_id, reason="test", purpose="verification"
+        )
         exported = b"".join(c.data for c in console.ExportAudio(request, timeout=30))
     assert receipt.sha256 == manifest.sha256
     assert exported == data

@@ -130,6 +130,8 @@ def test_inbound_call_is_stored_masked_tagged_and_stereo(stack: Stack, tmp_path:
                 str(out),
                 "--reason",
                 "test",
+                "--purpose",
+                "verification",
             ]
         )
         == 0

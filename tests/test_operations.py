@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import re
 import threading
 import time
 import urllib.request
@@ -13,39 +13,9 @@ import pytest
 
 from agent.store.catalog import Catalog
 from agent.testcall import SiprecCall, free_port, make_speech, run_sipp, siprec_scenario
-from tests.support.daemons import start_agent, start_store
+from tests.support.daemons import NotifySocket, start_agent, start_store
 from tests.support.services import free_tcp_port
 from tests.support.stack import Keys
-
-
-class NotifySocket:
-    """A fake service manager: collects the datagrams sent to $NOTIFY_SOCKET."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.2)
-        self.messages: list[tuple[float, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data = self.sock.recv(4096)
-            except TimeoutError:
-                continue
-            self.messages.append((time.monotonic(), data.decode()))
-
-    def states(self) -> list[str]:
-        return [m for _, m in self.messages]
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self.sock.close()
 
 
 @pytest.fixture
@@ -59,7 +29,8 @@ def _env(notify: NotifySocket) -> dict[str, str]:
     return {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"}
 
 
-def _assert_lifecycle(states: list[str]) -> None:
+def _assert_lifecycle(sent: list[str]) -> None:
+    states = [s for s in sent if not s.startswith("STATUS=")]
     assert states, "nothing was sent to NOTIFY_SOCKET"
     assert states[0] == "READY=1", states
     assert states[-1] == "STOPPING=1", states
@@ -75,6 +46,13 @@ def test_store_notifies_ready_watchdog_stopping(tmp_path: Path, notify: NotifySo
     finally:
         assert store.stop() == 0
     _assert_lifecycle(notify.states())
+    status = [s for s in notify.states() if s.startswith("STATUS=")]
+    assert status, "no STATUS= line for systemctl status"
+    assert re.fullmatch(
+        r"STATUS=uploads 0 stored \(0 B\), 0 in progress, 0 refused; "
+        r"last sweep \d{4}-\d\d-\d\d \d\d:\d\d UTC by store",
+        status[-1],
+    ), status[-1]
 
 
 @pytest.mark.sip
@@ -96,6 +74,7 @@ def test_agent_notifies_only_after_workers_and_store_link_are_up(
         store.stop()
     _assert_lifecycle(notify.states())
     assert ready_at <= notify.messages[1][0]
+    assert "STATUS=workers 1/1 up, 0 calls, outbox 0 (0 B)" in notify.states()
 
 
 @pytest.mark.sip

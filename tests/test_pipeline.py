@@ -118,7 +118,9 @@ def test_capture_becomes_stored_recording(
     blob = store.config.blobs_dir / row.blob_key[:2] / row.blob_key
     assert hashlib.sha256(blob.read_bytes()).hexdigest() != local_sha, "encrypted at rest"
     console = pb_grpc.ConsoleStub(grpc.insecure_channel(f"unix:{store.server.console_socket}"))
-    request = pb.ExportAudioRequest(recording_id=meta.recording_id, reason="test")
+    request = pb.ExportAudioRequest(
+        recording_id=meta.recording_id, reason="test", purpose="verification"
+    )
     exported = b"".join(c.data for c in console.ExportAudio(request, timeout=10))
     assert hashlib.sha256(exported).hexdigest() == local_sha, "read back byte-identical"
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import metrics
 from agent.recorder import daemon as daemon_module
 from agent.recorder import worker as worker_module
 from agent.recorder.daemon import RESTART_BACKOFF_S, AgentDaemon, WorkerProcess, WorkerStartError
@@ -31,6 +32,7 @@ class _Stub(AgentDaemon):
         self.config_path = cfg_root / "agent.toml"
         self.workers = [WorkerProcess(0)]
         self.front = None
+        self.metrics_dir = cfg_root / "metrics"  # a dead worker's live gauges go from here
         self.code = code
 
     def _worker_command(self, worker: WorkerProcess, ready_fd: int | None) -> list[str]:
@@ -187,3 +189,23 @@ def test_a_stranger_holding_the_slot_is_left_alone(tmp_path: Path, keys: Keys) -
         time.sleep(0.2)
         assert other.poll() is None and worker._evicted
         other.kill()
+
+
+def test_a_dead_workers_calls_leave_the_calls_active_gauge(
+    tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker killed with a call up wrote calls_active 1 in its metrics file; once
+    the agent sees it dead the call no longer counts (the successor starts at 0)."""
+    stub = _Stub(tmp_path, keys, "")
+    metrics.reset_multiprocess_dir(stub.metrics_dir)
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(stub.metrics_dir))
+    stub.code = "from agent import metrics; metrics.CALLS_ACTIVE.inc(); raise SystemExit(9)"
+    first = _until_started(stub, set())
+    assert stub.workers[0].process is not None
+    stub.workers[0].process.wait(5)
+    assert metrics.calls_active(stub.metrics_dir) == 1  # as the dead worker left it
+    stub.code = "import time; time.sleep(30)"
+    _until_started(stub, {first})
+    assert metrics.calls_active(stub.metrics_dir) == 0
+    stub.workers[0].process.kill()
+    stub.workers[0].process.wait(5)

@@ -25,6 +25,7 @@ UNITS = [
     "callrec-front.service",
     "callrec-sweep.service",
     "callrec-sweep.timer",
+    "callrec-web.service",
 ]
 DAEMONS = ["callrec-agent.service", "callrec-store.service"]
 SERVICES = [u for u in UNITS if u.endswith(".service")]
@@ -205,6 +206,8 @@ def test_sweep_timer_daily_and_persistent() -> None:
     sweep = _directives("callrec-sweep.service")
     assert sweep["Type"] == ["oneshot"]
     assert "--once" in sweep["ExecStart"][0].split()
+    # Only for a store with sweep_by = "timer" (tests/test_monitoring.py runs this line).
+    assert "--timer" in sweep["ExecStart"][0].split()
 
 
 @pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="no systemd-sysusers")

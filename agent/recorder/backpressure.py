@@ -36,6 +36,7 @@ class OutboxMonitor:
         self.stop_event = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-monitor", daemon=True)
         self._was_over = False
+        self.last = OutboxLevel(0, 0, 0.0, ())  # the latest check (for STATUS=)
 
     def start(self) -> None:
         self.check()
@@ -62,6 +63,7 @@ class OutboxMonitor:
             if exceeded
         )
         level = OutboxLevel(entries, size, oldest, over)
+        self.last = level
         metrics.OUTBOX_ENTRIES.set(entries)
         metrics.OUTBOX_BYTES.set(size)
         metrics.OUTBOX_OLDEST_SECONDS.set(oldest)

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client.registry import Collector
+
 from agent import logs, metrics, sdnotify
 from agent.config import AgentConfig, ConfigError, load_agent_config
 from agent.directory import LiveDirectory
@@ -29,6 +31,7 @@ from agent.recorder.front import FrontProcess, write_front_files
 from agent.recorder.outbox import Outbox
 from agent.recorder.ownership import slot_held, slot_holder
 from agent.recorder.spool import SpoolPickup
+from agent.recorder.status import STATUS_INTERVAL_S, agent_status
 from agent.recorder.uplink import Uplink
 
 log = logs.get_logger(__name__)
@@ -109,11 +112,15 @@ class AgentDaemon:
             )
         for path in (cfg.captures_dir / "ready", cfg.outbox_dir, cfg.quarantine_dir):
             path.mkdir(parents=True, exist_ok=True)
+        # Workers (started below) inherit the directory and write their metrics there;
+        # always, because STATUS= counts the calls in progress from it.
+        metrics.reset_multiprocess_dir(self.metrics_dir)
+        os.environ[metrics.MULTIPROC_ENV] = str(self.metrics_dir)
+        metrics.WORKERS_CONFIGURED.set(len(self.workers))
         if cfg.metrics_listen is not None:
-            # Workers (started below) inherit the directory and write their metrics there.
-            metrics.reset_multiprocess_dir(self.metrics_dir)
-            os.environ[metrics.MULTIPROC_ENV] = str(self.metrics_dir)
-            self.metrics_port = metrics.serve(cfg.metrics_listen, self.metrics_dir)
+            self.metrics_port = metrics.serve(
+                cfg.metrics_listen, self.metrics_dir, _scrape_time_collectors(cfg)
+            )
         self.finalize_queue.start()
         self.upload_queue.start()
         self.outbox_monitor.start()
@@ -135,6 +142,7 @@ class AgentDaemon:
     def run(self) -> None:
         interval = sdnotify.watchdog_interval()
         tick = min(1.0, interval / 2) if interval else 1.0
+        next_status = 0.0
         while not self.stop_event.wait(tick):
             if self.hup_event.is_set():
                 self.hup_event.clear()
@@ -154,7 +162,27 @@ class AgentDaemon:
             if not (spool_ok and all(loop.is_alive() for loop in loops)):
                 log.error("agent_loop_died", action="shutdown")
                 raise SystemExit(1)
+            if time.monotonic() >= next_status:
+                next_status = time.monotonic() + STATUS_INTERVAL_S
+                self._report_status()
             sdnotify.watchdog()
+
+    def _report_status(self) -> None:
+        """The workers-up gauge, and the STATUS= line of ``systemctl status``."""
+        up = sum(1 for w in self.workers if w.process is not None and w.process.poll() is None)
+        metrics.WORKERS_UP.set(up)
+        try:
+            calls = metrics.calls_active(self.metrics_dir)
+        except (OSError, ValueError):  # a worker's file being created: next time
+            calls = 0
+        line = agent_status(
+            up,
+            len(self.workers),
+            calls,
+            self.outbox_monitor.last,
+            metrics.quarantined(self.config.quarantine_dir),
+        )
+        sdnotify.status(line)
 
     def shutdown(self) -> None:
         sdnotify.stopping()
@@ -312,6 +340,7 @@ class AgentDaemon:
                 exit_code=process.returncode,
                 restart_in_s=round(delay, 1),
             )
+            metrics.worker_exited(self.metrics_dir, process.pid)  # its calls are over
             worker.process, worker.next_start = None, now + delay
             worker.restarts += 1
         if now >= worker.next_start:
@@ -342,6 +371,17 @@ def _metrics_dir(config: AgentConfig) -> Path:
     the runtime directory (RAM) instead; elsewhere beside the data."""
     runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
     return Path(runtime) / "metrics" if runtime else config.data_dir / "metrics"
+
+
+def _scrape_time_collectors(cfg: AgentConfig) -> list[Collector]:
+    collectors: list[Collector] = [
+        metrics.DiskSpace(cfg.data_dir),
+        metrics.Quarantine(cfg.quarantine_dir),
+    ]
+    tls = cfg.uplink.tls
+    if tls is not None:
+        collectors.append(metrics.CertificateExpiry({"client": tls.cert_file, "ca": tls.ca_file}))
+    return collectors
 
 
 def _worker_env() -> dict[str, str]:

@@ -30,6 +30,8 @@ The rules (the privacy notice wins over any restatement):
   data subject's rights is a legal obligation); opening the sealed last digits for
   *legal* or *security*. The service also requires a reason (a case reference) for
   these.
+* **The audit log** is read by the privacy officer (purpose legal or security) and by
+  admins (purpose security: investigating misuse); reading it is audited too.
 * A **restricted** recording (GDPR art. 18) is not played or exported (also not in a
   package) except by the privacy officer for purpose *legal*; its metadata stays
   visible, marked restricted.
@@ -61,6 +63,8 @@ class Operation(StrEnum):
     RELEASE = "release"
     RECTIFY = "rectify"
     UNSEAL = "unseal"
+    SIGN_IN = "sign_in"  # WhoAmI: authentication only, no recording
+    AUDIT_VIEW = "audit_view"
 
 
 class Purpose(StrEnum):
@@ -177,6 +181,8 @@ def decide(
         return deny(f"{person.role.value} without a training date on record")
     if operation in OFFICER_OPERATIONS:
         return _officer_operation(person, operation, purpose, recording)
+    if operation is Operation.AUDIT_VIEW:
+        return _audit_view(person, purpose)
     if recording is not None and not scope_of(person, directory).covers(recording):
         return deny(f"recording outside the {person.role.value}'s scope")
     if operation in (Operation.SEARCH, Operation.GET):
@@ -194,6 +200,15 @@ def _officer_operation(
         wanted = " or ".join(sorted(p.value for p in purposes))
         return deny(f"{operation.value} needs purpose {wanted}")
     return allow(f"{operation.value} by the privacy officer")
+
+
+def _audit_view(person: Person, purpose: Purpose) -> Decision:
+    """The audit log: the privacy officer (legal, security) and admins (security)."""
+    if person.role is Role.PRIVACY_OFFICER and purpose in (Purpose.LEGAL, Purpose.SECURITY):
+        return allow(f"audit view by the privacy officer for {purpose.value}")
+    if person.role is Role.ADMIN and purpose is Purpose.SECURITY:
+        return allow("audit view by an admin for security")
+    return deny("the audit log is for the privacy officer and, for security, admins")
 
 
 def _audio(

@@ -33,6 +33,7 @@ class Filters:
     service_number: str = ""
     customer_masked: str = ""
     flags: tuple[str, ...] = ()
+    direction: str = ""
 
     def names(self) -> str:
         """Which filters were given (for the audit log; not their values)."""
@@ -62,6 +63,8 @@ def _filtered(filters: Filters, scope: Scope) -> sa.Select[Any]:
         query = query.where(c.service_number == filters.service_number)
     if filters.customer_masked:
         query = query.where(c.customer_masked == filters.customer_masked)
+    if filters.direction:
+        query = query.where(c.direction == filters.direction)
     for flag in filters.flags:
         query = query.where(c.flags.contains(flag, autoescape=True))
     if not scope.everything:

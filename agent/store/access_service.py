@@ -16,6 +16,8 @@ bits, so this tells nobody anything).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import datetime as dt
 import os
 import re
@@ -35,7 +37,7 @@ from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.privacy import KeyFileError, normalise
 from agent.store import access_queries as q
-from agent.store import audit, tokens
+from agent.store import access_web, audit, identity, tokens
 from agent.store.access import (
     OFFICER_OPERATIONS,
     Operation,
@@ -46,17 +48,26 @@ from agent.store.access import (
     scope_of,
     scrub,
 )
-from agent.store.catalog import Catalog, RecordingRow, now_ms
+from agent.store.access_trail import UnauthenticatedTrail
+from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
 from agent.store.console import info_of
 from agent.store.crypto import CryptoError
+from agent.store.monitoring import ACCESS_REQUESTS
 from agent.store.numbers import SealError, SealKeyring, TooManyCandidates, find_calls
+from agent.store.retention import add_months
+from agent.store.rpc_errors import bounded_id, status_of
 from agent.store.sweeper import RecordingHeld, Sweeper
 from agent.store.vault import Vault
 
 log = logs.get_logger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
-_ID = re.compile(r"^[0-9a-f]{32}$")
+_ID = re.compile(r"[0-9a-f]{32}")
+MAX_TOKEN_CHARS = 200  # a token is 66 characters; a longer header is not read
+# The request being served, as far as it is known (for the audit of an internal error).
+_ATTEMPT: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
+    "callrec_access_attempt", default=None
+)
 PURPOSES = {
     apb.PURPOSE_VERIFICATION: Purpose.VERIFICATION,
     apb.PURPOSE_LEGAL: Purpose.LEGAL,
@@ -100,6 +111,7 @@ class Caller:
     actor: str  # "person:<id>", "token:<id>" or "anonymous"
     person: Person | None
     problem: str = ""
+    channel: str = "cli"  # "web" for the web's OIDC ID tokens, "cli" for personal tokens
 
 
 @dataclass(frozen=True)
@@ -111,8 +123,11 @@ class Attempt:
     recording_id: str | None
     purpose: str = ""
     reason: str = ""
+    channel: str = "cli"
+    role: str = "unknown"  # the person's role, once known (for the metrics)
 
     def event(self, outcome: str, detail: str = "") -> audit.Event:
+        detail = f"channel={self.channel} {detail}".strip()
         return audit.Event(
             self.actor, self.op.value, self.recording_id, self.reason, outcome, self.purpose,
             detail,
@@ -141,6 +156,7 @@ _OUTCOMES = {
     grpc.StatusCode.PERMISSION_DENIED: "denied",
     grpc.StatusCode.NOT_FOUND: "not_found",
     grpc.StatusCode.UNAVAILABLE: "unavailable",
+    grpc.StatusCode.OUT_OF_RANGE: "out_of_range",
 }
 
 
@@ -160,6 +176,8 @@ class AccessService(apb_grpc.AccessServicer):
         self.today = today
         self.directory = DirectoryFile(config.directory_file)
         self.sweeper = Sweeper.from_config(config, catalog, vault)
+        self.trail = UnauthenticatedTrail(self._audit)
+        self.oidc = identity.OidcVerifier(config.oidc) if config.oidc else None
 
     # ------------------------------------------------------------ gate and audit
 
@@ -168,6 +186,10 @@ class AccessService(apb_grpc.AccessServicer):
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return Caller("anonymous", None, "no 'authorization: Bearer <token>' metadata")
+        if len(token) > MAX_TOKEN_CHARS:
+            return Caller("anonymous", None, "malformed token")
+        if self.oidc is not None and identity.looks_like_jwt(token.strip()):
+            return self._web_person(self.oidc.verify(token.strip()))
         checked = tokens.check(self.catalog, token.strip())
         actor = (
             f"person:{checked.person_id}"
@@ -184,6 +206,15 @@ class AccessService(apb_grpc.AccessServicer):
             return Caller(actor, None, "person is not in the directory")
         return Caller(actor, person)
 
+    def _web_person(self, found: identity.Identity) -> Caller:
+        if found.person_id is None:
+            return Caller("anonymous", None, found.problem, "web")
+        person = self.directory.current().people.get(found.person_id)
+        actor = f"person:{found.person_id}"
+        if person is None:
+            return Caller(actor, None, "person is not in the directory", "web")
+        return Caller(actor, person, channel="web")
+
     async def _audit(self, event: audit.Event) -> None:
         def write() -> None:
             with self.catalog.engine.begin() as conn:
@@ -194,10 +225,18 @@ class AccessService(apb_grpc.AccessServicer):
     async def _refuse(
         self, context: Context, attempt: Attempt, code: grpc.StatusCode, message: str
     ) -> NoReturn:
-        """Audit a refusal, log it, abort the call with ``code``."""
+        """Audit a refusal, log it, abort the call with ``code``. Unauthenticated
+        failures are aggregated per source (``access_trail``)."""
         outcome = _OUTCOMES.get(code, "refused")
         detail = scrub(message, 400)
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            record, source = await self.trail.admit(context.peer(), attempt.actor)
+            if not record:
+                await context.abort(code, message)
+                raise AssertionError("unreachable")
+            detail = scrub(f"{message}; source={source}", 400)
         await self._audit(attempt.event(outcome, detail))
+        ACCESS_REQUESTS.labels(attempt.role, attempt.op.value, outcome).inc()
         log.info(
             "access_refused",
             actor=attempt.actor,
@@ -209,6 +248,36 @@ class AccessService(apb_grpc.AccessServicer):
         await context.abort(code, message)
         raise AssertionError("unreachable")
 
+    async def flush(self) -> None:
+        """Write the counts of unauthenticated failures still held (the store stops)."""
+        await self.trail.flush()
+
+    async def failed(self, context: Context, exc: Exception, method: str) -> None:
+        """An unexpected failure: audited as ``error`` (with the request as far as it is
+        known), logged with a reference, answered with a generic message."""
+        failure = status_of(exc)
+        attempt = _ATTEMPT.get()
+        detail = f"{type(exc).__name__} ref={failure.ref}"
+        try:
+            if attempt is not None:
+                await self._audit(attempt.event(failure.outcome, detail))
+            else:
+                op = method.rpartition("/")[2].lower()
+                event = audit.Event("anonymous", op, None, "", failure.outcome, "", detail)
+                await self._audit(event)
+        except Exception as audit_exc:  # noqa: BLE001 - the catalog may be what failed
+            log.error("access_audit_failed", ref=failure.ref, error=type(audit_exc).__name__)
+        log.error(
+            "access_failed",
+            method=method,
+            actor=attempt.actor if attempt else "anonymous",
+            recording_id=attempt.recording_id if attempt else None,
+            code=failure.code.name,
+            ref=failure.ref,
+            error=f"{type(exc).__name__}: {str(exc)[:300]}",
+        )
+        await context.abort(failure.code, failure.client_message)
+
     async def _invalid(self, context: Context, attempt: Attempt, message: str) -> NoReturn:
         await self._refuse(context, attempt, grpc.StatusCode.INVALID_ARGUMENT, message)
 
@@ -217,6 +286,7 @@ class AccessService(apb_grpc.AccessServicer):
         await self._refuse(context, attempt, grpc.StatusCode.FAILED_PRECONDITION, message)
 
     async def _caller(self, context: Context, attempt: Attempt) -> tuple[Caller, Directory]:
+        await self.trail.flush_due()
         metadata = tuple((str(k), v) for k, v in context.invocation_metadata() or ())
         try:
             caller = await asyncio.to_thread(self._identify, metadata)
@@ -229,29 +299,37 @@ class AccessService(apb_grpc.AccessServicer):
     async def _gate(
         self, context: Context, op: Operation, request: Any, recording_id: str | None = None
     ) -> Grant:
-        """Authenticate, validate, authorise — auditing every refusal — or abort."""
-        attempt = Attempt("anonymous", op, recording_id)
+        """Authenticate, validate, authorise — auditing every refusal — or abort. A
+        recording id that is not one is never written anywhere (audit: none)."""
+        well_formed = recording_id if recording_id and _ID.fullmatch(recording_id) else None
+        attempt = Attempt("anonymous", op, well_formed)
+        _ATTEMPT.set(attempt)
         caller, directory = await self._caller(context, attempt)
-        attempt = replace(attempt, actor=caller.actor)
+        attempt = replace(attempt, actor=caller.actor, channel=caller.channel)
+        _ATTEMPT.set(attempt)
         if caller.person is None:
             unauthenticated = grpc.StatusCode.UNAUTHENTICATED
             message = f"authentication failed: {caller.problem}"
             await self._refuse(context, attempt, unauthenticated, message)
-        attempt = replace(attempt, reason=scrub(request.reason))
+        attempt = replace(attempt, reason=scrub(request.reason), role=caller.person.role.value)
         purpose = PURPOSES.get(request.purpose)
         if purpose is None:
             await self._invalid(
                 context, attempt, "purpose: verification, legal, training or security"
             )
         attempt = replace(attempt, purpose=purpose.value)
+        _ATTEMPT.set(attempt)
         if op in OFFICER_OPERATIONS and not attempt.reason:
             await self._invalid(context, attempt, "reason: say why (e.g. the request's case id)")
-        row = None if recording_id is None else await self._recording(context, attempt)
+        row = None
+        if recording_id is not None:
+            row = await self._recording(context, replace(attempt, recording_id=None), recording_id)
         facts = RecordingFacts.of(row) if row is not None else None
         decision = decide(caller.person, op, purpose, facts, directory, self.today())
         if decision.verdict is not Verdict.ALLOW:
             denied = grpc.StatusCode.PERMISSION_DENIED
             await self._refuse(context, attempt, denied, decision.why)
+        ACCESS_REQUESTS.labels(attempt.role, op.value, "allowed").inc()
         return Grant(attempt, caller.person, purpose, row, directory)
 
     async def _recording(
@@ -259,10 +337,13 @@ class AccessService(apb_grpc.AccessServicer):
     ) -> RecordingRow:
         """The live recording the request names, or abort (INVALID_ARGUMENT, NOT_FOUND)."""
         rid = attempt.recording_id if recording_id is None else recording_id
-        attempt = replace(attempt, recording_id=rid)
-        if rid is None or not _ID.match(rid):
+        if rid is None or not _ID.fullmatch(rid):
             attempt = replace(attempt, recording_id=None)
-            await self._invalid(context, attempt, "recording_id: expected 32 lower-case hex digits")
+            shown = bounded_id(scrub(rid or "", 100), 40)
+            await self._invalid(
+                context, attempt, f"recording_id {shown!r}: expected 32 lower-case hex digits"
+            )
+        attempt = replace(attempt, recording_id=rid)
         row = await asyncio.to_thread(self.catalog.get, rid)
         if row is None or row.destroy_reason is not None:
             not_found = grpc.StatusCode.NOT_FOUND
@@ -270,6 +351,9 @@ class AccessService(apb_grpc.AccessServicer):
         return row
 
     # ------------------------------------------------------------ everyone
+
+    async def WhoAmI(self, request: apb.WhoAmIRequest, context: Context) -> apb.PersonView:
+        return await access_web.who_am_i(self, context)
 
     async def Search(self, request: apb.SearchRequest, context: Context) -> apb.SearchResponse:
         grant = await self._gate(context, Operation.SEARCH, request)
@@ -281,12 +365,15 @@ class AccessService(apb_grpc.AccessServicer):
             service_number=request.service_number,
             customer_masked=request.customer_masked.replace(" ", ""),
             flags=tuple(request.flags),
+            direction=request.direction,
         )
         limit = request.limit if 0 < request.limit <= 1000 else 100
         scope = scope_of(grant.person, grant.directory)
         rows, more = await asyncio.to_thread(q.search, self.catalog, filters, scope, limit)
         await self._audit(grant.event(None, f"results={len(rows)} filters={filters.names()}"))
-        return apb.SearchResponse(recordings=[view_of(r) for r in rows], truncated=more)
+        months = self.config.retention_months
+        views = [view_of(r, months) for r in rows]
+        return apb.SearchResponse(recordings=views, truncated=more)
 
     async def GetRecording(
         self, request: apb.RecordingRequest, context: Context
@@ -294,7 +381,7 @@ class AccessService(apb_grpc.AccessServicer):
         grant = await self._gate(context, Operation.GET, request, request.recording_id)
         row = _row(grant)
         await self._audit(grant.event(row.recording_id))
-        return view_of(row)
+        return view_of(row, self.config.retention_months)
 
     async def Play(
         self, request: apb.RecordingRequest, context: Context
@@ -313,14 +400,31 @@ class AccessService(apb_grpc.AccessServicer):
     ) -> AsyncIterator[pb.AudioChunk]:
         grant = await self._gate(context, op, request, request.recording_id)
         row = _row(grant)
-        await self._audit(grant.event(row.recording_id, f"bytes={row.size}"))
+        audio = await self._opened(row, grant.event(row.recording_id, f"bytes={row.size}"))
         first = True
-        async for data in self._decrypted(row, context):
+        async for data in audio:
             yield pb.AudioChunk(data=data, audio_format=row.audio_format if first else "")
             first = False
 
-    async def _decrypted(self, row: RecordingRow, context: Context) -> AsyncIterator[bytes]:
+    async def _opened(self, row: RecordingRow, allowed: audit.Event) -> AsyncIterator[bytes]:
+        """The recording's plaintext, once its key has opened and its first chunk has
+        decrypted; only then is ``allowed`` audited (a failure before that is audited
+        as ``error`` by ``failed`` and never as allowed)."""
         chunks: Iterator[bytes] = self.vault.read(row.recording_id, row.blob_key)
+        first = await asyncio.to_thread(next, chunks, b"")
+        await self._audit(allowed)
+        return _rest(first, chunks)
+
+    async def PlayRange(
+        self, request: apb.RangeRequest, context: Context
+    ) -> AsyncIterator[apb.RangeChunk]:
+        async for chunk in access_web.play_range(self, request, context):
+            yield chunk
+
+    async def _decrypted(
+        self, row: RecordingRow, context: Context, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        chunks: Iterator[bytes] = self.vault.read(row.recording_id, row.blob_key, offset, length)
         while True:
             try:
                 data = await asyncio.to_thread(next, chunks, b"")
@@ -361,7 +465,8 @@ class AccessService(apb_grpc.AccessServicer):
         ids: list[str | None] = [r.recording_id for r in found.rows]
         for rid in ids or [None]:
             await self._audit(grant.event(rid, detail))
-        return apb.SearchResponse(recordings=[view_of(r) for r in found.rows])
+        months = self.config.retention_months
+        return apb.SearchResponse(recordings=[view_of(r, months) for r in found.rows])
 
     def _seal_keyring(self) -> SealKeyring:
         if self.config.seal_key_file is None:
@@ -376,12 +481,15 @@ class AccessService(apb_grpc.AccessServicer):
         if not 0 < len(ids) <= MAX_PACKAGE:
             await self._invalid(context, grant.attempt, f"recording_ids: 1..{MAX_PACKAGE}")
         rows = [await self._recording(context, grant.attempt, rid) for rid in ids]
+        for row in rows:  # every key opens before anything is audited as allowed
+            await asyncio.to_thread(self.vault.data_key, row.recording_id, row.blob_key)
         for row in rows:
             await self._audit(grant.event(row.recording_id, f"package_of={len(rows)}"))
         yield apb.PackageChunk(metadata_json=q.package_metadata(rows, now_ms()))
         for row in rows:
             name, first = q.audio_name(row), True
-            async for data in self._decrypted(row, context):
+            chunks = self.vault.read(row.recording_id, row.blob_key)
+            async for data in _rest(await asyncio.to_thread(next, chunks, b""), chunks):
                 fmt = row.audio_format if first else ""
                 yield apb.PackageChunk(file=apb.PackageFile(name=name, data=data, audio_format=fmt))
                 first = False
@@ -460,6 +568,16 @@ class AccessService(apb_grpc.AccessServicer):
             recording_id=row.recording_id, customer_masked=row.customer_masked, last_digits=digits
         )
 
+    async def AuditLog(self, request: apb.AuditRequest, context: Context) -> apb.AuditResponse:
+        return await access_web.audit_log(self, request, context)
+
+
+async def _rest(first: bytes, chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    data = first
+    while data:
+        yield data
+        data = await asyncio.to_thread(next, chunks, b"")
+
 
 def _row(grant: Grant) -> RecordingRow:
     if grant.row is None:
@@ -467,10 +585,18 @@ def _row(grant: Grant) -> RecordingRow:
     return grant.row
 
 
-def view_of(row: RecordingRow) -> apb.RecordingView:
-    return apb.RecordingView(
+def view_of(row: RecordingRow, retention_months: int | None = None) -> apb.RecordingView:
+    view = apb.RecordingView(
         info=info_of(row), restricted=row.restricted, legal_hold=row.legal_hold
     )
+    if retention_months is not None:
+        view.destroy_after.FromDatetime(add_months(from_ms(row.ended_at_ms), retention_months))
+    for employee in row.employees:
+        joined = view.joined_at.add()
+        if employee.get("joined_at"):
+            with contextlib.suppress(ValueError):
+                joined.FromDatetime(dt.datetime.fromisoformat(employee["joined_at"]))
+    return view
 
 
 def add_access_service(

@@ -10,8 +10,13 @@ and ``entry_hash = sha256(canonical)``, where ``canonical`` is the UTF-8 JSON ob
      "recording_id", "seq", "v": 1}
 
 The one-row table ``audit_head`` holds the newest ``seq`` and ``entry_hash``; ``append``
-updates it first, which serialises appenders on both engines (SQLite: the write lock;
-PostgreSQL: the row lock) and lets ``verify`` notice entries removed from the end.
+locks it first (an UPDATE that changes nothing), which serialises appenders on both
+engines (SQLite: the write lock; PostgreSQL: the row lock), takes the entries' time
+under that lock (never before the previous entry's: times only go forward along the
+chain, however sweepers and services on several hosts interleave), inserts them and
+moves the head in one UPDATE. ``verify`` notices entries removed from the end. A
+trigger (migration 0006) refuses any other UPDATE of the head — one that does not
+move it to the newest entry of a chain that follows the old head — and its DELETE.
 Editing an entry breaks its hash, removing one leaves a gap in ``seq``, reordering
 breaks ``prev_hash``. The database also refuses UPDATE/DELETE on ``audit_events``
 (triggers made by migration 0003), so tampering needs the owner's rights, and
@@ -34,6 +39,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from agent.store import denylist as _denylist  # noqa: F401  (and agent_denylist)
 from agent.store import tokens as _tokens  # noqa: F401  (access_tokens joins the metadata)
 from agent.store.catalog import Catalog, metadata, now_ms
 
@@ -129,13 +135,16 @@ def append_events(
     head = conn.execute(
         sa.update(audit_head)
         .where(audit_head.c.id == 1)
-        .values(seq=audit_head.c.seq + len(events))
+        .values(seq=audit_head.c.seq)  # takes the lock, changes nothing
         .returning(audit_head.c.seq, audit_head.c.last_hash)
     ).first()
     if head is None:
         raise AuditError("audit chain head missing: the catalog is not migrated")
-    when = now_ms() if at_ms is None else at_ms
-    prev, first = str(head.last_hash), int(head.seq) - len(events) + 1
+    last_at = conn.execute(
+        sa.select(audit_events.c.at_ms).where(audit_events.c.seq == head.seq)
+    ).scalar()
+    when = max(now_ms() if at_ms is None else at_ms, int(last_at or 0))
+    prev, first = str(head.last_hash), int(head.seq) + 1
     entries: list[dict[str, Any]] = []
     for seq, event in enumerate(events, first):
         values: dict[str, Any] = {
@@ -143,7 +152,7 @@ def append_events(
             "at_ms": when,
             "actor": event.actor[:200],
             "action": event.action[:32],
-            "recording_id": event.recording_id,
+            "recording_id": event.recording_id[:32] if event.recording_id else None,
             "purpose": event.purpose[:16],
             "reason": event.reason[:200],
             "outcome": event.outcome[:32],
@@ -153,7 +162,11 @@ def append_events(
         values["entry_hash"] = prev = entry_hash(values)
         entries.append(values)
     conn.execute(sa.insert(audit_events), entries)
-    conn.execute(sa.update(audit_head).where(audit_head.c.id == 1).values(last_hash=prev))
+    conn.execute(
+        sa.update(audit_head)
+        .where(audit_head.c.id == 1)
+        .values(seq=entries[-1]["seq"], last_hash=prev)
+    )
     return [e["seq"] for e in entries]
 
 
@@ -230,7 +243,7 @@ def _check_entry(row: dict[str, Any], expected_seq: int, prev: str) -> str:
     return ""
 
 
-def _read_head(catalog: Catalog) -> tuple[int, str] | None:
+def read_head(catalog: Catalog) -> tuple[int, str] | None:
     with catalog.engine.connect() as conn:
         found = conn.execute(
             sa.select(audit_head.c.seq, audit_head.c.last_hash).where(audit_head.c.id == 1)
@@ -240,7 +253,7 @@ def _read_head(catalog: Catalog) -> tuple[int, str] | None:
 
 def verify(catalog: Catalog) -> Verdict:
     """Walk the chain from the first entry; the verdict names the first bad one."""
-    head = _read_head(catalog)
+    head = read_head(catalog)
     expected, prev = 1, GENESIS
     for row in _rows(catalog):
         problem = _check_entry(row, expected, prev)

@@ -22,22 +22,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from agent import logs
-from agent.capture import fsync_dir
-from agent.certs import site_from_auth_context
+from agent.certs import peer_certificate, serial_of, site_of
 from agent.manifest import (
     DIRECTION_NAMES,
+    ClockAhead,
     ManifestError,
     employees_json,
     validate_manifest,
@@ -45,9 +43,12 @@ from agent.manifest import (
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import KeyFileError
+from agent.store import monitoring, partials
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
+from agent.store.denylist import DenyList
 from agent.store.numbers import SealError, SealKeyring
 from agent.store.residency import DEFAULT_ALLOWED_REGIONS, region_allowed
+from agent.store.upload_limits import LimitExceeded, Limits, UploadLimits
 from agent.store.vault import SourceMismatch, Vault
 
 log = logs.get_logger(__name__)
@@ -59,7 +60,10 @@ SEAL_UNOPENABLE = "customer_seal_unopenable"  # flag: no key of seal.pem opens t
 SYNC_EVERY_BYTES = 8 * 1024 * 1024
 # A second stream for a recording waits this long for the first to end, then ABORTED.
 LOCK_WAIT_S = 10.0
-_ID = re.compile(r"^[0-9a-f]{32}$")
+# A stream that sends nothing for this long is closed (DEADLINE_EXCEEDED); what it
+# sent is kept for a resume.
+IDLE_TIMEOUT_S = 60.0
+_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class UploadRejected(Exception):
@@ -88,16 +92,21 @@ class IngestService(pb_grpc.IngestServicer):
         incoming: Path,
         allowed_regions: tuple[str, ...] = DEFAULT_ALLOWED_REGIONS,
         authenticate: bool = False,
+        limits: Limits | None = None,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
         seal_key_file: Path | None = None,
     ) -> None:
         self.seal_key_file = seal_key_file  # to check that each sealed tail opens
         self.catalog = catalog
+        self.idle_timeout_s = idle_timeout_s
         self.authenticate = authenticate
         self.vault = vault
         self.incoming = incoming
         self.region = vault.region
         self.allowed_regions = allowed_regions
         self.incoming.mkdir(parents=True, exist_ok=True)
+        self.limits = UploadLimits(incoming, limits or Limits())
+        self.denylist = DenyList(catalog)
         self._locks: dict[str, asyncio.Lock] = {}
         self._lock_users: dict[str, int] = {}
 
@@ -110,7 +119,7 @@ class IngestService(pb_grpc.IngestServicer):
     async def QueryUpload(
         self, request: pb.QueryUploadRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.QueryUploadResponse:
-        if not _ID.match(request.recording_id):
+        if not _ID.fullmatch(request.recording_id):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "recording_id: expected 32 hex digits"
             )
@@ -126,14 +135,23 @@ class IngestService(pb_grpc.IngestServicer):
                 committed_size=row.size, complete=True, receipt=receipt_of(row)
             )
         part, manifest_file = self._paths(request.recording_id)
-        size = await asyncio.to_thread(_partial_size, part, manifest_file, site)
+        size = await asyncio.to_thread(partials.committed_size, part, manifest_file, site)
         return pb.QueryUploadResponse(committed_size=size)
 
     async def _peer_site(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
         """The site of the caller's certificate (None when the store runs without TLS)."""
         if not self.authenticate:
             return None
-        site = site_from_auth_context(context.auth_context())
+        cert = peer_certificate(context.auth_context())
+        site = None if cert is None else site_of(cert)
+        if cert is not None:
+            refusal = await asyncio.to_thread(self.denylist.refusal, serial_of(cert), site)
+            if refusal is not None:
+                log.warning("upload_refused", reason="revoked", detail=refusal)
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{refusal} (`callrec certs revoked`); nothing was stored",
+                )
         if site is None:
             log.warning("upload_refused", reason="no_site_in_certificate")
             await context.abort(
@@ -148,27 +166,32 @@ class IngestService(pb_grpc.IngestServicer):
         request_iterator: AsyncIterator[pb.UploadRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.UploadReceipt:
+        """One upload stream, counted: in progress, stored, or refused by its code."""
+        monitoring.UPLOADS_IN_PROGRESS.inc()
+        try:
+            return await self._upload(request_iterator, context)
+        except BaseException:
+            code = context.code()  # what context.abort set; None: cancelled under us
+            name = code.name if isinstance(code, grpc.StatusCode) else "CANCELLED"
+            monitoring.UPLOADS_REFUSED.labels(name).inc()
+            raise
+        finally:
+            monitoring.UPLOADS_IN_PROGRESS.dec()
+
+    async def _upload(
+        self,
+        request_iterator: AsyncIterator[pb.UploadRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.UploadReceipt:
         site = await self._peer_site(context)
-        try:
-            first = await anext(request_iterator)
-        except StopAsyncIteration:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload stream")
-        if first.WhichOneof("kind") != "manifest":
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the first message must carry the manifest"
-            )
-        manifest = first.manifest
-        try:
-            validate_manifest(manifest)
-        except ManifestError as exc:
-            log.warning("upload_refused", recording_id=manifest.recording_id[:32], reason=str(exc))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"manifest: {exc}")
+        manifest = await self._manifest_of(request_iterator, context)
         _drop_agent_digest(manifest)
         await self._check_site(manifest, site, context)
         await self._check_region(manifest, context)
         try:
-            async with self._exclusive(manifest.recording_id):
-                return await self._receive(manifest, request_iterator)
+            with self._slot(site or manifest.site, manifest):
+                async with self._exclusive(manifest.recording_id):
+                    return await self._receive(manifest, request_iterator)
         except UploadRejected as exc:
             interrupted = isinstance(exc, UploadInterrupted)
             log.log(
@@ -180,6 +203,48 @@ class IngestService(pb_grpc.IngestServicer):
             )
             await context.abort(exc.code, str(exc))
         raise AssertionError("unreachable")
+
+    async def _manifest_of(
+        self,
+        requests: AsyncIterator[pb.UploadRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.Manifest:
+        """The stream's first message, a valid manifest, or abort (before anything is
+        written; a time ahead of our clock is FAILED_PRECONDITION: the agent retries)."""
+        try:
+            async with asyncio.timeout(self.idle_timeout_s):
+                first = await anext(requests)
+        except StopAsyncIteration:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload stream")
+        except TimeoutError:
+            message = f"no manifest within {self.idle_timeout_s:.0f} s; stream closed"
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+        if first.WhichOneof("kind") != "manifest":
+            message = "the first message must carry the manifest"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        try:
+            validate_manifest(first.manifest)
+        except ManifestError as exc:
+            status = grpc.StatusCode
+            code = (
+                status.FAILED_PRECONDITION
+                if isinstance(exc, ClockAhead)
+                else status.INVALID_ARGUMENT
+            )
+            rid = first.manifest.recording_id[:32]
+            log.warning("upload_refused", recording_id=rid, code=code.name, reason=str(exc))
+            await context.abort(code, f"manifest: {exc}")
+        return first.manifest
+
+    @contextlib.contextmanager
+    def _slot(self, site: str, manifest: pb.Manifest) -> Iterator[None]:
+        """A place among the site's uploads (``upload_limits``), or RESOURCE_EXHAUSTED."""
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.limits.upload(site, manifest.recording_id, manifest.size))
+            except LimitExceeded as exc:
+                raise UploadRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+            yield
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, recording_id: str) -> AsyncIterator[None]:
@@ -254,21 +319,27 @@ class IngestService(pb_grpc.IngestServicer):
             log.info("upload_duplicate", recording_id=rid, outcome="original_receipt")
             return receipt_of(existing)
         part, manifest_file = self._paths(rid)
-        committed = await asyncio.to_thread(_resumable_size, manifest, part, manifest_file)
+        committed = await asyncio.to_thread(partials.resumable_size, manifest, part, manifest_file)
         started = time.monotonic()
-        fd, unsynced, stored = -1, 0, False
+        writer: partials.PartWriter | None = None
+        unsynced, stored = 0, False
         try:
-            async for request in requests:
+            while (request := await self._next(requests, committed)) is not None:
                 kind = request.WhichOneof("kind")
                 if kind == "chunk":
                     _check_chunk(manifest, committed, request.chunk)
-                    if fd < 0:
-                        fd = await asyncio.to_thread(
-                            _open_part, manifest, part, manifest_file, committed
+                    if writer is None:
+                        writer = await asyncio.to_thread(
+                            partials.open_part,
+                            manifest,
+                            part,
+                            manifest_file,
+                            committed,
+                            self.vault.wrapper,
                         )
                     unsynced += len(request.chunk.data)
                     sync = unsynced >= SYNC_EVERY_BYTES
-                    await asyncio.to_thread(_append, fd, request.chunk.data, sync)
+                    await asyncio.to_thread(partials.append, writer, request.chunk.data, sync)
                     unsynced = 0 if sync else unsynced
                     committed += len(request.chunk.data)
                 elif kind == "finish":
@@ -282,12 +353,29 @@ class IngestService(pb_grpc.IngestServicer):
                         grpc.StatusCode.INVALID_ARGUMENT, "a second manifest in one stream"
                     )
         finally:
-            if fd >= 0:
-                _close_part(fd, sync=unsynced > 0 and not stored)
+            if writer is not None:
+                partials.close_part(writer, sync=unsynced > 0 and not stored)
         raise UploadInterrupted(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"stream ended before finish; committed_size={committed}",
         )
+
+    async def _next(
+        self, requests: AsyncIterator[pb.UploadRequest], committed: int
+    ) -> pb.UploadRequest | None:
+        """The next message (None: the stream ended), or DEADLINE_EXCEEDED when the
+        agent sends nothing for ``idle_timeout_s`` (what arrived is kept)."""
+        try:
+            async with asyncio.timeout(self.idle_timeout_s):
+                return await anext(requests)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise UploadInterrupted(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"nothing received for {self.idle_timeout_s:.0f} s; stream closed, "
+                f"committed_size={committed}",
+            ) from None
 
     async def _finish(
         self,
@@ -310,15 +398,22 @@ class IngestService(pb_grpc.IngestServicer):
                 f"finish at {size} bytes but the manifest says {manifest.size}",
             )
         try:
-            row = await asyncio.to_thread(self._commit, manifest, part, manifest_file)
+            row, inserted = await asyncio.to_thread(self._commit, manifest, part, manifest_file)
         except SourceMismatch as exc:
-            await asyncio.to_thread(part.unlink, True)
-            await asyncio.to_thread(manifest_file.unlink, True)
+            await asyncio.to_thread(partials.discard, part, manifest_file)
             raise UploadRejected(
                 grpc.StatusCode.DATA_LOSS,
                 f"sha256 of the received bytes is {exc.actual}, the manifest says "
                 f"{manifest.sha256}; upload discarded, send it again",
             ) from None
+        if not inserted:  # another stream (another replica) stored it first
+            if row.sha256 != manifest.sha256 or row.site != manifest.site:
+                raise UploadRejected(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"recording {rid} is already stored with a different sha256 or site",
+                )
+            log.info("upload_duplicate", recording_id=rid, outcome="lost_race_original_receipt")
+            return receipt_of(row)
         log.info(
             "recording_stored",
             recording_id=rid,
@@ -330,22 +425,33 @@ class IngestService(pb_grpc.IngestServicer):
             receive_s=round(received - started, 3),
             seal_s=round(time.monotonic() - received, 3),
         )
+        monitoring.UPLOADS_STORED.inc()
+        monitoring.BYTES_STORED.inc(row.size)
         return receipt_of(row)
 
-    def _commit(self, manifest: pb.Manifest, part: Path, manifest_file: Path) -> RecordingRow:
+    def _commit(
+        self, manifest: pb.Manifest, part: Path, manifest_file: Path
+    ) -> tuple[RecordingRow, bool]:
         """Key row, then encrypted blob (whose sha256 must be the manifest's, else
-        SourceMismatch), then recording row: a row always has its blob."""
+        SourceMismatch), then recording row: a row always has its blob. Returns the
+        stored row and whether this call inserted it (False: an earlier commit won)."""
         rid = manifest.recording_id
-        blob_key = self.vault.store(rid, part, self.incoming, expected_sha256=manifest.sha256)
+        blob_key = self.vault.store(
+            rid,
+            part,
+            self.incoming,
+            expected_sha256=manifest.sha256,
+            opener=partials.plaintext_opener(part, rid, self.vault.wrapper),
+        )
         self._check_seal(manifest)
         row = row_from_manifest(manifest, blob_key=blob_key, region=self.region)
-        if not self.catalog.insert(row):
+        inserted = self.catalog.insert(row)
+        if not inserted:
             self.vault.discard(rid, blob_key)  # an earlier commit won; keep its copy
-        part.unlink(missing_ok=True)
-        manifest_file.unlink(missing_ok=True)
+        partials.discard(part, manifest_file)
         stored = self.catalog.get(rid)
         assert stored is not None
-        return stored
+        return stored, inserted
 
     def _check_seal(self, manifest: pb.Manifest) -> None:
         """A sealed tail the store cannot open (an agent with a wrong or stale
@@ -430,78 +536,3 @@ def _check_chunk(manifest: pb.Manifest, committed: int, chunk: pb.Chunk) -> None
             grpc.StatusCode.OUT_OF_RANGE,
             f"chunk ends at {committed + len(chunk.data)}, past the manifest size {manifest.size}",
         )
-
-
-def _same_upload(manifest: pb.Manifest, manifest_file: Path) -> bool:
-    try:
-        previous = pb.Manifest.FromString(manifest_file.read_bytes())
-    except (FileNotFoundError, DecodeError):
-        return False
-    return (previous.sha256, previous.size, previous.site) == (
-        manifest.sha256,
-        manifest.size,
-        manifest.site,
-    )
-
-
-def _resumable_size(manifest: pb.Manifest, part: Path, manifest_file: Path) -> int:
-    """Bytes of an earlier stream of the same recording we can build on (else 0)."""
-    if not _same_upload(manifest, manifest_file):
-        return 0
-    try:
-        return min(part.stat().st_size, manifest.size)
-    except FileNotFoundError:
-        return 0
-
-
-def _partial_size(part: Path, manifest_file: Path, site: str | None) -> int:
-    """QueryUpload's committed size; another site's partial upload counts as nothing."""
-    if site is not None:
-        try:
-            if pb.Manifest.FromString(manifest_file.read_bytes()).site != site:
-                return 0
-        except (FileNotFoundError, DecodeError):
-            return 0
-    try:
-        return part.stat().st_size
-    except FileNotFoundError:
-        return 0
-
-
-def _open_part(manifest: pb.Manifest, part: Path, manifest_file: Path, committed: int) -> int:
-    """Open ``<id>.part`` for appending at ``committed``; a new upload (committed 0)
-    first writes its manifest durably and starts the part empty."""
-    if committed == 0:
-        tmp = manifest_file.with_suffix(".manifest.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            _append(fd, manifest.SerializeToString(deterministic=True), sync=True)
-        finally:
-            os.close(fd)
-        tmp.replace(manifest_file)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    else:
-        flags = os.O_WRONLY | os.O_APPEND
-    fd = os.open(part, flags, 0o600)
-    if committed == 0:
-        fsync_dir(part.parent)
-    return fd
-
-
-def _append(fd: int, data: bytes, sync: bool) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-    if sync:
-        os.fsync(fd)
-
-
-def _close_part(fd: int, sync: bool) -> None:
-    """Close the part; a stream that ended without finish first makes what arrived
-    durable, so the committed size QueryUpload reports survives a crash."""
-    try:
-        if sync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)

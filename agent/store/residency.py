@@ -33,7 +33,7 @@ EU_S3_REGIONS = (
 
 DEFAULT_ALLOWED_REGIONS = EU_EEA_COUNTRIES + EU_S3_REGIONS
 
-_REGION = re.compile(r"^[a-z0-9*?][a-z0-9*?-]{0,62}$")
+_REGION = re.compile(r"[a-z0-9*?][a-z0-9*?-]{0,62}")
 
 
 class ResidencyError(ValueError):
@@ -41,13 +41,13 @@ class ResidencyError(ValueError):
 
 
 def valid_region_pattern(value: str) -> bool:
-    return bool(_REGION.match(value))
+    return bool(_REGION.fullmatch(value))
 
 
 def region_allowed(region: str, allowed: Iterable[str]) -> bool:
     """Exact (case-insensitive) match or a shell-style pattern such as ``fr-*``."""
     name = region.strip().lower()
-    if not name or not _REGION.match(name) or "*" in name or "?" in name:
+    if not name or not _REGION.fullmatch(name) or "*" in name or "?" in name:
         return False
     return any(fnmatch.fnmatchcase(name, pattern.lower()) for pattern in allowed)
 

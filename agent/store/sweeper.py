@@ -19,14 +19,18 @@ Then orphans: key rows without a recording row (an upload killed between writing
 blob and its row), abandoned partial writes in the blob store, and partial uploads in
 ``incoming/``, each older than the grace period.
 
-Run inside the store (``SweeperLoop``) or as ``python -m agent.store.sweeper --config
-store.toml --once`` (``callrec sweep --once``) from a systemd timer.
+Run inside the store (``SweeperLoop``, the default: ``[store] sweep_by = "store"``) or,
+with ``sweep_by = "timer"``, as ``callrec sweep --once --timer`` from
+callrec-sweep.timer; a timer run on a store that sweeps itself does nothing, so exactly
+one scheduler is in charge. Each run without a failure records when it ended in
+``<data_dir>/sweep-state.json`` (the store's /metrics reads it, whoever swept).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import signal
 import socket
@@ -63,6 +67,7 @@ ORPHANS = Counter("callrec_sweeper_orphans_removed", "Abandoned uploads removed"
 LAST_RUN = Gauge("callrec_sweeper_last_run_timestamp_seconds", "When the last sweep ended")
 
 Clock = Callable[[], dt.datetime]
+TIMER_HELP = 'run by callrec-sweep.timer: sweep only when [store] sweep_by = "timer"'
 
 
 class RecordingHeld(Exception):
@@ -116,6 +121,8 @@ class Sweeper:
         incoming_dir: Path | None = None,
         clock: Clock = utc_now,
         actor: str | None = None,
+        part_max_age_s: float | None = None,
+        state_dir: Path | None = None,
     ) -> None:
         # The audit log says which sweeper (host, process) destroyed what.
         self.actor = actor or f"system:sweeper@{socket.gethostname()}/{os.getpid()}"
@@ -125,7 +132,9 @@ class Sweeper:
         self.batch = batch
         self.orphan_grace_s = orphan_grace_s
         self.incoming_dir = incoming_dir
+        self.part_max_age_s = orphan_grace_s if part_max_age_s is None else part_max_age_s
         self.clock = clock
+        self.state_dir = state_dir  # where sweep-state.json goes (None: nowhere)
         self.stop_event = threading.Event()
 
     @classmethod
@@ -137,6 +146,8 @@ class Sweeper:
             config.sweep_batch,
             config.orphan_grace_s,
             config.incoming_dir,
+            part_max_age_s=config.part_max_age_s,
+            state_dir=config.data_dir,
         )
 
     def run_once(self) -> SweepReport:
@@ -165,7 +176,22 @@ class Sweeper:
             oldest_age_s="none" if report.oldest_age_s is None else round(report.oldest_age_s),
         )
         LAST_RUN.set(time.time())
+        self._publish_head()
+        if report.failed == 0 and not self.stop_event.is_set() and self.state_dir is not None:
+            write_sweep_state(self.state_dir, report.destroyed, report.held)
         return report
+
+    def _publish_head(self) -> None:
+        """The audit chain's head after each sweep, in the log: a copy outside the
+        catalog that pins the whole history (``callrec audit verify`` prints the
+        same hash)."""
+        try:
+            head = audit.read_head(self.catalog)
+        except Exception:
+            log.exception("audit_head_unreadable")
+            return
+        if head is not None:
+            log.info("audit_head", seq=head[0], hash=head[1])
 
     def destroy(self, recording_id: str, reason: str = "erasure", actor: str = "") -> bool:
         """Destroy one recording now (a data-subject erasure); False when it is not
@@ -294,7 +320,9 @@ class Sweeper:
                 audit.Event(actor, "destroy", row.recording_id, row.destroy_reason, "destroyed")
                 for row in deleted
             ]
-            audit.append_events(conn, events, at_ms=now_ms)
+            # The entries' time is taken under the chain's head lock (audit.py), not
+            # at the start of this run: times never go backwards along the chain.
+            audit.append_events(conn, events)
         for row in deleted:
             log.info(
                 "recording_swept",
@@ -330,7 +358,9 @@ class Sweeper:
         report.partial_blobs = self.vault.blobs.remove_partial(self.orphan_grace_s)
         ORPHANS.labels(kind="blob_partial").inc(report.partial_blobs)
         if self.incoming_dir is not None:
-            report.partial_uploads = remove_stale_uploads(self.incoming_dir, self.orphan_grace_s)
+            report.partial_uploads = remove_stale_uploads(
+                self.incoming_dir, self.orphan_grace_s, self.part_max_age_s
+            )
             ORPHANS.labels(kind="incoming").inc(report.partial_uploads)
 
     def _measure(self, now_ms: int, report: SweepReport) -> None:
@@ -364,9 +394,35 @@ def _iso(ms: int) -> str:
     return ms_to_datetime(ms).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def remove_stale_uploads(incoming: Path, grace_s: float) -> int:
+SWEEP_STATE_FILE = "sweep-state.json"
+
+
+def write_sweep_state(data_dir: Path, destroyed: int, held: int) -> None:
+    """A sweep ended without a failure: say when (written, then renamed into place)."""
+    state = {"finished_at": time.time(), "destroyed": destroyed, "held": held}
+    path = data_dir / SWEEP_STATE_FILE
+    tmp = path.with_name(f".{SWEEP_STATE_FILE}.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(state) + "\n")
+        tmp.replace(path)
+    except OSError as exc:  # the sweep itself succeeded; only its monitoring is blind
+        log.error("sweep_state_not_written", path=str(path), error=str(exc))
+
+
+def read_sweep_state(data_dir: Path) -> float | None:
+    """When the last successful sweep ended (Unix time), or None (never, or unreadable)."""
+    try:
+        state = json.loads((data_dir / SWEEP_STATE_FILE).read_text())
+        return float(state["finished_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remove_stale_uploads(incoming: Path, grace_s: float, max_age_s: float | None = None) -> int:
     """Partial uploads (``<id>.part``, ``<id>.manifest``, temporary files) whose newest
-    file is older than the grace period; an agent that comes back starts over."""
+    file is older than the grace period, or that were begun more than ``max_age_s``
+    ago (the ``.manifest`` is written once, when an upload begins: its mtime is the
+    upload's age), however recently they grew; an agent that comes back starts over."""
     groups: dict[str, list[Path]] = {}
     try:
         entries = list(incoming.iterdir())
@@ -374,13 +430,15 @@ def remove_stale_uploads(incoming: Path, grace_s: float) -> int:
         return 0
     for path in entries:
         groups.setdefault(path.name.lstrip(".")[:32], []).append(path)
-    cutoff, removed = time.time() - grace_s, 0
+    now, removed = time.time(), 0
+    too_old = now - (grace_s if max_age_s is None else min(grace_s, max_age_s))
     for recording_id, paths in groups.items():
         try:
-            newest = max(p.stat().st_mtime for p in paths)
+            times = {p.name: p.stat().st_mtime for p in paths}
         except FileNotFoundError:
             continue
-        if newest >= cutoff:
+        begun = times.get(f"{recording_id}.manifest", min(times.values()))
+        if max(times.values()) >= now - grace_s and begun >= too_old:
             continue
         for path in paths:
             path.unlink(missing_ok=True)
@@ -420,8 +478,13 @@ class SweeperLoop:
             self.stop_event.wait(self.interval_s)
 
 
-def run_sweeper(config: StoreConfig, once: bool = True) -> int:
-    """``callrec sweep [--once]``: 0 when every destruction succeeded, 1 otherwise."""
+def run_sweeper(config: StoreConfig, once: bool = True, timer: bool = False) -> int:
+    """``callrec sweep [--once] [--timer]``: 0 when every destruction succeeded, 1
+    otherwise. ``timer``: started by callrec-sweep.timer, which sweeps only for a store
+    configured with ``sweep_by = "timer"`` (else the store's own loop is in charge)."""
+    if timer and config.sweep_by != "timer":
+        log.info("sweep_skipped", reason="the store's own loop sweeps", sweep_by=config.sweep_by)
+        return 0
     storage = open_storage(config)
     sweeper = Sweeper.from_config(config, storage.catalog, storage.vault)
     try:
@@ -439,16 +502,15 @@ def run_sweeper(config: StoreConfig, once: bool = True) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from agent import logs
-
     parser = argparse.ArgumentParser(prog="callrec sweep", description="destroy expired recordings")
     parser.add_argument("--config", type=Path, required=True)
     parser.add_argument("--once", action="store_true", help="one sweep, then exit")
+    parser.add_argument("--timer", action="store_true", help=TIMER_HELP)
     args = parser.parse_args(argv)
     try:
         config = load_store_config(args.config)
         logs.configure(config.log_level)
-        return run_sweeper(config, once=args.once)
+        return run_sweeper(config, once=args.once, timer=args.timer)
     except (ConfigError, KeyFileError) as exc:
         sys.stderr.write(f"callrec sweep: {exc}\n")
         return 2

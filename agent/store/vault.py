@@ -15,6 +15,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Protocol, cast
 
 import sqlalchemy as sa
 
@@ -36,6 +37,16 @@ from agent.store.crypto import (
 from agent.store.keys import KeyWrapper, key_context, open_key_wrapper
 
 log = logs.get_logger(__name__)
+
+
+class PlainSource(Protocol):
+    """A plaintext to encrypt that is not a plain file: ``size`` bytes from ``read``."""
+
+    size: int
+
+    def read(self, count: int = -1) -> bytes: ...
+
+    def close(self) -> None: ...
 
 
 class KeyShredded(CryptoError):
@@ -70,12 +81,19 @@ class Vault:
         return self.blobs.region
 
     def store(
-        self, recording_id: str, source: Path, work_dir: Path, expected_sha256: str | None = None
+        self,
+        recording_id: str,
+        source: Path,
+        work_dir: Path,
+        expected_sha256: str | None = None,
+        opener: Callable[[], PlainSource] | None = None,
     ) -> str:
         """Encrypt ``source`` under a fresh data key into a new blob; returns its key.
         ``source`` is left in place (the caller removes it once the row exists). With
         ``expected_sha256``, the sha256 of the bytes encrypted must match (one pass
-        over the source both hashes and encrypts), else SourceMismatch and no blob."""
+        over the source both hashes and encrypts), else SourceMismatch and no blob.
+        ``opener`` reads the plaintext instead of the file (an encrypted partial
+        upload: ``partials.PartReader``)."""
         blob_key = f"{recording_id}-{secrets.token_hex(4)}"
         data_key = new_data_key()
         key_id, wrapped = self.wrapper.wrap(data_key, key_context(recording_id, blob_key))
@@ -91,7 +109,7 @@ class Vault:
             )
         sealed = work_dir / f".{blob_key}.enc"
         try:
-            sha256 = self._encrypt(data_key, recording_id, source, sealed)
+            sha256 = self._encrypt(data_key, recording_id, source, sealed, opener)
             if expected_sha256 is not None and sha256 != expected_sha256:
                 raise SourceMismatch(recording_id, sha256)
             self.blobs.put_file(blob_key, sealed)
@@ -101,11 +119,29 @@ class Vault:
             raise
         return blob_key
 
-    def _encrypt(self, data_key: bytes, recording_id: str, source: Path, sealed: Path) -> str:
+    def _encrypt(
+        self,
+        data_key: bytes,
+        recording_id: str,
+        source: Path,
+        sealed: Path,
+        opener: Callable[[], PlainSource] | None = None,
+    ) -> str:
         fd = os.open(sealed, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with source.open("rb") as src, os.fdopen(fd, "wb") as out:
-            size = os.fstat(src.fileno()).st_size
-            sha256 = encrypt_stream(data_key, recording_id, src, size, out, self.chunk_size)
+        with os.fdopen(fd, "wb") as out:
+            if opener is None:
+                with source.open("rb") as src:
+                    size = os.fstat(src.fileno()).st_size
+                    sha256 = encrypt_stream(data_key, recording_id, src, size, out, self.chunk_size)
+            else:
+                plain = opener()
+                try:
+                    reader = cast(BinaryIO, plain)
+                    sha256 = encrypt_stream(
+                        data_key, recording_id, reader, plain.size, out, self.chunk_size
+                    )
+                finally:
+                    plain.close()
             out.flush()
             os.fsync(out.fileno())
         return sha256

@@ -10,7 +10,7 @@ import io
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import Protector
 from agent.store import tokens
+from agent.store.access_service import AccessService
 from agent.store.audit import audit_events, audit_head
 from agent.store.catalog import from_ms, now_ms
 from agent.store.vault import Storage, open_storage
@@ -142,6 +143,12 @@ class World:
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.store.address)
 
+    @property
+    def access_service(self) -> AccessService:
+        service = self.store.server.access
+        assert service is not None
+        return service
+
     @functools.cached_property
     def access(self) -> apb_grpc.AccessStub:
         return apb_grpc.AccessStub(self.channel())
@@ -241,7 +248,7 @@ def store_doc(root: Path, keys: Keys, seal: Path | None = None, **extra: Any) ->
 
 def running_world(
     root: Path, keys: Keys, seal: Path | None = None, **extra: Any
-) -> Iterator[World]:
+) -> Generator[World, None, None]:
     """``extra``: more ``[store]`` keys (e.g. ``catalog`` for PostgreSQL)."""
     (root / "people.toml").write_text(PEOPLE + LEAVER)
     doc = store_doc(root, keys, seal, **extra)

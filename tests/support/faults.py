@@ -37,6 +37,7 @@ from agent.capture import (
     write_meta,
 )
 from agent.recorder.finalize import MANIFEST_FILE
+from agent.store import partials
 from agent.store.catalog import Catalog
 from tests.support.daemons import Daemon
 from tests.support.stack import Keys
@@ -199,10 +200,8 @@ def kill_agent(agent: Daemon) -> None:
 
 
 def part_size(root: Path, rid: str) -> int:
-    try:
-        return (root / "store-data" / "incoming" / f"{rid}.part").stat().st_size
-    except FileNotFoundError:
-        return 0
+    """Bytes of audio in the store's partial upload (the part is encrypted records)."""
+    return partials.scan(root / "store-data" / "incoming" / f"{rid}.part").plain
 
 
 def wait_part(root: Path, rid: str, at_least: int, timeout: float = 60.0) -> int:

@@ -109,7 +109,7 @@ class Pool:
 
     def export(self, row: RecordingRow, out: Path) -> Path:
         args = ["console-export", row.recording_id, "--store-dir", str(self.store_dir)]
-        assert callrec([*args, "--out", str(out), "--reason", "test"]) == 0
+        assert callrec([*args, "--out", str(out), "--reason", "test", "--purpose", "security"]) == 0
         return out
 
     # ------------------------------------------------------------ the front and workers

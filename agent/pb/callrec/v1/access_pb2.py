@@ -26,37 +26,51 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from agent.pb.callrec.v1 import recordings_pb2 as agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n agent/pb/callrec/v1/access.proto\x12\ncallrec.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a$agent/pb/callrec/v1/recordings.proto\"\x8d\x02\n\rSearchRequest\x12$\n\x07purpose\x18\x01 \x01(\x0e\x32\x13.callrec.v1.Purpose\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65mployee_id\x18\x05 \x01(\t\x12\x0c\n\x04team\x18\x06 \x01(\t\x12\x16\n\x0eservice_number\x18\x07 \x01(\t\x12\x17\n\x0f\x63ustomer_masked\x18\x08 \x01(\t\x12\r\n\x05\x66lags\x18\t \x03(\t\x12\r\n\x05limit\x18\n \x01(\x05\"`\n\rRecordingView\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.callrec.v1.RecordingInfo\x12\x12\n\nrestricted\x18\x02 \x01(\x08\x12\x12\n\nlegal_hold\x18\x03 \x01(\x08\"R\n\x0eSearchResponse\x12-\n\nrecordings\x18\x01 \x03(\x0b\x32\x19.callrec.v1.RecordingView\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"^\n\x10RecordingRequest\x12$\n\x07purpose\x18\x01 \x01(\x0e\x32\x13.callrec.v1.Purpose\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crecording_id\x18\x03 \x01(\t\"\xab\x01\n\x13\x46indByNumberRequest\x12$\n\x07purpose\x18\x01 \x01(\x0e\x32\x13.callrec.v1.Purpose\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06number\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ewindow_minutes\x18\x06 \x01(\x05\"]\n\x0ePackageRequest\x12$\n\x07purpose\x18\x01 \x01(\x0e\x32\x13.callrec.v1.Purpose\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x15\n\rrecording_ids\x18\x03 \x03(\t\"?\n\x0bPackageFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x14\n\x0c\x61udio_format\x18\x03 \x01(\t\"X\n\x0cPackageChunk\x12\x17\n\rmetadata_json\x18\x01 \x01(\tH\x00\x12\'\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x17.callrec.v1.PackageFileH\x00\x42\x06\n\x04kind\"\x8e\x01\n\x0eRectifyRequest\x12$\n\x07purpose\x18\x01 \x01(\x0e\x32\x13.callrec.v1.Purpose\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crecording_id\x18\x03 \x01(\t\x12\x18\n\x10\x66rom_employee_id\x18\x04 \x01(\t\x12\x16\n\x0eto_employee_id\x18\x05 \x01(\t\"5\n\x0c\x43hangeResult\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"R\n\x0cSealedDigits\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63ustomer_masked\x18\x02 \x01(\t\x12\x13\n\x0blast_digits\x18\x03 \x01(\t*{\n\x07Purpose\x12\x17\n\x13PURPOSE_UNSPECIFIED\x10\x00\x12\x18\n\x14PURPOSE_VERIFICATION\x10\x01\x12\x11\n\rPURPOSE_LEGAL\x10\x02\x12\x14\n\x10PURPOSE_TRAINING\x10\x03\x12\x14\n\x10PURPOSE_SECURITY\x10\x04\x32\x8d\x07\n\x06\x41\x63\x63\x65ss\x12?\n\x06Search\x12\x19.callrec.v1.SearchRequest\x1a\x1a.callrec.v1.SearchResponse\x12G\n\x0cGetRecording\x12\x1c.callrec.v1.RecordingRequest\x1a\x19.callrec.v1.RecordingView\x12>\n\x04Play\x12\x1c.callrec.v1.RecordingRequest\x1a\x16.callrec.v1.AudioChunk0\x01\x12@\n\x06\x45xport\x12\x1c.callrec.v1.RecordingRequest\x1a\x16.callrec.v1.AudioChunk0\x01\x12K\n\x0c\x46indByNumber\x12\x1f.callrec.v1.FindByNumberRequest\x1a\x1a.callrec.v1.SearchResponse\x12G\n\rExportPackage\x12\x1a.callrec.v1.PackageRequest\x1a\x18.callrec.v1.PackageChunk0\x01\x12?\n\x05\x45rase\x12\x1c.callrec.v1.RecordingRequest\x1a\x18.callrec.v1.ChangeResult\x12\x42\n\x08Restrict\x12\x1c.callrec.v1.RecordingRequest\x1a\x18.callrec.v1.ChangeResult\x12\x44\n\nUnrestrict\x12\x1c.callrec.v1.RecordingRequest\x1a\x18.callrec.v1.ChangeResult\x12>\n\x04Hold\x12\x1c.callrec.v1.RecordingRequest\x1a\x18.callrec.v1.ChangeResult\x12\x41\n\x07Release\x12\x1c.callrec.v1.RecordingRequest\x1a\x18.callrec.v1.ChangeResult\x12G\n\x0fRectifyEmployee\x12\x1a.callrec.v1.RectifyRequest\x1a\x18.callrec.v1.ChangeResult\x12J\n\x10OpenSealedDigits\x12\x1c.callrec.v1.RecordingRequest\x1a\x18.callrec.v1.SealedDigitsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n agent/pb/callrec/v1/access.proto\x12\ncallrec.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a$agent/pb/callrec/v1/recordings.proto\"\xa0\x02\n\rSearchRequest\x12$\n\x07purpose\x18\x01 \x01(\x0e\x32\x13.callrec.v1.Purpose\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12)\n\x05since\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x65mployee_id\x18\x05 \x01(\t\x12\x0c\n\x04team\x18\x06 \x01(\t\x12\x16\n\x0eservice_number\x18\x07 \x01(\t\x12\x17\n\x0f\x63ustomer_masked\x18\x08 \x01(\t\x12\r\n\x05\x66lags\x18\t \x03(\t\x12\r\n\x05limit\x18\n \x01(\x05\x12\x11\n\tdirection\x18\x0b \x01(\t\"\xc2\x01\n\rRecordingView\x12\'\n\x04info\x18\x01 \x01(\x0b\x32\x19.callrec.v1.RecordingInfo\x12\x12\n\nrestricted\x18\x02 \x01(\x08\x12\x12\n\nlegal_hold\x18\x03 \x01(\x08\x12\x31\n\rdestroy_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tjoined_at\x18\x05 \x03(\x0b\x32\x1a.google.protobuf.Timestamp\"R\n\x0eSearchResponse\x12-\n\nrecordings\x18\x01 \x03(\x0b\x32\x19.callrec.v1.RecordingView\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"^\n\x10RecordingRequest\x12$\n\x07purpose\x18\x01 \x01(\x0e\x32\x13.callrec.v1.Purpose\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crecording_id\x18\x03 \x01(\t\"\xf6\x01\n\x0c\x41uditRequest\x12$\n\x07purpose\x18\x01 \x01(\x0e\x32\x13.callrec.v1.Purpose\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crecording_id\x18\x03 \x01(\t\x12\x11\n\tperson_id\x18\x04 \x01(\t\x12)\n\x05since\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x07 \x01(\x05\x12\x12\n\nbefore_seq\x18\x08 \x01(\x03\x12\x0e\n\x06verify\x18\t \x01(\x08\"\xb8\x01\n\nAuditEntry\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12&\n\x02\x61t\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x14\n\x0crecording_id\x18\x05 \x01(\t\x12\x0f\n\x07purpose\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x0f\n\x07outcome\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\t \x01(\t\"\x99\x01\n\rAuditResponse\x12\'\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x16.callrec.v1.AuditEntry\x12\x11\n\ttruncated\x18\x02 \x01(\x08\x12\x10\n\x08head_seq\x18\x03 \x01(\x03\x12\x11\n\thead_hash\x18\x04 \x01(\t\x12\x10\n\x08verified\x18\x05 \x01(\x08\x12\x15\n\rchain_problem\x18\x06 \x01(\t\"\x0f\n\rWhoAmIRequest\"S\n\nPersonView\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x0c\n\x04team\x18\x04 \x01(\t\x12\x0f\n\x07trained\x18\x05 \x01(\x08\"z\n\x0cRangeRequest\x12$\n\x07purpose\x18\x01 \x01(\x0e\x32\x13.callrec.v1.Purpose\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crecording_id\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0e\n\x06length\x18\x05 \x01(\x03\"T\n\nRangeChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x12\n\ntotal_size\x18\x02 \x01(\x03\x12\x14\n\x0c\x61udio_format\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"\xab\x01\n\x13\x46indByNumberRequest\x12$\n\x07purpose\x18\x01 \x01(\x0e\x32\x13.callrec.v1.Purpose\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06number\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ewindow_minutes\x18\x06 \x01(\x05\"]\n\x0ePackageRequest\x12$\n\x07purpose\x18\x01 \x01(\x0e\x32\x13.callrec.v1.Purpose\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x15\n\rrecording_ids\x18\x03 \x03(\t\"?\n\x0bPackageFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x14\n\x0c\x61udio_format\x18\x03 \x01(\t\"X\n\x0cPackageChunk\x12\x17\n\rmetadata_json\x18\x01 \x01(\tH\x00\x12\'\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x17.callrec.v1.PackageFileH\x00\x42\x06\n\x04kind\"\x8e\x01\n\x0eRectifyRequest\x12$\n\x07purpose\x18\x01 \x01(\x0e\x32\x13.callrec.v1.Purpose\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x14\n\x0crecording_id\x18\x03 \x01(\t\x12\x18\n\x10\x66rom_employee_id\x18\x04 \x01(\t\x12\x16\n\x0eto_employee_id\x18\x05 \x01(\t\"5\n\x0c\x43hangeResult\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\"R\n\x0cSealedDigits\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63ustomer_masked\x18\x02 \x01(\t\x12\x13\n\x0blast_digits\x18\x03 \x01(\t*{\n\x07Purpose\x12\x17\n\x13PURPOSE_UNSPECIFIED\x10\x00\x12\x18\n\x14PURPOSE_VERIFICATION\x10\x01\x12\x11\n\rPURPOSE_LEGAL\x10\x02\x12\x14\n\x10PURPOSE_TRAINING\x10\x03\x12\x14\n\x10PURPOSE_SECURITY\x10\x04\x32\xcc\x08\n\x06\x41\x63\x63\x65ss\x12;\n\x06WhoAmI\x12\x19.callrec.v1.WhoAmIRequest\x1a\x16.callrec.v1.PersonView\x12?\n\x06Search\x12\x19.callrec.v1.SearchRequest\x1a\x1a.callrec.v1.SearchResponse\x12G\n\x0cGetRecording\x12\x1c.callrec.v1.RecordingRequest\x1a\x19.callrec.v1.RecordingView\x12>\n\x04Play\x12\x1c.callrec.v1.RecordingRequest\x1a\x16.callrec.v1.AudioChunk0\x01\x12@\n\x06\x45xport\x12\x1c.callrec.v1.RecordingRequest\x1a\x16.callrec.v1.AudioChunk0\x01\x12?\n\tPlayRange\x12\x18.callrec.v1.RangeRequest\x1a\x16.callrec.v1.RangeChunk0\x01\x12K\n\x0c\x46indByNumber\x12\x1f.callrec.v1.FindByNumberRequest\x1a\x1a.callrec.v1.SearchResponse\x12G\n\rExportPackage\x12\x1a.callrec.v1.PackageRequest\x1a\x18.callrec.v1.PackageChunk0\x01\x12?\n\x05\x45rase\x12\x1c.callrec.v1.RecordingRequest\x1a\x18.callrec.v1.ChangeResult\x12\x42\n\x08Restrict\x12\x1c.callrec.v1.RecordingRequest\x1a\x18.callrec.v1.ChangeResult\x12\x44\n\nUnrestrict\x12\x1c.callrec.v1.RecordingRequest\x1a\x18.callrec.v1.ChangeResult\x12>\n\x04Hold\x12\x1c.callrec.v1.RecordingRequest\x1a\x18.callrec.v1.ChangeResult\x12\x41\n\x07Release\x12\x1c.callrec.v1.RecordingRequest\x1a\x18.callrec.v1.ChangeResult\x12G\n\x0fRectifyEmployee\x12\x1a.callrec.v1.RectifyRequest\x1a\x18.callrec.v1.ChangeResult\x12J\n\x10OpenSealedDigits\x12\x1c.callrec.v1.RecordingRequest\x1a\x18.callrec.v1.SealedDigits\x12?\n\x08\x41uditLog\x12\x18.callrec.v1.AuditRequest\x1a\x19.callrec.v1.AuditResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agent.pb.callrec.v1.access_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PURPOSE']._serialized_start=1377
-  _globals['_PURPOSE']._serialized_end=1500
+  _globals['_PURPOSE']._serialized_start=2399
+  _globals['_PURPOSE']._serialized_end=2522
   _globals['_SEARCHREQUEST']._serialized_start=120
-  _globals['_SEARCHREQUEST']._serialized_end=389
-  _globals['_RECORDINGVIEW']._serialized_start=391
-  _globals['_RECORDINGVIEW']._serialized_end=487
-  _globals['_SEARCHRESPONSE']._serialized_start=489
-  _globals['_SEARCHRESPONSE']._serialized_end=571
-  _globals['_RECORDINGREQUEST']._serialized_start=573
-  _globals['_RECORDINGREQUEST']._serialized_end=667
-  _globals['_FINDBYNUMBERREQUEST']._serialized_start=670
-  _globals['_FINDBYNUMBERREQUEST']._serialized_end=841
-  _globals['_PACKAGEREQUEST']._serialized_start=843
-  _globals['_PACKAGEREQUEST']._serialized_end=936
-  _globals['_PACKAGEFILE']._serialized_start=938
-  _globals['_PACKAGEFILE']._serialized_end=1001
-  _globals['_PACKAGECHUNK']._serialized_start=1003
-  _globals['_PACKAGECHUNK']._serialized_end=1091
-  _globals['_RECTIFYREQUEST']._serialized_start=1094
-  _globals['_RECTIFYREQUEST']._serialized_end=1236
-  _globals['_CHANGERESULT']._serialized_start=1238
-  _globals['_CHANGERESULT']._serialized_end=1291
-  _globals['_SEALEDDIGITS']._serialized_start=1293
-  _globals['_SEALEDDIGITS']._serialized_end=1375
-  _globals['_ACCESS']._serialized_start=1503
-  _globals['_ACCESS']._serialized_end=2412
+  _globals['_SEARCHREQUEST']._serialized_end=408
+  _globals['_RECORDINGVIEW']._serialized_start=411
+  _globals['_RECORDINGVIEW']._serialized_end=605
+  _globals['_SEARCHRESPONSE']._serialized_start=607
+  _globals['_SEARCHRESPONSE']._serialized_end=689
+  _globals['_RECORDINGREQUEST']._serialized_start=691
+  _globals['_RECORDINGREQUEST']._serialized_end=785
+  _globals['_AUDITREQUEST']._serialized_start=788
+  _globals['_AUDITREQUEST']._serialized_end=1034
+  _globals['_AUDITENTRY']._serialized_start=1037
+  _globals['_AUDITENTRY']._serialized_end=1221
+  _globals['_AUDITRESPONSE']._serialized_start=1224
+  _globals['_AUDITRESPONSE']._serialized_end=1377
+  _globals['_WHOAMIREQUEST']._serialized_start=1379
+  _globals['_WHOAMIREQUEST']._serialized_end=1394
+  _globals['_PERSONVIEW']._serialized_start=1396
+  _globals['_PERSONVIEW']._serialized_end=1479
+  _globals['_RANGEREQUEST']._serialized_start=1481
+  _globals['_RANGEREQUEST']._serialized_end=1603
+  _globals['_RANGECHUNK']._serialized_start=1605
+  _globals['_RANGECHUNK']._serialized_end=1689
+  _globals['_FINDBYNUMBERREQUEST']._serialized_start=1692
+  _globals['_FINDBYNUMBERREQUEST']._serialized_end=1863
+  _globals['_PACKAGEREQUEST']._serialized_start=1865
+  _globals['_PACKAGEREQUEST']._serialized_end=1958
+  _globals['_PACKAGEFILE']._serialized_start=1960
+  _globals['_PACKAGEFILE']._serialized_end=2023
+  _globals['_PACKAGECHUNK']._serialized_start=2025
+  _globals['_PACKAGECHUNK']._serialized_end=2113
+  _globals['_RECTIFYREQUEST']._serialized_start=2116
+  _globals['_RECTIFYREQUEST']._serialized_end=2258
+  _globals['_CHANGERESULT']._serialized_start=2260
+  _globals['_CHANGERESULT']._serialized_end=2313
+  _globals['_SEALEDDIGITS']._serialized_start=2315
+  _globals['_SEALEDDIGITS']._serialized_end=2397
+  _globals['_ACCESS']._serialized_start=2525
+  _globals['_ACCESS']._serialized_end=3625
 # @@protoc_insertion_point(module_scope)

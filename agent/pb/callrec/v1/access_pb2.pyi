@@ -6,7 +6,9 @@ rules, and the privacy officer's data-subject operations.
 
 Every call is made by a named person of the store's directory: the request carries
 the person's token as gRPC metadata `authorization: Bearer <token>` (tokens are made
-with `callrec access token create`; the store keeps only their hash). A missing,
+with `callrec access token create`; the store keeps only their hash), or the
+person's OpenID Connect ID token (a JWT the store verifies against the issuer's keys,
+configured in `[store.oidc]`; the web sends it for the signed-in person). A missing,
 unknown or revoked token, or a person no longer in the directory, gets
 UNAUTHENTICATED; what the person's role does not allow gets PERMISSION_DENIED. Every
 request states its purpose (one of the privacy notice's) and every request, allowed
@@ -79,6 +81,7 @@ class SearchRequest(_message.Message):
     CUSTOMER_MASKED_FIELD_NUMBER: _builtins.int
     FLAGS_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
     purpose: Global___Purpose.ValueType
     reason: _builtins.str
     employee_id: _builtins.str
@@ -91,6 +94,8 @@ class SearchRequest(_message.Message):
     """"+358401234***" """
     limit: _builtins.int
     """1..1000, default 100"""
+    direction: _builtins.str
+    """"inbound" or "outbound" """
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """call started at or after"""
@@ -116,10 +121,11 @@ class SearchRequest(_message.Message):
         customer_masked: _builtins.str = ...,
         flags: _abc.Iterable[_builtins.str] | None = ...,
         limit: _builtins.int = ...,
+        direction: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_masked", b"customer_masked", "employee_id", b"employee_id", "flags", b"flags", "limit", b"limit", "purpose", b"purpose", "reason", b"reason", "service_number", b"service_number", "since", b"since", "team", b"team", "until", b"until"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["customer_masked", b"customer_masked", "direction", b"direction", "employee_id", b"employee_id", "flags", b"flags", "limit", b"limit", "purpose", b"purpose", "reason", b"reason", "service_number", b"service_number", "since", b"since", "team", b"team", "until", b"until"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -132,20 +138,34 @@ class RecordingView(_message.Message):
     INFO_FIELD_NUMBER: _builtins.int
     RESTRICTED_FIELD_NUMBER: _builtins.int
     LEGAL_HOLD_FIELD_NUMBER: _builtins.int
+    DESTROY_AFTER_FIELD_NUMBER: _builtins.int
+    JOINED_AT_FIELD_NUMBER: _builtins.int
     restricted: _builtins.bool
     legal_hold: _builtins.bool
     @_builtins.property
     def info(self) -> _recordings_pb2.RecordingInfo: ...
+    @_builtins.property
+    def destroy_after(self) -> _timestamp_pb2.Timestamp:
+        """When the sweeper destroys it (the end of the call + the store's retention); a
+        recording on legal hold is kept past this until released.
+        """
+
+    @_builtins.property
+    def joined_at(self) -> _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]:
+        """The employees' join times (a transfer), in the order of info.manifest.employees."""
+
     def __init__(
         self,
         *,
         info: _recordings_pb2.RecordingInfo | None = ...,
         restricted: _builtins.bool = ...,
         legal_hold: _builtins.bool = ...,
+        destroy_after: _timestamp_pb2.Timestamp | None = ...,
+        joined_at: _abc.Iterable[_timestamp_pb2.Timestamp] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["destroy_after", b"destroy_after", "info", b"info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["info", b"info", "legal_hold", b"legal_hold", "restricted", b"restricted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destroy_after", b"destroy_after", "info", b"info", "joined_at", b"joined_at", "legal_hold", b"legal_hold", "restricted", b"restricted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -199,6 +219,249 @@ class RecordingRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecordingRequest: _TypeAlias = RecordingRequest  # noqa: Y015
+
+@_typing.final
+class AuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RECORDING_ID_FIELD_NUMBER: _builtins.int
+    PERSON_ID_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    BEFORE_SEQ_FIELD_NUMBER: _builtins.int
+    VERIFY_FIELD_NUMBER: _builtins.int
+    purpose: Global___Purpose.ValueType
+    reason: _builtins.str
+    recording_id: _builtins.str
+    """entries about this recording"""
+    person_id: _builtins.str
+    """entries by this person ("person:<id>")"""
+    limit: _builtins.int
+    """1..1000, default 100"""
+    before_seq: _builtins.int
+    """paging: entries with seq below this"""
+    verify: _builtins.bool
+    """also check the whole chain"""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        purpose: Global___Purpose.ValueType = ...,
+        reason: _builtins.str = ...,
+        recording_id: _builtins.str = ...,
+        person_id: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        limit: _builtins.int = ...,
+        before_seq: _builtins.int = ...,
+        verify: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since", "until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["before_seq", b"before_seq", "limit", b"limit", "person_id", b"person_id", "purpose", b"purpose", "reason", b"reason", "recording_id", b"recording_id", "since", b"since", "until", b"until", "verify", b"verify"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRequest: _TypeAlias = AuditRequest  # noqa: Y015
+
+@_typing.final
+class AuditEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    RECORDING_ID_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    actor: _builtins.str
+    action: _builtins.str
+    recording_id: _builtins.str
+    purpose: _builtins.str
+    reason: _builtins.str
+    outcome: _builtins.str
+    detail: _builtins.str
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        actor: _builtins.str = ...,
+        action: _builtins.str = ...,
+        recording_id: _builtins.str = ...,
+        purpose: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor", b"actor", "at", b"at", "detail", b"detail", "outcome", b"outcome", "purpose", b"purpose", "reason", b"reason", "recording_id", b"recording_id", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEntry: _TypeAlias = AuditEntry  # noqa: Y015
+
+@_typing.final
+class AuditResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    HEAD_SEQ_FIELD_NUMBER: _builtins.int
+    HEAD_HASH_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
+    CHAIN_PROBLEM_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    head_seq: _builtins.int
+    head_hash: _builtins.str
+    verified: _builtins.bool
+    """verify was asked and the chain is intact"""
+    chain_problem: _builtins.str
+    """verify was asked and failed: the first bad entry"""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]: ...
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___AuditEntry] | None = ...,
+        truncated: _builtins.bool = ...,
+        head_seq: _builtins.int = ...,
+        head_hash: _builtins.str = ...,
+        verified: _builtins.bool = ...,
+        chain_problem: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_problem", b"chain_problem", "entries", b"entries", "head_hash", b"head_hash", "head_seq", b"head_seq", "truncated", b"truncated", "verified", b"verified"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditResponse: _TypeAlias = AuditResponse  # noqa: Y015
+
+@_typing.final
+class WhoAmIRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoAmIRequest: _TypeAlias = WhoAmIRequest  # noqa: Y015
+
+@_typing.final
+class PersonView(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    TEAM_FIELD_NUMBER: _builtins.int
+    TRAINED_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    name: _builtins.str
+    role: _builtins.str
+    """"agent", "supervisor", "admin", "privacy_officer" """
+    team: _builtins.str
+    trained: _builtins.bool
+    """a training date on record, not in the future"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        role: _builtins.str = ...,
+        team: _builtins.str = ...,
+        trained: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "name", b"name", "role", b"role", "team", b"team", "trained", b"trained"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PersonView: _TypeAlias = PersonView  # noqa: Y015
+
+@_typing.final
+class RangeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURPOSE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RECORDING_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    LENGTH_FIELD_NUMBER: _builtins.int
+    purpose: Global___Purpose.ValueType
+    reason: _builtins.str
+    recording_id: _builtins.str
+    offset: _builtins.int
+    """first byte, 0..size"""
+    length: _builtins.int
+    """bytes wanted; 0 = to the end (at most 8 MiB are served per call)"""
+    def __init__(
+        self,
+        *,
+        purpose: Global___Purpose.ValueType = ...,
+        reason: _builtins.str = ...,
+        recording_id: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        length: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["length", b"length", "offset", b"offset", "purpose", b"purpose", "reason", b"reason", "recording_id", b"recording_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RangeRequest: _TypeAlias = RangeRequest  # noqa: Y015
+
+@_typing.final
+class RangeChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    TOTAL_SIZE_FIELD_NUMBER: _builtins.int
+    AUDIO_FORMAT_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    total_size: _builtins.int
+    """the whole recording's size, on the first chunk"""
+    audio_format: _builtins.str
+    """on the first chunk"""
+    offset: _builtins.int
+    """the first byte served, on the first chunk"""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        total_size: _builtins.int = ...,
+        audio_format: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_format", b"audio_format", "data", b"data", "offset", b"offset", "total_size", b"total_size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RangeChunk: _TypeAlias = RangeChunk  # noqa: Y015
 
 @_typing.final
 class FindByNumberRequest(_message.Message):

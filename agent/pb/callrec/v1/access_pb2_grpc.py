@@ -35,6 +35,11 @@ class AccessStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.WhoAmI = channel.unary_unary(
+                '/callrec.v1.Access/WhoAmI',
+                request_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.PersonView.FromString,
+                _registered_method=True)
         self.Search = channel.unary_unary(
                 '/callrec.v1.Access/Search',
                 request_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.SearchRequest.SerializeToString,
@@ -54,6 +59,11 @@ class AccessStub:
                 '/callrec.v1.Access/Export',
                 request_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RecordingRequest.SerializeToString,
                 response_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.AudioChunk.FromString,
+                _registered_method=True)
+        self.PlayRange = channel.unary_stream(
+                '/callrec.v1.Access/PlayRange',
+                request_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RangeRequest.SerializeToString,
+                response_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RangeChunk.FromString,
                 _registered_method=True)
         self.FindByNumber = channel.unary_unary(
                 '/callrec.v1.Access/FindByNumber',
@@ -100,10 +110,23 @@ class AccessStub:
                 request_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RecordingRequest.SerializeToString,
                 response_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.SealedDigits.FromString,
                 _registered_method=True)
+        self.AuditLog = channel.unary_unary(
+                '/callrec.v1.Access/AuditLog',
+                request_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.AuditRequest.SerializeToString,
+                response_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.AuditResponse.FromString,
+                _registered_method=True)
 
 
 class AccessServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def WhoAmI(self, request, context):
+        """Who the token names, as the directory has them (the web asks this at sign-in).
+        Audited as a sign-in; a person without a training date is told so here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Search(self, request, context):
         """Recordings the caller may see, newest first, filtered.
@@ -128,6 +151,14 @@ class AccessServicer:
 
     def Export(self, request, context):
         """As Play, for saving a copy (a separate operation in the rules and the audit log).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PlayRange(self, request, context):
+        """Part of the decrypted audio (an HTTP Range request of the web player): the store
+        decrypts only the chunks that hold the range. Audited as a play.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -193,9 +224,23 @@ class AccessServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuditLog(self, request, context):
+        """The audit log (privacy officer: purpose legal or security; admin: security):
+        who accessed a recording, what a person accessed, in a period; newest first.
+        Reading it is itself audited. `verify` walks the whole hash chain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccessServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.WhoAmIRequest.FromString,
+                    response_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.PersonView.SerializeToString,
+            ),
             'Search': grpc.unary_unary_rpc_method_handler(
                     servicer.Search,
                     request_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.SearchRequest.FromString,
@@ -215,6 +260,11 @@ def add_AccessServicer_to_server(servicer, server):
                     servicer.Export,
                     request_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RecordingRequest.FromString,
                     response_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.AudioChunk.SerializeToString,
+            ),
+            'PlayRange': grpc.unary_stream_rpc_method_handler(
+                    servicer.PlayRange,
+                    request_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RangeRequest.FromString,
+                    response_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RangeChunk.SerializeToString,
             ),
             'FindByNumber': grpc.unary_unary_rpc_method_handler(
                     servicer.FindByNumber,
@@ -261,6 +311,11 @@ def add_AccessServicer_to_server(servicer, server):
                     request_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RecordingRequest.FromString,
                     response_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.SealedDigits.SerializeToString,
             ),
+            'AuditLog': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuditLog,
+                    request_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.AuditRequest.FromString,
+                    response_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.AuditResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'callrec.v1.Access', rpc_method_handlers)
@@ -271,6 +326,33 @@ def add_AccessServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Access:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/callrec.v1.Access/WhoAmI',
+            agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.WhoAmIRequest.SerializeToString,
+            agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.PersonView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Search(request,
@@ -370,6 +452,33 @@ class Access:
             '/callrec.v1.Access/Export',
             agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RecordingRequest.SerializeToString,
             agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.AudioChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlayRange(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/callrec.v1.Access/PlayRange',
+            agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RangeRequest.SerializeToString,
+            agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RangeChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -613,6 +722,33 @@ class Access:
             '/callrec.v1.Access/OpenSealedDigits',
             agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RecordingRequest.SerializeToString,
             agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.SealedDigits.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuditLog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/callrec.v1.Access/AuditLog',
+            agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.AuditRequest.SerializeToString,
+            agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.AuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,7 +6,9 @@ rules, and the privacy officer's data-subject operations.
 
 Every call is made by a named person of the store's directory: the request carries
 the person's token as gRPC metadata `authorization: Bearer <token>` (tokens are made
-with `callrec access token create`; the store keeps only their hash). A missing,
+with `callrec access token create`; the store keeps only their hash), or the
+person's OpenID Connect ID token (a JWT the store verifies against the issuer's keys,
+configured in `[store.oidc]`; the web sends it for the signed-in person). A missing,
 unknown or revoked token, or a person no longer in the directory, gets
 UNAUTHENTICATED; what the person's role does not allow gets PERMISSION_DENIED. Every
 request states its purpose (one of the privacy notice's) and every request, allowed
@@ -46,6 +48,10 @@ class AccessStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AccessAsyncStub: ...
+    WhoAmI: _grpc.UnaryUnaryMultiCallable[_access_pb2.WhoAmIRequest, _access_pb2.PersonView]
+    """Who the token names, as the directory has them (the web asks this at sign-in).
+    Audited as a sign-in; a person without a training date is told so here.
+    """
     Search: _grpc.UnaryUnaryMultiCallable[_access_pb2.SearchRequest, _access_pb2.SearchResponse]
     """Recordings the caller may see, newest first, filtered."""
     GetRecording: _grpc.UnaryUnaryMultiCallable[_access_pb2.RecordingRequest, _access_pb2.RecordingView]
@@ -54,6 +60,10 @@ class AccessStub:
     """The decrypted audio, streamed; the first chunk carries the audio format."""
     Export: _grpc.UnaryStreamMultiCallable[_access_pb2.RecordingRequest, _recordings_pb2.AudioChunk]
     """As Play, for saving a copy (a separate operation in the rules and the audit log)."""
+    PlayRange: _grpc.UnaryStreamMultiCallable[_access_pb2.RangeRequest, _access_pb2.RangeChunk]
+    """Part of the decrypted audio (an HTTP Range request of the web player): the store
+    decrypts only the chunks that hold the range. Audited as a play.
+    """
     FindByNumber: _grpc.UnaryUnaryMultiCallable[_access_pb2.FindByNumberRequest, _access_pb2.SearchResponse]
     """Privacy officer: a data subject's calls from their number and the time of a call."""
     ExportPackage: _grpc.UnaryStreamMultiCallable[_access_pb2.PackageRequest, _access_pb2.PackageChunk]
@@ -69,10 +79,19 @@ class AccessStub:
     """Correct the employee tag of a recording (to a person of the directory)."""
     OpenSealedDigits: _grpc.UnaryUnaryMultiCallable[_access_pb2.RecordingRequest, _access_pb2.SealedDigits]
     """Open the sealed last three digits of the customer's number (reason required)."""
+    AuditLog: _grpc.UnaryUnaryMultiCallable[_access_pb2.AuditRequest, _access_pb2.AuditResponse]
+    """The audit log (privacy officer: purpose legal or security; admin: security):
+    who accessed a recording, what a person accessed, in a period; newest first.
+    Reading it is itself audited. `verify` walks the whole hash chain.
+    """
 
 @_typing.type_check_only
 class AccessAsyncStub(AccessStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
+    WhoAmI: _aio.UnaryUnaryMultiCallable[_access_pb2.WhoAmIRequest, _access_pb2.PersonView]  # type: ignore[assignment]
+    """Who the token names, as the directory has them (the web asks this at sign-in).
+    Audited as a sign-in; a person without a training date is told so here.
+    """
     Search: _aio.UnaryUnaryMultiCallable[_access_pb2.SearchRequest, _access_pb2.SearchResponse]  # type: ignore[assignment]
     """Recordings the caller may see, newest first, filtered."""
     GetRecording: _aio.UnaryUnaryMultiCallable[_access_pb2.RecordingRequest, _access_pb2.RecordingView]  # type: ignore[assignment]
@@ -81,6 +100,10 @@ class AccessAsyncStub(AccessStub):
     """The decrypted audio, streamed; the first chunk carries the audio format."""
     Export: _aio.UnaryStreamMultiCallable[_access_pb2.RecordingRequest, _recordings_pb2.AudioChunk]  # type: ignore[assignment]
     """As Play, for saving a copy (a separate operation in the rules and the audit log)."""
+    PlayRange: _aio.UnaryStreamMultiCallable[_access_pb2.RangeRequest, _access_pb2.RangeChunk]  # type: ignore[assignment]
+    """Part of the decrypted audio (an HTTP Range request of the web player): the store
+    decrypts only the chunks that hold the range. Audited as a play.
+    """
     FindByNumber: _aio.UnaryUnaryMultiCallable[_access_pb2.FindByNumberRequest, _access_pb2.SearchResponse]  # type: ignore[assignment]
     """Privacy officer: a data subject's calls from their number and the time of a call."""
     ExportPackage: _aio.UnaryStreamMultiCallable[_access_pb2.PackageRequest, _access_pb2.PackageChunk]  # type: ignore[assignment]
@@ -96,8 +119,23 @@ class AccessAsyncStub(AccessStub):
     """Correct the employee tag of a recording (to a person of the directory)."""
     OpenSealedDigits: _aio.UnaryUnaryMultiCallable[_access_pb2.RecordingRequest, _access_pb2.SealedDigits]  # type: ignore[assignment]
     """Open the sealed last three digits of the customer's number (reason required)."""
+    AuditLog: _aio.UnaryUnaryMultiCallable[_access_pb2.AuditRequest, _access_pb2.AuditResponse]  # type: ignore[assignment]
+    """The audit log (privacy officer: purpose legal or security; admin: security):
+    who accessed a recording, what a person accessed, in a period; newest first.
+    Reading it is itself audited. `verify` walks the whole hash chain.
+    """
 
 class AccessServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def WhoAmI(
+        self,
+        request: _access_pb2.WhoAmIRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_access_pb2.PersonView, _abc.Awaitable[_access_pb2.PersonView]]:
+        """Who the token names, as the directory has them (the web asks this at sign-in).
+        Audited as a sign-in; a person without a training date is told so here.
+        """
+
     @_abc_1.abstractmethod
     def Search(
         self,
@@ -129,6 +167,16 @@ class AccessServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_recordings_pb2.AudioChunk], _abc.AsyncIterator[_recordings_pb2.AudioChunk]]:
         """As Play, for saving a copy (a separate operation in the rules and the audit log)."""
+
+    @_abc_1.abstractmethod
+    def PlayRange(
+        self,
+        request: _access_pb2.RangeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_access_pb2.RangeChunk], _abc.AsyncIterator[_access_pb2.RangeChunk]]:
+        """Part of the decrypted audio (an HTTP Range request of the web player): the store
+        decrypts only the chunks that hold the range. Audited as a play.
+        """
 
     @_abc_1.abstractmethod
     def FindByNumber(
@@ -198,5 +246,16 @@ class AccessServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_access_pb2.SealedDigits, _abc.Awaitable[_access_pb2.SealedDigits]]:
         """Open the sealed last three digits of the customer's number (reason required)."""
+
+    @_abc_1.abstractmethod
+    def AuditLog(
+        self,
+        request: _access_pb2.AuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_access_pb2.AuditResponse, _abc.Awaitable[_access_pb2.AuditResponse]]:
+        """The audit log (privacy officer: purpose legal or security; admin: security):
+        who accessed a recording, what a person accessed, in a period; newest first.
+        Reading it is itself audited. `verify` walks the whole hash chain.
+        """
 
 def add_AccessServicer_to_server(servicer: AccessServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

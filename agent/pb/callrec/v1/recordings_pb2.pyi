@@ -436,17 +436,21 @@ class ExportAudioRequest(_message.Message):
 
     RECORDING_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    PURPOSE_FIELD_NUMBER: _builtins.int
     recording_id: _builtins.str
     reason: _builtins.str
+    purpose: _builtins.str
+    """The notice's purpose: "verification", "legal", "training" or "security" (required)."""
     def __init__(
         self,
         *,
         recording_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        purpose: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "recording_id", b"recording_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purpose", b"purpose", "reason", b"reason", "recording_id", b"recording_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

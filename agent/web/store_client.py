@@ -1,0 +1,130 @@
+"""The store's Access service, called as the signed-in person (their ID token as the
+bearer credential). The web decides nothing: the store authenticates, applies the
+rules and audits; this module only carries requests and maps the answers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from agent.pb.callrec.v1 import access_pb2 as apb
+from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
+from agent.web.config import WebConfig
+
+PURPOSES = {
+    "verification": apb.PURPOSE_VERIFICATION,
+    "legal": apb.PURPOSE_LEGAL,
+    "training": apb.PURPOSE_TRAINING,
+    "security": apb.PURPOSE_SECURITY,
+}
+# The purpose a role states for searching and opening a recording's page.
+BROWSE_PURPOSE = {
+    "agent": "verification",
+    "supervisor": "verification",
+    "admin": "security",
+    "privacy_officer": "legal",
+}
+TIMEOUT_S = 15.0
+
+
+class StoreRefused(Exception):
+    """The store said no (or could not answer): ``code`` and its message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Range:
+    offset: int
+    total: int
+    audio_format: str
+    first: bytes
+    rest: AsyncIterator[apb.RangeChunk]
+
+
+class StoreClient:
+    def __init__(self, config: WebConfig) -> None:
+        if config.store_ca_file is not None:
+            creds = grpc.ssl_channel_credentials(config.store_ca_file.read_bytes())
+            self.channel = grpc.aio.secure_channel(config.store_address, creds)
+        else:
+            self.channel = grpc.aio.insecure_channel(config.store_address)
+        self.stub = apb_grpc.AccessStub(self.channel)
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+
+    @staticmethod
+    def _md(token: str) -> Sequence[tuple[str, str]]:
+        return (("authorization", f"Bearer {token}"),)
+
+    async def whoami(self, token: str) -> apb.PersonView:
+        try:
+            return await self.stub.WhoAmI(
+                apb.WhoAmIRequest(), metadata=self._md(token), timeout=TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise StoreRefused(exc.code(), exc.details() or "") from None
+
+    async def search(self, token: str, request: apb.SearchRequest) -> apb.SearchResponse:
+        try:
+            return await self.stub.Search(request, metadata=self._md(token), timeout=TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise StoreRefused(exc.code(), exc.details() or "") from None
+
+    async def recording(self, token: str, rid: str, purpose: str) -> apb.RecordingView:
+        request = apb.RecordingRequest(purpose=PURPOSES[purpose], recording_id=rid)
+        try:
+            return await self.stub.GetRecording(
+                request, metadata=self._md(token), timeout=TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise StoreRefused(exc.code(), exc.details() or "") from None
+
+    async def unary(self, token: str, method: str, request: Any) -> Any:
+        """A unary Access call by name (the privacy officer's changes, FindByNumber…)."""
+        try:
+            return await getattr(self.stub, method)(
+                request, metadata=self._md(token), timeout=TIMEOUT_S
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise StoreRefused(exc.code(), exc.details() or "") from None
+
+    async def package(
+        self, token: str, request: apb.PackageRequest
+    ) -> tuple[apb.PackageChunk, AsyncIterator[apb.PackageChunk]]:
+        """The package's first message (the metadata: the store has said yes) and the
+        rest to stream."""
+        call = self.stub.ExportPackage(request, metadata=self._md(token), timeout=600)
+        stream = call.__aiter__()
+        try:
+            first = await stream.__anext__()
+        except grpc.aio.AioRpcError as exc:
+            raise StoreRefused(exc.code(), exc.details() or "") from None
+        except StopAsyncIteration:
+            raise StoreRefused(grpc.StatusCode.NOT_FOUND, "empty package") from None
+        return first, stream
+
+    async def play_range(
+        self, token: str, rid: str, purpose: str, offset: int, length: int
+    ) -> Range:
+        """The first chunk of the range (status known before the response starts) and
+        the rest to stream."""
+        request = apb.RangeRequest(
+            purpose=PURPOSES[purpose], recording_id=rid, offset=offset, length=length
+        )
+        call = self.stub.PlayRange(request, metadata=self._md(token), timeout=60)
+        stream = call.__aiter__()
+        try:
+            first = await stream.__anext__()
+        except grpc.aio.AioRpcError as exc:
+            raise StoreRefused(exc.code(), exc.details() or "") from None
+        except StopAsyncIteration:
+            raise StoreRefused(grpc.StatusCode.OUT_OF_RANGE, "empty range") from None
+        return Range(first.offset, first.total_size, first.audio_format, first.data, stream)

@@ -1,0 +1,281 @@
+"""The web's world: a real OpenID provider (npm oidc-provider on Node.js, HTTPS, dev
+keys made here), the real store with the Access service trusting that provider, and
+`callrec web` as its own process over HTTPS. Tests drive it with Chromium
+(Playwright) or plain HTTPS requests."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from agent.certs import issue_store, new_ca
+from agent.config import store_config_from_dict
+from agent.store.catalog import now_ms
+from agent.store.vault import open_storage
+from tests.support.access_world import (
+    CUSTOMER,
+    LEAVER,
+    PEOPLE,
+    World,
+    employees_json,
+    store_doc,
+)
+from tests.support.services import free_tcp_port, make_row
+from tests.support.stack import InProcessStore, make_keys
+
+OIDC_DIR = Path(__file__).resolve().parent.parent / "oidc"
+CLIENT_ID = "callrec-web"
+ARTIFACTS = Path(os.environ.get("CALLREC_ARTIFACTS", "tests/artifacts/web"))
+
+
+@dataclass(frozen=True)
+class Signer:
+    """The provider's dev signing key: tests mint tokens with it (expired, wrong
+    audience) and forge others with a key of their own."""
+
+    key: rsa.RSAPrivateKey
+    kid: str
+    issuer: str
+
+    def token(self, sub: str, audience: str = CLIENT_ID, ttl_s: int = 600, **extra: Any) -> str:
+        now = int(time.time())
+        claims = {"iss": self.issuer, "sub": sub, "aud": audience, "iat": now - 5,
+                  "exp": now + ttl_s, **extra}  # fmt: skip
+        return jwt.encode(claims, self.key, "RS256", headers={"kid": self.kid})
+
+
+@dataclass
+class WebWorld:
+    world: World
+    url: str
+    issuer: str
+    signer: Signer
+    ca_file: Path
+    web_log: Path
+    web_pid: int = 0
+
+    def get(self, path: str, cookie: str = "", **headers: str) -> tuple[int, dict[str, str], bytes]:
+        """One HTTPS request to the web (no redirects followed)."""
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        request = urllib.request.Request(self.url + path, headers={**headers, "cookie": cookie})
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args: Any) -> None:
+                return None
+
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), NoRedirect)
+        try:
+            with opener.open(request, timeout=20) as response:
+                return (
+                    response.status,
+                    {k.lower(): v for k, v in response.headers.items()},
+                    response.read(),
+                )
+        except urllib.error.HTTPError as err:
+            return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
+
+
+def node_ready() -> bool:
+    return (
+        shutil.which("node") is not None and (OIDC_DIR / "node_modules" / "oidc-provider").is_dir()
+    )
+
+
+def _write(path: Path, data: bytes | str, mode: int = 0o644) -> Path:
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.chmod(path, mode)
+    return path
+
+
+def _tls(root: Path) -> tuple[Path, Path, Path]:
+    ca = new_ca("callrec test CA")
+    leaf = issue_store(ca)
+    return (
+        _write(root / "ca.pem", ca.cert_pem),
+        _write(root / "server.pem", leaf.cert_pem),
+        _write(root / "server.key", leaf.key_pem, 0o600),
+    )
+
+
+def start_provider(
+    root: Path, tls: tuple[Path, Path, Path], web_port: int
+) -> tuple[subprocess.Popen[bytes], str, Signer]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    kid = secrets.token_hex(4)
+    jwk = {**jwt.algorithms.RSAAlgorithm.to_jwk(key, as_dict=True), "kid": kid, "alg": "RS256"}
+    jwk.pop("key_ops", None)  # ["sign"] would be published, and verifiers refuse it
+    jwk["use"] = "sig"
+    conf = {
+        "tls_cert": str(tls[1]), "tls_key": str(tls[2]), "jwks": {"keys": [jwk]},
+        "client_id": CLIENT_ID, "client_secret": "test-secret-" + secrets.token_hex(8),
+        "redirect_uris": [f"https://127.0.0.1:{web_port}/auth/callback"],
+        "ready_file": str(root / "provider.ready"),
+    }  # fmt: skip
+    conf_path = _write(root / "provider.json", json.dumps(conf), 0o600)
+    _write(root / "client-secret", conf["client_secret"], 0o600)
+    ready = root / "provider.ready"
+    with (root / "provider.log").open("wb") as log:
+        proc = subprocess.Popen(
+            ["node", str(OIDC_DIR / "provider.mjs"), str(conf_path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=OIDC_DIR,
+        )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.05)  # the file is written in one call; let it land
+    if not ready.exists():
+        proc.kill()
+        raise RuntimeError(f"oidc provider did not start: {(root / 'provider.log').read_text()}")
+    line = ready.read_text()
+    issuer = json.loads(line)["issuer"]
+    return proc, issuer, Signer(key, kid, issuer)
+
+
+def _web_toml(root: Path, tls: tuple[Path, Path, Path], port: int, store: str, issuer: str) -> Path:
+    text = f"""
+[web]
+listen = "127.0.0.1:{port}"
+tls_cert = "{tls[1]}"
+tls_key = "{tls[2]}"
+store_address = "{store}"
+session_idle = "10m"
+page_size = 5
+
+[web.oidc]
+issuer = "{issuer}"
+client_id = "{CLIENT_ID}"
+client_secret_file = "{root / "client-secret"}"
+ca_file = "{tls[0]}"
+"""
+    return _write(root / "web.toml", text)
+
+
+def _wait_https(url: str, ca: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"callrec web exited: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/", timeout=2, context=ctx):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"callrec web did not answer: {log.read_text()[-2000:]}")
+
+
+def running_web(root: Path) -> Iterator[WebWorld]:
+    tls = _tls(root)
+    web_port = free_tcp_port()
+    provider, issuer, signer = start_provider(root, tls, web_port)
+    keys = make_keys(root / "keys")
+    (root / "people.toml").write_text(PEOPLE + LEAVER)
+    doc = store_doc(root, keys)
+    doc["store"]["oidc"] = {"issuer": issuer, "audience": CLIENT_ID, "ca_file": str(tls[0])}
+    web: subprocess.Popen[bytes] | None = None
+    try:
+        with InProcessStore(store_config_from_dict(doc, root)) as store:
+            storage = open_storage(store.config)
+            world = World(root, keys, store.config, store, storage, doc)
+            config = _web_toml(root, tls, web_port, store.address, issuer)
+            web_log = root / "web.log"
+            callrec = Path(sys.executable).parent / "callrec"
+            with web_log.open("wb") as out:
+                web = subprocess.Popen(
+                    [str(callrec), "web", "--config", str(config)],
+                    stdout=out, stderr=subprocess.STDOUT,
+                )  # fmt: skip
+            url = f"https://127.0.0.1:{web_port}"
+            _wait_https(url, tls[0], web, web_log)
+            try:
+                yield WebWorld(world, url, issuer, signer, tls[0], web_log, web.pid)
+            finally:
+                storage.catalog.close()
+    finally:
+        for proc in (web, provider):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+def seed_audio(
+    world: World,
+    people: list[tuple[str, str, str | None]],
+    audio: bytes,
+    started_ms: int,
+    seconds: int = 30,
+    **changes: Any,
+) -> str:
+    """A recording with the given audio through the vault and the catalog."""
+    rid = secrets.token_hex(16)
+    source = world.root / f"{rid}.src"
+    source.write_bytes(audio)
+    blob_key = world.storage.vault.store(rid, source, world.root)
+    source.unlink()
+    customer = world.keys.protector().protect(CUSTOMER)
+    row = make_row(
+        rid, blob_key, started_ms + seconds * 1000, started_at_ms=started_ms,
+        employee_id=people[0][0],
+        employee_name=people[0][1], employee_team=people[0][2],
+        employees_json=changes.pop("employees_json", None) or employees_json(people),
+        size=len(audio),
+        sha256=hashlib.sha256(audio).hexdigest(), customer_masked=customer.masked,
+        customer_digest=None, customer_digest_key_id=None,
+        customer_tail_sealed=customer.tail_sealed, **changes,
+    )  # fmt: skip
+    assert world.storage.catalog.insert(row)
+    return rid
+
+
+@functools.cache
+def long_opus(seconds: int) -> bytes:
+    """A stereo Ogg/Opus tone of ``seconds`` (ffmpeg's lavfi: fast for an hour too)."""
+    done = subprocess.run(
+        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i",
+         f"sine=frequency=440:sample_rate=8000:duration={seconds}", "-ac", "2",
+         "-c:a", "libopus", "-b:a", "24k", "-f", "ogg", "-"],
+        capture_output=True, check=True, timeout=600,
+    )  # fmt: skip
+    return done.stdout
+
+
+@functools.cache
+def left_only(seconds: int, quiet_from: int = 0, quiet_to: int = 0) -> bytes:
+    """Stereo Ogg/Opus: a tone on the left (customer) channel, silence on the right
+    (and on both from ``quiet_from`` to ``quiet_to`` seconds)."""
+    tone = f"0.5*sin(440*2*PI*t)*not(between(t\\,{quiet_from}\\,{quiet_to}))"
+    if quiet_to <= quiet_from:
+        tone = "0.5*sin(440*2*PI*t)"
+    done = subprocess.run(
+        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i",
+         f"aevalsrc={tone}|0:s=8000:d={seconds}:c=stereo",
+         "-c:a", "libopus", "-b:a", "32k", "-f", "ogg", "-"],
+        capture_output=True, check=True, timeout=120,
+    )  # fmt: skip
+    return done.stdout
+
+
+def day_ms(days_ago: float) -> int:
+    return now_ms() - int(days_ago * 86_400_000)
