@@ -109,6 +109,12 @@ def test_users_from_sysusers(root: debroot.Root) -> None:
     assert (root.path / "usr/lib/sysusers.d/callrec.conf").exists()
 
 
+def test_monitoring_files(root: debroot.Root) -> None:
+    shared = root.path / "usr/share/callrec/monitoring"
+    assert "groups:" in (shared / "callrec-alerts.yml").read_text()
+    assert '"panels"' in (shared / "callrec-dashboard.json").read_text()
+
+
 def test_man_page_and_completion(root: debroot.Root) -> None:
     man = root.run("zcat /usr/share/man/man1/callrec.1.gz").stdout
     assert man.startswith('.TH CALLREC "1"')
