@@ -6,7 +6,7 @@ callrec keys init|master|seal …         seal key pair; master key rotate/rewra
 callrec list   --store-dir DIR          list stored recordings (operator console)
 callrec export ID --out FILE --reason R export one recording's audio
 callrec check  --agent/--store FILE     validate a config and its key files
-callrec demo                            store + agent + a real SIPREC call, on defaults
+callrec demo                            store + agent + a real SIPREC call (source checkout only)
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import importlib.metadata
+import importlib.util
 import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -43,6 +45,7 @@ log = logs.get_logger("callrec")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="callrec", description="call-recording register")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     agent = sub.add_parser("agent", help="run the recording agent")
@@ -92,16 +95,44 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--agent", type=Path, help="an agent's config")
     group.add_argument("--store", type=Path, help="a store's config")
 
-    demo = sub.add_parser("demo", help="run store + agent and place a real SIPREC call")
-    demo.add_argument("--dir", type=Path, default=Path("demo-data"), help="data (%(default)s)")
-    demo.add_argument("--seconds", type=float, default=6.0, help="call length (%(default)s)")
-    demo.add_argument("--web", action="store_true", help="then serve the people's web until Ctrl-C")
+    if demo_installed():
+        demo = sub.add_parser("demo", help="run store + agent and place a real SIPREC call")
+        demo.add_argument("--dir", type=Path, default=Path("demo-data"), help="data (%(default)s)")
+        demo.add_argument("--seconds", type=float, default=6.0, help="call length (%(default)s)")
+        demo.add_argument(
+            "--web", action="store_true", help="then serve the people's web until Ctrl-C"
+        )
     access_cli.add_parsers(sub)
     certs.add_parsers(sub)
     frontlog.add_parsers(sub)
     quarantine.add_parsers(sub)
     web_cli.add_parsers(sub)
     return parser
+
+
+def demo_installed() -> bool:
+    """The demo and its test-call harness (SIPp scenarios, speech) ship with a source
+    checkout, not with the Debian package: a production host has no ``demo`` command."""
+    return importlib.util.find_spec("agent.demo") is not None
+
+
+def require_sip_library() -> None:
+    """The agent's workers need pjsua2; say so in one line rather than let each worker
+    die on import (pjsua2-python has no wheel for Python 3.13)."""
+    if importlib.util.find_spec("pjsua2") is None:
+        raise ConfigError(
+            f"pjsua2 is not installed for Python {sys.version_info.major}."
+            f"{sys.version_info.minor}: the SIP workers need pjsua2-python "
+            "(wheels for Python 3.8 to 3.12)"
+        )
+
+
+def installed_version() -> str:
+    """The version of the installed distribution (its metadata, as pip or the .deb put it)."""
+    try:
+        return importlib.metadata.version("callrec")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed as a distribution)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +184,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return handled
     if args.command == "agent":
         agent_cfg = load_agent_config(args.config)
+        require_sip_library()
         logs.configure(agent_cfg.log_level, identifier="callrec-agent")
         from agent.recorder.daemon import run_agent
 
