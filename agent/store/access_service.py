@@ -51,7 +51,6 @@ from agent.store.access import (
 from agent.store.access_trail import UnauthenticatedTrail
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
 from agent.store.console import info_of
-from agent.store.crypto import CryptoError
 from agent.store.monitoring import ACCESS_REQUESTS
 from agent.store.numbers import SealError, SealKeyring, TooManyCandidates, find_calls
 from agent.store.retention import add_months
@@ -64,6 +63,7 @@ log = logs.get_logger(__name__)
 Context = grpc.aio.ServicerContext[Any, Any]
 _ID = re.compile(r"[0-9a-f]{32}")
 MAX_TOKEN_CHARS = 200  # a token is 66 characters; a longer header is not read
+MAX_ID_TOKEN_CHARS = 16 * 1024  # an OpenID ID token (a signed JWT) is 1-2 kB
 # The request being served, as far as it is known (for the audit of an internal error).
 _ATTEMPT: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
     "callrec_access_attempt", default=None
@@ -186,11 +186,14 @@ class AccessService(apb_grpc.AccessServicer):
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return Caller("anonymous", None, "no 'authorization: Bearer <token>' metadata")
+        token = token.strip()
+        if self.oidc is not None and identity.looks_like_jwt(token):
+            if len(token) > MAX_ID_TOKEN_CHARS:
+                return Caller("anonymous", None, "malformed token", "web")
+            return self._web_person(self.oidc.verify(token))
         if len(token) > MAX_TOKEN_CHARS:
             return Caller("anonymous", None, "malformed token")
-        if self.oidc is not None and identity.looks_like_jwt(token.strip()):
-            return self._web_person(self.oidc.verify(token.strip()))
-        checked = tokens.check(self.catalog, token.strip())
+        checked = tokens.check(self.catalog, token)
         actor = (
             f"person:{checked.person_id}"
             if checked.person_id
@@ -406,11 +409,13 @@ class AccessService(apb_grpc.AccessServicer):
             yield pb.AudioChunk(data=data, audio_format=row.audio_format if first else "")
             first = False
 
-    async def _opened(self, row: RecordingRow, allowed: audit.Event) -> AsyncIterator[bytes]:
-        """The recording's plaintext, once its key has opened and its first chunk has
-        decrypted; only then is ``allowed`` audited (a failure before that is audited
-        as ``error`` by ``failed`` and never as allowed)."""
-        chunks: Iterator[bytes] = self.vault.read(row.recording_id, row.blob_key)
+    async def _opened(
+        self, row: RecordingRow, allowed: audit.Event, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """The recording's plaintext (or ``length`` bytes of it from ``offset``), once its
+        key has opened and its first chunk has decrypted; only then is ``allowed`` audited
+        (a failure before that is audited as ``error`` by ``failed``, never as allowed)."""
+        chunks: Iterator[bytes] = self.vault.read(row.recording_id, row.blob_key, offset, length)
         first = await asyncio.to_thread(next, chunks, b"")
         await self._audit(allowed)
         return _rest(first, chunks)
@@ -420,20 +425,6 @@ class AccessService(apb_grpc.AccessServicer):
     ) -> AsyncIterator[apb.RangeChunk]:
         async for chunk in access_web.play_range(self, request, context):
             yield chunk
-
-    async def _decrypted(
-        self, row: RecordingRow, context: Context, offset: int = 0, length: int | None = None
-    ) -> AsyncIterator[bytes]:
-        chunks: Iterator[bytes] = self.vault.read(row.recording_id, row.blob_key, offset, length)
-        while True:
-            try:
-                data = await asyncio.to_thread(next, chunks, b"")
-            except CryptoError as exc:
-                log.error("access_read_failed", recording_id=row.recording_id, reason=str(exc))
-                await context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
-            if not data:
-                return
-            yield data
 
     # ------------------------------------------------------------ privacy officer
 

@@ -55,9 +55,10 @@ async def play_range(
             f"offset: 0..{row.size - 1}, length: 0..{MAX_RANGE}",
         )  # fmt: skip
     length = min(length, row.size - offset)
-    await service._audit(grant.event(row.recording_id, f"bytes={offset}-{offset + length - 1}"))
+    allowed = grant.event(row.recording_id, f"bytes={offset}-{offset + length - 1}")
+    audio = await service._opened(row, allowed, offset, length)
     first = True
-    async for data in service._decrypted(row, context, offset, length):
+    async for data in audio:
         yield apb.RangeChunk(
             data=data, total_size=row.size if first else 0,
             audio_format=row.audio_format if first else "", offset=offset if first else 0,
