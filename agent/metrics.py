@@ -253,6 +253,11 @@ RTP_PACKETS_RECEIVED = Counter(
 RTP_PACKETS_LOST = Counter(
     "callrec_rtp_packets_lost_total", "RTP packets lost on recorded streams", ["party"]
 )
+# The SIP front's refusals (not allowed, too large, no worker free), counted by the agent
+# from the front's log lines: the main process's own family, beside the workers'.
+FRONT_REFUSED = Counter(
+    "callrec_front_refused_total", "INVITEs the SIP front refused, by SIP status", ["status"]
+)
 DISK_FREE_BYTES = Gauge(
     "callrec_disk_free_bytes",
     "Free bytes on the agent's data disk, as the SIP workers last saw them",
@@ -294,6 +299,7 @@ AGENT_FAMILIES = WORKER_FAMILIES | frozenset(
         WORKERS_UP,
         UPLOADS,
         UPLOAD_BYTES_SENT,
+        FRONT_REFUSED,
     )
     for family in metric.describe()
 )

@@ -54,6 +54,15 @@ def _restart(pool: Pool) -> Daemon:
     return again
 
 
+def _wait_answered(pool: Pool, calls: int, timeout: float) -> None:
+    """Until the workers have answered ``calls`` calls (each SIPp starts in its own
+    process: a fixed sleep would kill the agent before a late INVITE arrived)."""
+    deadline = time.monotonic() + timeout
+    while pool.text().count("event=call_answered") < calls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pool.text().count("event=call_answered") >= calls, pool.tail()
+
+
 def _wait_gone(pids: list[int], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
@@ -72,7 +81,8 @@ def test_agent_killed_mid_calls_and_restarted(tmp_path: Path) -> None:
                 executor.submit(pool.place, pool.call(call_ms=CALL_MS), f"k{n}", 40.0)
                 for n in range(3)
             ]
-            time.sleep(2.0)
+            _wait_answered(pool, 3, timeout=20.0)  # SIPp may start late on a busy host
+            time.sleep(1.0)  # some audio recorded before the kill
             killed_at = len(pool.text())
             pool.agent.process.send_signal(signal.SIGKILL)
             pool.agent.process.wait(10)

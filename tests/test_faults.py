@@ -387,10 +387,10 @@ def test_tls_is_the_default(tmp_path: Path, keys: Keys) -> None:
 
 
 def test_insecure_only_on_loopback(tmp_path: Path, keys: Keys) -> None:
-    with pytest.raises(ConfigError, match=r"\[uplink\] insecure = True: expected false"):
+    with pytest.raises(ConfigError, match=r"\[uplink\] insecure = true: expected false"):
         agent_config(tmp_path, keys, "10.1.2.3:50051")
     doc = {"store": {"listen": "0.0.0.0:50051", "data_dir": "d", "tls": {"insecure": True}}}
-    with pytest.raises(ConfigError, match=r"\[store.tls\] insecure = True: expected false"):
+    with pytest.raises(ConfigError, match=r"\[store.tls\] insecure = true: expected false"):
         store_config_from_dict(doc, tmp_path)
 
 

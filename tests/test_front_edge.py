@@ -109,9 +109,9 @@ def _refused_403(pool: Pool) -> float:
     listen = load_agent_config(pool.root / "agent.toml").metrics_listen
     with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    # The agent's own samples (the front's refusals) and the workers' (summed by
-    # prometheus_client's multiprocess collector) may come as two families.
-    found = re.findall(r'^callrec_calls_refused_total\{status="403"\} (\S+)$', text, re.M)
+    # The front's refusals (the agent's own family) and the workers' (summed by
+    # prometheus_client's multiprocess collector).
+    found = re.findall(r'^callrec_(?:calls|front)_refused_total\{status="403"\} (\S+)$', text, re.M)
     return sum(float(value) for value in found)
 
 

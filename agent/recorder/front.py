@@ -440,7 +440,7 @@ class FrontProcess:
         if fields is not None and fields.get("event") == "front_refused":
             self.refused += 1
             fields["refused_total"] = self.refused
-            metrics.CALLS_REFUSED.labels(str(fields.get("status", 503))).inc()
+            metrics.FRONT_REFUSED.labels(str(fields.get("status", 503))).inc()
         elif fields is not None and fields.get("event") == "front_failover":
             self.failovers += 1
         emit(log, level, text, fields)
