@@ -176,14 +176,14 @@ def test_relay_counts_refusals_and_keeps_our_event_lines(
     cfg = config(tmp_path, keys, run_front=True)
     front = FrontProcess(cfg, front_files(cfg))
     caplog.set_level(logging.DEBUG, logger="agent.recorder.front")
-    refused_before = metrics.CALLS_REFUSED.labels("503")._value.get()
+    refused_before = metrics.FRONT_REFUSED.labels("503")._value.get()
     front._relay_line(" 1(685) WARNING: <script>: event=front_refused call_ref=ab status=503")
     front._relay_line(" 2(686) WARNING: <script>: event=front_failover call_ref=cd worker=w0")
     front._relay_line(" 0(681) INFO: <core> [main.c:3055]: main(): processes (at least): 9")
     front._relay_line(" 3(687) ERROR: tm [t_reply.c:1]: message <sip:0401234567@x>")
     assert (front.refused, front.failovers) == (1, 1)
     front._relay_line(" 2(686) INFO: <script>: event=front_dispatched call_ref=a2543172c6b9699b")
-    assert metrics.CALLS_REFUSED.labels("503")._value.get() == refused_before + 1
+    assert metrics.FRONT_REFUSED.labels("503")._value.get() == refused_before + 1
     records = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert records[0] == (
         "WARNING",
