@@ -353,13 +353,18 @@ PER_RUN = 30
 
 
 def _calibrate(config: Path, storage: Storage, batch: set[str]) -> tuple[float, float]:
-    """Seconds to the first destruction, and from there to the end of the run."""
+    """Seconds to the first destruction, and from there to the last one (not to the end
+    of the run: what a sweep does after its destructions, such as logging the audit
+    head, would otherwise widen the window past them)."""
     started = time.monotonic()
     proc = subprocess.Popen(_sweep_cmd(config), cwd=REPO, stdout=subprocess.DEVNULL)
     _wait_for_progress(proc, storage, batch)
     first = time.monotonic()
+    while proc.poll() is None and remaining(storage) & batch:
+        time.sleep(0.002)
+    last = time.monotonic()
     assert proc.wait(60) == 0
-    return first - started, time.monotonic() - first
+    return first - started, max(last - first, 0.01)
 
 
 def _wait_for_progress(proc: subprocess.Popen[bytes], storage: Storage, batch: set[str]) -> None:
