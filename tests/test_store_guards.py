@@ -38,13 +38,13 @@ from agent.store.vault import open_storage
 from tests.support.access_world import PEOPLE, World, running_world
 from tests.support.faults import Pki, make_pki
 from tests.support.services import (
-    Postgres,
     free_tcp_port,
     make_row,
     postgres,  # noqa: F401 (fixture)
     write_store_toml,
 )
 from tests.support.stack import InProcessStore, make_keys
+from tests.test_audit_chain import catalog  # noqa: F401 (fixture)
 from tests.test_ingest_limits import manifest_for, stub, upload, wait_until
 
 
@@ -107,22 +107,10 @@ def test_people_in_plain_text_only_on_loopback(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------- the audit chain's head
+# (``catalog``: the fixture of tests/test_audit_chain.py, on SQLite and PostgreSQL)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def catalog(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Catalog]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'catalog.sqlite3'}"
-    else:
-        pg: Postgres = request.getfixturevalue("postgres")
-        url = pg.new_database()
-    cat = Catalog(url)
-    cat.migrate()
-    yield cat
-    cat.close()
-
-
-def test_the_database_refuses_to_move_or_delete_the_head(catalog: Catalog) -> None:
+def test_the_database_refuses_to_move_or_delete_the_head(catalog: Catalog) -> None:  # noqa: F811 (fixture)
     with catalog.engine.begin() as conn:
         for n in range(3):
             audit.append(conn, f"person:p{n}", "search", None, "", "allowed")
@@ -140,7 +128,7 @@ def test_the_database_refuses_to_move_or_delete_the_head(catalog: Catalog) -> No
     assert verdict.ok and verdict.entries == 4
 
 
-def test_audit_times_never_go_back_along_the_chain(catalog: Catalog) -> None:
+def test_audit_times_never_go_back_along_the_chain(catalog: Catalog) -> None:  # noqa: F811 (fixture)
     ahead = now_ms() + 600_000  # another host's clock runs 10 minutes ahead
     with catalog.engine.begin() as conn:
         audit.append(conn, "system:sweeper@b", "destroy", None, "", "destroyed", at_ms=ahead)
