@@ -6,6 +6,7 @@ callrec keys init|master|seal …         seal key pair; master key rotate/rewra
 callrec list   --store-dir DIR          list stored recordings (operator console)
 callrec export ID --out FILE --reason R export one recording's audio
 callrec check  --agent/--store FILE     validate a config and its key files
+callrec config keys [KIND]              every config key: default and meaning
 callrec demo                            store + agent + a real SIPREC call (source checkout only)
 """
 
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from agent import access_cli, certs, keys_cli, logs
+from agent import access_cli, certs, config_reference, keys_cli, logs
 from agent.config import (
     ConfigError,
     StoreConfig,
@@ -104,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
         )
     access_cli.add_parsers(sub)
     certs.add_parsers(sub)
+    config_reference.add_parsers(sub)
     frontlog.add_parsers(sub)
     quarantine.add_parsers(sub)
     web_cli.add_parsers(sub)
@@ -173,6 +175,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     dispatchers: tuple[Callable[[argparse.Namespace], int | None], ...] = (
         access_cli.dispatch,
         certs.dispatch,
+        config_reference.dispatch,
         frontlog.dispatch,
         keys_cli.dispatch,
         quarantine.dispatch,

@@ -11,13 +11,15 @@ import ipaddress
 import json
 import re
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
+from agent import config_reference
 from agent.store.residency import (
     DEFAULT_ALLOWED_REGIONS,
     aws_endpoint_region,
@@ -334,6 +336,29 @@ _T = TypeVar("_T")
 # The errors of the config being loaded (set by @_collecting): a bad typed read is noted
 # here and the load goes on with a stand-in, so one run names every wrong key.
 _collected: ContextVar[list[str] | None] = ContextVar("config_errors", default=None)
+# Every read of the configs loaded inside ``tracing_reads`` (the reference's test).
+_traced: ContextVar[list[KeyRead] | None] = ContextVar("config_reads", default=None)
+
+
+@dataclass(frozen=True)
+class KeyRead:
+    """One key a loader read: its documented section, and the default it passed."""
+
+    section: str
+    key: str
+    default: object
+    required: bool
+
+
+@contextmanager
+def tracing_reads() -> Iterator[list[KeyRead]]:
+    """Collect every key the loaders read (given or not) while the block runs."""
+    reads: list[KeyRead] = []
+    token = _traced.set(reads)
+    try:
+        yield reads
+    finally:
+        _traced.reset(token)
 
 
 def toml_value(value: object) -> str:
@@ -398,6 +423,9 @@ class _Section:
 
     def _get(self, key: str, default: object) -> object:
         self.used.add(key)
+        if (reads := _traced.get()) is not None:
+            section = config_reference.section_of(self.name)
+            reads.append(KeyRead(section, key, default, default is _REQUIRED))
         if key not in self.table:
             if default is _REQUIRED:
                 raise ConfigError(f"[{self.name}] {key}: missing, this key is required")
@@ -451,10 +479,15 @@ class _Section:
         return tuple(value)
 
     def check_unknown(self) -> None:
-        unknown = sorted(set(self.table) - self.used)
+        """Refuse keys no loader read, and keys read but missing from the reference
+        (``agent.config_reference``): a key exists only once it is documented."""
+        accepted = self.used & config_reference.documented(self.name)
+        unknown = sorted(set(self.table) - accepted)
         errors = _collected.get()
         for key in unknown:
             message = f"[{self.name}] {key}: unknown key"
+            if key in self.used:
+                message += " (read but undocumented: add it to agent/config_reference.py)"
             if errors is None:
                 raise ConfigError(message)
             errors.append(message)
@@ -891,7 +924,7 @@ def _free_space_floor(section: _Section, key: str) -> FreeSpaceFloor:
 
 
 def _optional_path(section: _Section, key: str) -> Path | None:
-    return section.path(key) if key in section.table else None
+    return section.path(key, None) if key in section.table else None
 
 
 def _subsection(parent: _Section, name: str, base: Path) -> _Section:

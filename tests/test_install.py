@@ -17,6 +17,7 @@ import pytest
 from agent import cli
 from agent.config import load_agent_config, load_store_config
 from agent.directory import Directory
+from agent.web.config import load_web_config
 from tests.support.daemons import REPO
 
 EXAMPLES = REPO / ".debian" / "examples"
@@ -38,10 +39,18 @@ def test_version_is_the_installed_distributions() -> None:
 
 def test_every_example_is_shipped_and_loads() -> None:
     names = sorted(p.name for p in EXAMPLES.glob("*.toml.example"))
-    assert names == ["agent.toml.example", "people.toml.example", "store.toml.example"]
+    assert names == [
+        "agent.toml.example",
+        "people.toml.example",
+        "store.toml.example",
+        "web.toml.example",
+    ]
     agent = load_agent_config(EXAMPLES / "agent.toml.example")
     store = load_store_config(EXAMPLES / "store.toml.example")
     people = Directory.load(EXAMPLES / "people.toml.example")
+    web = load_web_config(EXAMPLES / "web.toml.example")
+    assert web.oidc is not None and web.store_ca_file is not None
+    assert web.store_address.endswith(store.access_listen.rpartition(":")[2])
     assert agent.directory_file == store.directory_file == Path("/etc/callrec/people.toml")
     assert agent.data_dir == Path("/var/lib/callrec-agent")
     assert store.data_dir == Path("/var/lib/callrec-store")
