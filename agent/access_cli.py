@@ -14,13 +14,9 @@ From anywhere (token from ``$CALLREC_TOKEN`` or ``--token-file``; ``--store ADDR
   callrec show ID --purpose P
   callrec play ID --purpose P [--out FILE]        (no --out: audio bytes to stdout)
   callrec export ID --purpose P --out FILE
-  callrec dsr find --at T [--window 15m] --reason R   (the number: stdin or a prompt)
-  callrec dsr export ID… --out package.zip --reason R
-  callrec dsr erase|restrict|unrestrict ID --reason R
-  callrec hold|release ID --reason R
-  callrec rectify ID --to EMPLOYEE [--from EMPLOYEE] --reason R
-  callrec unseal ID --reason R [--purpose legal|security]
-Data-subject commands default to ``--purpose legal``.
+  callrec dsr …                                   the privacy officer's tasks (dsr_cli)
+Listings take ``--json`` or ``--csv``. What is not given on the command line comes from
+the profile (``~/.config/callrec/client.toml``, agent.client_profile).
 """
 
 from __future__ import annotations
@@ -28,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import getpass
-import os
 import sys
 import zipfile
 from collections.abc import Callable, Iterable
@@ -38,57 +33,40 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent.config import ConfigError, is_loopback, load_store_config, parse_duration
+from agent import dsr_cli, tabular
+from agent.config import ConfigError, load_store_config, parse_duration
 from agent.directory import Directory
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
-from agent.pb.callrec.v1 import recordings_pb2 as pb
+from agent.people_client import (
+    FLAG_NAMES,
+    VIEW_FIELDS,
+    UsageError,
+    add_client_options,
+    apply_profile,
+    channel,
+    common,
+    metadata,
+    view_row,
+)
 from agent.store import audit, tokens
 from agent.store.catalog import Catalog
+from agent.tabular import total_of
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
-PURPOSES = {
-    "verification": apb.PURPOSE_VERIFICATION,
-    "legal": apb.PURPOSE_LEGAL,
-    "training": apb.PURPOSE_TRAINING,
-    "security": apb.PURPOSE_SECURITY,
-}
-COMMANDS = frozenset(
-    {"access", "audit", "search", "show", "play", "export", "dsr", "hold", "release"}
-    | {"rectify", "unseal"}
-)
-
-
-class UsageError(Exception):
-    """A client-side problem (no token, bad time); exit code 2."""
+COMMANDS = frozenset({"access", "audit", "search", "show", "play", "export", "dsr"})
+TOKEN_FIELDS = ("token_id", "person_id", "created_at", "expires_at", "last_used_at", "state")
 
 
 # ---------------------------------------------------------------- parsers
 
 
-def _client(parser: argparse.ArgumentParser, purpose: str | None = None) -> None:
-    parser.add_argument("--store", default="127.0.0.1:50051", help="the store's address")
-    parser.add_argument("--token-file", type=Path, help="default: $CALLREC_TOKEN")
-    for name in ("ca-file", "cert-file", "key-file"):
-        parser.add_argument(
-            f"--{name}", type=Path, help="TLS: --ca-file alone for the people's port"
-        )
-    parser.add_argument(
-        "--purpose",
-        choices=sorted(PURPOSES),
-        default=purpose,
-        required=purpose is None,
-        help="why you need it (your access rules allow some purposes); audited",
-    )
-    parser.add_argument("--reason", default="", help="why (a case id); audited")
-
-
 def _with_id(sub: SubParsers, name: str, text: str, purpose: str | None = None) -> Any:
     parser = sub.add_parser(name, help=text)
     parser.add_argument("recording_id", help="as `callrec search` shows it")
-    _client(parser, purpose)
+    add_client_options(parser, purpose)
     return parser
 
 
@@ -106,6 +84,7 @@ def add_parsers(sub: SubParsers) -> None:
     listing = tokens_sub.add_parser("list", help="tokens with their expiry and last use")
     listing.add_argument("--config", type=Path, required=True, help="the store's config")
     listing.add_argument("--person", help="only this person's")
+    tabular.add_output_options(listing)
     revoke = tokens_sub.add_parser("revoke", help="revoke a token, or all of a person's")
     revoke.add_argument("--config", type=Path, required=True, help="the store's config")
     which = revoke.add_mutually_exclusive_group(required=True)
@@ -118,56 +97,41 @@ def add_parsers(sub: SubParsers) -> None:
     verify.add_argument("--config", type=Path, required=True, help="the store's config")
 
     search = sub.add_parser("search", help="recordings you may see")
-    _client(search)
+    add_client_options(search)
+    tabular.add_output_options(search)
     search.add_argument("--since", help="ISO time (UTC unless an offset is given)")
     search.add_argument("--until", help="ISO time, like --since")
     search.add_argument("--employee", default="", help="employee's directory id")
     search.add_argument("--team", default="", help="team name as in the directory")
     search.add_argument("--service", default="", help="service number, E.164")
     search.add_argument("--masked", default="", help="e.g. +358401234***")
-    search.add_argument("--flag", action="append", default=[], help="a recording flag (repeat)")
+    search.add_argument(
+        "--flag",
+        action="append",
+        default=[],
+        choices=FLAG_NAMES,
+        metavar="FLAG",
+        help="a recording flag (repeat): " + ", ".join(FLAG_NAMES),
+    )
     search.add_argument("--limit", type=int, default=100, help="at most (default %(default)s)")
 
-    _with_id(sub, "show", "a recording's metadata")
+    tabular.add_output_options(_with_id(sub, "show", "a recording's metadata"))
     _with_id(sub, "play", "stream a recording's audio").add_argument(
         "--out", type=Path, help="write the audio here instead of playing it"
     )
     _with_id(sub, "export", "save a recording's audio").add_argument(
         "--out", type=Path, required=True, help="the audio file to write"
     )
-    _dsr_parsers(sub)
-
-
-def _dsr_parsers(sub: SubParsers) -> None:
-    dsr = sub.add_parser("dsr", help="data-subject requests (privacy officer)")
-    dsub = dsr.add_subparsers(dest="dsr_command", required=True)
-    find = dsub.add_parser("find", help="a customer's calls from their number and a time")
-    _client(find, "legal")
-    # Refused when given: a number on the command line is in the process list (ps,
-    # /proc/*/cmdline) and the shell's history. Defined so argparse does not echo it.
-    find.add_argument("--number", help=argparse.SUPPRESS)
-    find.add_argument("--region", default="FI", help="the number's region (default FI)")
-    find.add_argument("--at", required=True, help="ISO time of the call")
-    find.add_argument("--window", default="15m", help="± around --at")
-    package = dsub.add_parser("export", help="audio + metadata JSON as a ZIP file")
-    package.add_argument("recording_ids", nargs="+", help="as `dsr find` shows them")
-    package.add_argument("--out", type=Path, required=True, help="the ZIP file to write")
-    _client(package, "legal")
-    for name in ("erase", "restrict", "unrestrict"):
-        _with_id(dsub, name, f"{name} a recording", "legal")
-    for name in ("hold", "release"):
-        _with_id(sub, name, f"legal {name} of a recording", "legal")
-    rectify = _with_id(sub, "rectify", "correct a recording's employee tag", "legal")
-    rectify.add_argument("--to", required=True, help="the right employee's directory id")
-    rectify.add_argument("--from", dest="wrong", default="", help="default: the tagged one")
-    _with_id(sub, "unseal", "open the sealed last digits of the number", "legal")
+    dsr_cli.add_parsers(sub, _with_id)
 
 
 # ---------------------------------------------------------------- dispatch
 
 
 def dispatch(args: argparse.Namespace) -> int | None:
-    if args.command not in COMMANDS:
+    if args.command in dsr_cli.OLD_SPELLINGS:
+        dsr_cli.old_spelling(args)
+    elif args.command not in COMMANDS:
         return None
     try:
         return _run(args)
@@ -184,46 +148,16 @@ def _run(args: argparse.Namespace) -> int:
         return token_command(args)
     if args.command == "audit":
         return audit_verify(args.config)
-    stub = apb_grpc.AccessStub(_channel(args))
+    apply_profile(args)
+    stub = apb_grpc.AccessStub(channel(args))
     handlers: dict[str, Callable[[apb_grpc.AccessStub, argparse.Namespace, Any], int]] = {
         "search": _search,
         "show": _show,
         "play": _audio,
         "export": _audio,
         "dsr": _dsr,
-        "hold": _change,
-        "release": _change,
-        "rectify": _rectify,
-        "unseal": _unseal,
     }
-    return handlers[args.command](stub, args, _metadata(args))
-
-
-def _channel(args: argparse.Namespace) -> grpc.Channel:
-    files = (args.ca_file, args.cert_file, args.key_file)
-    if all(files):
-        from agent.certs import channel_credentials
-
-        return grpc.secure_channel(args.store, channel_credentials(*files))
-    if args.ca_file and not (args.cert_file or args.key_file):
-        # The store's people's port ([store] access_listen): TLS, the token says who.
-        credentials = grpc.ssl_channel_credentials(root_certificates=args.ca_file.read_bytes())
-        return grpc.secure_channel(args.store, credentials)
-    if any(files):
-        raise UsageError("--cert-file and --key-file go together (with --ca-file)")
-    if not is_loopback(args.store):
-        raise UsageError(f"--store {args.store}: plain text only to loopback; give TLS files")
-    return grpc.insecure_channel(args.store)
-
-
-def _metadata(args: argparse.Namespace) -> tuple[tuple[str, str]]:
-    if args.token_file is not None:
-        token = args.token_file.read_text().strip()
-    else:
-        token = os.environ.get("CALLREC_TOKEN", "").strip()
-    if not token:
-        raise UsageError("no token: set $CALLREC_TOKEN or give --token-file")
-    return (("authorization", f"Bearer {token}"),)
+    return handlers[args.command](stub, args, metadata(args))
 
 
 def _out(line: str) -> None:
@@ -246,7 +180,7 @@ def token_command(args: argparse.Namespace) -> int:
     try:
         catalog.migrate()
         if args.token_command == "list":  # noqa: S105 (a subcommand, not a secret)
-            return _list_tokens(catalog, args.person)
+            return _list_tokens(catalog, args.person, args.output)
         if args.token_command == "create":  # noqa: S105 (a subcommand, not a secret)
             if directory is None:
                 raise ConfigError("[store] directory_file: missing, needed for access tokens")
@@ -274,26 +208,40 @@ def token_command(args: argparse.Namespace) -> int:
         catalog.close()
 
 
-def _list_tokens(catalog: Catalog, person_id: str | None) -> int:
+def _list_tokens(catalog: Catalog, person_id: str | None, output: str) -> int:
     with catalog.engine.connect() as conn:
-        rows = tokens.list_tokens(conn, person_id)
-    _out("token_id          person     created           expires           last_used         state")
-    now = dt.datetime.now(dt.UTC)
-    for row in rows:
-        expires = _when(row.expires_at_ms)
+        found = tokens.list_tokens(conn, person_id)
+    now_ms = dt.datetime.now(dt.UTC).timestamp() * 1000
+    rows: list[dict[str, object]] = []
+    lines = [
+        "token_id          person     created           expires           last_used         state"
+    ]
+    for row in found:
         state = (
             "revoked"
             if row.revoked_at_ms is not None
             else "expired"
-            if row.expires_at_ms is not None and row.expires_at_ms <= now.timestamp() * 1000
+            if row.expires_at_ms is not None and row.expires_at_ms <= now_ms
             else "live"
         )
-        _out(
+        rows.append({
+            "token_id": row.token_id, "person_id": row.person_id,
+            "created_at": _iso(row.created_at_ms), "expires_at": _iso(row.expires_at_ms),
+            "last_used_at": _iso(row.last_used_at_ms), "state": state,
+        })  # fmt: skip
+        lines.append(
             f"{row.token_id}  {row.person_id:<9.9}  {_when(row.created_at_ms)}  "
-            f"{expires if row.expires_at_ms is not None else 'never':<16}  "
+            f"{_when(row.expires_at_ms) if row.expires_at_ms is not None else 'never':<16}  "
             f"{_when(row.last_used_at_ms) if row.last_used_at_ms else 'never':<16}  {state}"
         )
+    tabular.emit(output, TOKEN_FIELDS, rows, lines)
     return 0
+
+
+def _iso(ms: int | None) -> str | None:
+    if not ms:
+        return None
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).isoformat(timespec="seconds")
 
 
 def _when(ms: int | None) -> str:
@@ -340,10 +288,6 @@ def _ts(text: str | None) -> Timestamp | None:
     return stamp
 
 
-def _common(args: argparse.Namespace) -> dict[str, Any]:
-    return {"purpose": PURPOSES[args.purpose], "reason": args.reason}
-
-
 def format_view(view: apb.RecordingView) -> str:
     m, info = view.info.manifest, view.info
     start = m.started_at.ToDatetime(dt.UTC)
@@ -361,7 +305,7 @@ def format_view(view: apb.RecordingView) -> str:
 
 def _search(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
     request = apb.SearchRequest(
-        **_common(args),
+        **common(args),
         since=_ts(args.since),
         until=_ts(args.until),
         employee_id=args.employee,
@@ -372,16 +316,21 @@ def _search(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int
         limit=args.limit,
     )
     response = stub.Search(request, metadata=md, timeout=60)
-    for view in response.recordings:
-        _out(format_view(view))
+    _views(args.output, response.recordings)
     if response.truncated:
-        _out("… more recordings match: narrow the search or raise --limit")
+        tabular.note(args.output, "… more recordings match: narrow the search or raise --limit")
     return 0
 
 
+def _views(output: str, views: Iterable[apb.RecordingView]) -> None:
+    listed = list(views)
+    rows = [view_row(view) for view in listed]
+    tabular.emit(output, VIEW_FIELDS, rows, [format_view(view) for view in listed])
+
+
 def _show(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
-    request = apb.RecordingRequest(**_common(args), recording_id=args.recording_id)
-    _out(format_view(stub.GetRecording(request, metadata=md, timeout=30)))
+    request = apb.RecordingRequest(**common(args), recording_id=args.recording_id)
+    _views(args.output, [stub.GetRecording(request, metadata=md, timeout=30)])
     return 0
 
 
@@ -404,21 +353,22 @@ def _save(chunks: Iterable[bytes], out: Path | None) -> int:
 
 
 def _audio(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
-    request = apb.RecordingRequest(**_common(args), recording_id=args.recording_id)
+    request = apb.RecordingRequest(**common(args), recording_id=args.recording_id)
     call = stub.Play if args.command == "play" else stub.Export
-    chunks: Iterable[pb.AudioChunk] = call(request, metadata=md, timeout=600)
-    size = _save((c.data for c in chunks), args.out)
+    stream = call(request, metadata=md, timeout=600)
+    data: Iterable[bytes] = (c.data for c in stream)
+    if args.out is not None:  # a progress line on a terminal; none into a player's pipe
+        progress = tabular.Progress(f"{args.command} {args.recording_id}", total_of(stream))
+        data = tabular.counted(data, progress)
+    size = _save(data, args.out)
     if args.out is not None:
         _out(f"{args.command}: {args.recording_id} → {args.out} ({size} bytes)")
     return 0
 
 
 def _dsr(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
-    if args.dsr_command == "find":
-        return _find(stub, args, md)
-    if args.dsr_command == "export":
-        return _package(stub, args, md)
-    return _change(stub, args, md)
+    handlers = {"find": _find, "export": _package, "rectify": _rectify, "unseal": _unseal}
+    return handlers.get(args.dsr_command, _change)(stub, args, md)
 
 
 def _find(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
@@ -433,13 +383,12 @@ def _find(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
     except ValueError:
         raise UsageError(f"--window {args.window!r}: expected e.g. 15m") from None
     request = apb.FindByNumberRequest(
-        **_common(args), number=number, region=args.region, at=_ts(args.at),
+        **common(args), number=number, region=args.region, at=_ts(args.at),
         window_minutes=window_min,
     )  # fmt: skip
     response = stub.FindByNumber(request, metadata=md, timeout=60)
-    for view in response.recordings:
-        _out(format_view(view))
-    _out(f"{len(response.recordings)} recording(s) within ±{window_min} min")
+    _views(args.output, response.recordings)
+    tabular.note(args.output, f"{len(response.recordings)} recording(s) within ±{window_min} min")
     return 0
 
 
@@ -455,12 +404,14 @@ def _read_number() -> str:
 
 
 def _package(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
-    request = apb.PackageRequest(**_common(args), recording_ids=args.recording_ids)
+    request = apb.PackageRequest(**common(args), recording_ids=args.recording_ids)
     part = args.out.with_name(args.out.name + ".part")
     files = 0
+    stream = stub.ExportPackage(request, metadata=md, timeout=600)
+    progress = tabular.Progress(f"dsr export → {args.out}", total_of(stream))
     with zipfile.ZipFile(part, "w", compression=zipfile.ZIP_STORED) as package:
         current: tuple[str, Any] | None = None
-        for chunk in stub.ExportPackage(request, metadata=md, timeout=600):
+        for chunk in stream:
             if chunk.WhichOneof("kind") == "metadata_json":
                 package.writestr("metadata.json", chunk.metadata_json)
                 continue
@@ -470,15 +421,17 @@ def _package(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> in
                 current = (chunk.file.name, package.open(chunk.file.name, "w"))
                 files += 1
             current[1].write(chunk.file.data)
+            progress.add(len(chunk.file.data))
         if current is not None:
             current[1].close()
+    progress.finish()
     part.replace(args.out)
     _out(f"package: {files} recording(s) + metadata.json → {args.out}")
     return 0
 
 
 def _change(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
-    name = args.dsr_command if args.command == "dsr" else args.command
+    name = args.dsr_command
     calls = {
         "erase": stub.Erase,
         "restrict": stub.Restrict,
@@ -486,7 +439,7 @@ def _change(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int
         "hold": stub.Hold,
         "release": stub.Release,
     }
-    request = apb.RecordingRequest(**_common(args), recording_id=args.recording_id)
+    request = apb.RecordingRequest(**common(args), recording_id=args.recording_id)
     result = calls[name](request, metadata=md, timeout=60)
     if name == "erase" and not result.changed:
         _out(f"erase: {result.recording_id} key shredded; the sweeper removes the rest")
@@ -497,7 +450,7 @@ def _change(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int
 
 def _rectify(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
     request = apb.RectifyRequest(
-        **_common(args), recording_id=args.recording_id, from_employee_id=args.wrong,
+        **common(args), recording_id=args.recording_id, from_employee_id=args.wrong,
         to_employee_id=args.to,
     )  # fmt: skip
     result = stub.RectifyEmployee(request, metadata=md, timeout=60)
@@ -506,7 +459,7 @@ def _rectify(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> in
 
 
 def _unseal(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
-    request = apb.RecordingRequest(**_common(args), recording_id=args.recording_id)
+    request = apb.RecordingRequest(**common(args), recording_id=args.recording_id)
     sealed = stub.OpenSealedDigits(request, metadata=md, timeout=30)
     _out(
         f"{sealed.recording_id}  masked={sealed.customer_masked}  last_digits={sealed.last_digits}"

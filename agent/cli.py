@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from agent import access_cli, certs, config_reference, keys_cli, logs
+from agent import access_cli, certs, config_reference, keys_cli, logs, tabular
 from agent.config import (
     ConfigError,
     StoreConfig,
@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     listing.add_argument("--store-dir", type=Path, required=True, help="[store] data_dir")
     listing.add_argument("--limit", type=int, default=20, help="at most (default %(default)s)")
+    tabular.add_output_options(listing)
 
     export = sub.add_parser(
         "console-export", help="export a recording's audio (operator console on the store host)"
@@ -211,7 +212,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         return run_sweeper(store_cfg, once=args.once, timer=args.timer)
     if args.command == "console-list":
-        return list_recordings(args.store_dir, args.limit)
+        return list_recordings(args.store_dir, args.limit, args.output)
     if args.command == "console-export":
         return export_audio(args.store_dir, args.recording_id, args.out, args.reason, args.purpose)
     if args.command == "check":
@@ -235,11 +236,37 @@ def _console(store_dir: Path) -> pb_grpc.ConsoleStub:
     return pb_grpc.ConsoleStub(channel)
 
 
-def list_recordings(store_dir: Path, limit: int) -> int:
+CONSOLE_FIELDS = (
+    "recording_id", "started_at", "ended_at", "duration_s", "direction", "site",
+    "service_number", "customer_masked", "employee_ids", "employee_names", "audio_format",
+    "channels", "flags",
+)  # fmt: skip
+
+
+def list_recordings(store_dir: Path, limit: int, output: str = "text") -> int:
     response = _console(store_dir).ListRecordings(pb.ListRecordingsRequest(limit=limit), timeout=10)
-    for line in format_recordings(response.recordings):
-        sys.stdout.write(line + "\n")
+    rows = [_recording_row(info) for info in response.recordings]
+    tabular.emit(output, CONSOLE_FIELDS, rows, format_recordings(response.recordings))
     return 0
+
+
+def _recording_row(info: pb.RecordingInfo) -> dict[str, object]:
+    m = info.manifest
+    return {
+        "recording_id": m.recording_id,
+        "started_at": m.started_at.ToDatetime(dt.UTC).isoformat(timespec="milliseconds"),
+        "ended_at": m.ended_at.ToDatetime(dt.UTC).isoformat(timespec="milliseconds"),
+        "duration_s": info.duration_ms / 1000,
+        "direction": DIRECTION_NAMES[m.direction],
+        "site": m.site,
+        "service_number": m.service_number,
+        "customer_masked": m.customer.masked,
+        "employee_ids": [e.id for e in m.employees],
+        "employee_names": [e.name for e in m.employees],
+        "audio_format": m.audio_format,
+        "channels": m.channels,
+        "flags": list(m.flags),
+    }
 
 
 def format_recordings(recordings: Iterable[pb.RecordingInfo]) -> list[str]:
@@ -261,12 +288,13 @@ def format_recordings(recordings: Iterable[pb.RecordingInfo]) -> list[str]:
 def export_audio(store_dir: Path, recording_id: str, out: Path, reason: str, purpose: str) -> int:
     request = pb.ExportAudioRequest(recording_id=recording_id, reason=reason, purpose=purpose)
     stream = _console(store_dir).ExportAudio(request, timeout=60)
+    progress = tabular.Progress(f"export {recording_id}", tabular.total_of(stream))
     tmp = out.with_name(out.name + ".part")
     size = 0
     with tmp.open("wb") as fh:
-        for chunk in stream:
-            fh.write(chunk.data)
-            size += len(chunk.data)
+        for data in tabular.counted((chunk.data for chunk in stream), progress):
+            fh.write(data)
+            size += len(data)
     tmp.replace(out)
     sys.stdout.write(f"exported {recording_id} to {out} ({size} bytes)\n")
     return 0

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
+from agent import tabular
 from agent.config import ConfigError, StoreConfig, load_store_config
 from agent.privacy import KeyFileError, new_seal_keypair
 from agent.store.catalog import Catalog, master_keys
@@ -64,6 +65,8 @@ def add_parsers(sub: SubParsers) -> None:
         cmd.add_argument("--config", type=Path, required=True, help="store.toml")
         if name == "retire":
             cmd.add_argument("key_id", help="as `callrec keys master list` shows it")
+        if name == "list":
+            tabular.add_output_options(cmd)
 
     seal = keys_sub.add_parser("seal", help="the seal key pair (customers' last digits)")
     ssub = seal.add_subparsers(dest="seal_command", required=True)
@@ -107,7 +110,7 @@ def dispatch(args: argparse.Namespace) -> int | None:
             count = rewrap_all(catalog, wrapper)
             _out(f"re-wrapped {count} data keys under {wrapper.current_key_id}")
             return 0
-        return _list(catalog, wrapper)
+        return _list(catalog, wrapper, args.output)
 
 
 @contextmanager
@@ -148,16 +151,27 @@ def _token_command(config: StoreConfig, catalog: Catalog, command: str, key_id: 
         wrapper.close()
 
 
-def _list(catalog: Catalog, wrapper: KeyWrapper) -> int:
+LIST_FIELDS = ("key_id", "state", "here", "data_keys")
+
+
+def _list(catalog: Catalog, wrapper: KeyWrapper, output: str) -> int:
     in_use = keys_in_use(catalog)
     with catalog.engine.connect() as conn:
-        rows = conn.execute(sa.select(master_keys).order_by(master_keys.c.created_at_ms)).all()
-    for row in rows:
+        found = conn.execute(sa.select(master_keys).order_by(master_keys.c.created_at_ms)).all()
+    rows: list[dict[str, object]] = []
+    for row in found:
         state = "retired" if row.retired_at_ms is not None else "active"
         here = "current" if row.key_id == wrapper.current_key_id else (
             "held" if row.key_id in wrapper.key_ids() else "not held"
         )  # fmt: skip
-        _out(f"{row.key_id}  {state:7}  {here:8}  data_keys={in_use.get(row.key_id, 0)}")
+        rows.append(
+            {"key_id": row.key_id, "state": state, "here": here,
+             "data_keys": in_use.get(row.key_id, 0)}
+        )  # fmt: skip
+    lines = [
+        f"{r['key_id']}  {r['state']:7}  {r['here']:8}  data_keys={r['data_keys']}" for r in rows
+    ]
+    tabular.emit(output, LIST_FIELDS, rows, lines)
     return 0
 
 

@@ -37,3 +37,25 @@ def test_worker_is_left_out_of_help() -> None:
         [CALLREC, "worker", "--help"], check=True, capture_output=True, text=True, timeout=60
     ).stdout
     assert "--ready-fd" in worker
+
+
+def _options(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, argparse.Action]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _options(child, f"{path} {name}")
+        else:
+            yield path, action
+
+
+def test_options_with_a_fixed_set_of_values_list_them() -> None:
+    """A purpose, a recording flag, a config kind: argparse choices, so the help and
+    the error for a wrong value list them."""
+    fixed = {"purpose", "flag", "kind"}
+    plain = [
+        f"{path} {action.dest}"
+        for path, action in _options(_parser(), "callrec")
+        if action.dest in fixed and not action.choices
+    ]
+    assert plain == []
+    assert sum(1 for _, a in _options(_parser(), "callrec") if a.dest in fixed) > 15

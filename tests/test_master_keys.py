@@ -5,6 +5,7 @@ commands: init, rotate, rewrap, retire, list; seal-key rotation."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -177,6 +178,11 @@ def test_keys_master_init_rotate_rewrap_retire(
     code, out = cli("keys", "master", "list", "--config", config)
     assert f"{new_id}  active   current   data_keys=0" in out, out
     assert f"{old_id}  active   held      data_keys=3" in out, out
+    code, out = cli("keys", "master", "list", "--config", config, "--json")
+    assert json.loads(out) == [
+        {"key_id": old_id, "state": "active", "here": "held", "data_keys": 3},
+        {"key_id": new_id, "state": "active", "here": "current", "data_keys": 0},
+    ]
     assert cli("keys", "master", "rewrap", "--config", config) == (
         0,
         f"re-wrapped 3 data keys under {new_id}\n",

@@ -4,6 +4,7 @@ command, and expired by the agent within the retention (real files in tmp_path).
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -69,6 +70,21 @@ def test_list_shows_id_stage_age_size_reason(tmp_path: Path, config: Path) -> No
     assert lines[0].split()[:5] == ["a" * 32, "capture", "3d", "1002", "B"]
     assert lines[0].endswith("finalize failed: ValueError('bad leg')")
     assert lines[1].split()[:5] == ["b" * 32, "outbox", "1d", "502", "B"]
+
+
+def test_list_as_csv_and_json(tmp_path: Path, config: Path) -> None:
+    qdir = load_agent_config(config).quarantine_dir
+    _capture(tmp_path, qdir, "a" * 32, days=3)
+    done = _callrec("list", "--config", str(config), "--csv")
+    assert done.returncode == 0, done.stderr
+    header, row = done.stdout.splitlines()
+    assert header == "entry,stage,age_s,size,reason"
+    entry, stage, age_s, size, reason = row.split(",", 4)
+    assert (entry, stage, size) == ("a" * 32, "capture", "1002")
+    assert 3 * DAY <= int(age_s) < 3 * DAY + 60
+    assert reason == "finalize failed: ValueError('bad leg')"
+    listed = json.loads(_callrec("list", "--config", str(config), "--json").stdout)
+    assert [(e["entry"], e["stage"], e["size"]) for e in listed] == [("a" * 32, "capture", 1002)]
 
 
 def test_retry_puts_entries_back(tmp_path: Path, config: Path) -> None:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import logs
+from agent import logs, tabular
 from agent.config import AgentConfig, load_agent_config, parse_duration
 from agent.recorder.spoolindex import SpoolIndex
 
@@ -149,6 +149,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     q = sub.add_parser("quarantine", help="list, retry or purge the agent's quarantine")
     qs = q.add_subparsers(dest="quarantine_command", required=True)
     listing = qs.add_parser("list", help="entries: id, stage, age, size, reason")
+    tabular.add_output_options(listing)
     again = qs.add_parser("retry", help="put entries back where the agent processes them")
     again.add_argument("entry", nargs="+", help="entry id as `list` shows it")
     purge = qs.add_parser("purge", help="delete entries by id or age")
@@ -165,7 +166,7 @@ def dispatch(args: argparse.Namespace) -> int | None:
     cfg = load_agent_config(args.config)
     try:
         if args.quarantine_command == "list":
-            return _list(cfg)
+            return _list(cfg, args.output)
         if args.quarantine_command == "retry":
             return _retry(cfg, args.entry)
         return _purge(cfg, args.entry, args.older_than, args.yes)
@@ -174,9 +175,20 @@ def dispatch(args: argparse.Namespace) -> int | None:
         return 2
 
 
-def _list(cfg: AgentConfig) -> int:
-    for e in entries(cfg.quarantine_dir):
-        sys.stdout.write(f"{e.name}  {e.stage:7}  {_age(e.age_s):>5}  {e.size:>10} B  {e.reason}\n")
+LIST_FIELDS = ("entry", "stage", "age_s", "size", "reason")
+
+
+def _list(cfg: AgentConfig, output: str) -> int:
+    found = entries(cfg.quarantine_dir)
+    rows = [
+        {"entry": e.name, "stage": e.stage, "age_s": round(e.age_s), "size": e.size,
+         "reason": e.reason}
+        for e in found
+    ]  # fmt: skip
+    lines = [
+        f"{e.name}  {e.stage:7}  {_age(e.age_s):>5}  {e.size:>10} B  {e.reason}" for e in found
+    ]
+    tabular.emit(output, LIST_FIELDS, rows, lines)
     return 0
 
 

@@ -75,6 +75,8 @@ PURPOSES = {
     apb.PURPOSE_SECURITY: Purpose.SECURITY,
 }
 MAX_PACKAGE = 200
+# Initial metadata of Play, Export and ExportPackage: the bytes to come (a progress line).
+TOTAL_BYTES = "callrec-total-bytes"
 
 
 class DirectoryFile:
@@ -404,6 +406,7 @@ class AccessService(apb_grpc.AccessServicer):
         grant = await self._gate(context, op, request, request.recording_id)
         row = _row(grant)
         audio = await self._opened(row, grant.event(row.recording_id, f"bytes={row.size}"))
+        await context.send_initial_metadata(((TOTAL_BYTES, str(row.size)),))  # for progress
         first = True
         async for data in audio:
             yield pb.AudioChunk(data=data, audio_format=row.audio_format if first else "")
@@ -476,6 +479,7 @@ class AccessService(apb_grpc.AccessServicer):
             await asyncio.to_thread(self.vault.data_key, row.recording_id, row.blob_key)
         for row in rows:
             await self._audit(grant.event(row.recording_id, f"package_of={len(rows)}"))
+        await context.send_initial_metadata(((TOTAL_BYTES, str(sum(r.size for r in rows))),))
         yield apb.PackageChunk(metadata_json=q.package_metadata(rows, now_ms()))
         for row in rows:
             name, first = q.audio_name(row), True

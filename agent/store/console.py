@@ -145,6 +145,7 @@ class ConsoleService(pb_grpc.ConsoleServicer):
         )
         # Decrypted on the way out: byte-identical to what the agent uploaded.
         chunks: Iterator[bytes] = self.vault.read(row.recording_id, row.blob_key)
+        await context.send_initial_metadata((("callrec-total-bytes", str(row.size)),))
         first = True
         while True:
             try:
