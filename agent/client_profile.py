@@ -91,7 +91,7 @@ def load_profile() -> ClientProfile | None:
     """The profile, or None when the default file does not exist (a file named by
     ``$CALLREC_CLIENT_CONFIG`` must). A bad key: ConfigError naming the file and key."""
     path = profile_path()
-    if not path.exists() and "CALLREC_CLIENT_CONFIG" not in os.environ:
+    if not path.exists() and not os.environ.get("CALLREC_CLIENT_CONFIG"):
         return None
     try:
         return profile_from_dict(_load_toml(path), path)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from agent import config_reference
+from agent.client_profile import profile_from_dict
 from agent.config import (
     ConfigError,
     KeyRead,
@@ -227,11 +228,30 @@ tls_key = "web.key"
 people = ["a1", "s1"]
 """
 
+CLIENT_FILE = """
+[client]
+store = "store.example:50052"
+ca_file = "ca.pem"
+cert_file = "me.pem"
+key_file = "me.key"
+token_file = "token"
+purpose = "verification"
+"""
+
+CLIENT_COMMAND = """
+[client]
+token_command = "pass show callrec/token"
+"""
+
 Loader = Callable[[dict[str, Any], Path], object]
 FULL: dict[str, tuple[Loader, tuple[str, ...]]] = {
     "agent": (agent_config_from_dict, (AGENT_FULL, AGENT_PLAIN)),
     "store": (store_config_from_dict, (STORE_FULL, STORE_PLAIN)),
     "web": (web_config_from_dict, (WEB_OIDC, WEB_LOCAL)),
+    "client": (
+        lambda doc, base: profile_from_dict(doc, base / "client.toml"),
+        (CLIENT_FILE, CLIENT_COMMAND),
+    ),
 }
 
 
