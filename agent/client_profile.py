@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import stat
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,6 +51,10 @@ class ClientProfile:
         a ConfigError naming this file and the key when it can't be had."""
         if self.token_file is not None:
             try:
+                mode = self.token_file.stat().st_mode
+                if mode & (stat.S_IRWXG | stat.S_IRWXO):
+                    why = f"readable by group or others (mode {stat.S_IMODE(mode):o}); chmod 600"
+                    raise self._error("token_file", str(self.token_file), why)
                 return self.token_file.read_text().strip()
             except OSError as exc:
                 raise self._error("token_file", str(self.token_file), exc.strerror) from None

@@ -221,7 +221,7 @@ CLIENT: Sections = {
         Key("ca_file", "(unset)", "the CA of that port: TLS (plain text only to loopback)"),
         Key("cert_file", "(unset)", "a client certificate, for a store without access_listen"),
         Key("key_file", "(unset)", "its private key"),
-        Key("token_file", "(unset)", "a file holding your token (keep it 0600)"),
+        Key("token_file", "(unset)", "a file holding your token; refused unless 0600"),
         Key("token_command", "(unset)", 'prints your token, e.g. "pass show callrec"'),
         Key("purpose", "(unset)", "the purpose when --purpose is not given"),
     ),

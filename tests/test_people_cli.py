@@ -131,6 +131,7 @@ def test_data_subject_commands_keep_their_legal_purpose(
         ('token_command = "false"\n', "[client] token_command = 'false': exited 1"),
         ('token_command = "/nowhere/pass"\n', "[client] token_command = '/nowhere/pass': No "),
         ('token_file = "missing.token"\n', "missing.token': No such file or directory"),
+        ('token_file = "open.token"\n', "open.token': readable by group or others (mode 644)"),
         ('token_file = "t"\ntoken_command = "cat t"\n', 'token_command = "cat t": expected no '),
         ("store = 5\n", "[client] store = 5: expected a non-empty string"),
     ],
@@ -138,6 +139,8 @@ def test_data_subject_commands_keep_their_legal_purpose(
 def test_a_bad_profile_is_one_line_naming_the_file_and_key(
     home: Path, capsys: pytest.CaptureFixture[str], text: str, says: str
 ) -> None:
+    (home / "config" / "callrec" / "open.token").write_text("crt1.x")
+    (home / "config" / "callrec" / "open.token").chmod(0o644)
     path = _profile(home, text + 'purpose = "verification"\n' * ("purpose" not in text))
     code, out, err = _main(capsys, "search", "--store", "127.0.0.1:1")
     assert (code, out) == (2, "")
