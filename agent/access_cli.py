@@ -49,7 +49,8 @@ from agent.people_client import (
     metadata,
     view_row,
 )
-from agent.store import audit, tokens
+from agent.store.access import tokens
+from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog
 from agent.tabular import total_of
 
