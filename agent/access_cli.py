@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent import dsr_cli, tabular
+from agent import audit_cli, dsr_cli, tabular
 from agent.config import ConfigError, load_store_config, parse_duration
 from agent.directory import Directory
 from agent.pb.callrec.v1 import access_pb2 as apb
@@ -94,8 +94,9 @@ def add_parsers(sub: SubParsers) -> None:
 
     audit_parser = sub.add_parser("audit", help="the audit log")
     audit_sub = audit_parser.add_subparsers(dest="audit_command", required=True)
-    verify = audit_sub.add_parser("verify", help="check the hash chain")
+    verify = audit_sub.add_parser("verify", help="check the hash chain (on the store host)")
     verify.add_argument("--config", type=Path, required=True, help="the store's config")
+    audit_cli.add_parser(audit_sub)
 
     search = sub.add_parser("search", help="recordings you may see")
     add_client_options(search)
@@ -147,7 +148,7 @@ def dispatch(args: argparse.Namespace) -> int | None:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "access":
         return token_command(args)
-    if args.command == "audit":
+    if args.command == "audit" and args.audit_command == "verify":
         return audit_verify(args.config)
     apply_profile(args)
     stub = apb_grpc.AccessStub(channel(args))
@@ -157,6 +158,7 @@ def _run(args: argparse.Namespace) -> int:
         "play": _audio,
         "export": _audio,
         "dsr": _dsr,
+        "audit": lambda stub, args, md: audit_cli.show_log(stub, args, md, _ts),
     }
     return handlers[args.command](stub, args, metadata(args))
 

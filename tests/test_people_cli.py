@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli
+from agent import audit_cli, cli
 from agent.people_client import FLAG_NAMES, VIEW_FIELDS
 from agent.tabular import size_text
 from tests.support.access_world import CUSTOMER, World, running_world
@@ -240,6 +240,33 @@ def test_console_list_as_csv(
     assert {calls["a1"], calls["a2"]} <= {r["recording_id"] for r in rows}
     assert {r["customer_masked"] for r in rows} == {"+358401234***"}
     assert FULL_DIGITS not in out
+
+
+def test_audit_log_as_json_and_csv(
+    world: World,
+    calls: dict[str, str],
+    home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The officer reads who looked at a recording; a supervisor may not read the log."""
+    _profile(home, f'store = "{world.store.address}"\n')
+    monkeypatch.setenv("CALLREC_TOKEN", world.tokens["ad"])
+    assert _main(capsys, "show", calls["a2"], "--purpose", "security", "--reason", "INC-4")[0] == 0
+    monkeypatch.setenv("CALLREC_TOKEN", world.tokens["po"])
+    argv = ["audit", "log", "--recording", calls["a2"], "--purpose", "legal"]
+    code, out, err = _main(capsys, *argv, "--json")
+    assert (code, err) == (0, "")
+    entries = json.loads(out)
+    assert list(entries[0]) == list(audit_cli.FIELDS)
+    seen = [(e["actor"], e["action"], e["outcome"], e["reason"]) for e in entries]
+    assert ("person:ad", "get", "allowed", "INC-4") in seen
+    code, out, _ = _main(capsys, *argv, "--csv", "--limit", "1")
+    assert code == 0 and out.splitlines()[0] == ",".join(audit_cli.FIELDS)
+    assert len(out.splitlines()) == 2
+    monkeypatch.setenv("CALLREC_TOKEN", world.tokens["s1"])
+    code, _, err = _main(capsys, *argv)
+    assert code == 1 and err.startswith("callrec audit: PERMISSION_DENIED")
 
 
 # ---------------------------------------------------------------- dsr and its old spellings
