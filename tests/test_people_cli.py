@@ -311,11 +311,11 @@ def test_an_old_spelling_works_and_says_it_is_deprecated(
 # ---------------------------------------------------------------- progress
 
 
-def _export(world: World, rid: str, out: Path, tty: bool) -> tuple[int, str]:
-    """`callrec export` as the admin, stderr a terminal (a pty) or a pipe."""
-    env = {**os.environ, "CALLREC_TOKEN": world.tokens["ad"], "XDG_CONFIG_HOME": str(out.parent)}
-    argv = [CALLREC, "export", rid, "--out", str(out), "--purpose", "security"]
-    argv += ["--store", world.store.address]
+def _callrec(world: World, person: str, argv: list[str], tty: bool) -> tuple[int, str]:
+    """``callrec ARGV`` as ``person``, stderr a terminal (a pty) or a pipe; its stderr."""
+    env = {**os.environ, "CALLREC_TOKEN": world.tokens[person], "CALLREC_CLIENT_CONFIG": ""}
+    env["XDG_CONFIG_HOME"] = "/nonexistent"
+    argv = [CALLREC, *argv, "--store", world.store.address]
     if not tty:
         done = subprocess.run(
             argv, check=False, env=env, capture_output=True, text=True, timeout=60
@@ -338,16 +338,35 @@ def _export(world: World, rid: str, out: Path, tty: bool) -> tuple[int, str]:
     return code, seen.decode()
 
 
+def _size(world: World, rid: str) -> int:
+    row = world.storage.catalog.get(rid)
+    assert row is not None
+    return row.size
+
+
 def test_export_shows_progress_on_a_terminal_only(
     world: World, calls: dict[str, str], tmp_path: Path
 ) -> None:
-    size = world.storage.catalog.get(calls["a1"]).size  # type: ignore[union-attr]
-    code, shown = _export(world, calls["a1"], tmp_path / "a.ogg", tty=True)
+    size, rid = _size(world, calls["a1"]), calls["a1"]
+    export = ["export", rid, "--purpose", "security", "--out"]
+    code, shown = _callrec(world, "ad", [*export, str(tmp_path / "a.ogg")], tty=True)
     assert code == 0, shown
     total = size_text(size)
-    assert f"export {calls['a1']}: {total} / {total}  100%" in shown
+    assert f"export {rid}: {total} / {total}  100%" in shown
     assert (tmp_path / "a.ogg").stat().st_size == size
-    code, stderr = _export(world, calls["a1"], tmp_path / "b.ogg", tty=False)
+    code, stderr = _callrec(world, "ad", [*export, str(tmp_path / "b.ogg")], tty=False)
+    assert (code, stderr) == (0, "")
+
+
+def test_a_data_subject_package_shows_progress_on_a_terminal_only(
+    world: World, calls: dict[str, str], tmp_path: Path
+) -> None:
+    total = size_text(_size(world, calls["a1"]) + _size(world, calls["a2"]))
+    package = ["dsr", "export", calls["a1"], calls["a2"], "--reason", "case-5", "--out"]
+    code, shown = _callrec(world, "po", [*package, str(tmp_path / "p.zip")], tty=True)
+    assert code == 0, shown
+    assert f"dsr export → {tmp_path / 'p.zip'}: {total} / {total}  100%" in shown
+    code, stderr = _callrec(world, "po", [*package, str(tmp_path / "q.zip")], tty=False)
     assert (code, stderr) == (0, "")
 
 
