@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -331,3 +331,29 @@ def test_config_keys_prints_a_skeleton_that_names_each_key() -> None:
     )
     assert refused.returncode == 2
     assert "(choose from 'agent', 'client', 'store', 'web')" in refused.stderr
+
+
+def _keys(table: dict[str, Any], section: str) -> Iterator[tuple[str, str]]:
+    """(section, key) of a TOML table, its sub-tables and arrays of tables."""
+    for key, value in table.items():
+        yield section, key
+        if isinstance(value, dict):
+            yield from _keys(value, f"{section}.{key}")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for item in value:
+                yield from _keys(item, f"{section}.{key}")
+
+
+def test_every_key_in_readmes_toml_examples_is_documented() -> None:
+    """README's ```toml blocks (whole files or fragments) use only real keys."""
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.DOTALL)
+    assert len(blocks) >= 8
+    unknown = [
+        f"[{section}] {key}"
+        for block in blocks
+        for name, table in tomllib.loads(block).items()
+        for section, key in _keys(table, name)
+        if key not in config_reference.documented(section)
+    ]
+    assert unknown == []
