@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import phonenumbers
+
 from agent import tabular
 from agent.people_client import add_client_options
 
@@ -61,7 +63,12 @@ def add_parsers(sub: SubParsers, with_id: WithId) -> None:
     # Refused when given: a number on the command line is in the process list (ps,
     # /proc/*/cmdline) and the shell's history. Defined so argparse does not echo it.
     find.add_argument("--number", help=argparse.SUPPRESS)
-    find.add_argument("--region", default="FI", help="the number's region (default FI)")
+    find.add_argument(
+        "--region",
+        type=region,
+        default="FI",
+        help="how a national number is read: a region code (default FI)",
+    )
     find.add_argument("--at", required=True, help="ISO time of the call")
     find.add_argument("--window", default="15m", help="± around --at")
     package = dsub.add_parser(
@@ -74,6 +81,15 @@ def add_parsers(sub: SubParsers, with_id: WithId) -> None:
     for name, text in TASKS:
         with_id(dsub, name, text, "legal")
     _old_spellings(sub)
+
+
+def region(text: str) -> str:
+    """A region phone numbers are written in (``FI``, ``se``): refused here, not by
+    the store, when it is not one."""
+    code = text.strip().upper()
+    if code not in phonenumbers.SUPPORTED_REGIONS:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a region code such as FI or SE")
+    return code
 
 
 def _rectify(parser: argparse.ArgumentParser) -> None:

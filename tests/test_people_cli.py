@@ -386,3 +386,11 @@ def test_a_flag_outside_its_choices_is_refused_with_the_list(
     with pytest.raises(SystemExit):
         cli.main(["search", "--help"])
     assert "silent_customer, silent_employee" in capsys.readouterr().out
+
+
+def test_dsr_find_refuses_a_region_that_is_not_one(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["dsr", "find", "--at", "2026-11-27T10:15", "--region", "XX"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.endswith("argument --region: 'XX': expected a region code such as FI or SE\n")

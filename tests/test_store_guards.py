@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -283,6 +284,10 @@ def test_a_revoked_certificate_or_site_is_refused_at_ingest(tmp_path: Path, pki:
                      "--reason", "laptop stolen")  # fmt: skip
         assert result.returncode == 0, result.stderr
         assert serial in cli("certs", "revoked", "--config", str(config)).stdout
+        listed = json.loads(cli("certs", "revoked", "--config", str(config), "--json").stdout)
+        assert [(r["kind"], r["value"], r["reason"]) for r in listed] == [
+            ("serial", serial, "laptop stolen")
+        ]
         wait_until(lambda: _refused(store, pki), timeout=15)
         upload(stub(store, pki, "tku-2"), os.urandom(3000), "tku-2")  # another site goes on
         assert cli("certs", "revoke", "--config", str(config), "--site", "tku-2",

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from agent import certs
+from agent import certs, tabular
 from agent.config import ConfigError, load_store_config
-from agent.store.catalog import Catalog, metadata, now_ms
+from agent.store.catalog import Catalog, from_ms, metadata, now_ms
 
 CACHE_S = 5.0
 
@@ -79,6 +79,7 @@ def add_parsers(certs_sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     which.add_argument("--site", help="every certificate of this agent site")
     listing = certs_sub.add_parser("revoked", help="the deny list")
     listing.add_argument("--config", type=Path, required=True, help="the store's config")
+    tabular.add_output_options(listing)
 
 
 def run(args: argparse.Namespace) -> list[str]:
@@ -90,9 +91,7 @@ def run(args: argparse.Namespace) -> list[str]:
     try:
         catalog.migrate()
         if args.certs_command == "revoked":
-            with catalog.engine.connect() as conn:
-                rows = conn.execute(sa.select(agent_denylist).order_by("kind", "value"))
-                return [f"{r.kind:<6} {r.value}  by {r.denied_by}: {r.reason}" for r in rows]
+            return _revoked(catalog, args.output)
         kind, value = _target(args)
         key = (agent_denylist.c.kind == kind) & (agent_denylist.c.value == value)
         with catalog.engine.begin() as conn:
@@ -113,6 +112,25 @@ def run(args: argparse.Namespace) -> list[str]:
         return [f"{kind} {value}: {verb} at ingest (every store on this catalog, within 5 s)"]
     finally:
         catalog.close()
+
+
+REVOKED_FIELDS = ("kind", "value", "denied_at", "denied_by", "reason")
+
+
+def _revoked(catalog: Catalog, output: str) -> list[str]:
+    """The deny list: lines to print, or nothing once written as JSON or CSV."""
+    with catalog.engine.connect() as conn:
+        found = conn.execute(sa.select(agent_denylist).order_by("kind", "value")).all()
+    lines = [f"{r.kind:<6} {r.value}  by {r.denied_by}: {r.reason}" for r in found]
+    if output == "text":
+        return lines
+    rows = [
+        {"kind": r.kind, "value": r.value, "denied_at": from_ms(r.denied_at_ms).isoformat(),
+         "denied_by": r.denied_by, "reason": r.reason}
+        for r in found
+    ]  # fmt: skip
+    tabular.emit(output, REVOKED_FIELDS, rows, lines)
+    return []
 
 
 def _target(args: argparse.Namespace) -> tuple[str, str]:
