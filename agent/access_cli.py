@@ -14,6 +14,7 @@ From anywhere (token from ``$CALLREC_TOKEN`` or ``--token-file``; ``--store ADDR
   callrec show ID --purpose P
   callrec play ID --purpose P [--out FILE]        (no --out: audio bytes to stdout)
   callrec export ID --purpose P --out FILE
+  callrec audit log [--recording ID] [--person ID] …  who did what (audit_cli)
   callrec dsr …                                   the privacy officer's tasks (dsr_cli)
 Listings take ``--json`` or ``--csv``. What is not given on the command line comes from
 the profile (``~/.config/callrec/client.toml``, agent.client_profile).
