@@ -14,10 +14,10 @@ From anywhere (token from ``$CALLREC_TOKEN`` or ``--token-file``; ``--store ADDR
   callrec show ID --purpose P
   callrec play ID --purpose P [--out FILE]        (no --out: audio bytes to stdout)
   callrec export ID --purpose P --out FILE
-  callrec audit log [--recording ID] [--person ID] …  who did what (audit_cli)
-  callrec dsr …                                   the privacy officer's tasks (dsr_cli)
+  callrec audit log [--recording ID] [--person ID] …  who did what (agent.client.audit)
+  callrec dsr …                                   the privacy officer's tasks (agent.client.dsr)
 Listings take ``--json`` or ``--csv``. What is not given on the command line comes from
-the profile (``~/.config/callrec/client.toml``, agent.client_profile).
+the profile (``~/.config/callrec/client.toml``, agent.client.profile).
 """
 
 from __future__ import annotations
@@ -34,12 +34,10 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent import audit_cli, dsr_cli, tabular
-from agent.config import ConfigError, load_store_config, parse_duration
-from agent.directory import Directory
-from agent.pb.callrec.v1 import access_pb2 as apb
-from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
-from agent.people_client import (
+from agent import tabular
+from agent.client import audit as audit_cli
+from agent.client import dsr as dsr_cli
+from agent.client.options import (
     FLAG_NAMES,
     VIEW_FIELDS,
     UsageError,
@@ -50,6 +48,10 @@ from agent.people_client import (
     metadata,
     view_row,
 )
+from agent.config import ConfigError, load_store_config, parse_duration
+from agent.directory import Directory
+from agent.pb.callrec.v1 import access_pb2 as apb
+from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
 from agent.store.access import tokens
 from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog

@@ -1,7 +1,7 @@
 """Every config key, documented once: the reference ``callrec config keys`` prints and
 README's "Every config key" section holds (rendered from here, checked by a test).
 
-The loaders in ``agent.config`` (and ``agent.web.config``, ``agent.client_profile``)
+The loaders in ``agent.config`` (and ``agent.web.config``, ``agent.client.profile``)
 accept a key only when it is listed here: a key they read but this table lacks is
 refused as unknown, and ``tests/test_config_reference.py`` loads a file of every key of
 each kind, so a documented key the loaders no longer read fails too. A default is

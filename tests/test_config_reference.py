@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from agent import config_reference
-from agent.client_profile import profile_from_dict
+from agent.client.profile import profile_from_dict
 from agent.config import (
     ConfigError,
     KeyRead,

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import audit_cli, cli
-from agent.people_client import FLAG_NAMES, VIEW_FIELDS
+from agent import cli
+from agent.client import audit as audit_cli
+from agent.client.options import FLAG_NAMES, VIEW_FIELDS
 from agent.tabular import size_text
 from tests.support.access_world import CUSTOMER, World, running_world
 from tests.support.services import write_store_toml

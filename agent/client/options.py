@@ -14,7 +14,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from agent.capture import Flag
-from agent.client_profile import DEFAULT_STORE, PURPOSE_NAMES, ClientProfile, load_profile
+from agent.client.profile import DEFAULT_STORE, PURPOSE_NAMES, ClientProfile, load_profile
 from agent.config import is_loopback
 from agent.manifest import DIRECTION_NAMES
 from agent.pb.callrec.v1 import access_pb2 as apb

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import phonenumbers
 
 from agent import tabular
-from agent.people_client import add_client_options
+from agent.client.options import add_client_options
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent import tabular
+from agent.client.options import add_client_options, common
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
-from agent.people_client import add_client_options, common
 
 if TYPE_CHECKING:
     from google.protobuf.timestamp_pb2 import Timestamp
