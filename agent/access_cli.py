@@ -365,7 +365,7 @@ def _audio(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
     data: Iterable[bytes] = (c.data for c in stream)
     if args.out is not None:  # a progress line on a terminal; none into a player's pipe
         progress = tabular.Progress(f"{args.command} {args.recording_id}", total_of(stream))
-        data = tabular.counted(data, progress)
+        data = tabular.counted(data, progress, len)
     size = _save(data, args.out)
     if args.out is not None:
         _out(f"{args.command}: {args.recording_id} → {args.out} ({size} bytes)")
@@ -417,7 +417,7 @@ def _package(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> in
     progress = tabular.Progress(f"dsr export → {args.out}", total_of(stream))
     with zipfile.ZipFile(part, "w", compression=zipfile.ZIP_STORED) as package:
         current: tuple[str, Any] | None = None
-        for chunk in stream:
+        for chunk in tabular.counted(stream, progress, lambda c: len(c.file.data)):
             if chunk.WhichOneof("kind") == "metadata_json":
                 package.writestr("metadata.json", chunk.metadata_json)
                 continue
@@ -427,10 +427,8 @@ def _package(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> in
                 current = (chunk.file.name, package.open(chunk.file.name, "w"))
                 files += 1
             current[1].write(chunk.file.data)
-            progress.add(len(chunk.file.data))
         if current is not None:
             current[1].close()
-    progress.finish()
     part.replace(args.out)
     _out(f"package: {files} recording(s) + metadata.json → {args.out}")
     return 0

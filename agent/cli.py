@@ -293,9 +293,9 @@ def export_audio(store_dir: Path, recording_id: str, out: Path, reason: str, pur
     tmp = out.with_name(out.name + ".part")
     size = 0
     with tmp.open("wb") as fh:
-        for data in tabular.counted((chunk.data for chunk in stream), progress):
-            fh.write(data)
-            size += len(data)
+        for chunk in tabular.counted(stream, progress, lambda chunk: len(chunk.data)):
+            fh.write(chunk.data)
+            size += len(chunk.data)
     tmp.replace(out)
     sys.stdout.write(f"exported {recording_id} to {out} ({size} bytes)\n")
     return 0

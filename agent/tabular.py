@@ -15,10 +15,11 @@ import csv
 import json
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TextIO
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TextIO, TypeVar
 
 Row = Mapping[str, object]
+_T = TypeVar("_T")
 
 
 def add_output_options(parser: argparse.ArgumentParser) -> None:
@@ -107,12 +108,15 @@ class Progress:
         self.stream.flush()
 
 
-def counted(chunks: Iterable[bytes], progress: Progress) -> Iterator[bytes]:
-    """``chunks`` unchanged, counted on ``progress`` (finished when they end)."""
-    for data in chunks:
-        progress.add(len(data))
-        yield data
-    progress.finish()
+def counted(items: Iterable[_T], progress: Progress, size: Callable[[_T], int]) -> Iterator[_T]:
+    """``items`` unchanged, their ``size`` counted on ``progress``, whose line is ended
+    when they end or fail (an error then starts on a line of its own)."""
+    try:
+        for item in items:
+            progress.add(size(item))
+            yield item
+    finally:
+        progress.finish()
 
 
 def total_of(call: object, key: str = "callrec-total-bytes") -> int | None:

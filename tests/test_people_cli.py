@@ -316,7 +316,7 @@ def _callrec(world: World, person: str, argv: list[str], tty: bool) -> tuple[int
     """``callrec ARGV`` as ``person``, stderr a terminal (a pty) or a pipe; its stderr."""
     env = {**os.environ, "CALLREC_TOKEN": world.tokens[person], "CALLREC_CLIENT_CONFIG": ""}
     env["XDG_CONFIG_HOME"] = "/nonexistent"
-    argv = [CALLREC, *argv, "--store", world.store.address]
+    argv = [CALLREC, *argv]
     if not tty:
         done = subprocess.run(
             argv, check=False, env=env, capture_output=True, text=True, timeout=60
@@ -349,7 +349,7 @@ def test_export_shows_progress_on_a_terminal_only(
     world: World, calls: dict[str, str], tmp_path: Path
 ) -> None:
     size, rid = _size(world, calls["a1"]), calls["a1"]
-    export = ["export", rid, "--purpose", "security", "--out"]
+    export = ["export", rid, "--purpose", "security", "--store", world.store.address, "--out"]
     code, shown = _callrec(world, "ad", [*export, str(tmp_path / "a.ogg")], tty=True)
     assert code == 0, shown
     total = size_text(size)
@@ -363,12 +363,29 @@ def test_a_data_subject_package_shows_progress_on_a_terminal_only(
     world: World, calls: dict[str, str], tmp_path: Path
 ) -> None:
     total = size_text(_size(world, calls["a1"]) + _size(world, calls["a2"]))
-    package = ["dsr", "export", calls["a1"], calls["a2"], "--reason", "case-5", "--out"]
+    package = ["dsr", "export", calls["a1"], calls["a2"], "--reason", "case-5"]
+    package += ["--store", world.store.address, "--out"]
     code, shown = _callrec(world, "po", [*package, str(tmp_path / "p.zip")], tty=True)
     assert code == 0, shown
     assert f"dsr export → {tmp_path / 'p.zip'}: {total} / {total}  100%" in shown
     code, stderr = _callrec(world, "po", [*package, str(tmp_path / "q.zip")], tty=False)
     assert (code, stderr) == (0, "")
+
+
+def test_console_export_shows_progress_on_a_terminal_only(
+    world: World, calls: dict[str, str], tmp_path: Path
+) -> None:
+    """The operator console on the store host (its Unix socket, no token)."""
+    rid = calls["a2"]
+    total = size_text(_size(world, rid))
+    console = ["console-export", rid, "--store-dir", str(world.config.data_dir)]
+    console += ["--reason", "INC-9", "--purpose", "security", "--out"]
+    code, shown = _callrec(world, "ad", [*console, str(tmp_path / "c.ogg")], tty=True)
+    assert code == 0, shown
+    assert f"export {rid}: {total} / {total}  100%" in shown
+    code, stderr = _callrec(world, "ad", [*console, str(tmp_path / "d.ogg")], tty=False)
+    assert (code, stderr) == (0, "")
+    assert (tmp_path / "d.ogg").read_bytes() == (tmp_path / "c.ogg").read_bytes()
 
 
 # ---------------------------------------------------------------- choices
