@@ -51,7 +51,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A person's config home with no profile yet, and no token in the environment."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
     monkeypatch.delenv("CALLREC_CLIENT_CONFIG", raising=False)
-    monkeypatch.delenv("CALLREC_TOKEN", raising=False)
+    for name in ("CALLREC_TOKEN", "CALLREC_STORE", "CALLREC_CA_FILE", "CALLREC_PURPOSE"):
+        monkeypatch.delenv(name, raising=False)
     (tmp_path / "config" / "callrec").mkdir(parents=True)
     return tmp_path
 
@@ -109,6 +110,31 @@ def test_flags_win_over_the_profile(
     assert {row["recording_id"] for row in json.loads(out)} == {calls["a1"]}
     code, _, err = _main(capsys, "search", "--token-file", str(a1), "--purpose", "verification")
     assert code == 1 and err.startswith("callrec search: UNAVAILABLE")  # the profile's store
+
+
+def test_the_environment_wins_over_the_profile_and_flags_over_both(
+    world: World,
+    calls: dict[str, str],
+    home: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _profile(home, 'store = "127.0.0.1:1"\npurpose = "legal"\n')
+    monkeypatch.setenv("CALLREC_TOKEN", world.tokens["a1"])
+    monkeypatch.setenv("CALLREC_STORE", world.store.address)
+    monkeypatch.setenv("CALLREC_PURPOSE", "verification")
+    code, out, err = _main(capsys, "search", "--json")
+    assert (code, err) == (0, "")
+    assert {row["recording_id"] for row in json.loads(out)} == {calls["a1"]}
+    code, _, err = _main(capsys, "search", "--store", "127.0.0.1:1")
+    assert code == 1 and err.startswith("callrec search: UNAVAILABLE")
+    monkeypatch.setenv("CALLREC_PURPOSE", "curiosity")
+    code, _, err = _main(capsys, "search")
+    assert (code, err) == (
+        2,
+        "callrec search: $CALLREC_PURPOSE = 'curiosity': expected one of legal, security, "
+        "training, verification\n",
+    )
 
 
 def test_data_subject_commands_keep_their_legal_purpose(

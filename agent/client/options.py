@@ -37,7 +37,8 @@ class UsageError(Exception):
 def add_client_options(parser: argparse.ArgumentParser, purpose: str | None = None) -> None:
     """``purpose``: the command's own default (data-subject commands: legal)."""
     parser.add_argument(
-        "--store", help=f"the store's address (default: the profile's, else {DEFAULT_STORE})"
+        "--store",
+        help=f"the store's address (default: $CALLREC_STORE, the profile's, {DEFAULT_STORE})",
     )
     parser.add_argument("--token-file", type=Path, help="default: $CALLREC_TOKEN, the profile")
     for name in ("ca-file", "cert-file", "key-file"):
@@ -55,15 +56,19 @@ def add_client_options(parser: argparse.ArgumentParser, purpose: str | None = No
 
 
 def apply_profile(args: argparse.Namespace) -> None:
-    """Fill in what the command line left out from the profile (flags win; the TLS
-    files as a group), and settle the purpose."""
+    """Fill in what the command line left out: from $CALLREC_STORE, $CALLREC_CA_FILE,
+    $CALLREC_PURPOSE, then the profile (the TLS files as a group); settle the purpose."""
     profile = load_profile()
-    if args.store is None:
-        args.store = profile.store if profile else DEFAULT_STORE
-    if profile and not any(getattr(args, name) for name in TLS_OPTIONS):
-        for name in TLS_OPTIONS:
-            setattr(args, name, getattr(profile, name))
-    args.purpose = args.purpose or args.command_purpose or (profile and profile.purpose)
+    args.store = args.store or os.environ.get("CALLREC_STORE") or (profile and profile.store)
+    args.store = args.store or DEFAULT_STORE
+    if not any(getattr(args, name) for name in TLS_OPTIONS):
+        if ca_file := os.environ.get("CALLREC_CA_FILE"):
+            args.ca_file = Path(ca_file).expanduser()
+        elif profile:
+            for name in TLS_OPTIONS:
+                setattr(args, name, getattr(profile, name))
+    args.purpose = args.purpose or args.command_purpose or _environment_purpose()
+    args.purpose = args.purpose or (profile and profile.purpose)
     if not args.purpose:
         where = f"set purpose in [client] of {profile.path}" if profile else "or a profile"
         raise UsageError(
@@ -71,6 +76,15 @@ def apply_profile(args: argparse.Namespace) -> None:
             'see README, "The people\'s CLI profile")'
         )
     args.profile = profile
+
+
+def _environment_purpose() -> str | None:
+    purpose = os.environ.get("CALLREC_PURPOSE")
+    if purpose and purpose not in PURPOSES:
+        raise UsageError(
+            f"$CALLREC_PURPOSE = {purpose!r}: expected one of {', '.join(sorted(PURPOSES))}"
+        )
+    return purpose or None
 
 
 def channel(args: argparse.Namespace) -> grpc.Channel:
