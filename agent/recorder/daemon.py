@@ -28,6 +28,7 @@ from agent.privacy import Sealer
 from agent.recorder.backpressure import OutboxMonitor
 from agent.recorder.finalize import Finalizer
 from agent.recorder.front import FrontProcess, write_front_files
+from agent.recorder.live import LiveUplink
 from agent.recorder.outbox import Outbox
 from agent.recorder.ownership import slot_held, slot_holder
 from agent.recorder.quarantine import expire as expire_quarantine
@@ -82,14 +83,17 @@ class AgentDaemon:
         self.metrics_port: int | None = None
         self.outbox = Outbox(config.outbox_dir)
         self.finalizer = Finalizer(config)
+        self.uplink = Uplink(config.uplink, self.outbox, config.quarantine_dir, site=config.site)
+        # [uplink] live: calls stream while they run; at hang-up they are finished at
+        # the store instead of encoded here (spool pickups keep the file path).
+        self.live = LiveUplink(config, self.uplink.channel) if config.uplink.live else None
         self.finalize_queue = DirectoryQueue(
             "finalize",
             config.captures_dir / "ready",
-            self.finalizer.handle,
+            self._hung_up,
             workers=config.audio.workers or os.cpu_count() or 1,
             rescan_s=config.uplink.rescan_s,
         )
-        self.uplink = Uplink(config.uplink, self.outbox, config.quarantine_dir, site=config.site)
         self.upload_queue = DirectoryQueue(
             "upload",
             config.outbox_dir,
@@ -101,6 +105,13 @@ class AgentDaemon:
         self.outbox_monitor = OutboxMonitor(
             self.outbox, up.outbox_warn_bytes, up.outbox_warn_age_s, up.outbox_check_s
         )
+
+    def _hung_up(self, recording_id: str) -> None:
+        """A capture in ``ready``: finished at the store (live) or finalized here."""
+        if self.live is not None and self.live.handles(recording_id):
+            self.live.finish(recording_id)
+        else:
+            self.finalizer.handle(recording_id)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -126,6 +137,8 @@ class AgentDaemon:
             )
         self.finalize_queue.start()
         self.upload_queue.start()
+        if self.live is not None:
+            self.live.start()
         self.outbox_monitor.start()
         self.directory_watcher.start()
         if cfg.spool is not None:
@@ -162,6 +175,7 @@ class AgentDaemon:
                 self.directory_watcher,
             )  # fmt: skip
             spool_ok = self.spool is None or self.spool.is_alive()
+            spool_ok = spool_ok and (self.live is None or self.live.is_alive())
             if not (spool_ok and all(loop.is_alive() for loop in loops)):
                 log.error("agent_loop_died", action="shutdown")
                 raise SystemExit(1)
@@ -208,6 +222,8 @@ class AgentDaemon:
         self.finalize_queue.scan()
         self.finalize_queue.wait_idle(timeout=60.0)
         self.finalize_queue.stop()
+        if self.live is not None:
+            self.live.stop()
         if not self.forced.is_set():
             self.upload_queue.scan()
             self.upload_queue.wait_idle(timeout=self.config.uplink.grace_s)
