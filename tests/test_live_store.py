@@ -195,7 +195,7 @@ def test_appends_resume_without_duplicates_and_the_archive_has_the_call(
     assert not list(store.config.blobs_dir.rglob(f"live-{rid}-*"))
 
 
-def test_finish_with_other_bytes_discards_the_leg_and_asks_again(
+def test_finish_with_other_bytes_discards_the_audio_and_asks_again(
     store: InProcessStore, stub: pb_grpc.LiveStub, tmp_path: Path
 ) -> None:
     manifest = live_manifest(tmp_path)
@@ -208,8 +208,16 @@ def test_finish_with_other_bytes_discards_the_leg_and_asks_again(
     assert refused.value.code() == grpc.StatusCode.DATA_LOSS
     with pytest.raises(grpc.RpcError) as short:
         finish(stub, manifest, customer, employee)
-    assert short.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # the leg must come again
-    assert append(stub, manifest, ("customer", 0, customer))["customer"] == len(customer)
+    assert short.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # it must come again
+    sizes = {
+        s.leg: s.size
+        for s in stub.Query(pb.LiveQueryRequest(recording_id=manifest.recording_id)).legs
+    }
+    assert sizes == {"customer": 0, "employee": 0}
+    assert append(stub, manifest, ("customer", 0, customer), ("employee", 0, employee)) == {
+        "customer": len(customer),
+        "employee": len(employee),
+    }
     assert finish(stub, manifest, customer, employee).finished
 
 

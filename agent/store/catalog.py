@@ -138,6 +138,8 @@ live_segments = sa.Table(
     sa.Column("offset", sa.BigInteger, primary_key=True),
     sa.Column("length", sa.Integer, nullable=False),
     sa.Column("blob_key", sa.String(200), nullable=False),
+    sa.Column("blob_at", sa.BigInteger, nullable=False),  # where in the blob (ciphertext)
+    sa.Column("blob_length", sa.Integer, nullable=False),
 )
 
 

@@ -1,14 +1,16 @@
 """Live recordings in the store: the legs of calls that are still going on.
 
-Each append is made durable before its offset is acknowledged: the new bytes of a leg
-are encrypted under the recording's own data key (``agent.store.crypto``, the segment's
-recording id, leg and offset bound into every tag) and written as one blob
-``live-<id>-<leg>-<offset>`` in the blob store every replica sees; then its row goes
-into ``live_segments``. A leg's durable size is the end of its last segment, so a
-resume on any replica continues from there. Appends of one recording are serialised by
-a row lock on its ``live_recordings`` row (the write lock on SQLite), held while the
-blob is written: a blob left by a killed append sits at the key of the next append
-and is overwritten by it (and removed with the rest, see :meth:`LiveStore.remove`).
+Each append is made durable before its offsets are acknowledged: the new bytes of each
+leg are encrypted under the recording's own data key (``agent.store.crypto``; the
+recording id, leg and offset are bound into every tag) into one blob per append
+(``live-<id>-<random>``) in the blob store every replica sees, written outside any
+lock so that appends of different calls reach the disk in parallel; then, in one
+short transaction holding the recording's row lock (the write lock on SQLite), the
+leg sizes are checked again and the pieces' rows go into ``live_segments``. An append
+that lost a race (two replicas, one retried request) deletes its blob and answers
+ABORTED. A leg's durable size is the end of its last segment, so a resume on any
+replica continues from there. (A store killed between a blob's write and its rows
+leaves that blob behind; its data key goes with the recording's row.)
 
 A finished recording (the agent's Finish, or a stale one finished by the store as
 ``incomplete``) waits in ``live_recordings`` with its final manifest until an archiver
@@ -76,10 +78,6 @@ class LiveRow:
     def final_manifest(self) -> pb.Manifest:
         assert self.final is not None
         return json_format.ParseDict(self.final["manifest"], pb.Manifest())
-
-
-def segment_key(recording_id: str, leg: str, offset: int) -> str:
-    return f"live-{recording_id}-{leg}-{offset}"
 
 
 def _label(recording_id: str, leg: str, offset: int) -> str:
@@ -171,7 +169,9 @@ class LiveStore:
                     f"leg {leg}: segment at {segment.offset}, expected {expected}",
                 )
             label = _label(row.recording_id, leg, segment.offset)
-            sealed = b"".join(self.vault.blobs.read(segment.blob_key))
+            sealed = b"".join(
+                self.vault.blobs.read(segment.blob_key, segment.blob_at, segment.blob_length)
+            )
             header = Header.unpack(sealed, label)
             yield from decrypt_chunks(key, label, header, [sealed[HEADER_BYTES:]])
             expected += segment.length
@@ -214,48 +214,69 @@ class LiveStore:
         """Make ``pieces`` durable; returns each leg's size after them. Bytes the store
         already holds are skipped (a retried append), a gap is OUT_OF_RANGE."""
         rid = row.recording_id
-        data_key = self.data_key(row)
-        with self.catalog.engine.begin() as conn:
-            locked = conn.execute(
-                sa.update(live_recordings)
-                .where(live_recordings.c.recording_id == rid)
-                .where(live_recordings.c.state == LIVE)
-                .values(last_append_ms=now_ms())
-                .returning(live_recordings.c.recording_id)
-            ).first()  # the row lock (SQLite: the write lock) until commit
-            if locked is None:
-                raise LiveRejected(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"recording {rid} is finished; nothing more can be appended",
-                )
-            sizes = self.sizes(rid, conn)
-            for piece in pieces:
-                size = sizes.get(piece.leg, 0)
-                data = _new_bytes(piece, size)
-                if not data:
-                    continue
-                self._put(data_key, rid, piece.leg, size, data)
-                conn.execute(
-                    sa.insert(live_segments).values(
-                        recording_id=rid,
-                        leg=piece.leg,
-                        offset=size,
-                        length=len(data),
-                        blob_key=segment_key(rid, piece.leg, size),
-                    )
-                )
-                sizes[piece.leg] = size + len(data)
+        sizes = self.sizes(rid)
+        plan = [(p.leg, sizes.get(p.leg, 0), _new_bytes(p, sizes.get(p.leg, 0))) for p in pieces]
+        plan = [(leg, offset, data) for leg, offset, data in plan if data]
+        blob_key = f"live-{rid}-{secrets.token_hex(6)}"
+        placed = self._put(self.data_key(row), rid, blob_key, plan) if plan else []
+        try:
+            with self.catalog.engine.begin() as conn:
+                self._lock(conn, rid)
+                sizes = self.sizes(rid, conn)
+                for (leg, offset, data), (at, length) in zip(plan, placed, strict=True):
+                    if sizes.get(leg, 0) != offset:
+                        raise LiveRejected(
+                            grpc.StatusCode.ABORTED,
+                            f"leg {leg}: another append reached {sizes.get(leg, 0)} first; "
+                            "retry from the store's size",
+                        )
+                    conn.execute(
+                        sa.insert(live_segments).values(
+                            recording_id=rid, leg=leg, offset=offset, length=len(data),
+                            blob_key=blob_key, blob_at=at, blob_length=length,
+                        )
+                    )  # fmt: skip
+                    sizes[leg] = offset + len(data)
+        except BaseException:
+            if plan:
+                self.vault.blobs.delete(blob_key)
+            raise
         return sizes
 
-    def _put(self, data_key: bytes, rid: str, leg: str, offset: int, data: bytes) -> None:
+    def _lock(self, conn: sa.Connection, rid: str) -> None:
+        """The recording's row lock (SQLite: the write lock) until commit; only a live
+        recording takes appends."""
+        locked = conn.execute(
+            sa.update(live_recordings)
+            .where(live_recordings.c.recording_id == rid)
+            .where(live_recordings.c.state == LIVE)
+            .values(last_append_ms=now_ms())
+            .returning(live_recordings.c.recording_id)
+        ).first()
+        if locked is None:
+            raise LiveRejected(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"recording {rid} is finished; nothing more can be appended",
+            )
+
+    def _put(
+        self, data_key: bytes, rid: str, blob_key: str, plan: list[tuple[str, int, bytes]]
+    ) -> list[tuple[int, int]]:
+        """One blob holding each piece encrypted on its own; returns (at, length) of each."""
         sealed = self.work_dir / f".live-{secrets.token_hex(8)}.enc"
+        placed = []
         fd = os.open(sealed, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             with os.fdopen(fd, "wb") as out:
-                encrypt_stream(data_key, _label(rid, leg, offset), io.BytesIO(data), len(data), out)
-            self.vault.blobs.put_file(segment_key(rid, leg, offset), sealed)
+                for leg, offset, data in plan:
+                    at = out.tell()
+                    label = _label(rid, leg, offset)
+                    encrypt_stream(data_key, label, io.BytesIO(data), len(data), out)
+                    placed.append((at, out.tell() - at))
+            self.vault.blobs.put_file(blob_key, sealed)
         finally:
             sealed.unlink(missing_ok=True)
+        return placed
 
     def finish(self, row: LiveRow, final: pb.Manifest, legs: dict[str, tuple[int, str]]) -> None:
         """Mark the recording finished with its final manifest, once every leg's durable
@@ -272,11 +293,11 @@ class LiveStore:
                 )
             _, held_sha = self.leg_digest(row, leg)
             if held_sha != sha256:
-                self.discard_leg(rid, leg)
+                self.discard_audio(rid)
                 raise LiveRejected(
                     grpc.StatusCode.DATA_LOSS,
                     f"leg {leg}: sha256 of the stored bytes is {held_sha}, the agent's is "
-                    f"{sha256}; the leg was discarded, send it again from 0",
+                    f"{sha256}; the call's audio was discarded, send it again from 0",
                 )
         self.mark_finished(rid, final, legs, expect_state=LIVE)
 
@@ -304,23 +325,18 @@ class LiveStore:
         with self.catalog.engine.begin() as conn:
             return conn.execute(query).first() is not None
 
-    def discard_leg(self, rid: str, leg: str) -> None:
+    def discard_audio(self, rid: str) -> None:
+        """Every segment of a recording (its legs share blobs): rows, then blobs."""
         with self.catalog.engine.begin() as conn:
-            keys = [
-                k
-                for (k,) in conn.execute(
-                    sa.select(live_segments.c.blob_key)
-                    .where(live_segments.c.recording_id == rid)
-                    .where(live_segments.c.leg == leg)
-                )
-            ]
-            conn.execute(
-                sa.delete(live_segments)
-                .where(live_segments.c.recording_id == rid)
-                .where(live_segments.c.leg == leg)
-            )
+            keys = self._blob_keys(conn, rid)
+            conn.execute(sa.delete(live_segments).where(live_segments.c.recording_id == rid))
         self.vault.blobs.delete_many(keys)
-        log.warning("live_leg_discarded", recording_id=rid, leg=leg, segments=len(keys))
+        log.warning("live_audio_discarded", recording_id=rid, blobs=len(keys))
+
+    @staticmethod
+    def _blob_keys(conn: sa.Connection, rid: str) -> list[str]:
+        query = sa.select(live_segments.c.blob_key).where(live_segments.c.recording_id == rid)
+        return sorted({k for (k,) in conn.execute(query.distinct())})
 
     # ------------------------------------------------------------ archiving
 
@@ -367,19 +383,12 @@ class LiveStore:
         return None
 
     def remove(self, row: LiveRow) -> int:
-        """Segments (and a blob a killed append may have left past the end), then
-        their rows; the recording's row stays, archived. Returns the segments removed."""
+        """The segments' blobs, then their rows; the recording's row stays, archived
+        (a late finish is answered from it). Returns the blobs removed."""
         rid = row.recording_id
         with self.catalog.engine.connect() as conn:
-            keys = [
-                k
-                for (k,) in conn.execute(
-                    sa.select(live_segments.c.blob_key).where(live_segments.c.recording_id == rid)
-                )
-            ]
-        sizes = self.sizes(rid)
-        leftovers = [segment_key(rid, leg, sizes.get(leg, 0)) for leg in row.legs]
-        failed = self.vault.blobs.delete_many([*keys, *leftovers])
+            keys = self._blob_keys(conn, rid)
+        failed = self.vault.blobs.delete_many(keys)
         if failed:
             raise OSError(f"live segments of {rid} not removed: {sorted(failed)[:3]}")
         with self.catalog.engine.begin() as conn:

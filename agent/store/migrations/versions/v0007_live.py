@@ -4,8 +4,9 @@
   the manifest as first sent (masked and sealed fields only), the final manifest and
   each leg's size + sha256 once finished, the wrapped data key of its segments, and a
   lease (``claimed_until_ms``) so that one archiver on one replica encodes it.
-- ``live_segments``: each durable append, one encrypted blob per leg and offset. A
-  leg's durable size is the end of its last segment.
+- ``live_segments``: each leg's piece of each durable append (one encrypted blob per
+  append holds its pieces; ``blob_at``/``blob_length`` locate one). A leg's durable
+  size is the end of its last segment.
 
 Revision ID: 0007
 Revises: 0006
@@ -45,6 +46,8 @@ def upgrade() -> None:
         sa.Column("offset", sa.BigInteger, primary_key=True),
         sa.Column("length", sa.Integer, nullable=False),
         sa.Column("blob_key", sa.String(200), nullable=False),
+        sa.Column("blob_at", sa.BigInteger, nullable=False),
+        sa.Column("blob_length", sa.Integer, nullable=False),
     )
 
 
