@@ -25,9 +25,9 @@ from agent.config import load_store_config
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.recorder.sip import call_ref
+from agent.store.archive.vault import open_storage
 from agent.store.catalog import Catalog, RecordingRow
-from agent.store.live import LiveStore
-from agent.store.vault import open_storage
+from agent.store.live.segments import LiveStore
 from agent.testcall.sipp import SippResult, SiprecCall, free_port, run_sipp, siprec_scenario
 from tests.support.audio import Speech, long_speech, probe
 from tests.support.daemons import Daemon, start_agent, start_store

@@ -24,8 +24,8 @@ from agent.capture import CUSTOMER_LEG, EMPLOYEE_LEG, CaptureMeta, Direction, is
 from agent.manifest import manifest_from_capture
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
+from agent.store.archive.vault import open_storage
 from agent.store.catalog import Catalog, RecordingRow, live_recordings, live_segments
-from agent.store.vault import open_storage
 from agent.testcall.speech import RATE
 from tests.support.audio import probe
 from tests.support.stack import InProcessStore, make_keys, store_config
@@ -124,7 +124,7 @@ def archive_audio(store: InProcessStore, row: RecordingRow, target: Path) -> Pat
 
 def pcm_of_leg(store: InProcessStore, rid: str, leg: str) -> bytes:
     """The leg as the store holds it while the call runs (decrypted segments)."""
-    from agent.store.live import LiveStore
+    from agent.store.live.segments import LiveStore
 
     storage = open_storage(store.config)
     try:
