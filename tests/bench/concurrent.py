@@ -28,6 +28,8 @@ behind at 400 calls (issue 20). Measured per step:
 - hang-up → safe: SIPp's BYE to the store's ``stored_at`` (the receipt is sent after
   it), p50/p99/max.
 
+- agent / store CPU seconds per call-minute over the whole step (calls placed →
+  every call stored), encoder processes included: what a call costs each side in all;
 - ``--path live`` (issue 19): the agent streams each call to the store while it runs
   (``[uplink] live = true``) and the store encodes the archive; ``--path file`` (the
   default) encodes on the agent and uploads at hang-up. For both: the agent's CPU and
@@ -58,7 +60,7 @@ from pathlib import Path
 from agent.recorder.sip import call_ref
 from agent.store.catalog import RecordingRow
 from agent.testcall.sipp import SippResult, siprec_scenario
-from tests.bench.common import Usage, children, emit, measure, percentile
+from tests.bench.common import TICK, Usage, children, emit, measure, percentile
 from tests.support.audio import long_speech
 from tests.support.pool import SENDERS, Pool, flags, running_pool
 
@@ -105,6 +107,9 @@ class Step:
     archived_s: list[float] = field(default_factory=list)  # BYE → the store's stored_at
     wire_bytes: int = 0  # agent → store, through the proxy
     seconds: int = 0
+    # CPU seconds over the whole step (calls placed → every call stored), children
+    # (the encoders) included: "agent" = main process + workers, "store".
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def holds(self) -> bool:
@@ -191,6 +196,23 @@ def place(pool: Pool, step: Step, seconds: int, rate: float, spread: int) -> Sip
         return future.result()
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU of ``pids`` and of their waited-for children (the encoders)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])
+    return total / TICK
+
+
+def life_cpu(pool: Pool) -> dict[str, float]:
+    g = groups(pool)
+    return {"agent": cpu_seconds(g["workers"] + g["agent main"]), "store": cpu_seconds(g["store"])}
+
+
 def receipts(text: str) -> dict[str, float]:
     """Recording id → when the agent got the store's receipt (``recording_uploaded``)."""
     return {
@@ -214,6 +236,7 @@ def run_step(
     ) as pool:  # fmt: skip
         pool.wait_idle(timeout=ready_s)
         assert pool.sender is not None
+        cpu_before = life_cpu(pool)
         result = place(pool, step, seconds, rate, spread)
         late = pool.sender.lateness()
         step.sender_late_s, step.sender_late_p50_s = late.max_s, late.p50_s
@@ -225,6 +248,8 @@ def run_step(
         rows = wait_stored(pool, [c.call_id for c in answered], timeout=120 + calls)
         step.drain_s = max((r.stored_at_ms / 1000 for r in rows.values()), default=0) - last_bye
         step.stored = len(rows)
+        cpu_after = life_cpu(pool)
+        step.cpu_s = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
         got = receipts(pool.text())
         step.wire_bytes = pool.proxy.bytes_up if pool.proxy else 0
         for c in answered:
@@ -305,7 +330,8 @@ def rows_of(steps: list[Step]) -> dict[str, tuple[list[str], Sequence[Sequence[o
     ]  # fmt: skip
     path_cols = [
         "path", "calls", "agent CPU %/call", "agent PSS MB/call", "store CPU %/call",
-        "wire KB/call-min", "BYE → safe p50/p99 s", "BYE → archived p50/p99 s",
+        "wire KB/call-min", "agent CPU s/call-min", "store CPU s/call-min",
+        "BYE → safe p50/p99 s", "BYE → archived p50/p99 s",
     ]  # fmt: skip
     paths = [path_row(s) for s in steps]
     return {
@@ -334,6 +360,8 @@ def path_figures(s: Step) -> dict[str, float]:
         "agent_pss_mb_per_call": agent_pss / s.calls,
         "store_cpu_pct_per_call": s.busy["store"].cpu_pct / s.calls if "store" in s.busy else 0.0,
         "wire_kb_per_call_minute": s.wire_bytes / 1024 / minutes,
+        "agent_cpu_s_per_call_minute": s.cpu_s.get("agent", math.nan) / minutes,
+        "store_cpu_s_per_call_minute": s.cpu_s.get("store", math.nan) / minutes,
     }
 
 
@@ -342,6 +370,7 @@ def path_row(s: Step) -> list[object]:
     return [
         s.path, s.calls, f"{f['agent_cpu_pct_per_call']:.3f}", f"{f['agent_pss_mb_per_call']:.2f}",
         f"{f['store_cpu_pct_per_call']:.3f}", f"{f['wire_kb_per_call_minute']:.0f}",
+        f"{f['agent_cpu_s_per_call_minute']:.3f}", f"{f['store_cpu_s_per_call_minute']:.3f}",
         f"{percentile(s.safe_s, 50):.2f}/{percentile(s.safe_s, 99):.2f}",
         f"{percentile(s.archived_s, 50):.2f}/{percentile(s.archived_s, 99):.2f}",
     ]  # fmt: skip
