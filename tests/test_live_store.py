@@ -319,3 +319,29 @@ def test_decoded_archive_keeps_customer_left_and_employee_right(
     left = [abs(struct.unpack_from("<h", raw, i)[0]) for i in range(0, len(raw), 4)]
     right = [abs(struct.unpack_from("<h", raw, i)[0]) for i in range(2, len(raw), 4)]
     assert sum(left) / len(left) > 1000 and sum(right) / len(right) < 50
+
+
+def test_a_discarded_live_call_leaves_nothing_at_the_store(
+    store: InProcessStore, stub: pb_grpc.LiveStub, tmp_path: Path
+) -> None:
+    """What the recording control's "discard" calls (issue 21): found by recording id."""
+    from agent.store.live.segments import LiveStore
+
+    manifest = live_manifest(tmp_path)
+    rid = manifest.recording_id
+    for second in range(3):
+        offset = second * SECOND
+        append(
+            stub, manifest, ("customer", offset, tone(1, 440)), ("employee", offset, tone(1, 660))
+        )
+    assert list(store.config.blobs_dir.rglob(f"live-{rid}-*"))
+    storage = open_storage(store.config)
+    try:
+        assert LiveStore(storage.catalog, storage.vault, tmp_path / "w").destroy(rid) == 3
+        with storage.catalog.engine.connect() as conn:
+            assert conn.execute(live_segments.select()).first() is None
+            assert conn.execute(live_recordings.select()).first() is None
+    finally:
+        storage.catalog.close()
+    assert not list(store.config.blobs_dir.rglob(f"live-{rid}-*"))
+    assert not stub.Query(pb.LiveQueryRequest(recording_id=rid), timeout=5).known

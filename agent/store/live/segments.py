@@ -406,6 +406,19 @@ class LiveStore:
             )
         return len(keys)
 
+    def destroy(self, rid: str) -> int:
+        """Everything the store holds of a live call (a discarded recording, issue 21):
+        the call's row first (its wrapped data key: the segments can no longer be
+        read), then the segments' blobs and rows. Returns the blobs removed."""
+        with self.catalog.engine.begin() as conn:
+            keys = self._blob_keys(conn, rid)
+            conn.execute(sa.delete(live_recordings).where(live_recordings.c.recording_id == rid))
+        self.vault.blobs.delete_many(keys)
+        with self.catalog.engine.begin() as conn:
+            conn.execute(sa.delete(live_segments).where(live_segments.c.recording_id == rid))
+        log.info("live_destroyed", recording_id=rid, blobs=len(keys))
+        return len(keys)
+
     def forget_archived(self) -> int:
         """Rows of archived recordings past ARCHIVED_KEEP_MS (a late finish is told by then)."""
         with self.catalog.engine.begin() as conn:
