@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class Live:
     proxy: TcpProxy
     store: Daemon
     agent: Daemon
+    live_timeout: str = "60s"
     calls: list[SippResult] = field(default_factory=list)
 
     @property
@@ -57,7 +59,7 @@ class Live:
         return Catalog(f"sqlite:///{self.root / 'store-data' / 'catalog.sqlite3'}")
 
     def start_store(self) -> None:
-        self.store, _ = start_store(self.root, port=self.store_port, live_timeout="60s")
+        self.store, _ = start_store(self.root, port=self.store_port, live_timeout=self.live_timeout)
 
     def call_in_background(self, name: str, call_ms: int) -> threading.Thread:
         call = SiprecCall(
@@ -150,29 +152,35 @@ def _rows_for(live: Live, rid: str) -> int:
         catalog.close()
 
 
-@pytest.fixture
-def live(tmp_path: Path) -> Iterator[Live]:
-    keys = make_keys(tmp_path / "keys")
-    speech = long_speech(tmp_path / "speech", 14)  # 21 s: SIPp ends when its RTP does
+@contextmanager
+def live_stack(root: Path, live_timeout: str = "60s") -> Iterator[Live]:
+    keys = make_keys(root / "keys")
+    speech = long_speech(root / "speech", 14)  # 21 s: SIPp ends when its RTP does
     store_port, sip_port = free_port(), free_port()
-    store, _ = start_store(tmp_path, port=store_port, live_timeout="60s")
+    store, _ = start_store(root, port=store_port, live_timeout=live_timeout)
     proxy = TcpProxy(store_port, lifetime_s=300).__enter__()
     try:
         agent = start_agent(
-            tmp_path, keys, f"127.0.0.1:{proxy.port}", sip_port,
+            root, keys, f"127.0.0.1:{proxy.port}", sip_port,
             uplink={"live": True, "live_flush": "1s", "rescan": "2s"},
         )  # fmt: skip
     except BaseException:
         proxy.stop()
         store.stop()
         raise
-    state = Live(tmp_path, keys, speech, store_port, sip_port, proxy, store, agent)
+    state = Live(root, keys, speech, store_port, sip_port, proxy, store, agent, live_timeout)
     try:
         yield state
     finally:
         state.agent.stop()
         proxy.stop()
         state.store.stop()
+
+
+@pytest.fixture
+def live(tmp_path: Path) -> Iterator[Live]:
+    with live_stack(tmp_path) as stack:
+        yield stack
 
 
 def test_the_store_holds_the_call_while_it_runs_and_the_archive_after(live: Live) -> None:
@@ -258,3 +266,36 @@ def test_network_cut_mid_call_catches_up_without_duplicates(live: Live) -> None:
     assert abs(live.audio_seconds(row) - row.duration_ms / 1000) < 0.7
     assert _rows_for(live, rid) == 1
     live.assert_nothing_left_on_the_agent()
+
+
+def test_agent_host_lost_mid_call_the_store_finishes_it_incomplete(tmp_path: Path) -> None:
+    """The whole agent host gone (main process and workers SIGKILLed): after
+    live_timeout the store archives what it has, at most 2 s short of what was
+    recorded, flagged incomplete. The agent, back with its longer copy, keeps it in
+    quarantine for an operator instead of storing the call twice."""
+    with live_stack(tmp_path, live_timeout="4s") as live:
+        workers = re.findall(r"event=worker_started index=0 pid=(\d+)", live.agent.text())
+        live.call_in_background("host-lost", call_ms=14_000)
+        capture = live.active_capture()
+        rid = capture.name
+        time.sleep(6)
+        assert live.agent.process is not None
+        for pid in (live.agent.process.pid, int(workers[-1])):
+            os.kill(pid, signal.SIGKILL)
+        recorded = (capture / "customer.wav").stat().st_size - WAV_HEADER
+        live.agent.process.wait(10)
+        row = live.stored(rid, timeout=30)
+        assert "incomplete" in row.flags.split(",")
+        kept = live.audio_seconds(row)
+        assert recorded / SECOND - 2.0 <= kept <= recorded / SECOND + 0.1, (kept, recorded / SECOND)
+        assert "event=live_timed_out" in live.store.text()
+
+        seen = len(live.agent.text())
+        live.agent.start().wait_for(r"event=agent_ready", timeout=60, after=seen)
+        live.agent.wait_for(
+            rf"event=live_finish_refused recording_id={rid}", timeout=60, after=seen
+        )
+        quarantined = tmp_path / "agent-data" / "quarantine" / rid
+        assert (quarantined / "customer.wav").exists()
+        assert "already finished" in quarantined.with_name(f"{rid}.reason").read_text()
+        assert _rows_for(live, rid) == 1

@@ -165,7 +165,9 @@ class LiveUplink:
                 pb.LiveQueryRequest(recording_id=meta.recording_id), timeout=RPC_TIMEOUT_S
             )
             track.sizes = {s.leg: s.size for s in state.legs}
-            track.known, track.finished = state.known, state.finished and not state.known
+            # finished: the store holds the call whole (its Finish), or finished it
+            # itself (timed out): nothing more is appended; Finish tells which.
+            track.known, track.finished = state.known, state.finished
             if track.finished:
                 return True
         appends = 0
