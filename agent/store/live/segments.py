@@ -25,6 +25,7 @@ import io
 import json
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ LIVE = "live"
 FINISHED = "finished"  # waiting for its archive
 ARCHIVED = "archived"  # the archive is stored, the segments gone; kept to answer a late finish
 ARCHIVED_KEEP_MS = 24 * 3600 * 1000
+KEY_CACHE = 4096
 
 
 class LiveRejected(Exception):
@@ -110,6 +112,8 @@ class LiveStore:
         self.vault = vault
         self.work_dir = work_dir
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._keys: dict[str, bytes] = {}
+        self._keys_lock = threading.Lock()
 
     # ------------------------------------------------------------ reading
 
@@ -152,8 +156,22 @@ class LiveStore:
         )
 
     def data_key(self, row: LiveRow) -> bytes:
+        """The call's data key, unwrapped once per call while it is live (every append
+        needs it; the cache holds at most KEY_CACHE calls' keys, in memory only)."""
+        cached = self._keys.get(row.recording_id)
+        if cached is not None:
+            return cached
         context = key_context(row.recording_id, f"live-{row.recording_id}")
-        return self.vault.wrapper.unwrap(row.key_id, row.wrapped_key, context)
+        key = self.vault.wrapper.unwrap(row.key_id, row.wrapped_key, context)
+        with self._keys_lock:
+            while len(self._keys) >= KEY_CACHE:
+                self._keys.pop(next(iter(self._keys)))
+            self._keys[row.recording_id] = key
+        return key
+
+    def forget_key(self, rid: str) -> None:
+        with self._keys_lock:
+            self._keys.pop(rid, None)
 
     def read_leg(self, row: LiveRow, leg: str, data_key: bytes | None = None) -> Iterator[bytes]:
         """The leg's PCM as stored, segment by segment (decrypted and authenticated)."""
@@ -306,6 +324,7 @@ class LiveStore:
                     f"{sha256}; the call's audio was discarded, send it again from 0",
                 )
         self.mark_finished(rid, final, legs, expect_state=LIVE)
+        self.forget_key(rid)
 
     def mark_finished(
         self,
@@ -416,6 +435,7 @@ class LiveStore:
         self.vault.blobs.delete_many(keys)
         with self.catalog.engine.begin() as conn:
             conn.execute(sa.delete(live_segments).where(live_segments.c.recording_id == rid))
+        self.forget_key(rid)
         log.info("live_destroyed", recording_id=rid, blobs=len(keys))
         return len(keys)
 

@@ -29,7 +29,8 @@ log = logs.get_logger(__name__)
 
 _ID = re.compile(r"[0-9a-f]{32}")
 _SHA = re.compile(r"[0-9a-f]{64}")
-MAX_LIVE_PER_SITE = 5000  # calls one site may stream at once (a bound, not a target)
+MAX_LIVE_PER_SITE = 5000
+ROW_CACHE = 4096  # calls one site may stream at once (a bound, not a target)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -54,20 +55,34 @@ class LiveService(pb_grpc.LiveServicer):
         self.ingest = ingest
         self.live = live
         self.archiver = archiver
+        self._rows: dict[str, LiveRow] = {}  # live rows seen lately (at most ROW_CACHE)
+
+    def _remember(self, row: LiveRow) -> None:
+        while len(self._rows) >= ROW_CACHE:
+            self._rows.pop(next(iter(self._rows)))
+        self._rows[row.recording_id] = row
 
     async def _abort(self, context: Context, exc: LiveRejected, rid: str) -> NoReturn:
         log.warning("live_refused", recording_id=rid, code=exc.code.name, reason=str(exc))
         await context.abort(exc.code, str(exc))
         raise AssertionError("unreachable")
 
-    async def _row(self, rid: str, context: Context) -> tuple[LiveRow | None, str | None]:
-        """The recording's live row (if any), after the id and the caller's site check."""
+    async def _row(
+        self, rid: str, context: Context, cached: bool = False
+    ) -> tuple[LiveRow | None, str | None]:
+        """The recording's live row (if any), after the id and the caller's site check;
+        ``cached``: a live row read before will do (appends: the row lock in the
+        append's transaction checks that it is still live)."""
         if not _ID.fullmatch(rid):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "recording_id: expected 32 hex digits"
             )
         site = await self.ingest.peer_site(context)
-        row = await asyncio.to_thread(self.live.get, rid)
+        row = self._rows.get(rid) if cached else None
+        if row is None:
+            row = await asyncio.to_thread(self.live.get, rid)
+            if row is not None and row.state == "live":
+                self._remember(row)
         if row is not None and site is not None and row.site != site:
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
@@ -81,7 +96,7 @@ class LiveService(pb_grpc.LiveServicer):
 
     async def Append(self, request: pb.LiveAppendRequest, context: Context) -> pb.LiveState:
         rid = request.recording_id
-        row, site = await self._row(rid, context)
+        row, site = await self._row(rid, context, cached=True)
         try:
             legs = row.legs if row else LEGS.get(request.manifest.channels, ())
             _check_pieces(legs, request.legs)  # before anything is written
@@ -89,6 +104,7 @@ class LiveService(pb_grpc.LiveServicer):
                 row = await self._start(request, site, context)
             sizes = await asyncio.to_thread(self.live.append, row, list(request.legs))
         except LiveRejected as exc:
+            self._rows.pop(rid, None)  # read it again next time (finished? discarded?)
             await self._abort(context, exc, rid)
         return pb.LiveState(
             recording_id=rid,
@@ -125,6 +141,7 @@ class LiveService(pb_grpc.LiveServicer):
         await asyncio.to_thread(self.live.create, manifest)
         row = await asyncio.to_thread(self.live.get, rid)
         assert row is not None
+        self._remember(row)
         return row
 
     def _open_count(self, site: str) -> int:
@@ -150,6 +167,7 @@ class LiveService(pb_grpc.LiveServicer):
                 await asyncio.to_thread(self.live.finish, row, final, legs)
         except LiveRejected as exc:
             await self._abort(context, exc, rid)
+        self._rows.pop(rid, None)
         log.info(
             "live_finished",
             recording_id=rid,
