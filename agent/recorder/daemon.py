@@ -175,8 +175,8 @@ class AgentDaemon:
                 self.directory_watcher,
             )  # fmt: skip
             spool_ok = self.spool is None or self.spool.is_alive()
-            spool_ok = spool_ok and (self.live is None or self.live.is_alive())
-            if not (spool_ok and all(loop.is_alive() for loop in loops)):
+            live_ok = self.live is None or self.live.is_alive()
+            if not (spool_ok and live_ok and all(loop.is_alive() for loop in loops)):
                 log.error("agent_loop_died", action="shutdown")
                 raise SystemExit(1)
             if time.monotonic() >= next_status:
