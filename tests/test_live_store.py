@@ -345,3 +345,38 @@ def test_a_discarded_live_call_leaves_nothing_at_the_store(
         storage.catalog.close()
     assert not list(store.config.blobs_dir.rglob(f"live-{rid}-*"))
     assert not stub.Query(pb.LiveQueryRequest(recording_id=rid), timeout=5).known
+
+
+def test_over_mutual_tls_a_call_is_only_touched_by_the_site_that_started_it(
+    tmp_path: Path,
+) -> None:
+    from agent import certs
+    from tests.support.faults import SITE, make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    certs.write_pair(pki.directory, "agent-tku-1", certs.issue_agent(pki.ca, "tku-1"))
+    with InProcessStore(store_config(tmp_path, tls=pki.store_tls)) as tls_store:
+
+        def stub(stem: str) -> pb_grpc.LiveStub:
+            d = pki.directory
+            creds = certs.channel_credentials(d / "ca.pem", d / f"{stem}.pem", d / f"{stem}.key")
+            return pb_grpc.LiveStub(grpc.secure_channel(tls_store.address, creds))
+
+        ours, theirs = stub(f"agent-{SITE}"), stub("agent-tku-1")
+        manifest = live_manifest(tmp_path)
+        assert manifest.site == SITE
+        assert append(ours, manifest, ("customer", 0, tone(1, 440)))["customer"] == SECOND
+        for call in (
+            lambda: append(theirs, manifest, ("customer", SECOND, tone(1, 440))),
+            lambda: theirs.Query(
+                pb.LiveQueryRequest(recording_id=manifest.recording_id), timeout=5
+            ),
+        ):
+            with pytest.raises(grpc.RpcError) as refused:
+                call()
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        other = live_manifest(tmp_path)  # a manifest naming hel-1, from tku-1's certificate
+        with pytest.raises(grpc.RpcError) as forged:
+            append(theirs, other, ("customer", 0, tone(1, 440)))
+        assert forged.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert not ours.Query(pb.LiveQueryRequest(recording_id=other.recording_id), timeout=5).known
