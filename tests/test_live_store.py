@@ -380,3 +380,23 @@ def test_over_mutual_tls_a_call_is_only_touched_by_the_site_that_started_it(
             append(theirs, other, ("customer", 0, tone(1, 440)))
         assert forged.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert not ours.Query(pb.LiveQueryRequest(recording_id=other.recording_id), timeout=5).known
+
+
+def test_a_plain_call_with_one_mixed_leg_is_archived_mono(
+    store: InProcessStore, stub: pb_grpc.LiveStub, tmp_path: Path
+) -> None:
+    manifest = live_manifest(tmp_path)
+    manifest.channels = 1
+    mixed = tone(2, 440)
+    with pytest.raises(grpc.RpcError) as wrong_leg:
+        append(stub, manifest, ("customer", 0, mixed))
+    assert wrong_leg.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    append(stub, manifest, ("mixed", 0, mixed))
+    final = pb.Manifest()
+    final.CopyFrom(manifest)
+    final.ended_at.FromDatetime(manifest.started_at.ToDatetime(dt.UTC) + dt.timedelta(seconds=2))
+    leg = pb.LegFinal(leg="mixed", size=len(mixed), sha256=hashlib.sha256(mixed).hexdigest())
+    assert stub.Finish(pb.LiveFinishRequest(manifest=final, legs=[leg]), timeout=30).finished
+    row = wait_stored(store, manifest.recording_id)
+    channels, _, seconds = probe(archive_audio(store, row, tmp_path / "m.ogg"))
+    assert row.channels == 1 and channels == 1 and abs(seconds - 2.0) < 0.1
