@@ -91,7 +91,7 @@ class AgentDaemon:
             "finalize",
             config.captures_dir / "ready",
             self._hung_up,
-            workers=config.audio.workers or os.cpu_count() or 1,
+            workers=_finalize_threads(config),
             rescan_s=config.uplink.rescan_s,
         )
         self.upload_queue = DirectoryQueue(
@@ -393,6 +393,18 @@ class AgentDaemon:
             log.error("worker_kill", index=worker.index, reason="stop_timeout")
             process.kill()
             process.wait()
+
+
+# Live: a hang-up is a tail and a Finish (waiting on the network, not the CPU), so a
+# burst of hang-ups is finished by this many threads at once, not one per core.
+LIVE_FINISH_THREADS = 16
+
+
+def _finalize_threads(config: AgentConfig) -> int:
+    """Threads for captures/ready: one encoder per core, more when they mostly finish
+    live calls at the store."""
+    encoders = config.audio.workers or os.cpu_count() or 1
+    return max(encoders, LIVE_FINISH_THREADS) if config.uplink.live else encoders
 
 
 def _metrics_dir(config: AgentConfig) -> Path:
