@@ -70,6 +70,7 @@ class StoreServer:
         self._catalog: Catalog | None = None
         self._sweeper: SweeperLoop | None = None
         self._archiver: LiveArchiver | None = None
+        self._live: LiveService | None = None
         self._lock = DataDirLock(config.data_dir)
         self._gate = ConsoleGate(
             config.data_dir / "console.sock", config.data_dir / "console.inner.sock"
@@ -119,7 +120,8 @@ class StoreServer:
         pb_grpc.add_IngestServicer_to_server(ingest, public)
         live = LiveStore(catalog, vault, cfg.incoming_dir)
         self._archiver = LiveArchiver(live, cfg.live_timeout_s, cfg.live_encoders)
-        pb_grpc.add_LiveServicer_to_server(LiveService(ingest, live, self._archiver), public)
+        self._live = LiveService(ingest, live, self._archiver)
+        pb_grpc.add_LiveServicer_to_server(self._live, public)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, public)
         self.port = _bind(public, cfg)
@@ -210,6 +212,8 @@ class StoreServer:
             self._sweeper.stop()
         await self._gate.stop()
         await asyncio.gather(*(s.stop(grace_s) for s in self._servers))
+        if self._live is not None:
+            await asyncio.to_thread(self._live.close)
         if self._archiver is not None:
             await asyncio.to_thread(self._archiver.stop, grace_s)
         if self.access is not None:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import Any, NoReturn
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import sqlalchemy as sa
@@ -30,7 +32,9 @@ log = logs.get_logger(__name__)
 _ID = re.compile(r"[0-9a-f]{32}")
 _SHA = re.compile(r"[0-9a-f]{64}")
 MAX_LIVE_PER_SITE = 5000
-ROW_CACHE = 4096  # calls one site may stream at once (a bound, not a target)
+ROW_CACHE = 4096
+IO_THREADS = 32
+T = TypeVar("T")  # calls one site may stream at once (a bound, not a target)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -56,6 +60,16 @@ class LiveService(pb_grpc.LiveServicer):
         self.live = live
         self.archiver = archiver
         self._rows: dict[str, LiveRow] = {}  # live rows seen lately (at most ROW_CACHE)
+        # Appends wait on the disk (a blob fsync, a catalog commit), not on the CPU:
+        # their own threads, so that many calls' appends are in flight at once (the
+        # loop's default executor has cores + 4).
+        self._pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="live-io")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    async def _io(self, call: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call, *args)
 
     def _remember(self, row: LiveRow) -> None:
         while len(self._rows) >= ROW_CACHE:
@@ -80,7 +94,7 @@ class LiveService(pb_grpc.LiveServicer):
         site = await self.ingest.peer_site(context)
         row = self._rows.get(rid) if cached else None
         if row is None:
-            row = await asyncio.to_thread(self.live.get, rid)
+            row = await self._io(self.live.get, rid)
             if row is not None and row.state == "live":
                 self._remember(row)
         if row is not None and site is not None and row.site != site:
@@ -92,7 +106,7 @@ class LiveService(pb_grpc.LiveServicer):
 
     async def Query(self, request: pb.LiveQueryRequest, context: Context) -> pb.LiveState:
         await self._row(request.recording_id, context)
-        return await asyncio.to_thread(self.live.state, request.recording_id)
+        return await self._io(self.live.state, request.recording_id)
 
     async def Append(self, request: pb.LiveAppendRequest, context: Context) -> pb.LiveState:
         rid = request.recording_id
@@ -102,7 +116,7 @@ class LiveService(pb_grpc.LiveServicer):
             _check_pieces(legs, request.legs)  # before anything is written
             if row is None:
                 row = await self._start(request, site, context)
-            sizes = await asyncio.to_thread(self.live.append, row, list(request.legs))
+            sizes = await self._io(self.live.append, row, list(request.legs))
         except LiveRejected as exc:
             self._rows.pop(rid, None)  # read it again next time (finished? discarded?)
             await self._abort(context, exc, rid)
@@ -131,15 +145,15 @@ class LiveService(pb_grpc.LiveServicer):
             raise LiveRejected(grpc.StatusCode.INVALID_ARGUMENT, f"manifest: {exc}") from None
         await self.ingest.check_site(manifest, site, context)
         await self.ingest.check_region(manifest, context)
-        if await asyncio.to_thread(self.live.catalog.get, rid) is not None:
+        if await self._io(self.live.catalog.get, rid) is not None:
             raise LiveRejected(grpc.StatusCode.ALREADY_EXISTS, f"recording {rid} is already stored")
-        if await asyncio.to_thread(self._open_count, manifest.site) >= MAX_LIVE_PER_SITE:
+        if await self._io(self._open_count, manifest.site) >= MAX_LIVE_PER_SITE:
             raise LiveRejected(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"site {manifest.site!r} streams {MAX_LIVE_PER_SITE} calls already",
             )
-        await asyncio.to_thread(self.live.create, manifest)
-        row = await asyncio.to_thread(self.live.get, rid)
+        await self._io(self.live.create, manifest)
+        row = await self._io(self.live.get, rid)
         assert row is not None
         self._remember(row)
         return row
@@ -157,14 +171,14 @@ class LiveService(pb_grpc.LiveServicer):
         row, _site = await self._row(rid, context)
         try:
             if row is None:
-                if await asyncio.to_thread(self.live.catalog.get, rid) is not None:
+                if await self._io(self.live.catalog.get, rid) is not None:
                     return pb.LiveState(recording_id=rid, known=False, finished=True)
                 raise LiveRejected(grpc.StatusCode.NOT_FOUND, f"recording {rid} is unknown here")
             legs = _final_legs(row, final, request.legs)
             if row.state != "live":
                 _check_same_finish(row, legs)
             else:
-                await asyncio.to_thread(self.live.finish, row, final, legs)
+                await self._io(self.live.finish, row, final, legs)
         except LiveRejected as exc:
             await self._abort(context, exc, rid)
         self._rows.pop(rid, None)
