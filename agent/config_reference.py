@@ -120,6 +120,8 @@ AGENT: Sections = {
         Key("outbox_warn_age", '"1h"', "warn while an outbox entry is older"),
         Key("outbox_check", '"30s"', "how often those two are checked"),
         Key("store_down_summary", '"5m"', "while the store is unreachable: a summary this often"),
+        Key("live", "false", "SIPREC and plain calls stream to the store while they run"),
+        Key("live_flush", '"1s"', "how far the store may lag behind the recorder (100ms…2s)"),
     ),
     "spool": (
         Key("dir", REQUIRED, "the PBX's recordings and sidecars (no [spool]: no pickup)"),
@@ -157,6 +159,8 @@ STORE: Sections = {
         Key("max_incoming_per_site", '"16 GiB"', "bytes of partial uploads one site may hold"),
         Key("upload_idle_timeout", '"60s"', "a stream silent this long is closed"),
         Key("part_max_age", '"6h"', "a partial upload begun longer ago is removed"),
+        Key("live_timeout", '"60s"', "a live call silent this long is finished as incomplete"),
+        Key("live_encoders", "2", "archive encoders (ffmpeg) at once on this store (1…64)"),
     ),
     "store.s3": (
         Key("bucket", REQUIRED, "the bucket"),

@@ -106,6 +106,8 @@ outbox_warn_bytes = "1 GiB"
 outbox_warn_age = "2h"
 outbox_check = "10s"
 store_down_summary = "10m"
+live = true
+live_flush = "500ms"
 
 [log]
 level = "debug"
@@ -154,6 +156,8 @@ max_uploads_per_site = 8
 max_incoming_per_site = "4 GiB"
 upload_idle_timeout = "30s"
 part_max_age = "3h"
+live_timeout = "2m"
+live_encoders = 4
 
 [store.s3]
 bucket = "recordings"
