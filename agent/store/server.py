@@ -29,7 +29,7 @@ from agent.store.monitoring import StoreCollector, store_status
 from agent.store.rpc_errors import ErrorBoundary
 from agent.store.sweeper import Sweeper, SweeperLoop
 from agent.store.upload_limits import Limits
-from agent.store.vault import Vault, open_storage
+from agent.store.vault import Vault, open_partials, open_storage
 
 log = logs.get_logger(__name__)
 
@@ -107,6 +107,7 @@ class StoreServer:
             limits=Limits(cfg.max_uploads_per_site, cfg.max_incoming_bytes_per_site),
             idle_timeout_s=cfg.upload_idle_timeout_s,
             seal_key_file=cfg.seal_key_file,
+            partials=open_partials(cfg, vault),
         )
 
         boundary = ErrorBoundary()  # no exception's text reaches a client (rpc_errors)

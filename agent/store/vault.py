@@ -35,8 +35,12 @@ from agent.store.crypto import (
     span,
 )
 from agent.store.keys import KeyWrapper, key_context, open_key_wrapper
+from agent.store.partials import FilePartials, Partials
+from agent.store.s3_partials import S3Partials
 
 log = logs.get_logger(__name__)
+
+PARTIALS_PREFIX = "partials/"  # S3: partial uploads under partials/<blob prefix><id>/
 
 
 class PlainSource(Protocol):
@@ -249,3 +253,13 @@ def open_storage(config: StoreConfig) -> Storage:
         catalog.close()
         raise
     return Storage(catalog, blobs, Vault(catalog, blobs, wrapper))
+
+
+def open_partials(config: StoreConfig, vault: Vault) -> Partials:
+    """Where partial uploads live: beside the blobs in S3 (under ``partials/``), where
+    every replica sees them; else in this store's ``incoming/``."""
+    blobs = vault.blobs
+    if isinstance(blobs, S3Blobs):
+        prefix = PARTIALS_PREFIX + blobs.prefix
+        return S3Partials(blobs.client, blobs.bucket, prefix, vault.wrapper)
+    return FilePartials(config.incoming_dir, vault.wrapper)
