@@ -54,6 +54,7 @@ SEGMENT_OVERHEAD = NONCE_BYTES + TAG_BYTES
 _AAD = b"callrec-part-s3-v1\x00"
 _UPLOAD = "upload"
 _DELETE_BATCH = 1000
+_CLEAN_MAX = 10_000
 
 
 def _segment_name(offset: int) -> str:
@@ -138,6 +139,9 @@ class S3Partials:
         self.window_bytes = window_bytes
         self._lock = threading.Lock()
         self._held: dict[str, int] = {}  # bytes this replica's streams left, per upload
+        # Uploads found with nothing in the bucket whose stream wrote nothing since:
+        # their commit has nothing to discard (saves a LIST per recording).
+        self._clean: set[str] = set()
 
     @property
     def shared(self) -> bool:
@@ -186,6 +190,11 @@ class S3Partials:
     def resumable_size(self, manifest: pb.Manifest) -> int:
         rid = manifest.recording_id
         found = self.listing(rid)
+        if not found.names:
+            with self._lock:
+                if len(self._clean) >= _CLEAN_MAX:  # streams that never came back
+                    self._clean.clear()
+                self._clean.add(rid)
         if found.begun is None or not found.segments:
             return 0
         doc = self._doc(rid)
@@ -211,6 +220,8 @@ class S3Partials:
         from botocore.exceptions import ClientError
 
         rid = manifest.recording_id
+        with self._lock:
+            self._clean.discard(rid)
         key_id, wrapped = self.wrapper.wrap(key, _context(rid))
         body = UploadDoc(manifest, key_id, wrapped).encode()
         name = self._dir(rid) + _UPLOAD
@@ -229,6 +240,8 @@ class S3Partials:
 
     def _put_segment(self, recording_id: str, offset: int, sealed: bytes) -> None:
         name = self._dir(recording_id) + _segment_name(offset)
+        with self._lock:
+            self._clean.discard(recording_id)
         self.client.put_object(Bucket=self.bucket, Key=name, Body=sealed)
         with self._lock:
             self._held[recording_id] = self._held.get(recording_id, 0) + len(sealed)
@@ -250,8 +263,11 @@ class S3Partials:
             raise CryptoError(recording_id, f"partial upload segment at {offset} fails") from None
 
     def discard(self, recording_id: str) -> None:
-        names = self.listing(recording_id).names
-        self._delete(names)
+        with self._lock:
+            clean = recording_id in self._clean
+            self._clean.discard(recording_id)
+        if not clean:
+            self._delete(self.listing(recording_id).names)
         with self._lock:
             self._held.pop(recording_id, None)
 
@@ -362,6 +378,8 @@ class S3Sink:
         if sync:
             self.flush()
         self.buffer.clear()
+        with self.store._lock:
+            self.store._clean.discard(self.rid)
 
 
 class SegmentReader:

@@ -318,6 +318,9 @@ def _port_free(address: str) -> bool:
         return True
     family, kind, proto, _, sockaddr = infos[0]
     with socket.socket(family, kind, proto) as probe:
+        # As grpc binds: a listener refuses the probe, connections of a store that
+        # stopped a moment ago (TIME_WAIT) don't (else a restart fails for a minute).
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(sockaddr)
         except OSError:
