@@ -19,9 +19,9 @@ import pytest
 
 from agent.config import store_config_from_dict
 from agent.pb.callrec.v1 import recordings_pb2 as pb
-from agent.store.partials import Partials
-from agent.store.s3_partials import S3Partials
-from agent.store.vault import PARTIALS_PREFIX, Storage, open_partials, open_storage
+from agent.store.archive.vault import PARTIALS_PREFIX, Storage, open_partials, open_storage
+from agent.store.ingest.partials import Partials
+from agent.store.ingest.s3_partials import S3Partials
 from tests.support.faults import Pki, make_pki
 from tests.support.services import (
     Backend,

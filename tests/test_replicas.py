@@ -37,11 +37,12 @@ from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
-from agent.store import audit, tokens
-from agent.store.audit import audit_events
+from agent.store.access import tokens
+from agent.store.archive.vault import PARTIALS_PREFIX, Storage, open_storage
+from agent.store.audit import chain as audit
+from agent.store.audit.chain import audit_events
 from agent.store.catalog import data_keys, now_ms, recordings
-from agent.store.s3_partials import WINDOW_BYTES
-from agent.store.vault import PARTIALS_PREFIX, Storage, open_storage
+from agent.store.ingest.s3_partials import WINDOW_BYTES
 from tests.support.access_world import PEOPLE
 from tests.support.faults import Pki, make_pki
 from tests.support.replicas import HAPROXY, Agents, StoreReplicas

@@ -35,8 +35,8 @@ from agent.capture import (
 )
 from agent.manifest import manifest_from_capture
 from agent.recorder.finalize import MANIFEST_FILE, audio_file_name
-from agent.recorder.outbox import Outbox
-from agent.recorder.uplink import CHANNEL_OPTIONS, Uplink
+from agent.recorder.uplink.client import CHANNEL_OPTIONS, Uplink
+from agent.recorder.uplink.outbox import Outbox
 from tests.support.daemons import Daemon
 from tests.support.faults import SITE, Pki
 from tests.support.services import free_tcp_port, write_store_toml
