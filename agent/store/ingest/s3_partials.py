@@ -3,7 +3,8 @@
 A cut upload resumes on ANY replica from the durable offset: the resumable state is
 objects in the same S3 bucket as the blobs, under ``partials/<blob prefix><id>/``:
 
-- ``upload``: JSON with the upload's manifest, its own AES-256 key wrapped by the
+- ``upload``: JSON with what identifies the upload (the manifest's sha256, size and
+  site: no personal data, unlike the manifest) and its own AES-256 key wrapped by the
   master key (like a recording's data key: context ``<id>/part``, the same as a
   file partial's) and when it began. Written once, with ``If-None-Match: *``, so two
   replicas that start the same upload agree on one key.
@@ -38,7 +39,6 @@ from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from google.protobuf.message import DecodeError
 
 from agent import logs
 from agent.pb.callrec.v1 import recordings_pb2 as pb
@@ -92,33 +92,39 @@ class Listing:
         return sum(length for _, length in self.chain())
 
 
-@dataclass
+@dataclass(frozen=True)
 class UploadDoc:
-    manifest: pb.Manifest
+    sha256: str
+    size: int
+    site: str
     key_id: str
     wrapped: bytes
 
+    @classmethod
+    def of(cls, manifest: pb.Manifest, key_id: str, wrapped: bytes) -> UploadDoc:
+        return cls(manifest.sha256, manifest.size, manifest.site, key_id, wrapped)
+
+    def same_upload(self, manifest: pb.Manifest) -> bool:
+        return (self.sha256, self.size, self.site) == (
+            manifest.sha256,
+            manifest.size,
+            manifest.site,
+        )
+
     def encode(self) -> bytes:
-        return json.dumps(
-            {
-                "manifest": base64.b64encode(self.manifest.SerializeToString()).decode(),
-                "key_id": self.key_id,
-                "wrapped": base64.b64encode(self.wrapped).decode(),
-            }
-        ).encode()
+        wrapped = base64.b64encode(self.wrapped).decode()
+        doc = {"sha256": self.sha256, "size": self.size, "site": self.site,
+               "key_id": self.key_id, "wrapped": wrapped}  # fmt: skip
+        return json.dumps(doc).encode()
 
     @classmethod
     def decode(cls, data: bytes, recording_id: str) -> UploadDoc:
         try:
             doc = json.loads(data)
-            manifest = pb.Manifest.FromString(base64.b64decode(doc["manifest"]))
-            return cls(manifest, str(doc["key_id"]), base64.b64decode(doc["wrapped"]))
-        except (ValueError, KeyError, TypeError, DecodeError) as exc:
+            return cls(str(doc["sha256"]), int(doc["size"]), str(doc["site"]),
+                       str(doc["key_id"]), base64.b64decode(doc["wrapped"]))  # fmt: skip
+        except (ValueError, KeyError, TypeError) as exc:
             raise CryptoError(recording_id, f"partial upload's state unreadable ({exc})") from None
-
-
-def _same(a: pb.Manifest, b: pb.Manifest) -> bool:
-    return (a.sha256, a.size, a.site) == (b.sha256, b.size, b.site)
 
 
 class S3Partials:
@@ -183,7 +189,7 @@ class S3Partials:
             return 0
         if site is not None:
             doc = self._doc(recording_id)
-            if doc is None or doc.manifest.site != site:
+            if doc is None or doc.site != site:
                 return 0
         return found.committed()
 
@@ -198,7 +204,7 @@ class S3Partials:
         if found.begun is None or not found.segments:
             return 0
         doc = self._doc(rid)
-        if doc is None or not _same(doc.manifest, manifest):
+        if doc is None or not doc.same_upload(manifest):
             return 0
         return min(found.committed(), manifest.size)
 
@@ -223,7 +229,7 @@ class S3Partials:
         with self._lock:
             self._clean.discard(rid)
         key_id, wrapped = self.wrapper.wrap(key, _context(rid))
-        body = UploadDoc(manifest, key_id, wrapped).encode()
+        body = UploadDoc.of(manifest, key_id, wrapped).encode()
         name = self._dir(rid) + _UPLOAD
         try:
             self.client.put_object(Bucket=self.bucket, Key=name, Body=body, IfNoneMatch="*")
@@ -232,7 +238,7 @@ class S3Partials:
             if exc.response.get("Error", {}).get("Code") not in ("PreconditionFailed", "412"):
                 raise
         doc = self._doc(rid)
-        if doc is not None and _same(doc.manifest, manifest):
+        if doc is not None and doc.same_upload(manifest):
             return self.wrapper.unwrap(doc.key_id, doc.wrapped, _context(rid))
         self.discard(rid)  # an earlier upload of other bytes under this id: start over
         self.client.put_object(Bucket=self.bucket, Key=name, Body=body)
@@ -315,7 +321,7 @@ class S3Partials:
         for rid, listing in self._all().items():
             doc = self._doc(rid) if listing.begun is not None else None
             if doc is not None:
-                held[rid] = (doc.manifest.site, listing.stored_bytes)
+                held[rid] = (doc.site, listing.stored_bytes)
         return held
 
     def held_bytes(self, recording_id: str) -> int:
