@@ -184,7 +184,8 @@ def test_a_cut_upload_resumes_on_another_replica(
         wait_until(lambda: to_b.QueryUpload(query, timeout=10).committed_size >= 2 * 1024 * 1024)
         on_a.cancel()  # type: ignore[no-untyped-call]
         wait_until(lambda: to_b.QueryUpload(query, timeout=10).committed_size == cut_at)
-        committed = to_b.QueryUpload(query, timeout=10).committed_size
+        # per-request balancing: the query answered by A, the upload taken by B
+        committed = stub(a, pki).QueryUpload(query, timeout=10).committed_size
         rest = [pb.UploadRequest(manifest=manifest)] + [
             pb.UploadRequest(chunk=pb.Chunk(offset=o, data=data[o : o + 256 * 1024]))
             for o in range(committed, len(data), 256 * 1024)
