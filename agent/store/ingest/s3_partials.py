@@ -250,6 +250,8 @@ class S3Partials:
             self._clean.discard(recording_id)
         self.client.put_object(Bucket=self.bucket, Key=name, Body=sealed)
         with self._lock:
+            if len(self._held) >= _CLEAN_MAX:  # uploads finished on other replicas
+                self._held.clear()
             self._held[recording_id] = self._held.get(recording_id, 0) + len(sealed)
 
     # ------------------------------------------------------------ finishing, removing
