@@ -53,7 +53,7 @@ from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
 from agent.store.ingest.denylist import DenyList
 from agent.store.ingest.limits import LimitExceeded, Limits, UploadLimits
 from agent.store.ingest.partials import FilePartials, Partials, PartSink
-from agent.store.keys.numbers import SealError, SealKeyring
+from agent.store.keys.numbers import SealCache, SealError
 
 log = logs.get_logger(__name__)
 
@@ -102,6 +102,7 @@ class IngestService(pb_grpc.IngestServicer):
         partials: Partials | None = None,
     ) -> None:
         self.seal_key_file = seal_key_file  # to check that each sealed tail opens
+        self._seal = SealCache(seal_key_file) if seal_key_file is not None else None
         self.catalog = catalog
         self.idle_timeout_s = idle_timeout_s
         self.authenticate = authenticate
@@ -457,10 +458,10 @@ class IngestService(pb_grpc.IngestServicer):
         seal.pub.pem) would make the call unfindable by number: flag it, and say so.
         The opened digits live only in this function's memory."""
         sealed = manifest.customer.tail_sealed
-        if self.seal_key_file is None or not sealed:
+        if self._seal is None or not sealed:
             return
         try:
-            SealKeyring.load(self.seal_key_file).open(sealed)
+            self._seal.keyring().open(sealed)
         except KeyFileError as exc:
             log.error("seal_key_unusable", recording_id=manifest.recording_id, reason=str(exc))
         except SealError:
