@@ -48,7 +48,7 @@ from agent.privacy import KeyFileError
 from agent.store import monitoring
 from agent.store.archive.crypto import CryptoError
 from agent.store.archive.residency import DEFAULT_ALLOWED_REGIONS, region_allowed
-from agent.store.archive.vault import SourceMismatch, Vault
+from agent.store.archive.vault import KeyShredded, SourceMismatch, Vault
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
 from agent.store.ingest.denylist import DenyList
 from agent.store.ingest.limits import LimitExceeded, Limits, UploadLimits
@@ -445,7 +445,15 @@ class IngestService(pb_grpc.IngestServicer):
         )
         self._check_seal(manifest)
         row = row_from_manifest(manifest, blob_key=blob_key, region=self.region)
-        inserted = self.catalog.insert(row)
+        try:
+            inserted = self.vault.commit_row(row)
+        except KeyShredded:  # the commit outlived [store] orphan_grace: keep the partial
+            self.vault.discard(rid, blob_key)
+            raise UploadRejected(
+                grpc.StatusCode.ABORTED,
+                f"recording {rid} took longer to commit than [store] orphan_grace and "
+                "its new data key was removed as an orphan; nothing was stored, retry",
+            ) from None
         if not inserted:
             self.vault.discard(rid, blob_key)  # an earlier commit won; keep its copy
         self.partials.discard(rid)

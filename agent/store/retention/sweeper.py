@@ -353,7 +353,8 @@ class Sweeper:
             orphans = list(conn.execute(query))
         for orphan in orphans:
             try:
-                self.vault.discard(orphan.recording_id, orphan.blob_key)
+                if not self.vault.discard_orphan(orphan.recording_id, orphan.blob_key):
+                    continue  # its commit wrote the row after all
             except Exception:  # retried next run
                 log.exception("orphan_failed", recording_id=orphan.recording_id)
                 report.failed += 1
