@@ -109,13 +109,14 @@ def test_web_times_search_first_byte_and_seek() -> None:
 
 
 def test_replicas_bench_uploads_through_the_balancer_and_sweeps() -> None:
+    """One replica count and one sweeper count (the README's figures: 1,2,3 and 1,3)."""
     report = bench(
-        "replicas", "--replicas", "1,3", "--recordings", "30", "--paced", "6",
-        "--expired", "40", "--sweepers", "1,3", timeout=300,
+        "replicas", "--replicas", "2", "--recordings", "20", "--paced", "4",
+        "--expired", "30", "--sweepers", "2", timeout=300,
     )  # fmt: skip
     uploads, sweeps = report["result"]["uploads"], report["result"]["sweeps"]
-    assert [u["replicas"] for u in uploads] == [1, 3]
+    assert [u["replicas"] for u in uploads] == [2]
     for u in uploads:
         assert u["per_s"] > 0 and 0 < u["hangup_to_safe_p50_s"] <= u["hangup_to_safe_p95_s"]
-    assert [s["sweepers"] for s in sweeps] == [1, 3]
+    assert [s["sweepers"] for s in sweeps] == [2]
     assert all(s["per_s"] > 0 and 1 <= s["actors"] <= s["sweepers"] for s in sweeps)
