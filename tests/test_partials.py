@@ -206,3 +206,43 @@ def test_a_cut_upload_resumes_on_another_replica(
         assert partials.holdings() == {}, "the partial upload went with its commit"
     finally:
         storage.catalog.close()
+
+
+def test_a_partial_upload_that_does_not_open_is_discarded_and_sent_again(
+    distributed: Backend,  # noqa: F811 (fixture)
+    tmp_path: Path,
+) -> None:
+    """A segment that fails authentication (tampered, or sealed under another key by a
+    racing replica): the finish answers DATA_LOSS, keeps nothing, the agent starts over."""
+    pki = make_pki(tmp_path / "pki")
+    doc = {**distributed.doc["store"], "tls": pki.store_tls}
+    config = store_config_from_dict({"store": doc}, tmp_path)
+    data = os.urandom(3 * CHUNK)
+    manifest = manifest_for(data, "hel-1")
+    query = pb.QueryUploadRequest(recording_id=manifest.recording_id)
+    with InProcessStore(config) as store:
+        ingest = store.server.ingest
+        assert ingest is not None and isinstance(ingest.partials, S3Partials)
+        partials = ingest.partials
+        _write(partials, manifest, data, 0, 2 * CHUNK)
+        name = f"{partials.prefix}{manifest.recording_id}/{0:016d}"
+        sealed = partials.client.get_object(Bucket=partials.bucket, Key=name)["Body"].read()
+        tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])
+        partials.client.put_object(Bucket=partials.bucket, Key=name, Body=tampered)
+        to_store = stub(store, pki)
+        assert to_store.QueryUpload(query, timeout=10).committed_size == 2 * CHUNK
+        finish = pb.UploadRequest(finish=pb.Finish(size=len(data), sha256=manifest.sha256))
+        rest = [pb.UploadRequest(manifest=manifest),
+                pb.UploadRequest(chunk=pb.Chunk(offset=2 * CHUNK, data=data[2 * CHUNK :])),
+                finish]  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            to_store.Upload(iter(rest), timeout=30)
+        assert err.value.code() == grpc.StatusCode.DATA_LOSS
+        assert "send it again" in (err.value.details() or "")
+        assert to_store.QueryUpload(query, timeout=10).committed_size == 0
+        whole = [pb.UploadRequest(manifest=manifest),
+                 *(pb.UploadRequest(chunk=pb.Chunk(offset=o, data=data[o : o + CHUNK]))
+                   for o in range(0, len(data), CHUNK)),
+                 finish]  # fmt: skip
+        assert to_store.Upload(iter(whole), timeout=30).sha256 == manifest.sha256
+        assert partials.holdings() == {}
