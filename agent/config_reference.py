@@ -147,6 +147,11 @@ STORE: Sections = {
         Key("region", '"fi"', "where this store keeps data; must be in allowed_regions"),
         Key("allowed_regions", "(EU/EEA)", 'regions personal data may be kept in ("fi", "eu-*")'),
         Key("blobs", '"files"', "files (in data_dir) or s3 (a [store.s3] table)"),
+        Key(
+            "shared_blobs_dir",
+            "(data_dir/blobs)",
+            "blobs = files on a shared catalog: a directory every store mounts",
+        ),
         Key("s3", "(none)", "[store.s3]: object storage for the audio"),
         Key("keys", "(file)", "[store.keys]: the master key"),
         Key("tls", "(none)", "[store.tls]: ca_file, cert_file, key_file or insecure"),

@@ -194,6 +194,16 @@ leeway = "10s"
 level = "warning"
 """
 
+STORE_SHARED_FILES = """
+[store]
+data_dir = "/var/lib/callrec-store"
+catalog = "postgresql+psycopg://callrec@/callrec"
+blobs = "files"
+shared_blobs_dir = "/srv/callrec-blobs"
+[store.tls]
+insecure = true
+"""
+
 STORE_PLAIN = """
 [store]
 data_dir = "/var/lib/callrec-store"
@@ -250,7 +260,7 @@ token_command = "pass show callrec/token"
 Loader = Callable[[dict[str, Any], Path], object]
 FULL: dict[str, tuple[Loader, tuple[str, ...]]] = {
     "agent": (agent_config_from_dict, (AGENT_FULL, AGENT_PLAIN)),
-    "store": (store_config_from_dict, (STORE_FULL, STORE_PLAIN)),
+    "store": (store_config_from_dict, (STORE_FULL, STORE_PLAIN, STORE_SHARED_FILES)),
     "web": (web_config_from_dict, (WEB_OIDC, WEB_LOCAL)),
     "client": (
         lambda doc, base: profile_from_dict(doc, base / "client.toml"),
