@@ -101,6 +101,47 @@ def test_sessions_end_when_idle_and_csrf_is_per_session() -> None:
     assert csrf_ok(first, token) and not csrf_ok(second, token) and not csrf_ok(first, "")
 
 
+def test_sessions_on_disk_outlive_the_process_but_not_the_idle_timeout(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    state = tmp_path / "state"
+    first = SessionStore(idle_s=600, state_dir=state, clock=lambda: now[0])
+    kept = first.put({"person": {"id": "a1"}, "id_token": "t1", "purposes": {}})
+    idle = first.put({"person": {"id": "a2"}})
+    gone = first.put({"person": {"id": "a3"}})
+    first.drop(gone)
+    now[0] += 300
+    session = first.get(kept)
+    assert session is not None
+    session["purposes"] = {"ab" * 16: "verification"}
+    first.save(kept)
+    first.close()
+    assert (state / "session.key").stat().st_mode & 0o777 == 0o600
+    assert (state / "sessions.db").stat().st_mode & 0o777 == 0o600
+    assert kept.encode() not in (state / "sessions.db").read_bytes(), "ids are kept hashed"
+    # A new process 9 minutes after the first use: a1 (used at 5 min) is still there
+    # with its change; a2 (idle since 0) has been idle too long; a3 signed out.
+    now[0] += 301
+    second = SessionStore(idle_s=600, state_dir=state, clock=lambda: now[0])
+    again = second.get(kept)
+    assert again is not None and again["purposes"] == {"ab" * 16: "verification"}
+    assert second.get(idle) is None and second.get(gone) is None
+    second.close()
+    # A row edited on disk (a role raised, say) no longer verifies: dropped.
+    import sqlite3
+
+    with sqlite3.connect(state / "sessions.db") as db:
+        db.execute("UPDATE sessions SET data = replace(data, 'a1', 'po')")
+    third = SessionStore(idle_s=600, state_dir=state, clock=lambda: now[0])
+    assert third.get(kept) is None
+    third.close()
+    # Idle across a restart: gone when the process comes back too late.
+    fourth = SessionStore(idle_s=600, state_dir=state, clock=lambda: now[0])
+    late = fourth.put({"person": {"id": "a1"}})
+    fourth.close()
+    now[0] += 601
+    assert SessionStore(idle_s=600, state_dir=state, clock=lambda: now[0]).get(late) is None
+
+
 def web_doc(tmp_path: Path, **web: object) -> dict[str, object]:
     return {
         "web": {

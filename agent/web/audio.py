@@ -13,6 +13,7 @@ import grpc
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from agent.web.auth import bearer
 from agent.web.pages import RID, refused, signed_in
 from agent.web.store_client import Range, StoreRefused
 
@@ -116,7 +117,7 @@ async def _serve(
 async def _part(request: Request, rid: str, purpose: str, start: int, end: int | None) -> Range:
     length = MAX_PART if end is None else min(MAX_PART, end - start + 1)
     store = request.app.state.store
-    return await store.play_range(request.session["id_token"], rid, purpose, start, length)  # type: ignore[no-any-return]
+    return await store.play_range(await bearer(request), rid, purpose, start, length)  # type: ignore[no-any-return]
 
 
 def _refused(request: Request, exc: StoreRefused) -> Response:

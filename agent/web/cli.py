@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,18 +23,19 @@ def add_parsers(sub: Any) -> None:
 def dispatch(args: argparse.Namespace) -> int | None:
     if args.command != "web":
         return None
-    from agent import logs
     from agent.web.config import load_web_config
-    from agent.web.server import serve
 
     config = load_web_config(args.config)
+    check_files(config)
     if args.check:
-        check_files(config)
         sys.stdout.write(f"callrec web: {args.config} ok\n")
         return 0
-    logs.configure(config.log_level, identifier="callrec-web")
-    serve(config)
-    return 0
+    # The server in a fresh interpreter (same pid: systemd and the tests see one
+    # process): it imports only the web's modules, not the CLI's.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = [sys.executable, "-m", "agent.web", "--config", str(args.config)]
+    os.execv(sys.executable, argv)  # noqa: S606 (this interpreter, fixed arguments)
 
 
 def check_files(config: WebConfig) -> None:
