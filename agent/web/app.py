@@ -49,6 +49,7 @@ def create_app(config: WebConfig) -> Starlette:
         Route("/recordings/{rid}", pages.recording),
         Route("/recordings/{rid}/purpose", pages.choose_purpose, methods=["POST"]),
         Route("/recordings/{rid}/audio", audio.audio),
+        Route("/recordings/{rid}/waveform", audio.waveform),
         Route("/local/.well-known/openid-configuration", local_signin.discovery),
         Route("/local/jwks", local_signin.jwks),
         Route("/local/signin", local_signin.sign_in, methods=["POST"]),

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from agent.web.auth import bearer
 from agent.web.pages import RID, refused, signed_in
@@ -77,6 +77,24 @@ async def audio(request: Request) -> Response:
             return await _suffix(request, rid, purpose, header)
         return _unsatisfiable(None)
     return await _serve(request, rid, purpose, start, end, partial=header is not None)
+
+
+@signed_in
+async def waveform(request: Request) -> Response:
+    """The whole recording's waveform (the store computes it from the audio): JSON of
+    ``duration_ms`` and each channel's peak levels 0..255 in equal slices."""
+    rid = request.path_params["rid"]
+    purpose = request.session.get("purposes", {}).get(rid)
+    if not RID.match(rid) or not purpose:
+        return Response(b"choose a purpose first", 409, headers={"cache-control": "no-store"})
+    store = request.app.state.store
+    try:
+        found = await store.waveform(await bearer(request), rid, purpose)
+    except StoreRefused as exc:
+        return _refused(request, exc)
+    body = {"duration_ms": found.duration_ms, "left": list(found.left),
+            "right": list(found.right)}  # fmt: skip
+    return JSONResponse(body, headers={"cache-control": "no-store"})
 
 
 async def _suffix(request: Request, rid: str, purpose: str, header: str) -> Response:

@@ -194,6 +194,9 @@ def details(view: apb.RecordingView, zone: ZoneInfo, lang: str) -> dict[str, Any
         }
         for i, e in enumerate(view.info.manifest.employees)
     ]
+    # Marked intervals on the waveform: [{"start_s", "end_s", "label"}] (the hook for
+    # pauses in the recording; none are known to the web yet).
+    row["marks"] = []
     row["destroy_after"] = (
         timefmt.show_date(view.destroy_after.ToDatetime(dt.UTC), zone)
         if view.HasField("destroy_after")

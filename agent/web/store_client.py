@@ -90,6 +90,13 @@ class StoreClient:
         except grpc.aio.AioRpcError as exc:
             raise StoreRefused(exc.code(), exc.details() or "") from None
 
+    async def waveform(self, token: str, rid: str, purpose: str) -> apb.WaveformView:
+        request = apb.RecordingRequest(purpose=PURPOSES[purpose], recording_id=rid)
+        try:
+            return await self.stub.Waveform(request, metadata=self._md(token), timeout=180)
+        except grpc.aio.AioRpcError as exc:
+            raise StoreRefused(exc.code(), exc.details() or "") from None
+
     async def unary(self, token: str, method: str, request: Any) -> Any:
         """A unary Access call by name (the privacy officer's changes, FindByNumber…)."""
         try:
