@@ -114,8 +114,15 @@
           const a = Math.max(1, Math.min(lane / 2 - 2, v * (lane / 2 - 2)));
           c.fillRect(x, mid - a, 1, 2 * a);
         }
-        c.font = "11px sans-serif";
-        c.fillText(names[i], 4, lane * i + 12);
+      });
+      // The lane names last, on a light box, so a loud lane does not hide them.
+      const px = window.devicePixelRatio || 1;
+      c.font = `${11 * px}px sans-serif`;
+      names.forEach((name, i) => {
+        c.fillStyle = "rgba(250, 251, 252, 0.85)";
+        c.fillRect(2 * px, lane * i + 2 * px, c.measureText(name).width + 6 * px, 14 * px);
+        c.fillStyle = i ? "#22543d" : "#1a365d";
+        c.fillText(name, 5 * px, lane * i + 13 * px);
       });
       if (d > 0) {
         c.fillStyle = "#9b2c2c";
@@ -124,7 +131,18 @@
     }
     requestAnimationFrame(draw);
   }
+  // Draw at the canvas's real size in device pixels (crisp at any width).
+  function fit() {
+    const px = window.devicePixelRatio || 1;
+    const w = Math.round(canvas.clientWidth * px), h = Math.round(canvas.clientHeight * px);
+    if (w > 0 && (canvas.width !== w || canvas.height !== h)) {
+      canvas.width = w; canvas.height = h;
+      peaks[0] = []; peaks[1] = [];
+    }
+  }
   if (canvas) {
+    fit();
+    window.addEventListener("resize", fit);
     canvas.addEventListener("click", (e) => {
       const d = length(), box = canvas.getBoundingClientRect();
       if (d > 0) audio.currentTime = ((e.clientX - box.left) / box.width) * d;
