@@ -130,3 +130,24 @@ def test_the_id_token_is_refreshed_and_sign_out_revokes(web: WebWorld, browser: 
     assert status == 400 and answer["error"] == "invalid_grant"
     assert _refresh_tokens(web, "a1") == [], "the session is gone from the file too"
     page.context.close()
+
+
+def test_a_callback_that_answers_no_sign_in_of_ours_gets_no_session(web: WebWorld) -> None:
+    # No sign-in under way: refused.
+    status, headers, _ = web.get("/auth/callback?code=abc&state=xyz")
+    assert status == 400 and "set-cookie" not in headers
+    # A sign-in under way: the provider's address carries PKCE S256, state and nonce.
+    status, headers, _ = web.get("/signin")
+    assert status == 302
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(headers["location"]).query)
+    assert query["code_challenge_method"] == ["S256"] and len(query["code_challenge"][0]) == 43
+    assert query["nonce"][0] and query["scope"] == ["openid offline_access"]
+    cookie = headers["set-cookie"].split(";")[0]
+    state = query["state"][0]
+    # Another sign-in's state, then a code the provider never gave: no session either
+    # way (and the first refusal ends the sign-in under way).
+    assert web.get(f"/auth/callback?code=abc&state={state}x", cookie)[0] == 400
+    status, headers, _ = web.get("/signin", cookie)
+    state = urllib.parse.parse_qs(urllib.parse.urlsplit(headers["location"]).query)["state"][0]
+    assert web.get(f"/auth/callback?code=forged&state={state}", cookie)[0] == 400
+    assert web.get("/search", cookie)[0] == 303, "still nobody"

@@ -9,6 +9,8 @@ requests with that session time:
   sees it on loopback: time to the whole response;
 * the first audio byte of the long recording (``Range: bytes=0-``);
 * a seek to the middle (``Range: bytes=<size/2>-``): time to the first byte;
+* the long recording's waveform: the first request (the store decodes the hour) and
+  the next ones (its cache);
 * the web process's RSS idle and while ``--listeners`` clients each stream the long
   recording by ranges for ``--listen-seconds``.
 
@@ -165,6 +167,10 @@ def measure(web: WebWorld, args: argparse.Namespace) -> dict[str, Any]:
                               for _ in range(args.requests)]),
         "rss_idle_mib": rss_idle,
     }  # fmt: skip
+    if args.waveform:
+        wave = f"/recordings/{long}/waveform"
+        result["waveform_first_ms"] = round(client.timed(wave) * 1000)
+        result["waveform_cached"] = stats([client.timed(wave) for _ in range(20)])
     served, peak = peak_rss(
         web.web_pid,
         lambda: listeners(client, audio, size, args.listeners, args.listen_seconds),
@@ -180,6 +186,12 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--listeners", type=int, default=50)
     parser.add_argument("--listen-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--no-waveform",
+        dest="waveform",
+        action="store_false",
+        help="skip the waveform (a store without the Waveform call)",
+    )
     args = parser.parse_args()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="web-bench-") as tmp:
