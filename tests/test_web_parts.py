@@ -230,3 +230,20 @@ def test_callrec_web_check_names_an_unreadable_file(
     assert "[web.oidc] client_secret_file" in capsys.readouterr().err
     (tmp_path / "secret").write_text("s")
     assert main(["web", "--config", str(config), "--check"]) == 0
+
+
+def test_id_token_claims_and_when_to_refresh() -> None:
+    import base64
+    import json
+
+    from agent.web.oidc import OidcError, claims_of, refresh_due
+
+    body = base64.urlsafe_b64encode(json.dumps({"sub": "a1", "nonce": "n"}).encode()).rstrip(b"=")
+    assert claims_of(f"h.{body.decode()}.s") == {"sub": "a1", "nonce": "n"}
+    for garbage in ("", "no-dots", "a.!!!.c", "a.WzFd.c"):  # WzFd: a JSON list, not an object
+        with pytest.raises(OidcError):
+            claims_of(garbage)
+    # An hour's token: refreshed in its last minute; a 12 s token in its last third.
+    assert not refresh_due(0, 3600, 3539) and refresh_due(0, 3600, 3540)
+    assert not refresh_due(0, 12, 7.9) and refresh_due(0, 12, 8)
+    assert refresh_due(0, 0, 0), "a token without iat/exp is refreshed when it can be"
