@@ -140,6 +140,14 @@ def test_sessions_on_disk_outlive_the_process_but_not_the_idle_timeout(tmp_path:
     fourth.close()
     now[0] += 601
     assert SessionStore(idle_s=600, state_dir=state, clock=lambda: now[0]).get(late) is None
+    # A damaged file (not a database) is set aside: the web starts, with no sessions.
+    for extra in state.glob("sessions.db*"):
+        extra.unlink()
+    (state / "sessions.db").write_bytes(b"this is not a database" * 100)
+    fresh = SessionStore(idle_s=600, state_dir=state, clock=lambda: now[0])
+    assert fresh.get(late) is None and fresh.get(fresh.put({"a": 1})) == {"a": 1}
+    assert len(list(state.glob("sessions.db.damaged-*"))) == 1
+    fresh.close()
 
 
 def web_doc(tmp_path: Path, **web: object) -> dict[str, object]:
@@ -230,6 +238,12 @@ def test_callrec_web_check_names_an_unreadable_file(
     assert "[web.oidc] client_secret_file" in capsys.readouterr().err
     (tmp_path / "secret").write_text("s")
     assert main(["web", "--config", str(config), "--check"]) == 0
+    # The sessions' directory must be writable (here: a path under a file).
+    text = config.read_text().replace("[web.oidc]", 'state_dir = "web.pem/sessions"\n\n[web.oidc]')
+    config.write_text(text)
+    capsys.readouterr()
+    assert main(["web", "--config", str(config), "--check"]) == 2
+    assert "[web] state_dir" in capsys.readouterr().err
 
 
 def test_id_token_claims_and_when_to_refresh() -> None:

@@ -39,7 +39,8 @@ def dispatch(args: argparse.Namespace) -> int | None:
 
 
 def check_files(config: WebConfig) -> None:
-    """Every file the config names can be read (else ConfigError naming the key)."""
+    """Every file the config names can be read and the state directory written (else
+    ConfigError naming the key)."""
     named = {
         "[web] tls_cert": config.tls_cert,
         "[web] tls_key": config.tls_key,
@@ -54,3 +55,19 @@ def check_files(config: WebConfig) -> None:
             path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"{key} = {str(path)!r}: cannot be read ({exc.strerror})") from None
+    if config.state_dir is not None:
+        check_state_dir(config.state_dir)
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """The sessions' directory exists (or can be made) and this user can write in it."""
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        probe = state_dir / ".callrec-web-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"[web] state_dir = {str(state_dir)!r}: cannot be written ({exc.strerror}); "
+            "the web's user keeps its sessions there"
+        ) from None

@@ -138,15 +138,14 @@ class _Disk:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._secret = _secret(state_dir / "session.key")
         path = state_dir / "sessions.db"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS sessions"
-            " (key TEXT PRIMARY KEY, seen REAL NOT NULL, data TEXT NOT NULL, mac TEXT NOT NULL)"
-        )
+        try:
+            self._db = _connect(path)
+        except sqlite3.DatabaseError as exc:
+            # Not a database (a damaged file): set aside, start with no sessions.
+            aside = path.with_name(f"sessions.db.damaged-{int(time.time())}")
+            log.warning("web_sessions_damaged", error=str(exc)[:200], moved_to=str(aside))
+            path.replace(aside)
+            self._db = _connect(path)
 
     def _mac(self, key: str, seen: float, data: str) -> str:
         message = f"{key}\n{seen!r}\n{data}".encode()
@@ -172,16 +171,40 @@ class _Disk:
 
     def write(self, key: str, seen: float, data: dict[str, Any]) -> None:
         text = json.dumps(data, separators=(",", ":"), sort_keys=True)
-        self._db.execute(
-            "INSERT OR REPLACE INTO sessions (key, seen, data, mac) VALUES (?, ?, ?, ?)",
-            (key, seen, text, self._mac(key, seen, text)),
-        )
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO sessions (key, seen, data, mac) VALUES (?, ?, ?, ?)",
+                (key, seen, text, self._mac(key, seen, text)),
+            )
+        except sqlite3.Error as exc:  # a full disk: the session lives on in memory
+            log.warning("web_session_not_saved", error=str(exc)[:200])
 
     def delete(self, key: str) -> None:
-        self._db.execute("DELETE FROM sessions WHERE key = ?", (key,))
+        try:
+            self._db.execute("DELETE FROM sessions WHERE key = ?", (key,))
+        except sqlite3.Error as exc:
+            log.warning("web_session_not_deleted", error=str(exc)[:200])
 
     def close(self) -> None:
         self._db.close()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS sessions"
+            " (key TEXT PRIMARY KEY, seen REAL NOT NULL, data TEXT NOT NULL, mac TEXT NOT NULL)"
+        )
+        db.execute("SELECT count(*) FROM sessions").fetchone()
+    except sqlite3.DatabaseError:
+        db.close()
+        raise
+    return db
 
 
 def _secret(path: Path) -> bytes:
