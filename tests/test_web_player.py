@@ -5,6 +5,7 @@ OpenID provider."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -121,6 +122,29 @@ def test_the_waveform_needs_a_purpose_and_the_right_person(web: WebWorld, browse
     assert web.get(f"/recordings/{mikko}/waveform", jar)[0] == 403
     refused = [e for e in web.world.events_after(seq) if e["recording_id"] == mikko]
     assert refused and all(e["outcome"] == "denied" for e in refused)
+    page.context.close()
+
+
+def test_a_long_recording_s_waveform_is_ready_when_the_purpose_is_chosen(
+    web: WebWorld, browser: Any
+) -> None:
+    """Opening a long recording's page starts its waveform in the store (nothing is
+    served or audited as a play until the player asks for it)."""
+    rid = seed_audio(web.world, AINO, long_opus(300), day_ms(4), 300)
+    cache = web.world.access_service.waveforms._cache
+    seq = web.world.head_seq()
+    page = sign_in(browser, web, "a1")
+    page.goto(f"{web.url}/recordings/{rid}")
+    deadline = time.monotonic() + 60
+    while rid not in cache and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert rid in cache, "computed while the person chooses a purpose"
+    assert [e["action"] for e in web.world.events_after(seq) if e["recording_id"] == rid] == [
+        "get"
+    ], "the page was audited; nothing was played"
+    page.select_option("#purpose", "verification")
+    page.click("#start")
+    page.wait_for_function("() => document.body.dataset.waveform === 'loaded'", timeout=10_000)
     page.context.close()
 
 

@@ -388,6 +388,8 @@ class AccessService(apb_grpc.AccessServicer):
         grant = await self._gate(context, Operation.GET, request, request.recording_id)
         row = _row(grant)
         await self._audit(grant.event(row.recording_id))
+        if grant.attempt.channel == "web":  # the recording's page: its player comes next
+            self.waveforms.warm(self.vault, row)
         return view_of(row, self.config.retention_months)
 
     async def Play(

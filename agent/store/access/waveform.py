@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from agent import logs
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.store.access.rules import Operation
 
@@ -30,11 +31,14 @@ if TYPE_CHECKING:
     from agent.store.archive.vault import Vault
     from agent.store.catalog import RecordingRow
 
+log = logs.get_logger(__name__)
+
 SLICES = 1200
 RATE = 4000  # samples a second per channel: enough for a level, cheap to decode
 PARALLEL = 2
 CACHED = 256
 TIMEOUT_S = 120.0
+WARM_FROM_MS = 60_000  # shorter recordings take well under a second when asked
 
 
 @dataclass(frozen=True)
@@ -49,24 +53,59 @@ class WaveformError(Exception):
 
 
 class Waveforms:
-    """The bounded computations and the cache of one store process."""
+    """The bounded computations and the cache of one store process. One computation per
+    recording at a time: a request while it runs waits for it."""
 
     def __init__(self) -> None:
         self._slots = asyncio.Semaphore(PARALLEL)
         self._cache: OrderedDict[str, Waveform] = OrderedDict()
+        self._running: dict[str, asyncio.Task[Waveform]] = {}
 
     async def of(self, vault: Vault, row: RecordingRow) -> Waveform:
         found = self._cache.get(row.recording_id)
         if found is None:
-            async with self._slots:
-                found = self._cache.get(row.recording_id)
-                if found is None:
-                    found = await asyncio.to_thread(compute, vault, row)
-        self._cache[row.recording_id] = found
-        self._cache.move_to_end(row.recording_id)
+            found = await asyncio.shield(self._start(vault, row))
+        self._keep(row.recording_id, found)
+        return found
+
+    def warm(self, vault: Vault, row: RecordingRow) -> None:
+        """Compute a long recording's waveform ahead (its page was just opened in the
+        web: the player will ask once a purpose is chosen), when a slot is free. Nothing
+        leaves the store and nothing is audited until the player asks."""
+        rid = row.recording_id
+        if row.duration_ms < WARM_FROM_MS or row.restricted or self._slots.locked():
+            return
+        if rid not in self._cache:
+            self._start(vault, row)
+
+    def _start(self, vault: Vault, row: RecordingRow) -> asyncio.Task[Waveform]:
+        rid = row.recording_id
+        running = self._running.get(rid)
+        if running is None:
+            running = asyncio.get_running_loop().create_task(self._compute(vault, row))
+            self._running[rid] = running
+            running.add_done_callback(lambda _: self._running.pop(rid, None))
+            running.add_done_callback(_quietly)
+        return running
+
+    async def _compute(self, vault: Vault, row: RecordingRow) -> Waveform:
+        async with self._slots:
+            found = await asyncio.to_thread(compute, vault, row)
+        self._keep(row.recording_id, found)
+        return found
+
+    def _keep(self, rid: str, found: Waveform) -> None:
+        self._cache[rid] = found
+        self._cache.move_to_end(rid)
         while len(self._cache) > CACHED:
             self._cache.popitem(last=False)
-        return found
+
+
+def _quietly(task: asyncio.Task[Waveform]) -> None:
+    """A computation that failed is logged here too (one computed ahead has nobody
+    waiting for it; the player's request gets the error)."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("waveform_failed", error=f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
 async def waveform(
