@@ -6,7 +6,7 @@ with its HTTP client and JOSE stack costs ~19 MiB of it. What the web needs is f
 HTTPS exchanges with one provider. The ID token comes straight from the provider's
 token endpoint over verified TLS, so its issuer is that provider (OpenID Connect Core
 3.1.3.7); the web checks the issuer, audience and nonce claims, and the store verifies
-the signature and expiry itself on every request (``agent/store/identity.py``)."""
+the signature and expiry itself on every request (``agent/store/access/identity.py``)."""
 
 from __future__ import annotations
 
