@@ -12,7 +12,7 @@ From anywhere (token from ``$CALLREC_TOKEN`` or ``--token-file``; ``--store ADDR
   callrec search --purpose P [--since T --until T --employee ID --team T --service N
                  --masked +358401234*** --flag F … --limit N]
   callrec show ID --purpose P
-  callrec play ID --purpose P [--out FILE]        (no --out: audio bytes to stdout)
+  callrec play ID --purpose P [--out FILE]        (no --out: audio to a pipe, never a terminal)
   callrec export ID --purpose P --out FILE
   callrec audit log [--recording ID] [--person ID] …  who did what (agent.client.audit)
   callrec dsr …                                   the privacy officer's tasks (agent.client.dsr)
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent import tabular
+from agent import localtime, tabular
 from agent.client import audit as audit_cli
 from agent.client import dsr as dsr_cli
 from agent.client.options import (
@@ -104,7 +104,9 @@ def add_parsers(sub: SubParsers) -> None:
     search = sub.add_parser("search", help="recordings you may see")
     add_client_options(search)
     tabular.add_output_options(search)
-    search.add_argument("--since", help="ISO time (UTC unless an offset is given)")
+    search.add_argument(
+        "--since", help="ISO time, local unless an offset is given (e.g. 2026-03-02T14:30)"
+    )
     search.add_argument("--until", help="ISO time, like --since")
     search.add_argument("--employee", default="", help="employee's directory id")
     search.add_argument("--team", default="", help="team name as in the directory")
@@ -154,6 +156,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "audit" and args.audit_command == "verify":
         return audit_verify(args.config)
     apply_profile(args)
+    if args.command == "play" and args.out is None and sys.stdout.isatty():
+        raise UsageError(
+            "refusing to write audio to a terminal: give --out FILE, pipe it to a player "
+            "(| mpv -), or listen in the web player"
+        )
     stub = apb_grpc.AccessStub(channel(args))
     handlers: dict[str, Callable[[apb_grpc.AccessStub, argparse.Namespace, Any], int]] = {
         "search": _search,
@@ -219,8 +226,9 @@ def _list_tokens(catalog: Catalog, person_id: str | None, output: str) -> int:
         found = tokens.list_tokens(conn, person_id)
     now_ms = dt.datetime.now(dt.UTC).timestamp() * 1000
     rows: list[dict[str, object]] = []
+    w = len(localtime.show(dt.datetime.now(dt.UTC), seconds=False)) + 1
     lines = [
-        "token_id          person     created           expires           last_used         state"
+        f"token_id          person     {'created':<{w}} {'expires':<{w}} {'last_used':<{w}} state"
     ]
     for row in found:
         state = (
@@ -236,9 +244,9 @@ def _list_tokens(catalog: Catalog, person_id: str | None, output: str) -> int:
             "last_used_at": _iso(row.last_used_at_ms), "state": state,
         })  # fmt: skip
         lines.append(
-            f"{row.token_id}  {row.person_id:<9.9}  {_when(row.created_at_ms)}  "
-            f"{_when(row.expires_at_ms) if row.expires_at_ms is not None else 'never':<16}  "
-            f"{_when(row.last_used_at_ms) if row.last_used_at_ms else 'never':<16}  {state}"
+            f"{row.token_id}  {row.person_id:<9.9}  {_when(row.created_at_ms):<{w}} "
+            f"{_when(row.expires_at_ms) if row.expires_at_ms is not None else 'never':<{w}} "
+            f"{_when(row.last_used_at_ms) if row.last_used_at_ms else 'never':<{w}} {state}"
         )
     tabular.emit(output, TOKEN_FIELDS, rows, lines)
     return 0
@@ -253,7 +261,7 @@ def _iso(ms: int | None) -> str | None:
 def _when(ms: int | None) -> str:
     if ms is None:
         return "-"
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
+    return localtime.show(dt.datetime.fromtimestamp(ms / 1000, dt.UTC), seconds=False)
 
 
 def directory_name(config: Path) -> str:
@@ -279,11 +287,11 @@ def audit_verify(config: Path) -> int:
 
 
 def parse_time(text: str) -> dt.datetime:
+    """An ISO time; without an offset, the local time (``TZ`` or the system's zone)."""
     try:
-        moment = dt.datetime.fromisoformat(text)
+        return localtime.parse(text)
     except ValueError:
         raise UsageError(f"{text!r}: expected an ISO time such as 2026-03-02T14:30") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 def _ts(text: str | None) -> Timestamp | None:
@@ -296,12 +304,12 @@ def _ts(text: str | None) -> Timestamp | None:
 
 def format_view(view: apb.RecordingView) -> str:
     m, info = view.info.manifest, view.info
-    start = m.started_at.ToDatetime(dt.UTC)
+    start = localtime.show(m.started_at.ToDatetime(dt.UTC))
     marks = [
         name for name, on in (("RESTRICTED", view.restricted), ("HOLD", view.legal_hold)) if on
     ]
     return (
-        f"{m.recording_id}  {start:%Y-%m-%d %H:%M:%S}Z  {info.duration_ms / 1000:6.1f}s  "
+        f"{m.recording_id}  {start}  {info.duration_ms / 1000:6.1f}s  "
         f"service={m.service_number or '-'}  customer={m.customer.masked}  "
         f"employees={','.join(e.id for e in m.employees) or '-'}  "
         f"{m.audio_format}  flags={','.join(m.flags) or '-'}"

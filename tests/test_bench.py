@@ -117,6 +117,7 @@ def test_web_times_search_first_byte_and_seek() -> None:
     for name in ("search", "search_period", "first_byte", "seek_middle"):
         assert result[name]["n"] == 10 and 0 < result[name]["p50_ms"] <= result[name]["p99_ms"]
     assert result["ranges_served"] >= 3 and result["rss_peak_mib"] >= result["rss_idle_mib"] > 0
+    assert result["waveform_cold_ms"] > 0 and result["waveform_cached"]["n"] == 20
 
 
 def test_replicas_bench_uploads_through_the_balancer_and_sweeps() -> None:
