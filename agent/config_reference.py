@@ -206,6 +206,7 @@ WEB: Sections = {
         Key("store_ca_file", "(required off loopback)", "the CA of the store's Access port"),
         Key("public_url", "(the request's Host)", "the redirect URI is <public_url>/auth/callback"),
         Key("session_idle", '"30m"', "a session unused this long ends"),
+        Key("state_dir", "(unset: in memory)", "sessions kept here (0700) survive a restart"),
         Key("time_zone", '"Europe/Helsinki"', "an IANA time zone for the pages' times"),
         Key("page_size", "25", "recordings per page (5…200)"),
         Key("oidc", "(required)", "[web.oidc]: the OpenID provider people sign in with"),

@@ -220,6 +220,7 @@ store_address = "store.example:50052"
 store_ca_file = "ca.pem"
 public_url = "https://recordings.example.fi"
 session_idle = "15m"
+state_dir = "/var/lib/callrec-web"
 time_zone = "Europe/Stockholm"
 page_size = 50
 
