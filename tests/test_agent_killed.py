@@ -70,12 +70,6 @@ def _wait_gone(pids: list[int], timeout: float) -> None:
     assert not any(_alive(p) for p in pids), [p for p in pids if _alive(p)]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, 3 of ~11 runs here: an old worker draining after its parent's death "
-    "sometimes deadlocks (main thread parked on a futex, pjsua's threads waiting), answers "
-    "no BYE (the SRC gets 408) and never exits; under investigation (issue 15)",
-)
 def test_agent_killed_mid_calls_and_restarted(tmp_path: Path) -> None:
     with running_pool(tmp_path, workers=2) as pool:
         pool.wait_idle()

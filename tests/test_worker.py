@@ -518,6 +518,49 @@ def test_parent_death_signal_drains_however_often_it_comes(
     assert worker.log().count("event=agent_gone") == 1
 
 
+def _signal_storm(pid: int, signals: tuple[signal.Signals, ...], seconds: float) -> int:
+    """Send ``signals`` round-robin to ``pid`` as fast as possible; how many were sent."""
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signals[sent % len(signals)])
+        sent += 1
+    return sent
+
+
+@pytest.mark.slow
+def test_a_storm_of_signals_while_draining_never_wedges_the_worker(
+    tmp_path: Path, keys: Keys, workers: list[Worker], speech: Speech, rtp: tuple[str, int]
+) -> None:
+    """Signals arriving while a handler runs (the kernel's parent-death signal comes
+    once per exiting agent thread, a SIGHUP for a directory change on top): the
+    worker still drains its call, answers the BYE and exits 0. A handler that took a
+    lock (``threading.Event.set``) deadlocked here on the lock its own interrupted
+    handler held (seen after ``kill -9`` of the agent, tests/test_agent_killed.py)."""
+    workers.append(start_worker(tmp_path, keys, sip={"drain": "30s"}))
+    worker = workers[-1]
+    call = SiprecCall(speech.customer, speech.employee, call_ms=4000, rtp_via=rtp)
+    with ThreadPoolExecutor(1) as pool:
+        sipp = pool.submit(
+            run_sipp, siprec_scenario(call), worker.target, tmp_path / "sipp", timeout_s=12
+        )
+        _wait_active(worker)
+        sent = _signal_storm(worker.proc.pid, (signal.SIGUSR2, signal.SIGHUP), seconds=1.5)
+        assert sent > 1000
+        result = sipp.result()
+        try:
+            code = worker.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the worker hangs after {sent} signals:\n{worker.log()[-3000:]}")
+    assert code == 0, worker.log()[-3000:]
+    assert result.ok, result.errors[-1500:]
+    meta = wait_for_capture(worker, timeout=1)
+    assert Flag.INCOMPLETE not in meta.flags
+    assert_times_match(meta, result)
+    assert worker.log().count("event=agent_gone") == 1
+
+
 # ---------------------------------------------------------------- the SIP edge
 
 

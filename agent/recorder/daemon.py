@@ -34,6 +34,7 @@ from agent.recorder.quarantine import expire as expire_quarantine
 from agent.recorder.spool import SpoolPickup
 from agent.recorder.status import STATUS_INTERVAL_S, agent_status
 from agent.recorder.uplink import Uplink
+from agent.signals import Flag, Wakeup
 
 log = logs.get_logger(__name__)
 QUARANTINE_CHECK_S = 3600.0
@@ -66,10 +67,12 @@ class AgentDaemon:
     def __init__(self, config: AgentConfig, config_path: Path) -> None:
         self.config = config
         self.config_path = config_path
-        self.stop_event = threading.Event()
-        self.forced = threading.Event()
+        # Set by signal handlers: flags, never a threading.Event (see agent.signals).
+        self.stop_event = Flag()
+        self.forced = Flag()
+        self._wakeup: Wakeup | None = None  # the main loop's sleep, ended by a signal
         self._quarantine_checked = float("-inf")  # monotonic time of the last expiry pass
-        self.hup_event = threading.Event()
+        self.hup_event = Flag()
         # One watcher for the host: a change is checked here once, then every worker
         # is told with SIGHUP (a watcher per worker cost an inotify instance each).
         self.directory = LiveDirectory(config.directory_file)
@@ -146,7 +149,7 @@ class AgentDaemon:
         interval = sdnotify.watchdog_interval()
         tick = min(1.0, interval / 2) if interval else 1.0
         next_status = 0.0
-        while not self.stop_event.wait(tick):
+        while not self._sleep(tick):
             if self.hup_event.is_set():
                 self.hup_event.clear()
                 _reload(self)
@@ -170,6 +173,14 @@ class AgentDaemon:
                 self._report_status()
             self._expire_quarantine()
             sdnotify.watchdog()
+
+    def _sleep(self, seconds: float) -> bool:
+        """Up to ``seconds``, less if a signal arrives; whether a stop was asked."""
+        if self._wakeup is None:
+            self._wakeup = Wakeup()
+        if not self.stop_event.is_set():
+            self._wakeup.wait(seconds)
+        return self.stop_event.is_set()
 
     def _report_status(self) -> None:
         """The workers-up gauge, and the STATUS= line of ``systemctl status``."""
@@ -222,6 +233,8 @@ class AgentDaemon:
         self.uplink.close()
         left = self.outbox.entries()
         log.info("agent_stopped", outbox_left=len(left))
+        if self._wakeup is not None:
+            self._wakeup.close()
 
     def request_stop(self) -> None:
         if self.stop_event.is_set():
