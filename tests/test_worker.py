@@ -44,6 +44,7 @@ from agent.testcall.sipp import (
 )
 from tests.support.audio import Speech, best_correlation, channel_rms, envelope, make_speech, trim
 from tests.support.daemons import REPO
+from tests.support.faults import signal_storm
 from tests.support.stack import Keys, agent_config, write_toml
 
 pytestmark = pytest.mark.sip
@@ -518,17 +519,6 @@ def test_parent_death_signal_drains_however_often_it_comes(
     assert worker.log().count("event=agent_gone") == 1
 
 
-def _signal_storm(pid: int, signals: tuple[signal.Signals, ...], seconds: float) -> int:
-    """Send ``signals`` round-robin to ``pid`` as fast as possible; how many were sent."""
-    sent = 0
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signals[sent % len(signals)])
-        sent += 1
-    return sent
-
-
 @pytest.mark.slow
 def test_a_storm_of_signals_while_draining_never_wedges_the_worker(
     tmp_path: Path, keys: Keys, workers: list[Worker], speech: Speech, rtp: tuple[str, int]
@@ -546,7 +536,7 @@ def test_a_storm_of_signals_while_draining_never_wedges_the_worker(
             run_sipp, siprec_scenario(call), worker.target, tmp_path / "sipp", timeout_s=12
         )
         _wait_active(worker)
-        sent = _signal_storm(worker.proc.pid, (signal.SIGUSR2, signal.SIGHUP), seconds=1.5)
+        sent = signal_storm(worker.proc.pid, (signal.SIGUSR2, signal.SIGHUP), seconds=1.5)
         assert sent > 1000
         result = sipp.result()
         try:

@@ -288,3 +288,19 @@ def fill_disk(directory: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+# ---------------------------------------------------------------- signals
+
+
+def signal_storm(pid: int, signals: tuple[signal.Signals, ...], seconds: float) -> int:
+    """Send ``signals`` round-robin to ``pid`` as fast as this process can for
+    ``seconds`` (so that some arrive while the last one is being handled); how many
+    were sent."""
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signals[sent % len(signals)])
+        sent += 1
+    return sent
