@@ -42,8 +42,8 @@ from agent.capture import (
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.recorder.finalize import MANIFEST_FILE
-from agent.store import partials
 from agent.store.catalog import Catalog
+from agent.store.ingest.service import partials
 from tests.support.daemons import Daemon
 from tests.support.stack import InProcessStore, Keys
 
