@@ -34,9 +34,11 @@ from agent.recorder.sip import call_ref
 from agent.testcall.rtp import ControlServer, RtpSender
 from agent.testcall.sipp import (
     MALFORMED_METADATA,
+    Party,
     SippResult,
     SiprecCall,
     free_port,
+    metadata_xml,
     plain_scenario,
     refused_scenario,
     run_sipp,
@@ -557,6 +559,42 @@ def test_a_storm_of_signals_while_draining_never_wedges_the_worker(
 def _no_capture(worker: Worker) -> None:
     for directory in (worker.ready_dir, worker.active_dir):
         assert not directory.is_dir() or not any(directory.iterdir()), directory
+
+
+def _large_metadata(size: int) -> str:
+    """A metadata document of about ``size`` bytes: the call's parties, then more
+    participants (a conference, queues), as SBCs send them."""
+    doc = metadata_xml(
+        [
+            Party("cHJ0LWN1c3Q=", f"sip:+{FULL_NUMBER}@pbx.example", "Asiakas", "1"),
+            Party("cHJ0LWVtcGw=", "sip:1001@pbx.example", "Aino Virtanen", "2"),
+        ]
+    ).removesuffix("</recording>\n")
+    extra = []
+    while len(doc) + sum(map(len, extra)) < size:
+        extra.append(
+            f'<participant participant_id="eHRyYS{len(extra):04d}"><nameID '
+            f'aor="sip:queue-{len(extra)}@pbx.example"><name>Jono {len(extra)}</name>'
+            "</nameID></participant>\n"
+        )
+    return doc + "".join(extra) + "</recording>\n"
+
+
+def test_an_invite_longer_than_pjsip_reads_is_refused_513_and_nothing_recorded(
+    worker: Worker, speech: Speech, tmp_path: Path
+) -> None:
+    """Without the front, pjsip reads ~4,000 bytes of a UDP datagram: a 6 KB INVITE
+    reaches the worker cut (its multipart without the close delimiter). It is answered
+    513, never 200 with the parties unknown and both channels silent."""
+    call = SiprecCall(speech.customer, speech.employee, metadata=_large_metadata(5500))
+    result = run_sipp(refused_scenario(call, 513), worker.target, tmp_path / "big", timeout_s=15)
+    assert result.ok and result.first is not None, result.errors or result.stdout
+    assert result.first.refused_status == 513
+    _wait_log(worker, f"call_ref={call_ref(result.call_id or '')} status=513")
+    assert "event=invite_truncated" in worker.log()
+    assert "event=call_answered" not in worker.log()
+    _no_capture(worker)
+    assert_no_full_number(worker)
 
 
 def test_unlisted_client_and_plain_invites_are_refused_with_403(
