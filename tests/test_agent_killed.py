@@ -22,7 +22,10 @@ from tests.support.pool import Pool, assert_times, flags, running_pool
 
 pytestmark = [pytest.mark.slow, pytest.mark.sip]
 
-CALL_MS = 7000  # within the test speech
+# Speech for the first ~7 s, then no RTP (silence is recorded; rtp_timeout is raised
+# for it): long enough that the restarted agent, slow to start on a loaded host (8 s
+# seen at load 18), still finds the old workers draining.
+CALL_MS = 15000
 
 
 def _alive(pid: int) -> bool:
@@ -71,14 +74,14 @@ def _wait_gone(pids: list[int], timeout: float) -> None:
 
 
 def test_agent_killed_mid_calls_and_restarted(tmp_path: Path) -> None:
-    with running_pool(tmp_path, workers=2) as pool:
+    with running_pool(tmp_path, workers=2, rtp_timeout="30s") as pool:
         pool.wait_idle()
         old_workers = list(pool.worker_pids().values())
         old_front = int(re.findall(r"event=front_started pid=(\d+)", pool.text())[-1])
         assert pool.agent.process is not None
         with ThreadPoolExecutor(3) as executor:
             calls = [
-                executor.submit(pool.place, pool.call(call_ms=CALL_MS), f"k{n}", 40.0)
+                executor.submit(pool.place, pool.call(call_ms=CALL_MS), f"k{n}", 50.0)
                 for n in range(3)
             ]
             _wait_answered(pool, 3, timeout=20.0)  # SIPp may start late on a busy host
