@@ -26,7 +26,12 @@ from agent.directory import LiveDirectory
 from agent.loops import DirectoryQueue, FileWatcher
 from agent.privacy import Sealer
 from agent.recorder.finalize import Finalizer
-from agent.recorder.front.kamailio import FrontProcess, write_front_files
+from agent.recorder.front.kamailio import (
+    FrontProcess,
+    kill_stale_front,
+    stale_front_alive,
+    write_front_files,
+)
 from agent.recorder.ownership import slot_held, slot_holder
 from agent.recorder.quarantine import expire as expire_quarantine
 from agent.recorder.spool.pickup import SpoolPickup
@@ -81,6 +86,9 @@ class AgentDaemon:
         self.spool: SpoolPickup | None = None  # [spool]: recordings the PBX made itself
         self.workers = [WorkerProcess(i) for i in range(config.sip.workers)]
         self.front: FrontProcess | None = None  # [sip] run_front: Kamailio run by us
+        # Slots whose previous workers drain through the previous run's front: ours
+        # replaces it once they are gone (see _start_pool).
+        self._front_after: set[int] = set()
         self.metrics_dir = _metrics_dir(config)
         self.metrics_port: int | None = None
         self.outbox = Outbox(config.outbox_dir)
@@ -158,8 +166,7 @@ class AgentDaemon:
                 _directory_changed(self)
             for worker in self.workers:
                 self._supervise(worker)
-            if self.front is not None:
-                self.front.supervise()
+            self._supervise_front()
             loops = (
                 self.finalize_queue, self.upload_queue, self.outbox_monitor,
                 self.directory_watcher,
@@ -268,8 +275,10 @@ class AgentDaemon:
         listens; then the front (with ``run_front``), which probes them from then on.
 
         Workers of a killed agent may still be draining calls (they hold their slots
-        and SIP ports): their successors wait for them (they are not awaited here),
-        and the front starts first, since those calls' BYEs pass through it."""
+        and SIP ports): their successors wait for them (they are not awaited here).
+        Those calls' BYEs pass through the front: the previous run's, if it still
+        runs, until those workers are gone (replacing it now lost a BYE or its 200 in
+        flight: a recording ended late, an SRC without an answer); else ours, first."""
         sip = self.config.sip
         if sip.front:
             files = write_front_files(self.config)
@@ -277,7 +286,11 @@ class AgentDaemon:
                 self.front = FrontProcess(self.config, files)
         busy = self._previous_workers()
         if busy and self.front is not None:
-            self.front.start()
+            if stale_front_alive(self.front.files):
+                self._front_after = set(busy)
+                log.info("front_kept", reason="previous_workers_draining", until="they_exit")
+            else:
+                self.front.start()
         for worker in self.workers:
             self._spawn_worker(worker, ready_pipe=worker.index not in busy)
         deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
@@ -286,6 +299,24 @@ class AgentDaemon:
                 self._await_ready(worker, deadline)
         if self.front is not None and not busy:
             self.front.start()
+
+    def _supervise_front(self) -> None:
+        """Ours replaces the previous run's front once its workers are gone (or it
+        died); from then on it is restarted if it dies."""
+        if self.front is None:
+            return
+        if self._front_after:
+            held = any(self._held_by_previous(self.workers[i]) for i in self._front_after)
+            if held and stale_front_alive(self.front.files):
+                return
+            self._front_after = set()
+        self.front.supervise()  # starts ours (replacing the previous) if none runs
+
+    def _held_by_previous(self, worker: WorkerProcess) -> bool:
+        """The slot is held, and not by our worker (which takes it over at once)."""
+        active = self.config.captures_dir / "active" / f"w{worker.index}"
+        ours = worker.process.pid if worker.process is not None else None
+        return slot_held(active) and slot_holder(active) != ours
 
     def _previous_workers(self) -> dict[int, int | None]:
         """Slots still held by a previous agent's workers: index → their pid."""
@@ -312,6 +343,8 @@ class AgentDaemon:
             self._reap(worker, deadline)
         if self.front is not None:
             self.front.stop()
+            if self._front_after:  # never replaced: no front outlives the agent
+                kill_stale_front(self.front.files)
 
     def _spawn_worker(self, worker: WorkerProcess, ready_pipe: bool) -> None:
         read_fd, write_fd = os.pipe() if ready_pipe else (None, None)
