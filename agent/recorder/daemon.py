@@ -26,7 +26,12 @@ from agent.directory import LiveDirectory
 from agent.loops import DirectoryQueue, FileWatcher
 from agent.privacy import Sealer
 from agent.recorder.finalize import Finalizer
-from agent.recorder.front.kamailio import FrontProcess, write_front_files
+from agent.recorder.front.kamailio import (
+    FrontProcess,
+    kill_stale_front,
+    stale_front_alive,
+    write_front_files,
+)
 from agent.recorder.ownership import slot_held, slot_holder
 from agent.recorder.quarantine import expire as expire_quarantine
 from agent.recorder.spool.pickup import SpoolPickup
@@ -35,6 +40,7 @@ from agent.recorder.uplink.backpressure import OutboxMonitor
 from agent.recorder.uplink.client import Uplink
 from agent.recorder.uplink.live import LiveUplink
 from agent.recorder.uplink.outbox import Outbox
+from agent.signals import Flag, Wakeup
 
 log = logs.get_logger(__name__)
 QUARANTINE_CHECK_S = 3600.0
@@ -67,10 +73,12 @@ class AgentDaemon:
     def __init__(self, config: AgentConfig, config_path: Path) -> None:
         self.config = config
         self.config_path = config_path
-        self.stop_event = threading.Event()
-        self.forced = threading.Event()
+        # Set by signal handlers: flags, never a threading.Event (see agent.signals).
+        self.stop_event = Flag()
+        self.forced = Flag()
+        self._wakeup: Wakeup | None = None  # the main loop's sleep, ended by a signal
         self._quarantine_checked = float("-inf")  # monotonic time of the last expiry pass
-        self.hup_event = threading.Event()
+        self.hup_event = Flag()
         # One watcher for the host: a change is checked here once, then every worker
         # is told with SIGHUP (a watcher per worker cost an inotify instance each).
         self.directory = LiveDirectory(config.directory_file)
@@ -79,6 +87,9 @@ class AgentDaemon:
         self.spool: SpoolPickup | None = None  # [spool]: recordings the PBX made itself
         self.workers = [WorkerProcess(i) for i in range(config.sip.workers)]
         self.front: FrontProcess | None = None  # [sip] run_front: Kamailio run by us
+        # Slots whose previous workers drain through the previous run's front: ours
+        # replaces it once they are gone (see _start_pool).
+        self._front_after: set[int] = set()
         self.metrics_dir = _metrics_dir(config)
         self.metrics_port: int | None = None
         self.outbox = Outbox(config.outbox_dir)
@@ -159,7 +170,7 @@ class AgentDaemon:
         interval = sdnotify.watchdog_interval()
         tick = min(1.0, interval / 2) if interval else 1.0
         next_status = 0.0
-        while not self.stop_event.wait(tick):
+        while not self._sleep(tick):
             if self.hup_event.is_set():
                 self.hup_event.clear()
                 _reload(self)
@@ -168,8 +179,7 @@ class AgentDaemon:
                 _directory_changed(self)
             for worker in self.workers:
                 self._supervise(worker)
-            if self.front is not None:
-                self.front.supervise()
+            self._supervise_front()
             loops = (
                 self.finalize_queue, self.upload_queue, self.outbox_monitor,
                 self.directory_watcher,
@@ -184,6 +194,14 @@ class AgentDaemon:
                 self._report_status()
             self._expire_quarantine()
             sdnotify.watchdog()
+
+    def _sleep(self, seconds: float) -> bool:
+        """Up to ``seconds``, less if a signal arrives; whether a stop was asked."""
+        if self._wakeup is None:
+            self._wakeup = Wakeup()
+        if not self.stop_event.is_set():
+            self._wakeup.wait(seconds)
+        return self.stop_event.is_set()
 
     def _report_status(self) -> None:
         """The workers-up gauge, and the STATUS= line of ``systemctl status``."""
@@ -238,6 +256,8 @@ class AgentDaemon:
         self.uplink.close()
         left = self.outbox.entries()
         log.info("agent_stopped", outbox_left=len(left))
+        if self._wakeup is not None:
+            self._wakeup.close()
 
     def request_stop(self) -> None:
         if self.stop_event.is_set():
@@ -271,8 +291,10 @@ class AgentDaemon:
         listens; then the front (with ``run_front``), which probes them from then on.
 
         Workers of a killed agent may still be draining calls (they hold their slots
-        and SIP ports): their successors wait for them (they are not awaited here),
-        and the front starts first, since those calls' BYEs pass through it."""
+        and SIP ports): their successors wait for them (they are not awaited here).
+        Those calls' BYEs pass through the front: the previous run's, if it still
+        runs, until those workers are gone (replacing it now lost a BYE or its 200 in
+        flight: a recording ended late, an SRC without an answer); else ours, first."""
         sip = self.config.sip
         if sip.front:
             files = write_front_files(self.config)
@@ -280,7 +302,11 @@ class AgentDaemon:
                 self.front = FrontProcess(self.config, files)
         busy = self._previous_workers()
         if busy and self.front is not None:
-            self.front.start()
+            if stale_front_alive(self.front.files):
+                self._front_after = set(busy)
+                log.info("front_kept", reason="previous_workers_draining", until="they_exit")
+            else:
+                self.front.start()
         for worker in self.workers:
             self._spawn_worker(worker, ready_pipe=worker.index not in busy)
         deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
@@ -289,6 +315,24 @@ class AgentDaemon:
                 self._await_ready(worker, deadline)
         if self.front is not None and not busy:
             self.front.start()
+
+    def _supervise_front(self) -> None:
+        """Ours replaces the previous run's front once its workers are gone (or it
+        died); from then on it is restarted if it dies."""
+        if self.front is None:
+            return
+        if self._front_after:
+            held = any(self._held_by_previous(self.workers[i]) for i in self._front_after)
+            if held and stale_front_alive(self.front.files):
+                return
+            self._front_after = set()
+        self.front.supervise()  # starts ours (replacing the previous) if none runs
+
+    def _held_by_previous(self, worker: WorkerProcess) -> bool:
+        """The slot is held, and not by our worker (which takes it over at once)."""
+        active = self.config.captures_dir / "active" / f"w{worker.index}"
+        ours = worker.process.pid if worker.process is not None else None
+        return slot_held(active) and slot_holder(active) != ours
 
     def _previous_workers(self) -> dict[int, int | None]:
         """Slots still held by a previous agent's workers: index → their pid."""
@@ -315,6 +359,8 @@ class AgentDaemon:
             self._reap(worker, deadline)
         if self.front is not None:
             self.front.stop()
+            if self._front_after:  # never replaced: no front outlives the agent
+                kill_stale_front(self.front.files)
 
     def _spawn_worker(self, worker: WorkerProcess, ready_pipe: bool) -> None:
         read_fd, write_fd = os.pipe() if ready_pipe else (None, None)
