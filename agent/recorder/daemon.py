@@ -34,6 +34,7 @@ from agent.recorder.quarantine import expire as expire_quarantine
 from agent.recorder.spool import SpoolPickup
 from agent.recorder.status import STATUS_INTERVAL_S, agent_status
 from agent.recorder.uplink import Uplink
+from agent.recorder.zygote import ForkedWorker, Zygote, ZygoteError, become_subreaper, reap_orphans
 
 log = logs.get_logger(__name__)
 QUARANTINE_CHECK_S = 3600.0
@@ -46,12 +47,14 @@ WORKER_STOP_MARGIN_S = 15.0
 # keeps dying waits longer each time, and starts afresh after HEALTHY_S of good running.
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
 HEALTHY_S = 60.0
+ZYGOTE_RETRY_S = 30.0  # a zygote that failed to start is tried again after this
+ORPHAN_CHECK_S = 30.0
 
 
 @dataclass
 class WorkerProcess:
     index: int
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[bytes] | ForkedWorker | None = None
     restarts: int = 0
     next_start: float = 0.0
     started_at: float = 0.0
@@ -78,6 +81,10 @@ class AgentDaemon:
         self.spool: SpoolPickup | None = None  # [spool]: recordings the PBX made itself
         self.workers = [WorkerProcess(i) for i in range(config.sip.workers)]
         self.front: FrontProcess | None = None  # [sip] run_front: Kamailio run by us
+        self.zygote: Zygote | None = None  # [sip] worker_start = "fork"
+        self._zygote_retry = 0.0  # monotonic time of the next start after a failure
+        self._orphans_checked = 0.0
+        self._subreaper = False
         self.metrics_dir = _metrics_dir(config)
         self.metrics_port: int | None = None
         self.outbox = Outbox(config.outbox_dir)
@@ -157,6 +164,7 @@ class AgentDaemon:
                 self._supervise(worker)
             if self.front is not None:
                 self.front.supervise()
+            self._reap_orphans()
             loops = (
                 self.finalize_queue, self.upload_queue, self.outbox_monitor,
                 self.directory_watcher,
@@ -258,6 +266,8 @@ class AgentDaemon:
         and SIP ports): their successors wait for them (they are not awaited here),
         and the front starts first, since those calls' BYEs pass through it."""
         sip = self.config.sip
+        if sip.worker_start == "fork":
+            self._start_zygote()
         if sip.front:
             files = write_front_files(self.config)
             if sip.run_front:
@@ -297,18 +307,21 @@ class AgentDaemon:
         deadline = time.monotonic() + self.config.sip.drain_s + WORKER_STOP_MARGIN_S
         for worker in self.workers:
             self._reap(worker, deadline)
+        self._stop_zygote()
         if self.front is not None:
             self.front.stop()
 
     def _spawn_worker(self, worker: WorkerProcess, ready_pipe: bool) -> None:
         read_fd, write_fd = os.pipe() if ready_pipe else (None, None)
         try:
-            worker.process = subprocess.Popen(
-                self._worker_command(worker, write_fd),
-                pass_fds=() if write_fd is None else (write_fd,),
-                stdin=subprocess.DEVNULL,
-                env=_worker_env(),
-            )
+            worker.process = self._fork_worker(worker.index, write_fd)
+            if worker.process is None:
+                worker.process = subprocess.Popen(
+                    self._worker_command(worker, write_fd),
+                    pass_fds=() if write_fd is None else (write_fd,),
+                    stdin=subprocess.DEVNULL,
+                    env=_worker_env(),
+                )
         except OSError:
             if read_fd is not None:
                 os.close(read_fd)
@@ -317,7 +330,68 @@ class AgentDaemon:
             if write_fd is not None:
                 os.close(write_fd)
         worker.ready_fd, worker.started_at = read_fd, time.monotonic()
-        log.info("worker_started", index=worker.index, pid=worker.process.pid)
+        forked = isinstance(worker.process, ForkedWorker)
+        log.info(
+            "worker_started", index=worker.index, pid=worker.process.pid,
+            start="fork" if forked else "exec",
+        )  # fmt: skip
+
+    # ------------------------------------------------------------ the zygote
+
+    def _start_zygote(self) -> None:
+        """Workers are forked from it; without it (it failed) they start as before."""
+        try:
+            if not self._subreaper:
+                become_subreaper()  # forked workers are re-parented to us
+                self._subreaper = True
+            self.zygote = Zygote(self.config_path, _worker_env())
+            self.zygote.start()
+        except (OSError, ZygoteError) as exc:
+            log.error(
+                "zygote_start_failed", reason=str(exc), action="exec_workers",
+                retry_in_s=ZYGOTE_RETRY_S,
+            )  # fmt: skip
+            self._zygote_retry = time.monotonic() + ZYGOTE_RETRY_S
+            self._stop_zygote()
+
+    def _fork_worker(self, index: int, ready_fd: int | None) -> ForkedWorker | None:
+        """The worker forked from the zygote; None: start it the ``exec`` way."""
+        if self.config.sip.worker_start != "fork":
+            return None
+        zygote = self.zygote
+        if zygote is not None and not zygote.alive:
+            log.error("zygote_died", pid=zygote.process.pid if zygote.process else None)
+            self._stop_zygote()
+        if self.zygote is None and time.monotonic() >= self._zygote_retry:
+            self._start_zygote()
+        if self.zygote is None:
+            return None
+        try:
+            return self.zygote.spawn(index, ready_fd)
+        except ZygoteError as exc:
+            log.error("worker_fork_failed", index=index, reason=str(exc), action="exec_worker")
+            self._stop_zygote()
+            self._zygote_retry = time.monotonic() + ZYGOTE_RETRY_S
+            return None
+
+    def _stop_zygote(self) -> None:
+        zygote, self.zygote = self.zygote, None
+        if zygote is None:
+            return
+        zygote.stop()
+        if zygote.process is not None:  # its zeroed metric files, as for a worker
+            metrics.worker_exited(self.metrics_dir, zygote.process.pid)
+
+    def _reap_orphans(self) -> None:
+        """As a subreaper we inherit the children of a Kamailio that died."""
+        now = time.monotonic()
+        if not self._subreaper or now - self._orphans_checked < ORPHAN_CHECK_S:
+            return
+        self._orphans_checked = now
+        front = self.front.pid if self.front is not None else None
+        reaped = reap_orphans(frozenset() if front is None else frozenset({front}))
+        if reaped:
+            log.info("orphans_reaped", processes=reaped)
 
     def _await_ready(self, worker: WorkerProcess, deadline: float) -> None:
         """Wait for the worker's "ready"; else say what happened: the reason it wrote
