@@ -106,3 +106,13 @@ def test_web_times_search_first_byte_and_seek() -> None:
     for name in ("search", "search_period", "first_byte", "seek_middle"):
         assert result[name]["n"] == 10 and 0 < result[name]["p50_ms"] <= result[name]["p99_ms"]
     assert result["ranges_served"] >= 3 and result["rss_peak_mib"] >= result["rss_idle_mib"] > 0
+
+
+def test_worker_idle_compares_exec_and_fork_workers() -> None:
+    """Forked workers share the zygote's heap: each holds far fewer private pages."""
+    report = bench("worker_idle", "--workers", "3", "--seconds", "3", "--settle", "1")
+    ways = report["result"]["ways"]
+    assert ways["exec"]["processes"] == ways["fork"]["processes"] == 3
+    assert ways["exec"]["zygote_pss_mb"] == 0 < ways["fork"]["zygote_pss_mb"]
+    assert ways["fork"]["uss_mb"] < ways["exec"]["uss_mb"] / 2
+    assert 0 < ways["fork"]["cpu_pct"] < 5 and ways["fork"]["wakeups_per_s"]["media"] > 0
