@@ -18,13 +18,13 @@ from agent import logs, metrics
 from agent.capture import CaptureMeta, Flag, iso_ms, new_recording_id, utc_now, write_meta
 from agent.config import AgentConfig
 from agent.directory import LiveDirectory
-from agent.recorder import edge
 from agent.recorder.diskspace import (
     LEG_BYTES_PER_S,
     DiskGuard,
     log_recording_stopped,
     stalled_legs,
 )
+from agent.recorder.front import edge
 from agent.recorder.ownership import CaptureOwner
 from agent.recorder.parties import CallPlan, PartyHeaders, PartyRules, plan_call
 from agent.recorder.session import (

@@ -3,7 +3,7 @@
 Two implementations of one small Protocol: a directory tree (the embedded default:
 each write lands under a temporary name, is fsynced and appears with one rename) and
 S3-compatible object storage through boto3 (multipart above a threshold). Blobs hold
-ciphertext only (``agent.store.vault`` encrypts); keys are opaque names chosen by the
+ciphertext only (``agent.store.archive.vault`` encrypts); keys are opaque names chosen by the
 vault (``<recording id>-<random>``).
 """
 
@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from agent import logs
 from agent.capture import fsync_dir
 from agent.config import ConfigError, S3Config, toml_value
-from agent.store.residency import is_aws_host, region_allowed
+from agent.store.archive.residency import is_aws_host, region_allowed
 
 log = logs.get_logger(__name__)
 

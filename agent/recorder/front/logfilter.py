@@ -13,7 +13,7 @@ every line goes through :func:`kamailio_record`:
 ``callrec front-log -- /usr/sbin/kamailio …`` (callrec-front.service) runs Kamailio
 with its stdout and stderr through this filter into ours (journald); with
 ``[sip] run_front = true`` the agent relays them the same way
-(:class:`agent.recorder.front.FrontProcess`).
+(:class:`agent.recorder.front.kamailio.FrontProcess`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from types import FrameType
 from agent import logs
 from agent.redaction import redact_numbers
 
-log = logs.get_logger("agent.recorder.front")
+log = logs.get_logger("agent.recorder.front.kamailio")
 
 _LINE = re.compile(r"^\s*\d+\((\d+)\)\s+([A-Z]+):\s+(.*)$")
 _LEVELS = {

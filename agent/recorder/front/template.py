@@ -1,15 +1,15 @@
 """The Kamailio 5.6 script of the SIP front, with ``%NAME%`` placeholders that
-:func:`agent.recorder.front.render_config` fills from the agent's ``[sip]`` config.
-Why it routes as it does: see :mod:`agent.recorder.front`."""
+:func:`agent.recorder.front.kamailio.render_config` fills from the agent's ``[sip]`` config.
+Why it routes as it does: see :mod:`agent.recorder.front.kamailio`."""
 
 TEMPLATE = r"""#!KAMAILIO
 # callrec SIP front: spreads new SIPREC INVITEs over the recorder workers.
-# Rendered by the agent (agent/recorder/front.py) from its [sip] config at every
+# Rendered by the agent (agent/recorder/front/kamailio.py) from its [sip] config at every
 # start: edit the agent's config, not this file.
 
 debug=2
 corelog=3          # core parse errors at debug level; what else prints message
-                   # content goes through `callrec front-log` (agent.recorder.frontlog)
+                   # content goes through `callrec front-log` (agent.recorder.front.logfilter)
 log_stderror=yes
 log_prefix=""
 children=2

@@ -43,13 +43,14 @@ from agent.manifest import (
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import KeyFileError
-from agent.store import monitoring, partials
+from agent.store import monitoring
+from agent.store.archive.residency import DEFAULT_ALLOWED_REGIONS, region_allowed
+from agent.store.archive.vault import SourceMismatch, Vault
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
-from agent.store.denylist import DenyList
-from agent.store.numbers import SealError, SealKeyring
-from agent.store.residency import DEFAULT_ALLOWED_REGIONS, region_allowed
-from agent.store.upload_limits import LimitExceeded, Limits, UploadLimits
-from agent.store.vault import SourceMismatch, Vault
+from agent.store.ingest import partials
+from agent.store.ingest.denylist import DenyList
+from agent.store.ingest.limits import LimitExceeded, Limits, UploadLimits
+from agent.store.keys.numbers import SealError, SealKeyring
 
 log = logs.get_logger(__name__)
 
@@ -487,7 +488,7 @@ def row_from_manifest(m: pb.Manifest, blob_key: str, region: str) -> RecordingRo
         service_number=m.service_number or None,
         customer_kind=m.customer.kind,
         customer_masked=m.customer.masked,
-        customer_digest=None,  # never kept: see agent.store.numbers
+        customer_digest=None,  # never kept: see agent.store.keys.numbers
         customer_digest_key_id=None,
         customer_tail_sealed=m.customer.tail_sealed or None,
         employee_id=first.id if first else "unknown",

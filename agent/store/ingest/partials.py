@@ -39,8 +39,8 @@ from google.protobuf.message import DecodeError
 
 from agent.capture import fsync_dir
 from agent.pb.callrec.v1 import recordings_pb2 as pb
-from agent.store.crypto import TAG_BYTES, CryptoError, new_data_key
-from agent.store.keys import KeyWrapper
+from agent.store.archive.crypto import TAG_BYTES, CryptoError, new_data_key
+from agent.store.keys.master import KeyWrapper
 
 _LENGTH = struct.Struct(">I")
 _AAD = b"callrec-part-v1\x00"

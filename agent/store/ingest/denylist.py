@@ -83,7 +83,7 @@ def add_parsers(certs_sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 def run(args: argparse.Namespace) -> list[str]:
     """``callrec certs revoke|unrevoke|revoked``: lines to print."""
-    from agent.store import audit  # (audit imports this module for its table)
+    from agent.store.audit import chain as audit  # (audit imports this module for its table)
 
     catalog = Catalog(load_store_config(args.config).catalog_url)
     operator = f"operator:{getpass.getuser()}"

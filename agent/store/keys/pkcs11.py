@@ -25,7 +25,7 @@ from pkcs11.mechanisms import GCMParams
 
 from agent.config import KeysConfig
 from agent.privacy import KeyFileError, check_private_file
-from agent.store.keys import KeyWrapError, new_key_id, wrap_aad
+from agent.store.keys.master import KeyWrapError, new_key_id, wrap_aad
 
 LABEL_PREFIX = "callrec-master:"
 _NONCE_BYTES = 12

@@ -14,8 +14,8 @@ import time
 from collections.abc import Awaitable, Callable
 
 from agent import logs
-from agent.store import audit
-from agent.store.throttle import FailureThrottle, Summary, source_of
+from agent.store.access.throttle import FailureThrottle, Summary, source_of
+from agent.store.audit import chain as audit
 
 log = logs.get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """Catalog queries and changes behind the Access service: scoped search, the
 data-subject changes (each written with its audit event in one transaction) and the
-export package's metadata (finding calls by number is ``agent.store.numbers``).
+export package's metadata (finding calls by number is ``agent.store.keys.numbers``).
 Blocking; the service runs them in threads.
 """
 
@@ -16,8 +16,8 @@ import sqlalchemy as sa
 
 from agent.directory import Person
 from agent.manifest import AUDIO_FORMATS
-from agent.store import audit
-from agent.store.access import RecordingFacts, Scope
+from agent.store.access.rules import RecordingFacts, Scope
+from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog, RecordingRow, from_ms, recordings
 
 SCAN_BATCH = 500

@@ -1,6 +1,6 @@
 """What a PBX leaves in the spool, and how it is read: the sidecar (JSON) and WAV
 files, converted into a capture's mono 16-bit legs; a redacted copy for quarantine.
-Pure functions and streaming file I/O; the loop is in ``agent.recorder.spool``.
+Pure functions and streaming file I/O; the loop is in ``agent.recorder.spool.pickup``.
 
 **Sidecar** (``<anything>.json`` beside the audio in the spool directory, UTF-8, ≤ 64 KiB)::
 
@@ -44,7 +44,7 @@ from typing import Any, BinaryIO
 
 from agent.capture import CUSTOMER_LEG, EMPLOYEE_LEG, MIXED_LEG, Direction
 from agent.privacy import Protector
-from agent.recorder.spoolindex import Stat
+from agent.recorder.spool.index import Stat
 from agent.redaction import redact_numbers
 
 with warnings.catch_warnings():  # deprecated in 3.11, gone in 3.13 (pydub needs it too)

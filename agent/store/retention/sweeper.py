@@ -47,10 +47,10 @@ from prometheus_client import Counter, Gauge
 from agent import logs
 from agent.config import ConfigError, StoreConfig, load_store_config
 from agent.privacy import KeyFileError
-from agent.store import audit
+from agent.store.archive.vault import Vault, open_storage
+from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog, data_keys, recordings
-from agent.store.retention import datetime_to_ms, expired_ranges, ms_to_datetime
-from agent.store.vault import Vault, open_storage
+from agent.store.retention.schedule import datetime_to_ms, expired_ranges, ms_to_datetime
 
 log = logs.get_logger(__name__)
 

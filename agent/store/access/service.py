@@ -36,9 +36,10 @@ from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.privacy import KeyFileError, normalise
-from agent.store import access_queries as q
-from agent.store import access_web, audit, identity, tokens
-from agent.store.access import (
+from agent.store.access import identity, tokens
+from agent.store.access import queries as q
+from agent.store.access import web as access_web
+from agent.store.access.rules import (
     OFFICER_OPERATIONS,
     Operation,
     Purpose,
@@ -48,15 +49,16 @@ from agent.store.access import (
     scope_of,
     scrub,
 )
-from agent.store.access_trail import UnauthenticatedTrail
+from agent.store.access.trail import UnauthenticatedTrail
+from agent.store.archive.vault import Vault
+from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
 from agent.store.console import info_of
+from agent.store.keys.numbers import SealError, SealKeyring, TooManyCandidates, find_calls
 from agent.store.monitoring import ACCESS_REQUESTS
-from agent.store.numbers import SealError, SealKeyring, TooManyCandidates, find_calls
-from agent.store.retention import add_months
+from agent.store.retention.schedule import add_months
+from agent.store.retention.sweeper import RecordingHeld, Sweeper
 from agent.store.rpc_errors import bounded_id, status_of
-from agent.store.sweeper import RecordingHeld, Sweeper
-from agent.store.vault import Vault
 
 log = logs.get_logger(__name__)
 

@@ -22,9 +22,8 @@ import sqlalchemy as sa
 from agent import logs
 from agent.config import StoreConfig
 from agent.privacy import check_private_file
-from agent.store.blobs import Blobs, FileBlobs, S3Blobs
-from agent.store.catalog import Catalog, data_keys, now_ms
-from agent.store.crypto import (
+from agent.store.archive.blobs import Blobs, FileBlobs, S3Blobs
+from agent.store.archive.crypto import (
     DEFAULT_CHUNK,
     HEADER_BYTES,
     CryptoError,
@@ -34,7 +33,8 @@ from agent.store.crypto import (
     new_data_key,
     span,
 )
-from agent.store.keys import KeyWrapper, key_context, open_key_wrapper
+from agent.store.catalog import Catalog, data_keys, now_ms
+from agent.store.keys.master import KeyWrapper, key_context, open_key_wrapper
 
 log = logs.get_logger(__name__)
 

@@ -27,8 +27,8 @@ Routing (measured facts of DESIGN.md built in):
 - log lines name the call only by ``call_ref`` (the sha256 prefix of the Call-ID the
   workers log too) and the worker by its ``duid``: never a From/To/R-URI user part.
   Kamailio's own parse errors (which print whole messages) go through
-  :mod:`agent.recorder.frontlog`, which drops message content and redacts numbers;
-- the SIP edge (:mod:`agent.recorder.edge`): only listed recording clients
+  :mod:`agent.recorder.front.logfilter`, which drops message content and redacts numbers;
+- the SIP edge (:mod:`agent.recorder.front.edge`): only listed recording clients
   (``[sip] allowed_clients``, 403 otherwise), requests up to ``[sip] max_message``
   (513 otherwise), the metadata part kept aside in memory for the worker to fetch;
   optionally SIP over TLS with client certificates (``[sip] tls_port``).
@@ -60,9 +60,9 @@ from typing import IO
 from agent import logs, metrics
 from agent.capture import NO_SPACE
 from agent.config import WORKER_MAX_CALLS, AgentConfig, SipConfig
-from agent.recorder import edge
-from agent.recorder.front_cfg import TEMPLATE, TLS_TEMPLATE
-from agent.recorder.frontlog import emit, kamailio_record
+from agent.recorder.front import edge
+from agent.recorder.front.logfilter import emit, kamailio_record
+from agent.recorder.front.template import TEMPLATE, TLS_TEMPLATE
 
 log = logs.get_logger(__name__)
 
@@ -433,7 +433,7 @@ class FrontProcess:
     def _relay_line(self, raw: str) -> None:
         record = kamailio_record(raw)
         if record is None:
-            return  # a dumped message's content (see agent.recorder.frontlog)
+            return  # a dumped message's content (see agent.recorder.front.logfilter)
         level, text, fields = record
         if self._stopping:
             level = logging.DEBUG  # its processes exiting at shutdown log ALERTs

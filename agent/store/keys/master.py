@@ -6,7 +6,7 @@ lines, the first line being the key that wraps new data keys. Rotation without t
 audio: put a new line first (``add_master_key``), run ``rewrap_all`` (it re-wraps every
 data key under the new key, in batches, resumable), then drop the old line
 (``retire_master_key`` refuses while a data key still needs it). ``callrec keys
-master …`` runs these. The PKCS#11 wrapper (``agent.store.pkcs11_keys``) keeps the
+master …`` runs these. The PKCS#11 wrapper (``agent.store.keys.pkcs11``) keeps the
 master keys in a token instead.
 
 One key set per catalog: the catalog's ``master_keys`` table lists every master key
@@ -264,7 +264,7 @@ def open_key_wrapper(config: StoreConfig, catalog: Catalog) -> KeyWrapper:
 def open_token_keys(config: StoreConfig, catalog: Catalog) -> KeyWrapper:
     """The master keys in the configured PKCS#11 token, checked against the catalog;
     a first key is generated in the token only when the catalog knows none."""
-    from agent.store.pkcs11_keys import Pkcs11KeyWrapper
+    from agent.store.keys.pkcs11 import Pkcs11KeyWrapper
 
     wrapper = Pkcs11KeyWrapper.open(config.keys)
     where = f"PKCS#11 token {config.keys.pkcs11_token_label!r}"

@@ -25,7 +25,7 @@ import grpc
 
 from agent import logs
 
-log = logs.get_logger("agent.recorder.uplink")
+log = logs.get_logger("agent.recorder.uplink.client")
 
 # The store refuses this agent's certificate: an operator must act.
 CONFIG_PROBLEMS = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}

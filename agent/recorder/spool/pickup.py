@@ -1,7 +1,7 @@
 """Spool pickup: recordings the PBX made itself (Asterisk ``MixMonitor``, FreeSWITCH
 ``record_session``) become captures in ``captures/ready/<id>/`` for finalize.
 
-The sidecar format and the WAV files accepted: ``agent.recorder.spoolfiles``.
+The sidecar format and the WAV files accepted: ``agent.recorder.spool.files``.
 
 **Complete** — a file is taken when nothing has written it for ``settle`` seconds and
 it is not open for writing: a create/modify event without the matching close-after-
@@ -58,7 +58,7 @@ from agent.config import AgentConfig, SpoolConfig
 from agent.directory import LiveDirectory
 from agent.privacy import KeyFileError, Protector
 from agent.recorder.parties import PartyRules, classify_headers
-from agent.recorder.spoolfiles import (
+from agent.recorder.spool.files import (
     AUDIO_SUFFIX,
     SIDECAR_SUFFIX,
     Converted,
@@ -73,7 +73,7 @@ from agent.recorder.spoolfiles import (
     read_sidecar,
     stat_key,
 )
-from agent.recorder.spoolindex import SpoolIndex, Stat
+from agent.recorder.spool.index import SpoolIndex, Stat
 
 log = logs.get_logger(__name__)
 

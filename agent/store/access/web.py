@@ -14,17 +14,18 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from agent.pb.callrec.v1 import access_pb2 as apb
-from agent.store import audit, audit_queries
-from agent.store.access import Operation, trained
+from agent.store.access.rules import Operation, trained
+from agent.store.audit import chain as audit
+from agent.store.audit import queries as audit_queries
 
 if TYPE_CHECKING:
-    from agent.store.access_service import AccessService, Context
+    from agent.store.access.service import AccessService, Context
 
 MAX_RANGE = 8 * 1024 * 1024  # bytes one PlayRange serves
 
 
 async def who_am_i(service: AccessService, context: Context) -> apb.PersonView:
-    from agent.store.access_service import Attempt
+    from agent.store.access.service import Attempt
 
     attempt = Attempt("anonymous", Operation.SIGN_IN, None)
     caller, _ = await service._caller(context, attempt)

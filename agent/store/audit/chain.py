@@ -39,9 +39,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from agent.store import denylist as _denylist  # noqa: F401  (and agent_denylist)
-from agent.store import tokens as _tokens  # noqa: F401  (access_tokens joins the metadata)
+from agent.store.access import tokens as _tokens  # noqa: F401  (access_tokens joins the metadata)
 from agent.store.catalog import Catalog, metadata, now_ms
+from agent.store.ingest import denylist as _denylist  # noqa: F401  (and agent_denylist)
 
 GENESIS = "0" * 64
 CHAIN_VERSION = 1

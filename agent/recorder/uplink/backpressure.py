@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass
 
 from agent import logs, metrics
-from agent.recorder.outbox import Outbox
+from agent.recorder.uplink.outbox import Outbox
 
 log = logs.get_logger(__name__)
 

@@ -32,8 +32,8 @@ from agent.config import ConfigError, UplinkConfig, check_transport
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import check_private_file
-from agent.recorder.outbox import Outbox, OutboxEntry
-from agent.recorder.reachability import StoreReachability
+from agent.recorder.uplink.outbox import Outbox, OutboxEntry
+from agent.recorder.uplink.reachability import StoreReachability
 
 log = logs.get_logger(__name__)
 

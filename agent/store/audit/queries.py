@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from agent.store.audit import audit_events, audit_head
+from agent.store.audit.chain import audit_events, audit_head
 from agent.store.catalog import Catalog
 
 
