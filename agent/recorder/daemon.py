@@ -39,7 +39,9 @@ from agent.recorder.zygote import ForkedWorker, Zygote, ZygoteError, become_subr
 log = logs.get_logger(__name__)
 QUARANTINE_CHECK_S = 3600.0
 
+# All workers start at once: their start-up (imports, pjsua) shares the host's cores.
 WORKER_READY_TIMEOUT_S = 20.0
+WORKER_READY_EACH_S = 0.25  # more per worker: 256 workers get 84 s (systemd allows 90 s)
 # After [sip] drain a worker hangs up what is left (3 s), closes its files and
 # destroys pjsua (~1 s); past this margin it is killed (its captures are recovered).
 WORKER_STOP_MARGIN_S = 15.0
@@ -277,7 +279,8 @@ class AgentDaemon:
             self.front.start()
         for worker in self.workers:
             self._spawn_worker(worker, ready_pipe=worker.index not in busy)
-        deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
+        wait = WORKER_READY_TIMEOUT_S + WORKER_READY_EACH_S * len(self.workers)
+        deadline = time.monotonic() + wait
         for worker in self.workers:
             if worker.index not in busy:
                 self._await_ready(worker, deadline)
