@@ -109,9 +109,12 @@ class Step:
     drain_s: float = 0.0
     problems: list[str] = field(default_factory=list)
     load: float = 0.0  # the host's 1-minute load average while every call was up
+    not_started: str = ""  # why the agent did not start (its workers not ready in time)
 
     def verdict(self) -> list[str]:
         """Why the step does not hold (empty: it holds)."""
+        if self.not_started:
+            return [f"agent did not start: {self.not_started}"]
         why = [] if self.whole == self.calls else [f"{self.calls - self.whole} not whole"]
         if not self.rx_ratio_total >= HOLDS_RX:
             why.append(f"rx/sent {self.rx_ratio_total:.4f}")
@@ -440,12 +443,24 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     steps: list[Step] = []
     dropped: set[str] = set()
+    failed: list[dict[str, object]] = []  # steps whose agent did not start
     with tempfile.TemporaryDirectory(prefix="bench-concurrent-") as tmp:
         for calls in (int(n) for n in args.steps.split(",")):
             for way in (w for w in ways if w not in dropped):
                 workers = math.ceil(calls / 4) + max(1, math.ceil(calls / 40))
                 step = Step(calls, workers, way, args.safe_target, sender=args.sender)
-                run_step(Path(tmp), step, args.seconds, args.rate, args.spread)
+                try:
+                    run_step(Path(tmp), step, args.seconds, args.rate, args.spread)
+                except AssertionError as exc:  # the agent gave up waiting for its workers
+                    found = re.findall(r'reason="([^"]+)"', str(exc))
+                    step.not_started = found[-1] if found else str(exc).split("\n")[0]
+                    load = round(os.getloadavg()[0], 2)
+                    failed.append({"calls": calls, "start": way, "why": step.not_started,
+                                   "load_average": load})  # fmt: skip
+                    print(f"step {calls} ({way}): agent did not start: {step.not_started}")
+                    if not args.keep_going:
+                        dropped.add(way)
+                    continue
                 steps.append(step)
                 verdict = "holds" if step.holds else "does not hold: " + "; ".join(step.verdict())
                 print(f"step {calls} ({way}): {step.whole}/{calls} whole, {verdict}", flush=True)
@@ -458,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         "sender": args.sender,
         "safe_target_s": args.safe_target,
         "capacity": {way: capacity(steps, way) for way in ways},
+        "agent_did_not_start": failed,
         "first_step_that_drops": {
             way: next((s.calls for s in steps if s.start == way and not s.holds), None)
             for way in ways
