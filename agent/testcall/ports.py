@@ -25,12 +25,21 @@ class _Ports:
         return True
 
     def take(self, count: int) -> int:
-        for _ in range((self.HIGH - self.LOW) // count):
+        """The first free stretch of ``count`` ports from the cursor on, wrapping once;
+        a busy port moves the search just past it (other tests hold ports here too, so
+        a large stretch rarely fits in the fixed windows of its own size)."""
+        searched = 0
+        while searched < self.HIGH - self.LOW:
             if self.cursor + count > self.HIGH:
+                searched += self.HIGH - self.cursor
                 self.cursor = self.LOW
-            start, self.cursor = self.cursor, self.cursor + count
-            if all(self._bindable(p) for p in range(start, start + count)):
+            start = self.cursor
+            busy = next((p for p in range(start, start + count) if not self._bindable(p)), None)
+            if busy is None:
+                self.cursor = start + count
                 return start
+            searched += busy + 1 - start
+            self.cursor = busy + 1
         raise RuntimeError(f"no {count} free consecutive UDP ports")
 
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import math
 import os
 import re
@@ -462,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
                         dropped.add(way)
                     continue
                 steps.append(step)
+                print(
+                    json.dumps(as_json(step), default=str), flush=True
+                )  # kept if a later step fails
                 verdict = "holds" if step.holds else "does not hold: " + "; ".join(step.verdict())
                 print(f"step {calls} ({way}): {step.whole}/{calls} whole, {verdict}", flush=True)
                 if not step.holds and not args.keep_going:
