@@ -35,15 +35,6 @@ def quiet_pjlib() -> None:
     _pj_library().pj_log_set_level(0)
 
 
-def stop_clock_while_idle() -> None:
-    """Let pjsua close the null sound device (the bridge's 20 ms clock thread) after
-    ``sndAutoCloseTime`` without a connection; it reopens on the next connection (a
-    call's recorders). ``setNullDev`` opens it and never arms that timer itself (only
-    a call's end does): an idle worker woke 50 times a second for nothing (measured:
-    0.2 % of a core)."""
-    _pj_library().pjsua_check_snd_dev_idle()
-
-
 def add_supported_tag(tag: str) -> None:
     """Add an option tag to the endpoint's Supported capability (after libInit)."""
     lib = _pj_library()

@@ -42,7 +42,6 @@ from agent.recorder.sip.endpoint import (
     add_supported_tag,
     endpoint_config,
     quiet_pjlib,
-    stop_clock_while_idle,
 )
 
 log = logs.get_logger("agent.recorder.sip")
@@ -240,7 +239,6 @@ class SipEngine:
         ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
         ep.libStart()
         ep.audDevManager().setNullDev()
-        stop_clock_while_idle()
         # An idle tone generator feeds every recorder: the bridge then writes silence
         # while a stream has no conference port (a=inactive at the start), and each
         # leg's timeline runs from the answer.
