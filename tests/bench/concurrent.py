@@ -71,6 +71,9 @@ HOLDS_LENGTH_S = 0.2  # a recording's length against SIPp's answer → BYE
 RTPENGINE_CALL_PCT = 0.12  # % of a core per concurrent recorded call (issue 20)
 FLOOR_CALL_PCT = 26.0 / 500  # one pjsua process without the 4-call limit (issue 20)
 RECORDER = ("workers", "zygote", "front", "agent main")
+# 4 calls x 2 streams x RTP+RTCP = 16, and pjsua takes more while answering: 32 leaves
+# a margin and lets 800 calls' ranges (7,040 ports) fit among other tests' ports.
+RTP_PORTS_PER_WORKER = 32
 _EVENT = re.compile(
     r"^(\S+)Z \S+ event=(call_recorded|recording_finalized|recording_uploaded) "
     r"recording_id=(\S+)",
@@ -226,6 +229,7 @@ def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0)
     with running_pool(
         root / f"step{calls}-{step.start}", workers, speech, ready_timeout=ready_s,
         sender=step.sender, rtp_timeout="10s", worker_start=step.start,
+        rtp_port_count=RTP_PORTS_PER_WORKER,
     ) as pool:  # fmt: skip
         pool.wait_idle(timeout=ready_s)
         assert pool.sender is not None
