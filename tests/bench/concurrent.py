@@ -30,9 +30,21 @@ behind at 400 calls (issue 20). Measured per step:
 - hang-up → safe: SIPp's BYE to the store's ``stored_at`` (the receipt is sent after
   it), p50/p99/max.
 
+- agent / store CPU seconds per call-minute over the whole step (calls placed →
+  every call stored), encoder processes included: what a call costs each side in all;
+- ``--path live`` (issue 19): the agent streams each call to the store while it runs
+  (``[uplink] live = true``) and the store encodes the archive; ``--path file`` (the
+  default) encodes on the agent and uploads at hang-up. For both: the agent's CPU and
+  PSS per concurrent call (workers + main process), the store's CPU per call, the
+  bytes on the wire per call-minute (counted by a loopback proxy between agent and
+  store), and hang-up → safe taken at the agent's receipt (``recording_uploaded``:
+  from then on the agent may delete its copy), beside hang-up → archived (the store's
+  ``stored_at``; for the live path that is after the store's encoder).
+
 Every call lasts ``--seconds`` plus the ramp (N / rate), so all N are up at once for
 ``--seconds`` at every step. A step "holds" when every offered call was stored whole
-(no flag, length within 0.2 s of SIPp's answer → BYE), RTP received / sent ≥ 0.999 over
+(no flag, length within 0.5 s of SIPp's answer → BYE) and within 0.2 s, RTP received /
+sent ≥ 0.999 over
 all streams, pjsua saw no sequence gap, and hang-up → safe p99 ≤ ``--safe-target``;
 stepping stops at the first step that does not (``--keep-going``: runs them all).
 The summary gives the largest step that held, calls per core and per GB of the
@@ -60,14 +72,15 @@ from pathlib import Path
 from agent.recorder.sip import call_ref
 from agent.store.catalog import RecordingRow
 from agent.testcall.sipp import SippResult, siprec_scenario
-from tests.bench.common import Usage, children, emit, measure, percentile
+from tests.bench.common import TICK, Usage, children, emit, measure, percentile
 from tests.support.audio import long_speech
 from tests.support.pool import SENDERS, Pool, flags, running_pool
 
 MODULE = "tests.bench.concurrent"
 PACKETS_PER_S = 50
 HOLDS_RX = 0.999  # received / sent over all streams
-HOLDS_LENGTH_S = 0.2  # a recording's length against SIPp's answer → BYE
+HOLDS_LENGTH_S = 0.2  # a recording's length against SIPp's answer → BYE, to hold
+WHOLE_LENGTH_S = 0.5  # … to count as stored whole
 RTPENGINE_CALL_PCT = 0.12  # % of a core per concurrent recorded call (issue 20)
 FLOOR_CALL_PCT = 26.0 / 500  # one pjsua process without the 4-call limit (issue 20)
 RECORDER = ("workers", "zygote", "front", "agent main")
@@ -114,6 +127,14 @@ class Step:
     problems: list[str] = field(default_factory=list)
     load: float = 0.0  # the host's 1-minute load average while every call was up
     not_started: str = ""  # why the agent did not start (its workers not ready in time)
+    off: int = 0  # recordings more than HOLDS_LENGTH_S off SIPp's answer → BYE
+    path: str = "file"
+    archived_s: list[float] = field(default_factory=list)  # BYE → the store's stored_at
+    wire_bytes: int = 0  # agent → store, through the proxy
+    seconds: int = 0
+    # CPU seconds over the whole step (calls placed → every call stored), children
+    # (the encoders) included: "agent" = main process + workers, "store".
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     def verdict(self) -> list[str]:
         """Why the step does not hold (empty: it holds)."""
@@ -122,6 +143,8 @@ class Step:
         why = [] if self.whole == self.calls else [f"{self.calls - self.whole} not whole"]
         if not self.rx_ratio_total >= HOLDS_RX:
             why.append(f"rx/sent {self.rx_ratio_total:.4f}")
+        if self.off:
+            why.append(f"{self.off} more than {HOLDS_LENGTH_S} s off")
         if self.lost:
             why.append(f"{self.lost} packets in gaps")
         if not percentile(self.safe_s, 99) <= self.safe_target_s:
@@ -148,6 +171,7 @@ def groups(pool: Pool) -> dict[str, list[int]]:
         "front": children(front),
         "agent main": [pool.agent.process.pid] if pool.agent.process else [],
         "sender": pool.sender.thread_ids() if pool.sender else [],
+        "store": [pool.store_pid] if pool.store_pid else [],
     }
 
 
@@ -222,17 +246,46 @@ def place(pool: Pool, step: Step, seconds: int, rate: float, spread: int) -> Sip
         return future.result()
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU of ``pids`` and of their waited-for children (the encoders)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])
+    return total / TICK
+
+
+def life_cpu(pool: Pool) -> dict[str, float]:
+    g = groups(pool)
+    return {"agent": cpu_seconds(g["workers"] + g["agent main"]), "store": cpu_seconds(g["store"])}
+
+
+def receipts(text: str) -> dict[str, float]:
+    """Recording id → when the agent got the store's receipt (``recording_uploaded``)."""
+    return {
+        rid: dt.datetime.fromisoformat(stamp).replace(tzinfo=dt.UTC).timestamp()
+        for stamp, event, rid in _EVENT.findall(text)
+        if event == "recording_uploaded"
+    }
+
+
 def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0) -> Step:
-    calls, workers = step.calls, step.workers
+    calls, workers, path = step.calls, step.workers, step.path
+    step.seconds = seconds
     speech = long_speech(root / "speech", seconds + math.ceil(calls / rate) + spread + 10)
     ready_s = 60.0 + workers
     with running_pool(
-        root / f"step{calls}-{step.start}", workers, speech, ready_timeout=ready_s,
+        root / f"step{calls}-{path}-{step.start}", workers, speech, ready_timeout=ready_s,
         sender=step.sender, rtp_timeout="10s", worker_start=step.start,
         rtp_port_count=RTP_PORTS_PER_WORKER,
+        uplink={"live": True} if path == "live" else None, proxy=True,
     ) as pool:  # fmt: skip
         pool.wait_idle(timeout=ready_s)
         assert pool.sender is not None
+        cpu_before = life_cpu(pool)
         result = place(pool, step, seconds, rate, spread)
         late = pool.sender.lateness()
         step.sender_late_s, step.sender_late_p50_s = late.max_s, late.p50_s
@@ -244,19 +297,26 @@ def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0)
         rows = wait_stored(pool, [c.call_id for c in answered], timeout=120 + calls)
         step.drain_s = max((r.stored_at_ms / 1000 for r in rows.values()), default=0) - last_bye
         step.stored = len(rows)
+        cpu_after = life_cpu(pool)
+        step.cpu_s = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
+        got = receipts(pool.text())
+        step.wire_bytes = pool.proxy.bytes_up if pool.proxy else 0
         for c in answered:
             row = rows.get(c.call_id)
             if row is None or c.bye_at is None or c.answered_at is None:
                 continue
             length = row.duration_ms / 1000 - (c.bye_at - c.answered_at)
-            length_ok = abs(length) <= HOLDS_LENGTH_S
+            step.off += abs(length) > HOLDS_LENGTH_S
+            length_ok = abs(length) <= WHOLE_LENGTH_S
             if length_ok and not flags(row):
                 step.whole += 1
             elif len(step.problems) < 5:
                 step.problems.append(
                     f"{row.recording_id} flags={row.flags or '-'} length_off_s={length:+.2f}"
                 )
-            step.safe_s.append(row.stored_at_ms / 1000 - c.bye_at)
+            step.archived_s.append(row.stored_at_ms / 1000 - c.bye_at)
+            receipt = got.get(row.recording_id, row.stored_at_ms / 1000)
+            step.safe_s.append(receipt - c.bye_at)
         rtp_figures(step, pool.text(), {call_ref(c.call_id) for c in answered})
         byes = {
             rows[c.call_id].recording_id: c.bye_at
@@ -318,7 +378,16 @@ def rows_of(steps: list[Step]) -> dict[str, tuple[list[str], Sequence[Sequence[o
         "calls", "start", "workers", "CPU %/worker", "PSS MB/worker", "zygote PSS MB",
         "front CPU %", "front PSS MB", "agent PSS MB",
     ]  # fmt: skip
+    path_cols = [
+        "path", "calls", "agent CPU %/call", "agent PSS MB/call", "store CPU %/call",
+        "wire KB/call-min", "agent CPU s/call-min", "store CPU s/call-min",
+        "BYE → safe p50/p99 s", "BYE → archived p50/p99 s",
+    ]  # fmt: skip
+    paths = [path_row(s) for s in steps]
     return {
+        "Path: file (agent encodes, uploads at hang-up) or live (streams; store encodes)": (
+            path_cols, paths,
+        ),
         "Recording under load (calls stored whole / offered; RTP received / sent)": (
             load_cols, load,
         ),
@@ -374,12 +443,45 @@ def capacity_rows(steps: list[Step]) -> list[list[object]]:
     return rows
 
 
+def path_figures(s: Step) -> dict[str, float]:
+    """Per concurrent call: the agent host's cost (workers + main), the store's, the wire."""
+    agent_cpu = s.busy["workers"].cpu_pct + s.busy["agent main"].cpu_pct
+    agent_pss = (
+        s.busy["workers"].pss_mb + s.busy["agent main"].pss_mb
+        - s.idle["workers"].pss_mb - s.idle["agent main"].pss_mb
+    )  # fmt: skip
+    minutes = max(1, s.whole) * s.seconds / 60
+    return {
+        "agent_cpu_pct_per_call": agent_cpu / s.calls,
+        "agent_pss_mb_per_call": agent_pss / s.calls,
+        "store_cpu_pct_per_call": s.busy["store"].cpu_pct / s.calls if "store" in s.busy else 0.0,
+        "wire_kb_per_call_minute": s.wire_bytes / 1024 / minutes,
+        "agent_cpu_s_per_call_minute": s.cpu_s.get("agent", math.nan) / minutes,
+        "store_cpu_s_per_call_minute": s.cpu_s.get("store", math.nan) / minutes,
+    }
+
+
+def path_row(s: Step) -> list[object]:
+    f = path_figures(s)
+    return [
+        s.path, s.calls, f"{f['agent_cpu_pct_per_call']:.3f}", f"{f['agent_pss_mb_per_call']:.2f}",
+        f"{f['store_cpu_pct_per_call']:.3f}", f"{f['wire_kb_per_call_minute']:.0f}",
+        f"{f['agent_cpu_s_per_call_minute']:.3f}", f"{f['store_cpu_s_per_call_minute']:.3f}",
+        f"{percentile(s.safe_s, 50):.2f}/{percentile(s.safe_s, 99):.2f}",
+        f"{percentile(s.archived_s, 50):.2f}/{percentile(s.archived_s, 99):.2f}",
+    ]  # fmt: skip
+
+
 def as_json(step: Step) -> dict[str, object]:
     usage = {
         phase: {k: vars(v) for k, v in figures.items()}
         for phase, figures in (("idle", step.idle), ("busy", step.busy))
     }
     return {
+        "path": step.path,
+        **{k: round(v, 4) for k, v in path_figures(step).items()},
+        "hangup_to_archived_p50_s": round(percentile(step.archived_s, 50), 3),
+        "hangup_to_archived_p99_s": round(percentile(step.archived_s, 99), 3),
         "calls": step.calls,
         "start": step.start,
         "workers": step.workers,
@@ -388,6 +490,7 @@ def as_json(step: Step) -> dict[str, object]:
         "refused": step.refused,
         "stored": step.stored,
         "whole": step.whole,
+        "length_off_over_0_2_s": step.off,
         "streams": step.streams,
         "rx_over_sent": round(step.rx_ratio_total, 5),
         "worst_stream_rx_over_sent": round(step.rx_ratio_worst, 5),
@@ -439,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds: hang-up → safe p99 of a step that holds")  # fmt: skip
     parser.add_argument("--keep-going", action="store_true",
                         help="run every step, also after one did not hold")  # fmt: skip
+    parser.add_argument(
+        "--path", default="file", help="file, live, or both (file then live, back to back)"
+    )
     args = parser.parse_args(argv)
     ways = args.start.split(",")
     if not set(ways) <= {"exec", "fork"}:
@@ -451,9 +557,10 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[dict[str, object]] = []  # steps whose agent did not start
     with tempfile.TemporaryDirectory(prefix="bench-concurrent-") as tmp:
         for calls in (int(n) for n in args.steps.split(",")):
-            for way in (w for w in ways if w not in dropped):
+            paths = ("file", "live") if args.path == "both" else (args.path,)
+            for way, path in ((w, p) for w in ways if w not in dropped for p in paths):
                 workers = math.ceil(calls / 4) + max(1, math.ceil(calls / 40))
-                step = Step(calls, workers, way, args.safe_target, sender=args.sender)
+                step = Step(calls, workers, way, args.safe_target, sender=args.sender, path=path)
                 try:
                     run_step(Path(tmp), step, args.seconds, args.rate, args.spread)
                 except AssertionError as exc:  # the agent gave up waiting for its workers
@@ -486,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             way: next((s.calls for s in steps if s.start == way and not s.holds), None)
             for way in ways
         },
+        "path": args.path,
         "steps": [as_json(s) for s in steps],
     }
     emit("concurrent recording", MODULE, rows_of(steps), result, ("sipp", "kamailio"), started)

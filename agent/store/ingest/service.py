@@ -162,6 +162,20 @@ class IngestService(pb_grpc.IngestServicer):
             )
         return site
 
+    async def peer_site(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+        """The caller's site, as for uploads (agent.store.live.service)."""
+        return await self._peer_site(context)
+
+    async def check_site(
+        self, manifest: pb.Manifest, site: str | None, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        await self._check_site(manifest, site, context)
+
+    async def check_region(
+        self, manifest: pb.Manifest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        await self._check_region(manifest, context)
+
     async def Upload(
         self,
         request_iterator: AsyncIterator[pb.UploadRequest],
