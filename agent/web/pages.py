@@ -18,6 +18,7 @@ from starlette.responses import RedirectResponse, Response
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.web import timefmt
+from agent.web.auth import bearer
 from agent.web.i18n import FLAGS, flag_words
 from agent.web.render import language, message, page
 from agent.web.sessions import csrf_ok
@@ -146,7 +147,7 @@ async def search(request: Request) -> Response:
     rows: list[dict[str, Any]] = []
     more = False
     if not errors:
-        token = request.session["id_token"]
+        token = await bearer(request)
         found = await request.app.state.store.search(
             token, _search_request(request, values, person["role"])
         )
@@ -193,6 +194,9 @@ def details(view: apb.RecordingView, zone: ZoneInfo, lang: str) -> dict[str, Any
         }
         for i, e in enumerate(view.info.manifest.employees)
     ]
+    # Marked intervals on the waveform: [{"start_s", "end_s", "label"}] (the hook for
+    # pauses in the recording; none are known to the web yet).
+    row["marks"] = []
     row["destroy_after"] = (
         timefmt.show_date(view.destroy_after.ToDatetime(dt.UTC), zone)
         if view.HasField("destroy_after")
@@ -208,7 +212,7 @@ async def recording(request: Request) -> Response:
         return message(request, 404, "not_found", "not_found_text")
     person = request.session["person"]
     view = await request.app.state.store.recording(
-        request.session["id_token"], rid, BROWSE_PURPOSE[person["role"]]
+        await bearer(request), rid, BROWSE_PURPOSE[person["role"]]
     )
     purpose = request.session.get("purposes", {}).get(rid, "")
     return page(
