@@ -641,6 +641,33 @@ def test_client_behind_the_front_must_come_through_the_front(
     assert "status=403 reason=not_from_front source=127.0.0.1" in worker.log()
 
 
+def _threads(pid: int) -> list[str]:
+    return sorted(
+        (task / "comm").read_text().strip() for task in Path(f"/proc/{pid}/task").iterdir()
+    )
+
+
+def test_the_bridge_clock_stops_when_idle_and_the_next_call_is_recorded(
+    worker: Worker, speech: Speech, rtp: tuple[str, int], tmp_path: Path
+) -> None:
+    """pjsua closes the bridge's 20 ms clock a second after a call (an idle worker
+    would wake 50 times a second for nothing); the next call's recorders reopen it and
+    that call is recorded whole, with its audio."""
+    for n in range(2):
+        call = SiprecCall(
+            speech.customer, speech.employee, service=SERVICE_AOR, call_ms=3000, rtp_via=rtp
+        )
+        result = run_sipp(siprec_scenario(call), worker.target, tmp_path / f"sipp{n}", timeout_s=40)
+        assert result.ok, result.errors or result.stdout
+        meta = wait_for_capture(worker, result.call_id)
+        capture = worker.ready_dir / meta.recording_id
+        for leg in meta.legs:
+            assert abs(wav_seconds(capture / leg) - 3.0) < 0.5
+            assert channel_rms(capture / leg)[0] > 300, (n, leg)  # audio, not silence
+        time.sleep(1.8)
+        assert "clock" not in _threads(worker.proc.pid)
+
+
 def test_worker_process_is_not_dumpable(worker: Worker) -> None:
     """PR_SET_DUMPABLE 0 (no core file, no ptrace by our own user), read back by the
     worker with PR_GET_DUMPABLE; unless we are root, its /proc files then belong to

@@ -40,12 +40,15 @@ from agent.recorder.uplink.backpressure import OutboxMonitor
 from agent.recorder.uplink.client import Uplink
 from agent.recorder.uplink.live import LiveUplink
 from agent.recorder.uplink.outbox import Outbox
+from agent.recorder.zygote import ForkedWorker, Zygote, ZygoteError, become_subreaper, reap_orphans
 from agent.signals import Flag, Wakeup
 
 log = logs.get_logger(__name__)
 QUARANTINE_CHECK_S = 3600.0
 
+# All workers start at once: their start-up (imports, pjsua) shares the host's cores.
 WORKER_READY_TIMEOUT_S = 20.0
+WORKER_READY_EACH_S = 0.25  # more per worker: 256 workers get 84 s (systemd allows 90 s)
 # After [sip] drain a worker hangs up what is left (3 s), closes its files and
 # destroys pjsua (~1 s); past this margin it is killed (its captures are recovered).
 WORKER_STOP_MARGIN_S = 15.0
@@ -53,12 +56,14 @@ WORKER_STOP_MARGIN_S = 15.0
 # keeps dying waits longer each time, and starts afresh after HEALTHY_S of good running.
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
 HEALTHY_S = 60.0
+ZYGOTE_RETRY_S = 30.0  # a zygote that failed to start is tried again after this
+ORPHAN_CHECK_S = 30.0
 
 
 @dataclass
 class WorkerProcess:
     index: int
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[bytes] | ForkedWorker | None = None
     restarts: int = 0
     next_start: float = 0.0
     started_at: float = 0.0
@@ -90,6 +95,10 @@ class AgentDaemon:
         # Slots whose previous workers drain through the previous run's front: ours
         # replaces it once they are gone (see _start_pool).
         self._front_after: set[int] = set()
+        self.zygote: Zygote | None = None  # [sip] worker_start = "fork"
+        self._zygote_retry = 0.0  # monotonic time of the next start after a failure
+        self._orphans_checked = 0.0
+        self._subreaper = False
         self.metrics_dir = _metrics_dir(config)
         self.metrics_port: int | None = None
         self.outbox = Outbox(config.outbox_dir)
@@ -180,6 +189,7 @@ class AgentDaemon:
             for worker in self.workers:
                 self._supervise(worker)
             self._supervise_front()
+            self._reap_orphans()
             loops = (
                 self.finalize_queue, self.upload_queue, self.outbox_monitor,
                 self.directory_watcher,
@@ -296,6 +306,8 @@ class AgentDaemon:
         runs, until those workers are gone (replacing it now lost a BYE or its 200 in
         flight: a recording ended late, an SRC without an answer); else ours, first."""
         sip = self.config.sip
+        if sip.worker_start == "fork":
+            self._start_zygote()
         if sip.front:
             files = write_front_files(self.config)
             if sip.run_front:
@@ -309,7 +321,8 @@ class AgentDaemon:
                 self.front.start()
         for worker in self.workers:
             self._spawn_worker(worker, ready_pipe=worker.index not in busy)
-        deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
+        wait = WORKER_READY_TIMEOUT_S + WORKER_READY_EACH_S * len(self.workers)
+        deadline = time.monotonic() + wait
         for worker in self.workers:
             if worker.index not in busy:
                 self._await_ready(worker, deadline)
@@ -357,6 +370,7 @@ class AgentDaemon:
         deadline = time.monotonic() + self.config.sip.drain_s + WORKER_STOP_MARGIN_S
         for worker in self.workers:
             self._reap(worker, deadline)
+        self._stop_zygote()
         if self.front is not None:
             self.front.stop()
             if self._front_after:  # never replaced: no front outlives the agent
@@ -365,12 +379,14 @@ class AgentDaemon:
     def _spawn_worker(self, worker: WorkerProcess, ready_pipe: bool) -> None:
         read_fd, write_fd = os.pipe() if ready_pipe else (None, None)
         try:
-            worker.process = subprocess.Popen(
-                self._worker_command(worker, write_fd),
-                pass_fds=() if write_fd is None else (write_fd,),
-                stdin=subprocess.DEVNULL,
-                env=_worker_env(),
-            )
+            worker.process = self._fork_worker(worker.index, write_fd)
+            if worker.process is None:
+                worker.process = subprocess.Popen(
+                    self._worker_command(worker, write_fd),
+                    pass_fds=() if write_fd is None else (write_fd,),
+                    stdin=subprocess.DEVNULL,
+                    env=_worker_env(),
+                )
         except OSError:
             if read_fd is not None:
                 os.close(read_fd)
@@ -379,7 +395,68 @@ class AgentDaemon:
             if write_fd is not None:
                 os.close(write_fd)
         worker.ready_fd, worker.started_at = read_fd, time.monotonic()
-        log.info("worker_started", index=worker.index, pid=worker.process.pid)
+        forked = isinstance(worker.process, ForkedWorker)
+        log.info(
+            "worker_started", index=worker.index, pid=worker.process.pid,
+            start="fork" if forked else "exec",
+        )  # fmt: skip
+
+    # ------------------------------------------------------------ the zygote
+
+    def _start_zygote(self) -> None:
+        """Workers are forked from it; without it (it failed) they start as before."""
+        try:
+            if not self._subreaper:
+                become_subreaper()  # forked workers are re-parented to us
+                self._subreaper = True
+            self.zygote = Zygote(self.config_path, _worker_env())
+            self.zygote.start()
+        except (OSError, ZygoteError) as exc:
+            log.error(
+                "zygote_start_failed", reason=str(exc), action="exec_workers",
+                retry_in_s=ZYGOTE_RETRY_S,
+            )  # fmt: skip
+            self._zygote_retry = time.monotonic() + ZYGOTE_RETRY_S
+            self._stop_zygote()
+
+    def _fork_worker(self, index: int, ready_fd: int | None) -> ForkedWorker | None:
+        """The worker forked from the zygote; None: start it the ``exec`` way."""
+        if self.config.sip.worker_start != "fork":
+            return None
+        zygote = self.zygote
+        if zygote is not None and not zygote.alive:
+            log.error("zygote_died", pid=zygote.process.pid if zygote.process else None)
+            self._stop_zygote()
+        if self.zygote is None and time.monotonic() >= self._zygote_retry:
+            self._start_zygote()
+        if self.zygote is None:
+            return None
+        try:
+            return self.zygote.spawn(index, ready_fd)
+        except ZygoteError as exc:
+            log.error("worker_fork_failed", index=index, reason=str(exc), action="exec_worker")
+            self._stop_zygote()
+            self._zygote_retry = time.monotonic() + ZYGOTE_RETRY_S
+            return None
+
+    def _stop_zygote(self) -> None:
+        zygote, self.zygote = self.zygote, None
+        if zygote is None:
+            return
+        zygote.stop()
+        if zygote.process is not None:  # its zeroed metric files, as for a worker
+            metrics.worker_exited(self.metrics_dir, zygote.process.pid)
+
+    def _reap_orphans(self) -> None:
+        """As a subreaper we inherit the children of a Kamailio that died."""
+        now = time.monotonic()
+        if not self._subreaper or now - self._orphans_checked < ORPHAN_CHECK_S:
+            return
+        self._orphans_checked = now
+        front = self.front.pid if self.front is not None else None
+        reaped = reap_orphans(frozenset() if front is None else frozenset({front}))
+        if reaped:
+            log.info("orphans_reaped", processes=reaped)
 
     def _await_ready(self, worker: WorkerProcess, deadline: float) -> None:
         """Wait for the worker's "ready"; else say what happened: the reason it wrote

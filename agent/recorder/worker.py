@@ -40,6 +40,7 @@ from agent.privacy import Protector
 from agent.recorder.ownership import WorkerSlot
 from agent.recorder.parties import PartyRules
 from agent.recorder.sip import SipEngine
+from agent.recorder.zygote import process_name
 from agent.signals import Flag, main_thread_only
 
 log = logs.get_logger("agent.recorder.worker")  # also when run as __main__
@@ -100,6 +101,21 @@ def _not_dumpable(index: int) -> None:
     log.info("core_dumps_off", worker=index, dumpable=libc.prctl(PR_GET_DUMPABLE))
 
 
+def _slot_worker(pid: int, index: int) -> bool:
+    """``pid`` is a worker of slot ``index``: started as ``-m agent.recorder.worker
+    --index <index>``, or forked by the zygote (then named for its slot)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return False
+    flag = [b"--index", str(index).encode()]
+    started = b"agent.recorder.worker" in args and any(
+        args[i : i + 2] == flag for i in range(len(args))
+    )
+    return started or (b"agent.recorder.zygote" in args and name == process_name(index))
+
+
 class Worker:
     def __init__(
         self,
@@ -158,14 +174,7 @@ class Worker:
         if pid is None or self._evicted or waited_s < self.cfg.sip.drain_s + PREDECESSOR_MARGIN_S:
             return
         self._evicted = True
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return
-        index = [b"--index", str(self.index).encode()]
-        if b"agent.recorder.worker" not in args or not any(
-            args[i : i + 2] == index for i in range(len(args))
-        ):
+        if not _slot_worker(pid, self.index):
             log.error("worker_slot_held", worker=self.index, pid=pid, action="left_alone")
             return
         with contextlib.suppress(ProcessLookupError):
