@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import os
 import socket
+import threading
 
 
 class _Ports:
@@ -19,6 +20,9 @@ class _Ports:
         # binds any, so each is kept apart from the three before it (a search that
         # wraps around would otherwise find the pool's own SIP ports free for its RTP).
         self.recent: collections.deque[range] = collections.deque(maxlen=3)
+        # Tests start several SIPps from threads at once: two takes must never share
+        # a cursor (three concurrent calls once got the same SIP port twice).
+        self.lock = threading.Lock()
 
     def _free(self, port: int) -> bool:
         return not any(port in given for given in self.recent) and self._bindable(port)
@@ -36,6 +40,10 @@ class _Ports:
         """The first free stretch of ``count`` ports from the cursor on, wrapping once;
         a busy port moves the search just past it (other tests hold ports here too, so
         a large stretch rarely fits in the fixed windows of its own size)."""
+        with self.lock:
+            return self._take(count)
+
+    def _take(self, count: int) -> int:
         searched = 0
         while searched < self.HIGH - self.LOW:
             if self.cursor + count > self.HIGH:
