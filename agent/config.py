@@ -76,6 +76,9 @@ class SipConfig:
     rtp_timeout_s: float = 30.0
     max_call_s: float = 4 * 3600.0
     drain_s: float = 60.0  # at shutdown, calls in progress may run this long, then BYE
+    # "fork": workers are forked from one pre-imported process, whose heap they share
+    # (agent.recorder.zygote); "exec": each worker starts and imports its own Python.
+    worker_start: str = "fork"
     # For plain (non-SIPREC) INVITEs of a forking PBX: headers naming the parties.
     customer_header: str = "X-Callrec-Customer"
     employee_header: str = "X-Callrec-Employee"
@@ -633,6 +636,7 @@ def _sip_config(sip: _Section) -> SipConfig:
         rtp_timeout_s=sip.seconds("rtp_timeout", "30s"),
         max_call_s=sip.seconds("max_call", "4h"),
         drain_s=sip.seconds("drain", "60s"),
+        worker_start=sip.text("worker_start", "fork", choices=("fork", "exec")),
         customer_header=sip.text("customer_header", SipConfig.customer_header),
         employee_header=sip.text("employee_header", SipConfig.employee_header),
         service_header=sip.text("service_header", SipConfig.service_header),

@@ -132,3 +132,13 @@ def test_replicas_bench_uploads_through_the_balancer_and_sweeps() -> None:
         assert u["per_s"] > 0 and 0 < u["hangup_to_safe_p50_s"] <= u["hangup_to_safe_p95_s"]
     assert [s["sweepers"] for s in sweeps] == [2]
     assert all(s["per_s"] > 0 and 1 <= s["actors"] <= s["sweepers"] for s in sweeps)
+
+
+def test_worker_idle_compares_exec_and_fork_workers() -> None:
+    """Forked workers share the zygote's heap: each holds far fewer private pages."""
+    report = bench("worker_idle", "--workers", "3", "--seconds", "3", "--settle", "1")
+    ways = report["result"]["ways"]
+    assert ways["exec"]["processes"] == ways["fork"]["processes"] == 3
+    assert ways["exec"]["zygote_pss_mb"] == 0 < ways["fork"]["zygote_pss_mb"]
+    assert ways["fork"]["uss_mb"] < ways["exec"]["uss_mb"] / 2
+    assert 0 < ways["fork"]["cpu_pct"] < 5 and ways["fork"]["wakeups_per_s"]["media"] > 0

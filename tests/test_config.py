@@ -25,6 +25,12 @@ def test_agent_config_round_trip(tmp_path: Path, keys: Keys) -> None:
         ("sip", "port", 70000, "[sip] port = 70000: expected an integer from 1 to 65535"),
         ("sip", "rtp_timeout", "soon", '[sip] rtp_timeout = "soon": expected a duration'),
         ("audio", "format", "mp3", '[audio] format = "mp3": expected one of opus, flac, wav'),
+        (
+            "sip",
+            "worker_start",
+            "spawn",
+            '[sip] worker_start = "spawn": expected one of fork, exec',
+        ),
         ("audio", "workers", -1, "[audio] workers = -1: expected an integer from 0 to 64"),
         ("agent", "site", "Helsinki 1", '[agent] site = "Helsinki 1": expected lower-case'),
         ("sip", "colour", "blue", "[sip] colour: unknown key"),

@@ -11,8 +11,6 @@ captures/ready/ as a SIP worker leaves them (the SIP side is tested elsewhere).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import hashlib
 import logging
 import os
 import re
@@ -29,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client import REGISTRY
 
 from agent import certs
-from agent.capture import new_recording_id, utc_now
+from agent.capture import new_recording_id
 from agent.config import ConfigError, UplinkConfig, agent_config_from_dict, store_config_from_dict
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
@@ -46,8 +44,10 @@ from tests.support.faults import (
     Pki,
     agent_sections,
     assert_exactly,
+    ingest_stub,
     kill_agent,
     make_pki,
+    manifest_for,
     outbox_shas,
     tcp_port,
     uploaded,
@@ -248,25 +248,6 @@ def tls_store(tmp_path: Path, pki: Pki) -> Iterator[InProcessStore]:
         yield running
 
 
-def _manifest(data: bytes, site: str = SITE) -> pb.Manifest:
-    now = utc_now()
-    manifest = pb.Manifest(
-        recording_id=new_recording_id(), site=site, source="siprec", call_ref="c" * 16,
-        direction=pb.DIRECTION_INBOUND, audio_format="wav", size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(), channels=2, region="fi",
-        customer=pb.Customer(kind="anonymous", masked="anonymous"),
-    )  # fmt: skip
-    manifest.started_at.FromDatetime(now - dt.timedelta(seconds=5))
-    manifest.ended_at.FromDatetime(now)
-    return manifest
-
-
-def _stub(store: InProcessStore, pki: Pki, stem: str = f"agent-{SITE}") -> pb_grpc.IngestStub:
-    d = pki.directory
-    creds = certs.channel_credentials(d / "ca.pem", d / f"{stem}.pem", d / f"{stem}.key")
-    return pb_grpc.IngestStub(grpc.secure_channel(store.address, creds))
-
-
 def _upload(
     stub: pb_grpc.IngestStub, manifest: pb.Manifest, chunks: list[pb.Chunk]
 ) -> pb.UploadReceipt:
@@ -286,9 +267,9 @@ def _refused(store: InProcessStore, call: object) -> grpc.RpcError:
 
 def test_the_right_certificate_uploads(tls_store: InProcessStore, pki: Pki) -> None:
     data = os.urandom(300_000)
-    manifest = _manifest(data)
+    manifest = manifest_for(data)
     chunks = [pb.Chunk(offset=o, data=data[o : o + 65536]) for o in range(0, len(data), 65536)]
-    receipt = _upload(_stub(tls_store, pki), manifest, chunks)
+    receipt = _upload(ingest_stub(tls_store, pki), manifest, chunks)
     assert receipt.sha256 == manifest.sha256
     row = Catalog(tls_store.config.catalog_url).get(manifest.recording_id)
     assert row is not None and row.site == SITE
@@ -326,8 +307,8 @@ def test_bad_certificate_is_refused(
         creds = grpc.ssl_channel_credentials((pki.directory / "ca.pem").read_bytes())
         stub = pb_grpc.IngestStub(grpc.secure_channel(tls_store.address, creds))
     else:
-        stub = _stub(tls_store, pki, stem)
-    error = _refused(tls_store, lambda: _upload(stub, _manifest(data), [pb.Chunk(data=data)]))
+        stub = ingest_stub(tls_store, pki, stem)
+    error = _refused(tls_store, lambda: _upload(stub, manifest_for(data), [pb.Chunk(data=data)]))
     assert error.code() == code
     assert message in (error.details() or "")
 
@@ -341,8 +322,8 @@ def test_plain_text_client_is_refused(tls_store: InProcessStore) -> None:
 
 def test_manifest_for_another_site_is_refused(tls_store: InProcessStore, pki: Pki) -> None:
     data = os.urandom(1000)
-    manifest = _manifest(data, site="tku-9")
-    stub = _stub(tls_store, pki)
+    manifest = manifest_for(data, site="tku-9")
+    stub = ingest_stub(tls_store, pki)
     error = _refused(tls_store, lambda: _upload(stub, manifest, [pb.Chunk(data=data)]))
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "'tku-9'" in (error.details() or "") and f"'{SITE}'" in (error.details() or "")
@@ -351,9 +332,9 @@ def test_manifest_for_another_site_is_refused(tls_store: InProcessStore, pki: Pk
 
 def test_wrong_offset_is_refused(tls_store: InProcessStore, pki: Pki) -> None:
     data = os.urandom(100_000)
-    stub = _stub(tls_store, pki)
+    stub = ingest_stub(tls_store, pki)
     chunk = pb.Chunk(offset=4096, data=data[4096:])
-    error = _refused(tls_store, lambda: _upload(stub, _manifest(data), [chunk]))
+    error = _refused(tls_store, lambda: _upload(stub, manifest_for(data), [chunk]))
     assert error.code() == grpc.StatusCode.OUT_OF_RANGE
     assert "committed_size is 0" in (error.details() or "")
 
@@ -369,8 +350,8 @@ def test_oversized_chunk_is_refused(
     tls_store: InProcessStore, pki: Pki, size: int, code: grpc.StatusCode, message: str
 ) -> None:
     data = os.urandom(size)
-    stub = _stub(tls_store, pki)
-    error = _refused(tls_store, lambda: _upload(stub, _manifest(data), [pb.Chunk(data=data)]))
+    stub = ingest_stub(tls_store, pki)
+    error = _refused(tls_store, lambda: _upload(stub, manifest_for(data), [pb.Chunk(data=data)]))
     assert error.code() == code
     assert message in (error.details() or "")
 

@@ -46,6 +46,23 @@ pytestmark = pytest.mark.sip
 
 CUSTOMER_AOR = f"sip:+{FULL_NUMBER}@pbx.example;user=phone"
 AINO = ("e1001", "Aino Virtanen")
+# [[sip.clients]] entries (the address SIPp sends from) and the header each call carries.
+SERVICE_SOURCES: dict[str, tuple[str, dict[str, str]]] = {
+    "fixed": ("127.0.0.3", {"service_number": "+358 9 876 5432"}),
+    "diversion": ("127.0.0.4", {"service_header": "Diversion"}),
+    "history-info": ("127.0.0.5", {"service_header": "History-Info"}),
+}
+SERVICE_HEADERS = {
+    "fixed": (),
+    "diversion": (
+        'Diversion: "Palvelu, Oy" <sip:+35898765432@pbx.example>;reason=unconditional, '
+        "<sip:1001@pbx.example>;reason=no-answer",
+    ),
+    "history-info": (
+        "History-Info: <sip:+35898765432@pbx.example>;index=1, "
+        "<sip:1001@pbx.example?Reason=SIP%3Bcause%3D302>;index=1.1",
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +73,13 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
         "service_header": "P-Called-Party-ID",
         "employee_header": "X-Agent",
     }
+    # Clients whose metadata names no service line, each filled from another source.
+    silent = [{"address": ip, **source} for ip, source in SERVICE_SOURCES.values()]
     metrics: dict[str, object] = {"metrics": f"127.0.0.1:{free_port()}"}
     with running_pool(
-        root, workers=2, agent_section=metrics, allowed_clients=["127.0.0.1"], clients=[client]
-    ) as running:
+        root, workers=2, agent_section=metrics, allowed_clients=["127.0.0.1"],
+        clients=[client, *silent],
+    ) as running:  # fmt: skip
         yield running
 
 
@@ -167,7 +187,7 @@ def test_invites_up_to_64_kb_are_stored_with_every_party_and_both_channels(
         assert employees(row) == [AINO], name
         assert row.service_number == "+35898765432", name
         assert flags(row) == set(), (name, row.flags)
-    for name in ("udp-60", "tcp-60"):
+    for name in rows:  # silent channels above ~3.9 KB were the bug: every size is heard
         audio = pool.export(rows[name], tmp_path / f"{name}.ogg")
         assert carries(audio, 0, speech.customer, speech.employee), name
         assert carries(audio, 1, speech.employee, speech.customer), name
@@ -231,6 +251,27 @@ def test_metadata_silent_call_takes_service_and_employee_from_the_clients_header
     assert employees(row) == [AINO]
     assert flags(row) == set(), row.flags
     assert row.customer_masked == "+358401234***"
+
+
+@pytest.mark.parametrize("source", sorted(SERVICE_SOURCES))
+def test_metadata_silent_on_the_service_line_takes_it_from_the_clients_source(
+    idle: Pool, source: str
+) -> None:
+    """The metadata names the caller and the agent only; the client's entry (matched
+    on the address the front saw) says where the service line comes from: a fixed
+    number, the first ``Diversion`` entry, or the first ``History-Info`` entry."""
+    pool = idle
+    address, _ = SERVICE_SOURCES[source]
+    call = pool.call(
+        customer=CUSTOMER_AOR, service=None, call_ms=2000, extra_headers=SERVICE_HEADERS[source]
+    )
+    result = pool.run(siprec_scenario(call), source, timeout_s=20, local_ip=address)
+    assert result.ok, result.errors[-1500:]
+    row = pool.stored(result.call_id)
+    assert row.service_number == "+35898765432"
+    assert employees(row) == [AINO] and row.customer_masked == "+358401234***"
+    assert flags(row) == set(), row.flags
+    assert FULL_NUMBER not in pool.text()
 
 
 @pytest.mark.slow

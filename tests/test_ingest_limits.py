@@ -5,7 +5,6 @@ partial uploads removed by their age since they began and encrypted at rest."""
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import os
 import threading
@@ -17,14 +16,13 @@ import grpc
 import pytest
 
 from agent import certs
-from agent.capture import new_recording_id, utc_now
 from agent.config import store_config_from_dict
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.store.archive.vault import open_storage
 from agent.store.ingest import partials
 from agent.store.retention.sweeper import Sweeper
-from tests.support.faults import Pki, make_pki
+from tests.support.faults import Pki, ingest_stub, make_pki, manifest_for
 from tests.support.stack import InProcessStore
 
 OTHER_SITE = "tku-2"
@@ -41,25 +39,6 @@ def limited_store(tmp_path: Path, pki: Pki, **limits: object) -> InProcessStore:
     doc = {"store": {"listen": "127.0.0.1:0", "data_dir": str(tmp_path / "store-data"),
                      "tls": pki.store_tls, **limits}}  # fmt: skip
     return InProcessStore(store_config_from_dict(doc, tmp_path))
-
-
-def stub(store: InProcessStore, pki: Pki, site: str = "hel-1") -> pb_grpc.IngestStub:
-    d, stem = pki.directory, f"agent-{site}"
-    creds = certs.channel_credentials(d / "ca.pem", d / f"{stem}.pem", d / f"{stem}.key")
-    return pb_grpc.IngestStub(grpc.secure_channel(store.address, creds))
-
-
-def manifest_for(data: bytes, site: str) -> pb.Manifest:
-    now = utc_now()
-    manifest = pb.Manifest(
-        recording_id=new_recording_id(), site=site, source="siprec", call_ref="c" * 16,
-        direction=pb.DIRECTION_INBOUND, audio_format="wav", size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(), channels=2, region="fi",
-        customer=pb.Customer(kind="anonymous", masked="anonymous"),
-    )  # fmt: skip
-    manifest.started_at.FromDatetime(now - dt.timedelta(seconds=5))
-    manifest.ended_at.FromDatetime(now)
-    return manifest
 
 
 def upload(stub: pb_grpc.IngestStub, data: bytes, site: str) -> pb.UploadReceipt:
@@ -105,7 +84,7 @@ def test_a_site_at_its_upload_cap_is_refused_while_another_site_uploads(
     with limited_store(tmp_path, pki, max_uploads_per_site=3) as store:
         ingest = store.server.ingest
         assert ingest is not None
-        hel = stub(store, pki)
+        hel = ingest_stub(store, pki)
         hanging = [HangingUpload(hel, os.urandom(5000), "hel-1") for _ in range(3)]
         try:
             wait_until(lambda: ingest.limits.active("hel-1") == 3)
@@ -114,7 +93,7 @@ def test_a_site_at_its_upload_cap_is_refused_while_another_site_uploads(
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "3 uploads in progress" in (err.value.details() or "")
             data = os.urandom(5000)
-            receipt = upload(stub(store, pki, OTHER_SITE), data, OTHER_SITE)
+            receipt = upload(ingest_stub(store, pki, f"agent-{OTHER_SITE}"), data, OTHER_SITE)
             assert receipt.sha256 == hashlib.sha256(data).hexdigest()
         finally:
             for h in hanging:
@@ -127,7 +106,7 @@ def test_a_site_at_its_byte_cap_is_refused(tmp_path: Path, pki: Pki) -> None:
     with limited_store(tmp_path, pki, max_incoming_per_site=300_000) as store:
         ingest = store.server.ingest
         assert ingest is not None
-        hel = stub(store, pki)
+        hel = ingest_stub(store, pki)
         big = HangingUpload(hel, os.urandom(200_000), "hel-1")
         try:
             wait_until(lambda: ingest.limits.active("hel-1") == 1)
@@ -135,7 +114,7 @@ def test_a_site_at_its_byte_cap_is_refused(tmp_path: Path, pki: Pki) -> None:
                 upload(hel, os.urandom(150_000), "hel-1")
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "bytes of unfinished uploads" in (err.value.details() or "")
-            upload(stub(store, pki, OTHER_SITE), os.urandom(150_000), OTHER_SITE)
+            upload(ingest_stub(store, pki, f"agent-{OTHER_SITE}"), os.urandom(150_000), OTHER_SITE)
             upload(hel, os.urandom(50_000), "hel-1")  # what fits still goes
         finally:
             big.stop()
@@ -143,7 +122,7 @@ def test_a_site_at_its_byte_cap_is_refused(tmp_path: Path, pki: Pki) -> None:
 
 def test_an_idle_stream_is_closed_and_its_bytes_kept(tmp_path: Path, pki: Pki) -> None:
     with limited_store(tmp_path, pki, upload_idle_timeout="1s") as store:
-        hel = stub(store, pki)
+        hel = ingest_stub(store, pki)
         idle = HangingUpload(hel, os.urandom(5000), "hel-1")
         started = time.monotonic()
         try:
@@ -159,7 +138,7 @@ def test_an_idle_stream_is_closed_and_its_bytes_kept(tmp_path: Path, pki: Pki) -
 
 def test_partial_uploads_are_removed_by_age_since_they_began(tmp_path: Path, pki: Pki) -> None:
     with limited_store(tmp_path, pki, upload_idle_timeout="1s", part_max_age="2h") as store:
-        hel = stub(store, pki)
+        hel = ingest_stub(store, pki)
         uploads = [HangingUpload(hel, os.urandom(5000), "hel-1") for _ in range(2)]
         for hanging in uploads:
             with pytest.raises(grpc.RpcError):
@@ -195,7 +174,7 @@ def test_a_blob_store_failure_is_unavailable_with_a_generic_message(
             pb.UploadRequest(chunk=pb.Chunk(offset=0, data=data)),
             pb.UploadRequest(finish=pb.Finish(size=len(data), sha256=manifest.sha256)),
         ]
-        hel = stub(store, pki)
+        hel = ingest_stub(store, pki)
         with pytest.raises(grpc.RpcError) as err:
             hel.Upload(iter(requests), timeout=20)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -211,7 +190,7 @@ def test_a_blob_store_failure_is_unavailable_with_a_generic_message(
 def test_a_partial_upload_is_encrypted_at_rest_and_resumes(tmp_path: Path, pki: Pki) -> None:
     audio = b"RIFF" + b"customer said hello " * 2000  # plaintext that is easy to spot
     with limited_store(tmp_path, pki, upload_idle_timeout="1s") as store:
-        hel = stub(store, pki)
+        hel = ingest_stub(store, pki)
         manifest = manifest_for(audio, "hel-1")
         first = [pb.UploadRequest(manifest=manifest)] + [
             pb.UploadRequest(chunk=pb.Chunk(offset=o, data=audio[o : o + 7000]))

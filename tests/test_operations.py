@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 import threading
 import time
 import urllib.request
@@ -14,6 +15,7 @@ import pytest
 from agent.store.catalog import Catalog
 from agent.testcall import SiprecCall, free_port, make_speech, run_sipp, siprec_scenario
 from tests.support.daemons import NotifySocket, start_agent, start_store
+from tests.support.faults import signal_storm
 from tests.support.services import free_tcp_port
 from tests.support.stack import Keys
 
@@ -174,3 +176,33 @@ def test_metrics_count_exactly_the_calls_made(tmp_path: Path, keys: Keys) -> Non
     # counted once a second while a call is up: most of each 1.5 s call
     assert moved('callrec_rtp_packets_received_total{party="customer"}') > calls * 20
     assert after.get("callrec_outbox_entries", 0) == 0
+
+
+@pytest.mark.sip
+@pytest.mark.slow
+def test_a_storm_of_sighups_leaves_the_agent_reloading_and_stopping_cleanly(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """SIGHUPs (log rotation, reloads) faster than the agent handles them: it reloads,
+    passes them on to its worker, and still stops at once and cleanly on SIGTERM. A
+    handler that took a lock (``threading.Event``) could wait for ever on the lock of
+    the code it interrupted (agent.signals)."""
+    agent = start_agent(tmp_path, keys, "127.0.0.1:1", free_port())  # no store needed
+    try:
+        assert agent.process is not None
+        seen = len(agent.text())
+        sent = signal_storm(agent.process.pid, (signal.SIGHUP,), seconds=1.5)
+        assert sent > 1000
+        agent.wait_for(r"event=reloaded log_level=info", timeout=10, after=seen)
+        agent.wait_for(r"event=directory_unchanged|event=reloaded worker=0", 10, after=seen)
+        started = time.monotonic()
+        agent.process.terminate()
+        code = agent.process.wait(30)
+        took = time.monotonic() - started
+    finally:
+        agent.stop()
+    text = agent.text()
+    assert code == 0, text[-3000:]
+    assert took < 10, took
+    assert "event=agent_stopped" in text and "event=worker_stopped worker=0" in text
+    assert "Traceback" not in text and "RecursionError" not in text, text[-3000:]

@@ -532,6 +532,19 @@ def test_fixed_service_line_and_first_diversion_entry(rules: PartyRules) -> None
     assert plan.parties.service_number == "+358201234567"
 
 
+def test_history_info_gives_the_first_target_not_the_agent_it_was_diverted_to(
+    rules: PartyRules,
+) -> None:
+    xml = metadata_xml([customer(sends="1"), employee(sends="2")])
+    client = SipClient("192.0.2.7/32", service_header="History-Info")
+    headers = (
+        "History-Info: <sip:+358201234567@pbx.example>;index=1,"
+        ' "Aino, V" <sip:1001@pbx.example?Reason=SIP%3Bcause%3D302>;index=1.1\r\n'
+    )
+    plan = plan_call(_client_invite(xml, headers), DIRECTORY, rules, HEADERS, 2, client)
+    assert plan.parties.service_number == "+358201234567" and plan.parties.flags == ()
+
+
 def test_clients_header_never_puts_a_customer_number_in_the_service_line(
     rules: PartyRules,
 ) -> None:

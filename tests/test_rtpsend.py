@@ -5,9 +5,12 @@ reports its lateness."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import struct
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,7 @@ from agent.testcall.rtpsend import CompiledSender, build
 from agent.testcall.scenario import rtp_command
 from agent.testcall.sipp import free_port
 from tests.support.audio import make_speech, trim
+from tests.support.daemons import REPO
 from tests.test_rtp import check_stream, receive
 
 
@@ -70,3 +74,22 @@ def test_build_is_cached_per_source(tmp_path: Path) -> None:
     assert first.name.startswith("rtpsend-") and first.stat().st_mode & 0o111
     mtime = first.stat().st_mtime_ns
     assert build(tmp_path) == first and first.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_the_sender_source_ships_in_the_wheel(tmp_path: Path) -> None:
+    """An installed callrec (not only a clone) can build the sender: its C source is
+    package data of agent.testcall."""
+    source = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(REPO / "agent", source / "agent", ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path / "dist"), str(source)],
+        check=True, capture_output=True, timeout=240,
+    )  # fmt: skip
+    (wheel,) = (tmp_path / "dist").glob("callrec-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "agent/testcall/rtpsend.c" in names and "agent/testcall/rtpsend.py" in names

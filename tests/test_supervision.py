@@ -25,10 +25,12 @@ from tests.support.stack import Keys, agent_config, write_toml
 
 
 class _Stub(AgentDaemon):
-    """AgentDaemon's supervision only: workers run ``python -c <code>``."""
+    """AgentDaemon's supervision only: workers run ``python -c <code>`` (started the
+    ``exec`` way; test_zygote.py starts them from the zygote)."""
 
     def __init__(self, cfg_root: Path, keys: Keys, code: str) -> None:
-        self.config, _ = agent_config(cfg_root, keys, "127.0.0.1:1")
+        sip: dict[str, object] = {"worker_start": "exec"}
+        self.config, _ = agent_config(cfg_root, keys, "127.0.0.1:1", sip=sip)
         self.config_path = cfg_root / "agent.toml"
         self.workers = [WorkerProcess(0)]
         self.front = None
@@ -156,8 +158,13 @@ time.sleep(1.0)
 """
 
 
+# A forked worker's command line is the zygote's; its name says which slot it is.
+FORKED = "open('/proc/self/comm', 'w').write('callrec-w0')\n"
+
+
+@pytest.mark.parametrize("start", ["exec", "fork"])
 def test_a_hung_predecessor_is_killed_past_its_drain_deadline(
-    tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch, start: str
 ) -> None:
     """A previous worker of slot w0 that still holds it long after ``[sip] drain``
     (and its hang-up and close) is hung: the new worker kills it and starts; a process
@@ -165,10 +172,11 @@ def test_a_hung_predecessor_is_killed_past_its_drain_deadline(
     monkeypatch.setattr(worker_module, "PREDECESSOR_MARGIN_S", 0.5)
     cfg, _ = agent_config(tmp_path, keys, "127.0.0.1:1", sip={"drain": "1s"})
     active = cfg.captures_dir / "active" / "w0"
-    fake = [sys.executable, "-c", HOLD_SLOT.replace("1.0", "60"), str(active)]
-    with subprocess.Popen(
-        [*fake, "agent.recorder.worker", "--index", "0"], stdout=subprocess.PIPE, text=True
-    ) as hung:
+    code = HOLD_SLOT.replace("1.0", "60")
+    fake = [sys.executable, "-c", code, str(active), "agent.recorder.worker", "--index", "0"]
+    if start == "fork":
+        fake = [sys.executable, "-c", FORKED + code, str(active), "agent.recorder.zygote"]
+    with subprocess.Popen(fake, stdout=subprocess.PIPE, text=True) as hung:
         assert hung.stdout is not None and hung.stdout.readline() == "held\n"
         worker = worker_module.Worker(cfg, 0)
         started = time.monotonic()

@@ -34,9 +34,11 @@ from agent.recorder.sip import call_ref
 from agent.testcall.rtp import ControlServer, RtpSender
 from agent.testcall.sipp import (
     MALFORMED_METADATA,
+    Party,
     SippResult,
     SiprecCall,
     free_port,
+    metadata_xml,
     plain_scenario,
     refused_scenario,
     run_sipp,
@@ -52,6 +54,7 @@ from tests.support.audio import (
     trim,
 )
 from tests.support.daemons import REPO
+from tests.support.faults import signal_storm
 from tests.support.stack import Keys, agent_config, write_toml
 
 pytestmark = pytest.mark.sip
@@ -523,12 +526,80 @@ def test_parent_death_signal_drains_however_often_it_comes(
     assert worker.log().count("event=agent_gone") == 1
 
 
+@pytest.mark.slow
+def test_a_storm_of_signals_while_draining_never_wedges_the_worker(
+    tmp_path: Path, keys: Keys, workers: list[Worker], speech: Speech, rtp: tuple[str, int]
+) -> None:
+    """Signals arriving while a handler runs (the kernel's parent-death signal comes
+    once per exiting agent thread, a SIGHUP for a directory change on top): the
+    worker still drains its call, answers the BYE and exits 0. A handler that took a
+    lock (``threading.Event.set``) deadlocked here on the lock its own interrupted
+    handler held (seen after ``kill -9`` of the agent, tests/test_agent_killed.py)."""
+    workers.append(start_worker(tmp_path, keys, sip={"drain": "30s"}))
+    worker = workers[-1]
+    call = SiprecCall(speech.customer, speech.employee, call_ms=4000, rtp_via=rtp)
+    with ThreadPoolExecutor(1) as pool:
+        sipp = pool.submit(
+            run_sipp, siprec_scenario(call), worker.target, tmp_path / "sipp", timeout_s=12
+        )
+        _wait_active(worker)
+        sent = signal_storm(worker.proc.pid, (signal.SIGUSR2, signal.SIGHUP), seconds=1.5)
+        assert sent > 1000
+        result = sipp.result()
+        try:
+            code = worker.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the worker hangs after {sent} signals:\n{worker.log()[-3000:]}")
+    assert code == 0, worker.log()[-3000:]
+    assert result.ok, result.errors[-1500:]
+    meta = wait_for_capture(worker, timeout=1)
+    assert Flag.INCOMPLETE not in meta.flags
+    assert_times_match(meta, result)
+    assert worker.log().count("event=agent_gone") == 1
+
+
 # ---------------------------------------------------------------- the SIP edge
 
 
 def _no_capture(worker: Worker) -> None:
     for directory in (worker.ready_dir, worker.active_dir):
         assert not directory.is_dir() or not any(directory.iterdir()), directory
+
+
+def _large_metadata(size: int) -> str:
+    """A metadata document of about ``size`` bytes: the call's parties, then more
+    participants (a conference, queues), as SBCs send them."""
+    doc = metadata_xml(
+        [
+            Party("cHJ0LWN1c3Q=", f"sip:+{FULL_NUMBER}@pbx.example", "Asiakas", "1"),
+            Party("cHJ0LWVtcGw=", "sip:1001@pbx.example", "Aino Virtanen", "2"),
+        ]
+    ).removesuffix("</recording>\n")
+    extra = []
+    while len(doc) + sum(map(len, extra)) < size:
+        extra.append(
+            f'<participant participant_id="eHRyYS{len(extra):04d}"><nameID '
+            f'aor="sip:queue-{len(extra)}@pbx.example"><name>Jono {len(extra)}</name>'
+            "</nameID></participant>\n"
+        )
+    return doc + "".join(extra) + "</recording>\n"
+
+
+def test_an_invite_longer_than_pjsip_reads_is_refused_513_and_nothing_recorded(
+    worker: Worker, speech: Speech, tmp_path: Path
+) -> None:
+    """Without the front, pjsip reads ~4,000 bytes of a UDP datagram: a 6 KB INVITE
+    reaches the worker cut (its multipart without the close delimiter). It is answered
+    513, never 200 with the parties unknown and both channels silent."""
+    call = SiprecCall(speech.customer, speech.employee, metadata=_large_metadata(5500))
+    result = run_sipp(refused_scenario(call, 513), worker.target, tmp_path / "big", timeout_s=15)
+    assert result.ok and result.first is not None, result.errors or result.stdout
+    assert result.first.refused_status == 513
+    _wait_log(worker, f"call_ref={call_ref(result.call_id or '')} status=513")
+    assert "event=invite_truncated" in worker.log()
+    assert "event=call_answered" not in worker.log()
+    _no_capture(worker)
+    assert_no_full_number(worker)
 
 
 def test_unlisted_client_and_plain_invites_are_refused_with_403(
@@ -568,6 +639,33 @@ def test_client_behind_the_front_must_come_through_the_front(
     assert result.ok, result.errors or result.stdout
     _no_capture(worker)
     assert "status=403 reason=not_from_front source=127.0.0.1" in worker.log()
+
+
+def _threads(pid: int) -> list[str]:
+    return sorted(
+        (task / "comm").read_text().strip() for task in Path(f"/proc/{pid}/task").iterdir()
+    )
+
+
+def test_the_bridge_clock_stops_when_idle_and_the_next_call_is_recorded(
+    worker: Worker, speech: Speech, rtp: tuple[str, int], tmp_path: Path
+) -> None:
+    """pjsua closes the bridge's 20 ms clock a second after a call (an idle worker
+    would wake 50 times a second for nothing); the next call's recorders reopen it and
+    that call is recorded whole, with its audio."""
+    for n in range(2):
+        call = SiprecCall(
+            speech.customer, speech.employee, service=SERVICE_AOR, call_ms=3000, rtp_via=rtp
+        )
+        result = run_sipp(siprec_scenario(call), worker.target, tmp_path / f"sipp{n}", timeout_s=40)
+        assert result.ok, result.errors or result.stdout
+        meta = wait_for_capture(worker, result.call_id)
+        capture = worker.ready_dir / meta.recording_id
+        for leg in meta.legs:
+            assert abs(wav_seconds(capture / leg) - 3.0) < 0.5
+            assert channel_rms(capture / leg)[0] > 300, (n, leg)  # audio, not silence
+        time.sleep(1.8)
+        assert "clock" not in _threads(worker.proc.pid)
 
 
 def test_worker_process_is_not_dumpable(worker: Worker) -> None:

@@ -26,7 +26,12 @@ from agent.directory import LiveDirectory
 from agent.loops import DirectoryQueue, FileWatcher
 from agent.privacy import Sealer
 from agent.recorder.finalize import Finalizer
-from agent.recorder.front.kamailio import FrontProcess, write_front_files
+from agent.recorder.front.kamailio import (
+    FrontProcess,
+    kill_stale_front,
+    stale_front_alive,
+    write_front_files,
+)
 from agent.recorder.ownership import slot_held, slot_holder
 from agent.recorder.quarantine import expire as expire_quarantine
 from agent.recorder.spool.pickup import SpoolPickup
@@ -35,11 +40,15 @@ from agent.recorder.uplink.backpressure import OutboxMonitor
 from agent.recorder.uplink.client import Uplink
 from agent.recorder.uplink.live import LiveUplink
 from agent.recorder.uplink.outbox import Outbox
+from agent.recorder.zygote import ForkedWorker, Zygote, ZygoteError, become_subreaper, reap_orphans
+from agent.signals import Flag, Wakeup
 
 log = logs.get_logger(__name__)
 QUARANTINE_CHECK_S = 3600.0
 
+# All workers start at once: their start-up (imports, pjsua) shares the host's cores.
 WORKER_READY_TIMEOUT_S = 20.0
+WORKER_READY_EACH_S = 0.25  # more per worker: 256 workers get 84 s (systemd allows 90 s)
 # After [sip] drain a worker hangs up what is left (3 s), closes its files and
 # destroys pjsua (~1 s); past this margin it is killed (its captures are recovered).
 WORKER_STOP_MARGIN_S = 15.0
@@ -47,12 +56,14 @@ WORKER_STOP_MARGIN_S = 15.0
 # keeps dying waits longer each time, and starts afresh after HEALTHY_S of good running.
 RESTART_BACKOFF_S = (0.0, 1.0, 2.0, 5.0, 10.0, 30.0)
 HEALTHY_S = 60.0
+ZYGOTE_RETRY_S = 30.0  # a zygote that failed to start is tried again after this
+ORPHAN_CHECK_S = 30.0
 
 
 @dataclass
 class WorkerProcess:
     index: int
-    process: subprocess.Popen[bytes] | None = None
+    process: subprocess.Popen[bytes] | ForkedWorker | None = None
     restarts: int = 0
     next_start: float = 0.0
     started_at: float = 0.0
@@ -67,10 +78,12 @@ class AgentDaemon:
     def __init__(self, config: AgentConfig, config_path: Path) -> None:
         self.config = config
         self.config_path = config_path
-        self.stop_event = threading.Event()
-        self.forced = threading.Event()
+        # Set by signal handlers: flags, never a threading.Event (see agent.signals).
+        self.stop_event = Flag()
+        self.forced = Flag()
+        self._wakeup: Wakeup | None = None  # the main loop's sleep, ended by a signal
         self._quarantine_checked = float("-inf")  # monotonic time of the last expiry pass
-        self.hup_event = threading.Event()
+        self.hup_event = Flag()
         # One watcher for the host: a change is checked here once, then every worker
         # is told with SIGHUP (a watcher per worker cost an inotify instance each).
         self.directory = LiveDirectory(config.directory_file)
@@ -79,6 +92,13 @@ class AgentDaemon:
         self.spool: SpoolPickup | None = None  # [spool]: recordings the PBX made itself
         self.workers = [WorkerProcess(i) for i in range(config.sip.workers)]
         self.front: FrontProcess | None = None  # [sip] run_front: Kamailio run by us
+        # Slots whose previous workers drain through the previous run's front: ours
+        # replaces it once they are gone (see _start_pool).
+        self._front_after: set[int] = set()
+        self.zygote: Zygote | None = None  # [sip] worker_start = "fork"
+        self._zygote_retry = 0.0  # monotonic time of the next start after a failure
+        self._orphans_checked = 0.0
+        self._subreaper = False
         self.metrics_dir = _metrics_dir(config)
         self.metrics_port: int | None = None
         self.outbox = Outbox(config.outbox_dir)
@@ -159,7 +179,7 @@ class AgentDaemon:
         interval = sdnotify.watchdog_interval()
         tick = min(1.0, interval / 2) if interval else 1.0
         next_status = 0.0
-        while not self.stop_event.wait(tick):
+        while not self._sleep(tick):
             if self.hup_event.is_set():
                 self.hup_event.clear()
                 _reload(self)
@@ -168,8 +188,8 @@ class AgentDaemon:
                 _directory_changed(self)
             for worker in self.workers:
                 self._supervise(worker)
-            if self.front is not None:
-                self.front.supervise()
+            self._supervise_front()
+            self._reap_orphans()
             loops = (
                 self.finalize_queue, self.upload_queue, self.outbox_monitor,
                 self.directory_watcher,
@@ -184,6 +204,14 @@ class AgentDaemon:
                 self._report_status()
             self._expire_quarantine()
             sdnotify.watchdog()
+
+    def _sleep(self, seconds: float) -> bool:
+        """Up to ``seconds``, less if a signal arrives; whether a stop was asked."""
+        if self._wakeup is None:
+            self._wakeup = Wakeup()
+        if not self.stop_event.is_set():
+            self._wakeup.wait(seconds)
+        return self.stop_event.is_set()
 
     def _report_status(self) -> None:
         """The workers-up gauge, and the STATUS= line of ``systemctl status``."""
@@ -238,6 +266,8 @@ class AgentDaemon:
         self.uplink.close()
         left = self.outbox.entries()
         log.info("agent_stopped", outbox_left=len(left))
+        if self._wakeup is not None:
+            self._wakeup.close()
 
     def request_stop(self) -> None:
         if self.stop_event.is_set():
@@ -271,24 +301,51 @@ class AgentDaemon:
         listens; then the front (with ``run_front``), which probes them from then on.
 
         Workers of a killed agent may still be draining calls (they hold their slots
-        and SIP ports): their successors wait for them (they are not awaited here),
-        and the front starts first, since those calls' BYEs pass through it."""
+        and SIP ports): their successors wait for them (they are not awaited here).
+        Those calls' BYEs pass through the front: the previous run's, if it still
+        runs, until those workers are gone (replacing it now lost a BYE or its 200 in
+        flight: a recording ended late, an SRC without an answer); else ours, first."""
         sip = self.config.sip
+        if sip.worker_start == "fork":
+            self._start_zygote()
         if sip.front:
             files = write_front_files(self.config)
             if sip.run_front:
                 self.front = FrontProcess(self.config, files)
         busy = self._previous_workers()
         if busy and self.front is not None:
-            self.front.start()
+            if stale_front_alive(self.front.files):
+                self._front_after = set(busy)
+                log.info("front_kept", reason="previous_workers_draining", until="they_exit")
+            else:
+                self.front.start()
         for worker in self.workers:
             self._spawn_worker(worker, ready_pipe=worker.index not in busy)
-        deadline = time.monotonic() + WORKER_READY_TIMEOUT_S
+        wait = WORKER_READY_TIMEOUT_S + WORKER_READY_EACH_S * len(self.workers)
+        deadline = time.monotonic() + wait
         for worker in self.workers:
             if worker.index not in busy:
                 self._await_ready(worker, deadline)
         if self.front is not None and not busy:
             self.front.start()
+
+    def _supervise_front(self) -> None:
+        """Ours replaces the previous run's front once its workers are gone (or it
+        died); from then on it is restarted if it dies."""
+        if self.front is None:
+            return
+        if self._front_after:
+            held = any(self._held_by_previous(self.workers[i]) for i in self._front_after)
+            if held and stale_front_alive(self.front.files):
+                return
+            self._front_after = set()
+        self.front.supervise()  # starts ours (replacing the previous) if none runs
+
+    def _held_by_previous(self, worker: WorkerProcess) -> bool:
+        """The slot is held, and not by our worker (which takes it over at once)."""
+        active = self.config.captures_dir / "active" / f"w{worker.index}"
+        ours = worker.process.pid if worker.process is not None else None
+        return slot_held(active) and slot_holder(active) != ours
 
     def _previous_workers(self) -> dict[int, int | None]:
         """Slots still held by a previous agent's workers: index → their pid."""
@@ -313,18 +370,23 @@ class AgentDaemon:
         deadline = time.monotonic() + self.config.sip.drain_s + WORKER_STOP_MARGIN_S
         for worker in self.workers:
             self._reap(worker, deadline)
+        self._stop_zygote()
         if self.front is not None:
             self.front.stop()
+            if self._front_after:  # never replaced: no front outlives the agent
+                kill_stale_front(self.front.files)
 
     def _spawn_worker(self, worker: WorkerProcess, ready_pipe: bool) -> None:
         read_fd, write_fd = os.pipe() if ready_pipe else (None, None)
         try:
-            worker.process = subprocess.Popen(
-                self._worker_command(worker, write_fd),
-                pass_fds=() if write_fd is None else (write_fd,),
-                stdin=subprocess.DEVNULL,
-                env=_worker_env(),
-            )
+            worker.process = self._fork_worker(worker.index, write_fd)
+            if worker.process is None:
+                worker.process = subprocess.Popen(
+                    self._worker_command(worker, write_fd),
+                    pass_fds=() if write_fd is None else (write_fd,),
+                    stdin=subprocess.DEVNULL,
+                    env=_worker_env(),
+                )
         except OSError:
             if read_fd is not None:
                 os.close(read_fd)
@@ -333,7 +395,68 @@ class AgentDaemon:
             if write_fd is not None:
                 os.close(write_fd)
         worker.ready_fd, worker.started_at = read_fd, time.monotonic()
-        log.info("worker_started", index=worker.index, pid=worker.process.pid)
+        forked = isinstance(worker.process, ForkedWorker)
+        log.info(
+            "worker_started", index=worker.index, pid=worker.process.pid,
+            start="fork" if forked else "exec",
+        )  # fmt: skip
+
+    # ------------------------------------------------------------ the zygote
+
+    def _start_zygote(self) -> None:
+        """Workers are forked from it; without it (it failed) they start as before."""
+        try:
+            if not self._subreaper:
+                become_subreaper()  # forked workers are re-parented to us
+                self._subreaper = True
+            self.zygote = Zygote(self.config_path, _worker_env())
+            self.zygote.start()
+        except (OSError, ZygoteError) as exc:
+            log.error(
+                "zygote_start_failed", reason=str(exc), action="exec_workers",
+                retry_in_s=ZYGOTE_RETRY_S,
+            )  # fmt: skip
+            self._zygote_retry = time.monotonic() + ZYGOTE_RETRY_S
+            self._stop_zygote()
+
+    def _fork_worker(self, index: int, ready_fd: int | None) -> ForkedWorker | None:
+        """The worker forked from the zygote; None: start it the ``exec`` way."""
+        if self.config.sip.worker_start != "fork":
+            return None
+        zygote = self.zygote
+        if zygote is not None and not zygote.alive:
+            log.error("zygote_died", pid=zygote.process.pid if zygote.process else None)
+            self._stop_zygote()
+        if self.zygote is None and time.monotonic() >= self._zygote_retry:
+            self._start_zygote()
+        if self.zygote is None:
+            return None
+        try:
+            return self.zygote.spawn(index, ready_fd)
+        except ZygoteError as exc:
+            log.error("worker_fork_failed", index=index, reason=str(exc), action="exec_worker")
+            self._stop_zygote()
+            self._zygote_retry = time.monotonic() + ZYGOTE_RETRY_S
+            return None
+
+    def _stop_zygote(self) -> None:
+        zygote, self.zygote = self.zygote, None
+        if zygote is None:
+            return
+        zygote.stop()
+        if zygote.process is not None:  # its zeroed metric files, as for a worker
+            metrics.worker_exited(self.metrics_dir, zygote.process.pid)
+
+    def _reap_orphans(self) -> None:
+        """As a subreaper we inherit the children of a Kamailio that died."""
+        now = time.monotonic()
+        if not self._subreaper or now - self._orphans_checked < ORPHAN_CHECK_S:
+            return
+        self._orphans_checked = now
+        front = self.front.pid if self.front is not None else None
+        reaped = reap_orphans(frozenset() if front is None else frozenset({front}))
+        if reaped:
+            log.info("orphans_reaped", processes=reaped)
 
     def _await_ready(self, worker: WorkerProcess, deadline: float) -> None:
         """Wait for the worker's "ready"; else say what happened: the reason it wrote

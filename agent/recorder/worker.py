@@ -5,13 +5,15 @@ the directory and the privacy keys, and starts SIP; ``run()`` turns the pjsua2 l
 until a stop is asked; ``shutdown()`` lets calls in progress end (up to a deadline),
 hangs up the rest, finalises their captures and destroys the library.
 
-Signals only set flags: SIGTERM/SIGINT ask for an orderly stop (new INVITEs get 503),
-a second one exits at once (what was recorded is recovered on restart); SIGHUP
-reloads the directory and the log level (the agent sends it when the directory file
-changes, and passes its own SIGHUP on). When the agent dies (even by SIGKILL) the
-kernel sends SIGUSR2, once per exiting agent thread: the worker drains its calls as
-for a stop, however often it comes, and exits; a restarted agent's worker for the
-same slot waits for it (see :mod:`agent.recorder.ownership`).
+Signal handlers only set flags (:mod:`agent.signals`: a lock taken in a handler
+deadlocked a draining worker), and pjsua's threads never get a signal: SIGTERM/SIGINT
+ask for an orderly stop (new INVITEs get 503), a second one exits at once (what was
+recorded is recovered on restart); SIGHUP reloads the directory and the log level (the
+agent sends it when the directory file changes, and passes its own SIGHUP on). When
+the agent dies (even by SIGKILL) the kernel sends SIGUSR2, once per exiting agent
+thread: the worker drains its calls as for a stop, however often it comes, and exits;
+a restarted agent's worker for the same slot waits for it (see
+:mod:`agent.recorder.ownership`).
 
 Start-up failures are written to the readiness pipe (``failed <code> <reason>``) for
 the agent to report; a SIP port held by another process exits with code 2.
@@ -26,7 +28,6 @@ import errno
 import os
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -39,6 +40,8 @@ from agent.privacy import Protector
 from agent.recorder.ownership import WorkerSlot
 from agent.recorder.parties import PartyRules
 from agent.recorder.sip import SipEngine
+from agent.recorder.zygote import process_name
+from agent.signals import Flag, main_thread_only
 
 log = logs.get_logger("agent.recorder.worker")  # also when run as __main__
 
@@ -98,6 +101,21 @@ def _not_dumpable(index: int) -> None:
     log.info("core_dumps_off", worker=index, dumpable=libc.prctl(PR_GET_DUMPABLE))
 
 
+def _slot_worker(pid: int, index: int) -> bool:
+    """``pid`` is a worker of slot ``index``: started as ``-m agent.recorder.worker
+    --index <index>``, or forked by the zygote (then named for its slot)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return False
+    flag = [b"--index", str(index).encode()]
+    started = b"agent.recorder.worker" in args and any(
+        args[i : i + 2] == flag for i in range(len(args))
+    )
+    return started or (b"agent.recorder.zygote" in args and name == process_name(index))
+
+
 class Worker:
     def __init__(
         self,
@@ -110,8 +128,8 @@ class Worker:
         self.config_path = config_path
         self.index = index
         self.ready_fd = ready_fd
-        self.stop = threading.Event()
-        self.reload = threading.Event()
+        self.stop = Flag()  # set by signal handlers: never a threading.Event (a lock)
+        self.reload = Flag()
         self.orphaned = False  # the agent died: drain, then exit
         self._signals = 0
         self._engine: SipEngine | None = None
@@ -140,7 +158,8 @@ class Worker:
         rules = PartyRules.build(protector, cfg.service_numbers)
         self._directory = directory
         self._engine = SipEngine(cfg, self.index, directory, rules)
-        self._engine.start()
+        with main_thread_only():  # pjsua's threads: no signal cuts their waits short
+            self._engine.start()
         self._signal_ready()
 
     def _waiting(self, pid: int | None, waited_s: float) -> None:
@@ -155,14 +174,7 @@ class Worker:
         if pid is None or self._evicted or waited_s < self.cfg.sip.drain_s + PREDECESSOR_MARGIN_S:
             return
         self._evicted = True
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            return
-        index = [b"--index", str(self.index).encode()]
-        if b"agent.recorder.worker" not in args or not any(
-            args[i : i + 2] == index for i in range(len(args))
-        ):
+        if not _slot_worker(pid, self.index):
             log.error("worker_slot_held", worker=self.index, pid=pid, action="left_alone")
             return
         with contextlib.suppress(ProcessLookupError):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
+import threading
 
 
 class _Ports:
@@ -14,6 +16,16 @@ class _Ports:
 
     def __init__(self) -> None:
         self.cursor = self.LOW + (os.getpid() * 7919) % (self.HIGH - self.LOW)
+        # Handed out but maybe not bound yet: a pool takes four ranges before its agent
+        # binds any, so each is kept apart from the three before it (a search that
+        # wraps around would otherwise find the pool's own SIP ports free for its RTP).
+        self.recent: collections.deque[range] = collections.deque(maxlen=3)
+        # Tests start several SIPps from threads at once: two takes must never share
+        # a cursor (three concurrent calls once got the same SIP port twice).
+        self.lock = threading.Lock()
+
+    def _free(self, port: int) -> bool:
+        return not any(port in given for given in self.recent) and self._bindable(port)
 
     @staticmethod
     def _bindable(port: int) -> bool:
@@ -25,12 +37,26 @@ class _Ports:
         return True
 
     def take(self, count: int) -> int:
-        for _ in range((self.HIGH - self.LOW) // count):
+        """The first free stretch of ``count`` ports from the cursor on, wrapping once;
+        a busy port moves the search just past it (other tests hold ports here too, so
+        a large stretch rarely fits in the fixed windows of its own size)."""
+        with self.lock:
+            return self._take(count)
+
+    def _take(self, count: int) -> int:
+        searched = 0
+        while searched < self.HIGH - self.LOW:
             if self.cursor + count > self.HIGH:
+                searched += self.HIGH - self.cursor
                 self.cursor = self.LOW
-            start, self.cursor = self.cursor, self.cursor + count
-            if all(self._bindable(p) for p in range(start, start + count)):
+            start = self.cursor
+            busy = next((p for p in range(start, start + count) if not self._free(p)), None)
+            if busy is None:
+                self.cursor = start + count
+                self.recent.append(range(start, start + count))
                 return start
+            searched += busy + 1 - start
+            self.cursor = busy + 1
         raise RuntimeError(f"no {count} free consecutive UDP ports")
 
 

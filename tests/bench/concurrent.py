@@ -1,10 +1,12 @@
 """Benchmark: concurrent SIPREC calls through the SIP front into the agent, and the
 time from hang-up to the store's durable receipt.
 
-    .venv/bin/python -m tests.bench.concurrent                      # 25 → 400
-    .venv/bin/python -m tests.bench.concurrent --steps 100 --seconds 40
+    .venv/bin/python -m tests.bench.concurrent                      # 100 → 800, forked
+    .venv/bin/python -m tests.bench.concurrent --steps 100,200,400 --start exec,fork
 
-For each step N, a fresh store and agent with ceil(N/4) workers plus 10 % spare behind
+For each step N (and each way of starting workers, ``--start``: ``exec`` the old way,
+each worker its own Python; ``fork`` from the zygote, the default; both: side by side),
+a fresh store and agent with ceil(N/4) workers plus 10 % spare behind
 the agent's own Kamailio; SIPp (one process, ``--rate`` calls/s) places N two-stream
 SIPREC calls with real speech as G.711 A-law, all RTP from one sender fed through a
 FIFO (FACTS.md): ``--sender c`` (default) the compiled one, ``agent/testcall/rtpsend.c``
@@ -39,15 +41,25 @@ behind at 400 calls (issue 20). Measured per step:
   from then on the agent may delete its copy), beside hang-up → archived (the store's
   ``stored_at``; for the live path that is after the store's encoder).
 
-A step "holds" when every offered call was stored whole and every stream received
-≥ 99 % of its packets; the first step that does not is where quality drops.
+Every call lasts ``--seconds`` plus the ramp (N / rate), so all N are up at once for
+``--seconds`` at every step. A step "holds" when every offered call was stored whole
+(no flag, length within 0.5 s of SIPp's answer → BYE) and within 0.2 s, RTP received /
+sent ≥ 0.999 over
+all streams, pjsua saw no sequence gap, and hang-up → safe p99 ≤ ``--safe-target``;
+stepping stops at the first step that does not (``--keep-going``: runs them all).
+The summary gives the largest step that held, calls per core and per GB of the
+recorder (workers, zygote, Kamailio, agent), and CPU per concurrent call beside
+rtpengine's (0.12 % of a core, userspace recording behind Kamailio, same machine) and
+the floor (one pjsua process without the 4-call limit: 500 calls at 26 % of a core).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import math
+import os
 import re
 import resource
 import tempfile
@@ -66,7 +78,15 @@ from tests.support.pool import SENDERS, Pool, flags, running_pool
 
 MODULE = "tests.bench.concurrent"
 PACKETS_PER_S = 50
-HOLDS_RX = 0.99
+HOLDS_RX = 0.999  # received / sent over all streams
+HOLDS_LENGTH_S = 0.2  # a recording's length against SIPp's answer → BYE, to hold
+WHOLE_LENGTH_S = 0.5  # … to count as stored whole
+RTPENGINE_CALL_PCT = 0.12  # % of a core per concurrent recorded call (issue 20)
+FLOOR_CALL_PCT = 26.0 / 500  # one pjsua process without the 4-call limit (issue 20)
+RECORDER = ("workers", "zygote", "front", "agent main")
+# 4 calls x 2 streams x RTP+RTCP = 16, and pjsua takes more while answering: 32 leaves
+# a margin and lets 800 calls' ranges (7,040 ports) fit among other tests' ports.
+RTP_PORTS_PER_WORKER = 32
 _EVENT = re.compile(
     r"^(\S+)Z \S+ event=(call_recorded|recording_finalized|recording_uploaded) "
     r"recording_id=(\S+)",
@@ -83,6 +103,8 @@ _RECORDED = re.compile(
 class Step:
     calls: int
     workers: int
+    start: str = "fork"  # how workers start: exec (each its own Python) or fork
+    safe_target_s: float = 120.0
     answered: int = 0
     refused: int = 0
     stored: int = 0
@@ -103,6 +125,9 @@ class Step:
     phases: dict[str, list[float]] = field(default_factory=dict)
     drain_s: float = 0.0
     problems: list[str] = field(default_factory=list)
+    load: float = 0.0  # the host's 1-minute load average while every call was up
+    not_started: str = ""  # why the agent did not start (its workers not ready in time)
+    off: int = 0  # recordings more than HOLDS_LENGTH_S off SIPp's answer → BYE
     path: str = "file"
     archived_s: list[float] = field(default_factory=list)  # BYE → the store's stored_at
     wire_bytes: int = 0  # agent → store, through the proxy
@@ -111,15 +136,38 @@ class Step:
     # (the encoders) included: "agent" = main process + workers, "store".
     cpu_s: dict[str, float] = field(default_factory=dict)
 
+    def verdict(self) -> list[str]:
+        """Why the step does not hold (empty: it holds)."""
+        if self.not_started:
+            return [f"agent did not start: {self.not_started}"]
+        why = [] if self.whole == self.calls else [f"{self.calls - self.whole} not whole"]
+        if not self.rx_ratio_total >= HOLDS_RX:
+            why.append(f"rx/sent {self.rx_ratio_total:.4f}")
+        if self.off:
+            why.append(f"{self.off} more than {HOLDS_LENGTH_S} s off")
+        if self.lost:
+            why.append(f"{self.lost} packets in gaps")
+        if not percentile(self.safe_s, 99) <= self.safe_target_s:
+            why.append(f"safe p99 {percentile(self.safe_s, 99):.0f} s")
+        return why
+
     @property
     def holds(self) -> bool:
-        return self.whole == self.calls and self.rx_ratio_worst >= HOLDS_RX and not self.problems
+        return not self.verdict()
+
+    def recorder(self, phase: str) -> tuple[float, float]:
+        """CPU (% of one core) and PSS (MB) of the recorder's processes."""
+        usage = self.busy if phase == "busy" else self.idle
+        parts = [usage[g] for g in RECORDER if g in usage]
+        return sum(u.cpu_pct for u in parts), sum(u.pss_mb for u in parts)
 
 
 def groups(pool: Pool) -> dict[str, list[int]]:
     front = int(re.findall(r"event=front_started pid=(\d+)", pool.text())[-1])
+    zygote = re.findall(r"event=zygote_started pid=(\d+)", pool.text())
     return {
         "workers": list(pool.worker_pids().values()),
+        "zygote": [int(zygote[-1])] if zygote else [],
         "front": children(front),
         "agent main": [pool.agent.process.pid] if pool.agent.process else [],
         "sender": pool.sender.thread_ids() if pool.sender else [],
@@ -180,11 +228,12 @@ def phase_times(step: Step, text: str, byes: dict[str, float]) -> None:
 def place(pool: Pool, step: Step, seconds: int, rate: float, spread: int) -> SippResult:
     """Start the calls; measure idle before and busy while every call is up."""
     step.idle = measure(groups(pool), 5.0)
+    ramp = step.calls / rate
     call = pool.call(
-        call_ms=seconds * 1000, call_ms_spread=spread * 1000, rtp_bind=False,
+        call_ms=round((seconds + ramp) * 1000), call_ms_spread=spread * 1000, rtp_bind=False,
         accept_refusal=True,
     )  # fmt: skip
-    ramp = step.calls / rate
+    seconds += math.ceil(ramp)
     with ThreadPoolExecutor(1) as executor:
         future = executor.submit(
             pool.run, siprec_scenario(call), f"step{step.calls}", calls=step.calls,
@@ -193,6 +242,7 @@ def place(pool: Pool, step: Step, seconds: int, rate: float, spread: int) -> Sip
         time.sleep(ramp + 2.0)
         window = max(5.0, seconds - ramp - 5.0)
         step.busy = measure(groups(pool), window)
+        step.load = os.getloadavg()[0]
         return future.result()
 
 
@@ -222,17 +272,16 @@ def receipts(text: str) -> dict[str, float]:
     }
 
 
-def run_step(
-    root: Path, calls: int, seconds: int, rate: float, spread: int = 0, sender: str = "c",
-    path: str = "file",
-) -> Step:  # fmt: skip
-    workers = math.ceil(calls / 4) + max(1, math.ceil(calls / 40))
-    step = Step(calls, workers, sender=sender, path=path, seconds=seconds)
-    speech = long_speech(root / "speech", seconds + spread + 10)
+def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0) -> Step:
+    calls, workers, path = step.calls, step.workers, step.path
+    step.seconds = seconds
+    speech = long_speech(root / "speech", seconds + math.ceil(calls / rate) + spread + 10)
     ready_s = 60.0 + workers
     with running_pool(
-        root / f"step{calls}-{path}", workers, speech, ready_timeout=ready_s, sender=sender,
-        rtp_timeout="10s", uplink={"live": True} if path == "live" else None, proxy=True,
+        root / f"step{calls}-{path}-{step.start}", workers, speech, ready_timeout=ready_s,
+        sender=step.sender, rtp_timeout="10s", worker_start=step.start,
+        rtp_port_count=RTP_PORTS_PER_WORKER,
+        uplink={"live": True} if path == "live" else None, proxy=True,
     ) as pool:  # fmt: skip
         pool.wait_idle(timeout=ready_s)
         assert pool.sender is not None
@@ -256,11 +305,15 @@ def run_step(
             row = rows.get(c.call_id)
             if row is None or c.bye_at is None or c.answered_at is None:
                 continue
-            length_ok = abs(row.duration_ms / 1000 - (c.bye_at - c.answered_at)) <= 0.5
+            length = row.duration_ms / 1000 - (c.bye_at - c.answered_at)
+            step.off += abs(length) > HOLDS_LENGTH_S
+            length_ok = abs(length) <= WHOLE_LENGTH_S
             if length_ok and not flags(row):
                 step.whole += 1
             elif len(step.problems) < 5:
-                step.problems.append(f"{row.recording_id} flags={row.flags or '-'}")
+                step.problems.append(
+                    f"{row.recording_id} flags={row.flags or '-'} length_off_s={length:+.2f}"
+                )
             step.archived_s.append(row.stored_at_ms / 1000 - c.bye_at)
             receipt = got.get(row.recording_id, row.stored_at_ms / 1000)
             step.safe_s.append(receipt - c.bye_at)
@@ -281,52 +334,49 @@ def per_worker(usage: Usage) -> tuple[float, float]:
 
 def rows_of(steps: list[Step]) -> dict[str, tuple[list[str], Sequence[Sequence[object]]]]:
     load_cols = [
-        "calls", "workers", "recorded", "refused", "rx/sent", "worst stream", "lost (gaps)",
-        "sender", "sender CPU %", "sender late p50/p99/max ms", "holds",
+        "calls", "start", "workers", "recorded", "refused", "rx/sent", "worst stream",
+        "lost (gaps)", "sender", "sender CPU %", "sender late p50/p99/max ms", "holds",
     ]  # fmt: skip
     cost_cols = [
-        "calls", "workers CPU %", "workers PSS MB", "front CPU %", "agent CPU %",
-        "call/idle-worker CPU", "call/idle-worker PSS",
+        "calls", "start", "workers CPU %", "workers PSS MB", "zygote PSS MB", "front CPU %",
+        "agent CPU %", "CPU % per call", "rtpengine", "floor", "host busy %", "load avg",
     ]  # fmt: skip
     safe_cols = [
-        "calls", "p50 s", "p99 s", "max s", "last BYE → all stored s",
+        "calls", "start", "p50 s", "p99 s", "max s", "last BYE → all stored s",
         *(f"{name} p50/p99 s" for name in PHASES),
     ]  # fmt: skip
     load, cost, safe = [], [], []
     for s in steps:
         load.append([
-            s.calls, s.workers, f"{s.whole}/{s.calls}", s.refused,
+            s.calls, s.start, s.workers, f"{s.whole}/{s.calls}", s.refused,
             f"{s.rx_ratio_total:.4f}", f"{s.rx_ratio_worst:.4f}",
             f"{s.lost / max(1, s.lost + s.received):.5f}", s.sender,
             s.busy["sender"].cpu_pct,
             f"{s.sender_late_p50_s * 1e3:.1f}/{s.sender_late_p99_s * 1e3:.1f}/"
             f"{s.sender_late_s * 1e3:.1f}",
-            "yes" if s.holds else "NO",
+            "yes" if s.holds else "NO: " + "; ".join(s.verdict()),
         ])  # fmt: skip
-        idle_cpu, idle_pss = per_worker(s.idle["workers"])
         busy = s.busy["workers"]
-        call_cpu = busy.cpu_pct / s.calls
-        call_pss = (busy.pss_mb - s.idle["workers"].pss_mb) / s.calls
         cost.append([
-            s.calls, busy.cpu_pct, busy.pss_mb, s.busy["front"].cpu_pct,
-            s.busy["agent main"].cpu_pct,
-            call_cpu / idle_cpu if idle_cpu else math.nan,
-            call_pss / idle_pss if idle_pss else math.nan,
+            s.calls, s.start, busy.cpu_pct, busy.pss_mb, s.busy["zygote"].pss_mb,
+            s.busy["front"].cpu_pct, s.busy["agent main"].cpu_pct,
+            s.recorder("busy")[0] / s.calls, RTPENGINE_CALL_PCT, FLOOR_CALL_PCT,
+            s.busy["host"].cpu_pct, s.load,
         ])  # fmt: skip
         safe.append([
-            s.calls, percentile(s.safe_s, 50), percentile(s.safe_s, 99),
+            s.calls, s.start, percentile(s.safe_s, 50), percentile(s.safe_s, 99),
             max(s.safe_s, default=math.nan), s.drain_s,
             *(f"{percentile(s.phases.get(n, []), 50):.2f}/{percentile(s.phases.get(n, []), 99):.2f}"
               for n in PHASES),
         ])  # fmt: skip
     idle = [
-        [s.calls, s.workers, *per_worker(s.idle["workers"]), s.idle["front"].cpu_pct,
-         s.idle["front"].pss_mb, s.idle["agent main"].pss_mb]
+        [s.calls, s.start, s.workers, *per_worker(s.idle["workers"]), s.idle["zygote"].pss_mb,
+         s.idle["front"].cpu_pct, s.idle["front"].pss_mb, s.idle["agent main"].pss_mb]
         for s in steps
     ]  # fmt: skip
     idle_cols = [
-        "calls", "workers", "CPU %/worker", "PSS MB/worker", "front CPU %", "front PSS MB",
-        "agent PSS MB",
+        "calls", "start", "workers", "CPU %/worker", "PSS MB/worker", "zygote PSS MB",
+        "front CPU %", "front PSS MB", "agent PSS MB",
     ]  # fmt: skip
     path_cols = [
         "path", "calls", "agent CPU %/call", "agent PSS MB/call", "store CPU %/call",
@@ -342,9 +392,55 @@ def rows_of(steps: list[Step]) -> dict[str, tuple[list[str], Sequence[Sequence[o
             load_cols, load,
         ),
         "Idle pool before the calls": (idle_cols, idle),
-        "Cost with every call up (CPU in % of one core)": (cost_cols, cost),
+        "Cost with every call up (CPU in % of one core; per call: the whole recorder)": (
+            cost_cols, cost,
+        ),
         "Hang-up → safe (SIPp's BYE → the store's durable receipt)": (safe_cols, safe),
+        "Capacity (the largest step that held)": (CAPACITY_COLS, capacity_rows(steps)),
     }  # fmt: skip
+
+
+CAPACITY_COLS = [
+    "start", "largest step held", "first drop", "recorder cores", "recorder GB",
+    "calls per recorder core", "calls per GB", "calls per host core", "CPU % per call",
+]  # fmt: skip
+
+
+def capacity(steps: list[Step], start: str) -> dict[str, object]:
+    """The largest step that held for one way of starting workers, per core and GB."""
+    mine = [s for s in steps if s.start == start]
+    held = max((s for s in mine if s.holds), key=lambda s: s.calls, default=None)
+    drop = next((s.calls for s in mine if not s.holds), None)
+    if held is None:
+        return {"start": start, "largest_held": None, "first_drop": drop}
+    cpu, pss = held.recorder("busy")
+    cores, gb = cpu / 100, pss / 1024
+    return {
+        "start": start,
+        "largest_held": held.calls,
+        "first_drop": drop,
+        "recorder_cores": round(cores, 3),
+        "recorder_gb": round(gb, 3),
+        "calls_per_recorder_core": round(held.calls / cores, 1) if cores else None,
+        "calls_per_gb": round(held.calls / gb, 1) if gb else None,
+        "calls_per_host_core": round(held.calls / (os.cpu_count() or 1), 1),
+        "cpu_pct_per_call": round(cpu / held.calls, 4),
+        "rtpengine_cpu_pct_per_call": RTPENGINE_CALL_PCT,
+        "floor_cpu_pct_per_call": round(FLOOR_CALL_PCT, 4),
+        "load_average": round(held.load, 2),
+    }
+
+
+def capacity_rows(steps: list[Step]) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for start in dict.fromkeys(s.start for s in steps):
+        c = capacity(steps, start)
+        keys = (
+            "largest_held", "first_drop", "recorder_cores", "recorder_gb",
+            "calls_per_recorder_core", "calls_per_gb", "calls_per_host_core", "cpu_pct_per_call",
+        )  # fmt: skip
+        rows.append([start, *(("-" if c.get(k) is None else c.get(k)) for k in keys)])
+    return rows
 
 
 def path_figures(s: Step) -> dict[str, float]:
@@ -387,11 +483,14 @@ def as_json(step: Step) -> dict[str, object]:
         "hangup_to_archived_p50_s": round(percentile(step.archived_s, 50), 3),
         "hangup_to_archived_p99_s": round(percentile(step.archived_s, 99), 3),
         "calls": step.calls,
+        "start": step.start,
         "workers": step.workers,
+        "load_average": round(step.load, 2),
         "answered": step.answered,
         "refused": step.refused,
         "stored": step.stored,
         "whole": step.whole,
+        "length_off_over_0_2_s": step.off,
         "streams": step.streams,
         "rx_over_sent": round(step.rx_ratio_total, 5),
         "worst_stream_rx_over_sent": round(step.rx_ratio_worst, 5),
@@ -412,6 +511,7 @@ def as_json(step: Step) -> dict[str, object]:
             for name, v in step.phases.items()
         },
         "holds": step.holds,
+        "why_not": step.verdict(),
         "problems": step.problems,
         "usage": usage,
     }
@@ -419,12 +519,14 @@ def as_json(step: Step) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", default="25,50,100,200,400", help="concurrent calls per step")
-    parser.add_argument("--seconds", type=int, default=40, help="length of each call")
+    parser.add_argument("--steps", default="100,200,300,400,500,600,700,800",
+                        help="concurrent calls per step, in the order run")  # fmt: skip
+    parser.add_argument("--seconds", type=int, default=40,
+                        help="how long every call of a step is up at once")  # fmt: skip
     parser.add_argument("--rate", type=float, default=20.0, help="new calls per second")
     parser.add_argument(
         "--spread", type=int, default=0,
-        help="calls last --seconds plus up to this many seconds more (uniform): hang-ups "
+        help="calls last up to this many seconds more (uniform): hang-ups "
         "spread out as in steady traffic instead of all ending within seconds",
     )  # fmt: skip
     parser.add_argument(
@@ -433,40 +535,67 @@ def main(argv: list[str] | None = None) -> int:
         default="c",
         help="the RTP load generator: compiled (c) or one Python thread",
     )
+    parser.add_argument("--start", default="fork",
+                        help="how workers start: fork (the zygote), exec (each its own "
+                        "Python) or exec,fork (both at every step, back to back)")  # fmt: skip
+    parser.add_argument("--safe-target", type=float, default=120.0,
+                        help="seconds: hang-up → safe p99 of a step that holds")  # fmt: skip
+    parser.add_argument("--keep-going", action="store_true",
+                        help="run every step, also after one did not hold")  # fmt: skip
     parser.add_argument(
         "--path", default="file", help="file, live, or both (file then live, back to back)"
     )
-    parser.add_argument("--stop-after-drop", action="store_true",
-                        help="stop after the first step that does not hold")  # fmt: skip
     args = parser.parse_args(argv)
+    ways = args.start.split(",")
+    if not set(ways) <= {"exec", "fork"}:
+        parser.error(f"--start {args.start}: expected fork, exec or exec,fork")
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2 sockets per call here
     started = time.monotonic()
     steps: list[Step] = []
+    dropped: set[str] = set()
+    failed: list[dict[str, object]] = []  # steps whose agent did not start
     with tempfile.TemporaryDirectory(prefix="bench-concurrent-") as tmp:
         for calls in (int(n) for n in args.steps.split(",")):
-            for path in ("file", "live") if args.path == "both" else (args.path,):
-                step = run_step(
-                    Path(tmp), calls, args.seconds, args.rate, args.spread, args.sender, path
-                )
+            paths = ("file", "live") if args.path == "both" else (args.path,)
+            for way, path in ((w, p) for w in ways if w not in dropped for p in paths):
+                workers = math.ceil(calls / 4) + max(1, math.ceil(calls / 40))
+                step = Step(calls, workers, way, args.safe_target, sender=args.sender, path=path)
+                try:
+                    run_step(Path(tmp), step, args.seconds, args.rate, args.spread)
+                except AssertionError as exc:  # the agent gave up waiting for its workers
+                    found = re.findall(r'reason="([^"]+)"', str(exc))
+                    step.not_started = found[-1] if found else str(exc).split("\n")[0]
+                    load = round(os.getloadavg()[0], 2)
+                    failed.append({"calls": calls, "start": way, "why": step.not_started,
+                                   "load_average": load})  # fmt: skip
+                    print(f"step {calls} ({way}): agent did not start: {step.not_started}")
+                    if not args.keep_going:
+                        dropped.add(way)
+                    continue
                 steps.append(step)
                 print(
-                    f"step {calls} {path}: {step.whole}/{calls} whole, holds={step.holds}",
-                    flush=True,
-                )
-            if args.stop_after_drop and not step.holds:
-                break
-    first_drop = next((s.calls for s in steps if not s.holds), None)
+                    json.dumps(as_json(step), default=str), flush=True
+                )  # kept if a later step fails
+                verdict = "holds" if step.holds else "does not hold: " + "; ".join(step.verdict())
+                print(f"step {calls} ({way}): {step.whole}/{calls} whole, {verdict}", flush=True)
+                if not step.holds and not args.keep_going:
+                    dropped.add(way)
     result = {
         "call_seconds": args.seconds,
         "rate_calls_per_s": args.rate,
         "call_spread_s": args.spread,
         "sender": args.sender,
+        "safe_target_s": args.safe_target,
+        "capacity": {way: capacity(steps, way) for way in ways},
+        "agent_did_not_start": failed,
+        "first_step_that_drops": {
+            way: next((s.calls for s in steps if s.start == way and not s.holds), None)
+            for way in ways
+        },
         "path": args.path,
-        "first_step_that_drops": first_drop,
         "steps": [as_json(s) for s in steps],
     }
-    print(f"quality first drops at: {first_drop or 'no step (all held)'}")
     emit("concurrent recording", MODULE, rows_of(steps), result, ("sipp", "kamailio"), started)
     return 0
 

@@ -1,12 +1,14 @@
-"""Helpers for the fault tests (tests/test_faults.py): a small PKI, synthetic captures
-dropped into captures/ready/ as a SIP worker leaves them, and the closing check that
-the store holds exactly the recordings made."""
+"""Helpers for the fault tests (tests/test_faults.py, test_ingest_limits.py): a small
+PKI, an agent's ingest client and manifest, synthetic captures dropped into
+captures/ready/ as a SIP worker leaves them, and the closing check that the store
+holds exactly the recordings made."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
 import errno
+import hashlib
 import json
 import math
 import os
@@ -22,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from agent import certs
@@ -36,11 +39,13 @@ from agent.capture import (
     utc_now,
     write_meta,
 )
+from agent.pb.callrec.v1 import recordings_pb2 as pb
+from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.recorder.finalize import MANIFEST_FILE
 from agent.store.catalog import Catalog
 from agent.store.ingest import partials
 from tests.support.daemons import Daemon
-from tests.support.stack import Keys
+from tests.support.stack import InProcessStore, Keys
 
 SITE = "hel-1"
 BYTES_PER_AUDIO_S = 8000 * 2 * 2  # the archive WAV: 8 kHz, 16 bit, stereo
@@ -75,6 +80,30 @@ def make_pki(directory: Path) -> Pki:
     certs.write_pair(directory, "store", certs.issue_store(ca))
     certs.write_pair(directory, f"agent-{SITE}", certs.issue_agent(ca, SITE))
     return Pki(directory, ca)
+
+
+# ---------------------------------------------------------------- an agent's uploads
+
+
+def ingest_stub(store: InProcessStore, pki: Pki, stem: str = f"agent-{SITE}") -> pb_grpc.IngestStub:
+    """The Ingest client of the agent whose certificate is ``stem`` (mutual TLS)."""
+    d = pki.directory
+    creds = certs.channel_credentials(d / "ca.pem", d / f"{stem}.pem", d / f"{stem}.key")
+    return pb_grpc.IngestStub(grpc.secure_channel(store.address, creds))
+
+
+def manifest_for(data: bytes, site: str = SITE) -> pb.Manifest:
+    """A valid manifest of a 5 s anonymous call whose audio is ``data``."""
+    now = utc_now()
+    manifest = pb.Manifest(
+        recording_id=new_recording_id(), site=site, source="siprec", call_ref="c" * 16,
+        direction=pb.DIRECTION_INBOUND, audio_format="wav", size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(), channels=2, region="fi",
+        customer=pb.Customer(kind="anonymous", masked="anonymous"),
+    )  # fmt: skip
+    manifest.started_at.FromDatetime(now - dt.timedelta(seconds=5))
+    manifest.ended_at.FromDatetime(now)
+    return manifest
 
 
 # ---------------------------------------------------------------- synthetic captures
@@ -259,3 +288,19 @@ def fill_disk(directory: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+# ---------------------------------------------------------------- signals
+
+
+def signal_storm(pid: int, signals: tuple[signal.Signals, ...], seconds: float) -> int:
+    """Send ``signals`` round-robin to ``pid`` as fast as this process can for
+    ``seconds`` (so that some arrive while the last one is being handled); how many
+    were sent."""
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signals[sent % len(signals)])
+        sent += 1
+    return sent

@@ -475,6 +475,15 @@ def _group_members(pgid: int, marker: str) -> list[int]:
     return found
 
 
+def stale_front_alive(files: FrontFiles) -> bool:
+    """Whether the Kamailio of a previous run of the agent still runs."""
+    try:
+        pgid = int(files.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    return bool(_group_members(pgid, str(files.config)))
+
+
 def kill_stale_front(files: FrontFiles, timeout: float = 5.0) -> int:
     """Kill a Kamailio a previous run of the agent left (it was SIGKILLed: its front
     would hold the SIP port and make this start fail). Returns how many processes."""
