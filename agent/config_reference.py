@@ -62,6 +62,11 @@ AGENT: Sections = {
         Key("rtp_timeout", '"30s"', "hang up a call whose RTP stopped without a BYE"),
         Key("max_call", '"4h"', "end a call that runs longer"),
         Key("drain", '"60s"', "at shutdown, calls in progress may run this long, then BYE"),
+        Key(
+            "worker_start",
+            '"fork"',
+            '"fork" from one pre-imported process, or "exec" (each its own)',
+        ),
         Key("customer_header", '"X-Callrec-Customer"', "plain INVITEs: the customer's number"),
         Key("employee_header", '"X-Callrec-Employee"', "plain INVITEs: the employee's SIP URI"),
         Key("service_header", '"X-Callrec-Service"', "plain INVITEs: the service number called"),

@@ -48,6 +48,7 @@ workers = 2
 rtp_timeout = "20s"
 max_call = "2h"
 drain = "30s"
+worker_start = "exec"
 customer_header = "X-Customer"
 employee_header = "X-Employee"
 service_header = "X-Service"
