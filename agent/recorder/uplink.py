@@ -29,6 +29,7 @@ from agent import logs, metrics
 from agent.capture import quarantine
 from agent.certs import channel_credentials, load_cert, site_of
 from agent.config import ConfigError, UplinkConfig, check_transport
+from agent.manifest import DISCARDED
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import check_private_file
@@ -286,6 +287,11 @@ class Uplink:
     def _upload_once(self, entry: OutboxEntry, progress: _Progress) -> None:
         rid = entry.manifest.recording_id
         progress.attempts += 1
+        if DISCARDED in entry.manifest.flags:  # no audio: the store is told, and keeps a trace
+            request = pb.DiscardRequest(manifest=entry.manifest)
+            receipt = self.stub.Discard(request, timeout=QUERY_TIMEOUT_S)
+            self._done(entry, receipt, progress, resumed_at=0)
+            return
         status = self.stub.QueryUpload(
             pb.QueryUploadRequest(recording_id=rid), timeout=QUERY_TIMEOUT_S
         )

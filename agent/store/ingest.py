@@ -38,12 +38,14 @@ from agent.manifest import (
     ClockAhead,
     ManifestError,
     employees_json,
+    pauses_json,
+    validate_discard_manifest,
     validate_manifest,
 )
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import KeyFileError
-from agent.store import monitoring, partials
+from agent.store import discards, monitoring, partials
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
 from agent.store.denylist import DenyList
 from agent.store.numbers import SealError, SealKeyring
@@ -137,6 +139,31 @@ class IngestService(pb_grpc.IngestServicer):
         part, manifest_file = self._paths(request.recording_id)
         size = await asyncio.to_thread(partials.committed_size, part, manifest_file, site)
         return pb.QueryUploadResponse(committed_size=size)
+
+    async def Discard(
+        self, request: pb.DiscardRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UploadReceipt:
+        """A call stopped and discarded at the customer's request (agent.store.discards)."""
+        site = await self._peer_site(context)
+        manifest = request.manifest
+        try:
+            validate_discard_manifest(manifest)
+        except ManifestError as exc:
+            rid = manifest.recording_id[:32]
+            log.warning("discard_refused", recording_id=rid, reason=str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"manifest: {exc}")
+        await self._check_site(manifest, site, context)
+        part, manifest_file = self._paths(manifest.recording_id)
+        files = (part, partials.key_file_of(part), manifest_file)
+        actor = f"agent:{site or manifest.site}"
+        try:
+            async with self._exclusive(manifest.recording_id):
+                row = await asyncio.to_thread(
+                    discards.discard, self.catalog, manifest, files, actor
+                )
+        except UploadRejected as exc:
+            await context.abort(exc.code, str(exc))
+        return discards.receipt(row)
 
     async def _peer_site(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
         """The site of the caller's certificate (None when the store runs without TLS)."""
@@ -502,6 +529,7 @@ def row_from_manifest(m: pb.Manifest, blob_key: str, region: str) -> RecordingRo
         blob_key=blob_key,
         region=region,
         stored_at_ms=now_ms(),
+        pauses_json=pauses_json(m) if m.pauses else None,
     )
 
 

@@ -25,45 +25,49 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$agent/pb/callrec/v1/recordings.proto\x12\ncallrec.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"d\n\x08\x43ustomer\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06masked\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x15\n\rdigest_key_id\x18\x04 \x01(\t\x12\x13\n\x0btail_sealed\x18\x05 \x01(\t\"n\n\x08\x45mployee\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03\x61or\x18\x03 \x01(\t\x12\x0c\n\x04team\x18\x04 \x01(\t\x12-\n\tjoined_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa6\x03\n\x08Manifest\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61ll_ref\x18\x04 \x01(\t\x12(\n\tdirection\x18\x05 \x01(\x0e\x32\x15.callrec.v1.Direction\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eservice_number\x18\x08 \x01(\t\x12&\n\x08\x63ustomer\x18\t \x01(\x0b\x32\x14.callrec.v1.Customer\x12\'\n\temployees\x18\n \x03(\x0b\x32\x14.callrec.v1.Employee\x12\r\n\x05\x66lags\x18\x0b \x03(\t\x12\x14\n\x0c\x61udio_format\x18\x0c \x01(\t\x12\x0c\n\x04size\x18\r \x01(\x03\x12\x0e\n\x06sha256\x18\x0e \x01(\t\x12\x10\n\x08\x63hannels\x18\x0f \x01(\x05\x12\x0e\n\x06region\x18\x10 \x01(\t\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"&\n\x06\x46inish\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\x8b\x01\n\rUploadRequest\x12(\n\x08manifest\x18\x01 \x01(\x0b\x32\x14.callrec.v1.ManifestH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.callrec.v1.ChunkH\x00\x12$\n\x06\x66inish\x18\x03 \x01(\x0b\x32\x12.callrec.v1.FinishH\x00\x42\x06\n\x04kind\"r\n\rUploadReceipt\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12-\n\tstored_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"*\n\x12QueryUploadRequest\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\"k\n\x13QueryUploadResponse\x12\x16\n\x0e\x63ommitted_size\x18\x01 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12*\n\x07receipt\x18\x03 \x01(\x0b\x32\x19.callrec.v1.UploadReceipt\"{\n\rRecordingInfo\x12&\n\x08manifest\x18\x01 \x01(\x0b\x32\x14.callrec.v1.Manifest\x12-\n\tstored_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64uration_ms\x18\x03 \x01(\x03\"|\n\x15ListRecordingsRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x03 \x01(\x05\"G\n\x16ListRecordingsResponse\x12-\n\nrecordings\x18\x01 \x03(\x0b\x32\x19.callrec.v1.RecordingInfo\"K\n\x12\x45xportAudioRequest\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07purpose\x18\x03 \x01(\t\"0\n\nAudioChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x61udio_format\x18\x02 \x01(\t*U\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44IRECTION_INBOUND\x10\x01\x12\x16\n\x12\x44IRECTION_OUTBOUND\x10\x02\x32\x9a\x01\n\x06Ingest\x12@\n\x06Upload\x12\x19.callrec.v1.UploadRequest\x1a\x19.callrec.v1.UploadReceipt(\x01\x12N\n\x0bQueryUpload\x12\x1e.callrec.v1.QueryUploadRequest\x1a\x1f.callrec.v1.QueryUploadResponse2\xab\x01\n\x07\x43onsole\x12W\n\x0eListRecordings\x12!.callrec.v1.ListRecordingsRequest\x1a\".callrec.v1.ListRecordingsResponse\x12G\n\x0b\x45xportAudio\x12\x1e.callrec.v1.ExportAudioRequest\x1a\x16.callrec.v1.AudioChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$agent/pb/callrec/v1/recordings.proto\x12\ncallrec.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"d\n\x08\x43ustomer\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0e\n\x06masked\x18\x02 \x01(\t\x12\x0e\n\x06\x64igest\x18\x03 \x01(\t\x12\x15\n\rdigest_key_id\x18\x04 \x01(\t\x12\x13\n\x0btail_sealed\x18\x05 \x01(\t\"n\n\x08\x45mployee\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03\x61or\x18\x03 \x01(\t\x12\x0c\n\x04team\x18\x04 \x01(\t\x12-\n\tjoined_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xc9\x03\n\x08Manifest\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x10\n\x08\x63\x61ll_ref\x18\x04 \x01(\t\x12(\n\tdirection\x18\x05 \x01(\x0e\x32\x15.callrec.v1.Direction\x12.\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0eservice_number\x18\x08 \x01(\t\x12&\n\x08\x63ustomer\x18\t \x01(\x0b\x32\x14.callrec.v1.Customer\x12\'\n\temployees\x18\n \x03(\x0b\x32\x14.callrec.v1.Employee\x12\r\n\x05\x66lags\x18\x0b \x03(\t\x12\x14\n\x0c\x61udio_format\x18\x0c \x01(\t\x12\x0c\n\x04size\x18\r \x01(\x03\x12\x0e\n\x06sha256\x18\x0e \x01(\t\x12\x10\n\x08\x63hannels\x18\x0f \x01(\x05\x12\x0e\n\x06region\x18\x10 \x01(\t\x12!\n\x06pauses\x18\x11 \x03(\x0b\x32\x11.callrec.v1.Pause\"h\n\x05Pause\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x03\x65nd\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03who\x18\x03 \x01(\t\"8\n\x0e\x44iscardRequest\x12&\n\x08manifest\x18\x01 \x01(\x0b\x32\x14.callrec.v1.Manifest\"%\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"&\n\x06\x46inish\x12\x0c\n\x04size\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\"\x8b\x01\n\rUploadRequest\x12(\n\x08manifest\x18\x01 \x01(\x0b\x32\x14.callrec.v1.ManifestH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.callrec.v1.ChunkH\x00\x12$\n\x06\x66inish\x18\x03 \x01(\x0b\x32\x12.callrec.v1.FinishH\x00\x42\x06\n\x04kind\"r\n\rUploadReceipt\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12-\n\tstored_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"*\n\x12QueryUploadRequest\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\"k\n\x13QueryUploadResponse\x12\x16\n\x0e\x63ommitted_size\x18\x01 \x01(\x03\x12\x10\n\x08\x63omplete\x18\x02 \x01(\x08\x12*\n\x07receipt\x18\x03 \x01(\x0b\x32\x19.callrec.v1.UploadReceipt\"{\n\rRecordingInfo\x12&\n\x08manifest\x18\x01 \x01(\x0b\x32\x14.callrec.v1.Manifest\x12-\n\tstored_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64uration_ms\x18\x03 \x01(\x03\"|\n\x15ListRecordingsRequest\x12)\n\x05since\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x05until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x03 \x01(\x05\"G\n\x16ListRecordingsResponse\x12-\n\nrecordings\x18\x01 \x03(\x0b\x32\x19.callrec.v1.RecordingInfo\"K\n\x12\x45xportAudioRequest\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07purpose\x18\x03 \x01(\t\"0\n\nAudioChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x14\n\x0c\x61udio_format\x18\x02 \x01(\t*U\n\tDirection\x12\x19\n\x15\x44IRECTION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44IRECTION_INBOUND\x10\x01\x12\x16\n\x12\x44IRECTION_OUTBOUND\x10\x02\x32\xdc\x01\n\x06Ingest\x12@\n\x06Upload\x12\x19.callrec.v1.UploadRequest\x1a\x19.callrec.v1.UploadReceipt(\x01\x12N\n\x0bQueryUpload\x12\x1e.callrec.v1.QueryUploadRequest\x1a\x1f.callrec.v1.QueryUploadResponse\x12@\n\x07\x44iscard\x12\x1a.callrec.v1.DiscardRequest\x1a\x19.callrec.v1.UploadReceipt2\xab\x01\n\x07\x43onsole\x12W\n\x0eListRecordings\x12!.callrec.v1.ListRecordingsRequest\x1a\".callrec.v1.ListRecordingsResponse\x12G\n\x0b\x45xportAudio\x12\x1e.callrec.v1.ExportAudioRequest\x1a\x16.callrec.v1.AudioChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agent.pb.callrec.v1.recordings_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DIRECTION']._serialized_start=1665
-  _globals['_DIRECTION']._serialized_end=1750
+  _globals['_DIRECTION']._serialized_start=1864
+  _globals['_DIRECTION']._serialized_end=1949
   _globals['_CUSTOMER']._serialized_start=85
   _globals['_CUSTOMER']._serialized_end=185
   _globals['_EMPLOYEE']._serialized_start=187
   _globals['_EMPLOYEE']._serialized_end=297
   _globals['_MANIFEST']._serialized_start=300
-  _globals['_MANIFEST']._serialized_end=722
-  _globals['_CHUNK']._serialized_start=724
-  _globals['_CHUNK']._serialized_end=761
-  _globals['_FINISH']._serialized_start=763
-  _globals['_FINISH']._serialized_end=801
-  _globals['_UPLOADREQUEST']._serialized_start=804
-  _globals['_UPLOADREQUEST']._serialized_end=943
-  _globals['_UPLOADRECEIPT']._serialized_start=945
-  _globals['_UPLOADRECEIPT']._serialized_end=1059
-  _globals['_QUERYUPLOADREQUEST']._serialized_start=1061
-  _globals['_QUERYUPLOADREQUEST']._serialized_end=1103
-  _globals['_QUERYUPLOADRESPONSE']._serialized_start=1105
-  _globals['_QUERYUPLOADRESPONSE']._serialized_end=1212
-  _globals['_RECORDINGINFO']._serialized_start=1214
-  _globals['_RECORDINGINFO']._serialized_end=1337
-  _globals['_LISTRECORDINGSREQUEST']._serialized_start=1339
-  _globals['_LISTRECORDINGSREQUEST']._serialized_end=1463
-  _globals['_LISTRECORDINGSRESPONSE']._serialized_start=1465
-  _globals['_LISTRECORDINGSRESPONSE']._serialized_end=1536
-  _globals['_EXPORTAUDIOREQUEST']._serialized_start=1538
-  _globals['_EXPORTAUDIOREQUEST']._serialized_end=1613
-  _globals['_AUDIOCHUNK']._serialized_start=1615
-  _globals['_AUDIOCHUNK']._serialized_end=1663
-  _globals['_INGEST']._serialized_start=1753
-  _globals['_INGEST']._serialized_end=1907
-  _globals['_CONSOLE']._serialized_start=1910
-  _globals['_CONSOLE']._serialized_end=2081
+  _globals['_MANIFEST']._serialized_end=757
+  _globals['_PAUSE']._serialized_start=759
+  _globals['_PAUSE']._serialized_end=863
+  _globals['_DISCARDREQUEST']._serialized_start=865
+  _globals['_DISCARDREQUEST']._serialized_end=921
+  _globals['_CHUNK']._serialized_start=923
+  _globals['_CHUNK']._serialized_end=960
+  _globals['_FINISH']._serialized_start=962
+  _globals['_FINISH']._serialized_end=1000
+  _globals['_UPLOADREQUEST']._serialized_start=1003
+  _globals['_UPLOADREQUEST']._serialized_end=1142
+  _globals['_UPLOADRECEIPT']._serialized_start=1144
+  _globals['_UPLOADRECEIPT']._serialized_end=1258
+  _globals['_QUERYUPLOADREQUEST']._serialized_start=1260
+  _globals['_QUERYUPLOADREQUEST']._serialized_end=1302
+  _globals['_QUERYUPLOADRESPONSE']._serialized_start=1304
+  _globals['_QUERYUPLOADRESPONSE']._serialized_end=1411
+  _globals['_RECORDINGINFO']._serialized_start=1413
+  _globals['_RECORDINGINFO']._serialized_end=1536
+  _globals['_LISTRECORDINGSREQUEST']._serialized_start=1538
+  _globals['_LISTRECORDINGSREQUEST']._serialized_end=1662
+  _globals['_LISTRECORDINGSRESPONSE']._serialized_start=1664
+  _globals['_LISTRECORDINGSRESPONSE']._serialized_end=1735
+  _globals['_EXPORTAUDIOREQUEST']._serialized_start=1737
+  _globals['_EXPORTAUDIOREQUEST']._serialized_end=1812
+  _globals['_AUDIOCHUNK']._serialized_start=1814
+  _globals['_AUDIOCHUNK']._serialized_end=1862
+  _globals['_INGEST']._serialized_start=1952
+  _globals['_INGEST']._serialized_end=2172
+  _globals['_CONSOLE']._serialized_start=2175
+  _globals['_CONSOLE']._serialized_end=2346
 # @@protoc_insertion_point(module_scope)

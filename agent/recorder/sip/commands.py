@@ -1,0 +1,182 @@
+"""Control commands on a worker's live calls (pause, resume, discard, status, a late
+employee binding), run on the thread that owns pjsua2 (see
+:mod:`agent.recorder.control_channel`), and the SIPREC client's own pause (a=inactive
+on every recorded stream).
+
+A pause disconnects each stream from its recorder; the idle tone generator stays
+connected to every recorder, so the conference bridge goes on writing silence at its
+clock and the leg keeps the call's timeline. A discard drops the recorders and
+unlinks the legs at once (pjsua closes the files on its clock thread): what stays is
+a capture with no audio, flagged ``discarded``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import pjsua2 as pj
+
+from agent import logs
+from agent.capture import Employee, Flag, iso_ms, utc_now, write_meta
+from agent.recorder import call_control
+from agent.recorder.call_control import SRC
+
+if TYPE_CHECKING:
+    from agent.recorder.sip.engine import CallSession
+
+log = logs.get_logger("agent.recorder.sip")
+
+_TEXT_MAX = {"id": 64, "name": 200, "aor": 256, "team": 64}
+
+
+def mute(session: CallSession) -> None:
+    """Disconnect every stream of the call from its recorder (silence from now on)."""
+    call = session.call
+    if call is None:
+        return
+    info = call.getInfo()  # keep it alive: .media points into it (SWIG)
+    for media in info.media:
+        recorder = session.recorders.get(media.index)
+        if recorder is None or media.type != pj.PJMEDIA_TYPE_AUDIO or media.audioConfSlot < 0:
+            continue
+        call.getAudioMedia(media.index).stopTransmit(recorder)
+
+
+def save(session: CallSession) -> None:
+    """Write the capture's metadata now (kept in memory if the disk refuses)."""
+    assert session.meta is not None and session.directory is not None
+    try:
+        write_meta(session.directory, session.meta)
+    except OSError as exc:
+        log.warning(
+            "capture_update_deferred", recording_id=session.meta.recording_id, error=exc.strerror
+        )
+
+
+def follow_src(session: CallSession, receiving: bool) -> None:
+    """The SRC's own pause: every recorded stream inactive opens a pause (who "src"),
+    a stream receiving again closes it (a pause someone else opened stays)."""
+    meta = session.meta
+    if meta is None or Flag.DISCARDED in meta.flags:
+        return
+    now = iso_ms(utc_now())
+    changed = call_control.close_pause(meta, now, SRC) if receiving else meta
+    if not receiving:
+        changed = call_control.open_pause(meta, SRC, now)
+    if changed != meta:
+        session.meta = changed
+        save(session)
+        event = "recording_resumed" if receiving else "recording_paused"
+        log.info(event, recording_id=meta.recording_id, who=SRC)
+
+
+def pause(session: CallSession, who: str) -> None:
+    assert session.meta is not None
+    if session.meta.paused:
+        return
+    mute(session)
+    session.meta = call_control.open_pause(session.meta, who, iso_ms(utc_now()))
+    save(session)
+    log.info("recording_paused", recording_id=session.meta.recording_id, who=who)
+
+
+def resume(session: CallSession, who: str) -> bool:
+    """Close the open pause; True when the streams are to be connected again."""
+    assert session.meta is not None
+    if not session.meta.paused:
+        return False
+    session.meta = call_control.close_pause(session.meta, iso_ms(utc_now()))
+    save(session)
+    log.info("recording_resumed", recording_id=session.meta.recording_id, who=who)
+    return True
+
+
+def discard(session: CallSession, who: str) -> None:
+    """Stop recording the call and destroy what was recorded of it."""
+    assert session.meta is not None and session.directory is not None
+    if Flag.DISCARDED in session.meta.flags:
+        return
+    mute(session)
+    session.recorders.clear()  # pjsua closes the files; unlinked, nothing stays on disk
+    legs = session.meta.legs
+    for leg in legs:
+        with contextlib.suppress(FileNotFoundError):
+            (session.directory / leg).unlink()
+    session.meta = call_control.discarded(session.meta, iso_ms(utc_now()))
+    save(session)
+    log.warning(
+        "recording_discarded", recording_id=session.meta.recording_id, who=who,
+        legs_removed=",".join(legs) or "-",
+    )  # fmt: skip
+
+
+def employee_from(doc: object) -> Employee | None:
+    """The employee a bind command names (resolved by the agent from its directory)."""
+    if not isinstance(doc, dict):
+        return None
+    fields: dict[str, str | None] = {}
+    for key, limit in _TEXT_MAX.items():
+        value = doc.get(key)
+        if value is None and key == "team":
+            fields[key] = None
+            continue
+        if not isinstance(value, str) or not 0 < len(value) <= limit or not value.isprintable():
+            return None
+        fields[key] = value
+    at = iso_ms(utc_now())
+    ident, name, aor = fields["id"] or "", fields["name"] or "", fields["aor"] or ""
+    return Employee(ident, name, aor, at, fields["team"])
+
+
+def bind(session: CallSession, employee: Employee, who: str) -> None:
+    assert session.meta is not None
+    bound = call_control.bind_employee(session.meta, employee)
+    if bound == session.meta:
+        return
+    session.meta = bound
+    save(session)
+    log.info(
+        "employee_bound", recording_id=bound.recording_id, employee=employee.id, who=who,
+        state="live",
+    )  # fmt: skip
+
+
+def run_command(
+    session: CallSession, request: dict[str, Any], reconnect: Callable[[CallSession], None]
+) -> dict[str, Any] | None:
+    """Apply one command to a live call; an error reply, or None when done (the caller
+    answers with the call's status). ``reconnect``: the streams to their recorders."""
+    meta = session.meta
+    assert meta is not None
+    op, who = request.get("op"), request.get("who", "api")
+    if not isinstance(who, str) or not call_control.valid_who(who):
+        return {"status": 400, "error": "who: expected e.g. 'api:crm'"}
+    if op == "status":
+        return None
+    if Flag.DISCARDED in meta.flags and op != "discard":
+        return {"status": 409, "error": "the recording was discarded"}
+    if op == "pause":
+        pause(session, who)
+    elif op == "discard":
+        discard(session, who)
+    elif op == "employee":
+        employee = employee_from(request.get("employee"))
+        if employee is None:
+            return {"status": 400, "error": "employee: expected id, name, aor (and team)"}
+        bind(session, employee, who)
+    elif op == "resume":
+        if resume(session, who):
+            reconnect(session)
+    else:
+        return {"status": 400, "error": "op: expected " + ", ".join(call_control.OPS)}
+    return None
+
+
+def status_reply(session: CallSession) -> dict[str, Any]:
+    assert session.meta is not None
+    meta = session.meta
+    state = call_control.live_state(meta)
+    return {"status": 200, "call": call_control.call_status(replace(meta), state)}
