@@ -26,6 +26,8 @@ from agent.directory import LiveDirectory
 from agent.loops import DirectoryQueue, FileWatcher
 from agent.privacy import Sealer
 from agent.recorder.backpressure import OutboxMonitor
+from agent.recorder.control_api import ControlServer
+from agent.recorder.control_desk import ControlDesk
 from agent.recorder.finalize import Finalizer
 from agent.recorder.front import FrontProcess, write_front_files
 from agent.recorder.outbox import Outbox
@@ -78,6 +80,7 @@ class AgentDaemon:
         self.spool: SpoolPickup | None = None  # [spool]: recordings the PBX made itself
         self.workers = [WorkerProcess(i) for i in range(config.sip.workers)]
         self.front: FrontProcess | None = None  # [sip] run_front: Kamailio run by us
+        self.control: ControlServer | None = None  # [control]: the recording control API
         self.metrics_dir = _metrics_dir(config)
         self.metrics_port: int | None = None
         self.outbox = Outbox(config.outbox_dir)
@@ -132,6 +135,9 @@ class AgentDaemon:
             self.spool = SpoolPickup.from_config(cfg)
             self.spool.start()
         self._start_pool()
+        if cfg.control is not None:
+            desk = ControlDesk(cfg, self.directory, self.outbox)
+            self.control = ControlServer(cfg.control, desk).start()
         log.info(
             "agent_ready",
             site=cfg.site,
@@ -201,7 +207,9 @@ class AgentDaemon:
     def shutdown(self) -> None:
         sdnotify.stopping()
         log.info("agent_stopping")
-        self._stop_pool()
+        self._stop_pool()  # the control API still serves the calls draining
+        if self.control is not None:
+            self.control.stop()
         if self.spool is not None:  # finish the file in hand; finalize drains what it made
             self.spool.stop()
             self.spool.join(30.0)

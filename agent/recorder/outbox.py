@@ -7,8 +7,12 @@ after a receipt whose sha256 equals the manifest's: first renamed to ``.done-<id
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +44,31 @@ class Outbox:
         path = self.root / recording_id
         manifest = json_format.Parse((path / MANIFEST_FILE).read_text(), pb.Manifest())
         return OutboxEntry(path, manifest)
+
+    @contextlib.contextmanager
+    def locked(self, recording_id: str, wait_s: float) -> Iterator[bool]:
+        """Hold the entry's lock (flock on its directory) while a manifest is read and
+        rewritten or an upload attempt runs; yields False if not got within ``wait_s``
+        (and True when the entry is gone: the caller finds that out)."""
+        try:
+            fd = os.open(self.root / recording_id, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            yield True
+            return
+        try:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        yield False
+                        return
+                    time.sleep(0.02)
+            yield True
+        finally:
+            os.close(fd)  # releases the lock
 
     def remove(self, entry: OutboxEntry, receipt: pb.UploadReceipt) -> None:
         if receipt.sha256 != entry.manifest.sha256 or receipt.recording_id != entry.path.name:

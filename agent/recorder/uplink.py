@@ -62,6 +62,7 @@ ENTRY_LEVEL = {
 TRANSIENT = STORE_LEVEL | ENTRY_LEVEL
 ENTRY_ATTEMPTS_PER_PASS = 5
 QUERY_TIMEOUT_S = 10.0
+ENTRY_LOCK_WAIT_S = 10.0  # for a control API's rewrite of the manifest (milliseconds)
 MIN_UPLOAD_RATE = 256 * 1024  # bytes/s: the upload deadline assumes at least this
 
 _SERVICE_CONFIG = json.dumps(
@@ -246,7 +247,14 @@ class Uplink:
         progress, backoff = _Progress(), Backoff(cap_s=self.config.backoff_max_s)
         while self.gate.wait():
             try:
-                self._upload_once(entry, progress)
+                # Under the entry's lock, read afresh: the control API may have bound an
+                # employee to it (agent.recorder.control_desk).
+                with self.outbox.locked(recording_id, ENTRY_LOCK_WAIT_S) as held:
+                    fresh = self._open(recording_id) if held else None
+                    if fresh is None:
+                        return  # gone (uploaded by another pass), or left for the rescan
+                    entry = fresh
+                    self._upload_once(entry, progress)
                 self.gate.succeeded()
                 self.reachability.answered()
                 return
