@@ -92,10 +92,17 @@ class ControlDesk:
                     found.append(LiveCall(int(index), meta))
         return found
 
-    def ended(self, key: str, value: str) -> CaptureMeta | pb.Manifest | None:
-        """The call if it ended and is still on this agent (ready or outbox)."""
+    def ended(self, key: str, value: str) -> CaptureMeta | pb.Manifest | str | None:
+        """The call if it ended: its metadata while still on this agent (ready or
+        outbox), its recording id if uploaded lately."""
         if key not in ("recording_id", "call_id"):
             return None
+        uploaded = self.outbox.uploaded.find(
+            value if key == "recording_id" else None,
+            call_ref(value) if key == "call_id" else None,
+        )
+        if uploaded is not None:
+            return uploaded
         for capture in self._candidates(self.ready_dir, key, value):
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 meta = read_meta(capture)
@@ -127,6 +134,8 @@ class ControlDesk:
         ended = self.ended(key, value)
         if isinstance(ended, CaptureMeta):
             return Reply(200, {"calls": [call_status(ended, "ended")]})
+        if isinstance(ended, str):
+            return Reply(200, {"calls": [{"recording_id": ended, "state": "uploaded"}]})
         if ended is not None:
             return Reply(200, {"calls": [_manifest_status(ended)]})
         return _error(404, f"no call with that {key} on this agent")
@@ -186,11 +195,12 @@ class ControlDesk:
         ended = self.ended(key, value)
         if isinstance(ended, CaptureMeta):
             return _error(409, "the recording is being finalized; retry", retry_after_s=2)
-        if ended is None:
+        if ended is None or isinstance(ended, str):
             return _error(
-                404,
-                "not on this agent: an uploaded recording's employee is changed at the "
-                "store, as a rectification (callrec access rectify-employee)",
+                409 if ended else 404,
+                ("uploaded" if ended else "not on this agent")
+                + ": an uploaded recording's employee is changed at the store, as a "
+                "rectification (callrec rectify ID --to EMPLOYEE)",
             )
         return self._bind_in_outbox(ended.recording_id, employee, who)
 

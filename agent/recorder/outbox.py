@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,8 +34,33 @@ class OutboxEntry:
         return self.path / audio_file_name(self.manifest.audio_format)
 
 
+class Uploaded:
+    """The last ``limit`` recordings that left the outbox with the store's receipt
+    (recording id → hashed Call-ID), in memory: the control API answers 409 "ended"
+    for them rather than 404."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self._refs: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def add(self, recording_id: str, call_ref: str) -> None:
+        with self._lock:
+            self._refs[recording_id] = call_ref
+            while len(self._refs) > self.limit:
+                del self._refs[next(iter(self._refs))]
+
+    def find(self, recording_id: str | None = None, call_ref: str | None = None) -> str | None:
+        """The recording id if one uploaded lately matches."""
+        with self._lock:
+            if recording_id is not None:
+                return recording_id if recording_id in self._refs else None
+            return next((r for r, c in self._refs.items() if c == call_ref), None)
+
+
 class Outbox:
     def __init__(self, root: Path) -> None:
+        self.uploaded = Uploaded()
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
         for leftover in self.root.glob(".done-*"):
@@ -80,6 +106,7 @@ class Outbox:
         entry.path.rename(done)
         fsync_dir(self.root)
         shutil.rmtree(done)
+        self.uploaded.add(entry.manifest.recording_id, entry.manifest.call_ref)
 
     def entries(self) -> list[str]:
         return sorted(
