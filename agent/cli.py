@@ -35,7 +35,7 @@ from agent.manifest import DIRECTION_NAMES
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import KeyFileError, Sealer, check_private_file
-from agent.recorder import frontlog, quarantine
+from agent.recorder import control_cli, frontlog, quarantine
 from agent.store.keys import FileKeyWrapper
 from agent.store.numbers import SealKeyring
 from agent.web import cli as web_cli
@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     certs.add_parsers(sub)
     frontlog.add_parsers(sub)
     quarantine.add_parsers(sub)
+    control_cli.add_parsers(sub)
     web_cli.add_parsers(sub)
     return parser
 
@@ -176,6 +177,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         frontlog.dispatch,
         keys_cli.dispatch,
         quarantine.dispatch,
+        control_cli.dispatch,
         web_cli.dispatch,
     )
     for dispatch in dispatchers:
