@@ -1,0 +1,244 @@
+"""The pieces of recording control without SIP: the [control] config, tokens hashed at
+rest, what commands do to a capture's metadata, the pauses a manifest may carry, the
+PBX's pauses in a spool sidecar (silence written in the legs), and the store's Discard
+against the real store over mutual TLS (partial upload removed, stored recording
+marked for erasure, one audited trace, idempotent, another site refused)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import struct
+import wave
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agent import certs
+from agent.capture import (
+    UNKNOWN,
+    CaptureMeta,
+    Direction,
+    Employee,
+    Flag,
+    Pause,
+    iso_ms,
+    utc_now,
+)
+from agent.config import ConfigError
+from agent.manifest import (
+    ManifestError,
+    discard_manifest_from_capture,
+    manifest_from_capture,
+    validate_discard_manifest,
+    validate_manifest,
+)
+from agent.pb.callrec.v1 import recordings_pb2 as pb
+from agent.privacy import NumberKind, ProtectedNumber
+from agent.recorder import call_control
+from agent.recorder.control_tokens import Tokens, digest, new_token
+from agent.recorder.spoolfiles import SpoolError, parse_sidecar
+from agent.recorder.spoolpauses import silence
+from agent.store import audit, discards
+from agent.store.vault import open_storage
+from tests.support.faults import Pki, make_pki
+from tests.support.stack import Keys, agent_config
+from tests.test_ingest_limits import OTHER_SITE, limited_store, stub, upload
+
+T0 = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    """A CA, the store's pair and agent pairs for hel-1 and OTHER_SITE."""
+    made = make_pki(tmp_path / "pki")
+    certs.write_pair(made.directory, f"agent-{OTHER_SITE}", certs.issue_agent(made.ca, OTHER_SITE))
+    return made
+
+
+def _meta(**changes: object) -> CaptureMeta:
+    meta = CaptureMeta(
+        recording_id="a" * 32, site="hel-1", source="siprec", call_ref="c" * 16,
+        direction=Direction.INBOUND, started_at=iso_ms(T0),
+        ended_at=iso_ms(T0 + dt.timedelta(seconds=30)), service_number=None,
+        customer=ProtectedNumber(NumberKind.ANONYMOUS, "anonymous"),
+        employees=(Employee(UNKNOWN, UNKNOWN, "", iso_ms(T0)),), legs=("customer.wav",),
+        flags=(Flag.EMPLOYEE_UNKNOWN,),
+    )  # fmt: skip
+    return dataclasses.replace(meta, **changes)  # type: ignore[arg-type]
+
+
+def _at(seconds: float) -> str:
+    return iso_ms(T0 + dt.timedelta(seconds=seconds))
+
+
+# ---------------------------------------------------------------- config and tokens
+
+
+def test_control_config_needs_a_way_to_authenticate_and_tls_off_loopback(
+    tmp_path: Path, keys: Keys
+) -> None:
+    with pytest.raises(ConfigError, match=r"\[control\] tokens_file: missing"):
+        agent_config(tmp_path, keys, "127.0.0.1:1", control={"listen": "127.0.0.1:8470"})
+    tokens = str(tmp_path / "t")
+    with pytest.raises(ConfigError, match=r'\[control\] listen = "10.0.0.5:8470": expected a lo'):
+        agent_config(tmp_path, keys, "127.0.0.1:1", control={"listen": "10.0.0.5:8470",
+                                                             "tokens_file": tokens})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"\[control\] key_file: missing"):
+        agent_config(
+            tmp_path, keys, "127.0.0.1:1", control={"tokens_file": tokens, "ca_file": tokens,
+                                                    "cert_file": tokens},
+        )  # fmt: skip
+    cfg, _ = agent_config(tmp_path, keys, "127.0.0.1:1", control={"tokens_file": tokens})
+    assert cfg.control is not None and cfg.control.listen == "127.0.0.1:8470"
+
+
+def test_tokens_are_kept_as_hashes_and_a_broken_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "control.tokens"
+    token = new_token("crm", path)
+    text = path.read_text()
+    assert token not in text and text == f"crm {digest(token)}\n"
+    tokens = Tokens.load(path)
+    assert tokens.integration(token) == "crm"
+    assert tokens.integration(token + "x") is None and tokens.integration("") is None
+    path.write_text(text + "ivr not-a-hash\n")
+    with pytest.raises(ConfigError, match="line 2: expected '<integration> <sha256 hex>'"):
+        Tokens.load(path)
+
+
+# ---------------------------------------------------------------- commands on metadata
+
+
+def test_pauses_open_and_close_once_and_the_src_closes_only_its_own() -> None:
+    meta = call_control.open_pause(_meta(), "api:crm", _at(10))
+    assert call_control.open_pause(meta, "src", _at(11)) == meta  # one open at a time
+    assert meta.paused and Flag.PAUSED in meta.flags
+    assert call_control.close_pause(meta, _at(12), only_who="src") == meta
+    closed = call_control.close_pause(meta, _at(20))
+    assert closed.pauses == (Pause(_at(10), _at(20), "api:crm"),) and not closed.paused
+    never_resumed = call_control.open_pause(closed, "src", _at(25)).with_pauses_closed(_at(30))
+    assert never_resumed.pauses[-1] == Pause(_at(25), _at(30), "src")
+
+
+def test_a_late_employee_replaces_nobody_and_a_discard_leaves_no_legs() -> None:
+    aino = Employee("e1001", "Aino Virtanen", "1001", _at(12), "sales")
+    bound = call_control.bind_employee(_meta(), aino)
+    assert bound.employees == (dataclasses.replace(aino, joined_at=_at(0)),)
+    assert Flag.EMPLOYEE_UNKNOWN not in bound.flags
+    assert call_control.bind_employee(bound, aino) == bound
+    gone = call_control.discarded(call_control.open_pause(bound, "api:crm", _at(5)), _at(15))
+    assert gone.legs == () and Flag.DISCARDED in gone.flags and not gone.paused
+    assert not call_control.valid_who("api:crm; drop table") and call_control.valid_who("src")
+
+
+# ---------------------------------------------------------------- the manifest's pauses
+
+
+def test_a_manifest_carries_its_pauses_and_refuses_ones_outside_the_call() -> None:
+    meta = _meta(pauses=(Pause(_at(10), _at(20), "api:crm"), Pause(_at(25), None, "src")))
+    manifest = manifest_from_capture(meta, "opus", 2, 100, "0" * 64, "fi")
+    validate_manifest(manifest, now=T0 + dt.timedelta(minutes=1))
+    assert manifest.pauses[1].end == manifest.ended_at  # left open: ends with the call
+    bad = {
+        "outside": (Pause(_at(10), _at(31), "api:crm"),),
+        "unordered": (Pause(_at(10), _at(20), "src"), Pause(_at(15), _at(18), "src")),
+        "who": (Pause(_at(10), _at(20), "api:crm\n"),),
+    }
+    for pauses in bad.values():
+        wrong = manifest_from_capture(_meta(pauses=pauses), "opus", 2, 100, "0" * 64, "fi")
+        with pytest.raises(ManifestError, match="pauses"):
+            validate_manifest(wrong, now=T0 + dt.timedelta(minutes=1))
+
+
+def test_a_discard_manifest_has_no_audio_and_says_discarded() -> None:
+    meta = call_control.discarded(_meta(), _at(15))
+    manifest = discard_manifest_from_capture(meta, "fi")
+    validate_discard_manifest(manifest, now=T0 + dt.timedelta(minutes=1))
+    manifest.size = 10
+    with pytest.raises(ManifestError, match="no audio"):
+        validate_discard_manifest(manifest, now=T0 + dt.timedelta(minutes=1))
+
+
+# ---------------------------------------------------------------- the PBX's pauses
+
+
+def _sidecar(pauses: object) -> str:
+    return json.dumps(
+        {"call_id": "1.2", "started_at": "2026-03-02T09:00:00Z", "ended_at": 1772442030,
+         "audio": {"mixed": "x.wav"}, "pauses": pauses}
+    )  # fmt: skip
+
+
+def test_sidecar_pauses_are_parsed_and_silenced_in_the_legs(tmp_path: Path) -> None:
+    car = parse_sidecar(_sidecar([{"start": "2026-03-02T09:00:01Z", "end": 1772442002.5}]))
+    assert car.pauses == ((T0 + dt.timedelta(seconds=1), T0 + dt.timedelta(seconds=2.5)),)
+    leg = tmp_path / "mixed.wav"
+    with wave.open(str(leg), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(struct.pack("<h", 1000) * 8000 * 4)
+    silence(leg, T0, car.pauses)
+    with wave.open(str(leg), "rb") as r:
+        samples = struct.unpack(f"<{4 * 8000}h", r.readframes(4 * 8000))
+    assert set(samples[:8000]) == {1000} and set(samples[20000:]) == {1000}
+    assert set(samples[8000:20000]) == {0}
+    for wrong in ([{"start": 1772442010, "end": 1772442040}], [{"start": 1}], "x"):
+        with pytest.raises(SpoolError, match="pauses"):
+            parse_sidecar(_sidecar(wrong))
+
+
+# ---------------------------------------------------------------- the store's Discard
+
+
+def _discard_manifest(site: str, rid: str | None = None) -> pb.Manifest:
+    now = utc_now()
+    meta = _meta(
+        recording_id=rid or os.urandom(16).hex(), site=site,
+        started_at=iso_ms(now - dt.timedelta(seconds=20)), ended_at=iso_ms(now),
+    )  # fmt: skip
+    return discard_manifest_from_capture(call_control.discarded(meta, iso_ms(now)), "fi")
+
+
+def test_discard_at_the_store_removes_what_it_holds_and_keeps_one_audited_trace(
+    tmp_path: Path, pki: Pki
+) -> None:
+    with limited_store(tmp_path, pki, upload_idle_timeout="1s") as store:
+        hel = stub(store, pki)
+        stored = upload(hel, os.urandom(5000), "hel-1")  # e.g. a live upload finished
+        partial = _discard_manifest("hel-1")
+        incoming = store.config.incoming_dir
+        (incoming / f"{partial.recording_id}.part").write_bytes(b"x" * 100)
+        (incoming / f"{partial.recording_id}.manifest").write_bytes(b"{}")
+        for manifest in (partial, _discard_manifest("hel-1", stored.recording_id)):
+            receipt = hel.Discard(pb.DiscardRequest(manifest=manifest), timeout=10)
+            again = hel.Discard(pb.DiscardRequest(manifest=manifest), timeout=10)
+            assert receipt == again and receipt.size == 0 and receipt.sha256 == ""
+        assert list(incoming.glob(f"{partial.recording_id}*")) == []
+        with pytest.raises(grpc.RpcError) as err:
+            other = stub(store, pki, OTHER_SITE)
+            other.Discard(pb.DiscardRequest(manifest=_discard_manifest("hel-1")), timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with_audio = _discard_manifest("hel-1")
+        with_audio.size = 5
+        with pytest.raises(grpc.RpcError) as err:
+            hel.Discard(pb.DiscardRequest(manifest=with_audio), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        storage = open_storage(store.config)
+        try:
+            catalog = storage.catalog
+            row = catalog.get(stored.recording_id)
+            assert row is not None and row.destroy_reason == "erasure"
+            for rid in (partial.recording_id, stored.recording_id):
+                kept = discards.get(catalog, rid)
+                assert kept is not None and kept.customer_masked == "anonymous"
+                with catalog.engine.connect() as conn:
+                    events = [(e.action, e.actor) for e in audit.events_for(conn, rid)]
+                assert events[-1] == ("discard", "agent:hel-1")
+                assert [a for a, _ in events].count("discard") == 1
+            assert discards.get(catalog, with_audio.recording_id) is None
+        finally:
+            storage.catalog.close()
