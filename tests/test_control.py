@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import shlex
+import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +20,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from agent.cli import main as callrec
 from agent.config import load_agent_config
 from agent.recorder.control_tokens import new_token
 from agent.recorder.front import front_files
@@ -24,7 +28,7 @@ from agent.store import audit, discards
 from agent.store.access_queries import package_metadata
 from agent.testcall.sipp import Midcall, SippResult, SiprecCall, free_port, siprec_scenario
 from tests.support.audio import decode, long_speech
-from tests.support.daemons import start_agent, start_store
+from tests.support.daemons import REPO, start_agent, start_store
 from tests.support.pool import Pool, epoch, flags, rtp_sender, stop_pool, window_rms
 from tests.support.stack import make_keys
 
@@ -256,3 +260,58 @@ def test_discard_leaves_no_audio_anywhere_and_one_audited_entry(pool: tuple[Pool
     with catalog.engine.connect() as conn:
         count = conn.execute(sa.select(sa.func.count()).select_from(discards.discarded_recordings))
         assert count.scalar() == 1
+
+
+def _readme_lines(port: int) -> list[str]:
+    """The ``callrec control`` and ``curl`` lines of the README's control section,
+    pointed at this test's agent."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Recording control", 1)[1].split("\n## ", 1)[0]
+    lines = [
+        line.strip()
+        for line in section.splitlines()
+        if line.startswith(("callrec control ", "curl -sS"))
+    ]
+    return [line.replace("127.0.0.1:8470", f"127.0.0.1:{port}") for line in lines]
+
+
+def test_the_readme_integration_lines_and_a_late_employee_binding_work(
+    pool: tuple[Pool, str], tmp_path: Path
+) -> None:
+    """The README's client lines run against a live call (pause, status, resume by
+    extension); a call whose metadata names nobody known gets its employee from the
+    ACD while it runs, and is stored with them."""
+    running, token = pool
+    api = Api(running, token)
+    token_file = tmp_path / "control.token"
+    token_file.write_text(token + "\n")
+    lines = _readme_lines(api.port)
+    assert len(lines) == 5, lines
+    nobody = running.call(call_ms=12_000, employee="sip:9999@pbx.example", employee_name=None)
+    with ThreadPoolExecutor(2) as executor:
+        known = _place(running, executor, running.call(call_ms=12_000))
+        unknown = _place(running, executor, nobody)
+        api.live("1001")
+        states = []
+        for line in lines:
+            args = shlex.split(line.replace("/etc/callrec/control.token", str(token_file)))
+            if args[0] == "callrec":
+                assert callrec(args[1:]) == 0, line
+            else:  # as a shell runs it, $CALLREC_CONTROL_TOKEN and all
+                env = {**os.environ, "CALLREC_CONTROL_TOKEN": token}
+                done = subprocess.run(
+                    ["sh", "-c", line], env=env, capture_output=True, timeout=10, check=True
+                )
+                assert json.loads(done.stdout)["call"]["recording_id"], (line, done.stdout)
+            states.append(api.live("1001")["state"])
+        assert states == ["paused", "paused", "recording", "paused", "recording"]
+        [stray] = api.request("GET", "/calls?person=unknown")[1]["calls"]
+        binding = {"employee": {"extension": "1002"}}
+        status, doc = api.request("POST", f"/calls/{stray['recording_id']}/employee", binding)
+        assert status == 200 and [e["id"] for e in doc["call"]["employees"]] == ["e1002"], doc
+        results = [known.result(), unknown.result()]
+    assert all(r.ok for r in results), [r.errors[-800:] for r in results]
+    row = running.stored(results[1].call_id)
+    assert [e["id"] for e in row.employees] == ["e1002"] and "employee_unknown" not in flags(row)
+    assert "event=employee_bound" in running.text()
+    assert len(running.stored(results[0].call_id).pauses) == 2
