@@ -43,7 +43,8 @@ from agent.directory import Directory
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
 from agent.pb.callrec.v1 import recordings_pb2 as pb
-from agent.store import audit, tokens
+from agent.store.access import tokens
+from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog
 
 if TYPE_CHECKING:

@@ -326,7 +326,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     agent.add_argument("--days", type=int, default=LEAF_DAYS, help="validity (%(default)s)")
     show = certs_sub.add_parser("show", help="describe a certificate")
     show.add_argument("file", type=Path, help="a PEM certificate")
-    from agent.store import denylist  # the store's deny list (revoke, unrevoke, revoked)
+    from agent.store.ingest import denylist  # the store's deny list (revoke, unrevoke, revoked)
 
     denylist.add_parsers(certs_sub)
 
@@ -347,7 +347,7 @@ def dispatch(args: argparse.Namespace) -> int | None:
 def _run(args: argparse.Namespace) -> list[str]:
     command = args.certs_command
     if command in ("revoke", "unrevoke", "revoked"):
-        from agent.store import denylist
+        from agent.store.ingest import denylist
 
         return denylist.run(args)
     if command == "show":

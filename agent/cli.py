@@ -35,9 +35,11 @@ from agent.manifest import DIRECTION_NAMES
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import KeyFileError, Sealer, check_private_file
-from agent.recorder import control_cli, frontlog, quarantine
-from agent.store.keys import FileKeyWrapper
-from agent.store.numbers import SealKeyring
+from agent.recorder import quarantine
+from agent.recorder.control import cli as control_cli
+from agent.recorder.front import logfilter as frontlog
+from agent.store.keys.master import FileKeyWrapper
+from agent.store.keys.numbers import SealKeyring
 from agent.web import cli as web_cli
 
 log = logs.get_logger("callrec")
@@ -206,7 +208,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sweep":
         store_cfg = load_store_config(args.config)
         logs.configure(store_cfg.log_level, identifier="callrec-sweep")
-        from agent.store.sweeper import run_sweeper
+        from agent.store.retention.sweeper import run_sweeper
 
         return run_sweeper(store_cfg, once=args.once, timer=args.timer)
     if args.command == "console-list":

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
-from agent.store.residency import (
+from agent.store.archive.residency import (
     DEFAULT_ALLOWED_REGIONS,
     aws_endpoint_region,
     is_aws_host,
@@ -79,7 +79,7 @@ class SipConfig:
     employee_header: str = "X-Callrec-Employee"
     service_header: str = "X-Callrec-Service"
     direction_header: str = "X-Callrec-Direction"
-    # The SIP front (Kamailio dispatcher, agent.recorder.front).
+    # The SIP front (Kamailio dispatcher, agent.recorder.front.kamailio).
     front: bool = False
     run_front: bool = False  # the agent runs Kamailio itself (tests, development)
     worker_listen: str = "127.0.0.1"
@@ -170,7 +170,7 @@ class UplinkConfig:
 
 @dataclass(frozen=True)
 class SpoolConfig:
-    """Pick up recordings the PBX made itself (``[spool]``; see agent.recorder.spool)."""
+    """Pick up recordings the PBX made itself (``[spool]``; see agent.recorder.spool.pickup)."""
 
     dir: Path
     owned: bool = False  # delete the PBX's files once the recording is in the outbox
@@ -181,7 +181,7 @@ class SpoolConfig:
 
 @dataclass(frozen=True)
 class ControlConfig:
-    """The recording control API (``[control]``; see agent.recorder.control_api):
+    """The recording control API (``[control]``; see agent.recorder.control.api):
     integrations authenticate with a token (``tokens_file``: ``<name> <sha256 hex>``
     per line, hashed at rest) and/or a client certificate of ``ca_file``'s CA (mutual
     TLS, ``cert_file``/``key_file`` the agent's own)."""
@@ -264,7 +264,7 @@ class KeysConfig:
     # Outside data_dir (a backup of the state must not carry the key that opens it);
     # the default is keys/master.key beside the config file (/etc/callrec/keys/…).
     master_key_file: Path = Path("/etc/callrec/keys/master.key")
-    # wrapper = "pkcs11": the master keys live in a token (agent.store.pkcs11_keys).
+    # wrapper = "pkcs11": the master keys live in a token (agent.store.keys.pkcs11).
     pkcs11_module: Path | None = None  # e.g. /usr/lib/softhsm/libsofthsm2.so
     pkcs11_token_label: str = "callrec"  # noqa: S105 (the token's label, not a secret)
     pkcs11_pin_file: Path | None = None  # the user PIN, 0600

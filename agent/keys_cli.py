@@ -9,8 +9,8 @@
   callrec keys master retire KEY_ID --config store.toml   once no data key needs it
   callrec keys seal rotate --config store.toml --public-out seal.pub.pem
 
-The master key wraps each recording's data key (``agent.store.keys``); ``seal.pem``
-opens the last digits of customers' numbers (``agent.store.numbers``). Both stay on the
+The master key wraps each recording's data key (``agent.store.keys.master``); ``seal.pem``
+opens the last digits of customers' numbers (``agent.store.keys.numbers``). Both stay on the
 store host, outside ``data_dir``; agents hold only ``seal.pub.pem``.
 """
 
@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from agent.config import ConfigError, StoreConfig, load_store_config
 from agent.privacy import KeyFileError, new_seal_keypair
 from agent.store.catalog import Catalog, master_keys
-from agent.store.keys import (
+from agent.store.keys.master import (
     KeyWrapper,
     add_master_key,
     check_and_register,
@@ -39,7 +39,7 @@ from agent.store.keys import (
     retire_master_key,
     rewrap_all,
 )
-from agent.store.numbers import SealKeyring, rotate_seal_key
+from agent.store.keys.numbers import SealKeyring, rotate_seal_key
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -122,7 +122,7 @@ def _catalog(config: StoreConfig) -> Iterator[Catalog]:
 
 def _token_command(config: StoreConfig, catalog: Catalog, command: str, key_id: str) -> int:
     """rotate / retire when the master keys are in a PKCS#11 token."""
-    from agent.store.pkcs11_keys import Pkcs11KeyWrapper
+    from agent.store.keys.pkcs11 import Pkcs11KeyWrapper
 
     wrapper = open_key_wrapper(config, catalog)
     assert isinstance(wrapper, Pkcs11KeyWrapper)

@@ -2,7 +2,7 @@
 digits (RSA-OAEP, randomised, to the store's public key). Nothing downstream of these
 functions ever sees the full number, and nothing an agent host keeps can be checked
 against a guessed number: the agent holds no lookup key and writes no digest. Only
-the store, holding ``seal.pem``, can open the tail (``agent.store.numbers``).
+the store, holding ``seal.pem``, can open the tail (``agent.store.keys.numbers``).
 
 Pure functions and a small key holder; no I/O except reading key files.
 """

@@ -21,12 +21,12 @@ from pydub import AudioSegment
 from agent import access_cli
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.privacy import Protector
-from agent.store import audit
-from agent.store.audit import audit_events
+from agent.store.archive.vault import KeyShredded
+from agent.store.audit import chain as audit
+from agent.store.audit.chain import audit_events
 from agent.store.catalog import data_keys, from_ms, metadata, now_ms, recordings
-from agent.store.numbers import SealKeyring, rotate_seal_key
-from agent.store.sweeper import Sweeper
-from agent.store.vault import KeyShredded
+from agent.store.keys.numbers import SealKeyring, rotate_seal_key
+from agent.store.retention.sweeper import Sweeper
 from tests.support.access_world import World, running_world, write_private
 from tests.support.services import make_row, write_store_toml
 from tests.support.stack import make_keys

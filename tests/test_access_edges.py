@@ -20,9 +20,9 @@ import pytest
 import sqlalchemy as sa
 
 from agent.pb.callrec.v1 import access_pb2 as apb
-from agent.store import audit
+from agent.store.access.throttle import FailureThrottle
+from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog, data_keys
-from agent.store.throttle import FailureThrottle
 from tests.support.access_world import World, opus_audio, running_world
 from tests.support.services import Backend, backend, postgres, seaweed  # noqa: F401
 from tests.support.stack import make_keys

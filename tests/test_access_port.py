@@ -14,8 +14,8 @@ from agent import access_cli, certs
 from agent.config import store_config_from_dict
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
-from agent.store import tokens
-from agent.store.vault import open_storage
+from agent.store.access import tokens
+from agent.store.archive.vault import open_storage
 from tests.support.access_world import PEOPLE
 from tests.support.services import free_tcp_port
 from tests.support.stack import InProcessStore, Keys

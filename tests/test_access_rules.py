@@ -8,7 +8,7 @@ import tomllib
 import pytest
 
 from agent.directory import Directory
-from agent.store.access import (
+from agent.store.access.rules import (
     Operation,
     Purpose,
     RecordingFacts,

@@ -17,8 +17,8 @@ from prometheus_client import REGISTRY
 from agent import access_cli
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
-from agent.store import audit
-from agent.store.throttle import FailureThrottle
+from agent.store.access.throttle import FailureThrottle
+from agent.store.audit import chain as audit
 from tests.support.access_world import CUSTOMER, PEOPLE, World, opus_audio, running_world
 from tests.support.services import write_store_toml
 from tests.support.stack import make_keys

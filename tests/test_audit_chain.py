@@ -17,7 +17,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 
 from agent import access_cli
-from agent.store import audit
+from agent.store.audit import chain as audit
 from agent.store.catalog import MIGRATIONS, Catalog
 from tests.support.services import Postgres, postgres, write_store_toml  # noqa: F401 (fixture)
 

@@ -14,9 +14,13 @@ from typing import Any
 import pytest
 
 from agent.config import ConfigError, S3Config, store_config_from_dict
-from agent.store.blobs import BlobNotFound, Blobs, S3Blobs
-from agent.store.residency import DEFAULT_ALLOWED_REGIONS, aws_endpoint_region, region_allowed
-from agent.store.vault import open_blobs
+from agent.store.archive.blobs import BlobNotFound, Blobs, S3Blobs
+from agent.store.archive.residency import (
+    DEFAULT_ALLOWED_REGIONS,
+    aws_endpoint_region,
+    region_allowed,
+)
+from agent.store.archive.vault import open_blobs
 from tests.support.services import ATTESTATION, Backend, SeaweedFS, backend, postgres, seaweed  # noqa: F401 (fixtures)
 
 

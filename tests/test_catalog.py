@@ -14,7 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from agent.store import audit
+from agent.store.audit import chain as audit
 from agent.store.catalog import (
     MIGRATIONS,
     Catalog,

@@ -22,10 +22,11 @@ import sqlalchemy as sa
 
 from agent.cli import main as callrec
 from agent.config import load_agent_config
-from agent.recorder.control_tokens import new_token
-from agent.recorder.front import front_files
-from agent.store import audit, discards
-from agent.store.access_queries import package_metadata
+from agent.recorder.control.tokens import new_token
+from agent.recorder.front.kamailio import front_files
+from agent.store.access.queries import package_metadata
+from agent.store.audit import chain as audit
+from agent.store.ingest import discards
 from agent.testcall.sipp import Midcall, SippResult, SiprecCall, free_port, siprec_scenario
 from tests.support.audio import decode, long_speech
 from tests.support.daemons import REPO, start_agent, start_store

@@ -38,12 +38,13 @@ from agent.manifest import (
 )
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.privacy import NumberKind, ProtectedNumber
-from agent.recorder import call_control
-from agent.recorder.control_tokens import Tokens, digest, new_token
-from agent.recorder.spoolfiles import SpoolError, parse_sidecar
-from agent.recorder.spoolpauses import silence
-from agent.store import audit, discards
-from agent.store.vault import open_storage
+from agent.recorder.control import calls as call_control
+from agent.recorder.control.tokens import Tokens, digest, new_token
+from agent.recorder.spool.files import SpoolError, parse_sidecar
+from agent.recorder.spool.pauses import silence
+from agent.store.archive.vault import open_storage
+from agent.store.audit import chain as audit
+from agent.store.ingest import discards
 from tests.support.faults import Pki, make_pki
 from tests.support.stack import Keys, agent_config
 from tests.test_ingest_limits import OTHER_SITE, limited_store, stub, upload

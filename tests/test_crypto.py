@@ -25,8 +25,7 @@ from agent.manifest import timestamp
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import KeyFileError
-from agent.store.catalog import Catalog, data_keys
-from agent.store.crypto import (
+from agent.store.archive.crypto import (
     HEADER_BYTES,
     TAG_BYTES,
     CryptoError,
@@ -36,7 +35,9 @@ from agent.store.crypto import (
     new_data_key,
     span,
 )
-from agent.store.keys import (
+from agent.store.archive.vault import KeyShredded, Storage, Vault, open_storage
+from agent.store.catalog import Catalog, data_keys
+from agent.store.keys.master import (
     FileKeyWrapper,
     KeyWrapError,
     add_master_key,
@@ -45,7 +46,6 @@ from agent.store.keys import (
     retire_master_key,
     rewrap_all,
 )
-from agent.store.vault import KeyShredded, Storage, Vault, open_storage
 from tests.support.services import Backend, backend, postgres, seaweed  # noqa: F401 (fixtures)
 from tests.support.stack import InProcessStore
 

@@ -18,7 +18,7 @@ from agent.cli import main as callrec
 from agent.privacy import mask, normalise
 from agent.recorder.sip import call_ref
 from agent.store.catalog import Catalog, RecordingRow
-from agent.store.numbers import SealKeyring
+from agent.store.keys.numbers import SealKeyring
 from agent.testcall.sipp import SippResult, SiprecCall, free_port, run_sipp, siprec_scenario
 from tests.support.audio import Speech, best_correlation, channel_rms, envelope, make_speech
 from tests.support.daemons import Daemon, start_agent, start_store

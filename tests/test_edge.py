@@ -1,4 +1,4 @@
-"""The SIP edge's pure checks (agent.recorder.edge) and its ``[sip]`` keys; the real
+"""The SIP edge's pure checks (agent.recorder.front.edge) and its ``[sip]`` keys; the real
 processes are in test_worker.py and test_front_edge.py."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError, SipClient, SipConfig
-from agent.recorder.edge import admit, metadata_token, part_content, source_ip, truncated
+from agent.recorder.front.edge import admit, metadata_token, part_content, source_ip, truncated
 from tests.support.stack import Keys, agent_config
 
 SDP = "v=0\r\nm=audio 4000 RTP/AVP 8\r\n"

@@ -33,9 +33,9 @@ from agent.capture import new_recording_id, utc_now
 from agent.config import ConfigError, UplinkConfig, agent_config_from_dict, store_config_from_dict
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
-from agent.recorder import uplink
-from agent.recorder.backpressure import OutboxMonitor
-from agent.recorder.outbox import Outbox
+from agent.recorder.uplink import client as uplink
+from agent.recorder.uplink.backpressure import OutboxMonitor
+from agent.recorder.uplink.outbox import Outbox
 from agent.store import server
 from agent.store.catalog import Catalog
 from agent.testcall.sipp import free_port
@@ -465,12 +465,12 @@ def test_certs_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 def test_store_reachability_lines_per_change_and_per_summary_interval(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from agent.recorder.reachability import StoreReachability
+    from agent.recorder.uplink.reachability import StoreReachability
 
     now = [1000.0]
     outbox = [3]
     watch = StoreReachability(lambda: outbox[0], summary_every_s=300, clock=lambda: now[0])
-    caplog.set_level(logging.DEBUG, logger="agent.recorder.uplink")
+    caplog.set_level(logging.DEBUG, logger="agent.recorder.uplink.client")
     watch.answered()  # up and answering: nothing to say
     for _ in range(201):  # ten minutes of attempts every 3 s, 3 entries waiting, then 5
         watch.failed("a" * 32, grpc.StatusCode.UNAVAILABLE, "connection refused")
@@ -492,10 +492,10 @@ def test_store_reachability_lines_per_change_and_per_summary_interval(
 
 
 def test_a_refused_certificate_is_an_error_line(caplog: pytest.LogCaptureFixture) -> None:
-    from agent.recorder.reachability import StoreReachability
+    from agent.recorder.uplink.reachability import StoreReachability
 
     watch = StoreReachability(lambda: 1, summary_every_s=300)
-    caplog.set_level(logging.INFO, logger="agent.recorder.uplink")
+    caplog.set_level(logging.INFO, logger="agent.recorder.uplink.client")
     watch.failed("b" * 32, grpc.StatusCode.PERMISSION_DENIED, "certificate revoked")
     [record] = caplog.records
     assert record.levelname == "ERROR"

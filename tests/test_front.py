@@ -20,7 +20,7 @@ import pytest
 
 from agent import metrics
 from agent.config import AgentConfig, ConfigError
-from agent.recorder.front import (
+from agent.recorder.front.kamailio import (
     FrontFiles,
     FrontProcess,
     destinations,
@@ -31,7 +31,7 @@ from agent.recorder.front import (
     render_dispatcher_list,
     write_front_files,
 )
-from agent.recorder.frontlog import sanitize
+from agent.recorder.front.logfilter import sanitize
 from agent.testcall.sipp import free_port
 from tests.support.stack import Keys, agent_config
 
@@ -175,7 +175,7 @@ def test_relay_counts_refusals_and_keeps_our_event_lines(
 ) -> None:
     cfg = config(tmp_path, keys, run_front=True)
     front = FrontProcess(cfg, front_files(cfg))
-    caplog.set_level(logging.DEBUG, logger="agent.recorder.front")
+    caplog.set_level(logging.DEBUG, logger="agent.recorder.front.kamailio")
     refused_before = metrics.FRONT_REFUSED.labels("503")._value.get()
     front._relay_line(" 1(685) WARNING: <script>: event=front_refused call_ref=ab status=503")
     front._relay_line(" 2(686) WARNING: <script>: event=front_failover call_ref=cd worker=w0")

@@ -85,7 +85,7 @@ def under_systemd(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
 
 def test_records_arrive_as_structured_entries(journal: Journal, under_systemd: io.StringIO) -> None:
     logs.configure("info", under_systemd, identifier="callrec-agent", journal_socket=journal.path)
-    log = logs.get_logger("agent.recorder.uplink")
+    log = logs.get_logger("agent.recorder.uplink.client")
     rid = "2efaca6d1f344b51817a639917a40405"
     log.warning(
         "upload_retry",
@@ -98,13 +98,13 @@ def test_records_arrive_as_structured_entries(journal: Journal, under_systemd: i
     )
     entry = journal.receive()
     assert entry["MESSAGE"] == (
-        f"agent.recorder.uplink level=warning event=upload_retry recording_id={rid} "
+        f"agent.recorder.uplink.client level=warning event=upload_retry recording_id={rid} "
         'code=UNAVAILABLE reason="store down\\nfor <redacted>" retry_in_s=1.5 attempt=3 '
         "message=ours"
     )
     assert entry["PRIORITY"] == "4"
     assert entry["SYSLOG_IDENTIFIER"] == "callrec-agent"
-    assert entry["LOGGER"] == "agent.recorder.uplink"
+    assert entry["LOGGER"] == "agent.recorder.uplink.client"
     assert entry["EVENT"] == "upload_retry"
     assert entry["RECORDING_ID"] == rid  # journalctl RECORDING_ID=… finds it
     assert entry["REASON"] == "store down\nfor <redacted>"  # binary-safe, still redacted

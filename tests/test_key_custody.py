@@ -32,10 +32,10 @@ from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import Protector, Sealer, new_seal_keypair
 from agent.recorder.finalize import MANIFEST_FILE, Finalizer
-from agent.recorder.outbox import Outbox
-from agent.recorder.uplink import Uplink
+from agent.recorder.uplink.client import Uplink
+from agent.recorder.uplink.outbox import Outbox
 from agent.store.catalog import MIGRATIONS, Catalog, from_ms, now_ms, recordings
-from agent.store.numbers import rotate_seal_key
+from agent.store.keys.numbers import rotate_seal_key
 from tests.support.access_world import World, opus_audio, running_world, write_private
 from tests.support.services import Postgres, make_row, postgres  # noqa: F401 (fixture)
 from tests.support.stack import InProcessStore, Keys, make_keys
@@ -314,7 +314,7 @@ def test_an_agent_sealing_to_a_key_the_store_lacks_is_found_by_nobody_and_said_s
 def test_a_find_opens_a_bounded_number_of_tails(world: World) -> None:
     """More calls with one masked form in the window than a find may open: refused,
     with a message that says to narrow the window (and audited)."""
-    from agent.store import numbers
+    from agent.store.keys import numbers
 
     t = now_ms() - 86_400_000
     rows = [vars(make_row(secrets.token_hex(16), secrets.token_hex(8), t + n * 10))

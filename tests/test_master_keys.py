@@ -18,14 +18,14 @@ import pytest
 from agent.cli import main
 from agent.config import ConfigError, StoreConfig, store_config_from_dict
 from agent.privacy import KeyFileError, read_key_file
-from agent.store.keys import (
+from agent.store.archive.vault import Storage, open_storage
+from agent.store.keys.master import (
     FileKeyWrapper,
     KeySetMismatch,
     create_master_key_file,
     new_key_id,
 )
-from agent.store.numbers import SealKeyring
-from agent.store.vault import Storage, open_storage
+from agent.store.keys.numbers import SealKeyring
 from tests.support.services import Postgres, postgres, write_store_toml  # noqa: F401 (fixture)
 from tests.support.stack import Keys
 

@@ -23,13 +23,13 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.config import load_store_config
-from agent.recorder.backpressure import OutboxLevel
 from agent.recorder.status import agent_status
+from agent.recorder.uplink.backpressure import OutboxLevel
+from agent.store.archive.vault import open_storage
 from agent.store.catalog import Catalog, recordings
 from agent.store.monitoring import measure_catalog
-from agent.store.retention import datetime_to_ms
-from agent.store.sweeper import read_sweep_state
-from agent.store.vault import open_storage
+from agent.store.retention.schedule import datetime_to_ms
+from agent.store.retention.sweeper import read_sweep_state
 from tests.support.daemons import REPO, start_store
 from tests.support.monitoring_run import CALLS, Run
 from tests.support.services import Backend, backend, make_row, postgres, seaweed  # noqa: F401 (fixtures)

@@ -32,8 +32,8 @@ from agent.capture import (
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.recorder.finalize import Finalizer
-from agent.recorder.outbox import Outbox
-from agent.recorder.uplink import CHANNEL_OPTIONS, Uplink, upload_requests
+from agent.recorder.uplink.client import CHANNEL_OPTIONS, Uplink, upload_requests
+from agent.recorder.uplink.outbox import Outbox
 from agent.store.catalog import Catalog, data_keys
 from tests.support.stack import InProcessStore, Keys, agent_config
 

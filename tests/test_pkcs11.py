@@ -22,9 +22,9 @@ from pkcs11 import Attribute
 from agent.cli import main
 from agent.config import StoreConfig, store_config_from_dict
 from agent.privacy import KeyFileError
+from agent.store.archive.vault import Storage, open_storage
 from agent.store.catalog import master_keys
-from agent.store.pkcs11_keys import Pkcs11KeyWrapper
-from agent.store.vault import Storage, open_storage
+from agent.store.keys.pkcs11 import Pkcs11KeyWrapper
 from tests.support.services import write_store_toml
 from tests.support.stack import InProcessStore
 from tests.test_key_custody import _manifest, _upload

@@ -18,7 +18,7 @@ from agent.config import ConfigError, load_agent_config
 from agent.recorder import daemon as daemon_module
 from agent.recorder.daemon import AgentDaemon
 from agent.recorder.quarantine import expire
-from agent.recorder.spoolindex import SpoolIndex
+from agent.recorder.spool.index import SpoolIndex
 from tests.support.stack import Keys, agent_config, write_toml
 
 CALLREC = str(Path(sys.executable).parent / "callrec")

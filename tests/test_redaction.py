@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.redaction import REDACTED, redact_numbers
-from agent.store.access import scrub
+from agent.store.access.rules import scrub
 
 REGIONS = ("FI", "SE", "DE", "GB", "US", "FR")
 

@@ -21,9 +21,9 @@ import pytest
 from agent.capture import CUSTOMER_LEG, EMPLOYEE_LEG, MIXED_LEG, Flag, read_meta
 from agent.config import AgentConfig, ConfigError
 from agent.recorder.finalize import Finalizer
-from agent.recorder.outbox import Outbox
-from agent.recorder.spool import SpoolPickup, call_ref
-from agent.recorder.uplink import Uplink
+from agent.recorder.spool.pickup import SpoolPickup, call_ref
+from agent.recorder.uplink.client import Uplink
+from agent.recorder.uplink.outbox import Outbox
 from agent.store.catalog import Catalog
 from tests.support.daemons import start_agent, start_store
 from tests.support.stack import InProcessStore, Keys, agent_config

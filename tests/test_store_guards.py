@@ -30,11 +30,12 @@ from agent.directory import Directory, DirectoryError
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
-from agent.store import audit, tokens
+from agent.store.access import tokens
+from agent.store.archive.vault import open_storage
+from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog, now_ms
 from agent.store.console_gate import peer_of
-from agent.store.sweeper import Sweeper
-from agent.store.vault import open_storage
+from agent.store.retention.sweeper import Sweeper
 from tests.support.access_world import PEOPLE, World, running_world
 from tests.support.faults import Pki, make_pki
 from tests.support.services import (

@@ -24,17 +24,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from agent.store.audit import audit_events
+from agent.store.archive.vault import Storage, open_storage
+from agent.store.audit.chain import audit_events
 from agent.store.catalog import data_keys, recordings
-from agent.store.retention import (
+from agent.store.retention.schedule import (
     add_months,
     datetime_to_ms,
     expired_ranges,
     is_expired,
     ms_to_datetime,
 )
-from agent.store.sweeper import RecordingHeld, Sweeper, SweeperLoop
-from agent.store.vault import Storage, open_storage
+from agent.store.retention.sweeper import RecordingHeld, Sweeper, SweeperLoop
 from tests.support.services import Backend, backend, distributed, make_row, postgres, seaweed  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -301,7 +301,14 @@ def test_loop_runs_and_stops_promptly(storage: Storage, tmp_path: Path) -> None:
 
 
 def _sweep_cmd(config: Path) -> list[str]:
-    return [sys.executable, "-m", "agent.store.sweeper", "--config", str(config), "--once"]
+    return [
+        sys.executable,
+        "-m",
+        "agent.store.retention.sweeper",
+        "--config",
+        str(config),
+        "--once",
+    ]
 
 
 def _months_ago(months: int) -> dt.datetime:

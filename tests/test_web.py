@@ -552,7 +552,7 @@ def test_the_configured_claim_names_the_person(web: WebWorld) -> None:
     """[store.oidc] person_claim: e.g. Entra ID's employee id instead of `sub`; keys
     from the real provider's discovery document and JWKS (over HTTPS, its CA)."""
     from agent.config import StoreOidcConfig
-    from agent.store.identity import OidcVerifier
+    from agent.store.access.identity import OidcVerifier
 
     verifier = OidcVerifier(
         StoreOidcConfig(web.issuer, ("callrec-web",), "employeeid", ca_file=web.ca_file)

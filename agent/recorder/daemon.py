@@ -25,17 +25,17 @@ from agent.config import AgentConfig, ConfigError, load_agent_config
 from agent.directory import LiveDirectory
 from agent.loops import DirectoryQueue, FileWatcher
 from agent.privacy import Sealer
-from agent.recorder.backpressure import OutboxMonitor
-from agent.recorder.control_api import ControlServer
-from agent.recorder.control_desk import ControlDesk
+from agent.recorder.control.api import ControlServer
+from agent.recorder.control.desk import ControlDesk
 from agent.recorder.finalize import Finalizer
-from agent.recorder.front import FrontProcess, write_front_files
-from agent.recorder.outbox import Outbox
+from agent.recorder.front.kamailio import FrontProcess, write_front_files
 from agent.recorder.ownership import slot_held, slot_holder
 from agent.recorder.quarantine import expire as expire_quarantine
-from agent.recorder.spool import SpoolPickup
+from agent.recorder.spool.pickup import SpoolPickup
 from agent.recorder.status import STATUS_INTERVAL_S, agent_status
-from agent.recorder.uplink import Uplink
+from agent.recorder.uplink.backpressure import OutboxMonitor
+from agent.recorder.uplink.client import Uplink
+from agent.recorder.uplink.outbox import Outbox
 
 log = logs.get_logger(__name__)
 QUARANTINE_CHECK_S = 3600.0

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from agent import logs
 from agent.config import AgentConfig, load_agent_config, parse_duration
-from agent.recorder.spoolindex import SpoolIndex
+from agent.recorder.spool.index import SpoolIndex
 
 log = logs.get_logger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.recorder.backpressure import OutboxLevel
+from agent.recorder.uplink.backpressure import OutboxLevel
 from agent.sdnotify import human_bytes
 
 # How often the agent sends it: often enough to read as "now", rare enough to be free.

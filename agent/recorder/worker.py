@@ -36,7 +36,7 @@ from agent.capture import recover_active
 from agent.config import AgentConfig, ConfigError, load_agent_config
 from agent.directory import LiveDirectory
 from agent.privacy import Protector
-from agent.recorder.control_channel import ControlChannel, channel_name
+from agent.recorder.control.channel import ControlChannel, channel_name
 from agent.recorder.ownership import WorkerSlot
 from agent.recorder.parties import PartyRules
 from agent.recorder.sip import SipEngine

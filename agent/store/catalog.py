@@ -8,7 +8,7 @@ tables below describe it for queries and must match the newest migration.
 Tables: ``recordings`` (one row per stored recording; a row exists only after its blob
 does), ``data_keys`` (each blob's wrapped data key; written before the blob, so every
 blob has one; ``wrapped_key`` NULL means crypto-shredded), and ``audit_events``
-(defined in ``agent.store.audit``), and ``master_keys`` (the master keys this catalog
+(defined in ``agent.store.audit.chain``), and ``master_keys`` (the master keys this catalog
 knows, with check values: one key set for every store on the catalog).
 """
 

@@ -29,12 +29,12 @@ from agent.manifest import AUDIO_FORMATS, timestamp
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.redaction import redact_numbers
-from agent.store import audit
-from agent.store.access import scrub
+from agent.store.access.rules import scrub
+from agent.store.archive.crypto import CryptoError
+from agent.store.archive.vault import Vault
+from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog, RecordingRow, from_ms
 from agent.store.console_gate import peer_of
-from agent.store.crypto import CryptoError
-from agent.store.vault import Vault
 
 log = logs.get_logger(__name__)
 

@@ -26,11 +26,11 @@ from prometheus_client.registry import Collector
 from agent import logs
 from agent.config import StoreConfig
 from agent.sdnotify import human_bytes
-from agent.store import audit
+from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog, data_keys, recordings
-from agent.store.keys import KeyWrapper
-from agent.store.retention import datetime_to_ms, expires_at_ms
-from agent.store.sweeper import expired_clause, read_sweep_state, utc_now
+from agent.store.keys.master import KeyWrapper
+from agent.store.retention.schedule import datetime_to_ms, expires_at_ms
+from agent.store.retention.sweeper import expired_clause, read_sweep_state, utc_now
 
 log = logs.get_logger(__name__)
 

@@ -27,10 +27,10 @@ import sqlalchemy.exc
 
 from agent import logs
 from agent.privacy import KeyFileError
-from agent.store.blobs import BlobNotFound
-from agent.store.crypto import CryptoError
-from agent.store.keys import KeyWrapError
-from agent.store.vault import KeyShredded
+from agent.store.archive.blobs import BlobNotFound
+from agent.store.archive.crypto import CryptoError
+from agent.store.archive.vault import KeyShredded
+from agent.store.keys.master import KeyWrapError
 
 log = logs.get_logger(__name__)
 

@@ -19,17 +19,17 @@ from agent.certs import server_credentials
 from agent.config import ConfigError, StoreConfig, check_transport
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import check_private_file
-from agent.store.access_service import AccessService, add_access_service
+from agent.store.access.service import AccessService, add_access_service
+from agent.store.archive.vault import Vault, open_storage
 from agent.store.catalog import Catalog
 from agent.store.console import ConsoleService
 from agent.store.console_gate import ConsoleGate
 from agent.store.datadir import DataDirLock
-from agent.store.ingest import MAX_CHUNK_BYTES, IngestService
+from agent.store.ingest.limits import Limits
+from agent.store.ingest.service import MAX_CHUNK_BYTES, IngestService
 from agent.store.monitoring import StoreCollector, store_status
+from agent.store.retention.sweeper import Sweeper, SweeperLoop
 from agent.store.rpc_errors import ErrorBoundary
-from agent.store.sweeper import Sweeper, SweeperLoop
-from agent.store.upload_limits import Limits
-from agent.store.vault import Vault, open_storage
 
 log = logs.get_logger(__name__)
 

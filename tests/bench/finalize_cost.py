@@ -44,7 +44,7 @@ from agent.capture import (
 )
 from agent.manifest import AUDIO_FORMATS
 from agent.recorder.finalize import Finalizer
-from agent.recorder.outbox import Outbox
+from agent.recorder.uplink.outbox import Outbox
 from agent.testcall.speech import RATE, make_speech
 from tests.bench.common import emit, median
 from tests.support.stack import Keys, agent_config, make_keys

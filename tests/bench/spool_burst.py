@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from agent.recorder.spool import SpoolPickup
+from agent.recorder.spool.pickup import SpoolPickup
 from tests.bench.common import emit
 from tests.support.stack import agent_config, make_keys
 from tests.test_spool import sidecar, tone, wav

@@ -7,7 +7,7 @@ PostgreSQL ``COPY``). The data: calls spread over seven months ending now, exact
 ``--expired`` of them past the six-month retention; 400 employees in 40 teams (a
 generated directory, 5 % of calls transferred to a second employee); 200,000 customer
 numbers masked, their last digits sealed to a seal key that was rotated three months
-ago (``agent.store.numbers``: the store's keyring holds both keys; each customer's
+ago (``agent.store.keys.numbers``: the store's keyring holds both keys; each customer's
 tail is sealed once and reused, which changes nothing for a find); one ``data_keys``
 row per recording as ingest writes it.
 
@@ -56,16 +56,16 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from agent.config import StoreConfig
 from agent.directory import Directory, Person
 from agent.privacy import Sealer, mask, new_seal_keypair, normalise
-from agent.store import access_queries as q
-from agent.store import audit
-from agent.store.access import scope_of
-from agent.store.blobs import FileBlobs
+from agent.store.access import queries as q
+from agent.store.access.rules import scope_of
+from agent.store.archive.blobs import FileBlobs
+from agent.store.archive.vault import Vault
+from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog, data_keys, recordings
-from agent.store.keys import FileKeyWrapper
-from agent.store.numbers import SealKeyring, candidates_query, find_calls
-from agent.store.retention import add_months, datetime_to_ms, expired_ranges
-from agent.store.sweeper import Sweeper, expired_clause
-from agent.store.vault import Vault
+from agent.store.keys.master import FileKeyWrapper
+from agent.store.keys.numbers import SealKeyring, candidates_query, find_calls
+from agent.store.retention.schedule import add_months, datetime_to_ms, expired_ranges
+from agent.store.retention.sweeper import Sweeper, expired_clause
 from tests.bench.common import emit, percentile
 from tests.support.services import Postgres
 

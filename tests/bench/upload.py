@@ -45,7 +45,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-import agent.recorder.uplink as uplink_module
+import agent.recorder.uplink.client as uplink_module
 from agent import certs
 from agent.capture import (
     CUSTOMER_LEG,
@@ -60,9 +60,9 @@ from agent.capture import (
 from agent.manifest import manifest_from_capture
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.recorder.finalize import MANIFEST_FILE, audio_file_name
-from agent.recorder.outbox import Outbox, OutboxEntry
-from agent.recorder.uplink import Uplink
-from agent.store import crypto
+from agent.recorder.uplink.client import Uplink
+from agent.recorder.uplink.outbox import Outbox, OutboxEntry
+from agent.store.archive import crypto
 from tests.bench.common import TICK, emit, median, sample
 from tests.support.daemons import Daemon, start_store
 from tests.support.stack import Keys, agent_config, make_keys

@@ -25,11 +25,11 @@ from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import Protector
-from agent.store import tokens
-from agent.store.access_service import AccessService
-from agent.store.audit import audit_events, audit_head
+from agent.store.access import tokens
+from agent.store.access.service import AccessService
+from agent.store.archive.vault import Storage, open_storage
+from agent.store.audit.chain import audit_events, audit_head
 from agent.store.catalog import from_ms, now_ms
-from agent.store.vault import Storage, open_storage
 from tests.support.services import make_row
 from tests.support.stack import InProcessStore, Keys
 

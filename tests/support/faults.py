@@ -37,8 +37,8 @@ from agent.capture import (
     write_meta,
 )
 from agent.recorder.finalize import MANIFEST_FILE
-from agent.store import partials
 from agent.store.catalog import Catalog
+from agent.store.ingest.service import partials
 from tests.support.daemons import Daemon
 from tests.support.stack import Keys
 

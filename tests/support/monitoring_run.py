@@ -23,8 +23,8 @@ from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.recorder.status import STATUS_INTERVAL_S
-from agent.store.retention import datetime_to_ms
-from agent.store.vault import open_storage
+from agent.store.archive.vault import open_storage
+from agent.store.retention.schedule import datetime_to_ms
 from agent.testcall import SiprecCall, free_port, make_speech, run_sipp, siprec_scenario
 from tests.support.daemons import Daemon, NotifySocket, start_agent, start_store
 from tests.support.faults import SITE, Pki, make_pki

@@ -25,8 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from agent.certs import issue_store, new_ca
 from agent.config import store_config_from_dict
+from agent.store.archive.vault import open_storage
 from agent.store.catalog import now_ms
-from agent.store.vault import open_storage
 from tests.support.access_world import (
     CUSTOMER,
     LEAVER,

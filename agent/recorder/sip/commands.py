@@ -1,6 +1,6 @@
 """Control commands on a worker's live calls (pause, resume, discard, status, a late
 employee binding), run on the thread that owns pjsua2 (see
-:mod:`agent.recorder.control_channel`), and the SIPREC client's own pause (a=inactive
+:mod:`agent.recorder.control.channel`), and the SIPREC client's own pause (a=inactive
 on every recorded stream).
 
 A pause disconnects each stream from its recorder; the idle tone generator stays
@@ -21,8 +21,8 @@ import pjsua2 as pj
 
 from agent import logs
 from agent.capture import Employee, Flag, iso_ms, utc_now, write_meta
-from agent.recorder import call_control
-from agent.recorder.call_control import SRC
+from agent.recorder.control import calls as call_control
+from agent.recorder.control.calls import SRC
 
 if TYPE_CHECKING:
     from agent.recorder.sip.engine import CallSession

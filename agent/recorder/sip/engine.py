@@ -26,13 +26,13 @@ from agent.capture import (
 )
 from agent.config import AgentConfig
 from agent.directory import LiveDirectory
-from agent.recorder import edge
 from agent.recorder.diskspace import (
     LEG_BYTES_PER_S,
     DiskGuard,
     log_recording_stopped,
     stalled_legs,
 )
+from agent.recorder.front import edge
 from agent.recorder.ownership import CaptureOwner
 from agent.recorder.parties import CallPlan, PartyHeaders, PartyRules, plan_call
 from agent.recorder.session import (
@@ -503,7 +503,7 @@ class SipEngine:
 
     def control(self, request: dict[str, Any]) -> dict[str, Any]:
         """A command of the agent's control API for one call of this worker (see
-        :mod:`agent.recorder.control_channel`): its reply, with the call's status."""
+        :mod:`agent.recorder.control.channel`): its reply, with the call's status."""
         rid = request.get("recording_id")
         session = next(
             (s for s in self._sessions if s.meta is not None and s.meta.recording_id == rid),

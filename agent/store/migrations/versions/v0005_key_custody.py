@@ -3,13 +3,13 @@
 - ``customer_digest`` / ``customer_digest_key_id`` are emptied: they were HMACs made
   on agent hosts with a lookup key every agent held, so a copy of the catalog plus
   any agent's ``lookup.key`` rebuilt every number. The store now finds a number's
-  calls by masked form + time and opens their sealed tails (``agent.store.numbers``),
+  calls by masked form + time and opens their sealed tails (``agent.store.keys.numbers``),
   so the digests serve nothing. The columns stay (always NULL) for older readers.
 - ``ix_recordings_masked`` (masked form, start) replaces ``ix_recordings_digest``.
 - ``master_keys``: every master key this catalog's data keys may be wrapped by, with
   a check value (a wrapped constant) so that a store whose key file differs — another
   replica's own key, a stale copy — refuses to start instead of writing recordings
-  no other replica can open (``agent.store.keys.open_master_keys``).
+  no other replica can open (``agent.store.keys.master.open_master_keys``).
 
 Revision ID: 0005
 Revises: 0004

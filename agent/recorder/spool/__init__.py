@@ -1,0 +1,1 @@
+"""Spool pickup: recordings the PBX made itself, picked up with their sidecars."""

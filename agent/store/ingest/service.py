@@ -1,0 +1,567 @@
+"""The store's Ingest service: resumable, idempotent uploads from recording agents.
+
+A recording arrives as ``incoming/<id>.part`` beside ``incoming/<id>.manifest``; both
+are created only when the first valid chunk arrives, so a refused upload leaves nothing
+behind. The part is fsynced every ``SYNC_EVERY_BYTES`` and whenever a stream ends
+without its finish, so a resumed upload builds on durable bytes (after a crash of the
+host itself the tail may be lost or damaged: a shorter part resumes from its size, a
+damaged one fails the sha256 at finish and is sent again; the agent keeps its copy
+until the receipt). Finish checks the size, then the vault encrypts the part into the
+blob store, hashing exactly the bytes it encrypts: a sha256 other than the manifest's
+discards the upload (DATA_LOSS). Only then is the catalog row inserted and the receipt
+returned, so a receipt always means the encrypted blob and its row are durable. Every
+rejection is a gRPC status whose message says what was wrong.
+
+Over mutual TLS the site is the client certificate's (``agent.certs``): a manifest
+for another site is refused with PERMISSION_DENIED, so the ``site`` of a catalog row
+is the site that sent it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from agent import logs
+from agent.certs import peer_certificate, serial_of, site_of
+from agent.manifest import (
+    DIRECTION_NAMES,
+    ClockAhead,
+    ManifestError,
+    employees_json,
+    pauses_json,
+    validate_discard_manifest,
+    validate_manifest,
+)
+from agent.pb.callrec.v1 import recordings_pb2 as pb
+from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
+from agent.privacy import KeyFileError
+from agent.store import monitoring
+from agent.store.archive.residency import DEFAULT_ALLOWED_REGIONS, region_allowed
+from agent.store.archive.vault import SourceMismatch, Vault
+from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
+from agent.store.ingest import discards, partials
+from agent.store.ingest.denylist import DenyList
+from agent.store.ingest.limits import LimitExceeded, Limits, UploadLimits
+from agent.store.keys.numbers import SealError, SealKeyring
+
+log = logs.get_logger(__name__)
+
+MAX_CHUNK_BYTES = 256 * 1024
+SEAL_UNOPENABLE = "customer_seal_unopenable"  # flag: no key of seal.pem opens the tail
+# The part is fsynced after this many bytes (and when a stream ends without finish):
+# one fsync per chunk cost ~0.3 ms each, a third of the store's receive time.
+SYNC_EVERY_BYTES = 8 * 1024 * 1024
+# A second stream for a recording waits this long for the first to end, then ABORTED.
+LOCK_WAIT_S = 10.0
+# A stream that sends nothing for this long is closed (DEADLINE_EXCEEDED); what it
+# sent is kept for a resume.
+IDLE_TIMEOUT_S = 60.0
+_ID = re.compile(r"[0-9a-f]{32}")
+
+
+class UploadRejected(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class UploadInterrupted(UploadRejected):
+    """The stream ended without a finish (the agent went away): what arrived is kept."""
+
+
+def receipt_of(row: RecordingRow) -> pb.UploadReceipt:
+    stored = Timestamp()
+    stored.FromDatetime(from_ms(row.stored_at_ms))
+    return pb.UploadReceipt(
+        recording_id=row.recording_id, sha256=row.sha256, size=row.size, stored_at=stored
+    )
+
+
+class IngestService(pb_grpc.IngestServicer):
+    def __init__(
+        self,
+        catalog: Catalog,
+        vault: Vault,
+        incoming: Path,
+        allowed_regions: tuple[str, ...] = DEFAULT_ALLOWED_REGIONS,
+        authenticate: bool = False,
+        limits: Limits | None = None,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        seal_key_file: Path | None = None,
+    ) -> None:
+        self.seal_key_file = seal_key_file  # to check that each sealed tail opens
+        self.catalog = catalog
+        self.idle_timeout_s = idle_timeout_s
+        self.authenticate = authenticate
+        self.vault = vault
+        self.incoming = incoming
+        self.region = vault.region
+        self.allowed_regions = allowed_regions
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self.limits = UploadLimits(incoming, limits or Limits())
+        self.denylist = DenyList(catalog)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._lock_users: dict[str, int] = {}
+
+    def _paths(self, recording_id: str) -> tuple[Path, Path]:
+        return (
+            self.incoming / f"{recording_id}.part",
+            self.incoming / f"{recording_id}.manifest",
+        )
+
+    async def QueryUpload(
+        self, request: pb.QueryUploadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.QueryUploadResponse:
+        if not _ID.fullmatch(request.recording_id):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "recording_id: expected 32 hex digits"
+            )
+        site = await self._peer_site(context)
+        row = await asyncio.to_thread(self.catalog.get, request.recording_id)
+        if row is not None and site is not None and row.site != site:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"recording {request.recording_id} was not sent by site {site!r}",
+            )
+        if row is not None:
+            return pb.QueryUploadResponse(
+                committed_size=row.size, complete=True, receipt=receipt_of(row)
+            )
+        part, manifest_file = self._paths(request.recording_id)
+        size = await asyncio.to_thread(partials.committed_size, part, manifest_file, site)
+        return pb.QueryUploadResponse(committed_size=size)
+
+    async def Discard(
+        self, request: pb.DiscardRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UploadReceipt:
+        """A call stopped and discarded at the customer's request (agent.store.ingest.discards)."""
+        site = await self._peer_site(context)
+        manifest = request.manifest
+        try:
+            validate_discard_manifest(manifest)
+        except ManifestError as exc:
+            rid = manifest.recording_id[:32]
+            log.warning("discard_refused", recording_id=rid, reason=str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"manifest: {exc}")
+        await self._check_site(manifest, site, context)
+        part, manifest_file = self._paths(manifest.recording_id)
+        files = (part, partials.key_file_of(part), manifest_file)
+        actor = f"agent:{site or manifest.site}"
+        try:
+            async with self._exclusive(manifest.recording_id):
+                row = await asyncio.to_thread(
+                    discards.discard, self.catalog, manifest, files, actor
+                )
+        except UploadRejected as exc:
+            await context.abort(exc.code, str(exc))
+        return discards.receipt(row)
+
+    async def _peer_site(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+        """The site of the caller's certificate (None when the store runs without TLS)."""
+        if not self.authenticate:
+            return None
+        cert = peer_certificate(context.auth_context())
+        site = None if cert is None else site_of(cert)
+        if cert is not None:
+            refusal = await asyncio.to_thread(self.denylist.refusal, serial_of(cert), site)
+            if refusal is not None:
+                log.warning("upload_refused", reason="revoked", detail=refusal)
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{refusal} (`callrec certs revoked`); nothing was stored",
+                )
+        if site is None:
+            log.warning("upload_refused", reason="no_site_in_certificate")
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "the client certificate names no site (expected a URI name "
+                "callrec:site:<site>; issue one with `callrec certs agent`)",
+            )
+        return site
+
+    async def Upload(
+        self,
+        request_iterator: AsyncIterator[pb.UploadRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.UploadReceipt:
+        """One upload stream, counted: in progress, stored, or refused by its code."""
+        monitoring.UPLOADS_IN_PROGRESS.inc()
+        try:
+            return await self._upload(request_iterator, context)
+        except BaseException:
+            code = context.code()  # what context.abort set; None: cancelled under us
+            name = code.name if isinstance(code, grpc.StatusCode) else "CANCELLED"
+            monitoring.UPLOADS_REFUSED.labels(name).inc()
+            raise
+        finally:
+            monitoring.UPLOADS_IN_PROGRESS.dec()
+
+    async def _upload(
+        self,
+        request_iterator: AsyncIterator[pb.UploadRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.UploadReceipt:
+        site = await self._peer_site(context)
+        manifest = await self._manifest_of(request_iterator, context)
+        _drop_agent_digest(manifest)
+        await self._check_site(manifest, site, context)
+        await self._check_region(manifest, context)
+        try:
+            with self._slot(site or manifest.site, manifest):
+                async with self._exclusive(manifest.recording_id):
+                    return await self._receive(manifest, request_iterator)
+        except UploadRejected as exc:
+            interrupted = isinstance(exc, UploadInterrupted)
+            log.log(
+                logging.INFO if interrupted else logging.WARNING,
+                "upload_interrupted" if interrupted else "upload_refused",
+                recording_id=manifest.recording_id,
+                code=exc.code.name,
+                reason=str(exc),
+            )
+            await context.abort(exc.code, str(exc))
+        raise AssertionError("unreachable")
+
+    async def _manifest_of(
+        self,
+        requests: AsyncIterator[pb.UploadRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.Manifest:
+        """The stream's first message, a valid manifest, or abort (before anything is
+        written; a time ahead of our clock is FAILED_PRECONDITION: the agent retries)."""
+        try:
+            async with asyncio.timeout(self.idle_timeout_s):
+                first = await anext(requests)
+        except StopAsyncIteration:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload stream")
+        except TimeoutError:
+            message = f"no manifest within {self.idle_timeout_s:.0f} s; stream closed"
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+        if first.WhichOneof("kind") != "manifest":
+            message = "the first message must carry the manifest"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+        try:
+            validate_manifest(first.manifest)
+        except ManifestError as exc:
+            status = grpc.StatusCode
+            code = (
+                status.FAILED_PRECONDITION
+                if isinstance(exc, ClockAhead)
+                else status.INVALID_ARGUMENT
+            )
+            rid = first.manifest.recording_id[:32]
+            log.warning("upload_refused", recording_id=rid, code=code.name, reason=str(exc))
+            await context.abort(code, f"manifest: {exc}")
+        return first.manifest
+
+    @contextlib.contextmanager
+    def _slot(self, site: str, manifest: pb.Manifest) -> Iterator[None]:
+        """A place among the site's uploads (``upload_limits``), or RESOURCE_EXHAUSTED."""
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.limits.upload(site, manifest.recording_id, manifest.size))
+            except LimitExceeded as exc:
+                raise UploadRejected(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
+            yield
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, recording_id: str) -> AsyncIterator[None]:
+        """One stream per recording at a time; a second one waits, then gives up."""
+        lock = self._locks.setdefault(recording_id, asyncio.Lock())
+        self._lock_users[recording_id] = self._lock_users.get(recording_id, 0) + 1
+        try:
+            try:
+                async with asyncio.timeout(LOCK_WAIT_S):
+                    await lock.acquire()
+            except TimeoutError:
+                raise UploadRejected(
+                    grpc.StatusCode.ABORTED,
+                    f"another upload of {recording_id} is in progress; retry later",
+                ) from None
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            self._lock_users[recording_id] -= 1
+            if not self._lock_users[recording_id]:
+                del self._lock_users[recording_id], self._locks[recording_id]
+
+    async def _check_site(
+        self, manifest: pb.Manifest, site: str | None, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        if site is None or manifest.site == site:
+            return
+        log.warning(
+            "upload_refused",
+            recording_id=manifest.recording_id,
+            reason="site_mismatch",
+            site=manifest.site,
+            certificate_site=site,
+        )
+        await context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"manifest.site = {manifest.site!r} but the client certificate is for site "
+            f"{site!r}; nothing was stored",
+        )
+
+    async def _check_region(
+        self, manifest: pb.Manifest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Residency: refuse, before anything is written, an agent outside the list."""
+        if region_allowed(manifest.region, self.allowed_regions):
+            return
+        log.warning(
+            "upload_refused",
+            recording_id=manifest.recording_id,
+            reason="region",
+            region=manifest.region,
+        )
+        await context.abort(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"region: the agent declares {manifest.region!r}, outside the regions this "
+            "store may keep personal data in (EU/EEA); nothing was stored",
+        )
+
+    async def _receive(
+        self, manifest: pb.Manifest, requests: AsyncIterator[pb.UploadRequest]
+    ) -> pb.UploadReceipt:
+        rid = manifest.recording_id
+        existing = await asyncio.to_thread(self.catalog.get, rid)
+        if existing is not None:
+            if existing.sha256 != manifest.sha256 or existing.site != manifest.site:
+                raise UploadRejected(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"recording {rid} is already stored with a different sha256 or site",
+                )
+            log.info("upload_duplicate", recording_id=rid, outcome="original_receipt")
+            return receipt_of(existing)
+        part, manifest_file = self._paths(rid)
+        committed = await asyncio.to_thread(partials.resumable_size, manifest, part, manifest_file)
+        started = time.monotonic()
+        writer: partials.PartWriter | None = None
+        unsynced, stored = 0, False
+        try:
+            while (request := await self._next(requests, committed)) is not None:
+                kind = request.WhichOneof("kind")
+                if kind == "chunk":
+                    _check_chunk(manifest, committed, request.chunk)
+                    if writer is None:
+                        writer = await asyncio.to_thread(
+                            partials.open_part,
+                            manifest,
+                            part,
+                            manifest_file,
+                            committed,
+                            self.vault.wrapper,
+                        )
+                    unsynced += len(request.chunk.data)
+                    sync = unsynced >= SYNC_EVERY_BYTES
+                    await asyncio.to_thread(partials.append, writer, request.chunk.data, sync)
+                    unsynced = 0 if sync else unsynced
+                    committed += len(request.chunk.data)
+                elif kind == "finish":
+                    receipt = await self._finish(
+                        manifest, part, manifest_file, committed, request, started
+                    )
+                    stored = True  # the vault made the encrypted copy durable
+                    return receipt
+                else:
+                    raise UploadRejected(
+                        grpc.StatusCode.INVALID_ARGUMENT, "a second manifest in one stream"
+                    )
+        finally:
+            if writer is not None:
+                partials.close_part(writer, sync=unsynced > 0 and not stored)
+        raise UploadInterrupted(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"stream ended before finish; committed_size={committed}",
+        )
+
+    async def _next(
+        self, requests: AsyncIterator[pb.UploadRequest], committed: int
+    ) -> pb.UploadRequest | None:
+        """The next message (None: the stream ended), or DEADLINE_EXCEEDED when the
+        agent sends nothing for ``idle_timeout_s`` (what arrived is kept)."""
+        try:
+            async with asyncio.timeout(self.idle_timeout_s):
+                return await anext(requests)
+        except StopAsyncIteration:
+            return None
+        except TimeoutError:
+            raise UploadInterrupted(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"nothing received for {self.idle_timeout_s:.0f} s; stream closed, "
+                f"committed_size={committed}",
+            ) from None
+
+    async def _finish(
+        self,
+        manifest: pb.Manifest,
+        part: Path,
+        manifest_file: Path,
+        size: int,
+        request: pb.UploadRequest,
+        started: float,
+    ) -> pb.UploadReceipt:
+        rid, finish = manifest.recording_id, request.finish
+        received = time.monotonic()
+        if finish.size != manifest.size or finish.sha256 != manifest.sha256:
+            raise UploadRejected(
+                grpc.StatusCode.INVALID_ARGUMENT, "finish does not match the manifest"
+            )
+        if size != manifest.size:
+            raise UploadRejected(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"finish at {size} bytes but the manifest says {manifest.size}",
+            )
+        try:
+            row, inserted = await asyncio.to_thread(self._commit, manifest, part, manifest_file)
+        except SourceMismatch as exc:
+            await asyncio.to_thread(partials.discard, part, manifest_file)
+            raise UploadRejected(
+                grpc.StatusCode.DATA_LOSS,
+                f"sha256 of the received bytes is {exc.actual}, the manifest says "
+                f"{manifest.sha256}; upload discarded, send it again",
+            ) from None
+        if not inserted:  # another stream (another replica) stored it first
+            if row.sha256 != manifest.sha256 or row.site != manifest.site:
+                raise UploadRejected(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"recording {rid} is already stored with a different sha256 or site",
+                )
+            log.info("upload_duplicate", recording_id=rid, outcome="lost_race_original_receipt")
+            return receipt_of(row)
+        log.info(
+            "recording_stored",
+            recording_id=rid,
+            site=manifest.site,
+            site_verified="certificate" if self.authenticate else "no",
+            bytes=row.size,
+            customer=row.customer_masked,
+            employee=row.employee_name,
+            receive_s=round(received - started, 3),
+            seal_s=round(time.monotonic() - received, 3),
+        )
+        monitoring.UPLOADS_STORED.inc()
+        monitoring.BYTES_STORED.inc(row.size)
+        return receipt_of(row)
+
+    def _commit(
+        self, manifest: pb.Manifest, part: Path, manifest_file: Path
+    ) -> tuple[RecordingRow, bool]:
+        """Key row, then encrypted blob (whose sha256 must be the manifest's, else
+        SourceMismatch), then recording row: a row always has its blob. Returns the
+        stored row and whether this call inserted it (False: an earlier commit won)."""
+        rid = manifest.recording_id
+        blob_key = self.vault.store(
+            rid,
+            part,
+            self.incoming,
+            expected_sha256=manifest.sha256,
+            opener=partials.plaintext_opener(part, rid, self.vault.wrapper),
+        )
+        self._check_seal(manifest)
+        row = row_from_manifest(manifest, blob_key=blob_key, region=self.region)
+        inserted = self.catalog.insert(row)
+        if not inserted:
+            self.vault.discard(rid, blob_key)  # an earlier commit won; keep its copy
+        partials.discard(part, manifest_file)
+        stored = self.catalog.get(rid)
+        assert stored is not None
+        return stored, inserted
+
+    def _check_seal(self, manifest: pb.Manifest) -> None:
+        """A sealed tail the store cannot open (an agent with a wrong or stale
+        seal.pub.pem) would make the call unfindable by number: flag it, and say so.
+        The opened digits live only in this function's memory."""
+        sealed = manifest.customer.tail_sealed
+        if self.seal_key_file is None or not sealed:
+            return
+        try:
+            SealKeyring.load(self.seal_key_file).open(sealed)
+        except KeyFileError as exc:
+            log.error("seal_key_unusable", recording_id=manifest.recording_id, reason=str(exc))
+        except SealError:
+            manifest.flags.append(SEAL_UNOPENABLE)
+            log.warning(
+                "customer_seal_unopenable",
+                recording_id=manifest.recording_id,
+                site=manifest.site,
+                action="give the agent the store's current seal.pub.pem",
+            )
+
+
+def row_from_manifest(m: pb.Manifest, blob_key: str, region: str) -> RecordingRow:
+    first = m.employees[0] if m.employees else None
+    return RecordingRow(
+        recording_id=m.recording_id,
+        site=m.site,
+        source=m.source,
+        call_ref=m.call_ref,
+        direction=DIRECTION_NAMES[m.direction],
+        started_at_ms=m.started_at.ToMilliseconds(),
+        ended_at_ms=m.ended_at.ToMilliseconds(),
+        service_number=m.service_number or None,
+        customer_kind=m.customer.kind,
+        customer_masked=m.customer.masked,
+        customer_digest=None,  # never kept: see agent.store.keys.numbers
+        customer_digest_key_id=None,
+        customer_tail_sealed=m.customer.tail_sealed or None,
+        employee_id=first.id if first else "unknown",
+        employee_name=first.name if first else "unknown",
+        employee_team=(first.team or None) if first else None,
+        employees_json=employees_json(m),
+        flags=",".join(m.flags),
+        audio_format=m.audio_format,
+        channels=m.channels,
+        size=m.size,
+        sha256=m.sha256,
+        blob_key=blob_key,
+        region=region,
+        stored_at_ms=now_ms(),
+        pauses_json=pauses_json(m) if m.pauses else None,
+    )
+
+
+def _drop_agent_digest(manifest: pb.Manifest) -> None:
+    """An agent older than the key-custody change still sends a lookup digest made
+    with a key every agent held: it is dropped before anything is written."""
+    if manifest.customer.digest or manifest.customer.digest_key_id:
+        manifest.customer.ClearField("digest")
+        manifest.customer.ClearField("digest_key_id")
+        log.warning(
+            "agent_digest_dropped",
+            recording_id=manifest.recording_id,
+            site=manifest.site,
+            action="upgrade the agent and delete lookup.key from its host",
+        )
+
+
+def _check_chunk(manifest: pb.Manifest, committed: int, chunk: pb.Chunk) -> None:
+    if chunk.offset != committed:
+        raise UploadRejected(
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"chunk offset {chunk.offset} but committed_size is {committed}; "
+            "resume from committed_size",
+        )
+    if len(chunk.data) > MAX_CHUNK_BYTES or not chunk.data:
+        raise UploadRejected(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"chunk of {len(chunk.data)} bytes: expected 1..{MAX_CHUNK_BYTES}",
+        )
+    if committed + len(chunk.data) > manifest.size:
+        raise UploadRejected(
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"chunk ends at {committed + len(chunk.data)}, past the manifest size {manifest.size}",
+        )

@@ -1,0 +1,1 @@
+"""Retention: when a recording expires, and the sweeper that destroys it."""
