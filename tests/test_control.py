@@ -43,12 +43,16 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pool, str]]
     """One worker behind the agent's own front, the control API on a free port with one
     token (integration "crm"); yields the pool and the token."""
     root = tmp_path_factory.mktemp("control")
-    with _running(root) as running:
+    with running_control(root) as running:
         yield running
 
 
 @contextmanager
-def _running(root: Path) -> Iterator[tuple[Pool, str]]:
+def running_control(
+    root: Path, audio: dict[str, object] | None = None
+) -> Iterator[tuple[Pool, str]]:
+    """Store, RTP sender and the agent with one worker and the control API; yields the
+    pool and a token of integration "crm". ``audio``: the agent's ``[audio]`` keys."""
     keys, speech = make_keys(root / "keys"), long_speech(root / "speech", 32)
     (root / "store").mkdir()
     (root / "agent").mkdir()
@@ -66,7 +70,10 @@ def _running(root: Path) -> Iterator[tuple[Pool, str]]:
                 "listen": f"127.0.0.1:{control_port}",
                 "tokens_file": str(root / "agent" / "control.tokens"),
             }
-            agent = start_agent(root / "agent", keys, address, sip_port, sip=sip, control=control)
+            agent = start_agent(
+                root / "agent", keys, address, sip_port, sip=sip, control=control,
+                audio=audio or {},
+            )  # fmt: skip
             cfg = load_agent_config(root / "agent" / "agent.toml")
             pool = Pool(
                 root / "agent", agent, keys, address, root / "store" / "store-data", sip_port,

@@ -243,3 +243,28 @@ def test_discard_at_the_store_removes_what_it_holds_and_keeps_one_audited_trace(
             assert discards.get(catalog, with_audio.recording_id) is None
         finally:
             storage.catalog.close()
+
+
+# ---------------------------------------------------------------- the web player
+
+
+def test_the_recording_page_lists_the_pauses_and_marks_them_on_the_waveform() -> None:
+    from zoneinfo import ZoneInfo
+
+    from agent.pb.callrec.v1 import access_pb2 as apb
+    from agent.web.i18n import translator
+    from agent.web.pages import details
+    from agent.web.render import TEMPLATES
+
+    meta = _meta(pauses=(Pause(_at(10), _at(20), "api:crm"),), flags=(Flag.PAUSED,))
+    manifest = manifest_from_capture(meta, "opus", 2, 100, "0" * 64, "fi")
+    view = apb.RecordingView(info=pb.RecordingInfo(manifest=manifest, duration_ms=30_000))
+    rec = details(view, ZoneInfo("Europe/Helsinki"), "en")
+    assert rec["pauses"] == [{"label": "0:10-0:20", "who": "api:crm", "x": 333.3, "w": 333.3}]
+    html = TEMPLATES.get_template("recording.html").render(
+        t=translator("en"), lang="en", person=None, csrf="", rec=rec, purpose="legal",
+        purposes=["legal"],
+    )  # fmt: skip
+    assert '<span class="tag pause">0:10-0:20 (api:crm)</span>' in html
+    assert '<rect x="333.3" y="0" width="333.3" height="6"' in html
+    assert "recording paused" in html  # the flag in words
