@@ -268,3 +268,49 @@ def test_the_recording_page_lists_the_pauses_and_marks_them_on_the_waveform() ->
     assert '<span class="tag pause">0:10-0:20 (api:crm)</span>' in html
     assert '<rect x="333.3" y="0" width="333.3" height="6"' in html
     assert "recording paused" in html  # the flag in words
+
+
+# ---------------------------------------------------------------- late binding in the outbox
+
+
+def test_an_employee_is_bound_in_the_outbox_under_its_lock_and_refused_after_upload(
+    tmp_path: Path, keys: Keys
+) -> None:
+    from google.protobuf import json_format
+
+    from agent.directory import LiveDirectory
+    from agent.recorder.control.desk import ControlDesk
+    from agent.recorder.finalize import MANIFEST_FILE
+    from agent.recorder.uplink.outbox import Outbox
+
+    cfg, _ = agent_config(tmp_path, keys, "127.0.0.1:1", control={"tokens_file": "t"})
+    outbox = Outbox(cfg.outbox_dir)
+    desk = ControlDesk(cfg, LiveDirectory(cfg.directory_file), outbox)
+    now = utc_now()
+    meta = _meta(started_at=iso_ms(now - dt.timedelta(seconds=30)), ended_at=iso_ms(now))
+    manifest = manifest_from_capture(meta, "opus", 2, 100, "0" * 64, "fi")
+    (cfg.outbox_dir / meta.recording_id).mkdir()
+    (cfg.outbox_dir / meta.recording_id / MANIFEST_FILE).write_text(
+        json_format.MessageToJson(manifest)
+    )
+    body = {"employee": {"extension": "1002"}}
+    with outbox.locked(meta.recording_id, 0) as held:  # an upload attempt in progress
+        assert held
+        busy = desk.command("employee", "recording_id", meta.recording_id, "api:acd", body)
+    assert busy.status == 409 and busy.doc["retry_after_s"] == 2
+    done = desk.command("employee", "recording_id", meta.recording_id, "api:acd", body)
+    assert done.status == 200, done.doc
+    stored = outbox.open(meta.recording_id).manifest
+    assert [(e.id, e.name) for e in stored.employees] == [("e1002", "Mikko Korhonen")]
+    assert stored.employees[0].joined_at == stored.started_at
+    assert "employee_unknown" not in stored.flags
+    validate_manifest(stored)
+    receipt = pb.UploadReceipt(recording_id=meta.recording_id, sha256=stored.sha256)
+    outbox.remove(outbox.open(meta.recording_id), receipt)
+    after = desk.command("employee", "recording_id", meta.recording_id, "api:acd", body)
+    assert after.status == 409 and "rectif" in after.doc["error"]
+    paused = desk.command("pause", "recording_id", meta.recording_id, "api:acd", {})
+    assert (paused.status, paused.doc["error"]) == (409, "the call has ended")
+    unknown = desk.command("employee", "recording_id", meta.recording_id, "api:acd",
+                           {"employee": {"extension": "4242"}})  # fmt: skip
+    assert unknown.status == 404
