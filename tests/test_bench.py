@@ -106,3 +106,10 @@ def test_web_times_search_first_byte_and_seek() -> None:
     for name in ("search", "search_period", "first_byte", "seek_middle"):
         assert result[name]["n"] == 10 and 0 < result[name]["p50_ms"] <= result[name]["p99_ms"]
     assert result["ranges_served"] >= 3 and result["rss_peak_mib"] >= result["rss_idle_mib"] > 0
+
+
+def test_control_latency_pauses_a_live_call_and_finds_each_silence() -> None:
+    report = bench("control_latency", "--calls", "1", "--seconds", "10", "--every", "3")
+    result = report["result"]
+    assert result["pauses"] == 2  # at 2 s and 5 s of a 10 s call, each found silent
+    assert result["api_round_trip_ms"]["max"] > 0

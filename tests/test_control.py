@@ -175,6 +175,9 @@ def test_a_pause_through_the_api_is_silence_of_the_right_length_and_is_stored(
         assert window_rms(audio, channel, 20.5, 29.0) > 500, channel
     package = json.loads(package_metadata([row], 0))["recordings"][0]
     assert package["pauses"] == row.pauses
+    with running.catalog.engine.connect() as conn:
+        [audited] = [e for e in audit.events_for(conn, row.recording_id) if e.action == "pause"]
+    assert audited.detail.endswith(" s by api:crm") and audited.actor == "agent:hel-1"
     assert "event=control_request integration=crm op=pause" in running.text()
 
 

@@ -1,4 +1,5 @@
-"""Recordings stopped and discarded at the customer's request (issue 21).
+"""Recordings stopped and discarded at the customer's request (issue 21), and the
+audit entry of a stored recording's pauses.
 
 The agent destroys the call's audio on its own disk and sends the call's manifest
 without audio (``Ingest.Discard``). The store then removes whatever it holds of the
@@ -101,6 +102,22 @@ def receipt(row: DiscardedRow) -> pb.UploadReceipt:
     stored = Timestamp()
     stored.FromDatetime(dt.datetime.fromtimestamp(row.discarded_at_ms / 1000, dt.UTC))
     return pb.UploadReceipt(recording_id=row.recording_id, sha256="", size=0, stored_at=stored)
+
+
+def audit_pauses(catalog: Catalog, m: pb.Manifest) -> None:
+    """One audit entry for a stored recording's pauses (who asked, offsets from its
+    start): the intervals written as silence are on the record."""
+    start = m.started_at.ToMilliseconds()
+    detail = "; ".join(
+        f"{(p.start.ToMilliseconds() - start) / 1000:.1f}-"
+        f"{(p.end.ToMilliseconds() - start) / 1000:.1f} s by {p.who}"
+        for p in m.pauses
+    )
+    with catalog.engine.begin() as conn:
+        audit.append(
+            conn, f"agent:{m.site}", "pause", m.recording_id, "recording paused", "silence",
+            detail=detail,
+        )  # fmt: skip
 
 
 def discard(

@@ -476,6 +476,8 @@ class IngestService(pb_grpc.IngestServicer):
         inserted = self.catalog.insert(row)
         if not inserted:
             self.vault.discard(rid, blob_key)  # an earlier commit won; keep its copy
+        elif manifest.pauses:
+            discards.audit_pauses(self.catalog, manifest)
         partials.discard(part, manifest_file)
         stored = self.catalog.get(rid)
         assert stored is not None
