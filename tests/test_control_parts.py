@@ -314,3 +314,46 @@ def test_an_employee_is_bound_in_the_outbox_under_its_lock_and_refused_after_upl
     unknown = desk.command("employee", "recording_id", meta.recording_id, "api:acd",
                            {"employee": {"extension": "4242"}})  # fmt: skip
     assert unknown.status == 404
+
+
+# ---------------------------------------------------------------- mutual TLS on the API
+
+
+def test_the_api_over_mutual_tls_takes_the_integration_from_the_certificate(
+    tmp_path: Path, keys: Keys, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The API with only ca_file/cert_file/key_file: a client certificate of the CA is
+    the authentication (its CN names the integration); without one, no TLS session."""
+    import http.client
+    import ssl
+
+    from agent.directory import LiveDirectory
+    from agent.recorder.control.api import ControlServer
+    from agent.recorder.control.desk import ControlDesk
+    from agent.recorder.uplink.outbox import Outbox
+
+    caplog.set_level("INFO")
+    control = {"listen": "127.0.0.1:0", **pki.files("store")}
+    cfg, _ = agent_config(tmp_path, keys, "127.0.0.1:1", control=control)
+    assert cfg.control is not None and cfg.control.tls is not None
+    desk = ControlDesk(cfg, LiveDirectory(cfg.directory_file), Outbox(cfg.outbox_dir))
+    server = ControlServer(cfg.control, desk).start()
+    d = pki.directory
+    try:
+        context = ssl.create_default_context(cafile=d / "ca.pem")
+        context.load_cert_chain(d / "agent-hel-1.pem", d / "agent-hel-1.key")
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=context, timeout=10)
+        conn.request("GET", "/calls?extension=1001")
+        response = conn.getresponse()
+        assert response.status == 404  # authenticated: there is just no such call
+        assert json.loads(response.read())["error"] == "no call with that extension on this agent"
+        conn.close()
+        bare = ssl.create_default_context(cafile=d / "ca.pem")
+        conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=bare, timeout=10)
+        with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+            conn.request("GET", "/calls?extension=1001")
+            conn.getresponse()
+        conn.close()
+    finally:
+        server.stop()
+    assert "integration=hel-1 op=status" in caplog.text, caplog.text
