@@ -37,6 +37,7 @@ from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import KeyFileError, Sealer, check_private_file
 from agent.recorder import quarantine
 from agent.recorder.control import cli as control_cli
+from agent.recorder.control.tokens import Tokens as ControlTokens
 from agent.recorder.front import logfilter as frontlog
 from agent.store.keys.master import FileKeyWrapper
 from agent.store.keys.numbers import SealKeyring
@@ -289,6 +290,8 @@ def check_config(agent_path: Path | None, store_path: Path | None) -> int:
             (Sealer.load, cfg.privacy.seal_public_key_file),
             (Directory.load, cfg.directory_file),
         ]
+        if cfg.control is not None:
+            loaders.append((ControlTokens.load, cfg.control.tokens_file))
     if store_path is not None:
         store_cfg = load_store_config(store_path)
         check_transport(store_cfg)

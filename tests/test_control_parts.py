@@ -110,6 +110,19 @@ def test_tokens_are_kept_as_hashes_and_a_broken_file_is_named(tmp_path: Path) ->
         Tokens.load(path)
 
 
+def test_callrec_check_names_a_broken_tokens_file(
+    tmp_path: Path, keys: Keys, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main as callrec
+    from tests.support.stack import write_toml
+
+    tokens = tmp_path / "control.tokens"
+    tokens.write_text("crm 1234\n")
+    _, doc = agent_config(tmp_path, keys, "127.0.0.1:1", control={"tokens_file": str(tokens)})
+    assert callrec(["check", "--agent", str(write_toml(tmp_path / "agent.toml", doc))]) == 1
+    assert f"[control] tokens_file = '{tokens}' line 1" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- commands on metadata
 
 

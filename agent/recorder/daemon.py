@@ -134,10 +134,10 @@ class AgentDaemon:
         if cfg.spool is not None:
             self.spool = SpoolPickup.from_config(cfg)
             self.spool.start()
-        self._start_pool()
-        if cfg.control is not None:
+        if cfg.control is not None:  # before the pool: a bad tokens file stops the start
             desk = ControlDesk(cfg, self.directory, self.outbox)
             self.control = ControlServer(cfg.control, desk).start()
+        self._start_pool()
         log.info(
             "agent_ready",
             site=cfg.site,

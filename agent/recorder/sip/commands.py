@@ -102,11 +102,13 @@ def discard(session: CallSession, who: str) -> None:
     mute(session)
     session.recorders.clear()  # pjsua closes the files; unlinked, nothing stays on disk
     legs = session.meta.legs
+    # The tombstone first: a worker dying now leaves a capture recovery finalizes as
+    # discarded (its legs deleted with it), never one whose audio would be kept.
+    session.meta = call_control.discarded(session.meta, iso_ms(utc_now()))
+    save(session)
     for leg in legs:
         with contextlib.suppress(FileNotFoundError):
             (session.directory / leg).unlink()
-    session.meta = call_control.discarded(session.meta, iso_ms(utc_now()))
-    save(session)
     log.warning(
         "recording_discarded", recording_id=session.meta.recording_id, who=who,
         legs_removed=",".join(legs) or "-",
