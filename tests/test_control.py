@@ -208,6 +208,8 @@ def test_refused_requests_change_nothing_and_an_ended_call_is_409(pool: tuple[Po
         call = api.live("1001")
         rid = call["recording_id"]
         assert anonymous.request("POST", f"/calls/{rid}/pause")[0] == 401
+        status, openapi = anonymous.request("GET", "/openapi.json")  # public: the contract
+        assert status == 200 and "/calls/{recording_id}/pause" in openapi["paths"]
         assert wrong.request("POST", "/calls/pause", {"extension": "1001"})[0] == 401
         assert wrong.request("GET", f"/calls/{rid}")[0] == 401
         refusals = [

@@ -167,6 +167,17 @@ def test_a_manifest_carries_its_pauses_and_refuses_ones_outside_the_call() -> No
             validate_manifest(wrong, now=T0 + dt.timedelta(minutes=1))
 
 
+def test_show_lists_the_pauses_from_the_calls_start() -> None:
+    from agent.access_cli import format_pauses
+
+    meta = _meta(pauses=(Pause(_at(10), _at(20.25), "api:crm"), Pause(_at(25), None, "src")))
+    manifest = manifest_from_capture(meta, "opus", 2, 100, "0" * 64, "fi")
+    assert format_pauses(manifest) == [
+        "  paused 10.0-20.2 s (api:crm)",
+        "  paused 25.0-30.0 s (src)",
+    ]
+
+
 def test_a_discard_manifest_has_no_audio_and_says_discarded() -> None:
     meta = call_control.discarded(_meta(), _at(15))
     manifest = discard_manifest_from_capture(meta, "fi")
