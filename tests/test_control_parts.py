@@ -381,3 +381,32 @@ def test_the_api_over_mutual_tls_takes_the_integration_from_the_certificate(
     finally:
         server.stop()
     assert "integration=hel-1 op=status" in caplog.text, caplog.text
+
+
+def test_the_spool_pickup_writes_silence_over_the_pbxs_pauses(tmp_path: Path, keys: Keys) -> None:
+    """A PBX that paused but recorded the audio all the same: the capture's legs hold
+    silence there, and the pause (by pbx) is in its metadata."""
+    from agent.capture import read_meta
+    from tests.test_spool import make_spool, rename_in, sidecar, tone, wait_for, wav
+
+    spool = make_spool(tmp_path, keys)
+    spool.pickup.start()
+    try:
+        rename_in(spool.dir / "p-r.wav", wav(tone(440, 3.0)))
+        rename_in(spool.dir / "p-t.wav", wav(tone(1000, 3.0, amp=2000)))
+        pauses = [{"start": "2026-03-02T09:15:01Z", "end": "2026-03-02T09:15:02Z"}]
+        audio = {"customer": "p-r.wav", "employee": "p-t.wav"}
+        rename_in(spool.dir / "p.json", sidecar("p", audio, pauses=pauses))
+        wait_for(lambda: len(spool.captures()) == 1)
+    finally:
+        spool.pickup.stop()
+        spool.pickup.join(10)
+    capture = spool.ready / spool.captures()[0]
+    meta = read_meta(capture)
+    assert meta.pauses == (Pause("2026-03-02T09:15:01.000Z", "2026-03-02T09:15:02.000Z", "pbx"),)
+    assert Flag.PAUSED in meta.flags
+    for leg in meta.legs:
+        with wave.open(str(capture / leg), "rb") as r:
+            samples = struct.unpack(f"<{3 * 8000}h", r.readframes(3 * 8000))
+        assert max(map(abs, samples[8000:16000])) == 0, leg
+        assert max(map(abs, samples[:8000])) > 1000 and max(map(abs, samples[16000:])) > 1000
