@@ -102,11 +102,12 @@ class Outbox:
                 f"receipt for {receipt.recording_id} sha256={receipt.sha256} does not match "
                 f"the outbox entry's sha256={entry.manifest.sha256}; keeping it"
             )
+        # Known as uploaded before it leaves: no moment where it is neither here nor there.
+        self.uploaded.add(entry.manifest.recording_id, entry.manifest.call_ref)
         done = self.root / f".done-{entry.path.name}"
         entry.path.rename(done)
         fsync_dir(self.root)
         shutil.rmtree(done)
-        self.uploaded.add(entry.manifest.recording_id, entry.manifest.call_ref)
 
     def entries(self) -> list[str]:
         return sorted(
