@@ -77,7 +77,8 @@ class ControlDesk:
 
     # ------------------------------------------------------------ finding
 
-    def live_calls(self, key: str, value: str) -> list[LiveCall]:
+    def _active(self, key: str, value: str) -> list[LiveCall]:
+        """The captures the workers hold (live, or ended and about to move) that match."""
         found: list[LiveCall] = []
         for worker_dir in sorted(self.active_dir.glob("w*")):
             index = worker_dir.name[1:]
@@ -88,9 +89,12 @@ class ControlDesk:
                     meta = read_meta(capture)
                 except (OSError, ValueError, KeyError, TypeError):
                     continue  # not answered yet, or being written
-                if meta.ended_at is None and _matches(meta, key, value):
+                if _matches(meta, key, value):
                     found.append(LiveCall(int(index), meta))
         return found
+
+    def live_calls(self, key: str, value: str) -> list[LiveCall]:
+        return [c for c in self._active(key, value) if c.meta.ended_at is None]
 
     def ended(self, key: str, value: str) -> CaptureMeta | pb.Manifest | str | None:
         """The call if it ended: its metadata while still on this agent (ready or
@@ -103,6 +107,9 @@ class ControlDesk:
         )
         if uploaded is not None:
             return uploaded
+        closing = [c.meta for c in self._active(key, value) if c.meta.ended_at is not None]
+        if closing:  # ended, its capture about to move to ready
+            return closing[0]
         for capture in self._candidates(self.ready_dir, key, value):
             with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
                 meta = read_meta(capture)
