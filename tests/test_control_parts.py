@@ -410,3 +410,32 @@ def test_the_spool_pickup_writes_silence_over_the_pbxs_pauses(tmp_path: Path, ke
             samples = struct.unpack(f"<{3 * 8000}h", r.readframes(3 * 8000))
         assert max(map(abs, samples[8000:16000])) == 0, leg
         assert max(map(abs, samples[:8000])) > 1000 and max(map(abs, samples[16000:])) > 1000
+
+
+def test_a_discarded_capture_left_by_a_dead_worker_keeps_no_audio(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """The worker died right after writing the discard's tombstone (a leg still on
+    disk): recovery and finalize make it an outbox entry with the manifest alone."""
+    from agent.capture import recover_active, write_meta
+    from agent.recorder.finalize import MANIFEST_FILE, Finalizer
+
+    cfg, _ = agent_config(tmp_path, keys, "127.0.0.1:1")
+    active = cfg.captures_dir / "active" / "w0"
+    now = utc_now()
+    meta = _meta(started_at=iso_ms(now - dt.timedelta(seconds=20)), ended_at=None)
+    tomb = call_control.discarded(meta, iso_ms(now))
+    capture = active / meta.recording_id
+    capture.mkdir(parents=True)
+    write_meta(capture, tomb)
+    (capture / "customer.wav").write_bytes(b"RIFF" + bytes(100))  # not unlinked yet
+    ready = cfg.captures_dir / "ready"
+    result = recover_active(active, ready, cfg.quarantine_dir)
+    assert result.recovered == [meta.recording_id]
+    Finalizer(cfg).handle(meta.recording_id)
+    entry = cfg.outbox_dir / meta.recording_id
+    assert sorted(p.name for p in entry.iterdir()) == [MANIFEST_FILE]
+    assert not (ready / meta.recording_id).exists()
+    assert list(tmp_path.rglob("*.wav")) == []
+    manifest = json.loads((entry / MANIFEST_FILE).read_text())
+    assert "discarded" in manifest["flags"] and "size" not in manifest
