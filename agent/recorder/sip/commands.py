@@ -32,17 +32,44 @@ log = logs.get_logger("agent.recorder.sip")
 _TEXT_MAX = {"id": 64, "name": 200, "aor": 256, "team": 64}
 
 
-def mute(session: CallSession) -> None:
-    """Disconnect every stream of the call from its recorder (silence from now on)."""
+def _streams(session: CallSession) -> list[tuple[pj.AudioMedia, pj.AudioMediaRecorder]]:
+    """The call's audio streams that have a recorder (and a conference port)."""
     call = session.call
     if call is None:
-        return
+        return []
     info = call.getInfo()  # keep it alive: .media points into it (SWIG)
+    found = []
     for media in info.media:
         recorder = session.recorders.get(media.index)
         if recorder is None or media.type != pj.PJMEDIA_TYPE_AUDIO or media.audioConfSlot < 0:
             continue
-        call.getAudioMedia(media.index).stopTransmit(recorder)
+        found.append((call.getAudioMedia(media.index), recorder))
+    return found
+
+
+def _null_sink() -> pj.AudioMedia:
+    """The null sound device's port: what a paused stream plays into."""
+    return pj.Endpoint.instance().audDevManager().getPlaybackDevMedia()
+
+
+def mute(session: CallSession) -> None:
+    """Disconnect every stream of the call from its recorder (silence from now on). The
+    stream plays into the null sound device meanwhile: a stream without a listener is
+    not read, and its jitter buffer would keep the last half second said in the pause
+    and hand it to the recorder on resume (measured: 0.42 s)."""
+    sink = _null_sink()
+    for stream, recorder in _streams(session):
+        with contextlib.suppress(pj.Error):  # not connected (a=inactive, or again)
+            stream.stopTransmit(recorder)
+        stream.startTransmit(sink)  # connecting twice changes nothing
+
+
+def unmute(session: CallSession) -> None:
+    """The streams off the null sink (the caller connects them to their recorders)."""
+    sink = _null_sink()
+    for stream, _ in _streams(session):
+        with contextlib.suppress(pj.Error):  # not connected (a=inactive at the pause)
+            stream.stopTransmit(sink)
 
 
 def save(session: CallSession) -> None:
@@ -171,6 +198,7 @@ def run_command(
         bind(session, employee, who)
     elif op == "resume":
         if resume(session, who):
+            unmute(session)
             reconnect(session)
     else:
         return {"status": 400, "error": "op: expected " + ", ".join(call_control.OPS)}

@@ -484,6 +484,7 @@ class SipEngine:
             return
         self._follow_src_pause(session, call)
         if session.meta is not None and (session.meta.paused or not session.recorders):
+            commands.mute(session)  # a re-INVITE's new stream port too: off, on the sink
             return  # paused (or discarded): the streams stay off the recorders
         info = call.getInfo()  # keep it alive: .media points into it (SWIG)
         for media in info.media:
