@@ -439,3 +439,40 @@ def test_a_discarded_capture_left_by_a_dead_worker_keeps_no_audio(
     assert list(tmp_path.rglob("*.wav")) == []
     manifest = json.loads((entry / MANIFEST_FILE).read_text())
     assert "discarded" in manifest["flags"] and "size" not in manifest
+
+
+def test_tokens_are_reloaded_on_sighup_and_a_broken_file_keeps_them(
+    tmp_path: Path, keys: Keys
+) -> None:
+    import http.client
+
+    from agent.directory import LiveDirectory
+    from agent.recorder.control.api import ControlServer
+    from agent.recorder.control.desk import ControlDesk
+    from agent.recorder.uplink.outbox import Outbox
+
+    tokens = tmp_path / "control.tokens"
+    first = new_token("crm", tokens)
+    control = {"listen": "127.0.0.1:0", "tokens_file": str(tokens)}
+    cfg, _ = agent_config(tmp_path, keys, "127.0.0.1:1", control=control)
+    assert cfg.control is not None
+    desk = ControlDesk(cfg, LiveDirectory(cfg.directory_file), Outbox(cfg.outbox_dir))
+    server = ControlServer(cfg.control, desk).start()
+
+    def status(token: str) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", "/calls?extension=1001", headers={"Authorization": f"Bearer {token}"})
+        code = conn.getresponse().status
+        conn.close()
+        return code
+
+    try:
+        second = new_token("ivr", tokens)
+        assert (status(first), status(second)) == (404, 401)  # 404: in, but no such call
+        server.reload_tokens()
+        assert (status(first), status(second)) == (404, 404)
+        tokens.write_text("broken\n")
+        server.reload_tokens()
+        assert status(second) == 404
+    finally:
+        server.stop()

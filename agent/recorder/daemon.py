@@ -465,7 +465,8 @@ def run_agent(config: AgentConfig, config_path: Path) -> int:
 
 
 def _reload(daemon: AgentDaemon) -> None:
-    """SIGHUP: the log level from the config file, and the directory everywhere."""
+    """SIGHUP: the log level from the config file, the directory everywhere, the control
+    API's tokens."""
     try:
         level = load_agent_config(daemon.config_path).log_level
     except ConfigError as exc:
@@ -475,6 +476,8 @@ def _reload(daemon: AgentDaemon) -> None:
         log.info("reloaded", log_level=level)
     daemon.directory.reload()
     _tell_directory_users(daemon)
+    if daemon.control is not None:
+        daemon.control.reload_tokens()
 
 
 def _directory_changed(daemon: AgentDaemon) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from agent import logs
-from agent.config import ControlConfig
+from agent.config import ConfigError, ControlConfig
 from agent.recorder.control.desk import SELECTORS, ControlDesk, Reply
 from agent.recorder.control.tokens import Tokens
 
@@ -226,6 +226,10 @@ class ControlHttpServer(ThreadingHTTPServer):
                     return str(pair[1])[:40]
         return None
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One line, not socketserver's traceback on stderr (a client gone mid-answer)."""
+        log.warning("control_connection_failed", peer=str(client_address[0]))
+
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             self.shutdown_request(request)  # more than MAX_CONNECTIONS at once
@@ -265,6 +269,15 @@ class ControlServer:
             tls="mutual" if self.http.tls else "off", tokens=len(self.http.tokens.by_digest),
         )  # fmt: skip
         return self
+
+    def reload_tokens(self) -> None:
+        """SIGHUP: the tokens file again (a broken one keeps the tokens in use)."""
+        try:
+            self.http.tokens = Tokens.load(self.cfg.tokens_file)
+        except ConfigError as exc:
+            log.error("control_tokens_reload_failed", reason=str(exc), kept="previous")
+            return
+        log.info("control_tokens_reloaded", tokens=len(self.http.tokens.by_digest))
 
     def stop(self) -> None:
         self.http.shutdown()
