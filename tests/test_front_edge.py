@@ -29,13 +29,12 @@ from agent.testcall.sipp import (
     run_sipp,
     siprec_scenario,
 )
-from tests.support.audio import Speech, channel_rms
+from tests.support.audio import Speech, carries, channel_rms
 from tests.support.pool import (
     FULL_NUMBER,
     NATIONAL,
     SERVICE_AOR,
     Pool,
-    carries,
     employees,
     flags,
     place_and_store,

@@ -30,14 +30,13 @@ from agent.testcall.sipp import (
     plain_scenario,
     siprec_scenario,
 )
-from tests.support.audio import Speech, decode, trim
+from tests.support.audio import Speech, carries, decode, trim
 from tests.support.pool import (
     FULL_NUMBER,
     NATIONAL,
     SERVICE_AOR,
     Pool,
     assert_times,
-    carries,
     employees,
     epoch,
     flags,

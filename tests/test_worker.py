@@ -42,7 +42,15 @@ from agent.testcall.sipp import (
     run_sipp,
     siprec_scenario,
 )
-from tests.support.audio import Speech, best_correlation, channel_rms, envelope, make_speech, trim
+from tests.support.audio import (
+    CARRIES_AT_LEAST,
+    CARRIES_MARGIN,
+    Speech,
+    carry_scores,
+    channel_rms,
+    make_speech,
+    trim,
+)
 from tests.support.daemons import REPO
 from tests.support.stack import Keys, agent_config, write_toml
 
@@ -188,13 +196,10 @@ def assert_times_match(meta: CaptureMeta, result: SippResult) -> None:
 
 def assert_leg_carries(leg: Path, sent: Path, other: Path) -> None:
     """The leg's loudness contour follows what was sent on it, not the other stream."""
-    # 20 ms windows: one RTP packet each, so the lag search lines them up exactly.
-    recorded = envelope(leg, window_ms=20)
-    mine = best_correlation(recorded, envelope(sent, window_ms=20))
-    theirs = best_correlation(recorded, envelope(other, window_ms=20))
+    mine, theirs = carry_scores(leg, 0, sent, other)
     assert channel_rms(leg)[0] > 300, leg
-    assert mine > 0.8, (leg.name, mine, theirs)
-    assert mine > theirs + 0.3, (leg.name, mine, theirs)
+    assert mine > CARRIES_AT_LEAST, (leg.name, mine, theirs)
+    assert mine > theirs + CARRIES_MARGIN, (leg.name, mine, theirs)
 
 
 def wav_seconds(path: Path) -> float:

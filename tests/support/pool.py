@@ -25,7 +25,7 @@ from agent.store.catalog import Catalog, RecordingRow
 from agent.testcall.rtp import FifoControl, RtpSender
 from agent.testcall.rtpsend import CompiledSender
 from agent.testcall.sipp import SippResult, SiprecCall, free_port, run_sipp, siprec_scenario
-from tests.support.audio import Speech, best_correlation, envelope, make_speech
+from tests.support.audio import Speech, make_speech
 from tests.support.daemons import Daemon, start_agent, start_store
 from tests.support.stack import Keys, make_keys
 
@@ -313,14 +313,6 @@ def window_rms(
     channels, samples = audio
     mono = samples[channel::channels][int(start_s * 8000) : int(end_s * 8000)]
     return math.sqrt(sum(v * v for v in mono) / max(1, len(mono)))
-
-
-def carries(path: Path, channel: int, sent: Path, other: Path) -> bool:
-    """The channel's loudness contour follows ``sent``, not ``other``."""
-    recorded = envelope(path, channel)
-    mine = best_correlation(recorded, envelope(sent))
-    theirs = best_correlation(recorded, envelope(other))
-    return mine > 0.6 and mine > theirs + 0.2
 
 
 def epoch(iso: str) -> float:
