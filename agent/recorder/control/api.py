@@ -222,8 +222,8 @@ class ControlHttpServer(ThreadingHTTPServer):
         cert: dict[str, Any] = dict(connection.getpeercert() or {})
         for rdn in cert.get("subject", ()):
             for pair in rdn:
-                if pair[0] == "commonName":
-                    return str(pair[1])[:40]
+                if pair[0] == "commonName":  # as a pause's who: api:<name>
+                    return re.sub(r"[^A-Za-z0-9._@-]", "_", str(pair[1]))[:40] or "-"
         return None
 
     def handle_error(self, request: Any, client_address: Any) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import pjsua2 as pj
@@ -209,4 +208,4 @@ def status_reply(session: CallSession) -> dict[str, Any]:
     assert session.meta is not None
     meta = session.meta
     state = call_control.live_state(meta)
-    return {"status": 200, "call": call_control.call_status(replace(meta), state)}
+    return {"status": 200, "call": call_control.call_status(meta, state)}
