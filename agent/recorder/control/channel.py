@@ -3,9 +3,11 @@ JSON line in and one out per connection.
 
 The worker serves it from its pjsua2 loop (:meth:`ControlChannel.serve`, non-blocking,
 between two turns of ``libHandleEvents``): the command runs on the thread that owns
-pjsua2, and the loop turns every ``ACTIVE_POLL_MS`` while it has calls, which bounds
-the latency of a pause. An abstract socket has no file permissions, so the worker
-takes only connections from processes of its own user (``SO_PEERCRED``). Requests are
+pjsua2. The agent then wakes the loop out of its wait with a SIP keep-alive (CRLF CRLF)
+to the worker's SIP port, which pjsip ignores; without it the loop's own timeout
+(``ACTIVE_POLL_MS`` while it has calls) bounds the wait. An abstract socket has no
+file permissions, so the worker takes only connections from processes of its own user
+(``SO_PEERCRED``). Requests are
 bounded (``MAX_LINE`` bytes, ``READ_TIMEOUT_S`` to arrive, ``BACKLOG`` waiting).
 """
 
@@ -113,13 +115,29 @@ class ControlChannel:
         self._sock.close()
 
 
-def ask_worker(name: str, request: dict[str, Any], timeout_s: float = 2.0) -> dict[str, Any]:
-    """Send one command to a worker and return its reply; OSError/ValueError when the
-    worker can't be reached or answers nonsense."""
+def wake(sip: tuple[str, int]) -> None:
+    """Wake a worker's loop out of its wait: a SIP keep-alive (CRLF CRLF, RFC 5626) to
+    its SIP port, which pjsip reads and ignores; the loop then serves the channel."""
+    anywhere = {"0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 - a listen address, mapped
+    address = anywhere.get(sip[0], sip[0])
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as udp:
+        udp.sendto(b"\r\n\r\n", (address, sip[1]))
+
+
+def ask_worker(
+    name: str, request: dict[str, Any], timeout_s: float = 2.0, sip: tuple[str, int] | None = None
+) -> dict[str, Any]:
+    """Send one command to a worker (woken through ``sip``, its SIP address, if given)
+    and return its reply; OSError/ValueError when the worker can't be reached or
+    answers nonsense."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout_s)
         sock.connect(name)
         sock.sendall(json.dumps(request).encode() + b"\n")
+        if sip is not None:
+            with contextlib.suppress(OSError):  # the loop's own timeout still serves it
+                wake(sip)
         data = b""
         while b"\n" not in data and len(data) <= MAX_LINE * 4:
             block = sock.recv(65536)

@@ -173,7 +173,8 @@ class ControlDesk:
         request["recording_id"] = call.meta.recording_id
         name = channel_name(self.cfg.captures_dir, call.worker)
         try:
-            reply = ask_worker(name, request, WORKER_TIMEOUT_S)
+            sip = self.cfg.sip.worker_sip(call.worker)
+            reply = ask_worker(name, request, WORKER_TIMEOUT_S, sip)
         except (OSError, ValueError) as exc:
             log.error("control_worker_unreachable", worker=call.worker, error=str(exc))
             return _error(503, f"worker {call.worker} did not answer; retry")

@@ -56,7 +56,7 @@ from agent.recorder.sip.endpoint import (
 log = logs.get_logger("agent.recorder.sip")
 
 STATS_INTERVAL_S = 1.0
-ACTIVE_POLL_MS = 20  # the loop's longest wait while calls run: a control command's latency
+ACTIVE_POLL_MS = 200  # the loop's longest wait while calls run, should a control wake-up be lost
 CLOSE_WAIT_S = 5.0  # for pjsua to close a leg's WAV file after the call
 FINISH_RETRY_S = 1.0  # a capture that could not be closed (full disk) is tried again
 _UPDATE_METHODS = ("INVITE", "UPDATE")
