@@ -13,6 +13,8 @@ a capture with no audio, flagged ``discarded``.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 log = logs.get_logger("agent.recorder.sip")
 
 _TEXT_MAX = {"id": 64, "name": 200, "aor": 256, "team": 64}
+FRAME_MS = 20  # a jitter buffer frame (ptime)
+MAX_HELD_MS = 1000
 
 
 def _streams(session: CallSession) -> list[tuple[pj.AudioMedia, pj.AudioMediaRecorder]]:
@@ -61,14 +65,18 @@ def mute(session: CallSession) -> None:
         with contextlib.suppress(pj.Error):  # not connected (a=inactive, or again)
             stream.stopTransmit(recorder)
         stream.startTransmit(sink)  # connecting twice changes nothing
+    session.on_sink = True
 
 
 def unmute(session: CallSession) -> None:
     """The streams off the null sink (the caller connects them to their recorders)."""
+    if not session.on_sink:
+        return
     sink = _null_sink()
     for stream, _ in _streams(session):
         with contextlib.suppress(pj.Error):  # not connected (a=inactive at the pause)
             stream.stopTransmit(sink)
+    session.on_sink = False
 
 
 def save(session: CallSession) -> None:
@@ -109,12 +117,29 @@ def pause(session: CallSession, who: str) -> None:
     log.info("recording_paused", recording_id=session.meta.recording_id, who=who)
 
 
-def resume(session: CallSession, who: str) -> bool:
-    """Close the open pause; True when the streams are to be connected again."""
+def held_back_ms(session: CallSession) -> int:
+    """The audio the call's jitter buffers hold now: said before this moment, it would
+    reach a recorder connected now. A resume waits it out (on the null sink)."""
+    call = session.call
+    if call is None:
+        return 0
+    held = 0
+    info = call.getInfo()  # keep it alive: .media points into it (SWIG)
+    for media in info.media:
+        if media.index in session.recorders and media.audioConfSlot >= 0:
+            with contextlib.suppress(pj.Error):
+                held = max(held, call.getStreamStat(media.index).jbuf.size * FRAME_MS)
+    return min(held, MAX_HELD_MS)
+
+
+def resume(session: CallSession, who: str, delay_ms: int = 0) -> bool:
+    """Close the open pause ``delay_ms`` from now (when the streams will be connected
+    again); True when they are to be."""
     assert session.meta is not None
     if not session.meta.paused:
         return False
-    session.meta = call_control.close_pause(session.meta, iso_ms(utc_now()))
+    at = utc_now() + dt.timedelta(milliseconds=delay_ms)
+    session.meta = call_control.close_pause(session.meta, iso_ms(at))
     save(session)
     log.info("recording_resumed", recording_id=session.meta.recording_id, who=who)
     return True
@@ -196,9 +221,11 @@ def run_command(
             return {"status": 400, "error": "employee: expected id, name, aor (and team)"}
         bind(session, employee, who)
     elif op == "resume":
-        if resume(session, who):
-            unmute(session)
-            reconnect(session)
+        delay_ms = held_back_ms(session)
+        if resume(session, who, delay_ms):
+            session.resume_at = time.monotonic() + delay_ms / 1000
+            if not delay_ms:
+                reconnect(session)
     else:
         return {"status": 400, "error": "op: expected " + ", ".join(call_control.OPS)}
     return None

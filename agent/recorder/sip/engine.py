@@ -177,6 +177,8 @@ class CallSession:
     owner: CaptureOwner | None = field(default=None, repr=False)  # the capture's lock
     leg_sizes: dict[str, int] = field(default_factory=dict)  # at the last look
     retry_at: float = 0.0  # closing failed (a full disk): try again then
+    resume_at: float = 0.0  # a resume waits out the jitter buffers until then (commands)
+    on_sink: bool = False  # the streams play into the null sound device (paused)
 
     def disconnected(self, at: dt.datetime) -> None:
         """From ``onCallState``: release the Call now (see the module docstring)."""
@@ -305,9 +307,13 @@ class SipEngine:
         closing = any(s.retry_at == 0.0 for s in self._closing)
         if self._sessions:
             timeout_ms = min(timeout_ms, ACTIVE_POLL_MS)
-        self._ep.libHandleEvents(min(timeout_ms, 10) if closing else timeout_ms)
+        resuming = [s for s in self._sessions if s.resume_at]
+        self._ep.libHandleEvents(min(timeout_ms, 10) if closing or resuming else timeout_ms)
         self._drain_events()
         self._move_closed()
+        for session in resuming:
+            if time.monotonic() >= session.resume_at:
+                self._connect_media(session)
         now = time.monotonic()
         if now >= self._next_stats:
             self._next_stats = now + STATS_INTERVAL_S
@@ -483,9 +489,13 @@ class SipEngine:
         if call is None or plan is None or directory is None:
             return
         self._follow_src_pause(session, call)
+        if session.resume_at > time.monotonic():
+            return  # resuming: the jitter buffers still hold what was said in the pause
+        session.resume_at = 0.0
         if session.meta is not None and (session.meta.paused or not session.recorders):
             commands.mute(session)  # a re-INVITE's new stream port too: off, on the sink
             return  # paused (or discarded): the streams stay off the recorders
+        commands.unmute(session)
         info = call.getInfo()  # keep it alive: .media points into it (SWIG)
         for media in info.media:
             leg = plan.legs.get(media.index)
