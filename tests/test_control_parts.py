@@ -453,7 +453,7 @@ def test_tokens_are_reloaded_on_sighup_and_a_broken_file_keeps_them(
 
     tokens = tmp_path / "control.tokens"
     first = new_token("crm", tokens)
-    control = {"listen": "127.0.0.1:0", "tokens_file": str(tokens)}
+    control: dict[str, object] = {"listen": "127.0.0.1:0", "tokens_file": str(tokens)}
     cfg, _ = agent_config(tmp_path, keys, "127.0.0.1:1", control=control)
     assert cfg.control is not None
     desk = ControlDesk(cfg, LiveDirectory(cfg.directory_file), Outbox(cfg.outbox_dir))
