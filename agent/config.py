@@ -166,6 +166,10 @@ class UplinkConfig:
     # While the store is unreachable: one line when that starts and ends, a summary
     # at most this often in between.
     store_down_summary_s: float = 300.0
+    # Live upload (issue 19): SIPREC and plain calls stream to the store while they run
+    # (agent.recorder.uplink.live), flushed every live_flush; spool pickups keep the file path.
+    live: bool = False
+    live_flush_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -323,6 +327,10 @@ class StoreConfig:
     part_max_age_s: float = 6 * 3600.0
     oidc: StoreOidcConfig | None = None  # [store.oidc]: ID tokens of the people's web
     metrics_listen: str | None = None  # "127.0.0.1:9465": Prometheus /metrics
+    # Live upload (issue 19): a live call silent this long is finished as incomplete;
+    # this many archive encoders (ffmpeg processes) run at once.
+    live_timeout_s: float = 60.0
+    live_encoders: int = 2
 
     @property
     def blobs_dir(self) -> Path:
@@ -803,6 +811,8 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         upload_idle_timeout_s=st.seconds("upload_idle_timeout", "60s"),
         part_max_age_s=st.seconds("part_max_age", "6h"),
         oidc=_store_oidc_config(sub["oidc"]) if sub["oidc"].table else None,
+        live_timeout_s=st.seconds("live_timeout", "60s"),
+        live_encoders=st.integer("live_encoders", 2, 1, 64),
     )
     if cfg.insecure and cfg.access_listen is not None and not is_loopback(cfg.access_listen):
         raise st._fail(
@@ -844,8 +854,18 @@ def _uplink_config(up: _Section) -> UplinkConfig:
         outbox_warn_age_s=up.seconds("outbox_warn_age", "1h"),
         outbox_check_s=up.seconds("outbox_check", "30s"),
         store_down_summary_s=up.seconds("store_down_summary", "5m"),
+        live=up.boolean("live", False),
+        live_flush_s=_live_flush(up),
         **_transport(up, address, "store_address"),
     )
+
+
+def _live_flush(up: _Section) -> float:
+    """The store holds a live call's audio at most this far behind (the issue: 2 s)."""
+    value = up.seconds("live_flush", "1s")
+    if not 0.1 <= value <= 2.0:
+        raise up._fail("live_flush", up.table["live_flush"], 'from "100ms" to "2s"')
+    return value
 
 
 _TLS_KEYS = ("ca_file", "cert_file", "key_file")

@@ -46,6 +46,17 @@ def test_concurrent_recording_stores_every_call_and_times_it() -> None:
     assert 0 <= step["sender_late_p50_s"] <= step["sender_late_p99_s"] <= step["sender_max_late_s"]
 
 
+def test_concurrent_live_path_streams_every_call() -> None:
+    """``--path live``: the calls stream while they run; the wire carries their PCM."""
+    report = bench("concurrent", "--steps", "4", "--seconds", "6", "--rate", "10", "--path", "live")
+    (step,) = report["result"]["steps"]
+    assert step["path"] == "live" and step["whole"] == 4
+    # Two legs of 16-bit PCM at 8 kHz: 1875 KiB a minute, plus framing.
+    assert 1875 <= step["wire_kb_per_call_minute"] < 2100
+    assert 0 < step["hangup_to_safe_p99_s"] <= step["hangup_to_archived_p99_s"] < 60
+    assert step["agent_cpu_s_per_call_minute"] > 0 and step["store_cpu_s_per_call_minute"] > 0
+
+
 def test_store_scale_destroys_exactly_the_expired_on_both_backends() -> None:
     report = bench(
         "store_scale", "--rows", "4000", "--small-rows", "2000", "--expired", "500",

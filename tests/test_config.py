@@ -34,6 +34,8 @@ def test_agent_config_round_trip(tmp_path: Path, keys: Keys) -> None:
             1024,
             "[uplink] chunk_bytes = 1024: expected an integer from 65536",
         ),
+        ("uplink", "live", "yes", '[uplink] live = "yes": expected'),
+        ("uplink", "live_flush", "5s", '[uplink] live_flush = "5s": expected from "100ms" to "2s"'),
     ],
 )
 def test_agent_config_errors_name_the_key(

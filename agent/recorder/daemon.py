@@ -35,6 +35,7 @@ from agent.recorder.spool.pickup import SpoolPickup
 from agent.recorder.status import STATUS_INTERVAL_S, agent_status
 from agent.recorder.uplink.backpressure import OutboxMonitor
 from agent.recorder.uplink.client import Uplink
+from agent.recorder.uplink.live import LiveUplink
 from agent.recorder.uplink.outbox import Outbox
 
 log = logs.get_logger(__name__)
@@ -85,14 +86,17 @@ class AgentDaemon:
         self.metrics_port: int | None = None
         self.outbox = Outbox(config.outbox_dir)
         self.finalizer = Finalizer(config)
+        self.uplink = Uplink(config.uplink, self.outbox, config.quarantine_dir, site=config.site)
+        # [uplink] live: calls stream while they run; at hang-up they are finished at
+        # the store instead of encoded here (spool pickups keep the file path).
+        self.live = LiveUplink(config, self.uplink.channel) if config.uplink.live else None
         self.finalize_queue = DirectoryQueue(
             "finalize",
             config.captures_dir / "ready",
-            self.finalizer.handle,
-            workers=config.audio.workers or os.cpu_count() or 1,
+            self._hung_up,
+            workers=_finalize_threads(config),
             rescan_s=config.uplink.rescan_s,
         )
-        self.uplink = Uplink(config.uplink, self.outbox, config.quarantine_dir, site=config.site)
         self.upload_queue = DirectoryQueue(
             "upload",
             config.outbox_dir,
@@ -104,6 +108,13 @@ class AgentDaemon:
         self.outbox_monitor = OutboxMonitor(
             self.outbox, up.outbox_warn_bytes, up.outbox_warn_age_s, up.outbox_check_s
         )
+
+    def _hung_up(self, recording_id: str) -> None:
+        """A capture in ``ready``: finished at the store (live) or finalized here."""
+        if self.live is not None and self.live.handles(recording_id):
+            self.live.finish(recording_id)
+        else:
+            self.finalizer.handle(recording_id)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -129,6 +140,8 @@ class AgentDaemon:
             )
         self.finalize_queue.start()
         self.upload_queue.start()
+        if self.live is not None:
+            self.live.start()
         self.outbox_monitor.start()
         self.directory_watcher.start()
         if cfg.spool is not None:
@@ -168,7 +181,8 @@ class AgentDaemon:
                 self.directory_watcher,
             )  # fmt: skip
             spool_ok = self.spool is None or self.spool.is_alive()
-            if not (spool_ok and all(loop.is_alive() for loop in loops)):
+            live_ok = self.live is None or self.live.is_alive()
+            if not (spool_ok and live_ok and all(loop.is_alive() for loop in loops)):
                 log.error("agent_loop_died", action="shutdown")
                 raise SystemExit(1)
             if time.monotonic() >= next_status:
@@ -216,6 +230,8 @@ class AgentDaemon:
         self.finalize_queue.scan()
         self.finalize_queue.wait_idle(timeout=60.0)
         self.finalize_queue.stop()
+        if self.live is not None:
+            self.live.stop()
         if not self.forced.is_set():
             self.upload_queue.scan()
             self.upload_queue.wait_idle(timeout=self.config.uplink.grace_s)
@@ -385,6 +401,18 @@ class AgentDaemon:
             log.error("worker_kill", index=worker.index, reason="stop_timeout")
             process.kill()
             process.wait()
+
+
+# Live: a hang-up is a tail and a Finish (waiting on the network, not the CPU), so a
+# burst of hang-ups is finished by this many threads at once, not one per core.
+LIVE_FINISH_THREADS = 16
+
+
+def _finalize_threads(config: AgentConfig) -> int:
+    """Threads for captures/ready: one encoder per core, more when they mostly finish
+    live calls at the store."""
+    encoders = config.audio.workers or os.cpu_count() or 1
+    return max(encoders, LIVE_FINISH_THREADS) if config.uplink.live else encoders
 
 
 def _metrics_dir(config: AgentConfig) -> Path:

@@ -72,7 +72,7 @@ recordings = sa.Table(
     # goes only after its key and blob, so a marked row is half-done work.
     sa.Column("destroy_reason", sa.String(16), nullable=True),
     sa.Column("destroy_marked_at_ms", sa.BigInteger, nullable=True),
-    # Intervals written as silence: [{"start", "end", "who"}] (migration 0007_control).
+    # Intervals written as silence: [{"start", "end", "who"}] (migration 0008_control).
     sa.Column("pauses_json", sa.Text, nullable=True),
     sa.Index("ix_recordings_started", "started_at_ms"),
     sa.Index("ix_recordings_ended", "ended_at_ms"),
@@ -111,6 +111,37 @@ master_keys = sa.Table(
     sa.Column("source", sa.String(16), nullable=False),
     sa.Column("created_at_ms", sa.BigInteger, nullable=False),
     sa.Column("retired_at_ms", sa.BigInteger, nullable=True),
+)
+
+
+# Live upload (migration 0007, agent.store.live.segments): calls streamed while they run.
+live_recordings = sa.Table(
+    "live_recordings",
+    metadata,
+    sa.Column("recording_id", sa.String(32), primary_key=True),
+    sa.Column("site", sa.String(63), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # "live", "finished"
+    sa.Column("manifest_json", sa.Text, nullable=False),
+    sa.Column("final_json", sa.Text, nullable=True),
+    sa.Column("key_id", sa.String(64), nullable=False),
+    sa.Column("wrapped_key", sa.LargeBinary, nullable=False),
+    sa.Column("created_at_ms", sa.BigInteger, nullable=False),
+    sa.Column("last_append_ms", sa.BigInteger, nullable=False),
+    sa.Column("claimed_until_ms", sa.BigInteger, nullable=True),
+    sa.Index("ix_live_state", "state", "last_append_ms"),
+    sa.Index("ix_live_site", "site"),
+)
+
+live_segments = sa.Table(
+    "live_segments",
+    metadata,
+    sa.Column("recording_id", sa.String(32), primary_key=True),
+    sa.Column("leg", sa.String(16), primary_key=True),
+    sa.Column("offset", sa.BigInteger, primary_key=True),
+    sa.Column("length", sa.Integer, nullable=False),
+    sa.Column("blob_key", sa.String(200), nullable=False),
+    sa.Column("blob_at", sa.BigInteger, nullable=False),  # where in the blob (ciphertext)
+    sa.Column("blob_length", sa.Integer, nullable=False),
 )
 
 

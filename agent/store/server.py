@@ -27,6 +27,9 @@ from agent.store.console_gate import ConsoleGate
 from agent.store.datadir import DataDirLock
 from agent.store.ingest.limits import Limits
 from agent.store.ingest.service import MAX_CHUNK_BYTES, IngestService
+from agent.store.live.archiver import LiveArchiver
+from agent.store.live.segments import LiveStore
+from agent.store.live.service import LiveService
 from agent.store.monitoring import StoreCollector, store_status
 from agent.store.retention.sweeper import Sweeper, SweeperLoop
 from agent.store.rpc_errors import ErrorBoundary
@@ -66,6 +69,8 @@ class StoreServer:
         self._servers: list[grpc.aio.Server] = []
         self._catalog: Catalog | None = None
         self._sweeper: SweeperLoop | None = None
+        self._archiver: LiveArchiver | None = None
+        self._live: LiveService | None = None
         self._lock = DataDirLock(config.data_dir)
         self._gate = ConsoleGate(
             config.data_dir / "console.sock", config.data_dir / "console.inner.sock"
@@ -113,6 +118,11 @@ class StoreServer:
         self.ingest = ingest
         public = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[boundary])
         pb_grpc.add_IngestServicer_to_server(ingest, public)
+        live = LiveStore(catalog, vault, cfg.incoming_dir)
+        ingest.destroy_live = live.destroy  # a discarded call's live segments go too
+        self._archiver = LiveArchiver(live, cfg.live_timeout_s, cfg.live_encoders)
+        self._live = LiveService(ingest, live, self._archiver)
+        pb_grpc.add_LiveServicer_to_server(self._live, public)
         health_servicer = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, public)
         self.port = _bind(public, cfg)
@@ -136,6 +146,7 @@ class StoreServer:
         await console.start()
         self._servers = [*servers, console]
         await self._gate.start()
+        self._archiver.start()
         if cfg.sweep_by == "store":  # else callrec-sweep.timer sweeps (one scheduler)
             sweeper = Sweeper.from_config(cfg, catalog, vault)
             self._sweeper = SweeperLoop(sweeper, cfg.sweep_interval_s)
@@ -183,6 +194,11 @@ class StoreServer:
             sdnotify.status(store_status(self.config))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), timeout=_tick(interval))
+            if self._archiver is not None and not self._archiver.is_alive():
+                log.error("store_loop_died", loop="live_archiver")
+                self.exit_code = 1
+                self.stop_event.set()
+                break
             if self._sweeper is not None and not self._sweeper.is_alive():
                 log.error("store_loop_died", loop="sweeper")
                 self.exit_code = 1
@@ -197,6 +213,10 @@ class StoreServer:
             self._sweeper.stop()
         await self._gate.stop()
         await asyncio.gather(*(s.stop(grace_s) for s in self._servers))
+        if self._live is not None:
+            await asyncio.to_thread(self._live.close)
+        if self._archiver is not None:
+            await asyncio.to_thread(self._archiver.stop, grace_s)
         if self.access is not None:
             await self.access.flush()  # counts of unauthenticated failures still held
         if self._sweeper is not None:

@@ -28,6 +28,17 @@ behind at 400 calls (issue 20). Measured per step:
 - hang-up → safe: SIPp's BYE to the store's ``stored_at`` (the receipt is sent after
   it), p50/p99/max.
 
+- agent / store CPU seconds per call-minute over the whole step (calls placed →
+  every call stored), encoder processes included: what a call costs each side in all;
+- ``--path live`` (issue 19): the agent streams each call to the store while it runs
+  (``[uplink] live = true``) and the store encodes the archive; ``--path file`` (the
+  default) encodes on the agent and uploads at hang-up. For both: the agent's CPU and
+  PSS per concurrent call (workers + main process), the store's CPU per call, the
+  bytes on the wire per call-minute (counted by a loopback proxy between agent and
+  store), and hang-up → safe taken at the agent's receipt (``recording_uploaded``:
+  from then on the agent may delete its copy), beside hang-up → archived (the store's
+  ``stored_at``; for the live path that is after the store's encoder).
+
 A step "holds" when every offered call was stored whole and every stream received
 ≥ 99 % of its packets; the first step that does not is where quality drops.
 """
@@ -49,7 +60,7 @@ from pathlib import Path
 from agent.recorder.sip import call_ref
 from agent.store.catalog import RecordingRow
 from agent.testcall.sipp import SippResult, siprec_scenario
-from tests.bench.common import Usage, children, emit, measure, percentile
+from tests.bench.common import TICK, Usage, children, emit, measure, percentile
 from tests.support.audio import long_speech
 from tests.support.pool import SENDERS, Pool, flags, running_pool
 
@@ -92,6 +103,13 @@ class Step:
     phases: dict[str, list[float]] = field(default_factory=dict)
     drain_s: float = 0.0
     problems: list[str] = field(default_factory=list)
+    path: str = "file"
+    archived_s: list[float] = field(default_factory=list)  # BYE → the store's stored_at
+    wire_bytes: int = 0  # agent → store, through the proxy
+    seconds: int = 0
+    # CPU seconds over the whole step (calls placed → every call stored), children
+    # (the encoders) included: "agent" = main process + workers, "store".
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def holds(self) -> bool:
@@ -105,6 +123,7 @@ def groups(pool: Pool) -> dict[str, list[int]]:
         "front": children(front),
         "agent main": [pool.agent.process.pid] if pool.agent.process else [],
         "sender": pool.sender.thread_ids() if pool.sender else [],
+        "store": [pool.store_pid] if pool.store_pid else [],
     }
 
 
@@ -177,19 +196,47 @@ def place(pool: Pool, step: Step, seconds: int, rate: float, spread: int) -> Sip
         return future.result()
 
 
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU of ``pids`` and of their waited-for children (the encoders)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(f) for f in fields[11:15])
+    return total / TICK
+
+
+def life_cpu(pool: Pool) -> dict[str, float]:
+    g = groups(pool)
+    return {"agent": cpu_seconds(g["workers"] + g["agent main"]), "store": cpu_seconds(g["store"])}
+
+
+def receipts(text: str) -> dict[str, float]:
+    """Recording id → when the agent got the store's receipt (``recording_uploaded``)."""
+    return {
+        rid: dt.datetime.fromisoformat(stamp).replace(tzinfo=dt.UTC).timestamp()
+        for stamp, event, rid in _EVENT.findall(text)
+        if event == "recording_uploaded"
+    }
+
+
 def run_step(
-    root: Path, calls: int, seconds: int, rate: float, spread: int = 0, sender: str = "c"
-) -> Step:
+    root: Path, calls: int, seconds: int, rate: float, spread: int = 0, sender: str = "c",
+    path: str = "file",
+) -> Step:  # fmt: skip
     workers = math.ceil(calls / 4) + max(1, math.ceil(calls / 40))
-    step = Step(calls, workers, sender=sender)
+    step = Step(calls, workers, sender=sender, path=path, seconds=seconds)
     speech = long_speech(root / "speech", seconds + spread + 10)
     ready_s = 60.0 + workers
     with running_pool(
-        root / f"step{calls}", workers, speech, ready_timeout=ready_s, sender=sender,
-        rtp_timeout="10s",
+        root / f"step{calls}-{path}", workers, speech, ready_timeout=ready_s, sender=sender,
+        rtp_timeout="10s", uplink={"live": True} if path == "live" else None, proxy=True,
     ) as pool:  # fmt: skip
         pool.wait_idle(timeout=ready_s)
         assert pool.sender is not None
+        cpu_before = life_cpu(pool)
         result = place(pool, step, seconds, rate, spread)
         late = pool.sender.lateness()
         step.sender_late_s, step.sender_late_p50_s = late.max_s, late.p50_s
@@ -201,6 +248,10 @@ def run_step(
         rows = wait_stored(pool, [c.call_id for c in answered], timeout=120 + calls)
         step.drain_s = max((r.stored_at_ms / 1000 for r in rows.values()), default=0) - last_bye
         step.stored = len(rows)
+        cpu_after = life_cpu(pool)
+        step.cpu_s = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
+        got = receipts(pool.text())
+        step.wire_bytes = pool.proxy.bytes_up if pool.proxy else 0
         for c in answered:
             row = rows.get(c.call_id)
             if row is None or c.bye_at is None or c.answered_at is None:
@@ -210,7 +261,9 @@ def run_step(
                 step.whole += 1
             elif len(step.problems) < 5:
                 step.problems.append(f"{row.recording_id} flags={row.flags or '-'}")
-            step.safe_s.append(row.stored_at_ms / 1000 - c.bye_at)
+            step.archived_s.append(row.stored_at_ms / 1000 - c.bye_at)
+            receipt = got.get(row.recording_id, row.stored_at_ms / 1000)
+            step.safe_s.append(receipt - c.bye_at)
         rtp_figures(step, pool.text(), {call_ref(c.call_id) for c in answered})
         byes = {
             rows[c.call_id].recording_id: c.bye_at
@@ -275,7 +328,16 @@ def rows_of(steps: list[Step]) -> dict[str, tuple[list[str], Sequence[Sequence[o
         "calls", "workers", "CPU %/worker", "PSS MB/worker", "front CPU %", "front PSS MB",
         "agent PSS MB",
     ]  # fmt: skip
+    path_cols = [
+        "path", "calls", "agent CPU %/call", "agent PSS MB/call", "store CPU %/call",
+        "wire KB/call-min", "agent CPU s/call-min", "store CPU s/call-min",
+        "BYE → safe p50/p99 s", "BYE → archived p50/p99 s",
+    ]  # fmt: skip
+    paths = [path_row(s) for s in steps]
     return {
+        "Path: file (agent encodes, uploads at hang-up) or live (streams; store encodes)": (
+            path_cols, paths,
+        ),
         "Recording under load (calls stored whole / offered; RTP received / sent)": (
             load_cols, load,
         ),
@@ -285,12 +347,45 @@ def rows_of(steps: list[Step]) -> dict[str, tuple[list[str], Sequence[Sequence[o
     }  # fmt: skip
 
 
+def path_figures(s: Step) -> dict[str, float]:
+    """Per concurrent call: the agent host's cost (workers + main), the store's, the wire."""
+    agent_cpu = s.busy["workers"].cpu_pct + s.busy["agent main"].cpu_pct
+    agent_pss = (
+        s.busy["workers"].pss_mb + s.busy["agent main"].pss_mb
+        - s.idle["workers"].pss_mb - s.idle["agent main"].pss_mb
+    )  # fmt: skip
+    minutes = max(1, s.whole) * s.seconds / 60
+    return {
+        "agent_cpu_pct_per_call": agent_cpu / s.calls,
+        "agent_pss_mb_per_call": agent_pss / s.calls,
+        "store_cpu_pct_per_call": s.busy["store"].cpu_pct / s.calls if "store" in s.busy else 0.0,
+        "wire_kb_per_call_minute": s.wire_bytes / 1024 / minutes,
+        "agent_cpu_s_per_call_minute": s.cpu_s.get("agent", math.nan) / minutes,
+        "store_cpu_s_per_call_minute": s.cpu_s.get("store", math.nan) / minutes,
+    }
+
+
+def path_row(s: Step) -> list[object]:
+    f = path_figures(s)
+    return [
+        s.path, s.calls, f"{f['agent_cpu_pct_per_call']:.3f}", f"{f['agent_pss_mb_per_call']:.2f}",
+        f"{f['store_cpu_pct_per_call']:.3f}", f"{f['wire_kb_per_call_minute']:.0f}",
+        f"{f['agent_cpu_s_per_call_minute']:.3f}", f"{f['store_cpu_s_per_call_minute']:.3f}",
+        f"{percentile(s.safe_s, 50):.2f}/{percentile(s.safe_s, 99):.2f}",
+        f"{percentile(s.archived_s, 50):.2f}/{percentile(s.archived_s, 99):.2f}",
+    ]  # fmt: skip
+
+
 def as_json(step: Step) -> dict[str, object]:
     usage = {
         phase: {k: vars(v) for k, v in figures.items()}
         for phase, figures in (("idle", step.idle), ("busy", step.busy))
     }
     return {
+        "path": step.path,
+        **{k: round(v, 4) for k, v in path_figures(step).items()},
+        "hangup_to_archived_p50_s": round(percentile(step.archived_s, 50), 3),
+        "hangup_to_archived_p99_s": round(percentile(step.archived_s, 99), 3),
         "calls": step.calls,
         "workers": step.workers,
         "answered": step.answered,
@@ -338,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         default="c",
         help="the RTP load generator: compiled (c) or one Python thread",
     )
+    parser.add_argument(
+        "--path", default="file", help="file, live, or both (file then live, back to back)"
+    )
     parser.add_argument("--stop-after-drop", action="store_true",
                         help="stop after the first step that does not hold")  # fmt: skip
     args = parser.parse_args(argv)
@@ -347,9 +445,15 @@ def main(argv: list[str] | None = None) -> int:
     steps: list[Step] = []
     with tempfile.TemporaryDirectory(prefix="bench-concurrent-") as tmp:
         for calls in (int(n) for n in args.steps.split(",")):
-            step = run_step(Path(tmp), calls, args.seconds, args.rate, args.spread, args.sender)
-            steps.append(step)
-            print(f"step {calls}: {step.whole}/{calls} whole, holds={step.holds}", flush=True)
+            for path in ("file", "live") if args.path == "both" else (args.path,):
+                step = run_step(
+                    Path(tmp), calls, args.seconds, args.rate, args.spread, args.sender, path
+                )
+                steps.append(step)
+                print(
+                    f"step {calls} {path}: {step.whole}/{calls} whole, holds={step.holds}",
+                    flush=True,
+                )
             if args.stop_after_drop and not step.holds:
                 break
     first_drop = next((s.calls for s in steps if not s.holds), None)
@@ -358,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         "rate_calls_per_s": args.rate,
         "call_spread_s": args.spread,
         "sender": args.sender,
+        "path": args.path,
         "first_step_that_drops": first_drop,
         "steps": [as_json(s) for s in steps],
     }

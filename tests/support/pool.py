@@ -27,6 +27,7 @@ from agent.testcall.rtpsend import CompiledSender
 from agent.testcall.sipp import SippResult, SiprecCall, free_port, run_sipp, siprec_scenario
 from tests.support.audio import Speech, make_speech
 from tests.support.daemons import Daemon, start_agent, start_store
+from tests.support.proxy import TcpProxy
 from tests.support.stack import Keys, make_keys
 
 FULL_NUMBER = "358401234567"
@@ -76,6 +77,8 @@ class Pool:
     speech: Speech
     rtp: Path  # the RTP sender's FIFO
     sender: Sender | None = None
+    store_pid: int | None = None
+    proxy: TcpProxy | None = None  # between the agent and the store (running_pool(proxy=True))
 
     @property
     def target(self) -> tuple[str, int]:
@@ -168,6 +171,7 @@ def start_pool(
     workers: int,
     ready_timeout: float = 60.0,
     agent_section: dict[str, object] | None = None,
+    uplink: dict[str, object] | None = None,
     **sip: object,
 ) -> Pool:
     """The agent with ``workers`` workers behind its own Kamailio on a free port;
@@ -188,7 +192,7 @@ def start_pool(
     }
     agent = start_agent(
         root, keys, store_address, sip_port, ready_timeout=ready_timeout, sip=settings,
-        agent=agent_section or {},
+        agent=agent_section or {}, uplink=uplink or {},
     )  # fmt: skip
     cfg = load_agent_config(root / "agent.toml")
     return Pool(
@@ -239,26 +243,37 @@ def running_pool(
     ready_timeout: float = 60.0,
     agent_section: dict[str, object] | None = None,
     sender: str = "python",
+    uplink: dict[str, object] | None = None,
+    proxy: bool = False,
     **sip: object,
 ) -> Iterator[Pool]:
     """Store, RTP sender (``sender``: see :func:`rtp_sender`) and a pool of ``workers``,
-    all stopped at the end."""
+    all stopped at the end; ``uplink``: more ``[uplink]`` keys; ``proxy``: the agent
+    reaches the store through a :class:`TcpProxy` (which counts the bytes)."""
     keys, speech = make_keys(root / "keys"), speech or make_speech(root / "speech")
     (root / "store").mkdir()
     store, address = start_store(root / "store")
+    relay = TcpProxy(int(address.rpartition(":")[2]), lifetime_s=3600) if proxy else None
     try:
+        if relay is not None:
+            relay.__enter__()
+            address = f"127.0.0.1:{relay.port}"
         with rtp_sender(root, sender) as (rtp, rtp_out):
             store_dir = root / "store" / "store-data"
             pool = start_pool(
                 root / "agent", keys, address, store_dir, speech, rtp, workers, ready_timeout,
-                agent_section, **sip,
+                agent_section, uplink, **sip,
             )  # fmt: skip
             pool.sender = rtp_out
+            pool.store_pid = store.process.pid if store.process else None
+            pool.proxy = relay
             try:
                 yield pool
             finally:
                 stop_pool(pool)
     finally:
+        if relay is not None:
+            relay.stop()
         store.stop()
 
 
@@ -267,7 +282,7 @@ def second_pool(pool: Pool, workers: int, **sip: object) -> Iterator[Pool]:
     """Another agent (own front, own port) storing into ``pool``'s store."""
     other = start_pool(
         pool.root / f"agent-{time.monotonic_ns()}", pool.keys, pool.store_address,
-        pool.store_dir, pool.speech, pool.rtp, workers, 60.0, None, **sip,
+        pool.store_dir, pool.speech, pool.rtp, workers, 60.0, None, None, **sip,
     )  # fmt: skip
     try:
         other.wait_idle()

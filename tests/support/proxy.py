@@ -111,6 +111,7 @@ class TcpProxy:
         self.cuts = 0
         self.flips = 0
         self._cut_after: int | None = None
+        self._down_until = 0.0  # a network cut: until then no connection gets through
         self._flip_grpc = False
         self._flip_raw_at: int | None = None
         self._lock = threading.Lock()
@@ -123,6 +124,17 @@ class TcpProxy:
         """Cut the connection carrying the upload once ``n_bytes`` more went up."""
         with self._lock:
             self._cut_after = self.bytes_up + n_bytes
+
+    def cut_for(self, seconds: float) -> None:
+        """A network cut: every connection is dropped (RST) and new ones are closed at
+        once for ``seconds``."""
+        with self._lock:
+            self._down_until = time.monotonic() + seconds
+            self.cuts += 1
+
+    @property
+    def down(self) -> bool:
+        return time.monotonic() < self._down_until
 
     def flip_in_grpc_message(self) -> None:
         """Flip one byte inside the next big gRPC message (clear-text HTTP/2 only)."""
@@ -161,6 +173,9 @@ class TcpProxy:
                 client, _ = self.listener.accept()
             except TimeoutError:
                 continue
+            if self.down:
+                _hard_close(client)
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=2)
             except OSError:
@@ -178,6 +193,8 @@ class TcpProxy:
         try:
             while not self._stop.is_set() and time.monotonic() < deadline:
                 readable, _, _ = select.select(list(peers), [], [], 0.2)
+                if self.down:
+                    return
                 for sock in readable:
                     data = bytearray(sock.recv(16 * 1024))
                     if not data:

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,7 @@ class IngestService(pb_grpc.IngestServicer):
         seal_key_file: Path | None = None,
     ) -> None:
         self.seal_key_file = seal_key_file  # to check that each sealed tail opens
+        self.destroy_live: Callable[[str], int] | None = None  # LiveStore.destroy (server)
         self.catalog = catalog
         self.idle_timeout_s = idle_timeout_s
         self.authenticate = authenticate
@@ -162,6 +163,8 @@ class IngestService(pb_grpc.IngestServicer):
                 row = await asyncio.to_thread(
                     discards.discard, self.catalog, manifest, files, actor
                 )
+                if self.destroy_live is not None:  # what it streamed live, if it did
+                    await asyncio.to_thread(self.destroy_live, manifest.recording_id)
         except UploadRejected as exc:
             await context.abort(exc.code, str(exc))
         return discards.receipt(row)
@@ -188,6 +191,20 @@ class IngestService(pb_grpc.IngestServicer):
                 "callrec:site:<site>; issue one with `callrec certs agent`)",
             )
         return site
+
+    async def peer_site(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
+        """The caller's site, as for uploads (agent.store.live.service)."""
+        return await self._peer_site(context)
+
+    async def check_site(
+        self, manifest: pb.Manifest, site: str | None, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        await self._check_site(manifest, site, context)
+
+    async def check_region(
+        self, manifest: pb.Manifest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        await self._check_region(manifest, context)
 
     async def Upload(
         self,

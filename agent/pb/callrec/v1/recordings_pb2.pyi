@@ -540,3 +540,186 @@ class AudioChunk(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AudioChunk: _TypeAlias = AudioChunk  # noqa: Y015
+
+@_typing.final
+class LegBytes(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEG_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    leg: _builtins.str
+    """"customer", "employee" or "mixed" """
+    offset: _builtins.int
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        leg: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "leg", b"leg", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LegBytes: _TypeAlias = LegBytes  # noqa: Y015
+
+@_typing.final
+class LiveAppendRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDING_ID_FIELD_NUMBER: _builtins.int
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    LEGS_FIELD_NUMBER: _builtins.int
+    recording_id: _builtins.str
+    @_builtins.property
+    def manifest(self) -> Global___Manifest:
+        """Required until the store knows the recording (Query: known = false): the call's
+        masked and sealed fields as in a file upload; ended_at, size and sha256 unset.
+        """
+
+    @_builtins.property
+    def legs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LegBytes]: ...
+    def __init__(
+        self,
+        *,
+        recording_id: _builtins.str = ...,
+        manifest: Global___Manifest | None = ...,
+        legs: _abc.Iterable[Global___LegBytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["legs", b"legs", "manifest", b"manifest", "recording_id", b"recording_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveAppendRequest: _TypeAlias = LiveAppendRequest  # noqa: Y015
+
+@_typing.final
+class LiveQueryRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDING_ID_FIELD_NUMBER: _builtins.int
+    recording_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        recording_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recording_id", b"recording_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveQueryRequest: _TypeAlias = LiveQueryRequest  # noqa: Y015
+
+@_typing.final
+class LegSize(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEG_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    leg: _builtins.str
+    size: _builtins.int
+    def __init__(
+        self,
+        *,
+        leg: _builtins.str = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leg", b"leg", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LegSize: _TypeAlias = LegSize  # noqa: Y015
+
+@_typing.final
+class LiveState(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDING_ID_FIELD_NUMBER: _builtins.int
+    KNOWN_FIELD_NUMBER: _builtins.int
+    LEGS_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    recording_id: _builtins.str
+    known: _builtins.bool
+    """the store holds this recording (live or finished)"""
+    finished: _builtins.bool
+    """the whole call is safe in the store: delete the local copy"""
+    @_builtins.property
+    def legs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LegSize]:
+        """durable bytes per leg"""
+
+    def __init__(
+        self,
+        *,
+        recording_id: _builtins.str = ...,
+        known: _builtins.bool = ...,
+        legs: _abc.Iterable[Global___LegSize] | None = ...,
+        finished: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "known", b"known", "legs", b"legs", "recording_id", b"recording_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveState: _TypeAlias = LiveState  # noqa: Y015
+
+@_typing.final
+class LegFinal(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEG_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    leg: _builtins.str
+    size: _builtins.int
+    sha256: _builtins.str
+    """of the leg's PCM bytes"""
+    def __init__(
+        self,
+        *,
+        leg: _builtins.str = ...,
+        size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leg", b"leg", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LegFinal: _TypeAlias = LegFinal  # noqa: Y015
+
+@_typing.final
+class LiveFinishRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    LEGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def manifest(self) -> Global___Manifest:
+        """final: ended_at, flags, employees (size and sha256 unset)"""
+
+    @_builtins.property
+    def legs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LegFinal]: ...
+    def __init__(
+        self,
+        *,
+        manifest: Global___Manifest | None = ...,
+        legs: _abc.Iterable[Global___LegFinal] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["legs", b"legs", "manifest", b"manifest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveFinishRequest: _TypeAlias = LiveFinishRequest  # noqa: Y015

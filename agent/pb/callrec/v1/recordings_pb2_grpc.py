@@ -188,6 +188,188 @@ class Ingest:
             _registered_method=True)
 
 
+class LiveStub:
+    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono 16-bit PCM,
+    8 kHz, the bytes after the WAV header) while the call runs. Each Append carries new
+    bytes of one or both legs at explicit offsets; the store makes them durable
+    (encrypted, in the blob store every replica sees) before it answers with the sizes it
+    holds. Offsets are idempotent: bytes the store already holds are skipped, a gap is
+    OUT_OF_RANGE (ask Query and resume). Finish carries the final manifest (end, flags,
+    employees) and each leg's size and sha256; once it answers finished = true the agent
+    may delete its copy. The store encodes the stereo archive afterwards.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Append = channel.unary_unary(
+                '/callrec.v1.Live/Append',
+                request_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveAppendRequest.SerializeToString,
+                response_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveState.FromString,
+                _registered_method=True)
+        self.Query = channel.unary_unary(
+                '/callrec.v1.Live/Query',
+                request_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveQueryRequest.SerializeToString,
+                response_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveState.FromString,
+                _registered_method=True)
+        self.Finish = channel.unary_unary(
+                '/callrec.v1.Live/Finish',
+                request_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveFinishRequest.SerializeToString,
+                response_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveState.FromString,
+                _registered_method=True)
+
+
+class LiveServicer:
+    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono 16-bit PCM,
+    8 kHz, the bytes after the WAV header) while the call runs. Each Append carries new
+    bytes of one or both legs at explicit offsets; the store makes them durable
+    (encrypted, in the blob store every replica sees) before it answers with the sizes it
+    holds. Offsets are idempotent: bytes the store already holds are skipped, a gap is
+    OUT_OF_RANGE (ask Query and resume). Finish carries the final manifest (end, flags,
+    employees) and each leg's size and sha256; once it answers finished = true the agent
+    may delete its copy. The store encodes the stereo archive afterwards.
+    """
+
+    def Append(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Query(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Finish(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_LiveServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Append': grpc.unary_unary_rpc_method_handler(
+                    servicer.Append,
+                    request_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveAppendRequest.FromString,
+                    response_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveState.SerializeToString,
+            ),
+            'Query': grpc.unary_unary_rpc_method_handler(
+                    servicer.Query,
+                    request_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveQueryRequest.FromString,
+                    response_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveState.SerializeToString,
+            ),
+            'Finish': grpc.unary_unary_rpc_method_handler(
+                    servicer.Finish,
+                    request_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveFinishRequest.FromString,
+                    response_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveState.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'callrec.v1.Live', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('callrec.v1.Live', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Live:
+    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono 16-bit PCM,
+    8 kHz, the bytes after the WAV header) while the call runs. Each Append carries new
+    bytes of one or both legs at explicit offsets; the store makes them durable
+    (encrypted, in the blob store every replica sees) before it answers with the sizes it
+    holds. Offsets are idempotent: bytes the store already holds are skipped, a gap is
+    OUT_OF_RANGE (ask Query and resume). Finish carries the final manifest (end, flags,
+    employees) and each leg's size and sha256; once it answers finished = true the agent
+    may delete its copy. The store encodes the stereo archive afterwards.
+    """
+
+    @staticmethod
+    def Append(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/callrec.v1.Live/Append',
+            agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveAppendRequest.SerializeToString,
+            agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Query(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/callrec.v1.Live/Query',
+            agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveQueryRequest.SerializeToString,
+            agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Finish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/callrec.v1.Live/Finish',
+            agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveFinishRequest.SerializeToString,
+            agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.LiveState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class ConsoleStub:
     """Operator console of the store: listing and export. Served only on the store's
     local admin socket (file permissions are the access control); people's access

@@ -95,6 +95,76 @@ class IngestServicer(metaclass=_abc_1.ABCMeta):
 
 def add_IngestServicer_to_server(servicer: IngestServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
+class LiveStub:
+    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono 16-bit PCM,
+    8 kHz, the bytes after the WAV header) while the call runs. Each Append carries new
+    bytes of one or both legs at explicit offsets; the store makes them durable
+    (encrypted, in the blob store every replica sees) before it answers with the sizes it
+    holds. Offsets are idempotent: bytes the store already holds are skipped, a gap is
+    OUT_OF_RANGE (ask Query and resume). Finish carries the final manifest (end, flags,
+    employees) and each leg's size and sha256; once it answers finished = true the agent
+    may delete its copy. The store encodes the stereo archive afterwards.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> LiveAsyncStub: ...
+    Append: _grpc.UnaryUnaryMultiCallable[_recordings_pb2.LiveAppendRequest, _recordings_pb2.LiveState]
+    Query: _grpc.UnaryUnaryMultiCallable[_recordings_pb2.LiveQueryRequest, _recordings_pb2.LiveState]
+    Finish: _grpc.UnaryUnaryMultiCallable[_recordings_pb2.LiveFinishRequest, _recordings_pb2.LiveState]
+
+@_typing.type_check_only
+class LiveAsyncStub(LiveStub):
+    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono 16-bit PCM,
+    8 kHz, the bytes after the WAV header) while the call runs. Each Append carries new
+    bytes of one or both legs at explicit offsets; the store makes them durable
+    (encrypted, in the blob store every replica sees) before it answers with the sizes it
+    holds. Offsets are idempotent: bytes the store already holds are skipped, a gap is
+    OUT_OF_RANGE (ask Query and resume). Finish carries the final manifest (end, flags,
+    employees) and each leg's size and sha256; once it answers finished = true the agent
+    may delete its copy. The store encodes the stereo archive afterwards.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Append: _aio.UnaryUnaryMultiCallable[_recordings_pb2.LiveAppendRequest, _recordings_pb2.LiveState]  # type: ignore[assignment]
+    Query: _aio.UnaryUnaryMultiCallable[_recordings_pb2.LiveQueryRequest, _recordings_pb2.LiveState]  # type: ignore[assignment]
+    Finish: _aio.UnaryUnaryMultiCallable[_recordings_pb2.LiveFinishRequest, _recordings_pb2.LiveState]  # type: ignore[assignment]
+
+class LiveServicer(metaclass=_abc_1.ABCMeta):
+    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono 16-bit PCM,
+    8 kHz, the bytes after the WAV header) while the call runs. Each Append carries new
+    bytes of one or both legs at explicit offsets; the store makes them durable
+    (encrypted, in the blob store every replica sees) before it answers with the sizes it
+    holds. Offsets are idempotent: bytes the store already holds are skipped, a gap is
+    OUT_OF_RANGE (ask Query and resume). Finish carries the final manifest (end, flags,
+    employees) and each leg's size and sha256; once it answers finished = true the agent
+    may delete its copy. The store encodes the stereo archive afterwards.
+    """
+
+    @_abc_1.abstractmethod
+    def Append(
+        self,
+        request: _recordings_pb2.LiveAppendRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_recordings_pb2.LiveState, _abc.Awaitable[_recordings_pb2.LiveState]]: ...
+
+    @_abc_1.abstractmethod
+    def Query(
+        self,
+        request: _recordings_pb2.LiveQueryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_recordings_pb2.LiveState, _abc.Awaitable[_recordings_pb2.LiveState]]: ...
+
+    @_abc_1.abstractmethod
+    def Finish(
+        self,
+        request: _recordings_pb2.LiveFinishRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_recordings_pb2.LiveState, _abc.Awaitable[_recordings_pb2.LiveState]]: ...
+
+def add_LiveServicer_to_server(servicer: LiveServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
 class ConsoleStub:
     """Operator console of the store: listing and export. Served only on the store's
     local admin socket (file permissions are the access control); people's access

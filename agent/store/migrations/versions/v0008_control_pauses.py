@@ -5,8 +5,8 @@
 - ``discarded_recordings``: what remains of a call stopped and discarded at the
   customer's request: the call's facts (masked customer, employees, times), no audio.
 
-Revision ID: 0007_control
-Revises: 0006
+Revision ID: 0008_control
+Revises: 0007
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007_control"
-down_revision: str | None = "0006"
+revision = "0008_control"
+down_revision: str | None = "0007"
 branch_labels = None
 depends_on = None
 

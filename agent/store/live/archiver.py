@@ -1,0 +1,304 @@
+"""The store's archiver for live recordings: finished calls become stored recordings.
+
+A thread that, every ``poll_s`` (or when woken by a Finish):
+- finishes, as ``incomplete``, every live recording that received nothing for
+  ``timeout_s`` (its agent host is gone): the audio it has is kept, its end is its
+  start plus the longest leg;
+- claims finished recordings (a lease in the catalog, so that on several replicas each
+  is encoded once) and hands them to a bounded pool of encoders: the legs are read
+  from their segments, interleaved (customer left, employee right), encoded by one
+  ffmpeg process (Opus for speech, as the agent's archive), stored through the vault
+  (own data key, sha256) and catalogued like an upload; then the segments go.
+A failed encode is logged and left: the lease expires and it is tried again.
+"""
+
+from __future__ import annotations
+
+import array
+import datetime as dt
+import hashlib
+import io
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from agent import logs
+from agent.audio import OPUS_PARAMETERS
+from agent.pb.callrec.v1 import recordings_pb2 as pb
+from agent.store import monitoring
+from agent.store.catalog import now_ms
+from agent.store.ingest.service import row_from_manifest
+from agent.store.live.segments import BYTES_PER_SECOND, LiveRow, LiveStore
+
+log = logs.get_logger(__name__)
+
+BLOCK_BYTES = BYTES_PER_SECOND  # one second of one leg per write to the encoder
+SILENT_PEAK = 33  # |sample| below this everywhere: under -60 dBFS, a silent channel
+LENGTH_MISMATCH_BYTES = BYTES_PER_SECOND  # legs differing by more than a second
+LEASE_S = 300.0
+
+
+@dataclass(frozen=True)
+class Archive:
+    data: bytes
+    channels: int
+    silent: tuple[int, ...]
+    mismatch: bool
+
+
+class _Reader:
+    """``read(n)`` over a leg's decrypted segments."""
+
+    def __init__(self, blocks: Iterator[bytes]) -> None:
+        self._blocks = blocks
+        self._buffer = b""
+
+    def read(self, count: int) -> bytes:
+        while len(self._buffer) < count:
+            more = next(self._blocks, None)
+            if more is None:
+                break
+            self._buffer += more
+        out, self._buffer = self._buffer[:count], self._buffer[count:]
+        return out
+
+
+def interleave(left: bytes, right: bytes) -> bytes:
+    """Two mono 16-bit blocks (zero-padded to the longer) as one stereo block."""
+    size = max(len(left), len(right))
+    left, right = left.ljust(size, b"\0"), right.ljust(size, b"\0")
+    out = bytearray(2 * size)
+    out[0::4], out[1::4] = left[0::2], left[1::2]
+    out[2::4], out[3::4] = right[0::2], right[1::2]
+    return bytes(out)
+
+
+def _peak(block: bytes) -> int:
+    samples = array.array("h")
+    samples.frombytes(block[: len(block) - len(block) % 2])
+    return max((abs(s) for s in samples[::4]), default=0)
+
+
+def encode_legs(live: LiveStore, row: LiveRow, bitrate: str, sizes: dict[str, int]) -> Archive:
+    """The leg(s) of ``row`` as one Ogg/Opus file, in memory (a day-long call is ~250 MB)."""
+    legs = row.legs
+    key = live.data_key(row)
+    readers = [_Reader(live.read_leg(row, leg, key)) for leg in legs]
+    command = [
+        "ffmpeg", "-hide_banner", "-loglevel", "error",
+        "-f", "s16le", "-ar", "8000", "-ac", str(len(legs)), "-i", "pipe:0",
+        "-c:a", "libopus", "-b:a", bitrate, *OPUS_PARAMETERS, "-f", "ogg", "pipe:1",
+    ]  # fmt: skip
+    peaks = [0] * len(legs)
+    failure: list[BaseException] = []
+    with subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as process:
+        assert process.stdin and process.stdout and process.stderr
+        writer = threading.Thread(
+            target=_feed, args=(process.stdin, readers, peaks, failure), daemon=True
+        )
+        writer.start()
+        out = process.stdout.read()  # ffmpeg at -loglevel error writes little to stderr
+        err = process.stderr.read()
+        process.wait()
+        writer.join()
+    if failure:
+        raise failure[0]
+    if process.returncode != 0:
+        raise RuntimeError(f"ffmpeg exited {process.returncode}: {err.decode()[-300:]}")
+    lengths = [sizes.get(leg, 0) for leg in legs]
+    return Archive(
+        data=out,
+        channels=len(legs),
+        silent=tuple(i for i, p in enumerate(peaks) if p < SILENT_PEAK),
+        mismatch=max(lengths) - min(lengths) > LENGTH_MISMATCH_BYTES,
+    )
+
+
+def _feed(
+    sink: IO[bytes], readers: list[_Reader], peaks: list[int], failure: list[BaseException]
+) -> None:
+    """Write the legs to the encoder, one second at a time (interleaved when two)."""
+    try:
+        with sink:
+            while blocks := [r.read(BLOCK_BYTES) for r in readers]:
+                if not any(blocks):
+                    break
+                for i, block in enumerate(blocks):
+                    peaks[i] = max(peaks[i], _peak(block))
+                sink.write(blocks[0] if len(blocks) == 1 else interleave(*blocks))
+    except BaseException as exc:  # noqa: BLE001 - raised again by encode_legs
+        failure.append(exc)
+
+
+class _Plain:
+    """The archive's bytes as the vault's ``PlainSource``."""
+
+    def __init__(self, data: bytes) -> None:
+        self.size = len(data)
+        self._io = io.BytesIO(data)
+
+    def read(self, count: int = -1) -> bytes:
+        return self._io.read(count)
+
+    def close(self) -> None:
+        self._io.close()
+
+
+class LiveArchiver:
+    def __init__(
+        self,
+        live: LiveStore,
+        timeout_s: float = 60.0,
+        encoders: int = 2,
+        bitrate: str = "24k",
+        poll_s: float = 1.0,
+    ) -> None:
+        self.live = live
+        self.timeout_s = timeout_s
+        self.bitrate = bitrate
+        self.poll_s = poll_s
+        self.encoders = encoders
+        self._pool = ThreadPoolExecutor(encoders, thread_name_prefix="live-encode")
+        self._busy = threading.Semaphore(encoders)
+        self._wake = threading.Event()
+        self._next_forget = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="live-archiver", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+            try:
+                self.expire_stale()
+                self._dispatch()
+                self._forget_archived()
+            except Exception:  # the catalog may be away; next pass
+                log.exception("live_archiver_failed")
+
+    def _dispatch(self) -> None:
+        while not self._stop.is_set() and self._busy.acquire(blocking=False):
+            row = self.live.claim(LEASE_S)
+            if row is None:
+                self._busy.release()
+                return
+            self._pool.submit(self._archive_one, row)
+
+    def _forget_archived(self) -> None:
+        if time.monotonic() >= self._next_forget:
+            self._next_forget = time.monotonic() + 3600
+            self.live.forget_archived()
+
+    def _archive_one(self, row: LiveRow) -> None:
+        try:
+            self.archive(row)
+        except Exception:  # left for the next lease
+            log.exception("live_archive_failed", recording_id=row.recording_id)
+        finally:
+            self._busy.release()
+            self._wake.set()
+
+    def expire_stale(self) -> list[str]:
+        """Finish, as incomplete, what no agent has appended to for ``timeout_s``."""
+        cutoff = now_ms() - int(self.timeout_s * 1000)
+        done = []
+        for rid in self.live.stale(cutoff):
+            row = self.live.get(rid)
+            if row is None:
+                continue
+            legs = {leg: self.live.leg_digest(row, leg) for leg in row.legs}
+            final = pb.Manifest()
+            final.CopyFrom(row.manifest)
+            seconds = max(size for size, _ in legs.values()) / BYTES_PER_SECOND
+            started = final.started_at.ToDatetime(dt.UTC)
+            final.ended_at.FromDatetime(started + dt.timedelta(seconds=seconds))
+            if "incomplete" not in final.flags:
+                final.flags.append("incomplete")
+            if self.live.mark_finished(rid, final, legs, "live", older_than_ms=cutoff):
+                log.warning(
+                    "live_timed_out",
+                    recording_id=rid,
+                    site=row.site,
+                    silent_for_s=round((now_ms() - row.last_append_ms) / 1000, 1),
+                    audio_s=round(seconds, 1),
+                    flags="incomplete",
+                )
+                done.append(rid)
+        return done
+
+    def archive(self, row: LiveRow) -> None:
+        """Encode, store and catalogue one finished live recording, then drop its segments."""
+        started = time.monotonic()
+        rid = row.recording_id
+        vault, catalog = self.live.vault, self.live.catalog
+        final = row.final_manifest()
+        assert row.final is not None
+        sizes = {leg: int(v["size"]) for leg, v in row.final["legs"].items()}
+        if catalog.get(rid) is None:
+            archive = encode_legs(self.live, row, self.bitrate, sizes)
+            final.audio_format, final.channels = "opus", archive.channels
+            final.size = len(archive.data)
+            final.sha256 = _sha256(archive.data)
+            _add_flags(final, archive)
+            blob_key = vault.store(
+                rid,
+                Path("/dev/null"),
+                self.live.work_dir,
+                expected_sha256=final.sha256,
+                opener=lambda: _Plain(archive.data),
+            )
+            if not catalog.insert(row_from_manifest(final, blob_key=blob_key, region=vault.region)):
+                vault.discard(rid, blob_key)  # another archiver won
+            else:
+                monitoring.UPLOADS_STORED.inc()
+                monitoring.BYTES_STORED.inc(final.size)
+                log.info(
+                    "recording_stored",
+                    recording_id=rid,
+                    site=final.site,
+                    path="live",
+                    bytes=final.size,
+                    audio_s=round(max(sizes.values(), default=0) / BYTES_PER_SECOND, 1),
+                    customer=final.customer.masked,
+                    employee=final.employees[0].name if final.employees else "unknown",
+                    flags=",".join(final.flags) or "-",
+                    encode_s=round(time.monotonic() - started, 3),
+                )
+        self.live.remove(row)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _add_flags(final: pb.Manifest, archive: Archive) -> None:
+    flags = []
+    if archive.mismatch:
+        flags.append("length_mismatch")
+    if archive.channels == 2:
+        flags += [("silent_customer", "silent_employee")[i] for i in archive.silent]
+    for flag in flags:
+        if flag not in final.flags:
+            final.flags.append(flag)

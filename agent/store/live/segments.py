@@ -1,0 +1,467 @@
+"""Live recordings in the store: the legs of calls that are still going on.
+
+Each append is made durable before its offsets are acknowledged: the new bytes of each
+leg are encrypted under the recording's own data key (``agent.store.crypto``; the
+recording id, leg and offset are bound into every tag) into one blob per append
+(``live-<id>-<random>``) in the blob store every replica sees, written outside any
+lock so that appends of different calls reach the disk in parallel; then, in one
+short transaction holding the recording's row lock (the write lock on SQLite), the
+leg sizes are checked again and the pieces' rows go into ``live_segments``. An append
+that lost a race (two replicas, one retried request) deletes its blob and answers
+ABORTED. A leg's durable size is the end of its last segment, so a resume on any
+replica continues from there. (A store killed between a blob's write and its rows
+leaves that blob behind; its data key goes with the recording's row.)
+
+A finished recording (the agent's Finish, or a stale one finished by the store as
+``incomplete``) waits in ``live_recordings`` with its final manifest until an archiver
+(``agent.store.live.archiver``) claims it with a lease, encodes the stereo archive and
+removes the segments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import sqlalchemy as sa
+from google.protobuf import json_format
+
+from agent import logs
+from agent.pb.callrec.v1 import recordings_pb2 as pb
+from agent.store.archive.crypto import (
+    HEADER_BYTES,
+    Header,
+    decrypt_chunks,
+    encrypt_stream,
+    new_data_key,
+)
+from agent.store.archive.vault import Vault
+from agent.store.catalog import Catalog, live_recordings, live_segments, now_ms
+from agent.store.keys.master import key_context
+
+log = logs.get_logger(__name__)
+
+LEGS = {1: ("mixed",), 2: ("customer", "employee")}
+BYTES_PER_SECOND = 16_000  # mono 16-bit PCM at 8 kHz
+MAX_LEG_BYTES = BYTES_PER_SECOND * 24 * 3600  # a call lasts at most a day
+LIVE = "live"
+FINISHED = "finished"  # waiting for its archive
+ARCHIVED = "archived"  # the archive is stored, the segments gone; kept to answer a late finish
+ARCHIVED_KEEP_MS = 24 * 3600 * 1000
+KEY_CACHE = 4096
+
+
+class LiveRejected(Exception):
+    """An append or finish the store refuses; the message says what to do."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class LiveRow:
+    recording_id: str
+    site: str
+    state: str
+    manifest: pb.Manifest
+    final: dict[str, Any] | None
+    key_id: str
+    wrapped_key: bytes
+    last_append_ms: int
+
+    @property
+    def legs(self) -> tuple[str, ...]:
+        return LEGS[self.manifest.channels]
+
+    def final_manifest(self) -> pb.Manifest:
+        assert self.final is not None
+        return json_format.ParseDict(self.final["manifest"], pb.Manifest())
+
+
+def _label(recording_id: str, leg: str, offset: int) -> str:
+    """What each segment's AES-GCM tags are bound to: no segment can stand in for another."""
+    return f"{recording_id}:{leg}:{offset}"
+
+
+def _row(found: sa.Row[Any]) -> LiveRow:
+    return LiveRow(
+        recording_id=found.recording_id,
+        site=found.site,
+        state=found.state,
+        manifest=json_format.Parse(found.manifest_json, pb.Manifest()),
+        final=json.loads(found.final_json) if found.final_json else None,
+        key_id=found.key_id,
+        wrapped_key=found.wrapped_key,
+        last_append_ms=found.last_append_ms,
+    )
+
+
+class LiveStore:
+    def __init__(self, catalog: Catalog, vault: Vault, work_dir: Path) -> None:
+        self.catalog = catalog
+        self.vault = vault
+        self.work_dir = work_dir
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._keys: dict[str, bytes] = {}
+        self._keys_lock = threading.Lock()
+
+    # ------------------------------------------------------------ reading
+
+    def get(self, recording_id: str) -> LiveRow | None:
+        with self.catalog.engine.connect() as conn:
+            found = conn.execute(
+                sa.select(live_recordings).where(live_recordings.c.recording_id == recording_id)
+            ).first()
+        return _row(found) if found else None
+
+    def sizes(self, recording_id: str, conn: sa.Connection | None = None) -> dict[str, int]:
+        """Each leg's durable size (the end of its last segment)."""
+        query = (
+            sa.select(
+                live_segments.c.leg,
+                sa.func.max(live_segments.c.offset + live_segments.c.length),
+            )
+            .where(live_segments.c.recording_id == recording_id)
+            .group_by(live_segments.c.leg)
+        )
+        if conn is not None:
+            return {leg: int(end) for leg, end in conn.execute(query)}
+        with self.catalog.engine.connect() as own:
+            return {leg: int(end) for leg, end in own.execute(query)}
+
+    def state(self, recording_id: str) -> pb.LiveState:
+        row = self.get(recording_id)
+        if row is None:
+            stored = self.catalog.get(recording_id)
+            return pb.LiveState(recording_id=recording_id, known=False, finished=stored is not None)
+        if row.final is not None:
+            sizes = {leg: int(v["size"]) for leg, v in row.final["legs"].items()}
+        else:
+            sizes = self.sizes(recording_id)
+        return pb.LiveState(
+            recording_id=recording_id,
+            known=True,
+            legs=[pb.LegSize(leg=leg, size=sizes.get(leg, 0)) for leg in row.legs],
+            finished=row.state != LIVE,
+        )
+
+    def data_key(self, row: LiveRow) -> bytes:
+        """The call's data key, unwrapped once per call while it is live (every append
+        needs it; the cache holds at most KEY_CACHE calls' keys, in memory only)."""
+        cached = self._keys.get(row.recording_id)
+        if cached is not None:
+            return cached
+        context = key_context(row.recording_id, f"live-{row.recording_id}")
+        key = self.vault.wrapper.unwrap(row.key_id, row.wrapped_key, context)
+        with self._keys_lock:
+            while len(self._keys) >= KEY_CACHE:
+                self._keys.pop(next(iter(self._keys)))
+            self._keys[row.recording_id] = key
+        return key
+
+    def forget_key(self, rid: str) -> None:
+        with self._keys_lock:
+            self._keys.pop(rid, None)
+
+    def read_leg(self, row: LiveRow, leg: str, data_key: bytes | None = None) -> Iterator[bytes]:
+        """The leg's PCM as stored, segment by segment (decrypted and authenticated)."""
+        key = data_key or self.data_key(row)
+        with self.catalog.engine.connect() as conn:
+            segments = list(
+                conn.execute(
+                    sa.select(live_segments)
+                    .where(live_segments.c.recording_id == row.recording_id)
+                    .where(live_segments.c.leg == leg)
+                    .order_by(live_segments.c.offset)
+                )
+            )
+        expected = 0
+        for segment in segments:
+            if segment.offset != expected:
+                raise LiveRejected(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"leg {leg}: segment at {segment.offset}, expected {expected}",
+                )
+            label = _label(row.recording_id, leg, segment.offset)
+            sealed = b"".join(
+                self.vault.blobs.read(segment.blob_key, segment.blob_at, segment.blob_length)
+            )
+            header = Header.unpack(sealed, label)
+            yield from decrypt_chunks(key, label, header, [sealed[HEADER_BYTES:]])
+            expected += segment.length
+
+    def leg_digest(self, row: LiveRow, leg: str) -> tuple[int, str]:
+        digest, size = hashlib.sha256(), 0
+        for block in self.read_leg(row, leg):
+            digest.update(block)
+            size += len(block)
+        return size, digest.hexdigest()
+
+    # ------------------------------------------------------------ writing
+
+    def create(self, manifest: pb.Manifest) -> bool:
+        """The recording's row with a fresh data key; False if it is already there."""
+        rid = manifest.recording_id
+        key_id, wrapped = self.vault.wrapper.wrap(new_data_key(), key_context(rid, f"live-{rid}"))
+        now = now_ms()
+        values = {
+            "recording_id": rid,
+            "site": manifest.site,
+            "state": LIVE,
+            "manifest_json": json_format.MessageToJson(manifest, indent=None),
+            "key_id": key_id,
+            "wrapped_key": wrapped,
+            "created_at_ms": now,
+            "last_append_ms": now,
+        }
+        try:
+            with self.catalog.engine.begin() as conn:
+                conn.execute(sa.insert(live_recordings).values(**values))
+        except sa.exc.IntegrityError:
+            return False
+        log.info(
+            "live_started", recording_id=rid, site=manifest.site, customer=manifest.customer.masked
+        )
+        return True
+
+    def append(self, row: LiveRow, pieces: list[pb.LegBytes]) -> dict[str, int]:
+        """Make ``pieces`` durable; returns each leg's size after them. Bytes the store
+        already holds are skipped (a retried append), a gap is OUT_OF_RANGE."""
+        rid = row.recording_id
+        sizes = self.sizes(rid)
+        plan = [(p.leg, sizes.get(p.leg, 0), _new_bytes(p, sizes.get(p.leg, 0))) for p in pieces]
+        plan = [(leg, offset, data) for leg, offset, data in plan if data]
+        blob_key = f"live-{rid}-{secrets.token_hex(6)}"
+        placed = self._put(self.data_key(row), rid, blob_key, plan) if plan else []
+        try:
+            with self.catalog.engine.begin() as conn:
+                self._lock(conn, rid)
+                sizes = self.sizes(rid, conn)
+                for (leg, offset, data), (at, length) in zip(plan, placed, strict=True):
+                    if sizes.get(leg, 0) != offset:
+                        raise LiveRejected(
+                            grpc.StatusCode.ABORTED,
+                            f"leg {leg}: another append reached {sizes.get(leg, 0)} first; "
+                            "retry from the store's size",
+                        )
+                    conn.execute(
+                        sa.insert(live_segments).values(
+                            recording_id=rid, leg=leg, offset=offset, length=len(data),
+                            blob_key=blob_key, blob_at=at, blob_length=length,
+                        )
+                    )  # fmt: skip
+                    sizes[leg] = offset + len(data)
+        except BaseException:
+            if plan:
+                self.vault.blobs.delete(blob_key)
+            raise
+        return sizes
+
+    def _lock(self, conn: sa.Connection, rid: str) -> None:
+        """The recording's row lock (SQLite: the write lock) until commit; only a live
+        recording takes appends."""
+        locked = conn.execute(
+            sa.update(live_recordings)
+            .where(live_recordings.c.recording_id == rid)
+            .where(live_recordings.c.state == LIVE)
+            .values(last_append_ms=now_ms())
+            .returning(live_recordings.c.recording_id)
+        ).first()
+        if locked is None:
+            raise LiveRejected(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"recording {rid} is finished; nothing more can be appended",
+            )
+
+    def _put(
+        self, data_key: bytes, rid: str, blob_key: str, plan: list[tuple[str, int, bytes]]
+    ) -> list[tuple[int, int]]:
+        """One blob holding each piece encrypted on its own; returns (at, length) of each."""
+        sealed = self.work_dir / f".live-{secrets.token_hex(8)}.enc"
+        placed = []
+        fd = os.open(sealed, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for leg, offset, data in plan:
+                    at = out.tell()
+                    label = _label(rid, leg, offset)
+                    encrypt_stream(data_key, label, io.BytesIO(data), len(data), out)
+                    placed.append((at, out.tell() - at))
+            self.vault.blobs.put_file(blob_key, sealed)
+        finally:
+            sealed.unlink(missing_ok=True)
+        return placed
+
+    def finish(self, row: LiveRow, final: pb.Manifest, legs: dict[str, tuple[int, str]]) -> None:
+        """Mark the recording finished with its final manifest, once every leg's durable
+        bytes have the agent's size and sha256 (FAILED_PRECONDITION: bytes missing;
+        DATA_LOSS: different bytes, the leg is discarded and must be sent again)."""
+        rid = row.recording_id
+        sizes = self.sizes(rid)
+        for leg, (size, sha256) in legs.items():
+            if sizes.get(leg, 0) != size:
+                raise LiveRejected(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"leg {leg}: the store holds {sizes.get(leg, 0)} bytes, finish says {size}; "
+                    "append the rest first",
+                )
+            _, held_sha = self.leg_digest(row, leg)
+            if held_sha != sha256:
+                self.discard_audio(rid)
+                raise LiveRejected(
+                    grpc.StatusCode.DATA_LOSS,
+                    f"leg {leg}: sha256 of the stored bytes is {held_sha}, the agent's is "
+                    f"{sha256}; the call's audio was discarded, send it again from 0",
+                )
+        self.mark_finished(rid, final, legs, expect_state=LIVE)
+        self.forget_key(rid)
+
+    def mark_finished(
+        self,
+        rid: str,
+        final: pb.Manifest,
+        legs: dict[str, tuple[int, str]],
+        expect_state: str,
+        older_than_ms: int | None = None,
+    ) -> bool:
+        doc = {
+            "manifest": json_format.MessageToDict(final),
+            "legs": {leg: {"size": s, "sha256": h} for leg, (s, h) in legs.items()},
+        }
+        query = (
+            sa.update(live_recordings)
+            .where(live_recordings.c.recording_id == rid)
+            .where(live_recordings.c.state == expect_state)
+            .values(state=FINISHED, final_json=json.dumps(doc))
+            .returning(live_recordings.c.recording_id)
+        )
+        if older_than_ms is not None:
+            query = query.where(live_recordings.c.last_append_ms < older_than_ms)
+        with self.catalog.engine.begin() as conn:
+            return conn.execute(query).first() is not None
+
+    def discard_audio(self, rid: str) -> None:
+        """Every segment of a recording (its legs share blobs): rows, then blobs."""
+        with self.catalog.engine.begin() as conn:
+            keys = self._blob_keys(conn, rid)
+            conn.execute(sa.delete(live_segments).where(live_segments.c.recording_id == rid))
+        self.vault.blobs.delete_many(keys)
+        log.warning("live_audio_discarded", recording_id=rid, blobs=len(keys))
+
+    @staticmethod
+    def _blob_keys(conn: sa.Connection, rid: str) -> list[str]:
+        query = sa.select(live_segments.c.blob_key).where(live_segments.c.recording_id == rid)
+        return sorted({k for (k,) in conn.execute(query.distinct())})
+
+    # ------------------------------------------------------------ archiving
+
+    def stale(self, older_than_ms: int, limit: int = 100) -> list[str]:
+        with self.catalog.engine.connect() as conn:
+            return [
+                rid
+                for (rid,) in conn.execute(
+                    sa.select(live_recordings.c.recording_id)
+                    .where(live_recordings.c.state == LIVE)
+                    .where(live_recordings.c.last_append_ms < older_than_ms)
+                    .limit(limit)
+                )
+            ]
+
+    def claim(self, lease_s: float) -> LiveRow | None:
+        """One finished recording no one else is encoding, leased to the caller."""
+        now = now_ms()
+        free = sa.or_(
+            live_recordings.c.claimed_until_ms.is_(None),
+            live_recordings.c.claimed_until_ms < now,
+        )
+        with self.catalog.engine.connect() as conn:
+            candidates = [
+                rid
+                for (rid,) in conn.execute(
+                    sa.select(live_recordings.c.recording_id)
+                    .where(live_recordings.c.state == FINISHED)
+                    .where(free)
+                    .limit(8)
+                )
+            ]
+        for rid in candidates:
+            with self.catalog.engine.begin() as conn:
+                got = conn.execute(
+                    sa.update(live_recordings)
+                    .where(live_recordings.c.recording_id == rid)
+                    .where(free)
+                    .values(claimed_until_ms=now + int(lease_s * 1000))
+                    .returning(live_recordings.c.recording_id)
+                ).first()
+            if got is not None:
+                return self.get(rid)
+        return None
+
+    def remove(self, row: LiveRow) -> int:
+        """The segments' blobs, then their rows; the recording's row stays, archived
+        (a late finish is answered from it). Returns the blobs removed."""
+        rid = row.recording_id
+        with self.catalog.engine.connect() as conn:
+            keys = self._blob_keys(conn, rid)
+        failed = self.vault.blobs.delete_many(keys)
+        if failed:
+            raise OSError(f"live segments of {rid} not removed: {sorted(failed)[:3]}")
+        with self.catalog.engine.begin() as conn:
+            conn.execute(sa.delete(live_segments).where(live_segments.c.recording_id == rid))
+            conn.execute(
+                sa.update(live_recordings)
+                .where(live_recordings.c.recording_id == rid)
+                .values(state=ARCHIVED, last_append_ms=now_ms())
+            )
+        return len(keys)
+
+    def destroy(self, rid: str) -> int:
+        """Everything the store holds of a live call (a discarded recording, issue 21):
+        the call's row first (its wrapped data key: the segments can no longer be
+        read), then the segments' blobs and rows. Returns the blobs removed."""
+        with self.catalog.engine.begin() as conn:
+            keys = self._blob_keys(conn, rid)
+            conn.execute(sa.delete(live_recordings).where(live_recordings.c.recording_id == rid))
+        self.vault.blobs.delete_many(keys)
+        with self.catalog.engine.begin() as conn:
+            conn.execute(sa.delete(live_segments).where(live_segments.c.recording_id == rid))
+        self.forget_key(rid)
+        log.info("live_destroyed", recording_id=rid, blobs=len(keys))
+        return len(keys)
+
+    def forget_archived(self) -> int:
+        """Rows of archived recordings past ARCHIVED_KEEP_MS (a late finish is told by then)."""
+        with self.catalog.engine.begin() as conn:
+            result = conn.execute(
+                sa.delete(live_recordings)
+                .where(live_recordings.c.state == ARCHIVED)
+                .where(live_recordings.c.last_append_ms < now_ms() - ARCHIVED_KEEP_MS)
+            )
+        return int(result.rowcount or 0)
+
+
+def _new_bytes(piece: pb.LegBytes, size: int) -> bytes:
+    """The part of ``piece`` past ``size`` (what the store lacks)."""
+    if piece.offset > size:
+        raise LiveRejected(
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"leg {piece.leg}: offset {piece.offset} but the store holds {size} bytes; "
+            "resume from the store's size (Query)",
+        )
+    end = piece.offset + len(piece.data)
+    if end > MAX_LEG_BYTES:
+        raise LiveRejected(
+            grpc.StatusCode.OUT_OF_RANGE,
+            f"leg {piece.leg}: {end} bytes is longer than a call may last (24 h)",
+        )
+    return bytes(piece.data[size - piece.offset :]) if end > size else b""
