@@ -12,7 +12,7 @@ From anywhere (token from ``$CALLREC_TOKEN`` or ``--token-file``; ``--store ADDR
   callrec search --purpose P [--since T --until T --employee ID --team T --service N
                  --masked +358401234*** --flag F … --limit N]
   callrec show ID --purpose P
-  callrec play ID --purpose P [--out FILE]        (no --out: audio bytes to stdout)
+  callrec play ID --purpose P [--out FILE]        (no --out: audio to a pipe, never a terminal)
   callrec export ID --purpose P --out FILE
   callrec dsr find --at T [--window 15m] --reason R   (the number: stdin or a prompt)
   callrec dsr export ID… --out package.zip --reason R
@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from agent import localtime
 from agent.config import ConfigError, is_loopback, load_store_config, parse_duration
 from agent.directory import Directory
 from agent.pb.callrec.v1 import access_pb2 as apb
@@ -120,7 +121,9 @@ def add_parsers(sub: SubParsers) -> None:
 
     search = sub.add_parser("search", help="recordings you may see")
     _client(search)
-    search.add_argument("--since", help="ISO time (UTC unless an offset is given)")
+    search.add_argument(
+        "--since", help="ISO time, local unless an offset is given (e.g. 2026-03-02T14:30)"
+    )
     search.add_argument("--until", help="ISO time, like --since")
     search.add_argument("--employee", default="", help="employee's directory id")
     search.add_argument("--team", default="", help="team name as in the directory")
@@ -185,6 +188,11 @@ def _run(args: argparse.Namespace) -> int:
         return token_command(args)
     if args.command == "audit":
         return audit_verify(args.config)
+    if args.command == "play" and args.out is None and sys.stdout.isatty():
+        raise UsageError(
+            "refusing to write audio to a terminal: give --out FILE, pipe it to a player "
+            "(| mpv -), or listen in the web player"
+        )
     stub = apb_grpc.AccessStub(_channel(args))
     handlers: dict[str, Callable[[apb_grpc.AccessStub, argparse.Namespace, Any], int]] = {
         "search": _search,
@@ -278,7 +286,8 @@ def token_command(args: argparse.Namespace) -> int:
 def _list_tokens(catalog: Catalog, person_id: str | None) -> int:
     with catalog.engine.connect() as conn:
         rows = tokens.list_tokens(conn, person_id)
-    _out("token_id          person     created           expires           last_used         state")
+    w = len(localtime.show(dt.datetime.now(dt.UTC), seconds=False)) + 1
+    _out(f"token_id          person     {'created':<{w}} {'expires':<{w}} {'last_used':<{w}} state")
     now = dt.datetime.now(dt.UTC)
     for row in rows:
         expires = _when(row.expires_at_ms)
@@ -290,9 +299,9 @@ def _list_tokens(catalog: Catalog, person_id: str | None) -> int:
             else "live"
         )
         _out(
-            f"{row.token_id}  {row.person_id:<9.9}  {_when(row.created_at_ms)}  "
-            f"{expires if row.expires_at_ms is not None else 'never':<16}  "
-            f"{_when(row.last_used_at_ms) if row.last_used_at_ms else 'never':<16}  {state}"
+            f"{row.token_id}  {row.person_id:<9.9}  {_when(row.created_at_ms):<{w}} "
+            f"{expires if row.expires_at_ms is not None else 'never':<{w}} "
+            f"{_when(row.last_used_at_ms) if row.last_used_at_ms else 'never':<{w}} {state}"
         )
     return 0
 
@@ -300,7 +309,7 @@ def _list_tokens(catalog: Catalog, person_id: str | None) -> int:
 def _when(ms: int | None) -> str:
     if ms is None:
         return "-"
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M")
+    return localtime.show(dt.datetime.fromtimestamp(ms / 1000, dt.UTC), seconds=False)
 
 
 def directory_name(config: Path) -> str:
@@ -326,11 +335,11 @@ def audit_verify(config: Path) -> int:
 
 
 def parse_time(text: str) -> dt.datetime:
+    """An ISO time; without an offset, the local time (``TZ`` or the system's zone)."""
     try:
-        moment = dt.datetime.fromisoformat(text)
+        return localtime.parse(text)
     except ValueError:
         raise UsageError(f"{text!r}: expected an ISO time such as 2026-03-02T14:30") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
 def _ts(text: str | None) -> Timestamp | None:
@@ -347,12 +356,12 @@ def _common(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_view(view: apb.RecordingView) -> str:
     m, info = view.info.manifest, view.info
-    start = m.started_at.ToDatetime(dt.UTC)
+    start = localtime.show(m.started_at.ToDatetime(dt.UTC))
     marks = [
         name for name, on in (("RESTRICTED", view.restricted), ("HOLD", view.legal_hold)) if on
     ]
     return (
-        f"{m.recording_id}  {start:%Y-%m-%d %H:%M:%S}Z  {info.duration_ms / 1000:6.1f}s  "
+        f"{m.recording_id}  {start}  {info.duration_ms / 1000:6.1f}s  "
         f"service={m.service_number or '-'}  customer={m.customer.masked}  "
         f"employees={','.join(e.id for e in m.employees) or '-'}  "
         f"{m.audio_format}  flags={','.join(m.flags) or '-'}"

@@ -327,6 +327,10 @@ class StoreConfig:
     part_max_age_s: float = 6 * 3600.0
     oidc: StoreOidcConfig | None = None  # [store.oidc]: ID tokens of the people's web
     metrics_listen: str | None = None  # "127.0.0.1:9465": Prometheus /metrics
+    # blobs = "files" on a PostgreSQL catalog: the directory every store of the catalog
+    # mounts (issue 18; without it such a store is refused: replicas would each keep
+    # their own files). None: data_dir/blobs (an SQLite catalog is one store's).
+    shared_blobs_dir: Path | None = None
     # Live upload (issue 19): a live call silent this long is finished as incomplete;
     # this many archive encoders (ffmpeg processes) run at once.
     live_timeout_s: float = 60.0
@@ -334,7 +338,7 @@ class StoreConfig:
 
     @property
     def blobs_dir(self) -> Path:
-        return self.data_dir / "blobs"
+        return self.shared_blobs_dir or self.data_dir / "blobs"
 
     @property
     def incoming_dir(self) -> Path:
@@ -811,9 +815,11 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         upload_idle_timeout_s=st.seconds("upload_idle_timeout", "60s"),
         part_max_age_s=st.seconds("part_max_age", "6h"),
         oidc=_store_oidc_config(sub["oidc"]) if sub["oidc"].table else None,
+        shared_blobs_dir=_optional_path(st, "shared_blobs_dir"),
         live_timeout_s=st.seconds("live_timeout", "60s"),
         live_encoders=st.integer("live_encoders", 2, 1, 64),
     )
+    _check_shared_blobs(st, cfg)
     if cfg.insecure and cfg.access_listen is not None and not is_loopback(cfg.access_listen):
         raise st._fail(
             "access_listen",
@@ -831,6 +837,22 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
     for section in (*s.values(), *sub.values()):
         section.check_unknown()
     return cfg
+
+
+def _check_shared_blobs(st: _Section, cfg: StoreConfig) -> None:
+    """A PostgreSQL catalog is shared by every store on it; a store's own blob directory
+    is not (another store could not play its recordings, and would audit as destroyed a
+    file it cannot see): local files only with a directory they all mount."""
+    shared_catalog = cfg.catalog_url.startswith("postgresql")
+    if cfg.blobs == "files" and shared_catalog and cfg.shared_blobs_dir is None:
+        raise st._fail(
+            "blobs",
+            cfg.blobs,
+            '"s3" with a PostgreSQL catalog, which every store on it shares (or set '
+            "shared_blobs_dir to a directory every one of those stores mounts)",
+        )
+    if cfg.shared_blobs_dir is not None and cfg.blobs != "files":
+        raise st._fail("shared_blobs_dir", str(cfg.shared_blobs_dir), 'blobs = "files"')
 
 
 def _quarantine_max_age(a: _Section) -> float:

@@ -117,6 +117,21 @@ def test_web_times_search_first_byte_and_seek() -> None:
     for name in ("search", "search_period", "first_byte", "seek_middle"):
         assert result[name]["n"] == 10 and 0 < result[name]["p50_ms"] <= result[name]["p99_ms"]
     assert result["ranges_served"] >= 3 and result["rss_peak_mib"] >= result["rss_idle_mib"] > 0
+    assert result["waveform_cold_ms"] > 0 and result["waveform_cached"]["n"] == 20
+
+
+def test_replicas_bench_uploads_through_the_balancer_and_sweeps() -> None:
+    """One replica count and one sweeper count (the README's figures: 1,2,3 and 1,3)."""
+    report = bench(
+        "replicas", "--replicas", "2", "--recordings", "20", "--paced", "4",
+        "--expired", "30", "--sweepers", "2", timeout=300,
+    )  # fmt: skip
+    uploads, sweeps = report["result"]["uploads"], report["result"]["sweeps"]
+    assert [u["replicas"] for u in uploads] == [2]
+    for u in uploads:
+        assert u["per_s"] > 0 and 0 < u["hangup_to_safe_p50_s"] <= u["hangup_to_safe_p95_s"]
+    assert [s["sweepers"] for s in sweeps] == [2]
+    assert all(s["per_s"] > 0 and 1 <= s["actors"] <= s["sweepers"] for s in sweeps)
 
 
 def test_control_latency_pauses_a_live_call_and_finds_each_silence() -> None:

@@ -284,13 +284,15 @@ def test_the_recording_page_lists_the_pauses_and_marks_them_on_the_waveform() ->
     manifest = manifest_from_capture(meta, "opus", 2, 100, "0" * 64, "fi")
     view = apb.RecordingView(info=pb.RecordingInfo(manifest=manifest, duration_ms=30_000))
     rec = details(view, ZoneInfo("Europe/Helsinki"), "en")
-    assert rec["pauses"] == [{"label": "0:10-0:20", "who": "api:crm", "x": 333.3, "w": 333.3}]
+    assert rec["pauses"] == [{"label": "0:10-0:20", "who": "api:crm", "start_s": 10.0,
+                              "end_s": 20.0, "x": 333.3, "w": 333.3}]  # fmt: skip
+    assert rec["marks"] == [{"start_s": 10.0, "end_s": 20.0, "label": "0:10-0:20 (api:crm)"}]
     html = TEMPLATES.get_template("recording.html").render(
         t=translator("en"), lang="en", person=None, csrf="", rec=rec, purpose="legal",
         purposes=["legal"],
     )  # fmt: skip
     assert '<span class="tag pause">0:10-0:20 (api:crm)</span>' in html
-    assert '<rect x="333.3" y="0" width="333.3" height="6"' in html
+    assert "data-marks=" in html and "0:10-0:20 (api:crm)" in html.split("data-marks=")[1]
     assert "recording paused" in html  # the flag in words
 
 

@@ -22,7 +22,7 @@ from agent.config import store_config_from_dict
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.store.archive.vault import open_storage
-from agent.store.ingest.service import partials
+from agent.store.ingest import partials
 from agent.store.retention.sweeper import Sweeper
 from tests.support.faults import Pki, make_pki
 from tests.support.stack import InProcessStore

@@ -247,6 +247,7 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[World]:
     if request.param == "postgresql":
         pg: Postgres = request.getfixturevalue("postgres")
         extra["catalog"] = pg.new_database()
+        extra["shared_blobs_dir"] = str(tmp_path / "blobs")  # one store: its own directory
     yield from running_world(tmp_path, keys, seal=keyring, **extra)
 
 

@@ -47,6 +47,8 @@ def replica(tmp_path: Path, name: str, catalog_url: str) -> StoreConfig:
         "tls": {"insecure": True},
         "keys": {"master_key_file": str(tmp_path / name / "keys" / "master.key")},
     }
+    if catalog_url.startswith("postgresql"):
+        store["shared_blobs_dir"] = str(tmp_path / "blobs")  # what every replica mounts
     return store_config_from_dict({"store": store}, tmp_path)
 
 

@@ -1,5 +1,6 @@
 """Holes an operator could open by accident, closed in the real store: a second store on
-the same port or data directory, plain text for people off loopback, an audit chain
+the same port or data directory, a shared catalog with each store's own blob files,
+plain text for people off loopback, an audit chain
 head that can be rewritten, a head hash nobody outside holds, audit times going back,
 a duplicate upload race that logs two stores, tokens that never expire, agent
 certificates that can't be revoked, console exports without a purpose."""
@@ -105,6 +106,29 @@ def test_people_in_plain_text_only_on_loopback(tmp_path: Path) -> None:
     assert result.returncode != 0 and "access_listen" in result.stderr
     loopback = store_doc(tmp_path, 0, access_listen="127.0.0.1:50052")
     store_config_from_dict({"store": loopback}, tmp_path)
+
+
+def test_a_shared_catalog_with_each_stores_own_files_is_refused(tmp_path: Path) -> None:
+    """PostgreSQL is every replica's catalog; data_dir/blobs is one replica's: B could
+    not play A's recordings and would audit as destroyed a file it cannot see."""
+    pg_url = "postgresql+psycopg://callrec@127.0.0.1:5432/callrec"  # not connected to
+    doc = store_doc(tmp_path, 0, catalog=pg_url)
+    with pytest.raises(ConfigError, match=r"\[store\] blobs = \"files\": expected \"s3\""):
+        store_config_from_dict({"store": doc}, tmp_path)
+    for command in ("check", "store"):
+        flag = "--store" if command == "check" else "--config"
+        result = cli(command, flag, str(write_store_toml(tmp_path / "s.toml", doc)))
+        assert result.returncode != 0 and "shared_blobs_dir" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    mounted = tmp_path / "mnt" / "blobs"
+    config = store_config_from_dict({"store": {**doc, "shared_blobs_dir": str(mounted)}}, tmp_path)
+    assert config.blobs_dir == mounted
+    sqlite = store_config_from_dict({"store": store_doc(tmp_path, 0)}, tmp_path)
+    assert sqlite.blobs_dir == tmp_path / "store-data" / "blobs", "one store: its own files"
+    s3 = {"bucket": "b", "region": "eu-north-1", "endpoint": "http://127.0.0.1:1"}
+    on_s3 = {**doc, "blobs": "s3", "s3": s3, "shared_blobs_dir": str(mounted)}
+    with pytest.raises(ConfigError, match="shared_blobs_dir"):
+        store_config_from_dict({"store": on_s3}, tmp_path)
 
 
 # ---------------------------------------------------------------- the audit chain's head

@@ -169,9 +169,10 @@ def test_agent_sees_own_calls_plays_seeks_and_cannot_download(
     ]  # fmt: skip
     assert plays and all(
         e["actor"] == "person:a1" and e["purpose"] == "verification" and e["outcome"] == "allowed"
-        and e["detail"].startswith("channel=web bytes=")
+        and (e["detail"].startswith("channel=web bytes=") or e["detail"] == "channel=web waveform")
         for e in plays
     )  # fmt: skip
+    assert any(e["detail"].startswith("channel=web bytes=") for e in plays)
     page.context.close()
 
 
@@ -584,5 +585,6 @@ def test_personal_tokens_still_work_beside_oidc(web: WebWorld) -> None:
         metadata=[("authorization", f"Bearer {token}")],
     )
     assert found is not None
-    (event,) = web.world.events_after(seq)
+    # (The store's summary of earlier tests' forged tokens may land here too: not ours.)
+    (event,) = [e for e in web.world.events_after(seq) if e["action"] == "search"]
     assert event["actor"] == "person:s1" and event["detail"].startswith("channel=cli")

@@ -101,6 +101,55 @@ def test_sessions_end_when_idle_and_csrf_is_per_session() -> None:
     assert csrf_ok(first, token) and not csrf_ok(second, token) and not csrf_ok(first, "")
 
 
+def test_sessions_on_disk_outlive_the_process_but_not_the_idle_timeout(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    state = tmp_path / "state"
+    first = SessionStore(idle_s=600, state_dir=state, clock=lambda: now[0])
+    kept = first.put({"person": {"id": "a1"}, "id_token": "t1", "purposes": {}})
+    idle = first.put({"person": {"id": "a2"}})
+    gone = first.put({"person": {"id": "a3"}})
+    first.drop(gone)
+    now[0] += 300
+    session = first.get(kept)
+    assert session is not None
+    session["purposes"] = {"ab" * 16: "verification"}
+    first.save(kept)
+    first.close()
+    assert (state / "session.key").stat().st_mode & 0o777 == 0o600
+    assert (state / "sessions.db").stat().st_mode & 0o777 == 0o600
+    assert kept.encode() not in (state / "sessions.db").read_bytes(), "ids are kept hashed"
+    # A new process 9 minutes after the first use: a1 (used at 5 min) is still there
+    # with its change; a2 (idle since 0) has been idle too long; a3 signed out.
+    now[0] += 301
+    second = SessionStore(idle_s=600, state_dir=state, clock=lambda: now[0])
+    again = second.get(kept)
+    assert again is not None and again["purposes"] == {"ab" * 16: "verification"}
+    assert second.get(idle) is None and second.get(gone) is None
+    second.close()
+    # A row edited on disk (a role raised, say) no longer verifies: dropped.
+    import sqlite3
+
+    with sqlite3.connect(state / "sessions.db") as db:
+        db.execute("UPDATE sessions SET data = replace(data, 'a1', 'po')")
+    third = SessionStore(idle_s=600, state_dir=state, clock=lambda: now[0])
+    assert third.get(kept) is None
+    third.close()
+    # Idle across a restart: gone when the process comes back too late.
+    fourth = SessionStore(idle_s=600, state_dir=state, clock=lambda: now[0])
+    late = fourth.put({"person": {"id": "a1"}})
+    fourth.close()
+    now[0] += 601
+    assert SessionStore(idle_s=600, state_dir=state, clock=lambda: now[0]).get(late) is None
+    # A damaged file (not a database) is set aside: the web starts, with no sessions.
+    for extra in state.glob("sessions.db*"):
+        extra.unlink()
+    (state / "sessions.db").write_bytes(b"this is not a database" * 100)
+    fresh = SessionStore(idle_s=600, state_dir=state, clock=lambda: now[0])
+    assert fresh.get(late) is None and fresh.get(fresh.put({"a": 1})) == {"a": 1}
+    assert len(list(state.glob("sessions.db.damaged-*"))) == 1
+    fresh.close()
+
+
 def web_doc(tmp_path: Path, **web: object) -> dict[str, object]:
     return {
         "web": {
@@ -189,3 +238,26 @@ def test_callrec_web_check_names_an_unreadable_file(
     assert "[web.oidc] client_secret_file" in capsys.readouterr().err
     (tmp_path / "secret").write_text("s")
     assert main(["web", "--config", str(config), "--check"]) == 0
+    # The sessions' directory must be writable (here: a path under a file).
+    text = config.read_text().replace("[web.oidc]", 'state_dir = "web.pem/sessions"\n\n[web.oidc]')
+    config.write_text(text)
+    capsys.readouterr()
+    assert main(["web", "--config", str(config), "--check"]) == 2
+    assert "[web] state_dir" in capsys.readouterr().err
+
+
+def test_id_token_claims_and_when_to_refresh() -> None:
+    import base64
+    import json
+
+    from agent.web.oidc import OidcError, claims_of, refresh_due
+
+    body = base64.urlsafe_b64encode(json.dumps({"sub": "a1", "nonce": "n"}).encode()).rstrip(b"=")
+    assert claims_of(f"h.{body.decode()}.s") == {"sub": "a1", "nonce": "n"}
+    for garbage in ("", "no-dots", "a.!!!.c", "a.WzFd.c"):  # WzFd: a JSON list, not an object
+        with pytest.raises(OidcError):
+            claims_of(garbage)
+    # An hour's token: refreshed in its last minute; a 12 s token in its last third.
+    assert not refresh_due(0, 3600, 3539) and refresh_due(0, 3600, 3540)
+    assert not refresh_due(0, 12, 7.9) and refresh_due(0, 12, 8)
+    assert refresh_due(0, 0, 0), "a token without iat/exp is refreshed when it can be"

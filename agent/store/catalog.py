@@ -276,17 +276,19 @@ class Catalog:
 
     def insert(self, row: RecordingRow) -> bool:
         """Insert once; returns False when the recording id is already there."""
-        values = asdict(row)
+        with self.engine.begin() as conn:
+            return conn.execute(self.insert_statement(row)).first() is not None
+
+    def insert_statement(self, row: RecordingRow) -> Any:
+        """The insert of ``insert``, for a caller's own transaction (the vault's)."""
         insert: Any = (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(
             recordings
         )
-        stmt = (
-            insert.values(**values)
+        return (
+            insert.values(**asdict(row))
             .on_conflict_do_nothing(index_elements=["recording_id"])
             .returning(recordings.c.recording_id)
         )  # RETURNING, not rowcount: psycopg reports -1 for ON CONFLICT DO NOTHING
-        with self.engine.begin() as conn:
-            return conn.execute(stmt).first() is not None
 
     def get(self, recording_id: str) -> RecordingRow | None:
         """The row, also while it is being destroyed (``destroy_reason`` set)."""

@@ -20,7 +20,7 @@ from agent.config import ConfigError, StoreConfig, check_transport
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import check_private_file
 from agent.store.access.service import AccessService, add_access_service
-from agent.store.archive.vault import Vault, open_storage
+from agent.store.archive.vault import Vault, open_partials, open_storage
 from agent.store.catalog import Catalog
 from agent.store.console import ConsoleService
 from agent.store.console_gate import ConsoleGate
@@ -112,6 +112,7 @@ class StoreServer:
             limits=Limits(cfg.max_uploads_per_site, cfg.max_incoming_bytes_per_site),
             idle_timeout_s=cfg.upload_idle_timeout_s,
             seal_key_file=cfg.seal_key_file,
+            partials=open_partials(cfg, vault),
         )
 
         boundary = ErrorBoundary()  # no exception's text reaches a client (rpc_errors)
@@ -337,6 +338,9 @@ def _port_free(address: str) -> bool:
         return True
     family, kind, proto, _, sockaddr = infos[0]
     with socket.socket(family, kind, proto) as probe:
+        # As grpc binds: a listener refuses the probe, connections of a store that
+        # stopped a moment ago (TIME_WAIT) don't (else a restart fails for a minute).
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(sockaddr)
         except OSError:

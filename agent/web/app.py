@@ -14,7 +14,6 @@ from starlette.staticfiles import StaticFiles
 
 from agent.web import audio, audit_view, auth, cases, local_signin, pages
 from agent.web.config import WebConfig
-from agent.web.local_signin import LocalIssuer, issuer_url
 from agent.web.render import HERE, SecurityHeaders, page
 from agent.web.sessions import SessionMiddleware, SessionStore
 from agent.web.store_client import StoreClient
@@ -27,16 +26,19 @@ async def home(request: Request) -> Response:
 
 
 def create_app(config: WebConfig) -> Starlette:
+    sessions = SessionStore(config.session_idle_s, config.state_dir)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         app.state.config = config
         app.state.store = StoreClient(config)
-        app.state.oauth = auth.oauth_client(config)
-        app.state.local = LocalIssuer(issuer_url(config.listen)) if config.local_people else None
+        app.state.oidc = auth.oidc_client(config)
+        app.state.local = local_signin.issuer(config)
         try:
             yield
         finally:
             await app.state.store.close()
+            sessions.close()
 
     routes = [
         Route("/", home),
@@ -47,6 +49,7 @@ def create_app(config: WebConfig) -> Starlette:
         Route("/recordings/{rid}", pages.recording),
         Route("/recordings/{rid}/purpose", pages.choose_purpose, methods=["POST"]),
         Route("/recordings/{rid}/audio", audio.audio),
+        Route("/recordings/{rid}/waveform", audio.waveform),
         Route("/local/.well-known/openid-configuration", local_signin.discovery),
         Route("/local/jwks", local_signin.jwks),
         Route("/local/signin", local_signin.sign_in, methods=["POST"]),
@@ -59,6 +62,6 @@ def create_app(config: WebConfig) -> Starlette:
     ]
     middleware = [
         Middleware(SecurityHeaders),
-        Middleware(SessionMiddleware, store=SessionStore(config.session_idle_s)),
+        Middleware(SessionMiddleware, store=sessions),
     ]
     return Starlette(routes=routes, middleware=middleware, lifespan=lifespan)

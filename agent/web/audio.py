@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from agent.web.auth import bearer
 from agent.web.pages import RID, refused, signed_in
 from agent.web.store_client import Range, StoreRefused
 
@@ -78,6 +79,24 @@ async def audio(request: Request) -> Response:
     return await _serve(request, rid, purpose, start, end, partial=header is not None)
 
 
+@signed_in
+async def waveform(request: Request) -> Response:
+    """The whole recording's waveform (the store computes it from the audio): JSON of
+    ``duration_ms`` and each channel's peak levels 0..255 in equal slices."""
+    rid = request.path_params["rid"]
+    purpose = request.session.get("purposes", {}).get(rid)
+    if not RID.match(rid) or not purpose:
+        return Response(b"choose a purpose first", 409, headers={"cache-control": "no-store"})
+    store = request.app.state.store
+    try:
+        found = await store.waveform(await bearer(request), rid, purpose)
+    except StoreRefused as exc:
+        return _refused(request, exc)
+    body = {"duration_ms": found.duration_ms, "left": list(found.left),
+            "right": list(found.right)}  # fmt: skip
+    return JSONResponse(body, headers={"cache-control": "no-store"})
+
+
 async def _suffix(request: Request, rid: str, purpose: str, header: str) -> Response:
     """``bytes=-n``: learn the size with a one-byte read, then serve the tail."""
     try:
@@ -116,7 +135,7 @@ async def _serve(
 async def _part(request: Request, rid: str, purpose: str, start: int, end: int | None) -> Range:
     length = MAX_PART if end is None else min(MAX_PART, end - start + 1)
     store = request.app.state.store
-    return await store.play_range(request.session["id_token"], rid, purpose, start, length)  # type: ignore[no-any-return]
+    return await store.play_range(await bearer(request), rid, purpose, start, length)  # type: ignore[no-any-return]
 
 
 def _refused(request: Request, exc: StoreRefused) -> Response:

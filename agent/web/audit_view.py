@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.web import timefmt
+from agent.web.auth import bearer
 from agent.web.pages import EMPLOYEE, RID, signed_in
 from agent.web.render import message, page
 
@@ -81,7 +82,7 @@ async def audit(request: Request) -> Response:
     query, values, errors = _request(request, 50)
     if errors:
         return page(request, "audit.html", 400, values=values, errors=errors, rows=[], answer=None)
-    answer = await request.app.state.store.unary(request.session["id_token"], "AuditLog", query)
+    answer = await request.app.state.store.unary(await bearer(request), "AuditLog", query)
     rows = _rows(answer, ZoneInfo(request.app.state.config.time_zone))
     filters = {k: v for k, v in values.items() if v and k != "before"}
     next_url = ""
@@ -100,7 +101,7 @@ async def audit_csv(request: Request) -> Response:
     query, _, errors = _request(request, 1000)
     if errors:
         return message(request, 400, "bad_request", "bad_request")
-    answer = await request.app.state.store.unary(request.session["id_token"], "AuditLog", query)
+    answer = await request.app.state.store.unary(await bearer(request), "AuditLog", query)
     out = io.StringIO()
     writer = csv.DictWriter(out, COLUMNS)
     writer.writeheader()

@@ -1,5 +1,6 @@
-"""Sign-in with the company's OpenID provider (authorization code + PKCE, Authlib),
-the store's word on who that is (WhoAmI), and sign-out.
+"""Sign-in with the company's OpenID provider (authorization code + PKCE, ``oidc.py``),
+the store's word on who that is (WhoAmI), the ID token kept fresh with the refresh
+grant while the session lives, and sign-out (which revokes the refresh token).
 
 The ID token is kept in the server-side session and sent to the store with every
 request; the store verifies it itself. A person the directory does not know, or who
@@ -7,39 +8,31 @@ has no training date, gets a page that says so and no session."""
 
 from __future__ import annotations
 
-import ssl
+import asyncio
+import secrets
+import time
+import weakref
 from typing import Any
 
 import grpc
-from authlib.integrations.starlette_client import OAuth, OAuthError
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from agent import logs
 from agent.web.config import WebConfig
+from agent.web.oidc import OidcClient, OidcError, Pending, Tokens, claims_of, refresh_due
 from agent.web.render import message, page
 from agent.web.sessions import ROTATE, csrf_ok
 from agent.web.store_client import StoreClient, StoreRefused
 
 log = logs.get_logger(__name__)
+PENDING = "signin"  # the session key of a sign-in under way
+# One refresh at a time per session (the player sends ranges in parallel).
+_REFRESHING: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
 
-def oauth_client(config: WebConfig) -> Any:
-    oidc = config.oidc
-    if oidc is None:
-        return None
-    verify: Any = True
-    if oidc.ca_file is not None:
-        verify = ssl.create_default_context(cafile=str(oidc.ca_file))
-    oauth = OAuth()
-    oauth.register(
-        "company",
-        client_id=oidc.client_id,
-        client_secret=oidc.client_secret_file.read_text().strip(),
-        server_metadata_url=oidc.issuer.rstrip("/") + "/.well-known/openid-configuration",
-        client_kwargs={"scope": oidc.scopes, "code_challenge_method": "S256", "verify": verify},
-    )
-    return oauth.company
+def oidc_client(config: WebConfig) -> OidcClient | None:
+    return OidcClient(config.oidc) if config.oidc is not None else None
 
 
 def redirect_uri(request: Request, config: WebConfig) -> str:
@@ -50,31 +43,57 @@ def redirect_uri(request: Request, config: WebConfig) -> str:
 async def sign_in(request: Request) -> Response:
     app = request.app.state
     request.session.pop("person", None)
-    if app.oauth is None:
+    if app.oidc is None:
         from agent.web.local_signin import sign_in_page
 
         return await sign_in_page(request)
-    response: Response = await app.oauth.authorize_redirect(
-        request, redirect_uri(request, app.config)
-    )
-    return response
+    try:
+        url, pending = await app.oidc.authorize_url(redirect_uri(request, app.config))
+    except OidcError as exc:
+        log.warning("web_provider_unavailable", error=str(exc)[:200])
+        return message(request, 503, "no_access", "unavailable")
+    request.session[PENDING] = pending.as_dict()
+    return RedirectResponse(url, 302)
 
 
 async def callback(request: Request) -> Response:
     state = request.app.state
+    started = request.session.pop(PENDING, None)
+    query = request.query_params
+    given = query.get("state", "")
+    if (
+        not isinstance(started, dict)
+        or not given
+        or not secrets.compare_digest(given.encode(), str(started.get("state", "")).encode())
+    ):
+        log.info("web_sign_in_failed", error="no sign-in under way or another sign-in's state")
+        return message(request, 400, "no_access", "session_over")
+    if "error" in query or not query.get("code"):
+        log.info("web_sign_in_failed", error=query.get("error", "no code")[:80])
+        return message(request, 400, "no_access", "session_over")
+    pending = Pending(str(started["state"]), str(started["nonce"]), str(started["verifier"]))
     try:
-        token = await state.oauth.authorize_access_token(request)
-    except (OAuthError, ValueError) as exc:
+        tokens = await state.oidc.exchange(
+            query["code"][:2048], redirect_uri(request, state.config), pending
+        )
+    except OidcError as exc:
         log.info("web_sign_in_failed", error=str(exc)[:200])
         return message(request, 400, "no_access", "session_over")
-    return await establish(request, str(token.get("id_token", "")))
+    return await establish(request, tokens)
 
 
-async def establish(request: Request, id_token: str) -> Response:
+def local_tokens(id_token: str) -> Tokens:
+    """The demo's local sign-in: an ID token without a refresh token."""
+    claims = claims_of(id_token)
+    now = int(time.time())
+    return Tokens(id_token, "", int(claims.get("iat", now)), int(claims.get("exp", now)))
+
+
+async def establish(request: Request, tokens: Tokens) -> Response:
     """Ask the store who the ID token names; a session only for a trained person."""
     store: StoreClient = request.app.state.store
     try:
-        person = await store.whoami(id_token)
+        person = await store.whoami(tokens.id_token)
     except StoreRefused as exc:
         request.session.clear()
         if exc.code is grpc.StatusCode.UNAUTHENTICATED:
@@ -87,12 +106,53 @@ async def establish(request: Request, id_token: str) -> Response:
         return message(request, 403, "no_access", "not_trained")
     request.session.update(
         person={"id": person.id, "name": person.name, "role": person.role, "team": person.team},
-        id_token=id_token,
         purposes={},
+        key=secrets.token_hex(8),
     )
+    _keep(request.session, tokens)
     request.session[ROTATE] = True
     log.info("web_signed_in", person=person.id, role=person.role)
     return RedirectResponse("/search", 303)
+
+
+def _keep(session: dict[str, Any], tokens: Tokens) -> None:
+    session.update(
+        id_token=tokens.id_token,
+        refresh_token=tokens.refresh_token,
+        id_iat=tokens.issued_at,
+        id_exp=tokens.expires_at,
+    )
+
+
+async def bearer(request: Request) -> str:
+    """The signed-in person's ID token for the store, refreshed first when it is about
+    to expire and the provider gave a refresh token. A refresh the provider refuses
+    (revoked, expired) ends the session once the ID token has run out."""
+    session = request.session
+    if not session.get("refresh_token") or not _due(session):
+        return str(session["id_token"])
+    lock = _REFRESHING.get(session["key"])
+    if lock is None:
+        lock = _REFRESHING[session["key"]] = asyncio.Lock()
+    async with lock:
+        if not _due(session):  # another request of this session has just refreshed
+            return str(session["id_token"])
+        oidc: OidcClient = request.app.state.oidc
+        try:
+            tokens = await oidc.refresh(session["refresh_token"])
+        except OidcError as exc:
+            log.info("web_refresh_failed", person=session["person"]["id"], error=str(exc)[:200])
+            if time.time() < session.get("id_exp", 0):
+                return str(session["id_token"])
+            session.clear()
+            raise StoreRefused(grpc.StatusCode.UNAUTHENTICATED, "ID token expired") from None
+        _keep(session, tokens)
+        log.info("web_token_refreshed", person=session["person"]["id"])
+        return tokens.id_token
+
+
+def _due(session: dict[str, Any]) -> bool:
+    return refresh_due(int(session.get("id_iat", 0)), int(session.get("id_exp", 0)), time.time())
 
 
 async def sign_out(request: Request) -> Response:
@@ -100,6 +160,9 @@ async def sign_out(request: Request) -> Response:
     if not csrf_ok(request.session, str(form.get("csrf", ""))):
         return message(request, 403, "no_access", "csrf")
     person = request.session.get("person") or {}
+    refresh = str(request.session.get("refresh_token", ""))
     request.session.clear()
-    log.info("web_signed_out", person=person.get("id", "-"))
+    oidc: OidcClient | None = request.app.state.oidc
+    revoked = bool(oidc is not None and refresh and await oidc.revoke(refresh))
+    log.info("web_signed_out", person=person.get("id", "-"), revoked=revoked)
     return page(request, "message.html", title_key="sign_out", text_key="signed_out", home=True)

@@ -23,6 +23,7 @@ from starlette.responses import Response, StreamingResponse
 from agent import logs
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.web import timefmt
+from agent.web.auth import bearer
 from agent.web.pages import RID, details, signed_in
 from agent.web.render import language, message, page
 from agent.web.sessions import csrf_ok
@@ -95,7 +96,7 @@ async def find(request: Request) -> Response:
         return page(request, "case.html", 400, case="", rows=None, values=values, errors=errors)
     try:
         found = await request.app.state.store.unary(
-            request.session["id_token"], "FindByNumber", find_request
+            await bearer(request), "FindByNumber", find_request
         )
     except StoreRefused as exc:
         if exc.message.startswith("number:"):
@@ -114,9 +115,7 @@ async def _views(request: Request, case: str, ids: list[str]) -> list[dict[str, 
     for rid in ids:
         get = apb.RecordingRequest(purpose=LEGAL, reason=case, recording_id=rid)
         try:
-            view = await request.app.state.store.unary(
-                request.session["id_token"], "GetRecording", get
-            )
+            view = await request.app.state.store.unary(await bearer(request), "GetRecording", get)
         except StoreRefused:
             continue
         rows.append(details(view, zone, language(request)))
@@ -132,7 +131,7 @@ async def act(request: Request) -> Response:
     ids = list(dict.fromkeys(str(i) for i in form.getlist("id")))[:MAX_IDS]
     if not CASE.match(case) or not ids or not all(RID.match(i) for i in ids):
         return message(request, 400, "bad_request", "choose_recordings")
-    token, store = request.session["id_token"], request.app.state.store
+    token, store = await bearer(request), request.app.state.store
     if action == "export":
         return await _export(request, case, ids)
     if action == "erase" and form.get("confirm") != "yes":
@@ -159,7 +158,7 @@ async def act(request: Request) -> Response:
 
 async def _export(request: Request, case: str, ids: list[str]) -> Response:
     first, rest = await request.app.state.store.package(
-        request.session["id_token"],
+        await bearer(request),
         apb.PackageRequest(purpose=LEGAL, reason=case, recording_ids=ids),
     )
     zone = ZoneInfo(request.app.state.config.time_zone)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,22 +23,24 @@ def add_parsers(sub: Any) -> None:
 def dispatch(args: argparse.Namespace) -> int | None:
     if args.command != "web":
         return None
-    from agent import logs
     from agent.web.config import load_web_config
-    from agent.web.server import serve
 
     config = load_web_config(args.config)
+    check_files(config)
     if args.check:
-        check_files(config)
         sys.stdout.write(f"callrec web: {args.config} ok\n")
         return 0
-    logs.configure(config.log_level, identifier="callrec-web")
-    serve(config)
-    return 0
+    # The server in a fresh interpreter (same pid: systemd and the tests see one
+    # process): it imports only the web's modules, not the CLI's.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    argv = [sys.executable, "-m", "agent.web", "--config", str(args.config)]
+    os.execv(sys.executable, argv)  # noqa: S606 (this interpreter, fixed arguments)
 
 
 def check_files(config: WebConfig) -> None:
-    """Every file the config names can be read (else ConfigError naming the key)."""
+    """Every file the config names can be read and the state directory written (else
+    ConfigError naming the key)."""
     named = {
         "[web] tls_cert": config.tls_cert,
         "[web] tls_key": config.tls_key,
@@ -52,3 +55,19 @@ def check_files(config: WebConfig) -> None:
             path.read_bytes()
         except OSError as exc:
             raise ConfigError(f"{key} = {str(path)!r}: cannot be read ({exc.strerror})") from None
+    if config.state_dir is not None:
+        check_state_dir(config.state_dir)
+
+
+def check_state_dir(state_dir: Path) -> None:
+    """The sessions' directory exists (or can be made) and this user can write in it."""
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        probe = state_dir / ".callrec-web-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"[web] state_dir = {str(state_dir)!r}: cannot be written ({exc.strerror}); "
+            "the web's user keeps its sessions there"
+        ) from None

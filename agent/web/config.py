@@ -44,6 +44,7 @@ class WebConfig:
     store_ca_file: Path | None = None  # None: plain text to a loopback store (tests)
     public_url: str | None = None  # e.g. "https://recordings.example.fi"; default: the Host
     session_idle_s: float = 1800.0
+    state_dir: Path | None = None  # sessions kept here survive a restart; None: memory only
     time_zone: str = "Europe/Helsinki"
     page_size: int = 25
     log_level: str = "info"
@@ -68,6 +69,7 @@ def web_config_from_dict(doc: Mapping[str, Any], base: Path) -> WebConfig:
         store_ca_file=_optional_path(web, "store_ca_file"),
         public_url=_optional_text(web, "public_url", "") or None,
         session_idle_s=web.seconds("session_idle", "30m"),
+        state_dir=_optional_path(web, "state_dir"),
         time_zone=_zone(web),
         page_size=web.integer("page_size", 25, 5, 200),
         oidc=_oidc(oidc) if oidc.table or not local.table else None,

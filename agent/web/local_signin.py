@@ -12,11 +12,10 @@ import secrets
 import time
 from typing import Any
 
-import jwt
-from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from agent.web.config import WebConfig
 from agent.web.render import message, page
 from agent.web.sessions import csrf_ok, csrf_token
 
@@ -26,6 +25,8 @@ TTL_S = 3600
 
 class LocalIssuer:
     def __init__(self, issuer: str) -> None:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
         self.issuer = issuer
         self.kid = secrets.token_hex(4)
         self._key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -34,14 +35,24 @@ class LocalIssuer:
         return {"issuer": self.issuer, "jwks_uri": f"{self.issuer}/jwks"}
 
     def jwks(self) -> dict[str, Any]:
+        import jwt
+
         public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self._key.public_key()))
         return {"keys": [{**public, "kid": self.kid, "alg": "RS256", "use": "sig"}]}
 
     def mint(self, person_id: str) -> str:
+        import jwt
+
         now = int(time.time())
         claims = {"iss": self.issuer, "sub": person_id, "aud": AUDIENCE, "iat": now,
                   "exp": now + TTL_S}  # fmt: skip
         return jwt.encode(claims, self._key, "RS256", headers={"kid": self.kid})
+
+
+def issuer(config: WebConfig) -> LocalIssuer | None:
+    """The demo's issuer when ``[web.local]`` lists people (cryptography and PyJWT are
+    imported only then: the production web does without them)."""
+    return LocalIssuer(issuer_url(config.listen)) if config.local_people else None
 
 
 def issuer_url(listen: str) -> str:
@@ -69,7 +80,7 @@ async def sign_in_page(request: Request) -> Response:
 
 
 async def sign_in(request: Request) -> Response:
-    from agent.web.auth import establish
+    from agent.web.auth import establish, local_tokens
 
     if request.app.state.local is None:
         return _not_here()
@@ -79,4 +90,4 @@ async def sign_in(request: Request) -> Response:
         return message(request, 403, "no_access", "csrf")
     if person not in request.app.state.config.local_people:
         return message(request, 403, "no_access", "not_in_directory")
-    return await establish(request, request.app.state.local.mint(person))
+    return await establish(request, local_tokens(request.app.state.local.mint(person)))

@@ -18,6 +18,7 @@ from starlette.responses import RedirectResponse, Response
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.web import timefmt
+from agent.web.auth import bearer
 from agent.web.i18n import FLAGS, flag_words
 from agent.web.render import language, message, page
 from agent.web.sessions import csrf_ok
@@ -146,7 +147,7 @@ async def search(request: Request) -> Response:
     rows: list[dict[str, Any]] = []
     more = False
     if not errors:
-        token = request.session["id_token"]
+        token = await bearer(request)
         found = await request.app.state.store.search(
             token, _search_request(request, values, person["role"])
         )
@@ -194,6 +195,11 @@ def details(view: apb.RecordingView, zone: ZoneInfo, lang: str) -> dict[str, Any
         for i, e in enumerate(view.info.manifest.employees)
     ]
     row["pauses"] = pause_marks(view.info.manifest)
+    # Marked intervals on the waveform (player.js): the recording's pauses.
+    row["marks"] = [
+        {"start_s": p["start_s"], "end_s": p["end_s"], "label": f"{p['label']} ({p['who']})"}
+        for p in row["pauses"]
+    ]
     row["destroy_after"] = (
         timefmt.show_date(view.destroy_after.ToDatetime(dt.UTC), zone)
         if view.HasField("destroy_after")
@@ -213,6 +219,8 @@ def pause_marks(m: pb.Manifest) -> list[dict[str, Any]]:
         marks.append({
             "label": f"{timefmt.duration(begin)}-{timefmt.duration(end)}",
             "who": p.who,
+            "start_s": begin / 1000,
+            "end_s": end / 1000,
             "x": round(1000 * begin / length, 1),
             "w": round(max(2.0, 1000 * (end - begin) / length), 1),
         })  # fmt: skip
@@ -226,7 +234,7 @@ async def recording(request: Request) -> Response:
         return message(request, 404, "not_found", "not_found_text")
     person = request.session["person"]
     view = await request.app.state.store.recording(
-        request.session["id_token"], rid, BROWSE_PURPOSE[person["role"]]
+        await bearer(request), rid, BROWSE_PURPOSE[person["role"]]
     )
     purpose = request.session.get("purposes", {}).get(rid, "")
     return page(

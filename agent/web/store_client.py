@@ -28,6 +28,9 @@ BROWSE_PURPOSE = {
     "privacy_officer": "legal",
 }
 TIMEOUT_S = 15.0
+# No bandwidth-delay probing: each audio stream's flow-control window stays at 64 KiB,
+# so a listener whose browser has buffered enough holds 64 KiB here, not megabytes.
+CHANNEL_OPTIONS = [("grpc.http2.bdp_probe", 0)]
 
 
 class StoreRefused(Exception):
@@ -52,9 +55,9 @@ class StoreClient:
     def __init__(self, config: WebConfig) -> None:
         if config.store_ca_file is not None:
             creds = grpc.ssl_channel_credentials(config.store_ca_file.read_bytes())
-            self.channel = grpc.aio.secure_channel(config.store_address, creds)
+            self.channel = grpc.aio.secure_channel(config.store_address, creds, CHANNEL_OPTIONS)
         else:
-            self.channel = grpc.aio.insecure_channel(config.store_address)
+            self.channel = grpc.aio.insecure_channel(config.store_address, CHANNEL_OPTIONS)
         self.stub = apb_grpc.AccessStub(self.channel)
 
     async def close(self) -> None:
@@ -84,6 +87,13 @@ class StoreClient:
             return await self.stub.GetRecording(
                 request, metadata=self._md(token), timeout=TIMEOUT_S
             )
+        except grpc.aio.AioRpcError as exc:
+            raise StoreRefused(exc.code(), exc.details() or "") from None
+
+    async def waveform(self, token: str, rid: str, purpose: str) -> apb.WaveformView:
+        request = apb.RecordingRequest(purpose=PURPOSES[purpose], recording_id=rid)
+        try:
+            return await self.stub.Waveform(request, metadata=self._md(token), timeout=180)
         except grpc.aio.AioRpcError as exc:
             raise StoreRefused(exc.code(), exc.details() or "") from None
 

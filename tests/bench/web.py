@@ -9,6 +9,8 @@ requests with that session time:
   sees it on loopback: time to the whole response;
 * the first audio byte of the long recording (``Range: bytes=0-``);
 * a seek to the middle (``Range: bytes=<size/2>-``): time to the first byte;
+* the long recording's waveform: the first request, its page never opened (the store
+  decodes the hour), and the next ones (its cache);
 * the web process's RSS idle and while ``--listeners`` clients each stream the long
   recording by ranges for ``--listen-seconds``.
 
@@ -23,6 +25,7 @@ import ssl
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -33,7 +36,7 @@ from tests.support.access_world import opus_audio
 from tests.support.web import WebWorld, day_ms, long_opus, running_web, seed_audio
 
 MODULE = "tests.bench.web"
-AINO = [("a1", "Aino Agent", "parcels")]
+AINO: list[tuple[str, str, str | None]] = [("a1", "Aino Agent", "parcels")]
 
 
 def rss_mib(pid: int) -> float:
@@ -79,10 +82,22 @@ class Client:
         return time.perf_counter() - started
 
     def post(self, path: str, data: dict[str, str]) -> None:
+        """A form POST; its redirect is not followed (the recording's page would start
+        the store's waveform ahead, and the bench times it cold)."""
         body = urllib.parse.urlencode(data).encode()
         request = urllib.request.Request(self.url + path, body, headers={"cookie": self.cookie})
-        with urllib.request.urlopen(request, context=self.ctx, timeout=30):
-            pass
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args: Any) -> None:
+                return None
+
+        opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=self.ctx), NoRedirect
+        )
+        try:
+            opener.open(request, timeout=30).close()
+        except urllib.error.HTTPError as err:
+            assert err.code == 303, err.code
 
 
 def csrf(client: Client) -> str:
@@ -165,6 +180,10 @@ def measure(web: WebWorld, args: argparse.Namespace) -> dict[str, Any]:
                               for _ in range(args.requests)]),
         "rss_idle_mib": rss_idle,
     }  # fmt: skip
+    if args.waveform:
+        wave = f"/recordings/{long}/waveform"
+        result["waveform_cold_ms"] = round(client.timed(wave) * 1000)
+        result["waveform_cached"] = stats([client.timed(wave) for _ in range(20)])
     served, peak = peak_rss(
         web.web_pid,
         lambda: listeners(client, audio, size, args.listeners, args.listen_seconds),
@@ -180,6 +199,12 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--listeners", type=int, default=50)
     parser.add_argument("--listen-seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--no-waveform",
+        dest="waveform",
+        action="store_false",
+        help="skip the waveform (a store without the Waveform call)",
+    )
     args = parser.parse_args()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="web-bench-") as tmp:

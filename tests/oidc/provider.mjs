@@ -72,17 +72,21 @@ server.listen(0, '127.0.0.1', () => {
       client_id: conf.client_id,
       client_secret: conf.client_secret,
       redirect_uris: conf.redirect_uris,
-      grant_types: ['authorization_code'],
+      grant_types: ['authorization_code', 'refresh_token'],
       response_types: ['code'],
     }],
     pkce: { required: () => true },
     jwks: conf.jwks,
     findAccount: async (ctx, id) => ({ accountId: id, claims: async () => ({ sub: id }) }),
     interactions: { url: (ctx, i) => `/interaction/${i.uid}` },
-    features: { devInteractions: { enabled: false } },
+    features: { devInteractions: { enabled: false }, revocation: { enabled: true } },
+    // Like Entra ID: a refresh token when the web asks for offline_access.
+    issueRefreshToken: async (ctx, client, code) =>
+      client.grantTypeAllowed('refresh_token') && code.scopes.has('offline_access'),
     cookies: { keys: ['callrec-tests-only'] },
     ttl: { IdToken: conf.id_token_ttl_s || 3600 },
     claims: { openid: ['sub'] },
+    scopes: ['openid', 'offline_access'],
   });
   provider.on('server_error', (ctx, err) => console.error('server_error', err.message));
   fs.writeFileSync(conf.ready_file, JSON.stringify({ issuer }));

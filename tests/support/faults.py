@@ -38,7 +38,7 @@ from agent.capture import (
 )
 from agent.recorder.finalize import MANIFEST_FILE
 from agent.store.catalog import Catalog
-from agent.store.ingest.service import partials
+from agent.store.ingest import partials
 from tests.support.daemons import Daemon
 from tests.support.stack import Keys
 

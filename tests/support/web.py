@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,13 @@ class WebWorld:
     ca_file: Path
     web_log: Path
     web_pid: int = 0
+    restarter: Callable[[], int] | None = None
+    state_dir: Path | None = None
+
+    def restart(self) -> None:
+        """Stop `callrec web` (SIGTERM, as systemd does) and start it again."""
+        assert self.restarter is not None
+        self.web_pid = self.restarter()
 
     def get(self, path: str, cookie: str = "", **headers: str) -> tuple[int, dict[str, str], bytes]:
         """One HTTPS request to the web (no redirects followed)."""
@@ -115,21 +122,22 @@ def _tls(root: Path) -> tuple[Path, Path, Path]:
 
 
 def start_provider(
-    root: Path, tls: tuple[Path, Path, Path], web_port: int
+    root: Path, tls: tuple[Path, Path, Path], web_port: int, id_token_ttl_s: int = 3600
 ) -> tuple[subprocess.Popen[bytes], str, Signer]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     kid = secrets.token_hex(4)
     jwk = {**jwt.algorithms.RSAAlgorithm.to_jwk(key, as_dict=True), "kid": kid, "alg": "RS256"}
     jwk.pop("key_ops", None)  # ["sign"] would be published, and verifiers refuse it
     jwk["use"] = "sig"
+    secret = "test-secret-" + secrets.token_hex(8)
     conf = {
         "tls_cert": str(tls[1]), "tls_key": str(tls[2]), "jwks": {"keys": [jwk]},
-        "client_id": CLIENT_ID, "client_secret": "test-secret-" + secrets.token_hex(8),
+        "client_id": CLIENT_ID, "client_secret": secret,
         "redirect_uris": [f"https://127.0.0.1:{web_port}/auth/callback"],
-        "ready_file": str(root / "provider.ready"),
+        "ready_file": str(root / "provider.ready"), "id_token_ttl_s": id_token_ttl_s,
     }  # fmt: skip
     conf_path = _write(root / "provider.json", json.dumps(conf), 0o600)
-    _write(root / "client-secret", conf["client_secret"], 0o600)
+    _write(root / "client-secret", secret, 0o600)
     ready = root / "provider.ready"
     with (root / "provider.log").open("wb") as log:
         proc = subprocess.Popen(
@@ -157,12 +165,14 @@ tls_key = "{tls[2]}"
 store_address = "{store}"
 session_idle = "10m"
 page_size = 5
+state_dir = "{root / "web-state"}"
 
 [web.oidc]
 issuer = "{issuer}"
 client_id = "{CLIENT_ID}"
 client_secret_file = "{root / "client-secret"}"
 ca_file = "{tls[0]}"
+scopes = "openid offline_access"
 """
     return _write(root / "web.toml", text)
 
@@ -183,41 +193,57 @@ def _wait_https(url: str, ca: Path, proc: subprocess.Popen[bytes], log: Path) ->
     raise RuntimeError(f"callrec web did not answer: {log.read_text()[-2000:]}")
 
 
-def running_web(root: Path) -> Iterator[WebWorld]:
+def running_web(root: Path, id_token_ttl_s: int = 3600, leeway: str = "30s") -> Iterator[WebWorld]:
+    """``id_token_ttl_s``: the provider's ID token lifetime; ``leeway``: the store's."""
     tls = _tls(root)
     web_port = free_tcp_port()
-    provider, issuer, signer = start_provider(root, tls, web_port)
+    provider, issuer, signer = start_provider(root, tls, web_port, id_token_ttl_s)
     keys = make_keys(root / "keys")
     (root / "people.toml").write_text(PEOPLE + LEAVER)
     doc = store_doc(root, keys)
-    doc["store"]["oidc"] = {"issuer": issuer, "audience": CLIENT_ID, "ca_file": str(tls[0])}
-    web: subprocess.Popen[bytes] | None = None
+    doc["store"]["oidc"] = {"issuer": issuer, "audience": CLIENT_ID, "ca_file": str(tls[0]),
+                            "leeway": leeway}  # fmt: skip
+    procs: list[subprocess.Popen[bytes]] = [provider]
     try:
         with InProcessStore(store_config_from_dict(doc, root)) as store:
             storage = open_storage(store.config)
             world = World(root, keys, store.config, store, storage, doc)
             config = _web_toml(root, tls, web_port, store.address, issuer)
             web_log = root / "web.log"
-            callrec = Path(sys.executable).parent / "callrec"
-            with web_log.open("wb") as out:
-                web = subprocess.Popen(
-                    [str(callrec), "web", "--config", str(config)],
-                    stdout=out, stderr=subprocess.STDOUT,
-                )  # fmt: skip
             url = f"https://127.0.0.1:{web_port}"
-            _wait_https(url, tls[0], web, web_log)
+            callrec = Path(sys.executable).parent / "callrec"
+
+            def start() -> int:
+                for old in procs[1:]:
+                    _stop(old)
+                with web_log.open("ab") as out:
+                    web = subprocess.Popen(
+                        [str(callrec), "web", "--config", str(config)],
+                        stdout=out, stderr=subprocess.STDOUT,
+                    )  # fmt: skip
+                procs[1:] = [web]
+                _wait_https(url, tls[0], web, web_log)
+                return web.pid
+
+            pid = start()
             try:
-                yield WebWorld(world, url, issuer, signer, tls[0], web_log, web.pid)
+                yield WebWorld(world, url, issuer, signer, tls[0], web_log, pid, start,
+                               root / "web-state")  # fmt: skip
             finally:
                 storage.catalog.close()
     finally:
-        for proc in (web, provider):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def seed_audio(

@@ -50,6 +50,7 @@ from agent.store.access.rules import (
     scrub,
 )
 from agent.store.access.trail import UnauthenticatedTrail
+from agent.store.access.waveform import Waveforms, waveform
 from agent.store.archive.vault import Vault
 from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
@@ -175,6 +176,7 @@ class AccessService(apb_grpc.AccessServicer):
         self.config = config
         self.catalog = catalog
         self.vault = vault
+        self.waveforms = Waveforms()
         self.today = today
         self.directory = DirectoryFile(config.directory_file)
         self.sweeper = Sweeper.from_config(config, catalog, vault)
@@ -386,6 +388,8 @@ class AccessService(apb_grpc.AccessServicer):
         grant = await self._gate(context, Operation.GET, request, request.recording_id)
         row = _row(grant)
         await self._audit(grant.event(row.recording_id))
+        if grant.attempt.channel == "web":  # the recording's page: its player comes next
+            self.waveforms.warm(self.vault, row)
         return view_of(row, self.config.retention_months)
 
     async def Play(
@@ -427,6 +431,9 @@ class AccessService(apb_grpc.AccessServicer):
     ) -> AsyncIterator[apb.RangeChunk]:
         async for chunk in access_web.play_range(self, request, context):
             yield chunk
+
+    async def Waveform(self, request: apb.RecordingRequest, context: Context) -> apb.WaveformView:
+        return await waveform(self, request, context)
 
     # ------------------------------------------------------------ privacy officer
 

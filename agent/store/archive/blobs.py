@@ -325,7 +325,9 @@ class S3Blobs:
         )
         for page in pages:
             for item in page.get("Contents", []):
-                yield str(item["Key"])[len(self.prefix) :]
+                key = str(item["Key"])[len(self.prefix) :]
+                if "/" not in key:  # not a blob: partial uploads (``s3_partials``)
+                    yield key
 
     def remove_partial(self, older_than_s: float) -> int:
         cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=older_than_s)

@@ -33,10 +33,14 @@ from agent.store.archive.crypto import (
     new_data_key,
     span,
 )
-from agent.store.catalog import Catalog, data_keys, now_ms
+from agent.store.catalog import Catalog, RecordingRow, data_keys, now_ms, recordings
+from agent.store.ingest.partials import FilePartials, Partials
+from agent.store.ingest.s3_partials import S3Partials
 from agent.store.keys.master import KeyWrapper, key_context, open_key_wrapper
 
 log = logs.get_logger(__name__)
+
+PARTIALS_PREFIX = "partials/"  # S3: partial uploads under partials/<blob prefix><id>/
 
 
 class PlainSource(Protocol):
@@ -194,6 +198,34 @@ class Vault:
                 .values(wrapped_key=None, shredded_at_ms=self.clock_ms())
             )
 
+    def commit_row(self, row: RecordingRow) -> bool:
+        """Insert the recording row (False: its id is already there) while its data key
+        is whole, in one transaction that first locks the key row: a sweeper removing
+        orphans (``discard_orphan``) and this commit never interleave, so a row is never
+        written for a key that was shredded as an orphan (KeyShredded instead)."""
+        with self.catalog.engine.begin() as conn:
+            if not _lock_whole_key(conn, row.blob_key):
+                raise KeyShredded(
+                    row.recording_id, "its data key was removed as an orphan before its row"
+                )
+            return conn.execute(self.catalog.insert_statement(row)).first() is not None
+
+    def discard_orphan(self, recording_id: str, blob_key: str) -> bool:
+        """``discard`` a key and blob no recording row refers to — checked after taking
+        the key row's lock, so a commit that wrote the row meanwhile keeps it (False)."""
+        with self.catalog.engine.begin() as conn:
+            _lock_whole_key(conn, blob_key)  # waits for a commit holding it
+            row = sa.select(recordings.c.recording_id).where(recordings.c.blob_key == blob_key)
+            if conn.execute(row.limit(1)).first() is not None:  # a fresh snapshot: see it
+                return False
+            conn.execute(
+                sa.update(data_keys)
+                .where(data_keys.c.blob_key == blob_key, data_keys.c.wrapped_key.is_not(None))
+                .values(wrapped_key=None, shredded_at_ms=self.clock_ms())
+            )
+        self.discard(recording_id, blob_key)
+        return True
+
     def discard(self, recording_id: str, blob_key: str) -> None:
         """Destroy a blob no recording row refers to: key, then blob, then key row."""
         self.shred(blob_key)
@@ -201,6 +233,18 @@ class Vault:
         with self.catalog.engine.begin() as conn:
             conn.execute(sa.delete(data_keys).where(data_keys.c.blob_key == blob_key))
         log.info("blob_discarded", recording_id=recording_id, blob_key=blob_key)
+
+
+def _lock_whole_key(conn: sa.Connection, blob_key: str) -> bool:
+    """Lock the data key row (a write, so that on SQLite too the transaction holds the
+    database's write lock from here on) if its key is whole; False: shredded or gone."""
+    locked = conn.execute(
+        sa.update(data_keys)
+        .where(data_keys.c.blob_key == blob_key, data_keys.c.wrapped_key.is_not(None))
+        .values(created_at_ms=data_keys.c.created_at_ms)
+        .returning(data_keys.c.blob_key)
+    ).first()
+    return locked is not None
 
 
 def _split_header(recording_id: str, stream: Iterator[bytes]) -> tuple[Header, bytes]:
@@ -249,3 +293,13 @@ def open_storage(config: StoreConfig) -> Storage:
         catalog.close()
         raise
     return Storage(catalog, blobs, Vault(catalog, blobs, wrapper))
+
+
+def open_partials(config: StoreConfig, vault: Vault) -> Partials:
+    """Where partial uploads live: beside the blobs in S3 (under ``partials/``), where
+    every replica sees them; else in this store's ``incoming/``."""
+    blobs = vault.blobs
+    if isinstance(blobs, S3Blobs):
+        prefix = PARTIALS_PREFIX + blobs.prefix
+        return S3Partials(blobs.client, blobs.bucket, prefix, vault.wrapper)
+    return FilePartials(config.incoming_dir, vault.wrapper)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import sqlalchemy as sa
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -25,6 +24,7 @@ from agent.manifest import DIRECTION_NAMES, employees_json
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog, metadata, now_ms, recordings
+from agent.store.ingest.partials import Partials
 
 log = logs.get_logger(__name__)
 
@@ -120,17 +120,16 @@ def audit_pauses(catalog: Catalog, m: pb.Manifest) -> None:
         )  # fmt: skip
 
 
-def discard(
-    catalog: Catalog, m: pb.Manifest, partial_files: tuple[Path, ...], actor: str
-) -> DiscardedRow:
+def discard(catalog: Catalog, m: pb.Manifest, partials: Partials, actor: str) -> DiscardedRow:
     """Remove what the store holds of the recording and keep its trace (idempotent)."""
     rid = m.recording_id
     existing = get(catalog, rid)
     if existing is not None:
+        partials.discard(rid)
         return existing
-    removed = [path.name for path in partial_files if path.exists()]
-    for path in partial_files:
-        path.unlink(missing_ok=True)
+    partial = partials.committed_size(rid, None)
+    partials.discard(rid)
+    removed = [f"{partial} bytes"] if partial else []
     row = _row(m)
     with catalog.engine.begin() as conn:
         marked = conn.execute(
@@ -141,10 +140,10 @@ def discard(
         ).first()
         conn.execute(sa.insert(discarded_recordings).values(**row.__dict__))
         held = "stored recording (erased by the sweeper)" if marked else "none"
-        detail = f"store held: {held}; partial files removed: {len(removed)}"
+        detail = f"store held: {held}; partial upload removed: {', '.join(removed) or 'none'}"
         audit.append(conn, actor, "discard", rid, REASON, "discarded", detail=detail)
     log.warning(
-        "recording_discarded", recording_id=rid, site=m.site, partial_files=len(removed),
+        "recording_discarded", recording_id=rid, site=m.site, partial_upload=bool(removed),
         stored_row="marked_for_erasure" if marked else "none",
     )  # fmt: skip
     return row

@@ -1,13 +1,15 @@
 """Per-site bounds on what agents can hold open in the store: concurrent uploads, and
-bytes of partial uploads in ``incoming/`` (one agent certificate must not exhaust the
-store's file descriptors or disk for every other site).
+bytes of partial uploads (``partials``: in ``incoming/`` or the shared bucket; one
+agent certificate must not exhaust the store's file descriptors or disk for every
+other site).
 
 An upload holds a slot of its site from its manifest to its end. It reserves its
 whole manifest size against the site's byte budget for as long as it runs (the part
 can grow to that); once it ends without its finish, the part's real size counts until
-it is resumed, committed or removed (by age, ``sweeper.remove_stale_uploads``). The
-counts live in memory, rebuilt from ``incoming/`` at start; parts removed behind the
-service's back are noticed by a recount before anything is refused for bytes.
+it is resumed, committed or removed (by age, ``Partials.remove_stale``). The counts
+live in memory, rebuilt from the partial uploads at start; parts removed behind the
+service's back (or kept by another replica) are noticed by a recount before anything
+is refused for bytes.
 """
 
 from __future__ import annotations
@@ -17,12 +19,9 @@ import itertools
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
-
-from google.protobuf.message import DecodeError
 
 from agent import logs
-from agent.pb.callrec.v1 import recordings_pb2 as pb
+from agent.store.ingest.partials import Partials
 
 log = logs.get_logger(__name__)
 
@@ -37,31 +36,13 @@ class Limits:
     incoming_bytes_per_site: int = 16 * 1024**3
 
 
-def scan_incoming(incoming: Path) -> dict[str, tuple[str, int]]:
-    """``recording id → (site, bytes of its part)`` for every partial upload on disk."""
-    found: dict[str, tuple[str, int]] = {}
-    try:
-        manifests = list(incoming.glob("*.manifest"))
-    except FileNotFoundError:
-        return found
-    for manifest_file in manifests:
-        rid = manifest_file.name.removesuffix(".manifest")
-        try:
-            site = pb.Manifest.FromString(manifest_file.read_bytes()).site
-            size = manifest_file.with_suffix(".part").stat().st_size
-        except (FileNotFoundError, DecodeError):
-            continue
-        found[rid] = (site, size)
-    return found
-
-
 class UploadLimits:
-    def __init__(self, incoming: Path, limits: Limits) -> None:
-        self.incoming = incoming
+    def __init__(self, partials: Partials, limits: Limits) -> None:
+        self.partials = partials
         self.limits = limits
         self._lock = threading.Lock()
         self._active: dict[str, dict[str, int]] = {}  # site → {stream: bytes reserved}
-        self._parts = scan_incoming(incoming)  # idle partial uploads
+        self._parts = partials.holdings()  # idle partial uploads
         self._streams = itertools.count()
 
     def active(self, site: str) -> int:
@@ -85,10 +66,7 @@ class UploadLimits:
         try:
             yield
         finally:
-            try:
-                left = (self.incoming / f"{recording_id}.part").stat().st_size
-            except FileNotFoundError:
-                left = 0
+            left = self.partials.held_bytes(recording_id)
             with self._lock:
                 self._active.get(site, {}).pop(stream, None)
                 if not self._active.get(site):
@@ -105,7 +83,7 @@ class UploadLimits:
                     "store takes at once from one site; retry when one has finished"
                 )
             if self._over(site, recording_id, size):
-                self._parts = scan_incoming(self.incoming)  # files removed behind our back?
+                self._parts = self.partials.holdings()  # removed behind our back?
                 if self._over(site, recording_id, size):
                     raise LimitExceeded(
                         f"site {site!r} holds {self._held(site)} bytes of unfinished uploads; "

@@ -15,12 +15,14 @@ so the committed size is the sum of the complete records' lengths (read from the
 headers, no key needed), a record torn by a crash is cut off before the next append,
 and the finish decrypts the records as it re-encrypts the audio into the vault.
 
-The functions below are the whole interface the Ingest service uses — the committed
-size for QueryUpload, the size an upload of the same recording can resume from,
-opening, appending, closing, reading back, discarding — so that a later change can keep this state
-where every store replica sees it (issue 18: S3 multipart parts listed on resume, or
-the catalog) by providing the same operations. The sweeper removes partial uploads by
-age (``sweeper.remove_stale_uploads``); the per-site bounds are ``upload_limits``.
+``Partials`` is the whole interface the Ingest service (and the sweeper) use — the
+committed size for QueryUpload, the size an upload of the same recording can resume
+from, opening a sink, appending, closing, reading back, discarding, removing by age,
+what each site holds. ``FilePartials`` keeps the state above in ``incoming/`` (one
+store); ``s3_partials.S3Partials`` keeps it in the blob bucket, where every store
+replica sees it (``vault.open_partials`` picks by the blob store). The sweeper removes
+partial uploads by age (``remove_stale_uploads``, ``Partials.remove_stale``); the
+per-site bounds are ``upload_limits``.
 """
 
 from __future__ import annotations
@@ -29,18 +31,23 @@ import base64
 import json
 import os
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from google.protobuf.message import DecodeError
 
+from agent import logs
 from agent.capture import fsync_dir
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.store.archive.crypto import TAG_BYTES, CryptoError, new_data_key
 from agent.store.keys.master import KeyWrapper
+
+log = logs.get_logger(__name__)
 
 _LENGTH = struct.Struct(">I")
 _AAD = b"callrec-part-v1\x00"
@@ -248,3 +255,176 @@ def discard(part: Path, manifest_file: Path) -> None:
     """Remove a partial upload (after its commit, or when its bytes are wrong)."""
     for path in (part, key_file_of(part), manifest_file):
         path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- the interface
+
+
+class PartSink(Protocol):
+    """One stream's appends to a partial upload (from its committed size on)."""
+
+    def append(self, data: bytes, sync: bool) -> None:
+        """Add ``data`` at the end; ``sync``: make everything so far durable now."""
+        ...
+
+    def close(self, sync: bool) -> None:
+        """End the stream's writes; ``sync``: make what arrived durable first (a
+        stream that ended without its finish), so a resume on any replica sees it."""
+        ...
+
+
+class Partials(Protocol):
+    """Where partial uploads live between streams: the whole interface the Ingest
+    service (and the sweeper) use. ``FilePartials``: the receiving store's own
+    ``incoming/`` (one store); ``s3_partials.S3Partials``: the blob bucket, which every
+    replica sees (a resume continues on any replica from the durable offset)."""
+
+    @property
+    def shared(self) -> bool:
+        """Whether every store replica sees these partial uploads."""
+        ...
+
+    def committed_size(self, recording_id: str, site: str | None) -> int:
+        """QueryUpload's committed size; another site's partial upload counts as 0."""
+        ...
+
+    def resumable_size(self, manifest: pb.Manifest) -> int:
+        """Bytes of an earlier stream of the same upload to build on (else 0)."""
+        ...
+
+    def open(self, manifest: pb.Manifest, committed: int) -> PartSink:
+        """Append from ``committed`` (0: a new upload, which replaces any other)."""
+        ...
+
+    def opener(self, recording_id: str, sink: PartSink | None) -> Callable[[], PlainSource]:
+        """The whole plaintext received (durable bytes, then what ``sink`` holds)."""
+        ...
+
+    def discard(self, recording_id: str) -> None:
+        """Remove a partial upload (after its commit, or when its bytes are wrong)."""
+        ...
+
+    def remove_stale(self, grace_s: float, max_age_s: float | None) -> int:
+        """Remove partial uploads untouched for ``grace_s`` or begun more than
+        ``max_age_s`` ago; returns how many. Safe on several replicas at once."""
+        ...
+
+    def holdings(self) -> dict[str, tuple[str, int]]:
+        """``recording id → (site, bytes kept)`` of every partial upload."""
+        ...
+
+    def held_bytes(self, recording_id: str) -> int:
+        """Bytes kept for one partial upload (0: none)."""
+        ...
+
+
+class PlainSource(Protocol):
+    """What the vault encrypts: ``size`` bytes from ``read`` (``vault.PlainSource``)."""
+
+    size: int
+
+    def read(self, count: int = -1) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class _FileSink:
+    def __init__(self, writer: PartWriter) -> None:
+        self.writer = writer
+
+    def append(self, data: bytes, sync: bool) -> None:
+        append(self.writer, data, sync)
+
+    def close(self, sync: bool) -> None:
+        close_part(self.writer, sync)
+
+
+class FilePartials:
+    """Partial uploads in the receiving store's ``incoming/`` (the functions above)."""
+
+    def __init__(self, incoming: Path, wrapper: KeyWrapper) -> None:
+        self.incoming = incoming
+        self.wrapper = wrapper
+        incoming.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def shared(self) -> bool:
+        return False
+
+    def _paths(self, recording_id: str) -> tuple[Path, Path]:
+        return self.incoming / f"{recording_id}.part", self.incoming / f"{recording_id}.manifest"
+
+    def committed_size(self, recording_id: str, site: str | None) -> int:
+        return committed_size(*self._paths(recording_id), site)
+
+    def resumable_size(self, manifest: pb.Manifest) -> int:
+        return resumable_size(manifest, *self._paths(manifest.recording_id))
+
+    def open(self, manifest: pb.Manifest, committed: int) -> PartSink:
+        part, manifest_file = self._paths(manifest.recording_id)
+        return _FileSink(open_part(manifest, part, manifest_file, committed, self.wrapper))
+
+    def opener(self, recording_id: str, sink: PartSink | None) -> Callable[[], PlainSource]:
+        return plaintext_opener(self._paths(recording_id)[0], recording_id, self.wrapper)
+
+    def discard(self, recording_id: str) -> None:
+        discard(*self._paths(recording_id))
+
+    def remove_stale(self, grace_s: float, max_age_s: float | None) -> int:
+        return remove_stale_uploads(self.incoming, grace_s, max_age_s)
+
+    def holdings(self) -> dict[str, tuple[str, int]]:
+        return scan_incoming(self.incoming)
+
+    def held_bytes(self, recording_id: str) -> int:
+        try:
+            return self._paths(recording_id)[0].stat().st_size
+        except FileNotFoundError:
+            return 0
+
+
+def scan_incoming(incoming: Path) -> dict[str, tuple[str, int]]:
+    """``recording id → (site, bytes of its part)`` for every partial upload on disk."""
+    found: dict[str, tuple[str, int]] = {}
+    try:
+        manifests = list(incoming.glob("*.manifest"))
+    except FileNotFoundError:
+        return found
+    for manifest_file in manifests:
+        rid = manifest_file.name.removesuffix(".manifest")
+        try:
+            site = pb.Manifest.FromString(manifest_file.read_bytes()).site
+            size = manifest_file.with_suffix(".part").stat().st_size
+        except (FileNotFoundError, DecodeError):
+            continue
+        found[rid] = (site, size)
+    return found
+
+
+def remove_stale_uploads(incoming: Path, grace_s: float, max_age_s: float | None = None) -> int:
+    """Partial uploads (``<id>.part``, ``<id>.manifest``, temporary files) whose newest
+    file is older than the grace period, or that were begun more than ``max_age_s``
+    ago (the ``.manifest`` is written once, when an upload begins: its mtime is the
+    upload's age), however recently they grew; an agent that comes back starts over."""
+    groups: dict[str, list[Path]] = {}
+    try:
+        entries = list(incoming.iterdir())
+    except FileNotFoundError:
+        return 0
+    for path in entries:
+        groups.setdefault(path.name.lstrip(".")[:32], []).append(path)
+    now, removed = time.time(), 0
+    too_old = now - (grace_s if max_age_s is None else min(grace_s, max_age_s))
+    for recording_id, paths in groups.items():
+        try:
+            times = {p.name: p.stat().st_mtime for p in paths}
+        except FileNotFoundError:
+            continue
+        begun = times.get(f"{recording_id}.manifest", min(times.values()))
+        if max(times.values()) >= now - grace_s and begun >= too_old:
+            continue
+        for path in paths:
+            path.unlink(missing_ok=True)
+        removed += 1
+        log.info("partial_upload_removed", recording_id=recording_id, files=len(paths))
+    return removed

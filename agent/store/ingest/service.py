@@ -1,8 +1,10 @@
 """The store's Ingest service: resumable, idempotent uploads from recording agents.
 
-A recording arrives as ``incoming/<id>.part`` beside ``incoming/<id>.manifest``; both
-are created only when the first valid chunk arrives, so a refused upload leaves nothing
-behind. The part is fsynced every ``SYNC_EVERY_BYTES`` and whenever a stream ends
+A recording arrives as a partial upload (``partials``: ``incoming/<id>.part`` beside
+``incoming/<id>.manifest`` on one store; objects in the shared bucket when blobs are
+S3, so any replica resumes it), created only when the first valid chunk arrives, so a
+refused upload leaves nothing behind. The part is made durable every
+``SYNC_EVERY_BYTES`` (on S3 every window, ``s3_partials``) and whenever a stream ends
 without its finish, so a resumed upload builds on durable bytes (after a crash of the
 host itself the tail may be lost or damaged: a shorter part resumes from its size, a
 damaged one fails the sha256 at finish and is sent again; the agent keeps its copy
@@ -46,13 +48,15 @@ from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import KeyFileError
 from agent.store import monitoring
+from agent.store.archive.crypto import CryptoError
 from agent.store.archive.residency import DEFAULT_ALLOWED_REGIONS, region_allowed
-from agent.store.archive.vault import SourceMismatch, Vault
+from agent.store.archive.vault import KeyShredded, SourceMismatch, Vault
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
-from agent.store.ingest import discards, partials
+from agent.store.ingest import discards
 from agent.store.ingest.denylist import DenyList
 from agent.store.ingest.limits import LimitExceeded, Limits, UploadLimits
-from agent.store.keys.numbers import SealError, SealKeyring
+from agent.store.ingest.partials import FilePartials, Partials, PartSink
+from agent.store.keys.numbers import SealCache, SealError
 
 log = logs.get_logger(__name__)
 
@@ -98,9 +102,11 @@ class IngestService(pb_grpc.IngestServicer):
         limits: Limits | None = None,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         seal_key_file: Path | None = None,
+        partials: Partials | None = None,
     ) -> None:
         self.seal_key_file = seal_key_file  # to check that each sealed tail opens
         self.destroy_live: Callable[[str], int] | None = None  # LiveStore.destroy (server)
+        self._seal = SealCache(seal_key_file) if seal_key_file is not None else None
         self.catalog = catalog
         self.idle_timeout_s = idle_timeout_s
         self.authenticate = authenticate
@@ -109,16 +115,11 @@ class IngestService(pb_grpc.IngestServicer):
         self.region = vault.region
         self.allowed_regions = allowed_regions
         self.incoming.mkdir(parents=True, exist_ok=True)
-        self.limits = UploadLimits(incoming, limits or Limits())
+        self.partials = partials or FilePartials(incoming, vault.wrapper)
+        self.limits = UploadLimits(self.partials, limits or Limits())
         self.denylist = DenyList(catalog)
         self._locks: dict[str, asyncio.Lock] = {}
         self._lock_users: dict[str, int] = {}
-
-    def _paths(self, recording_id: str) -> tuple[Path, Path]:
-        return (
-            self.incoming / f"{recording_id}.part",
-            self.incoming / f"{recording_id}.manifest",
-        )
 
     async def QueryUpload(
         self, request: pb.QueryUploadRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -138,8 +139,7 @@ class IngestService(pb_grpc.IngestServicer):
             return pb.QueryUploadResponse(
                 committed_size=row.size, complete=True, receipt=receipt_of(row)
             )
-        part, manifest_file = self._paths(request.recording_id)
-        size = await asyncio.to_thread(partials.committed_size, part, manifest_file, site)
+        size = await asyncio.to_thread(self.partials.committed_size, request.recording_id, site)
         return pb.QueryUploadResponse(committed_size=size)
 
     async def Discard(
@@ -155,13 +155,12 @@ class IngestService(pb_grpc.IngestServicer):
             log.warning("discard_refused", recording_id=rid, reason=str(exc))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"manifest: {exc}")
         await self._check_site(manifest, site, context)
-        part, manifest_file = self._paths(manifest.recording_id)
-        files = (part, partials.key_file_of(part), manifest_file)
+        rid = manifest.recording_id
         actor = f"agent:{site or manifest.site}"
         try:
             async with self._exclusive(manifest.recording_id):
                 row = await asyncio.to_thread(
-                    discards.discard, self.catalog, manifest, files, actor
+                    discards.discard, self.catalog, manifest, self.partials, actor
                 )
                 if self.destroy_live is not None:  # what it streamed live, if it did
                     await asyncio.to_thread(self.destroy_live, manifest.recording_id)
@@ -363,43 +362,38 @@ class IngestService(pb_grpc.IngestServicer):
                 )
             log.info("upload_duplicate", recording_id=rid, outcome="original_receipt")
             return receipt_of(existing)
-        part, manifest_file = self._paths(rid)
-        committed = await asyncio.to_thread(partials.resumable_size, manifest, part, manifest_file)
+        committed = await asyncio.to_thread(self.partials.resumable_size, manifest)
         started = time.monotonic()
-        writer: partials.PartWriter | None = None
-        unsynced, stored = 0, False
+        writer: PartSink | None = None
+        unsynced, keep = 0, True
         try:
             while (request := await self._next(requests, committed)) is not None:
                 kind = request.WhichOneof("kind")
                 if kind == "chunk":
                     _check_chunk(manifest, committed, request.chunk)
                     if writer is None:
-                        writer = await asyncio.to_thread(
-                            partials.open_part,
-                            manifest,
-                            part,
-                            manifest_file,
-                            committed,
-                            self.vault.wrapper,
-                        )
+                        writer = await asyncio.to_thread(self.partials.open, manifest, committed)
                     unsynced += len(request.chunk.data)
                     sync = unsynced >= SYNC_EVERY_BYTES
-                    await asyncio.to_thread(partials.append, writer, request.chunk.data, sync)
+                    await asyncio.to_thread(writer.append, request.chunk.data, sync)
                     unsynced = 0 if sync else unsynced
                     committed += len(request.chunk.data)
                 elif kind == "finish":
-                    receipt = await self._finish(
-                        manifest, part, manifest_file, committed, request, started
-                    )
-                    stored = True  # the vault made the encrypted copy durable
+                    try:
+                        receipt = await self._finish(manifest, writer, committed, request, started)
+                    except UploadRejected as exc:  # DATA_LOSS: the bytes were discarded
+                        keep = exc.code != grpc.StatusCode.DATA_LOSS
+                        raise
+                    keep = False  # stored: the vault made the encrypted copy durable
                     return receipt
                 else:
                     raise UploadRejected(
                         grpc.StatusCode.INVALID_ARGUMENT, "a second manifest in one stream"
                     )
         finally:
-            if writer is not None:
-                partials.close_part(writer, sync=unsynced > 0 and not stored)
+            if writer is not None:  # shielded: a cut stream's bytes are kept for a resume
+                close = asyncio.to_thread(writer.close, unsynced > 0 and keep)
+                await asyncio.shield(close)
         raise UploadInterrupted(
             grpc.StatusCode.FAILED_PRECONDITION,
             f"stream ended before finish; committed_size={committed}",
@@ -425,8 +419,7 @@ class IngestService(pb_grpc.IngestServicer):
     async def _finish(
         self,
         manifest: pb.Manifest,
-        part: Path,
-        manifest_file: Path,
+        writer: PartSink | None,
         size: int,
         request: pb.UploadRequest,
         started: float,
@@ -443,13 +436,21 @@ class IngestService(pb_grpc.IngestServicer):
                 f"finish at {size} bytes but the manifest says {manifest.size}",
             )
         try:
-            row, inserted = await asyncio.to_thread(self._commit, manifest, part, manifest_file)
+            row, inserted = await asyncio.to_thread(self._commit, manifest, writer)
         except SourceMismatch as exc:
-            await asyncio.to_thread(partials.discard, part, manifest_file)
+            await asyncio.to_thread(self.partials.discard, rid)
             raise UploadRejected(
                 grpc.StatusCode.DATA_LOSS,
                 f"sha256 of the received bytes is {exc.actual}, the manifest says "
                 f"{manifest.sha256}; upload discarded, send it again",
+            ) from None
+        except CryptoError as exc:  # a partial upload that does not open (torn, raced)
+            await asyncio.to_thread(self.partials.discard, rid)
+            log.warning("partial_upload_unreadable", recording_id=rid, reason=str(exc))
+            raise UploadRejected(
+                grpc.StatusCode.DATA_LOSS,
+                "the bytes kept for this upload could not be read back; upload "
+                "discarded, send it again",
             ) from None
         if not inserted:  # another stream (another replica) stored it first
             if row.sha256 != manifest.sha256 or row.site != manifest.site:
@@ -474,28 +475,34 @@ class IngestService(pb_grpc.IngestServicer):
         monitoring.BYTES_STORED.inc(row.size)
         return receipt_of(row)
 
-    def _commit(
-        self, manifest: pb.Manifest, part: Path, manifest_file: Path
-    ) -> tuple[RecordingRow, bool]:
+    def _commit(self, manifest: pb.Manifest, writer: PartSink | None) -> tuple[RecordingRow, bool]:
         """Key row, then encrypted blob (whose sha256 must be the manifest's, else
         SourceMismatch), then recording row: a row always has its blob. Returns the
         stored row and whether this call inserted it (False: an earlier commit won)."""
         rid = manifest.recording_id
         blob_key = self.vault.store(
             rid,
-            part,
+            self.incoming / f"{rid}.part",  # not read: the opener gives the plaintext
             self.incoming,
             expected_sha256=manifest.sha256,
-            opener=partials.plaintext_opener(part, rid, self.vault.wrapper),
+            opener=self.partials.opener(rid, writer),
         )
         self._check_seal(manifest)
         row = row_from_manifest(manifest, blob_key=blob_key, region=self.region)
-        inserted = self.catalog.insert(row)
+        try:
+            inserted = self.vault.commit_row(row)
+        except KeyShredded:  # the commit outlived [store] orphan_grace: keep the partial
+            self.vault.discard(rid, blob_key)
+            raise UploadRejected(
+                grpc.StatusCode.ABORTED,
+                f"recording {rid} took longer to commit than [store] orphan_grace and "
+                "its new data key was removed as an orphan; nothing was stored, retry",
+            ) from None
         if not inserted:
             self.vault.discard(rid, blob_key)  # an earlier commit won; keep its copy
         elif manifest.pauses:
             discards.audit_pauses(self.catalog, manifest)
-        partials.discard(part, manifest_file)
+        self.partials.discard(rid)
         stored = self.catalog.get(rid)
         assert stored is not None
         return stored, inserted
@@ -505,10 +512,10 @@ class IngestService(pb_grpc.IngestServicer):
         seal.pub.pem) would make the call unfindable by number: flag it, and say so.
         The opened digits live only in this function's memory."""
         sealed = manifest.customer.tail_sealed
-        if self.seal_key_file is None or not sealed:
+        if self._seal is None or not sealed:
             return
         try:
-            SealKeyring.load(self.seal_key_file).open(sealed)
+            self._seal.keyring().open(sealed)
         except KeyFileError as exc:
             log.error("seal_key_unusable", recording_id=manifest.recording_id, reason=str(exc))
         except SealError:

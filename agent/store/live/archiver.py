@@ -269,7 +269,11 @@ class LiveArchiver:
                 expected_sha256=final.sha256,
                 opener=lambda: _Plain(archive.data),
             )
-            if not catalog.insert(row_from_manifest(final, blob_key=blob_key, region=vault.region)):
+            # under the key row's lock, like an upload's commit: a sweeper discarding
+            # orphans never shreds this key between its store and its row
+            if not vault.commit_row(
+                row_from_manifest(final, blob_key=blob_key, region=vault.region)
+            ):
                 vault.discard(rid, blob_key)  # another archiver won
             else:
                 monitoring.UPLOADS_STORED.inc()

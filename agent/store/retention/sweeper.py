@@ -16,8 +16,9 @@ Each destruction goes mark → shred key → delete blob → delete row:
 A kill between steps leaves marked rows; every run first finishes marked rows, so
 nothing half-done outlives the next run. The audio is unreadable from step 1 on.
 Then orphans: key rows without a recording row (an upload killed between writing its
-blob and its row), abandoned partial writes in the blob store, and partial uploads in
-``incoming/``, each older than the grace period.
+blob and its row), abandoned partial writes in the blob store, and partial uploads (in
+``incoming/``, and in the shared bucket, where every replica's sweeper removes them:
+``s3_partials``), each older than the grace period.
 
 Run inside the store (``SweeperLoop``, the default: ``[store] sweep_by = "store"``) or,
 with ``sweep_by = "timer"``, as ``callrec sweep --once --timer`` from
@@ -47,9 +48,10 @@ from prometheus_client import Counter, Gauge
 from agent import logs
 from agent.config import ConfigError, StoreConfig, load_store_config
 from agent.privacy import KeyFileError
-from agent.store.archive.vault import Vault, open_storage
+from agent.store.archive.vault import Vault, open_partials, open_storage
 from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog, data_keys, recordings
+from agent.store.ingest.partials import Partials, remove_stale_uploads
 from agent.store.retention.schedule import datetime_to_ms, expired_ranges, ms_to_datetime
 
 log = logs.get_logger(__name__)
@@ -123,6 +125,7 @@ class Sweeper:
         actor: str | None = None,
         part_max_age_s: float | None = None,
         state_dir: Path | None = None,
+        partials: Partials | None = None,
     ) -> None:
         # The audit log says which sweeper (host, process) destroyed what.
         self.actor = actor or f"system:sweeper@{socket.gethostname()}/{os.getpid()}"
@@ -132,6 +135,7 @@ class Sweeper:
         self.batch = batch
         self.orphan_grace_s = orphan_grace_s
         self.incoming_dir = incoming_dir
+        self.partials = partials  # shared partial uploads (every replica sweeps them)
         self.part_max_age_s = orphan_grace_s if part_max_age_s is None else part_max_age_s
         self.clock = clock
         self.state_dir = state_dir  # where sweep-state.json goes (None: nowhere)
@@ -148,6 +152,7 @@ class Sweeper:
             config.incoming_dir,
             part_max_age_s=config.part_max_age_s,
             state_dir=config.data_dir,
+            partials=open_partials(config, vault),
         )
 
     def run_once(self) -> SweepReport:
@@ -348,7 +353,8 @@ class Sweeper:
             orphans = list(conn.execute(query))
         for orphan in orphans:
             try:
-                self.vault.discard(orphan.recording_id, orphan.blob_key)
+                if not self.vault.discard_orphan(orphan.recording_id, orphan.blob_key):
+                    continue  # its commit wrote the row after all
             except Exception:  # retried next run
                 log.exception("orphan_failed", recording_id=orphan.recording_id)
                 report.failed += 1
@@ -362,6 +368,10 @@ class Sweeper:
                 self.incoming_dir, self.orphan_grace_s, self.part_max_age_s
             )
             ORPHANS.labels(kind="incoming").inc(report.partial_uploads)
+        if self.partials is not None and self.partials.shared:
+            shared = self.partials.remove_stale(self.orphan_grace_s, self.part_max_age_s)
+            ORPHANS.labels(kind="shared_partial").inc(shared)
+            report.partial_uploads += shared
 
     def _measure(self, now_ms: int, report: SweepReport) -> None:
         live = recordings.c.destroy_reason.is_(None)
@@ -416,35 +426,6 @@ def read_sweep_state(data_dir: Path) -> float | None:
         return float(state["finished_at"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def remove_stale_uploads(incoming: Path, grace_s: float, max_age_s: float | None = None) -> int:
-    """Partial uploads (``<id>.part``, ``<id>.manifest``, temporary files) whose newest
-    file is older than the grace period, or that were begun more than ``max_age_s``
-    ago (the ``.manifest`` is written once, when an upload begins: its mtime is the
-    upload's age), however recently they grew; an agent that comes back starts over."""
-    groups: dict[str, list[Path]] = {}
-    try:
-        entries = list(incoming.iterdir())
-    except FileNotFoundError:
-        return 0
-    for path in entries:
-        groups.setdefault(path.name.lstrip(".")[:32], []).append(path)
-    now, removed = time.time(), 0
-    too_old = now - (grace_s if max_age_s is None else min(grace_s, max_age_s))
-    for recording_id, paths in groups.items():
-        try:
-            times = {p.name: p.stat().st_mtime for p in paths}
-        except FileNotFoundError:
-            continue
-        begun = times.get(f"{recording_id}.manifest", min(times.values()))
-        if max(times.values()) >= now - grace_s and begun >= too_old:
-            continue
-        for path in paths:
-            path.unlink(missing_ok=True)
-        removed += 1
-        log.info("partial_upload_removed", recording_id=recording_id, files=len(paths))
-    return removed
 
 
 class SweeperLoop:

@@ -464,6 +464,34 @@ class RangeChunk(_message.Message):
 Global___RangeChunk: _TypeAlias = RangeChunk  # noqa: Y015
 
 @_typing.final
+class WaveformView(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DURATION_MS_FIELD_NUMBER: _builtins.int
+    LEFT_FIELD_NUMBER: _builtins.int
+    RIGHT_FIELD_NUMBER: _builtins.int
+    duration_ms: _builtins.int
+    """of the audio as decoded"""
+    left: _builtins.bytes
+    """customer: one byte per slice, the peak level 0..255"""
+    right: _builtins.bytes
+    """employee, the same slices"""
+    def __init__(
+        self,
+        *,
+        duration_ms: _builtins.int = ...,
+        left: _builtins.bytes = ...,
+        right: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_ms", b"duration_ms", "left", b"left", "right", b"right"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaveformView: _TypeAlias = WaveformView  # noqa: Y015
+
+@_typing.final
 class FindByNumberRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

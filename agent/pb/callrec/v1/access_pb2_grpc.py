@@ -65,6 +65,11 @@ class AccessStub:
                 request_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RangeRequest.SerializeToString,
                 response_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RangeChunk.FromString,
                 _registered_method=True)
+        self.Waveform = channel.unary_unary(
+                '/callrec.v1.Access/Waveform',
+                request_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RecordingRequest.SerializeToString,
+                response_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.WaveformView.FromString,
+                _registered_method=True)
         self.FindByNumber = channel.unary_unary(
                 '/callrec.v1.Access/FindByNumber',
                 request_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.FindByNumberRequest.SerializeToString,
@@ -159,6 +164,15 @@ class AccessServicer:
     def PlayRange(self, request, context):
         """Part of the decrypted audio (an HTTP Range request of the web player): the store
         decrypts only the chunks that hold the range. Audited as a play.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Waveform(self, request, context):
+        """The whole recording's waveform in a few kB (the player draws it before any audio
+        is fetched): each channel's peak level in equal slices of the length. Audited as
+        a play (detail "waveform").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -265,6 +279,11 @@ def add_AccessServicer_to_server(servicer, server):
                     servicer.PlayRange,
                     request_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RangeRequest.FromString,
                     response_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RangeChunk.SerializeToString,
+            ),
+            'Waveform': grpc.unary_unary_rpc_method_handler(
+                    servicer.Waveform,
+                    request_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RecordingRequest.FromString,
+                    response_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.WaveformView.SerializeToString,
             ),
             'FindByNumber': grpc.unary_unary_rpc_method_handler(
                     servicer.FindByNumber,
@@ -479,6 +498,33 @@ class Access:
             '/callrec.v1.Access/PlayRange',
             agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RangeRequest.SerializeToString,
             agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RangeChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Waveform(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/callrec.v1.Access/Waveform',
+            agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.RecordingRequest.SerializeToString,
+            agent_dot_pb_dot_callrec_dot_v1_dot_access__pb2.WaveformView.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,11 @@ class AccessStub:
     """Part of the decrypted audio (an HTTP Range request of the web player): the store
     decrypts only the chunks that hold the range. Audited as a play.
     """
+    Waveform: _grpc.UnaryUnaryMultiCallable[_access_pb2.RecordingRequest, _access_pb2.WaveformView]
+    """The whole recording's waveform in a few kB (the player draws it before any audio
+    is fetched): each channel's peak level in equal slices of the length. Audited as
+    a play (detail "waveform").
+    """
     FindByNumber: _grpc.UnaryUnaryMultiCallable[_access_pb2.FindByNumberRequest, _access_pb2.SearchResponse]
     """Privacy officer: a data subject's calls from their number and the time of a call."""
     ExportPackage: _grpc.UnaryStreamMultiCallable[_access_pb2.PackageRequest, _access_pb2.PackageChunk]
@@ -103,6 +108,11 @@ class AccessAsyncStub(AccessStub):
     PlayRange: _aio.UnaryStreamMultiCallable[_access_pb2.RangeRequest, _access_pb2.RangeChunk]  # type: ignore[assignment]
     """Part of the decrypted audio (an HTTP Range request of the web player): the store
     decrypts only the chunks that hold the range. Audited as a play.
+    """
+    Waveform: _aio.UnaryUnaryMultiCallable[_access_pb2.RecordingRequest, _access_pb2.WaveformView]  # type: ignore[assignment]
+    """The whole recording's waveform in a few kB (the player draws it before any audio
+    is fetched): each channel's peak level in equal slices of the length. Audited as
+    a play (detail "waveform").
     """
     FindByNumber: _aio.UnaryUnaryMultiCallable[_access_pb2.FindByNumberRequest, _access_pb2.SearchResponse]  # type: ignore[assignment]
     """Privacy officer: a data subject's calls from their number and the time of a call."""
@@ -176,6 +186,17 @@ class AccessServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_access_pb2.RangeChunk], _abc.AsyncIterator[_access_pb2.RangeChunk]]:
         """Part of the decrypted audio (an HTTP Range request of the web player): the store
         decrypts only the chunks that hold the range. Audited as a play.
+        """
+
+    @_abc_1.abstractmethod
+    def Waveform(
+        self,
+        request: _access_pb2.RecordingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_access_pb2.WaveformView, _abc.Awaitable[_access_pb2.WaveformView]]:
+        """The whole recording's waveform in a few kB (the player draws it before any audio
+        is fetched): each channel's peak level in equal slices of the length. Audited as
+        a play (detail "waveform").
         """
 
     @_abc_1.abstractmethod
