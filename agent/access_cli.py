@@ -391,8 +391,21 @@ def _search(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int
 
 def _show(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
     request = apb.RecordingRequest(**_common(args), recording_id=args.recording_id)
-    _out(format_view(stub.GetRecording(request, metadata=md, timeout=30)))
+    view = stub.GetRecording(request, metadata=md, timeout=30)
+    _out(format_view(view))
+    for line in format_pauses(view.info.manifest):
+        _out(line)
     return 0
+
+
+def format_pauses(m: pb.Manifest) -> list[str]:
+    """``paused 10.0-20.0 s (api:crm)``: offsets from the call's start, who asked."""
+    start = m.started_at.ToMilliseconds()
+    return [
+        f"  paused {(p.start.ToMilliseconds() - start) / 1000:.1f}-"
+        f"{(p.end.ToMilliseconds() - start) / 1000:.1f} s ({p.who})"
+        for p in m.pauses
+    ]
 
 
 def _save(chunks: Iterable[bytes], out: Path | None) -> int:
