@@ -52,6 +52,7 @@ from agent.config import ConfigError, load_store_config, parse_duration
 from agent.directory import Directory
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
+from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.store.access import tokens
 from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog
@@ -344,8 +345,24 @@ def _views(output: str, views: Iterable[apb.RecordingView]) -> None:
 
 def _show(stub: apb_grpc.AccessStub, args: argparse.Namespace, md: Any) -> int:
     request = apb.RecordingRequest(**common(args), recording_id=args.recording_id)
-    _views(args.output, [stub.GetRecording(request, metadata=md, timeout=30)])
+    view = stub.GetRecording(request, metadata=md, timeout=30)
+    if args.output != "text":
+        _views(args.output, [view])
+        return 0
+    _out(format_view(view))
+    for line in format_pauses(view.info.manifest):
+        _out(line)
     return 0
+
+
+def format_pauses(m: pb.Manifest) -> list[str]:
+    """``paused 10.0-20.0 s (api:crm)``: offsets from the call's start, who asked."""
+    start = m.started_at.ToMilliseconds()
+    return [
+        f"  paused {(p.start.ToMilliseconds() - start) / 1000:.1f}-"
+        f"{(p.end.ToMilliseconds() - start) / 1000:.1f} s ({p.who})"
+        for p in m.pauses
+    ]
 
 
 def _save(chunks: Iterable[bytes], out: Path | None) -> int:

@@ -60,6 +60,8 @@ class Flag(StrEnum):
     SILENT_CUSTOMER = "silent_customer"  # no audio on the customer's channel
     SILENT_EMPLOYEE = "silent_employee"  # no audio on the employee's channel
     LENGTH_MISMATCH = "length_mismatch"  # legs differ in length by more than a second
+    PAUSED = "paused"  # the recording was paused (see CaptureMeta.pauses): silence there
+    DISCARDED = "discarded"  # stopped and discarded at the customer's request: no audio
 
 
 def new_recording_id() -> str:
@@ -88,6 +90,20 @@ class Employee:
 
 
 @dataclass(frozen=True)
+class Pause:
+    """An interval of a recording written as silence: who asked ("api:<integration>",
+    "src" for a SIPREC a=inactive, "pbx" for a spool sidecar); ``end`` None while the
+    pause lasts (a pause never resumed ends with the call)."""
+
+    start: str  # ISO-8601 UTC ms
+    end: str | None
+    who: str
+
+
+PAUSE_WHO_MAX = 64
+
+
+@dataclass(frozen=True)
 class CaptureMeta:
     recording_id: str
     site: str
@@ -101,6 +117,17 @@ class CaptureMeta:
     employees: tuple[Employee, ...]
     legs: tuple[str, ...]  # CUSTOMER_LEG + EMPLOYEE_LEG, or MIXED_LEG
     flags: tuple[Flag, ...] = field(default_factory=tuple)
+    pauses: tuple[Pause, ...] = field(default_factory=tuple)
+
+    @property
+    def paused(self) -> bool:
+        """A pause is open now."""
+        return bool(self.pauses) and self.pauses[-1].end is None
+
+    def with_pauses_closed(self, at: str) -> CaptureMeta:
+        """Every open pause ends at ``at`` (the call's end)."""
+        closed = tuple(p if p.end is not None else replace(p, end=at) for p in self.pauses)
+        return replace(self, pauses=closed)
 
     def with_flags(self, *flags: Flag) -> CaptureMeta:
         merged = tuple(dict.fromkeys((*self.flags, *flags)))
@@ -132,6 +159,7 @@ class CaptureMeta:
             employees=tuple(Employee(**e) for e in doc.get("employees", [])),
             legs=tuple(doc["legs"]),
             flags=tuple(Flag(f) for f in doc.get("flags", [])),
+            pauses=tuple(Pause(**p) for p in doc.get("pauses", [])),
         )
 
 
@@ -300,6 +328,7 @@ def _recover(capture: Path, ready_dir: Path, quarantine_dir: Path, result: Recov
     # The end time goes into the metadata first: a failed attempt leaves it there for
     # the next, and the header repairs below (which touch the legs) change no evidence.
     meta = replace(meta, ended_at=ended, legs=legs).with_flags(Flag.INCOMPLETE)
+    meta = meta.with_pauses_closed(ended)
     write_meta(capture, meta)
     for leg in legs:
         repair_wav_header(capture / leg)

@@ -37,6 +37,8 @@ from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import KeyFileError, Sealer, check_private_file
 from agent.recorder import quarantine
+from agent.recorder.control import cli as control_cli
+from agent.recorder.control.tokens import Tokens as ControlTokens
 from agent.recorder.front import logfilter as frontlog
 from agent.store.keys.master import FileKeyWrapper
 from agent.store.keys.numbers import SealKeyring
@@ -110,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     config_reference.add_parsers(sub)
     frontlog.add_parsers(sub)
     quarantine.add_parsers(sub)
+    control_cli.add_parsers(sub)
     web_cli.add_parsers(sub)
     return parser
 
@@ -181,6 +184,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         frontlog.dispatch,
         keys_cli.dispatch,
         quarantine.dispatch,
+        control_cli.dispatch,
         web_cli.dispatch,
     )
     for dispatch in dispatchers:
@@ -317,6 +321,8 @@ def check_config(agent_path: Path | None, store_path: Path | None) -> int:
             (Sealer.load, cfg.privacy.seal_public_key_file),
             (Directory.load, cfg.directory_file),
         ]
+        if cfg.control is not None:
+            loaders.append((ControlTokens.load, cfg.control.tokens_file))
     if store_path is not None:
         store_cfg = load_store_config(store_path)
         check_transport(store_cfg)

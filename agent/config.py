@@ -189,6 +189,18 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """The recording control API (``[control]``; see agent.recorder.control.api):
+    integrations authenticate with a token (``tokens_file``: ``<name> <sha256 hex>``
+    per line, hashed at rest) and/or a client certificate of ``ca_file``'s CA (mutual
+    TLS, ``cert_file``/``key_file`` the agent's own)."""
+
+    listen: str = "127.0.0.1:8470"
+    tokens_file: Path | None = None
+    tls: TlsConfig | None = None
+
+
+@dataclass(frozen=True)
 class FreeSpaceFloor:
     """``[agent] min_free``: the free space on the data disk below which new calls are
     refused (503) before anything is answered; calls in progress go on. A size
@@ -220,6 +232,7 @@ class AgentConfig:
     metrics_listen: str | None = None  # "127.0.0.1:9464": Prometheus /metrics
     min_free: FreeSpaceFloor = field(default_factory=FreeSpaceFloor)
     quarantine_max_age_s: float = 30 * 86400.0  # then the agent deletes the entry
+    control: ControlConfig | None = None  # no [control] section: no control API
 
     @property
     def captures_dir(self) -> Path:
@@ -581,13 +594,14 @@ def load_agent_config(path: Path) -> AgentConfig:
     return agent_config_from_dict(doc, path.resolve().parent)
 
 
+AGENT_SECTIONS = (
+    "agent", "sip", "privacy", "audio", "uplink", "directory", "calls", "log", "spool", "control",
+)  # fmt: skip
+
+
 @_collecting
 def agent_config_from_dict(doc: Mapping[str, Any], base: Path) -> AgentConfig:
-    s = _sections(
-        doc,
-        ("agent", "sip", "privacy", "audio", "uplink", "directory", "calls", "log", "spool"),
-        base,
-    )
+    s = _sections(doc, AGENT_SECTIONS, base)
     a, sip, pr, au, up = s["agent"], s["sip"], s["privacy"], s["audio"], s["uplink"]
     site = a.text("site", _REQUIRED)
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", site):
@@ -615,6 +629,7 @@ def agent_config_from_dict(doc: Mapping[str, Any], base: Path) -> AgentConfig:
         metrics_listen=_listen(a, "metrics", "") if "metrics" in a.table else None,
         min_free=_free_space_floor(a, "min_free"),
         quarantine_max_age_s=_quarantine_max_age(a),
+        control=_control_config(s["control"]) if "control" in doc else None,
     )
     if not re.fullmatch(r"\d+k", cfg.audio.bitrate):
         raise au._fail("bitrate", cfg.audio.bitrate, 'a bitrate such as "24k"')
@@ -745,6 +760,29 @@ def _check_sip_ports(sip: _Section, cfg: SipConfig) -> None:
         )
     if cfg.rtp_port_start <= max(sip_ports) and min(sip_ports) <= rtp_end:
         raise sip._fail("rtp_port_start", cfg.rtp_port_start, "RTP ranges apart from SIP ports")
+
+
+def _control_config(c: _Section) -> ControlConfig:
+    """``[control]``: tokens and/or mutual TLS; tokens travel in clear text only on a
+    loopback address."""
+    listen = _listen(c, "listen", ControlConfig.listen)
+    given = [key for key in _TLS_KEYS if key in c.table]
+    if given and len(given) < len(_TLS_KEYS):
+        missing = next(key for key in _TLS_KEYS if key not in given)
+        raise ConfigError(
+            f"[control] {missing}: missing; ca_file, cert_file and key_file go together"
+        )
+    tls = TlsConfig(*(c.path(key) for key in _TLS_KEYS)) if given else None
+    cfg = ControlConfig(listen=listen, tokens_file=_optional_path(c, "tokens_file"), tls=tls)
+    if cfg.tokens_file is None and tls is None:
+        raise ConfigError(
+            "[control] tokens_file: missing; the control API needs tokens "
+            "(`callrec control token NAME --tokens-file FILE`) and/or mutual TLS "
+            "(ca_file, cert_file, key_file)"
+        )
+    if tls is None and not is_loopback(listen):
+        raise c._fail("listen", listen, "a loopback address, or ca_file/cert_file/key_file for TLS")
+    return cfg
 
 
 def _spool_config(sp: _Section) -> SpoolConfig:

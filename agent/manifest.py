@@ -16,7 +16,7 @@ from pathlib import Path
 import phonenumbers
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent.capture import CaptureMeta, Direction, parse_iso
+from agent.capture import CaptureMeta, Direction, Pause, parse_iso
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 
 MAX_RECORDING_BYTES = 4 * 1024**3
@@ -33,6 +33,9 @@ _E164 = re.compile(r"\+\d{3,15}")
 _FLAG = re.compile(r"[a-z_]{1,40}")
 _KEY_ID = re.compile(r"[A-Za-z0-9._-]{1,32}")
 _REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+_WHO = re.compile(r"[a-z]{2,8}(:[A-Za-z0-9._@-]{1,48})?")
+MAX_PAUSES = 64
+DISCARDED = "discarded"  # the flag of a recording stopped and discarded: no audio
 # Times: a manifest's clock may run ahead of the store's by at most MAX_CLOCK_SKEW; a
 # call lasts at most MAX_CALL; nothing is older than EARLIEST (a zero or garbage time).
 MAX_CLOCK_SKEW = dt.timedelta(minutes=10)
@@ -111,7 +114,22 @@ def manifest_from_capture(
         sha256=sha256,
         channels=channels,
         region=region,
+        pauses=[_pause(p, meta.ended_at) for p in meta.pauses],
     )
+
+
+def _pause(pause: Pause, ended_at: str) -> pb.Pause:
+    """A pause for the manifest (one left open ends with the call)."""
+    return pb.Pause(
+        start=timestamp(parse_iso(pause.start)),
+        end=timestamp(parse_iso(pause.end or ended_at)),
+        who=pause.who,
+    )
+
+
+def discard_manifest_from_capture(meta: CaptureMeta, region: str) -> pb.Manifest:
+    """The manifest of a discarded recording: the call's facts, no audio."""
+    return manifest_from_capture(meta, "", 0, 0, "", region)
 
 
 def validate_manifest(m: pb.Manifest, now: dt.datetime | None = None) -> None:
@@ -142,10 +160,60 @@ def validate_manifest(m: pb.Manifest, now: dt.datetime | None = None) -> None:
     for ok, message in checks:
         if not ok:
             raise ManifestError(message)
+    _validate_parties_and_times(m, now)
+
+
+def _validate_parties_and_times(m: pb.Manifest, now: dt.datetime | None) -> None:
     _validate_times(m, now or dt.datetime.now(dt.UTC))
+    _validate_pauses(m)
     _validate_customer(m.customer)
     for e in m.employees:
         _validate_employee(e)
+
+
+def validate_discard_manifest(m: pb.Manifest, now: dt.datetime | None = None) -> None:
+    """A discarded recording's manifest: what :func:`validate_manifest` checks, except
+    the audio, which must be absent."""
+    audio = pb.Manifest(audio_format="wav", size=1, sha256="0" * 64, channels=1)
+    with_audio = pb.Manifest()
+    with_audio.CopyFrom(m)
+    with_audio.MergeFrom(audio)
+    if m.audio_format or m.size or m.sha256 or m.channels:
+        raise ManifestError("a discarded recording carries no audio (format, size, sha256)")
+    if DISCARDED not in m.flags:
+        raise ManifestError("flags: a discarded recording is flagged 'discarded'")
+    validate_manifest(with_audio, now)
+
+
+def _validate_pauses(m: pb.Manifest) -> None:
+    """Pauses lie within the call, in order, each said who asked."""
+    if len(m.pauses) > MAX_PAUSES:
+        raise ManifestError(f"pauses: at most {MAX_PAUSES}")
+    started, ended = m.started_at.ToDatetime(dt.UTC), m.ended_at.ToDatetime(dt.UTC)
+    before = started
+    for p in m.pauses:
+        if not (p.HasField("start") and p.HasField("end")):
+            raise ManifestError("pauses: each needs a start and an end")
+        start, end = _time_of(p.start, "pauses.start"), _time_of(p.end, "pauses.end")
+        if not before <= start <= end <= ended:
+            raise ManifestError("pauses: expected in order, within the call")
+        if not _WHO.fullmatch(p.who):
+            raise ManifestError("pauses.who: expected e.g. 'api:crm', 'src' or 'pbx'")
+        before = end
+
+
+def pauses_json(m: pb.Manifest) -> str:
+    """The catalog's form of a manifest's pauses (ISO-8601 UTC ms)."""
+    return json.dumps(
+        [
+            {
+                "start": p.start.ToDatetime(dt.UTC).isoformat(timespec="milliseconds"),
+                "end": p.end.ToDatetime(dt.UTC).isoformat(timespec="milliseconds"),
+                "who": p.who,
+            }
+            for p in m.pauses
+        ]
+    )
 
 
 def _time_of(ts: Timestamp, name: str) -> dt.datetime:

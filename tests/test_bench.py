@@ -142,3 +142,10 @@ def test_worker_idle_compares_exec_and_fork_workers() -> None:
     assert ways["exec"]["zygote_pss_mb"] == 0 < ways["fork"]["zygote_pss_mb"]
     assert ways["fork"]["uss_mb"] < ways["exec"]["uss_mb"] / 2
     assert 0 < ways["fork"]["cpu_pct"] < 5 and ways["fork"]["wakeups_per_s"]["media"] > 0
+
+
+def test_control_latency_pauses_a_live_call_and_finds_each_silence() -> None:
+    report = bench("control_latency", "--calls", "1", "--seconds", "10", "--every", "3")
+    result = report["result"]
+    assert result["pauses"] == 2  # at 2 s and 5 s of a 10 s call, each found silent
+    assert result["api_round_trip_ms"]["max"] > 0

@@ -120,7 +120,7 @@ def test_catalog_made_before_migrations_is_adopted(backend: Backend) -> None:
     columns = [
         sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
         for c in recordings.columns
-        if not c.name.startswith("destroy")
+        if not c.name.startswith("destroy") and c.name != "pauses_json"  # later migrations
     ]
     sa.Table("recordings", legacy, *columns)
     legacy.create_all(cat.engine)

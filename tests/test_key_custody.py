@@ -224,7 +224,10 @@ def test_migration_empties_the_digests_agents_made(tmp_path: Path) -> None:
     row = make_row("a" * 32, "a" * 32 + "-x", now_ms(), customer_digest=digest,
                    customer_digest_key_id="k1")  # fmt: skip
     with catalog.engine.begin() as conn:
-        conn.execute(sa.insert(recordings), [vars(row)])
+        later = {"pauses_json"}  # columns of migrations after 0004
+        conn.execute(
+            sa.insert(recordings), [{k: v for k, v in vars(row).items() if k not in later}]
+        )
     catalog.migrate()
     stored = catalog.get("a" * 32)
     catalog.close()

@@ -231,13 +231,15 @@ def _assert_pauses(pool: Pool, row: dict[str, RecordingRow], tmp_path: Path) -> 
         assert window_rms(hold, channel, 0.5, 2.0) > 500, channel
         assert window_rms(hold, channel, 3.0, 4.6) < 30, channel
         assert window_rms(hold, channel, 5.6, 7.0) > 500, channel
-    assert abs(row["hold"].duration_ms - 8000) <= 500 and flags(row["hold"]) == set()
+    assert abs(row["hold"].duration_ms - 8000) <= 500 and flags(row["hold"]) == {"paused"}
+    assert [p["who"] for p in row["hold"].pauses] == ["src"]  # the SRC's a=inactive, marked
 
     paused = decode(pool.export(row["paused_at_start"], tmp_path / "paused.ogg"))
     for channel in (0, 1):
         assert window_rms(paused, channel, 0.2, 2.7) < 30, channel  # from the answer on
         assert window_rms(paused, channel, 3.6, 6.0) > 500, channel
     assert abs(row["paused_at_start"].duration_ms - 7000) <= 500
+    assert [p["who"] for p in row["paused_at_start"].pauses] == ["src"]
 
 
 # ---------------------------------------------------------------- ends without a normal BYE

@@ -25,6 +25,8 @@ from agent.config import AgentConfig, ConfigError, load_agent_config
 from agent.directory import LiveDirectory
 from agent.loops import DirectoryQueue, FileWatcher
 from agent.privacy import Sealer
+from agent.recorder.control.api import ControlServer
+from agent.recorder.control.desk import ControlDesk
 from agent.recorder.finalize import Finalizer
 from agent.recorder.front.kamailio import (
     FrontProcess,
@@ -99,6 +101,7 @@ class AgentDaemon:
         self._zygote_retry = 0.0  # monotonic time of the next start after a failure
         self._orphans_checked = 0.0
         self._subreaper = False
+        self.control: ControlServer | None = None  # [control]: the recording control API
         self.metrics_dir = _metrics_dir(config)
         self.metrics_port: int | None = None
         self.outbox = Outbox(config.outbox_dir)
@@ -164,6 +167,9 @@ class AgentDaemon:
         if cfg.spool is not None:
             self.spool = SpoolPickup.from_config(cfg)
             self.spool.start()
+        if cfg.control is not None:  # before the pool: a bad tokens file stops the start
+            desk = ControlDesk(cfg, self.directory, self.outbox)
+            self.control = ControlServer(cfg.control, desk).start()
         self._start_pool()
         log.info(
             "agent_ready",
@@ -243,7 +249,9 @@ class AgentDaemon:
     def shutdown(self) -> None:
         sdnotify.stopping()
         log.info("agent_stopping")
-        self._stop_pool()
+        self._stop_pool()  # the control API still serves the calls draining
+        if self.control is not None:
+            self.control.stop()
         if self.spool is not None:  # finish the file in hand; finalize drains what it made
             self.spool.stop()
             self.spool.join(30.0)
@@ -608,7 +616,8 @@ def run_agent(config: AgentConfig, config_path: Path) -> int:
 
 
 def _reload(daemon: AgentDaemon) -> None:
-    """SIGHUP: the log level from the config file, and the directory everywhere."""
+    """SIGHUP: the log level from the config file, the directory everywhere, the control
+    API's tokens."""
     try:
         level = load_agent_config(daemon.config_path).log_level
     except ConfigError as exc:
@@ -618,6 +627,8 @@ def _reload(daemon: AgentDaemon) -> None:
         log.info("reloaded", log_level=level)
     daemon.directory.reload()
     _tell_directory_users(daemon)
+    if daemon.control is not None:
+        daemon.control.reload_tokens()
 
 
 def _directory_changed(daemon: AgentDaemon) -> None:

@@ -30,7 +30,7 @@ from agent.capture import (
     read_meta,
 )
 from agent.config import AgentConfig
-from agent.manifest import AUDIO_FORMATS, manifest_from_capture
+from agent.manifest import AUDIO_FORMATS, discard_manifest_from_capture, manifest_from_capture
 
 log = logs.get_logger(__name__)
 
@@ -96,6 +96,20 @@ class Finalizer:
                 path=moved,
             )
 
+    def _finalize_discarded(
+        self, capture: Path, meta: CaptureMeta, staging: Path, target: Path
+    ) -> None:
+        """A call stopped and discarded: its outbox entry is the manifest alone (the
+        uplink tells the store, which keeps a catalog entry without audio); any leg
+        left in the capture is deleted with it."""
+        manifest = discard_manifest_from_capture(meta, self.region)
+        manifest_path = staging / MANIFEST_FILE
+        manifest_path.write_text(json_format.MessageToJson(manifest, indent=1))
+        with manifest_path.open("rb") as fh:
+            os.fsync(fh.fileno())
+        _publish(staging, target, self.outbox_dir, capture)
+        log.info("recording_finalized", recording_id=meta.recording_id, flags="discarded")
+
     def _out_of_space(self, exc: Exception, capture: Path) -> bool:
         """The failure was the disk's: ENOSPC, or (the encoder's error says less) less
         room left than twice the capture's size."""
@@ -113,6 +127,9 @@ class Finalizer:
         staging = self.outbox_dir / f".tmp-{meta.recording_id}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
+        if Flag.DISCARDED in meta.flags:
+            self._finalize_discarded(capture, meta, staging, target)
+            return
         legs = [capture / leg for leg in meta.legs if (capture / leg).exists()]
         if not legs:
             raise ValueError("no audio legs in capture")
@@ -129,10 +146,7 @@ class Finalizer:
         for path in (encoded.path, manifest_path):
             with path.open("rb") as fh:
                 os.fsync(fh.fileno())
-        fsync_dir(staging)
-        staging.rename(target)
-        fsync_dir(self.outbox_dir)
-        shutil.rmtree(capture)
+        _publish(staging, target, self.outbox_dir, capture)
         metrics.RECORDINGS_FINALIZED.labels(meta.source).inc()
         for flag in meta.flags:
             metrics.RECORDING_FLAGS.labels(flag.value).inc()
@@ -149,6 +163,14 @@ class Finalizer:
             format=cfg.audio.format,
             flags=",".join(meta.flags) or "-",
         )
+
+
+def _publish(staging: Path, target: Path, outbox_dir: Path, capture: Path) -> None:
+    """The staged entry into the outbox with one rename; then the capture goes."""
+    fsync_dir(staging)
+    staging.rename(target)
+    fsync_dir(outbox_dir)
+    shutil.rmtree(capture)
 
 
 def _check_length(legs: list[Path], encoded: audio.EncodedAudio) -> None:

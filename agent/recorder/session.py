@@ -189,6 +189,7 @@ def finish_capture(
     if short:
         flags.append(Flag.INCOMPLETE)
     meta = replace(meta, ended_at=iso_ms(ended), legs=legs).with_flags(*flags)
+    meta = meta.with_pauses_closed(iso_ms(ended))
     write_meta(directory, meta)
     directory.rename(ready_dir / meta.recording_id)
     with contextlib.suppress(OSError):

@@ -37,6 +37,7 @@ from agent.capture import recover_active
 from agent.config import AgentConfig, ConfigError, load_agent_config
 from agent.directory import LiveDirectory
 from agent.privacy import Protector
+from agent.recorder.control.channel import ControlChannel, channel_name
 from agent.recorder.ownership import WorkerSlot
 from agent.recorder.parties import PartyRules
 from agent.recorder.sip import SipEngine
@@ -139,6 +140,7 @@ class Worker:
         self._next_recovery: float | None = None  # set while captures wait for recovery
         self._told_waiting = False  # for the slot
         self._evicted = False  # a hung predecessor was killed
+        self._control: ControlChannel | None = None  # the agent's control API's way in
 
     # ------------------------------------------------------------ lifecycle
 
@@ -160,6 +162,10 @@ class Worker:
         self._engine = SipEngine(cfg, self.index, directory, rules)
         with main_thread_only():  # pjsua's threads: no signal cuts their waits short
             self._engine.start()
+        try:
+            self._control = ControlChannel(channel_name(cfg.captures_dir, self.index))
+        except OSError as exc:  # calls are recorded all the same; control answers 503
+            log.error("control_channel_failed", worker=self.index, error=str(exc))
         self._signal_ready()
 
     def _waiting(self, pid: int | None, waited_s: float) -> None:
@@ -228,7 +234,7 @@ class Worker:
     def run(self) -> None:
         engine = self._sip()
         while not self.stop.is_set():
-            engine.poll(POLL_MS)
+            self._turn(engine)
             if self.reload.is_set():
                 self.reload.clear()
                 self._reload()
@@ -239,6 +245,12 @@ class Worker:
                 "agent_gone", worker=self.index, calls=engine.active_calls,
                 action="drain_then_exit", drain_s=self.cfg.sip.drain_s,
             )  # fmt: skip
+
+    def _turn(self, engine: SipEngine) -> None:
+        """One turn of the loop: pjsua2's events, then the control commands waiting."""
+        engine.poll(POLL_MS)
+        if self._control is not None:
+            self._control.serve(engine.control)
 
     def _reload(self) -> None:
         """SIGHUP: the directory, and the log level from the config file."""
@@ -267,13 +279,16 @@ class Worker:
                 drain_s=round(self.cfg.sip.drain_s, 1),
             )
         while engine.active_calls and time.monotonic() < deadline:
-            engine.poll(POLL_MS)
+            self._turn(engine)  # a call draining can still be paused or discarded
         if engine.active_calls:
             log.warning("worker_hangup", worker=self.index, calls=engine.active_calls)
             engine.hangup_all()
             deadline = time.monotonic() + HANGUP_WAIT_S
             while engine.active_calls and time.monotonic() < deadline:
                 engine.poll(POLL_MS)
+        if self._control is not None:
+            self._control.close()
+            self._control = None
         engine.close()
         self._engine = None
         if self._slot is not None:

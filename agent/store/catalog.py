@@ -72,6 +72,8 @@ recordings = sa.Table(
     # goes only after its key and blob, so a marked row is half-done work.
     sa.Column("destroy_reason", sa.String(16), nullable=True),
     sa.Column("destroy_marked_at_ms", sa.BigInteger, nullable=True),
+    # Intervals written as silence: [{"start", "end", "who"}] (migration 0008_control).
+    sa.Column("pauses_json", sa.Text, nullable=True),
     sa.Index("ix_recordings_started", "started_at_ms"),
     sa.Index("ix_recordings_ended", "ended_at_ms"),
     sa.Index("ix_recordings_employee", "employee_id", "started_at_ms"),
@@ -186,6 +188,13 @@ class RecordingRow:
     restricted: bool = False
     destroy_reason: str | None = None
     destroy_marked_at_ms: int | None = None
+    pauses_json: str | None = None
+
+    @property
+    def pauses(self) -> list[dict[str, Any]]:
+        """Intervals written as silence (start, end ISO-8601 UTC; who asked)."""
+        value: list[dict[str, Any]] = json.loads(self.pauses_json or "[]")
+        return value
 
     @property
     def duration_ms(self) -> int:

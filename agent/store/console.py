@@ -13,6 +13,7 @@ which checks the person's role and team.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -66,6 +67,14 @@ def info_of(row: RecordingRow) -> pb.RecordingInfo:
         sha256=row.sha256,
         channels=row.channels,
         region=row.region,
+        pauses=[
+            pb.Pause(
+                start=timestamp(dt.datetime.fromisoformat(p["start"])),
+                end=timestamp(dt.datetime.fromisoformat(p["end"])),
+                who=p["who"],
+            )
+            for p in row.pauses
+        ],
     )
     return pb.RecordingInfo(
         manifest=manifest,

@@ -120,6 +120,7 @@ class StoreServer:
         public = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[boundary])
         pb_grpc.add_IngestServicer_to_server(ingest, public)
         live = LiveStore(catalog, vault, cfg.incoming_dir)
+        ingest.destroy_live = live.destroy  # a discarded call's live segments go too
         self._archiver = LiveArchiver(live, cfg.live_timeout_s, cfg.live_encoders)
         self._live = LiveService(ingest, live, self._archiver)
         pb_grpc.add_LiveServicer_to_server(self._live, public)

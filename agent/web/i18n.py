@@ -45,6 +45,7 @@ TEXT: dict[str, dict[str, str]] = {
     "inbound": {"fi": "Saapuva", "en": "Inbound"},
     "outbound": {"fi": "Lähtevä", "en": "Outbound"},
     "flags": {"fi": "Merkinnät", "en": "Flags"},
+    "paused": {"fi": "Tauot (hiljaisuutta)", "en": "Paused (silence)"},
     "customer": {"fi": "Asiakas", "en": "Customer"},
     "masked_hint": {"fi": "esim. +358401234***", "en": "e.g. +358401234***"},
     "service_number": {"fi": "Palvelunumero", "en": "Service number"},
@@ -194,6 +195,7 @@ FLAGS: dict[str, dict[str, str]] = {
     "silent_customer": {"fi": "asiakkaan kanava hiljainen", "en": "customer channel silent"},
     "silent_employee": {"fi": "työntekijän kanava hiljainen", "en": "employee channel silent"},
     "length_mismatch": {"fi": "kanavat eripituiset", "en": "channels differ in length"},
+    "paused": {"fi": "tallennus tauotettu", "en": "recording paused"},
 }
 
 

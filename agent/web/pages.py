@@ -194,15 +194,37 @@ def details(view: apb.RecordingView, zone: ZoneInfo, lang: str) -> dict[str, Any
         }
         for i, e in enumerate(view.info.manifest.employees)
     ]
-    # Marked intervals on the waveform: [{"start_s", "end_s", "label"}] (the hook for
-    # pauses in the recording; none are known to the web yet).
-    row["marks"] = []
+    row["pauses"] = pause_marks(view.info.manifest)
+    # Marked intervals on the waveform (player.js): the recording's pauses.
+    row["marks"] = [
+        {"start_s": p["start_s"], "end_s": p["end_s"], "label": f"{p['label']} ({p['who']})"}
+        for p in row["pauses"]
+    ]
     row["destroy_after"] = (
         timefmt.show_date(view.destroy_after.ToDatetime(dt.UTC), zone)
         if view.HasField("destroy_after")
         else ""
     )
     return row
+
+
+def pause_marks(m: pb.Manifest) -> list[dict[str, Any]]:
+    """The recording's pauses for the page: offsets as m:ss, who asked, and where they
+    lie on the waveform (``x``, ``w`` in thousandths of the recording's length)."""
+    start = m.started_at.ToMilliseconds()
+    length = max(1, m.ended_at.ToMilliseconds() - start)
+    marks = []
+    for p in m.pauses:
+        begin, end = p.start.ToMilliseconds() - start, p.end.ToMilliseconds() - start
+        marks.append({
+            "label": f"{timefmt.duration(begin)}-{timefmt.duration(end)}",
+            "who": p.who,
+            "start_s": begin / 1000,
+            "end_s": end / 1000,
+            "x": round(1000 * begin / length, 1),
+            "w": round(max(2.0, 1000 * (end - begin) / length), 1),
+        })  # fmt: skip
+    return marks
 
 
 @signed_in

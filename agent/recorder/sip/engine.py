@@ -11,11 +11,19 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pjsua2 as pj
 
 from agent import logs, metrics
-from agent.capture import CaptureMeta, Flag, iso_ms, new_recording_id, utc_now, write_meta
+from agent.capture import (
+    CaptureMeta,
+    Flag,
+    iso_ms,
+    new_recording_id,
+    utc_now,
+    write_meta,
+)
 from agent.config import AgentConfig
 from agent.directory import LiveDirectory
 from agent.recorder.diskspace import (
@@ -35,6 +43,7 @@ from agent.recorder.session import (
     new_meta,
     open_files,
 )
+from agent.recorder.sip import commands
 from agent.recorder.sip.endpoint import (
     CLOCK_RATE,
     LogWriter,
@@ -47,6 +56,7 @@ from agent.recorder.sip.endpoint import (
 log = logs.get_logger("agent.recorder.sip")
 
 STATS_INTERVAL_S = 1.0
+ACTIVE_POLL_MS = 200  # the loop's longest wait while calls run, should a control wake-up be lost
 CLOSE_WAIT_S = 5.0  # for pjsua to close a leg's WAV file after the call
 FINISH_RETRY_S = 1.0  # a capture that could not be closed (full disk) is tried again
 _UPDATE_METHODS = ("INVITE", "UPDATE")
@@ -167,6 +177,8 @@ class CallSession:
     owner: CaptureOwner | None = field(default=None, repr=False)  # the capture's lock
     leg_sizes: dict[str, int] = field(default_factory=dict)  # at the last look
     retry_at: float = 0.0  # closing failed (a full disk): try again then
+    resume_at: float = 0.0  # a resume waits out the jitter buffers until then (commands)
+    on_sink: bool = False  # the streams play into the null sound device (paused)
 
     def disconnected(self, at: dt.datetime) -> None:
         """From ``onCallState``: release the Call now (see the module docstring)."""
@@ -293,9 +305,15 @@ class SipEngine:
         """One turn of the loop: pjsip events, then ours, then the RTP watchdog."""
         assert self._ep is not None
         closing = any(s.retry_at == 0.0 for s in self._closing)
-        self._ep.libHandleEvents(min(timeout_ms, 10) if closing else timeout_ms)
+        if self._sessions:
+            timeout_ms = min(timeout_ms, ACTIVE_POLL_MS)
+        resuming = [s for s in self._sessions if s.resume_at]
+        self._ep.libHandleEvents(min(timeout_ms, 10) if closing or resuming else timeout_ms)
         self._drain_events()
         self._move_closed()
+        for session in resuming:
+            if time.monotonic() >= session.resume_at:
+                self._connect_media(session)
         now = time.monotonic()
         if now >= self._next_stats:
             self._next_stats = now + STATS_INTERVAL_S
@@ -470,6 +488,14 @@ class SipEngine:
         call, plan, directory = session.call, session.plan, session.directory
         if call is None or plan is None or directory is None:
             return
+        self._follow_src_pause(session, call)
+        if session.resume_at > time.monotonic():
+            return  # resuming: the jitter buffers still hold what was said in the pause
+        session.resume_at = 0.0
+        if session.meta is not None and (session.meta.paused or not session.recorders):
+            commands.mute(session)  # a re-INVITE's new stream port too: off, on the sink
+            return  # paused (or discarded): the streams stay off the recorders
+        commands.unmute(session)
         info = call.getInfo()  # keep it alive: .media points into it (SWIG)
         for media in info.media:
             leg = plan.legs.get(media.index)
@@ -480,6 +506,29 @@ class SipEngine:
                 continue
             # Re-connect on every media change: a re-INVITE may give the stream a new slot.
             call.getAudioMedia(media.index).startTransmit(recorder)
+
+    def _follow_src_pause(self, session: CallSession, call: _Call) -> None:
+        """a=inactive on every recorded stream from the SRC is a pause (who "src")."""
+        if session.meta is not None and session.answered_mono:
+            commands.follow_src(session, bool(self._receiving(call, session)))
+
+    def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A command of the agent's control API for one call of this worker (see
+        :mod:`agent.recorder.control.channel`): its reply, with the call's status."""
+        rid = request.get("recording_id")
+        session = next(
+            (s for s in self._sessions if s.meta is not None and s.meta.recording_id == rid),
+            None,
+        )
+        if session is None or session.call is None:
+            ended = session is not None or any(
+                s.meta is not None and s.meta.recording_id == rid for s in self._closing
+            )
+            if ended:
+                return {"status": 409, "error": "the call has ended"}
+            return {"status": 404, "error": "no live call with that recording id here"}
+        error = commands.run_command(session, request, self._connect_media)
+        return error if error is not None else commands.status_reply(session)
 
     def _update(self, session: CallSession) -> None:
         """Merge the metadata of re-INVITEs/UPDATEs received since the last turn."""

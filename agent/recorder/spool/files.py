@@ -45,6 +45,7 @@ from typing import Any, BinaryIO
 from agent.capture import CUSTOMER_LEG, EMPLOYEE_LEG, MIXED_LEG, Direction
 from agent.privacy import Protector
 from agent.recorder.spool.index import Stat
+from agent.recorder.spool.pauses import PauseError, parse_pauses
 from agent.redaction import redact_numbers
 
 with warnings.catch_warnings():  # deprecated in 3.11, gone in 3.13 (pydub needs it too)
@@ -57,7 +58,7 @@ MAX_SIDECAR_BYTES = 64 * 1024
 CHUNK_BYTES = 64 * 1024
 _WAV_CODECS = {1: 16, 6: 8, 7: 8}  # PCM, A-law, µ-law → required bits per sample
 _KEYS = {"version", "call_id", "started_at", "ended_at", "direction", "customer"}
-_KEYS |= {"service", "employee", "audio"}
+_KEYS |= {"service", "employee", "audio", "pauses"}
 
 
 class SpoolError(ValueError):
@@ -79,6 +80,7 @@ class Sidecar:
     layout: str  # "pair" | "stereo" | "mixed"
     files: tuple[str, ...]  # pair: (customer, employee); else one file
     customer_channel: int = 0  # stereo: 0 = left, 1 = right
+    pauses: tuple[tuple[dt.datetime, dt.datetime], ...] = ()  # the PBX's own (spool.pauses)
 
 
 def parse_sidecar(text: str) -> Sidecar:
@@ -107,6 +109,10 @@ def parse_sidecar(text: str) -> Sidecar:
     except ValueError:
         raise SpoolError("direction: expected inbound, outbound or unknown") from None
     layout, files, channel = _audio_spec(doc.get("audio"))
+    try:
+        pauses = parse_pauses(doc.get("pauses"), started, ended, _time)
+    except PauseError as exc:
+        raise SpoolError(str(exc)) from None
     return Sidecar(
         call_id,
         started,
@@ -118,6 +124,7 @@ def parse_sidecar(text: str) -> Sidecar:
         layout,
         files,
         channel,
+        pauses,
     )
 
 

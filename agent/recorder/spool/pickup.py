@@ -74,6 +74,7 @@ from agent.recorder.spool.files import (
     stat_key,
 )
 from agent.recorder.spool.index import SpoolIndex, Stat
+from agent.recorder.spool.pauses import as_pauses, silence
 
 log = logs.get_logger(__name__)
 
@@ -403,6 +404,8 @@ class SpoolPickup:
             if (same := self.index.same_call(ref)) is not None:
                 log.warning("spool_same_call_id", call_ref=ref, earlier=same, action="take")
             meta = self._meta(rid, car, converted, ref)
+            for leg in converted.legs:  # the PBX's pauses: silence, whatever it wrote
+                silence(staging / leg, car.started_at, car.pauses)
             write_meta(staging, meta)
             fsync_dir(staging)
             self.index.take(rid, ref, converted.sha256, keys, self.spool.owned)
@@ -437,7 +440,8 @@ class SpoolPickup:
                 Employee(e.id, e.name, e.aor, joined, e.team) for e in parties.employees
             ),
             legs=converted.legs,
-            flags=tuple(dict.fromkeys(flags)),
+            flags=tuple(dict.fromkeys((*flags, *((Flag.PAUSED,) if car.pauses else ())))),
+            pauses=as_pauses(car.pauses),
         )
 
     def _quarantine(

@@ -29,6 +29,7 @@ from agent import logs, metrics
 from agent.capture import quarantine
 from agent.certs import channel_credentials, load_cert, site_of
 from agent.config import ConfigError, UplinkConfig, check_transport
+from agent.manifest import DISCARDED
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import check_private_file
@@ -61,6 +62,7 @@ ENTRY_LEVEL = {
 TRANSIENT = STORE_LEVEL | ENTRY_LEVEL
 ENTRY_ATTEMPTS_PER_PASS = 5
 QUERY_TIMEOUT_S = 10.0
+ENTRY_LOCK_WAIT_S = 10.0  # for a control API's rewrite of the manifest (milliseconds)
 MIN_UPLOAD_RATE = 256 * 1024  # bytes/s: the upload deadline assumes at least this
 
 _SERVICE_CONFIG = json.dumps(
@@ -245,7 +247,14 @@ class Uplink:
         progress, backoff = _Progress(), Backoff(cap_s=self.config.backoff_max_s)
         while self.gate.wait():
             try:
-                self._upload_once(entry, progress)
+                # Under the entry's lock, read afresh: the control API may have bound an
+                # employee to it (agent.recorder.control.desk).
+                with self.outbox.locked(recording_id, ENTRY_LOCK_WAIT_S) as held:
+                    fresh = self._open(recording_id) if held else None
+                    if fresh is None:
+                        return  # gone (uploaded by another pass), or left for the rescan
+                    entry = fresh
+                    self._upload_once(entry, progress)
                 self.gate.succeeded()
                 self.reachability.answered()
                 return
@@ -286,6 +295,11 @@ class Uplink:
     def _upload_once(self, entry: OutboxEntry, progress: _Progress) -> None:
         rid = entry.manifest.recording_id
         progress.attempts += 1
+        if DISCARDED in entry.manifest.flags:  # no audio: the store is told, and keeps a trace
+            request = pb.DiscardRequest(manifest=entry.manifest)
+            receipt = self.stub.Discard(request, timeout=QUERY_TIMEOUT_S)
+            self._done(entry, receipt, progress, resumed_at=0)
+            return
         status = self.stub.QueryUpload(
             pb.QueryUploadRequest(recording_id=rid), timeout=QUERY_TIMEOUT_S
         )

@@ -34,7 +34,7 @@ from pathlib import Path
 import grpc
 
 from agent import logs, metrics
-from agent.capture import CUSTOMER_LEG, EMPLOYEE_LEG, CaptureMeta, quarantine, read_meta
+from agent.capture import CUSTOMER_LEG, EMPLOYEE_LEG, CaptureMeta, Flag, quarantine, read_meta
 from agent.config import AgentConfig
 from agent.manifest import manifest_from_capture
 from agent.pb.callrec.v1 import recordings_pb2 as pb
@@ -221,9 +221,11 @@ class LiveUplink:
     def handles(self, recording_id: str) -> bool:
         """Whether a ready capture goes the live way (SIPREC and plain; not spool)."""
         try:
-            return read_meta(self.ready_root / recording_id).source != "spool"
+            meta = read_meta(self.ready_root / recording_id)
         except (OSError, ValueError, KeyError, TypeError):
             return False  # finalize quarantines what it cannot read
+        # A discarded call goes the file way: its tombstone is an Ingest.Discard.
+        return meta.source != "spool" and Flag.DISCARDED not in meta.flags
 
     def finish(self, recording_id: str) -> None:
         """A hung-up capture: its tail, then Finish; deleted once the store has it all."""

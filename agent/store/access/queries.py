@@ -214,6 +214,7 @@ def package_metadata(rows: Sequence[RecordingRow], generated_ms: int) -> str:
             "audio_sha256": row.sha256,
             "restricted": row.restricted,
             "legal_hold": row.legal_hold,
+            "pauses": row.pauses,  # written as silence: start, end (UTC), who asked
         }
         for row in rows
     ]

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ from agent.manifest import (
     ClockAhead,
     ManifestError,
     employees_json,
+    pauses_json,
+    validate_discard_manifest,
     validate_manifest,
 )
 from agent.pb.callrec.v1 import recordings_pb2 as pb
@@ -50,6 +52,7 @@ from agent.store.archive.crypto import CryptoError
 from agent.store.archive.residency import DEFAULT_ALLOWED_REGIONS, region_allowed
 from agent.store.archive.vault import KeyShredded, SourceMismatch, Vault
 from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
+from agent.store.ingest import discards
 from agent.store.ingest.denylist import DenyList
 from agent.store.ingest.limits import LimitExceeded, Limits, UploadLimits
 from agent.store.ingest.partials import FilePartials, Partials, PartSink
@@ -102,6 +105,7 @@ class IngestService(pb_grpc.IngestServicer):
         partials: Partials | None = None,
     ) -> None:
         self.seal_key_file = seal_key_file  # to check that each sealed tail opens
+        self.destroy_live: Callable[[str], int] | None = None  # LiveStore.destroy (server)
         self._seal = SealCache(seal_key_file) if seal_key_file is not None else None
         self.catalog = catalog
         self.idle_timeout_s = idle_timeout_s
@@ -137,6 +141,32 @@ class IngestService(pb_grpc.IngestServicer):
             )
         size = await asyncio.to_thread(self.partials.committed_size, request.recording_id, site)
         return pb.QueryUploadResponse(committed_size=size)
+
+    async def Discard(
+        self, request: pb.DiscardRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UploadReceipt:
+        """A call stopped and discarded at the customer's request (agent.store.ingest.discards)."""
+        site = await self._peer_site(context)
+        manifest = request.manifest
+        try:
+            validate_discard_manifest(manifest)
+        except ManifestError as exc:
+            rid = manifest.recording_id[:32]
+            log.warning("discard_refused", recording_id=rid, reason=str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"manifest: {exc}")
+        await self._check_site(manifest, site, context)
+        rid = manifest.recording_id
+        actor = f"agent:{site or manifest.site}"
+        try:
+            async with self._exclusive(manifest.recording_id):
+                row = await asyncio.to_thread(
+                    discards.discard, self.catalog, manifest, self.partials, actor
+                )
+                if self.destroy_live is not None:  # what it streamed live, if it did
+                    await asyncio.to_thread(self.destroy_live, manifest.recording_id)
+        except UploadRejected as exc:
+            await context.abort(exc.code, str(exc))
+        return discards.receipt(row)
 
     async def _peer_site(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
         """The site of the caller's certificate (None when the store runs without TLS)."""
@@ -470,6 +500,8 @@ class IngestService(pb_grpc.IngestServicer):
             ) from None
         if not inserted:
             self.vault.discard(rid, blob_key)  # an earlier commit won; keep its copy
+        elif manifest.pauses:
+            discards.audit_pauses(self.catalog, manifest)
         self.partials.discard(rid)
         stored = self.catalog.get(rid)
         assert stored is not None
@@ -524,6 +556,7 @@ def row_from_manifest(m: pb.Manifest, blob_key: str, region: str) -> RecordingRo
         blob_key=blob_key,
         region=region,
         stored_at_ms=now_ms(),
+        pauses_json=pauses_json(m) if m.pauses else None,
     )
 
 

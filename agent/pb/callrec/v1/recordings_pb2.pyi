@@ -143,6 +143,7 @@ class Manifest(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     CHANNELS_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
+    PAUSES_FIELD_NUMBER: _builtins.int
     recording_id: _builtins.str
     """32 lower-case hex digits, chosen by the agent"""
     site: _builtins.str
@@ -178,6 +179,10 @@ class Manifest(_message.Message):
     def employees(self) -> _containers.RepeatedCompositeFieldContainer[Global___Employee]: ...
     @_builtins.property
     def flags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def pauses(self) -> _containers.RepeatedCompositeFieldContainer[Global___Pause]:
+        """intervals written as silence (the "paused" flag)"""
+
     def __init__(
         self,
         *,
@@ -197,14 +202,71 @@ class Manifest(_message.Message):
         sha256: _builtins.str = ...,
         channels: _builtins.int = ...,
         region: _builtins.str = ...,
+        pauses: _abc.Iterable[Global___Pause] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "ended_at", b"ended_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_format", b"audio_format", "call_ref", b"call_ref", "channels", b"channels", "customer", b"customer", "direction", b"direction", "employees", b"employees", "ended_at", b"ended_at", "flags", b"flags", "recording_id", b"recording_id", "region", b"region", "service_number", b"service_number", "sha256", b"sha256", "site", b"site", "size", b"size", "source", b"source", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio_format", b"audio_format", "call_ref", b"call_ref", "channels", b"channels", "customer", b"customer", "direction", b"direction", "employees", b"employees", "ended_at", b"ended_at", "flags", b"flags", "pauses", b"pauses", "recording_id", b"recording_id", "region", b"region", "service_number", b"service_number", "sha256", b"sha256", "site", b"site", "size", b"size", "source", b"source", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Manifest: _TypeAlias = Manifest  # noqa: Y015
+
+@_typing.final
+class Pause(_message.Message):
+    """An interval of the recording written as silence: a pause through the agent's control
+    API ("api:<integration>"), the recording client's a=inactive ("src") or the PBX's
+    own pause in a spool sidecar ("pbx").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    WHO_FIELD_NUMBER: _builtins.int
+    who: _builtins.str
+    @_builtins.property
+    def start(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def end(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        start: _timestamp_pb2.Timestamp | None = ...,
+        end: _timestamp_pb2.Timestamp | None = ...,
+        who: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start", "who", b"who"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Pause: _TypeAlias = Pause  # noqa: Y015
+
+@_typing.final
+class DiscardRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MANIFEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def manifest(self) -> Global___Manifest:
+        """The call's manifest without audio (audio_format "", size 0, sha256 ""): flags
+        hold "discarded".
+        """
+
+    def __init__(
+        self,
+        *,
+        manifest: Global___Manifest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DiscardRequest: _TypeAlias = DiscardRequest  # noqa: Y015
 
 @_typing.final
 class Chunk(_message.Message):

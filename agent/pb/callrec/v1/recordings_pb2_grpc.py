@@ -44,6 +44,11 @@ class IngestStub:
                 request_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.QueryUploadRequest.SerializeToString,
                 response_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.QueryUploadResponse.FromString,
                 _registered_method=True)
+        self.Discard = channel.unary_unary(
+                '/callrec.v1.Ingest/Discard',
+                request_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.DiscardRequest.SerializeToString,
+                response_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.UploadReceipt.FromString,
+                _registered_method=True)
 
 
 class IngestServicer:
@@ -63,6 +68,15 @@ class IngestServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Discard(self, request, context):
+        """A recording stopped and discarded at the customer's request: the store removes
+        whatever it holds of the recording id (partial upload, blob) and keeps a catalog
+        entry without audio, audited. Idempotent; the receipt has no sha256 and size 0.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +89,11 @@ def add_IngestServicer_to_server(servicer, server):
                     servicer.QueryUpload,
                     request_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.QueryUploadRequest.FromString,
                     response_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.QueryUploadResponse.SerializeToString,
+            ),
+            'Discard': grpc.unary_unary_rpc_method_handler(
+                    servicer.Discard,
+                    request_deserializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.DiscardRequest.FromString,
+                    response_serializer=agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.UploadReceipt.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +150,33 @@ class Ingest:
             '/callrec.v1.Ingest/QueryUpload',
             agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.QueryUploadRequest.SerializeToString,
             agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.QueryUploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Discard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/callrec.v1.Ingest/Discard',
+            agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.DiscardRequest.SerializeToString,
+            agent_dot_pb_dot_callrec_dot_v1_dot_recordings__pb2.UploadReceipt.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,11 @@ class IngestStub:
     """Client stream: UploadRequest{manifest}, UploadRequest{chunk}…, UploadRequest{finish}."""
     QueryUpload: _grpc.UnaryUnaryMultiCallable[_recordings_pb2.QueryUploadRequest, _recordings_pb2.QueryUploadResponse]
     """How many bytes of this recording the store holds durably (and the receipt if done)."""
+    Discard: _grpc.UnaryUnaryMultiCallable[_recordings_pb2.DiscardRequest, _recordings_pb2.UploadReceipt]
+    """A recording stopped and discarded at the customer's request: the store removes
+    whatever it holds of the recording id (partial upload, blob) and keeps a catalog
+    entry without audio, audited. Idempotent; the receipt has no sha256 and size 0.
+    """
 
 @_typing.type_check_only
 class IngestAsyncStub(IngestStub):
@@ -54,6 +59,11 @@ class IngestAsyncStub(IngestStub):
     """Client stream: UploadRequest{manifest}, UploadRequest{chunk}…, UploadRequest{finish}."""
     QueryUpload: _aio.UnaryUnaryMultiCallable[_recordings_pb2.QueryUploadRequest, _recordings_pb2.QueryUploadResponse]  # type: ignore[assignment]
     """How many bytes of this recording the store holds durably (and the receipt if done)."""
+    Discard: _aio.UnaryUnaryMultiCallable[_recordings_pb2.DiscardRequest, _recordings_pb2.UploadReceipt]  # type: ignore[assignment]
+    """A recording stopped and discarded at the customer's request: the store removes
+    whatever it holds of the recording id (partial upload, blob) and keeps a catalog
+    entry without audio, audited. Idempotent; the receipt has no sha256 and size 0.
+    """
 
 class IngestServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -71,6 +81,17 @@ class IngestServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_recordings_pb2.QueryUploadResponse, _abc.Awaitable[_recordings_pb2.QueryUploadResponse]]:
         """How many bytes of this recording the store holds durably (and the receipt if done)."""
+
+    @_abc_1.abstractmethod
+    def Discard(
+        self,
+        request: _recordings_pb2.DiscardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_recordings_pb2.UploadReceipt, _abc.Awaitable[_recordings_pb2.UploadReceipt]]:
+        """A recording stopped and discarded at the customer's request: the store removes
+        whatever it holds of the recording id (partial upload, blob) and keeps a catalog
+        entry without audio, audited. Idempotent; the receipt has no sha256 and size 0.
+        """
 
 def add_IngestServicer_to_server(servicer: IngestServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
