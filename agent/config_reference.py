@@ -135,6 +135,13 @@ AGENT: Sections = {
         Key("orphan_timeout", '"10m"', "a sidecar without its audio (or audio without one)"),
         Key("rescan", '"30s"', "how often the spool is scanned"),
     ),
+    "control": (
+        Key("listen", '"127.0.0.1:8470"', "the recording control API; loopback unless TLS"),
+        Key("tokens_file", "(unset)", '"<integration> <sha256 of the token>" per line'),
+        Key("ca_file", "(unset)", "mutual TLS: the integrations' CA; with cert_file, key_file"),
+        Key("cert_file", "(unset)", "the API's certificate (PEM)"),
+        Key("key_file", "(unset)", "its private key (PEM)"),
+    ),
     "log": LOG,
 }
 

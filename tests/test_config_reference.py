@@ -113,6 +113,13 @@ live_flush = "500ms"
 [log]
 level = "debug"
 
+[control]
+listen = "192.0.2.10:8470"
+tokens_file = "control.tokens"
+ca_file = "tls/control-ca.pem"
+cert_file = "tls/control.pem"
+key_file = "tls/control.key"
+
 [spool]
 dir = "/var/spool/asterisk/monitor"
 owned = true
