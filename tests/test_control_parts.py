@@ -45,9 +45,9 @@ from agent.recorder.spool.pauses import silence
 from agent.store.archive.vault import open_storage
 from agent.store.audit import chain as audit
 from agent.store.ingest import discards
-from tests.support.faults import Pki, make_pki
+from tests.support.faults import Pki, ingest_stub, make_pki
 from tests.support.stack import Keys, agent_config
-from tests.test_ingest_limits import OTHER_SITE, limited_store, stub, upload
+from tests.test_ingest_limits import OTHER_SITE, limited_store, upload
 
 T0 = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.UTC)
 
@@ -232,7 +232,7 @@ def test_discard_at_the_store_removes_what_it_holds_and_keeps_one_audited_trace(
     tmp_path: Path, pki: Pki
 ) -> None:
     with limited_store(tmp_path, pki, upload_idle_timeout="1s") as store:
-        hel = stub(store, pki)
+        hel = ingest_stub(store, pki)
         stored = upload(hel, os.urandom(5000), "hel-1")  # e.g. a live upload finished
         partial = _discard_manifest("hel-1")
         incoming = store.config.incoming_dir
@@ -244,7 +244,7 @@ def test_discard_at_the_store_removes_what_it_holds_and_keeps_one_audited_trace(
             assert receipt == again and receipt.size == 0 and receipt.sha256 == ""
         assert list(incoming.glob(f"{partial.recording_id}*")) == []
         with pytest.raises(grpc.RpcError) as err:
-            other = stub(store, pki, OTHER_SITE)
+            other = ingest_stub(store, pki, f"agent-{OTHER_SITE}")
             other.Discard(pb.DiscardRequest(manifest=_discard_manifest("hel-1")), timeout=10)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         with_audio = _discard_manifest("hel-1")
