@@ -22,7 +22,7 @@ from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.store.archive.vault import PARTIALS_PREFIX, Storage, open_partials, open_storage
 from agent.store.ingest.partials import Partials
 from agent.store.ingest.s3_partials import S3Partials
-from tests.support.faults import Pki, make_pki
+from tests.support.faults import Pki, ingest_stub, make_pki, manifest_for
 from tests.support.services import (
     Backend,
     SeaweedFS,
@@ -32,7 +32,7 @@ from tests.support.services import (
     seaweed,  # noqa: F401 (fixture)
 )
 from tests.support.stack import InProcessStore
-from tests.test_ingest_limits import manifest_for, stub, wait_until
+from tests.test_ingest_limits import wait_until
 
 CHUNK = 64 * 1024
 SPOT = b"customer said hello "  # plaintext that is easy to spot at rest
@@ -178,14 +178,14 @@ def test_a_cut_upload_resumes_on_another_replica(
             sent.set()
             threading.Event().wait(30)  # the agent's link dies here  # fmt: skip
 
-        on_a = stub(a, pki).Upload.future(cut_stream(), timeout=60)
+        on_a = ingest_stub(a, pki).Upload.future(cut_stream(), timeout=60)
         sent.wait(20)
-        to_b = stub(b, pki)
+        to_b = ingest_stub(b, pki)
         wait_until(lambda: to_b.QueryUpload(query, timeout=10).committed_size >= 2 * 1024 * 1024)
         on_a.cancel()  # type: ignore[no-untyped-call]
         wait_until(lambda: to_b.QueryUpload(query, timeout=10).committed_size == cut_at)
         # per-request balancing: the query answered by A, the upload taken by B
-        committed = stub(a, pki).QueryUpload(query, timeout=10).committed_size
+        committed = ingest_stub(a, pki).QueryUpload(query, timeout=10).committed_size
         rest = [pb.UploadRequest(manifest=manifest)] + [
             pb.UploadRequest(chunk=pb.Chunk(offset=o, data=data[o : o + 256 * 1024]))
             for o in range(committed, len(data), 256 * 1024)
@@ -195,7 +195,7 @@ def test_a_cut_upload_resumes_on_another_replica(
         assert receipt.sha256 == hashlib.sha256(data).hexdigest()
         with pytest.raises(grpc.FutureCancelledError):
             on_a.result()
-        assert stub(a, pki).QueryUpload(query, timeout=10).complete, "A sees B's receipt"
+        assert ingest_stub(a, pki).QueryUpload(query, timeout=10).complete, "A sees B's receipt"
     storage = open_storage(a_cfg)
     try:
         row = storage.catalog.get(manifest.recording_id)
@@ -229,7 +229,7 @@ def test_a_partial_upload_that_does_not_open_is_discarded_and_sent_again(
         sealed = partials.client.get_object(Bucket=partials.bucket, Key=name)["Body"].read()
         tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])
         partials.client.put_object(Bucket=partials.bucket, Key=name, Body=tampered)
-        to_store = stub(store, pki)
+        to_store = ingest_stub(store, pki)
         assert to_store.QueryUpload(query, timeout=10).committed_size == 2 * CHUNK
         finish = pb.UploadRequest(finish=pb.Finish(size=len(data), sha256=manifest.sha256))
         rest = [pb.UploadRequest(manifest=manifest),

@@ -39,7 +39,7 @@ from agent.store.catalog import Catalog, now_ms
 from agent.store.console_gate import peer_of
 from agent.store.retention.sweeper import Sweeper
 from tests.support.access_world import PEOPLE, World, running_world
-from tests.support.faults import Pki, make_pki
+from tests.support.faults import Pki, ingest_stub, make_pki, manifest_for
 from tests.support.services import (
     free_tcp_port,
     make_row,
@@ -48,7 +48,7 @@ from tests.support.services import (
 )
 from tests.support.stack import InProcessStore, make_keys
 from tests.test_audit_chain import catalog  # noqa: F401 (fixture)
-from tests.test_ingest_limits import manifest_for, stub, upload, wait_until
+from tests.test_ingest_limits import upload, wait_until
 
 
 def cli(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -221,13 +221,13 @@ def test_the_losing_side_of_a_duplicate_race_does_not_log_stored(
             release.wait(30)
             yield pb.UploadRequest(finish=pb.Finish(size=len(data), sha256=manifest.sha256))
 
-        on_a = stub(a, pki).Upload.future(slow_requests(), timeout=60)
+        on_a = ingest_stub(a, pki).Upload.future(slow_requests(), timeout=60)
         wait_until((a_cfg.incoming_dir / f"{manifest.recording_id}.part").exists)
         requests = [pb.UploadRequest(manifest=manifest),
                     pb.UploadRequest(chunk=pb.Chunk(offset=0, data=data)),
                     pb.UploadRequest(finish=pb.Finish(size=len(data),
                                                       sha256=manifest.sha256))]  # fmt: skip
-        on_b = stub(b, pki).Upload(iter(requests), timeout=30)
+        on_b = ingest_stub(b, pki).Upload(iter(requests), timeout=30)
         release.set()
         receipt_a = on_a.result(timeout=30)
     assert receipt_a.sha256 == on_b.sha256 == hashlib.sha256(data).hexdigest()
@@ -302,7 +302,7 @@ def test_a_revoked_certificate_or_site_is_refused_at_ingest(tmp_path: Path, pki:
     config = write_store_toml(tmp_path / "store.toml", doc)
     serial = certs.serial_of(certs.load_cert(pki.directory / "agent-hel-1.pem"))
     with InProcessStore(store_config_from_dict({"store": doc}, tmp_path)) as store:
-        upload(stub(store, pki), os.urandom(3000), "hel-1")
+        upload(ingest_stub(store, pki), os.urandom(3000), "hel-1")
         cert = str(pki.directory / "agent-hel-1.pem")
         result = cli("certs", "revoke", "--config", str(config), "--cert", cert,
                      "--reason", "laptop stolen")  # fmt: skip
@@ -313,7 +313,8 @@ def test_a_revoked_certificate_or_site_is_refused_at_ingest(tmp_path: Path, pki:
             ("serial", serial, "laptop stolen")
         ]
         wait_until(lambda: _refused(store, pki), timeout=15)
-        upload(stub(store, pki, "tku-2"), os.urandom(3000), "tku-2")  # another site goes on
+        # another site goes on
+        upload(ingest_stub(store, pki, "agent-tku-2"), os.urandom(3000), "tku-2")
         assert cli("certs", "revoke", "--config", str(config), "--site", "tku-2",
                    "--reason", "office closed").returncode == 0  # fmt: skip
         wait_until(lambda: _refused(store, pki, "tku-2"), timeout=15)
@@ -330,7 +331,7 @@ def test_a_revoked_certificate_or_site_is_refused_at_ingest(tmp_path: Path, pki:
 
 def _refused(store: InProcessStore, pki: Pki, site: str = "hel-1") -> bool:
     try:
-        upload(stub(store, pki, site), os.urandom(3000), site)
+        upload(ingest_stub(store, pki, f"agent-{site}"), os.urandom(3000), site)
     except grpc.RpcError as err:
         assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err.details()
         assert "revoked" in (err.details() or "")
