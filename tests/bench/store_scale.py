@@ -215,6 +215,7 @@ def generate(
                     False,
                     None,
                     None,
+                    None,  # pauses_json: none paused
                 )
             )
             keys.append((blob_key, rid, "m1", rng.randbytes(60), stored - 1_000, None))
