@@ -66,6 +66,12 @@ def _wait_answered(pool: Pool, calls: int, timeout: float) -> None:
     assert pool.text().count("event=call_answered") >= calls, pool.tail()
 
 
+def _wait_logged(pool: Pool, line: str, after: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while line not in pool.text()[after:] and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _wait_gone(pids: list[int], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
@@ -106,6 +112,8 @@ def test_agent_killed_mid_calls_and_restarted(tmp_path: Path) -> None:
         refs = [r.call_ref for r in pool.catalog.list(limit=5000)]
         assert sorted(refs) == sorted(call_ref(r.call_id or "") for r in results), "each once"
         _wait_gone([*old_workers, old_front], timeout=20)
+        # The agent logs the replacement just after its kill: the line may trail the exit.
+        _wait_logged(pool, "event=front_stale_killed", after=killed_at, timeout=10.0)
         after = pool.text()[killed_at:]
         assert "event=previous_workers_draining" in after
         # The previous front relayed the old calls to their end (replacing it sooner
