@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import itertools
 import json
 import os
 import shlex
@@ -344,7 +345,11 @@ def test_the_readme_integration_lines_and_a_late_employee_binding_work(
     row = running.stored(results[1].call_id)
     assert [e["id"] for e in row.employees] == ["e1002"] and "employee_unknown" not in flags(row)
     assert "event=employee_bound" in running.text()
-    assert len(running.stored(results[0].call_id).pauses) == 2
+    # Two pauses, or one when the second came before the resume took effect (a resume
+    # waits out the jitter buffer): never overlapping, and the recording is stored.
+    pauses = running.stored(results[0].call_id).pauses
+    assert 1 <= len(pauses) <= 2 and all(p["end"] for p in pauses), pauses
+    assert all(a["end"] <= b["start"] for a, b in itertools.pairwise(pauses)), pauses
 
 
 def test_what_was_said_during_a_pause_is_not_written_after_it(

@@ -137,6 +137,21 @@ def test_pauses_open_and_close_once_and_the_src_closes_only_its_own() -> None:
     assert never_resumed.pauses[-1] == Pause(_at(25), _at(30), "src")
 
 
+def test_a_pause_asked_before_the_last_resume_took_effect_goes_on() -> None:
+    """Pause, resume (its end 60 ms ahead: the jitter buffer), pause again 20 ms later,
+    as the README's lines did in CI: one pause, not two overlapping ones (the store
+    refused that manifest and the recording went to quarantine)."""
+    meta = call_control.open_pause(_meta(), "api:crm", _at(10))
+    resumed = call_control.close_pause(meta, _at(10.06))
+    again = call_control.open_pause(resumed, "api:crm", _at(10.02))
+    assert again.paused and again.pauses == (Pause(_at(10), None, "api:crm"),)
+    later = call_control.open_pause(resumed, "api:crm", _at(10.5))
+    assert later.pauses == (
+        Pause(_at(10), _at(10.06), "api:crm"),
+        Pause(_at(10.5), None, "api:crm"),
+    )
+
+
 def test_a_late_employee_replaces_nobody_and_a_discard_leaves_no_legs() -> None:
     aino = Employee("e1001", "Aino Virtanen", "1001", _at(12), "sales")
     bound = call_control.bind_employee(_meta(), aino)

@@ -20,6 +20,7 @@ from agent.capture import (
     Employee,
     Flag,
     Pause,
+    parse_iso,
 )
 
 SRC = "src"  # a SIPREC a=inactive from the recording client
@@ -33,9 +34,15 @@ def valid_who(who: str) -> bool:
 
 
 def open_pause(meta: CaptureMeta, who: str, at: str) -> CaptureMeta:
-    """A pause from ``at`` on; unchanged if one is open already (idempotent)."""
+    """A pause from ``at`` on; unchanged if one is open already (idempotent). A pause
+    asked for before the last resume took effect (a resume waits out the jitter
+    buffer, so its end lies a little ahead) goes on instead: the streams were never
+    connected again, and intervals must not overlap (the store refuses them)."""
     if meta.paused:
         return meta
+    if meta.pauses and parse_iso(str(meta.pauses[-1].end)) > parse_iso(at):
+        reopened = replace(meta.pauses[-1], end=None)
+        return replace(meta, pauses=(*meta.pauses[:-1], reopened)).with_flags(Flag.PAUSED)
     pauses = (*meta.pauses, Pause(start=at, end=None, who=who))
     return replace(meta, pauses=pauses).with_flags(Flag.PAUSED)
 
