@@ -409,7 +409,13 @@ def test_two_sweepers_at_once_destroy_each_recording_exactly_once(
     work.mkdir()
     expired = {seed(storage, work, _months_ago(7)).recording_id for _ in range(300)}
     logs = [(tmp_path / f"sweeper-{i}.log").open("wb") for i in range(2)]
-    procs = [subprocess.Popen(_sweep_cmd(config), cwd=REPO, stdout=f, stderr=f) for f in logs]
+    # A gate: the catalog's recordings table is locked until both sweepers wait on it, so
+    # a slow start of one (a busy host) can't let the other finish alone.
+    with storage.catalog.engine.connect() as gate:
+        gate.execute(sa.text("LOCK TABLE recordings IN ACCESS EXCLUSIVE MODE"))
+        procs = [subprocess.Popen(_sweep_cmd(config), cwd=REPO, stdout=f, stderr=f) for f in logs]
+        _wait_for_lock_waiters(storage, 2, procs)
+        gate.rollback()
     assert [p.wait(120) for p in procs] == [0, 0]
     for f in logs:
         f.close()
@@ -425,3 +431,15 @@ def test_two_sweepers_at_once_destroy_each_recording_exactly_once(
         )
     assert len(actors) == 2, f"the two sweepers did not overlap: {actors}"
     storage.catalog.close()
+
+
+def _wait_for_lock_waiters(storage: Storage, count: int, procs: list[subprocess.Popen[bytes]]) -> None:
+    """Wait (up to 60 s) until ``count`` PostgreSQL sessions wait on a lock."""
+    query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+    deadline = time.monotonic() + 60
+    with storage.catalog.engine.connect() as conn:
+        while conn.execute(query).scalar_one() < count:
+            assert all(p.poll() is None for p in procs), "a sweeper exited at the gate"
+            assert time.monotonic() < deadline, "the sweepers never reached the catalog"
+            conn.rollback()
+            time.sleep(0.1)

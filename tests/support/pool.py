@@ -225,10 +225,14 @@ def flags(row: RecordingRow) -> set[str]:
 
 
 def assert_times(row: RecordingRow, answered: float | None, ended: float | None) -> None:
-    """The row's times are SIPp's: the 200 OK arrived, the BYE left (±0.5 s)."""
+    """The row's times are SIPp's: the 200 OK arrived (±0.5 s), the BYE left (±1 s).
+
+    The end is when the worker read the BYE: with a dozen calls ending at once on a busy
+    two-core CI host that trailed SIPp's send by 511 ms, once.
+    """
     assert answered is not None and ended is not None
     assert abs(row.started_at_ms - answered * 1000) <= 500, (row.started_at_ms, answered)
-    assert abs(row.ended_at_ms - ended * 1000) <= 500, (row.ended_at_ms, ended)
+    assert abs(row.ended_at_ms - ended * 1000) <= 1000, (row.ended_at_ms, ended)
 
 
 def unknown_parties(row: RecordingRow) -> bool:
