@@ -30,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -46,7 +47,7 @@ WAV_HEADER = 44
 MAX_PIECE = 128 * 1024  # bytes of one leg per append (two legs fit a gRPC message)
 MAX_APPENDS_PER_PASS = 4  # catching up: up to 4 x 8 s of audio per leg per pass
 RPC_TIMEOUT_S = 10.0
-SYNC_THREADS = 8
+SYNC_THREADS = 32  # appends wait on the store's disk, not on this CPU
 FINISH_ATTEMPTS = 3
 # The store is unreachable or busy: the data stays on disk and the next pass retries.
 UNREACHABLE = {
@@ -69,6 +70,20 @@ class _Track:
     sizes: dict[str, int] | None = None  # None: ask the store (Query)
     known: bool = False  # the store has the call's row (no manifest needed)
     finished: bool = False
+    # Each leg's sha256 over the bytes read so far (the leg files only grow, so this
+    # holds whatever the store has: the Finish hashes only the rest).
+    digests: dict[str, _LegDigest] = field(default_factory=dict)
+
+
+@dataclass
+class _LegDigest:
+    digest: Any = field(default_factory=hashlib.sha256)
+    size: int = 0
+
+    def extend(self, offset: int, data: bytes) -> None:
+        if offset == self.size:
+            self.digest.update(data)
+            self.size += len(data)
 
 
 class LiveUplink:
@@ -173,6 +188,8 @@ class LiveUplink:
         appends = 0
         while final or appends < MAX_APPENDS_PER_PASS:
             pieces = _pieces(capture, legs, track.sizes)
+            for piece in pieces:
+                track.digests.setdefault(piece.leg, _LegDigest()).extend(piece.offset, piece.data)
             if not pieces and track.known:
                 break
             request = pb.LiveAppendRequest(recording_id=meta.recording_id, legs=pieces)
@@ -250,7 +267,7 @@ class LiveUplink:
         legs = _legs(meta)
         request = pb.LiveFinishRequest(manifest=self._manifest(meta, legs, final=True))
         for leg in legs:
-            size, sha256 = _leg_digest(capture / f"{leg}.wav")
+            size, sha256 = _leg_digest(capture / f"{leg}.wav", track.digests.get(leg))
             request.legs.append(pb.LegFinal(leg=leg, size=size, sha256=sha256))
         try:
             state = self.stub.Finish(request, timeout=RPC_TIMEOUT_S * 3)
@@ -326,18 +343,17 @@ def _pieces(
     return pieces
 
 
-def _leg_digest(path: Path) -> tuple[int, str]:
-    """Size and sha256 of a leg's PCM (after the header; a missing leg is empty)."""
-    digest, size = hashlib.sha256(), 0
+def _leg_digest(path: Path, running: _LegDigest | None = None) -> tuple[int, str]:
+    """Size and sha256 of a leg's PCM (after the header; a missing leg is empty),
+    continuing ``running`` (the bytes already sent) when given."""
+    digest, size = (running.digest.copy(), running.size) if running else (hashlib.sha256(), 0)
     try:
         with path.open("rb") as fh:
             fh.seek(0, 2)
-            end = fh.tell()
-            end -= (end - WAV_HEADER) % 2 if end > WAV_HEADER else 0
-            fh.seek(WAV_HEADER)
-            while size < end - WAV_HEADER and (
-                block := fh.read(min(1 << 20, end - WAV_HEADER - size))
-            ):
+            end = fh.tell() - WAV_HEADER
+            end -= end % 2 if end > 0 else 0
+            fh.seek(WAV_HEADER + size)
+            while size < end and (block := fh.read(min(1 << 20, end - size))):
                 digest.update(block)
                 size += len(block)
     except FileNotFoundError:

@@ -4,9 +4,11 @@ Each append is made durable before its offsets are acknowledged: the new bytes o
 leg are encrypted under the recording's own data key (``agent.store.crypto``; the
 recording id, leg and offset are bound into every tag) into one blob per append
 (``live-<id>-<random>``) in the blob store every replica sees, written outside any
-lock so that appends of different calls reach the disk in parallel; then, in one
-short transaction holding the recording's row lock (the write lock on SQLite), the
-leg sizes are checked again and the pieces' rows go into ``live_segments``. An append
+lock so that appends of different calls reach the disk in parallel; then, in a
+transaction holding the recording's row lock (the write lock on SQLite) and shared
+with the other appends committing at that moment (one commit for the group,
+``agent.store.live.commits``), the leg sizes are checked again and the pieces' rows
+go into ``live_segments``. An append
 that lost a race (two replicas, one retried request) deletes its blob and answers
 ABORTED. A leg's durable size is the end of its last segment, so a resume on any
 replica continues from there. (A store killed between a blob's write and its rows
@@ -47,10 +49,12 @@ from agent.store.archive.crypto import (
 from agent.store.archive.vault import Vault
 from agent.store.catalog import Catalog, live_recordings, live_segments, now_ms
 from agent.store.keys.master import key_context
+from agent.store.live.commits import GroupCommit, RunningDigests
 
 log = logs.get_logger(__name__)
 
 LEGS = {1: ("mixed",), 2: ("customer", "employee")}
+ALL_LEGS = ("mixed", "customer", "employee")
 BYTES_PER_SECOND = 16_000  # mono 16-bit PCM at 8 kHz
 MAX_LEG_BYTES = BYTES_PER_SECOND * 24 * 3600  # a call lasts at most a day
 LIVE = "live"
@@ -66,6 +70,16 @@ class LiveRejected(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+@dataclass(frozen=True)
+class _Append:
+    """One append's pieces, written to ``blob_key`` at ``placed`` (at, length)."""
+
+    rid: str
+    blob_key: str
+    plan: list[tuple[str, int, bytes]]
+    placed: list[tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -114,6 +128,8 @@ class LiveStore:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._keys: dict[str, bytes] = {}
         self._keys_lock = threading.Lock()
+        self._commits = GroupCommit(catalog.engine, LiveRejected)
+        self.digests = RunningDigests()
 
     # ------------------------------------------------------------ reading
 
@@ -172,21 +188,36 @@ class LiveStore:
     def forget_key(self, rid: str) -> None:
         with self._keys_lock:
             self._keys.pop(rid, None)
+        self.digests.forget(rid, ALL_LEGS)
 
-    def read_leg(self, row: LiveRow, leg: str, data_key: bytes | None = None) -> Iterator[bytes]:
-        """The leg's PCM as stored, segment by segment (decrypted and authenticated)."""
-        key = data_key or self.data_key(row)
+    def _segments(self, rid: str, leg: str) -> list[sa.Row[Any]]:
         with self.catalog.engine.connect() as conn:
-            segments = list(
+            return list(
                 conn.execute(
                     sa.select(live_segments)
-                    .where(live_segments.c.recording_id == row.recording_id)
+                    .where(live_segments.c.recording_id == rid)
                     .where(live_segments.c.leg == leg)
                     .order_by(live_segments.c.offset)
                 )
             )
-        expected = 0
+
+    def read_leg(
+        self,
+        row: LiveRow,
+        leg: str,
+        data_key: bytes | None = None,
+        start: int = 0,
+        segments: list[sa.Row[Any]] | None = None,
+    ) -> Iterator[bytes]:
+        """The leg's PCM as stored from ``start`` (a segment's offset), segment by
+        segment (decrypted and authenticated)."""
+        key = data_key or self.data_key(row)
+        if segments is None:
+            segments = self._segments(row.recording_id, leg)
+        expected = start
         for segment in segments:
+            if segment.offset < start:
+                continue
             if segment.offset != expected:
                 raise LiveRejected(
                     grpc.StatusCode.DATA_LOSS,
@@ -201,8 +232,17 @@ class LiveStore:
             expected += segment.length
 
     def leg_digest(self, row: LiveRow, leg: str) -> tuple[int, str]:
+        """The leg's size and sha256: from the running digest where this store saw the
+        appends (checked against the segments: the one it ends at is still there, so
+        nothing was discarded and sent again since), read back for the rest."""
+        segments = self._segments(row.recording_id, leg)
+        running = self.digests.get(row.recording_id, leg)
         digest, size = hashlib.sha256(), 0
-        for block in self.read_leg(row, leg):
+        if running is not None and any(
+            s.offset + s.length == running[1] and s.blob_key == running[2] for s in segments
+        ):
+            digest, size, _ = running
+        for block in self.read_leg(row, leg, start=size, segments=segments):
             digest.update(block)
             size += len(block)
         return size, digest.hexdigest()
@@ -236,35 +276,49 @@ class LiveStore:
 
     def append(self, row: LiveRow, pieces: list[pb.LegBytes]) -> dict[str, int]:
         """Make ``pieces`` durable; returns each leg's size after them. Bytes the store
-        already holds are skipped (a retried append), a gap is OUT_OF_RANGE."""
+        already holds are skipped (a retried append), a gap is OUT_OF_RANGE. The blob
+        is written here (appends of different calls reach the disk in parallel); its
+        rows are committed with whatever other appends wait at the same moment."""
         rid = row.recording_id
         sizes = self.sizes(rid)
         plan = [(p.leg, sizes.get(p.leg, 0), _new_bytes(p, sizes.get(p.leg, 0))) for p in pieces]
         plan = [(leg, offset, data) for leg, offset, data in plan if data]
         blob_key = f"live-{rid}-{secrets.token_hex(6)}"
         placed = self._put(self.data_key(row), rid, blob_key, plan) if plan else []
+        item = _Append(rid, blob_key, plan, placed)
         try:
-            with self.catalog.engine.begin() as conn:
-                self._lock(conn, rid)
-                sizes = self.sizes(rid, conn)
-                for (leg, offset, data), (at, length) in zip(plan, placed, strict=True):
-                    if sizes.get(leg, 0) != offset:
-                        raise LiveRejected(
-                            grpc.StatusCode.ABORTED,
-                            f"leg {leg}: another append reached {sizes.get(leg, 0)} first; "
-                            "retry from the store's size",
-                        )
-                    conn.execute(
-                        sa.insert(live_segments).values(
-                            recording_id=rid, leg=leg, offset=offset, length=len(data),
-                            blob_key=blob_key, blob_at=at, blob_length=length,
-                        )
-                    )  # fmt: skip
-                    sizes[leg] = offset + len(data)
+            return self._commits.run(
+                lambda conn: self._record(conn, item), lambda _: self._digest(item), rid
+            )
         except BaseException:
             if plan:
                 self.vault.blobs.delete(blob_key)
             raise
+
+    def _digest(self, item: _Append) -> None:
+        for leg, offset, data in item.plan:
+            self.digests.extend(item.rid, leg, offset, data, item.blob_key)
+
+    def _record(self, conn: sa.Connection, item: _Append) -> dict[str, int]:
+        """One append's segment rows, after its leg sizes are checked again under the
+        recording's row lock."""
+        self._lock(conn, item.rid)
+        sizes = self.sizes(item.rid, conn)
+        rows = []
+        for (leg, offset, data), (at, length) in zip(item.plan, item.placed, strict=True):
+            if sizes.get(leg, 0) != offset:
+                raise LiveRejected(
+                    grpc.StatusCode.ABORTED,
+                    f"leg {leg}: another append reached {sizes.get(leg, 0)} first; "
+                    "retry from the store's size",
+                )
+            rows.append({
+                "recording_id": item.rid, "leg": leg, "offset": offset, "length": len(data),
+                "blob_key": item.blob_key, "blob_at": at, "blob_length": length,
+            })  # fmt: skip
+            sizes[leg] = offset + len(data)
+        if rows:
+            conn.execute(sa.insert(live_segments), rows)
         return sizes
 
     def _lock(self, conn: sa.Connection, rid: str) -> None:
@@ -347,14 +401,17 @@ class LiveStore:
         )
         if older_than_ms is not None:
             query = query.where(live_recordings.c.last_append_ms < older_than_ms)
-        with self.catalog.engine.begin() as conn:
-            return conn.execute(query).first() is not None
+        marked: bool = self._commits.run(
+            lambda conn: conn.execute(query).first() is not None, order=rid
+        )
+        return marked
 
     def discard_audio(self, rid: str) -> None:
         """Every segment of a recording (its legs share blobs): rows, then blobs."""
         with self.catalog.engine.begin() as conn:
             keys = self._blob_keys(conn, rid)
             conn.execute(sa.delete(live_segments).where(live_segments.c.recording_id == rid))
+        self.digests.forget(rid, ALL_LEGS)
         self.vault.blobs.delete_many(keys)
         log.warning("live_audio_discarded", recording_id=rid, blobs=len(keys))
 

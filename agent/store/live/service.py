@@ -33,7 +33,7 @@ _ID = re.compile(r"[0-9a-f]{32}")
 _SHA = re.compile(r"[0-9a-f]{64}")
 MAX_LIVE_PER_SITE = 5000
 ROW_CACHE = 4096
-IO_THREADS = 8
+IO_THREADS = 32
 T = TypeVar("T")  # calls one site may stream at once (a bound, not a target)
 
 Context = grpc.aio.ServicerContext[Any, Any]
