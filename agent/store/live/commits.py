@@ -109,16 +109,24 @@ class GroupCommit:
                 self._cond.notify_all()
 
 
+def chain_step(chain: Any, offset: int, blob_key: str) -> None:
+    """A segment's identity into a leg's chain: blob keys are random per append and
+    never reused, so two equal chains name the very same segments (same bytes)."""
+    chain.update(f"{offset}:{blob_key};".encode())
+
+
 @dataclass
 class _Running:
-    digest: Any  # hashlib's sha256 object
+    digest: Any  # hashlib's sha256 over the leg's first ``size`` bytes
     size: int
-    last_blob: str  # the blob of the segment that ends at ``size``
+    chain: Any  # hashlib's sha256 over the segments it read (chain_step)
 
 
 class RunningDigests:
     """Each live leg's sha256 over its first ``size`` bytes, in memory, for at most
-    ``limit`` legs (the oldest go first: a Finish then reads the leg back)."""
+    ``limit`` legs (the oldest go first: a Finish then reads the leg back). Whoever
+    uses one checks its chain against the segments in the catalog: after a discard
+    and a resend through another replica, the same offsets are other segments."""
 
     def __init__(self, limit: int = 8192) -> None:
         self._limit = limit
@@ -129,27 +137,25 @@ class RunningDigests:
         """A segment committed here: ``data`` at ``offset`` in ``blob_key``."""
         key = (rid, leg)
         with self._lock:
-            running = self._legs.get(key)
+            running = self._legs.pop(key, None)
             if offset == 0:
-                running = _Running(hashlib.sha256(), 0, "")
+                running = _Running(hashlib.sha256(), 0, hashlib.sha256())
             elif running is None or running.size != offset:
-                self._legs.pop(key, None)  # a piece landed elsewhere: read back at Finish
-                return
+                return  # a piece landed elsewhere: the Finish reads the leg back
             running.digest.update(data)
             running.size += len(data)
-            running.last_blob = blob_key
-            self._legs.pop(key, None)
+            chain_step(running.chain, offset, blob_key)
             while len(self._legs) >= self._limit:
                 self._legs.pop(next(iter(self._legs)))
             self._legs[key] = running
 
     def get(self, rid: str, leg: str) -> tuple[Any, int, str] | None:
-        """(a copy of the digest, the bytes it covers, the blob of its last segment)."""
+        """(a copy of the digest, the bytes it covers, its chain's hex digest)."""
         with self._lock:
             running = self._legs.get((rid, leg))
             if running is None:
                 return None
-            return running.digest.copy(), running.size, running.last_blob
+            return running.digest.copy(), running.size, running.chain.hexdigest()
 
     def forget(self, rid: str, legs: Sequence[str]) -> None:
         with self._lock:

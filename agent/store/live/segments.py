@@ -49,7 +49,7 @@ from agent.store.archive.crypto import (
 from agent.store.archive.vault import Vault
 from agent.store.catalog import Catalog, live_recordings, live_segments, now_ms
 from agent.store.keys.master import key_context
-from agent.store.live.commits import GroupCommit, RunningDigests
+from agent.store.live.commits import GroupCommit, RunningDigests, chain_step
 
 log = logs.get_logger(__name__)
 
@@ -233,15 +233,19 @@ class LiveStore:
 
     def leg_digest(self, row: LiveRow, leg: str) -> tuple[int, str]:
         """The leg's size and sha256: from the running digest where this store saw the
-        appends (checked against the segments: the one it ends at is still there, so
-        nothing was discarded and sent again since), read back for the rest."""
+        appends (if its chain still names the catalog's first segments: nothing was
+        discarded and sent again since), read back for the rest."""
         segments = self._segments(row.recording_id, leg)
-        running = self.digests.get(row.recording_id, leg)
         digest, size = hashlib.sha256(), 0
-        if running is not None and any(
-            s.offset + s.length == running[1] and s.blob_key == running[2] for s in segments
-        ):
-            digest, size, _ = running
+        running = self.digests.get(row.recording_id, leg)
+        if running is not None:
+            chain = hashlib.sha256()
+            for segment in segments:
+                if segment.offset + segment.length > running[1]:
+                    break
+                chain_step(chain, segment.offset, segment.blob_key)
+            if chain.hexdigest() == running[2]:
+                digest, size, _ = running
         for block in self.read_leg(row, leg, start=size, segments=segments):
             digest.update(block)
             size += len(block)
