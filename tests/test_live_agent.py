@@ -77,3 +77,43 @@ def test_an_active_capture_streams_from_the_stores_sizes(tmp_path: Path) -> None
             leg.write(b"\1\0" * 8000)  # the call goes on: one more second on one leg
         live2.pass_once()
         assert live2.bytes_sent == SECOND
+
+
+class _Calls(grpc.UnaryUnaryClientInterceptor):
+    """The methods a channel called, in order (a real channel, only counted)."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    def intercept_unary_unary(self, continuation, details, request):
+        self.methods.append(details.method.rsplit("/", 1)[-1])
+        return continuation(details, request)
+
+
+def test_a_hang_up_after_the_stream_costs_one_round_trip(tmp_path: Path) -> None:
+    with InProcessStore(store_config(tmp_path)) as store:
+        calls = _Calls()
+        keys = make_keys(tmp_path / "keys")
+        config, _ = agent_config(tmp_path, keys, store.address, uplink={"live": True})
+        channel = grpc.intercept_channel(grpc.insecure_channel(store.address), calls)
+        live, data_dir = LiveUplink(config, channel), config.data_dir
+        rid = write_capture(data_dir, keys, seconds=3)
+        ready = data_dir / "captures" / "ready" / rid
+        active = data_dir / "captures" / "active" / "w0" / rid
+        active.parent.mkdir(parents=True)
+        shutil.move(ready, active)
+        meta = read_meta(active)
+        write_meta(active, dataclasses.replace(meta, ended_at=None))
+        live.pass_once()  # the call so far
+        for leg in ("customer", "employee"):
+            with (active / f"{leg}.wav").open("ab") as fh:
+                fh.write(b"\1\0" * 8000)  # its last second, after the last pass
+        write_meta(active, meta)
+        shutil.move(active, ready)  # hang-up
+        calls.methods.clear()
+        live.finish(rid)
+        assert calls.methods == ["Finish"]  # the tail rode in it
+        assert not ready.exists()
+        row = wait_stored(store, rid)
+        assert abs(probe(archive_audio(store, row, tmp_path / "a.ogg"))[2] - 4.0) < 0.1
+        assert live.bytes_sent == 2 * 4 * SECOND

@@ -2,10 +2,11 @@
 file blobs: appends waiting at the same moment share one transaction and each learns
 its own outcome; a Finish's sha256 comes from what the store saw as appends landed, and
 is read back from the segments when they are not the ones it saw (a discard and a
-resend through another replica)."""
+resend through another replica); a Finish carries the call's last bytes."""
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import threading
 from collections.abc import Iterator
@@ -16,11 +17,12 @@ import pytest
 import sqlalchemy as sa
 
 from agent.pb.callrec.v1 import recordings_pb2 as pb
+from agent.pb.callrec.v1.recordings_pb2_grpc import LiveStub
 from agent.store.archive.vault import Storage, open_storage
 from agent.store.live.commits import GroupCommit
 from agent.store.live.segments import LiveRejected, LiveStore
-from tests.support.stack import store_config
-from tests.test_live_store import SECOND, live_manifest, tone
+from tests.support.stack import InProcessStore, store_config
+from tests.test_live_store import SECOND, append, finish, live_manifest, tone
 
 
 @pytest.fixture
@@ -158,3 +160,50 @@ def test_an_append_after_the_finish_is_refused_alone(storage: Storage, tmp_path:
     # the refused appends' blobs are gone too
     held = [k for k in list(storage.blobs.keys()) if k.startswith(f"live-{done.recording_id}")]
     assert len(held) == 1
+
+
+def test_a_finish_appends_its_tail_first_and_keeps_it_when_bytes_are_missing(
+    tmp_path: Path,
+) -> None:
+    with (
+        InProcessStore(store_config(tmp_path)) as store,
+        grpc.insecure_channel(store.address) as channel,
+    ):
+        stub = LiveStub(channel)
+        manifest = live_manifest(tmp_path)
+        customer, employee = tone(3, 440), tone(3, 660)
+        append(
+            stub, manifest, ("customer", 0, customer[:SECOND]), ("employee", 0, employee[:SECOND])
+        )
+        final = finish_request(manifest, customer, employee)
+        # The tail reaches 2 s of 3: refused as incomplete, but what came is kept.
+        final.tail.extend(
+            pb.LegBytes(leg=leg, offset=SECOND, data=data[SECOND : 2 * SECOND])
+            for leg, data in (("customer", customer), ("employee", employee))
+        )
+        with pytest.raises(grpc.RpcError) as short:
+            stub.Finish(final, timeout=30)
+        assert short.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        state = stub.Query(pb.LiveQueryRequest(recording_id=manifest.recording_id), timeout=10)
+        assert {s.leg: s.size for s in state.legs} == {
+            "customer": 2 * SECOND,
+            "employee": 2 * SECOND,
+        }
+        del final.tail[:]
+        final.tail.extend(
+            pb.LegBytes(leg=leg, offset=SECOND, data=data[SECOND:])  # overlaps: skipped
+            for leg, data in (("customer", customer), ("employee", employee))
+        )
+        assert stub.Finish(final, timeout=30).finished
+        assert finish(stub, manifest, customer, employee).finished  # the same finish again
+
+
+def finish_request(manifest: pb.Manifest, customer: bytes, employee: bytes) -> pb.LiveFinishRequest:
+    final = pb.Manifest()
+    final.CopyFrom(manifest)
+    final.ended_at.FromDatetime(manifest.started_at.ToDatetime(dt.UTC) + dt.timedelta(seconds=6))
+    legs = [
+        pb.LegFinal(leg=leg, size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        for leg, data in (("customer", customer), ("employee", employee))
+    ]
+    return pb.LiveFinishRequest(manifest=final, legs=legs)

@@ -528,7 +528,7 @@ class AgentDaemon:
 
 # Live: a hang-up is a tail and a Finish (waiting on the network, not the CPU), so a
 # burst of hang-ups is finished by this many threads at once, not one per core.
-LIVE_FINISH_THREADS = 32
+LIVE_FINISH_THREADS = 16
 
 
 def _finalize_threads(config: AgentConfig) -> int:

@@ -47,7 +47,7 @@ WAV_HEADER = 44
 MAX_PIECE = 128 * 1024  # bytes of one leg per append (two legs fit a gRPC message)
 MAX_APPENDS_PER_PASS = 4  # catching up: up to 4 x 8 s of audio per leg per pass
 RPC_TIMEOUT_S = 10.0
-SYNC_THREADS = 32  # appends wait on the store's disk, not on this CPU
+SYNC_THREADS = 16  # appends wait on the store's disk, not on this CPU
 FINISH_ATTEMPTS = 3
 # The store is unreachable or busy: the data stays on disk and the next pass retries.
 UNREACHABLE = {
@@ -156,8 +156,9 @@ class LiveUplink:
 
     # ------------------------------------------------------------ one call
 
-    def sync(self, capture: Path, final: bool) -> bool:
-        """Send what the store lacks of this capture; True when it holds all of it."""
+    def sync(self, capture: Path, final: bool, keep_tail: bool = False) -> bool:
+        """Send what the store lacks of this capture; True when it holds all of it
+        (``keep_tail``: or when the rest fits in one message, for the Finish)."""
         track = self._track(capture.name)
         with track.lock:
             if track.finished:
@@ -167,13 +168,19 @@ class LiveUplink:
             if not final and not _has_audio(capture, legs):
                 return False  # not answered yet (or no audio yet): nothing to start
             try:
-                return self._send(capture, meta, legs, track, final)
+                return self._send(capture, meta, legs, track, final, keep_tail)
             except grpc.RpcError as exc:
                 self._failed(capture.name, track, exc)
                 return False
 
     def _send(
-        self, capture: Path, meta: CaptureMeta, legs: tuple[str, ...], track: _Track, final: bool
+        self,
+        capture: Path,
+        meta: CaptureMeta,
+        legs: tuple[str, ...],
+        track: _Track,
+        final: bool,
+        keep_tail: bool = False,
     ) -> bool:
         if track.sizes is None:
             state = self.stub.Query(
@@ -192,6 +199,8 @@ class LiveUplink:
                 track.digests.setdefault(piece.leg, _LegDigest()).extend(piece.offset, piece.data)
             if not pieces and track.known:
                 break
+            if keep_tail and track.known and all(len(p.data) < MAX_PIECE for p in pieces):
+                return True  # the rest goes with the Finish
             request = pb.LiveAppendRequest(recording_id=meta.recording_id, legs=pieces)
             if not track.known:
                 request.manifest.CopyFrom(self._manifest(meta, legs, final=False))
@@ -248,12 +257,15 @@ class LiveUplink:
         """A hung-up capture: its tail, then Finish; deleted once the store has it all."""
         capture = self.ready_root / recording_id
         started = time.monotonic()
-        for _attempt in range(FINISH_ATTEMPTS):
+        for attempt in range(FINISH_ATTEMPTS):
             if not capture.is_dir() or self.stop_event.is_set():
                 return
-            if not self.sync(capture, final=True):
+            # The first Finish carries the call's last bytes (one round trip from the
+            # hang-up); a retry appends them first (e.g. a store that ignores them).
+            with_tail = attempt == 0
+            if not self.sync(capture, final=True, keep_tail=with_tail):
                 return  # the store is away: the rescan offers it again
-            outcome = self._finish_once(capture)
+            outcome = self._finish_once(capture, with_tail)
             if outcome != "retry":
                 break
         else:
@@ -261,11 +273,16 @@ class LiveUplink:
         if outcome == "done":
             self._remove(capture, started)
 
-    def _finish_once(self, capture: Path) -> str:
+    def _finish_once(self, capture: Path, with_tail: bool) -> str:
         meta = read_meta(capture)
         track = self._track(capture.name)
         legs = _legs(meta)
         request = pb.LiveFinishRequest(manifest=self._manifest(meta, legs, final=True))
+        if with_tail:
+            with track.lock:
+                request.tail.extend(_pieces(capture, legs, track.sizes))
+            for piece in request.tail:
+                track.digests.setdefault(piece.leg, _LegDigest()).extend(piece.offset, piece.data)
         for leg in legs:
             size, sha256 = _leg_digest(capture / f"{leg}.wav", track.digests.get(leg))
             request.legs.append(pb.LegFinal(leg=leg, size=size, sha256=sha256))
@@ -286,6 +303,9 @@ class LiveUplink:
                 return "refused"
             self._failed(capture.name, track, exc)
             return "retry" if code not in UNREACHABLE else "later"
+        sent = sum(len(p.data) for p in request.tail)
+        self.bytes_sent += sent
+        metrics.UPLOAD_BYTES_SENT.inc(sent)
         track.finished = state.finished
         return "done" if state.finished else "retry"
 

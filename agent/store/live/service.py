@@ -34,6 +34,7 @@ _SHA = re.compile(r"[0-9a-f]{64}")
 MAX_LIVE_PER_SITE = 5000
 ROW_CACHE = 4096
 IO_THREADS = 32
+FINISH_THREADS = 8
 T = TypeVar("T")  # calls one site may stream at once (a bound, not a target)
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -64,12 +65,30 @@ class LiveService(pb_grpc.LiveServicer):
         # their own threads, so that many calls' appends are in flight at once (the
         # loop's default executor has cores + 4).
         self._pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="live-io")
+        # Finishes (a hang-up waits for them) never queue behind the running calls'
+        # appends: their own threads.
+        self._finish_pool = ThreadPoolExecutor(FINISH_THREADS, thread_name_prefix="live-fin")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._finish_pool.shutdown(wait=True, cancel_futures=True)
 
     async def _io(self, call: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, call, *args)
+
+    async def _finishing(self, call: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._finish_pool, call, *args)
+
+    def _finish_with_tail(
+        self,
+        row: LiveRow,
+        final: pb.Manifest,
+        legs: dict[str, tuple[int, str]],
+        tail: list[pb.LegBytes],
+    ) -> None:
+        if tail:
+            self.live.append(row, tail)
+        self.live.finish(row, final, legs)
 
     def _remember(self, row: LiveRow) -> None:
         while len(self._rows) >= ROW_CACHE:
@@ -178,7 +197,9 @@ class LiveService(pb_grpc.LiveServicer):
             if row.state != "live":
                 _check_same_finish(row, legs)
             else:
-                await self._io(self.live.finish, row, final, legs)
+                _check_pieces(row.legs, request.tail)
+                tail = list(request.tail)
+                await self._finishing(self._finish_with_tail, row, final, legs, tail)
         except LiveRejected as exc:
             await self._abort(context, exc, rid)
         self._rows.pop(rid, None)

@@ -704,21 +704,30 @@ class LiveFinishRequest(_message.Message):
 
     MANIFEST_FIELD_NUMBER: _builtins.int
     LEGS_FIELD_NUMBER: _builtins.int
+    TAIL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def manifest(self) -> Global___Manifest:
         """final: ended_at, flags, employees (size and sha256 unset)"""
 
     @_builtins.property
     def legs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LegFinal]: ...
+    @_builtins.property
+    def tail(self) -> _containers.RepeatedCompositeFieldContainer[Global___LegBytes]:
+        """The call's last bytes, appended (as by Append) before the check, so that a
+        hang-up costs one round trip. A store that ignores them answers
+        FAILED_PRECONDITION (bytes missing): the agent then appends and finishes again.
+        """
+
     def __init__(
         self,
         *,
         manifest: Global___Manifest | None = ...,
         legs: _abc.Iterable[Global___LegFinal] | None = ...,
+        tail: _abc.Iterable[Global___LegBytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["legs", b"legs", "manifest", b"manifest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["legs", b"legs", "manifest", b"manifest", "tail", b"tail"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
