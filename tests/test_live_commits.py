@@ -207,3 +207,24 @@ def finish_request(manifest: pb.Manifest, customer: bytes, employee: bytes) -> p
         for leg, data in (("customer", customer), ("employee", employee))
     ]
     return pb.LiveFinishRequest(manifest=final, legs=legs)
+
+
+def test_archiving_threads_yield_the_cpu_to_appends_and_finishes() -> None:
+    from agent.store.live.archiver import ARCHIVE_NICE, lower_priority
+
+    def nice() -> int:
+        stat = Path(f"/proc/self/task/{threading.get_native_id()}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[16])  # field 19
+
+    base = nice()
+    found: list[int] = []
+
+    def archiving() -> None:
+        lower_priority()
+        found.append(nice())
+
+    thread = threading.Thread(target=archiving)
+    thread.start()
+    thread.join(10)
+    assert found == [max(base, ARCHIVE_NICE)]
+    assert nice() == base  # only the archiving thread

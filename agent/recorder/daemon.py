@@ -526,9 +526,11 @@ class AgentDaemon:
             process.wait()
 
 
-# Live: a hang-up is a tail and a Finish (waiting on the network, not the CPU), so a
-# burst of hang-ups is finished by this many threads at once, not one per core.
-LIVE_FINISH_THREADS = 16
+# Live: a hang-up is one Finish (waiting on the network, not the CPU), so a burst of
+# hang-ups is finished by this many threads at once, not one per core (16 saturated
+# with 400 calls ending together: hang-ups waited for a thread). With the live loop's
+# 16 they stay under the store's 64 streams per connection.
+LIVE_FINISH_THREADS = 24
 
 
 def _finalize_threads(config: AgentConfig) -> int:

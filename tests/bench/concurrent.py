@@ -135,6 +135,10 @@ class Step:
     # CPU seconds over the whole step (calls placed → every call stored), children
     # (the encoders) included: "agent" = main process + workers, "store".
     cpu_s: dict[str, float] = field(default_factory=dict)
+    # Of the recordings not whole: how many hold less audio than SIPp's answer → BYE
+    # (by more than WHOLE_LENGTH_S: audio lost), the others' times are off (a worker
+    # that read the BYE late records silence up to it: nothing lost).
+    audio_short: int = 0
 
     def verdict(self) -> list[str]:
         """Why the step does not hold (empty: it holds)."""
@@ -272,6 +276,19 @@ def receipts(text: str) -> dict[str, float]:
     }
 
 
+_AUDIO = re.compile(
+    r"event=(?:recording_finalized|recording_stored) recording_id=(\S+) .*?audio_s=([\d.]+)"
+)
+
+
+def audio_seconds(pool: Pool) -> dict[str, float]:
+    """Recording id → seconds of audio: the agent's encoder (file path) or the store's
+    archiver (live path) says how much it encoded."""
+    store_log = pool.store_dir.parent / "logs" / "store.log"
+    text = pool.text() + (store_log.read_text(errors="replace") if store_log.exists() else "")
+    return {rid: float(seconds) for rid, seconds in _AUDIO.findall(text)}
+
+
 def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0) -> Step:
     calls, workers, path = step.calls, step.workers, step.path
     step.seconds = seconds
@@ -300,6 +317,7 @@ def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0)
         cpu_after = life_cpu(pool)
         step.cpu_s = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
         got = receipts(pool.text())
+        audio = audio_seconds(pool)
         step.wire_bytes = pool.proxy.bytes_up if pool.proxy else 0
         for c in answered:
             row = rows.get(c.call_id)
@@ -310,10 +328,14 @@ def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0)
             length_ok = abs(length) <= WHOLE_LENGTH_S
             if length_ok and not flags(row):
                 step.whole += 1
-            elif len(step.problems) < 5:
-                step.problems.append(
-                    f"{row.recording_id} flags={row.flags or '-'} length_off_s={length:+.2f}"
-                )
+            else:
+                heard = audio.get(row.recording_id, math.nan) - (c.bye_at - c.answered_at)
+                step.audio_short += heard < -WHOLE_LENGTH_S
+                if len(step.problems) < 5:
+                    step.problems.append(
+                        f"{row.recording_id} flags={row.flags or '-'} length_off_s={length:+.2f}"
+                        f" audio_off_s={heard:+.2f}"
+                    )
             step.archived_s.append(row.stored_at_ms / 1000 - c.bye_at)
             receipt = got.get(row.recording_id, row.stored_at_ms / 1000)
             step.safe_s.append(receipt - c.bye_at)
@@ -491,6 +513,7 @@ def as_json(step: Step) -> dict[str, object]:
         "stored": step.stored,
         "whole": step.whole,
         "length_off_over_0_2_s": step.off,
+        "not_whole_audio_short": step.audio_short,
         "streams": step.streams,
         "rx_over_sent": round(step.rx_ratio_total, 5),
         "worst_stream_rx_over_sent": round(step.rx_ratio_worst, 5),

@@ -15,9 +15,11 @@ A failed encode is logged and left: the lease expires and it is tried again.
 from __future__ import annotations
 
 import array
+import contextlib
 import datetime as dt
 import hashlib
 import io
+import os
 import subprocess
 import threading
 import time
@@ -41,6 +43,17 @@ BLOCK_BYTES = BYTES_PER_SECOND  # one second of one leg per write to the encoder
 SILENT_PEAK = 33  # |sample| below this everywhere: under -60 dBFS, a silent channel
 LENGTH_MISMATCH_BYTES = BYTES_PER_SECOND  # legs differing by more than a second
 LEASE_S = 300.0
+# Archiving is not on the hang-up's path (a call is safe once its Finish is answered):
+# its threads and encoders yield the CPU to appends and finishes (Linux: a thread has
+# its own nice value).
+ARCHIVE_NICE = 10
+
+
+def lower_priority(pid: int = 0) -> None:
+    """``pid`` (0: the calling thread) runs at ARCHIVE_NICE (best effort)."""
+    with contextlib.suppress(OSError):
+        target = pid or threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, target, ARCHIVE_NICE)
 
 
 @dataclass(frozen=True)
@@ -100,6 +113,7 @@ def encode_legs(live: LiveStore, row: LiveRow, bitrate: str, sizes: dict[str, in
         command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     ) as process:
         assert process.stdin and process.stdout and process.stderr
+        lower_priority(process.pid)
         writer = threading.Thread(
             target=_feed, args=(process.stdin, readers, peaks, failure), daemon=True
         )
@@ -125,6 +139,7 @@ def _feed(
     sink: IO[bytes], readers: list[_Reader], peaks: list[int], failure: list[BaseException]
 ) -> None:
     """Write the legs to the encoder, one second at a time (interleaved when two)."""
+    lower_priority()
     try:
         with sink:
             while blocks := [r.read(BLOCK_BYTES) for r in readers]:
@@ -212,6 +227,7 @@ class LiveArchiver:
             self.live.forget_archived()
 
     def _archive_one(self, row: LiveRow) -> None:
+        lower_priority()  # this pool's thread only archives
         try:
             self.archive(row)
         except Exception:  # left for the next lease

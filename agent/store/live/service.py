@@ -34,7 +34,7 @@ _SHA = re.compile(r"[0-9a-f]{64}")
 MAX_LIVE_PER_SITE = 5000
 ROW_CACHE = 4096
 IO_THREADS = 32
-FINISH_THREADS = 8
+FINISH_THREADS = 16
 T = TypeVar("T")  # calls one site may stream at once (a bound, not a target)
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -101,11 +101,12 @@ class LiveService(pb_grpc.LiveServicer):
         raise AssertionError("unreachable")
 
     async def _row(
-        self, rid: str, context: Context, cached: bool = False
+        self, rid: str, context: Context, cached: bool = False, finishing: bool = False
     ) -> tuple[LiveRow | None, str | None]:
         """The recording's live row (if any), after the id and the caller's site check;
         ``cached``: a live row read before will do (appends: the row lock in the
-        append's transaction checks that it is still live)."""
+        append's transaction checks that it is still live); ``finishing``: read on the
+        finishes' threads."""
         if not _ID.fullmatch(rid):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "recording_id: expected 32 hex digits"
@@ -113,7 +114,8 @@ class LiveService(pb_grpc.LiveServicer):
         site = await self.ingest.peer_site(context)
         row = self._rows.get(rid) if cached else None
         if row is None:
-            row = await self._io(self.live.get, rid)
+            run = self._finishing if finishing else self._io
+            row = await run(self.live.get, rid)
             if row is not None and row.state == "live":
                 self._remember(row)
         if row is not None and site is not None and row.site != site:
@@ -187,7 +189,7 @@ class LiveService(pb_grpc.LiveServicer):
     async def Finish(self, request: pb.LiveFinishRequest, context: Context) -> pb.LiveState:
         final = request.manifest
         rid = final.recording_id
-        row, _site = await self._row(rid, context)
+        row, _site = await self._row(rid, context, finishing=True)
         try:
             if row is None:
                 if await self._io(self.live.catalog.get, rid) is not None:
