@@ -21,13 +21,15 @@ from agent.pb.callrec.v1.recordings_pb2_grpc import LiveStub
 from agent.store.archive.vault import Storage, open_storage
 from agent.store.live.commits import GroupCommit
 from agent.store.live.segments import LiveRejected, LiveStore
+from tests.support.services import Backend, backend, postgres, seaweed  # noqa: F401 (fixtures)
 from tests.support.stack import InProcessStore, store_config
 from tests.test_live_store import SECOND, append, finish, live_manifest, tone
 
 
 @pytest.fixture
-def storage(tmp_path: Path) -> Iterator[Storage]:
-    opened = open_storage(store_config(tmp_path))
+def storage(backend: Backend) -> Iterator[Storage]:  # noqa: F811
+    """The catalog and blobs of a store: SQLite + files, PostgreSQL + S3 (SeaweedFS)."""
+    opened = open_storage(backend.config())
     try:
         yield opened
     finally:
@@ -35,10 +37,10 @@ def storage(tmp_path: Path) -> Iterator[Storage]:
 
 
 def test_works_waiting_together_share_a_commit_and_keep_their_own_outcome(
-    tmp_path: Path,
+    storage: Storage,
 ) -> None:
-    engine = sa.create_engine(f"sqlite:///{tmp_path / 'g.db'}")
-    table = sa.Table("t", sa.MetaData(), sa.Column("n", sa.Integer, primary_key=True))
+    engine = storage.catalog.engine
+    table = sa.Table("group_t", sa.MetaData(), sa.Column("n", sa.Integer, primary_key=True))
     table.metadata.create_all(engine)
     group = GroupCommit(engine, LiveRejected)
     start = threading.Barrier(40)
@@ -78,7 +80,6 @@ def test_works_waiting_together_share_a_commit_and_keep_their_own_outcome(
         group.run(duplicate)
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one() == 39
-    engine.dispose()
 
 
 def pieces(leg_bytes: bytes, offset: int) -> list[pb.LegBytes]:
