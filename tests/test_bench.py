@@ -57,6 +57,18 @@ def test_concurrent_live_path_streams_every_call() -> None:
     assert step["agent_cpu_s_per_call_minute"] > 0 and step["store_cpu_s_per_call_minute"] > 0
 
 
+def test_live_burst_finishes_every_hung_up_call() -> None:
+    """The live uplink and a store alone: every capture grew in real time, streamed,
+    hung up and was finished at the store."""
+    report = bench("live_burst", "--calls", "20", "--seconds", "3", "--rate", "20")
+    result = report["result"]
+    assert result["calls"] == result["safe"] == 20
+    # Each call's two legs grew 16 000 bytes a second for at least the 3 s it was up.
+    assert result["bytes_sent"] >= 20 * 2 * 16_000 * 3
+    assert 0 < result["hangup_to_safe_p50_s"] <= result["hangup_to_safe_p99_s"] < 30
+    assert result["store_cpu_s_per_call_minute"] > 0
+
+
 def test_store_scale_destroys_exactly_the_expired_on_both_backends() -> None:
     report = bench(
         "store_scale", "--rows", "4000", "--small-rows", "2000", "--expired", "500",
