@@ -11,13 +11,14 @@ call carries its manifest: the masked number and the sealed tail, as the file pa
 sends them (the full number never leaves the worker).
 
 At hang-up the worker moves the capture to ``captures/ready``; the finalize queue hands
-SIPREC and plain captures to :meth:`LiveUplink.finish` instead of encoding them: the
-tail goes out, then ``Live.Finish`` with the final manifest (end, flags, employees
-after a transfer) and each leg's size and sha256. Only when the store answers
-``finished`` (all bytes durable and matching) is the capture deleted. If the store is
-unreachable the capture simply stays (active or ready) and is caught up later: the
-agent keeps no encoder on this path, and there is no fallback to the file upload (so
-a recording never reaches the store twice).
+SIPREC and plain captures to :meth:`LiveUplink.finish` instead of encoding them: one
+``Live.Finish`` with the tail (the bytes the store lacks, when they fit one message),
+the final manifest (end, flags, employees after a transfer) and each leg's size and
+sha256 (hashed as the bytes were sent: only what was not is read for it). Only when
+the store answers ``finished`` (all bytes durable and matching) is the capture
+deleted. If the store is unreachable the capture simply stays (active or ready) and is
+caught up later: the agent keeps no encoder on this path, and there is no fallback to
+the file upload (so a recording never reaches the store twice).
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ class LiveUplink:
         return meta.source != "spool" and Flag.DISCARDED not in meta.flags
 
     def finish(self, recording_id: str) -> None:
-        """A hung-up capture: its tail, then Finish; deleted once the store has it all."""
+        """A hung-up capture: its Finish (with the tail); deleted once the store has it all."""
         capture = self.ready_root / recording_id
         started = time.monotonic()
         for attempt in range(FINISH_ATTEMPTS):
@@ -278,14 +279,14 @@ class LiveUplink:
         track = self._track(capture.name)
         legs = _legs(meta)
         request = pb.LiveFinishRequest(manifest=self._manifest(meta, legs, final=True))
-        if with_tail:
-            with track.lock:
+        with track.lock:  # the digests are the live loop's too
+            if with_tail:
                 request.tail.extend(_pieces(capture, legs, track.sizes))
             for piece in request.tail:
                 track.digests.setdefault(piece.leg, _LegDigest()).extend(piece.offset, piece.data)
-        for leg in legs:
-            size, sha256 = _leg_digest(capture / f"{leg}.wav", track.digests.get(leg))
-            request.legs.append(pb.LegFinal(leg=leg, size=size, sha256=sha256))
+            for leg in legs:
+                size, sha256 = _leg_digest(capture / f"{leg}.wav", track.digests.get(leg))
+                request.legs.append(pb.LegFinal(leg=leg, size=size, sha256=sha256))
         try:
             state = self.stub.Finish(request, timeout=RPC_TIMEOUT_S * 3)
         except grpc.RpcError as exc:
