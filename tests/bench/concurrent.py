@@ -139,6 +139,9 @@ class Step:
     # (by more than WHOLE_LENGTH_S: audio lost), the others' times are off (a worker
     # that read the BYE late records silence up to it: nothing lost).
     audio_short: int = 0
+    # What the calls lasted (answer → BYE, summed): every call lasts --seconds plus the
+    # ramp, so --seconds x calls understated it (by half at 400 calls placed at 20/s).
+    call_minutes: float = 0.0
 
     def verdict(self) -> list[str]:
         """Why the step does not hold (empty: it holds)."""
@@ -308,6 +311,9 @@ def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0)
         step.sender_late_s, step.sender_late_p50_s = late.max_s, late.p50_s
         step.sender_late_p99_s, step.sender_packets = late.p99_s, late.packets
         answered = [c for c in result.calls.values() if c.answered_at]
+        step.call_minutes = (
+            sum((c.bye_at or 0.0) - (c.answered_at or 0.0) for c in answered if c.bye_at) / 60
+        )
         step.answered = len(answered)
         step.refused = sum(1 for c in result.calls.values() if c.refused_status)
         last_bye = max((c.bye_at or 0.0 for c in answered), default=time.time())
@@ -472,7 +478,7 @@ def path_figures(s: Step) -> dict[str, float]:
         s.busy["workers"].pss_mb + s.busy["agent main"].pss_mb
         - s.idle["workers"].pss_mb - s.idle["agent main"].pss_mb
     )  # fmt: skip
-    minutes = max(1, s.whole) * s.seconds / 60
+    minutes = s.call_minutes or max(1, s.whole) * s.seconds / 60
     return {
         "agent_cpu_pct_per_call": agent_cpu / s.calls,
         "agent_pss_mb_per_call": agent_pss / s.calls,
