@@ -71,6 +71,18 @@ def test_works_waiting_together_share_a_commit_and_keep_their_own_outcome(
     assert stored == set(range(40)) - {7}
     assert group.groups < 40  # some waited and went in another's commit
 
+    # What runs after a commit cannot make a committed member raise.
+    def broken_after(_: int) -> None:
+        raise ValueError("after")
+
+    def insert_100(conn: sa.Connection) -> int:
+        conn.execute(sa.insert(table).values(n=100))
+        return 100
+
+    assert group.run(insert_100, broken_after) == 100
+    with engine.begin() as conn:
+        conn.execute(sa.delete(table).where(table.c.n == 100))
+
     # A transaction that fails fails every member (nothing of it is written).
     def duplicate(conn: sa.Connection) -> int:
         conn.execute(sa.insert(table).values(n=1))

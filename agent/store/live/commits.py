@@ -23,6 +23,10 @@ from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
+from agent import logs
+
+log = logs.get_logger(__name__)
+
 R = TypeVar("R")
 
 MAX_GROUP = 256  # works in one transaction (a bound on its length, not a target)
@@ -86,6 +90,27 @@ class GroupCommit:
         return result
 
     def _commit_group(self, group: list[_Slot]) -> None:
+        settled = False
+        try:
+            self._transact(group)
+            settled = True
+            for slot in group:
+                if slot.error is None and slot.after is not None:
+                    try:
+                        slot.after(slot.result)
+                    except Exception:  # committed: the member must not raise
+                        log.exception("group_commit_after_failed")
+        finally:
+            with self._cond:
+                for slot in group:
+                    if not settled and slot.error is None:
+                        slot.error = RuntimeError("group commit interrupted")
+                    slot.done = True
+                self.groups += 1
+                self._busy = False
+                self._cond.notify_all()
+
+    def _transact(self, group: list[_Slot]) -> None:
         try:
             with self._engine.begin() as conn:
                 for slot in sorted(group, key=lambda s: s.order):
@@ -96,17 +121,6 @@ class GroupCommit:
         except Exception as exc:  # noqa: BLE001 - every member raises it
             for slot in group:
                 slot.error, slot.result = slot.error or exc, None
-        try:
-            for slot in group:
-                if slot.error is None and slot.after is not None:
-                    slot.after(slot.result)
-        finally:
-            with self._cond:
-                for slot in group:
-                    slot.done = True
-                self.groups += 1
-                self._busy = False
-                self._cond.notify_all()
 
 
 def chain_step(chain: Any, offset: int, blob_key: str) -> None:
