@@ -67,6 +67,11 @@ AGENT: Sections = {
             '"fork"',
             '"fork" from one pre-imported process, or "exec" (each its own)',
         ),
+        Key(
+            "media_thread",
+            "false",
+            "true: RTP read by pjmedia's own thread (wakes 100 times a second)",
+        ),
         Key("customer_header", '"X-Callrec-Customer"', "plain INVITEs: the customer's number"),
         Key("employee_header", '"X-Callrec-Employee"', "plain INVITEs: the employee's SIP URI"),
         Key("service_header", '"X-Callrec-Service"', "plain INVITEs: the service number called"),

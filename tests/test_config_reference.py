@@ -49,6 +49,7 @@ rtp_timeout = "20s"
 max_call = "2h"
 drain = "30s"
 worker_start = "exec"
+media_thread = true
 customer_header = "X-Customer"
 employee_header = "X-Employee"
 service_header = "X-Service"

@@ -272,6 +272,13 @@ def receipts(text: str) -> dict[str, float]:
     }
 
 
+def pool_keys(way: str) -> dict[str, object]:
+    """``[sip]`` keys of a way to run workers: fork or exec, ``+thread``: RTP read by
+    pjmedia's own media thread (``media_thread = true``, as before 2026-12-02)."""
+    start, _, thread = way.partition("+")
+    return {"worker_start": start, "media_thread": thread == "thread"}
+
+
 def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0) -> Step:
     calls, workers, path = step.calls, step.workers, step.path
     step.seconds = seconds
@@ -279,7 +286,7 @@ def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0)
     ready_s = 60.0 + workers
     with running_pool(
         root / f"step{calls}-{path}-{step.start}", workers, speech, ready_timeout=ready_s,
-        sender=step.sender, rtp_timeout="10s", worker_start=step.start,
+        sender=step.sender, rtp_timeout="10s", **pool_keys(step.start),
         rtp_port_count=RTP_PORTS_PER_WORKER,
         uplink={"live": True} if path == "live" else None, proxy=True,
     ) as pool:  # fmt: skip
@@ -537,7 +544,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--start", default="fork",
                         help="how workers start: fork (the zygote), exec (each its own "
-                        "Python) or exec,fork (both at every step, back to back)")  # fmt: skip
+                        "Python) or exec,fork (both at every step, back to back); "
+                        "+thread (fork+thread,fork): with [sip] media_thread = true")  # fmt: skip
     parser.add_argument("--safe-target", type=float, default=120.0,
                         help="seconds: hang-up → safe p99 of a step that holds")  # fmt: skip
     parser.add_argument("--keep-going", action="store_true",
@@ -547,8 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     ways = args.start.split(",")
-    if not set(ways) <= {"exec", "fork"}:
-        parser.error(f"--start {args.start}: expected fork, exec or exec,fork")
+    if not set(ways) <= {"exec", "fork", "exec+thread", "fork+thread"}:
+        parser.error(f"--start {args.start}: expected fork, exec, fork+thread or a list")
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2 sockets per call here
     started = time.monotonic()

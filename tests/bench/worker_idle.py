@@ -92,7 +92,10 @@ def measure(way: str, pids: list[int], zygote: int | None, window: float) -> Idl
 
 
 def run_way(root: Path, way: str, workers: int, window: float, settle: float) -> Idle:
-    with running_pool(root / way, workers, sender="c", worker_start=way) as pool:
+    start, _, thread = way.partition("+")
+    with running_pool(
+        root / way, workers, sender="c", worker_start=start, media_thread=thread == "thread"
+    ) as pool:
         pool.wait_idle(timeout=60.0 + workers)
         time.sleep(settle)
         text = pool.text()
@@ -111,7 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=30.0, help="the measuring window")
     parser.add_argument("--settle", type=float, default=5.0, help="wait after start-up")
-    parser.add_argument("--ways", default=",".join(WAYS), help="exec, fork or both")
+    parser.add_argument(
+        "--ways", default=",".join(WAYS),
+        help="exec, fork or both; +thread (fork+thread): with [sip] media_thread = true",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     started = time.monotonic()
     results: list[Idle] = []
