@@ -69,8 +69,8 @@ AGENT: Sections = {
         ),
         Key(
             "media_thread",
-            "false",
-            "true: RTP read by pjmedia's own thread (wakes 100 times a second)",
+            "true",
+            "RTP read by pjmedia's thread; false: by the worker's (idle workers cost less)",
         ),
         Key("customer_header", '"X-Callrec-Customer"', "plain INVITEs: the customer's number"),
         Key("employee_header", '"X-Callrec-Employee"', "plain INVITEs: the employee's SIP URI"),

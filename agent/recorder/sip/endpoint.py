@@ -82,7 +82,7 @@ class LogWriter(pj.LogWriter):  # type: ignore[misc]
             pjlog.log(level, "pjsip", msg=message)
 
 
-def endpoint_config(writer: LogWriter, media_thread: bool = False) -> pj.EpConfig:
+def endpoint_config(writer: LogWriter, media_thread: bool = True) -> pj.EpConfig:
     """One thread owns pjsua2 (no worker threads, callbacks on ``libHandleEvents``).
 
     Without ``media_thread`` the media endpoint shares the SIP endpoint's ioqueue and
@@ -104,7 +104,7 @@ def endpoint_config(writer: LogWriter, media_thread: bool = False) -> pj.EpConfi
     med.sndClockRate = CLOCK_RATE
     med.channelCount = 1
     med.ecTailLen = 0
-    med.hasIoqueue = media_thread  # false: use the SIP endpoint's ioqueue …
+    med.hasIoqueue = media_thread  # false: share the SIP endpoint's ioqueue …
     med.threadCnt = 1 if media_thread else 0  # … and no thread of its own polling it
     return cfg
 
