@@ -272,11 +272,15 @@ def receipts(text: str) -> dict[str, float]:
     }
 
 
+WAYS = {f"{start}{media}" for start in ("fork", "exec") for media in ("", "+thread", "+loop")}
+
+
 def pool_keys(way: str) -> dict[str, object]:
-    """``[sip]`` keys of a way to run workers: fork or exec, ``+thread``: RTP read by
-    pjmedia's own media thread (``media_thread = true``, as before 2026-12-02)."""
-    start, _, thread = way.partition("+")
-    return {"worker_start": start, "media_thread": thread == "thread"}
+    """``[sip]`` keys of a way to run workers: fork or exec, then ``+thread`` (RTP read
+    by pjmedia's media thread: ``media_thread = true``) or ``+loop`` (by the worker's
+    own thread: ``false``); neither: the default."""
+    start, _, media = way.partition("+")
+    return {"worker_start": start, **({"media_thread": media == "thread"} if media else {})}
 
 
 def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0) -> Step:
@@ -545,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", default="fork",
                         help="how workers start: fork (the zygote), exec (each its own "
                         "Python) or exec,fork (both at every step, back to back); "
-                        "+thread (fork+thread,fork): with [sip] media_thread = true")  # fmt: skip
+                        "+thread / +loop: [sip] media_thread = true / false")  # fmt: skip
     parser.add_argument("--safe-target", type=float, default=120.0,
                         help="seconds: hang-up → safe p99 of a step that holds")  # fmt: skip
     parser.add_argument("--keep-going", action="store_true",
@@ -555,8 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     ways = args.start.split(",")
-    if not set(ways) <= {"exec", "fork", "exec+thread", "fork+thread"}:
-        parser.error(f"--start {args.start}: expected fork, exec, fork+thread or a list")
+    if not set(ways) <= WAYS:
+        parser.error(f"--start {args.start}: expected a list of {', '.join(sorted(WAYS))}")
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2 sockets per call here
     started = time.monotonic()

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.bench.common import emit
+from tests.bench.concurrent import pool_keys
 from tests.support.pool import running_pool
 
 MODULE = "tests.bench.worker_idle"
@@ -92,10 +93,7 @@ def measure(way: str, pids: list[int], zygote: int | None, window: float) -> Idl
 
 
 def run_way(root: Path, way: str, workers: int, window: float, settle: float) -> Idle:
-    start, _, thread = way.partition("+")
-    with running_pool(
-        root / way, workers, sender="c", worker_start=start, media_thread=thread == "thread"
-    ) as pool:
+    with running_pool(root / way, workers, sender="c", **pool_keys(way)) as pool:
         pool.wait_idle(timeout=60.0 + workers)
         time.sleep(settle)
         text = pool.text()
@@ -116,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=5.0, help="wait after start-up")
     parser.add_argument(
         "--ways", default=",".join(WAYS),
-        help="exec, fork or both; +thread (fork+thread): with [sip] media_thread = true",
+        help="exec, fork or both; +thread / +loop: [sip] media_thread = true / false",
     )  # fmt: skip
     args = parser.parse_args(argv)
     started = time.monotonic()
