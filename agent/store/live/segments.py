@@ -162,7 +162,8 @@ class LiveStore:
         if cached is not None:
             return cached
         context = key_context(row.recording_id, f"live-{row.recording_id}")
-        key = self.vault.wrapper.unwrap(row.key_id, row.wrapped_key, context)
+        fresh = self.get(row.recording_id) or row  # re-wrapped since (key rotation)?
+        key = self.vault.wrapper.unwrap(fresh.key_id, fresh.wrapped_key, context)
         with self._keys_lock:
             while len(self._keys) >= KEY_CACHE:
                 self._keys.pop(next(iter(self._keys)))
