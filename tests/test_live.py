@@ -271,8 +271,9 @@ def test_network_cut_mid_call_catches_up_without_duplicates(live: Live) -> None:
 def test_agent_host_lost_mid_call_the_store_finishes_it_incomplete(tmp_path: Path) -> None:
     """The whole agent host gone (main process and workers SIGKILLed): after
     live_timeout the store archives what it has, at most 2 s short of what was
-    recorded, flagged incomplete. The agent, back with its longer copy, keeps it in
-    quarantine for an operator instead of storing the call twice."""
+    recorded, flagged incomplete. The agent, back with its longer copy, appends the
+    rest: the archive is built again in place of the first (one row), with all that
+    was recorded, still flagged incomplete (the call's end was lost with the host)."""
     with live_stack(tmp_path, live_timeout="4s") as live:
         workers = re.findall(r"event=worker_started index=0 pid=(\d+)", live.agent.text())
         live.call_in_background("host-lost", call_ms=14_000)
@@ -292,10 +293,12 @@ def test_agent_host_lost_mid_call_the_store_finishes_it_incomplete(tmp_path: Pat
 
         seen = len(live.agent.text())
         live.agent.start().wait_for(r"event=agent_ready", timeout=60, after=seen)
-        live.agent.wait_for(
-            rf"event=live_finish_refused recording_id={rid}", timeout=60, after=seen
-        )
-        quarantined = tmp_path / "agent-data" / "quarantine" / rid
-        assert (quarantined / "customer.wav").exists()
-        assert "already finished" in quarantined.with_name(f"{rid}.reason").read_text()
+        live.agent.wait_for(rf"event=recording_uploaded recording_id={rid}", 60, after=seen)
+        live.store.wait_for(rf"event=live_tail_appended recording_id={rid}", timeout=60)
+        again = live.stored(rid)
+        assert again.blob_key != row.blob_key and "incomplete" in again.flags.split(",")
+        whole = live.audio_seconds(again)
+        assert abs(whole - recorded / SECOND) <= 0.2, (whole, recorded / SECOND)
         assert _rows_for(live, rid) == 1
+        assert not (tmp_path / "agent-data" / "quarantine" / rid).exists()
+        live.assert_nothing_left_on_the_agent()
