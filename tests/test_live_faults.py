@@ -8,7 +8,9 @@ audio is the whole call, without a byte twice (the store checked each leg's sha2
 against the agent's file before the agent let go of it). The store's ``live_timeout``
 is shorter than the restart, so the store has already finished the call as
 ``incomplete`` when the agent comes back: the agent's tail is appended to it and the
-archive built again, not quarantined, not stored twice."""
+archive built again, not quarantined, not stored twice.
+
+A discard through the recording control mid-call reaches the store at once."""
 
 from __future__ import annotations
 
@@ -19,11 +21,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from agent.recorder.sip import call_ref
+from agent.store.audit import chain as audit
+from agent.store.catalog import live_recordings
+from agent.store.ingest import discards
+from agent.testcall.sipp import siprec_scenario
 from tests.support.audio import decode
 from tests.support.daemons import Daemon
 from tests.support.pool import Pool, flags, running_pool
+from tests.test_control import Api, running_control
 
 pytestmark = [pytest.mark.slow, pytest.mark.sip]
 
@@ -89,3 +97,50 @@ def test_agent_main_process_sigkilled_mid_call_one_whole_recording(tmp_path: Pat
         assert [r.call_ref for r in pool.catalog.list(limit=100)] == [call_ref(result.call_id)]
         assert "event=live_finish_refused" not in pool.text()
         assert not list((pool.root / "agent-data" / "quarantine").glob("*"))
+
+
+def test_a_discard_mid_call_reaches_the_store_at_once(tmp_path: Path) -> None:
+    """The recording control's discard (issue 21) with live on: while the call is still
+    up, the store destroys what it streamed (segments and their blobs, the call's data
+    key with its row) and keeps the one catalogue entry without audio, audited; the
+    hang-up's own Discard finds it done."""
+    with running_control(tmp_path, uplink=LIVE) as (running, token):
+        api = Api(running, token)
+        store_log = running.store_dir.parent / "logs" / "store.log"
+        with ThreadPoolExecutor(1) as executor:
+            future = executor.submit(
+                running.run, siprec_scenario(running.call(call_ms=14_000)), "discard",
+                timeout_s=60,
+            )  # fmt: skip
+            call = api.live("1001")
+            rid = call["recording_id"]
+            _wait(lambda: f"event=live_started recording_id={rid}" in store_log.read_text(), 20, "")
+            time.sleep(1.5)  # a few appends: segments at the store
+            assert list(running.store_dir.rglob(f"live-{rid}-*"))
+            assert api.request("POST", "/calls/discard", {"extension": "1001"})[0] == 200
+            asked = time.monotonic()
+            catalog = running.catalog
+            _wait(lambda: discards.get(catalog, rid) is not None, 10, "no discard at the store")
+            assert time.monotonic() - asked < 5.0
+            assert not future.done(), "the call should still be up"
+            assert not list(running.store_dir.rglob(f"live-{rid}-*"))  # segments' blobs
+            with catalog.engine.connect() as conn:
+                assert (
+                    conn.execute(
+                        live_recordings.select().where(live_recordings.c.recording_id == rid)
+                    ).first()
+                    is None
+                )  # the call's data key went with its row
+            result = future.result()
+        assert result.ok, result.errors[-1500:]
+        running.agent.wait_for(rf"event=recording_uploaded recording_id={rid}", 30)
+        assert catalog.get(rid) is None
+        with catalog.engine.connect() as conn:
+            events = [(e.action, e.outcome) for e in audit.events_for(conn, rid)]
+            count = conn.execute(
+                sa.select(sa.func.count()).select_from(discards.discarded_recordings)
+            ).scalar()
+        assert events == [("discard", "discarded")] and count == 1
+        assert "event=live_discard_sent" in running.text()
+        left = [p for root in (running.root, running.store_dir) for p in root.rglob(f"*{rid}*")]
+        assert left == [], left
