@@ -302,3 +302,27 @@ def test_agent_host_lost_mid_call_the_store_finishes_it_incomplete(tmp_path: Pat
         assert _rows_for(live, rid) == 1
         assert not (tmp_path / "agent-data" / "quarantine" / rid).exists()
         live.assert_nothing_left_on_the_agent()
+
+
+def test_a_30s_network_cut_longer_than_live_timeout_ends_with_one_whole_recording(
+    tmp_path: Path,
+) -> None:
+    """The link to the store cut for 30 s (the proxy resets every connection) from 3 s
+    into a 20 s call, with live_timeout 8 s: the store finishes the call as incomplete
+    during the cut; when the link is back the agent appends the rest (the call hung up
+    meanwhile) and the archive is built again, whole, in place of the first."""
+    with live_stack(tmp_path, live_timeout="8s") as live:
+        call = live.call_in_background("cut30", call_ms=20_000)
+        rid = live.active_capture().name
+        time.sleep(3)
+        live.proxy.cut_for(30)
+        live.store.wait_for(rf"event=live_timed_out recording_id={rid}", timeout=30)
+        call.join(60)
+        assert live.calls and live.calls[0].ok, live.calls[0].errors if live.calls else "none"
+        live.store.wait_for(rf"event=live_tail_appended recording_id={rid}", timeout=90)
+        row = live.stored(rid)
+        assert row.flags == "" and abs(row.duration_ms - 20_000) <= 700, row
+        assert abs(live.audio_seconds(row) - row.duration_ms / 1000) < 0.7
+        assert _rows_for(live, rid) == 1
+        assert "event=live_store_reachable" in live.agent.text()
+        live.assert_nothing_left_on_the_agent()
