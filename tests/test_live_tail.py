@@ -4,7 +4,8 @@ live call the store finished itself as ``incomplete`` (its agent silent for
 ``live_tail_window``: appended from the store's durable sizes (bytes sent twice are
 skipped), finished with the agent's manifest, archived again in place of the first
 archive (one row, the old blob destroyed, ``incomplete`` cleared), audited. After the
-window the agent is told ALREADY_EXISTS and keeps its copy, as before."""
+window the agent is told ALREADY_EXISTS and keeps its copy, as before; an erasure
+meanwhile takes the held segments with it."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ import pytest
 
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
+from agent.store.archive.vault import open_storage
 from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog, RecordingRow, data_keys, live_segments
+from agent.store.retention.sweeper import Sweeper
 from tests.support.audio import probe
 from tests.support.stack import InProcessStore, store_config
 from tests.test_live_store import (
@@ -139,3 +142,40 @@ def test_after_the_tail_window_a_returning_agent_is_told_and_keeps_its_copy(
             finish(stub, manifest, customer + tone(1, 440), employee)
         assert late.value.code() == grpc.StatusCode.ALREADY_EXISTS
         assert wait_stored(store, rid).blob_key == first.blob_key  # unchanged
+
+
+def test_an_erased_recording_loses_its_held_segments_and_takes_no_tail(
+    store: InProcessStore, tmp_path: Path
+) -> None:
+    """A data-subject erasure of the incomplete recording while its segments are held:
+    they go at once (not at the window's end), and a returning agent is told, not taken
+    for a new call."""
+    manifest = live_manifest(tmp_path)
+    rid = manifest.recording_id
+    customer, employee = tone(2, 440), tone(2, 660)
+    with grpc.insecure_channel(store.address) as channel:
+        stub = pb_grpc.LiveStub(channel)
+        append(stub, manifest, ("customer", 0, customer), ("employee", 0, employee))
+        wait_stored(store, rid, timeout=20)
+        assert list(store.config.blobs_dir.rglob(f"live-{rid}-*"))  # held
+        storage = open_storage(store.config)
+        try:
+            assert Sweeper(storage.catalog, storage.vault, retention_months=6).destroy(rid)
+        finally:
+            storage.catalog.close()
+        deadline = time.monotonic() + 10
+        while list(store.config.blobs_dir.rglob(f"live-{rid}-*")):
+            assert time.monotonic() < deadline, "held segments outlived the erasure"
+            time.sleep(0.2)
+        assert stub.Query(pb.LiveQueryRequest(recording_id=rid), timeout=5).finished
+        with pytest.raises(grpc.RpcError) as again:  # not a new call either
+            append(stub, manifest, ("customer", 0, customer + tone(1, 440)))
+        assert again.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(grpc.RpcError) as late:
+            finish(stub, manifest, customer + tone(1, 440), employee)
+        assert late.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    catalog = Catalog(store.config.catalog_url)
+    try:
+        assert catalog.get(rid) is None
+    finally:
+        catalog.close()

@@ -50,7 +50,13 @@ def hold(live: LiveStore, row: LiveRow) -> bool:
 
 def release_held(live: LiveStore, limit: int = 100) -> int:
     """Segments of held calls past the tail window: removed (their rows stay archived,
-    to answer a late agent ALREADY_EXISTS). Returns the calls released."""
+    to answer a late agent ALREADY_EXISTS); of held calls whose recording is being
+    destroyed or gone (erased, expired): removed at once (the row stays, so that a
+    returning agent is told, not taken for a new call). Returns the calls released."""
+    gone = _destroyed(live, limit)
+    for rid in gone:
+        if (row := live.get(rid)) is not None and row.state == HELD:
+            forget_destroyed(live, row)
     cutoff = now_ms() - live.tail_window_ms
     with live.catalog.engine.connect() as conn:
         due = [
@@ -62,7 +68,7 @@ def release_held(live: LiveStore, limit: int = 100) -> int:
                 .limit(limit)
             )
         ]
-    released = 0
+    released = len(gone)
     for rid in due:
         row = live.get(rid)
         if row is not None and row.state == HELD and not live.reopenable(row):
@@ -70,6 +76,23 @@ def release_held(live: LiveStore, limit: int = 100) -> int:
             released += 1
             log.info("live_tail_window_closed", recording_id=rid)
     return released
+
+
+def _destroyed(live: LiveStore, limit: int) -> list[str]:
+    """Held calls with no recording row that is not being destroyed."""
+    kept = (
+        sa.select(recordings.c.recording_id)
+        .where(recordings.c.recording_id == live_recordings.c.recording_id)
+        .where(recordings.c.destroy_reason.is_(None))
+    )
+    query = (
+        sa.select(live_recordings.c.recording_id)
+        .where(live_recordings.c.state == HELD)
+        .where(~kept.exists())
+        .limit(limit)
+    )
+    with live.catalog.engine.connect() as conn:
+        return [rid for (rid,) in conn.execute(query)]
 
 
 def replace_archive(vault: Vault, stored: RecordingRow, new: RecordingRow) -> bool:
@@ -108,7 +131,7 @@ def replace_archive(vault: Vault, stored: RecordingRow, new: RecordingRow) -> bo
 
 
 def forget_destroyed(live: LiveStore, row: LiveRow) -> None:
-    """A reopened call whose stored recording is gone (erased, discarded): its tail is
-    not stored again; the segments go."""
+    """A held or reopened call whose stored recording is gone (erased, expired): its
+    tail is not stored again; the segments go."""
     live.remove(row)
     log.warning("live_tail_dropped", recording_id=row.recording_id, reason="recording destroyed")
