@@ -281,7 +281,7 @@ def test_a_call_whose_agent_vanished_is_finished_as_incomplete_with_its_audio(
     channels, _, seconds = probe(archive_audio(store, row, tmp_path / "a.ogg"))
     assert channels == 2 and abs(seconds - 3.0) < 0.1
     # The agent, back with a longer copy, is told to append the rest first (the tail:
-    # tests/test_live_tail.py); nothing changed meanwhile.
+    # tests/test_live_tail.py); nothing of the audio changed meanwhile.
     with pytest.raises(grpc.RpcError) as late:
         finish(stub, manifest, customer + tone(1, 440), employee)
     assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
