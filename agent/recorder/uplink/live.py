@@ -216,7 +216,10 @@ class LiveUplink:
         try:
             self.ingest.Discard(request, timeout=RPC_TIMEOUT_S)
         except grpc.RpcError as exc:
-            self._failed(meta.recording_id, track, exc)  # the next pass tries again
+            self._failed(meta.recording_id, track, exc)
+            # unreachable: the next pass tries again; refused: once (the hang-up's
+            # Discard from the outbox goes the file way, which quarantines a refusal)
+            track.discarded = exc.code() not in UNREACHABLE
             return
         track.discarded = True
         self._reachable()
