@@ -10,6 +10,8 @@ meanwhile takes the held segments with it."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import hashlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,8 @@ from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.store.archive.vault import open_storage
 from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog, RecordingRow, data_keys, live_segments
+from agent.store.live.archiver import LiveArchiver
+from agent.store.live.segments import LiveStore
 from agent.store.retention.sweeper import Sweeper
 from tests.support.audio import probe
 from tests.support.stack import InProcessStore, store_config
@@ -179,3 +183,51 @@ def test_an_erased_recording_loses_its_held_segments_and_takes_no_tail(
         assert catalog.get(rid) is None
     finally:
         catalog.close()
+
+
+def test_a_tail_before_the_first_archive_is_stored_once(tmp_path: Path) -> None:
+    """The agent comes back after the timeout but before any archiver took the call:
+    the call is reopened, finished by its agent and archived once, whole, unflagged
+    (the store's own parts, no gRPC: an archiver that is not running)."""
+    config = dataclasses.replace(store_config(tmp_path), live_timeout_s=0.0)
+    storage = open_storage(config)
+    try:
+        live = LiveStore(storage.catalog, storage.vault, tmp_path / "work")
+        archiver = LiveArchiver(live, timeout_s=0.0)
+        manifest = live_manifest(tmp_path)
+        rid = manifest.recording_id
+        customer, employee = tone(6, 440), tone(6, 660)
+        assert live.create(manifest)
+        row = live.get(rid)
+        assert row is not None
+        half = [pb.LegBytes(leg="customer", offset=0, data=customer[: 3 * SECOND])]
+        live.append(row, half)
+        time.sleep(0.01)
+        assert archiver.expire_stale() == [rid]  # finished as incomplete, not archived
+        rest = [
+            pb.LegBytes(leg="customer", offset=3 * SECOND, data=customer[3 * SECOND :]),
+            pb.LegBytes(leg="employee", offset=0, data=employee),
+        ]
+        assert live.append(row, rest) == {"customer": 6 * SECOND, "employee": 6 * SECOND}
+        reopened = live.get(rid)
+        assert reopened is not None and reopened.state == "live"
+        final = pb.Manifest()
+        final.CopyFrom(manifest)
+        final.ended_at.FromDatetime(
+            manifest.started_at.ToDatetime(dt.UTC) + dt.timedelta(seconds=6)
+        )
+        legs = {
+            leg: (len(data), hashlib.sha256(data).hexdigest())
+            for leg, data in (("customer", customer), ("employee", employee))
+        }
+        live.finish(reopened, final, legs)
+        claimed = live.claim(60.0)
+        assert claimed is not None
+        archiver.archive(claimed)
+        stored = storage.catalog.get(rid)
+        assert stored is not None and stored.flags == "" and stored.duration_ms == 6000
+        assert [r.recording_id for r in storage.catalog.list(limit=10)] == [rid]
+        gone = live.get(rid)
+        assert gone is not None and gone.state == "archived"  # not held: its agent finished it
+    finally:
+        storage.catalog.close()
