@@ -60,6 +60,7 @@ def _wait(predicate: object, timeout: float, what: str) -> None:
     raise AssertionError(what)
 
 
+@pytest.mark.alone  # a restart that races the call's end, timed like test_agent_killed
 def test_agent_main_process_sigkilled_mid_call_one_whole_recording(tmp_path: Path) -> None:
     with running_pool(
         tmp_path, workers=1, rtp_timeout="30s", uplink=LIVE, store_section={"live_timeout": "3s"}
