@@ -183,6 +183,12 @@ STORE: Sections = {
         Key("part_max_age", '"6h"', "a partial upload begun longer ago is removed"),
         Key("live_timeout", '"60s"', "a live call silent this long is finished as incomplete"),
         Key("live_encoders", "2", "archive encoders (ffmpeg) at once on this store (1…64)"),
+        Key(
+            "live_tail_window",
+            '"1h"',
+            "a call finished as incomplete by live_timeout takes its returning agent's tail "
+            "this long",
+        ),
     ),
     "store.s3": (
         Key("bucket", REQUIRED, "the bucket"),

@@ -167,6 +167,7 @@ upload_idle_timeout = "30s"
 part_max_age = "3h"
 live_timeout = "2m"
 live_encoders = 4
+live_tail_window = "30m"
 
 [store.s3]
 bucket = "recordings"
