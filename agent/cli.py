@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from agent import access_cli, certs, config_reference, keys_cli, logs, tabular
 from agent.config import (
@@ -32,7 +33,7 @@ from agent.config import (
     load_store_config,
 )
 from agent.directory import Directory, DirectoryError
-from agent.manifest import DIRECTION_NAMES
+from agent.manifest import DIRECTION_NAMES, RECORDING_FIELDS, recording_fields
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import KeyFileError, Sealer, check_private_file
@@ -241,37 +242,15 @@ def _console(store_dir: Path) -> pb_grpc.ConsoleStub:
     return pb_grpc.ConsoleStub(channel)
 
 
-CONSOLE_FIELDS = (
-    "recording_id", "started_at", "ended_at", "duration_s", "direction", "site",
-    "service_number", "customer_masked", "employee_ids", "employee_names", "audio_format",
-    "channels", "flags",
-)  # fmt: skip
-
-
 def list_recordings(store_dir: Path, limit: int, output: str = "text") -> int:
     response = _console(store_dir).ListRecordings(pb.ListRecordingsRequest(limit=limit), timeout=10)
-    rows = [_recording_row(info) for info in response.recordings]
-    tabular.emit(output, CONSOLE_FIELDS, rows, format_recordings(response.recordings))
+    rows = [recording_fields(info, _utc_ms) for info in response.recordings]
+    tabular.emit(output, RECORDING_FIELDS, rows, format_recordings(response.recordings))
     return 0
 
 
-def _recording_row(info: pb.RecordingInfo) -> dict[str, object]:
-    m = info.manifest
-    return {
-        "recording_id": m.recording_id,
-        "started_at": m.started_at.ToDatetime(dt.UTC).isoformat(timespec="milliseconds"),
-        "ended_at": m.ended_at.ToDatetime(dt.UTC).isoformat(timespec="milliseconds"),
-        "duration_s": info.duration_ms / 1000,
-        "direction": DIRECTION_NAMES[m.direction],
-        "site": m.site,
-        "service_number": m.service_number,
-        "customer_masked": m.customer.masked,
-        "employee_ids": [e.id for e in m.employees],
-        "employee_names": [e.name for e in m.employees],
-        "audio_format": m.audio_format,
-        "channels": m.channels,
-        "flags": list(m.flags),
-    }
+def _utc_ms(stamp: Timestamp) -> str:
+    return stamp.ToDatetime(dt.UTC).isoformat(timespec="milliseconds")
 
 
 def format_recordings(recordings: Iterable[pb.RecordingInfo]) -> list[str]:

@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import phonenumbers
@@ -76,6 +77,35 @@ def timestamp(moment: dt.datetime) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(moment.astimezone(dt.UTC))
     return ts
+
+
+# A stored recording's fields as listings show them (``--json``/``--csv``): each
+# command's stable contract; the customer is only ever the masked number.
+RECORDING_FIELDS = (
+    "recording_id", "started_at", "ended_at", "duration_s", "direction", "site",
+    "service_number", "customer_masked", "employee_ids", "employee_names", "audio_format",
+    "channels", "flags",
+)  # fmt: skip
+
+
+def recording_fields(info: pb.RecordingInfo, when: Callable[[Timestamp], str]) -> dict[str, object]:
+    """``RECORDING_FIELDS`` of a stored recording, its times written by ``when``."""
+    m = info.manifest
+    return {
+        "recording_id": m.recording_id,
+        "started_at": when(m.started_at),
+        "ended_at": when(m.ended_at),
+        "duration_s": info.duration_ms / 1000,
+        "direction": DIRECTION_NAMES.get(m.direction, "unspecified"),
+        "site": m.site,
+        "service_number": m.service_number,
+        "customer_masked": m.customer.masked,
+        "employee_ids": [e.id for e in m.employees],
+        "employee_names": [e.name for e in m.employees],
+        "audio_format": m.audio_format,
+        "channels": m.channels,
+        "flags": list(m.flags),
+    }
 
 
 def manifest_from_capture(
@@ -310,3 +340,4 @@ def employees_json(m: pb.Manifest) -> str:
             for e in m.employees
         ]
     )
+
