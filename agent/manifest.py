@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 import phonenumbers
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -341,3 +342,36 @@ def employees_json(m: pb.Manifest) -> str:
         ]
     )
 
+
+class CallColumns(TypedDict):
+    """The catalog columns a stored recording and a discarded one share."""
+
+    recording_id: str
+    site: str
+    source: str
+    call_ref: str
+    direction: str
+    started_at_ms: int
+    ended_at_ms: int
+    customer_masked: str
+    employee_id: str
+    employees_json: str
+    flags: str
+
+
+def call_columns(m: pb.Manifest) -> CallColumns:
+    """A (checked) manifest's call facts as catalog columns; the first employee is the
+    row's ``employee_id`` ("unknown" when none)."""
+    return CallColumns(
+        recording_id=m.recording_id,
+        site=m.site,
+        source=m.source,
+        call_ref=m.call_ref,
+        direction=DIRECTION_NAMES[m.direction],
+        started_at_ms=m.started_at.ToMilliseconds(),
+        ended_at_ms=m.ended_at.ToMilliseconds(),
+        customer_masked=m.customer.masked,
+        employee_id=m.employees[0].id if m.employees else "unknown",
+        employees_json=employees_json(m),
+        flags=",".join(m.flags),
+    )
