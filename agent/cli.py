@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent import access_cli, certs, config_reference, keys_cli, logs, tabular
+from agent import access_cli, certs, config_reference, keys_cli, localtime, logs, tabular
 from agent.config import (
     ConfigError,
     StoreConfig,
@@ -253,20 +253,34 @@ def _utc_ms(stamp: Timestamp) -> str:
     return stamp.ToDatetime(dt.UTC).isoformat(timespec="milliseconds")
 
 
-def format_recordings(recordings: Iterable[pb.RecordingInfo]) -> list[str]:
+def format_recordings(
+    recordings: Iterable[pb.RecordingInfo], zone: dt.tzinfo | None = None
+) -> list[str]:
+    """One line a recording, its times in local time with the zone stated (``TZ``, else
+    the system's), as the people's CLI shows them; ``--json``/``--csv`` keep UTC."""
+    zone = zone or localtime.local_zone()
     lines = []
     for info in recordings:
         m = info.manifest
         employees = ", ".join(e.name for e in m.employees) or "unknown"
         lines.append(
-            f"{m.recording_id}  {m.started_at.ToDatetime(dt.UTC):%Y-%m-%d %H:%M:%S.%f}"[:-3]
-            + f"Z → {m.ended_at.ToDatetime(dt.UTC):%H:%M:%S.%f}"[:-3]
-            + f"Z  {info.duration_ms / 1000:6.1f}s  {DIRECTION_NAMES[m.direction]:8}  "
+            f"{m.recording_id}  {_span(m.started_at, m.ended_at, zone)}  "
+            f"{info.duration_ms / 1000:6.1f}s  {DIRECTION_NAMES[m.direction]:8}  "
             f"service={m.service_number or '-'}  customer={m.customer.masked}  "
             f"employee={employees!r}  {m.audio_format}/{m.channels}ch  "
             f"flags={','.join(m.flags) or '-'}"
         )
     return lines
+
+
+def _span(start: Timestamp, end: Timestamp, zone: dt.tzinfo) -> str:
+    """``2026-07-01 12:15:30 +03:00 EEST → 12:16:00``: the end's date, offset and zone
+    only when they differ from the start's (past midnight, over a clock change)."""
+    began = localtime.show(start.ToDatetime(dt.UTC), zone)
+    ended = localtime.show(end.ToDatetime(dt.UTC), zone)
+    day, clock, *rest = ended.split(" ")
+    same = [day, *rest] == [began.split(" ")[0], *began.split(" ")[2:]]
+    return f"{began} → {clock if same else ended}"
 
 
 def export_audio(store_dir: Path, recording_id: str, out: Path, reason: str, purpose: str) -> int:
