@@ -277,18 +277,23 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-def _transport(section: _Section, address: str, address_key: str) -> dict[str, Any]:
-    """TLS files (all three or none) and ``insecure``, which only a loopback address may
-    have; whether one of the two is set is checked when the daemon starts
-    (``check_transport``)."""
-    insecure = section.boolean("insecure", False)
+def tls_files(section: _Section) -> TlsConfig | None:
+    """``ca_file``, ``cert_file`` and ``key_file``: all three, or none (None)."""
     given = [key for key in _TLS_KEYS if key in section.table]
     if given and len(given) < len(_TLS_KEYS):
         missing = next(key for key in _TLS_KEYS if key not in given)
         raise ConfigError(
             f"[{section.name}] {missing}: missing; ca_file, cert_file and key_file go together"
         )
-    tls = TlsConfig(*(section.path(key) for key in _TLS_KEYS)) if given else None
+    return TlsConfig(*(section.path(key) for key in _TLS_KEYS)) if given else None
+
+
+def _transport(section: _Section, address: str, address_key: str) -> dict[str, Any]:
+    """TLS files (all three or none) and ``insecure``, which only a loopback address may
+    have; whether one of the two is set is checked when the daemon starts
+    (``check_transport``)."""
+    insecure = section.boolean("insecure", False)
+    tls = tls_files(section)
     if insecure and tls is not None:
         raise section._fail("insecure", insecure, "false when ca_file/cert_file/key_file are set")
     if insecure and not is_loopback(address):

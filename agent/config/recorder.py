@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from agent.config.parsing import (
     _REQUIRED,
-    _TLS_KEYS,
     LOG_LEVELS,
     ConfigError,
     TlsConfig,
@@ -25,6 +24,7 @@ from agent.config.parsing import (
     _size,
     _transport,
     is_loopback,
+    tls_files,
 )
 from agent.config.sip import SipConfig, _sip_config
 
@@ -198,13 +198,7 @@ def _control_config(c: _Section) -> ControlConfig:
     """``[control]``: tokens and/or mutual TLS; tokens travel in clear text only on a
     loopback address."""
     listen = _listen(c, "listen", ControlConfig.listen)
-    given = [key for key in _TLS_KEYS if key in c.table]
-    if given and len(given) < len(_TLS_KEYS):
-        missing = next(key for key in _TLS_KEYS if key not in given)
-        raise ConfigError(
-            f"[control] {missing}: missing; ca_file, cert_file and key_file go together"
-        )
-    tls = TlsConfig(*(c.path(key) for key in _TLS_KEYS)) if given else None
+    tls = tls_files(c)
     cfg = ControlConfig(listen=listen, tokens_file=_optional_path(c, "tokens_file"), tls=tls)
     if cfg.tokens_file is None and tls is None:
         raise ConfigError(
