@@ -20,7 +20,7 @@ from tests.support.audio import decode
 from tests.support.daemons import Daemon
 from tests.support.pool import Pool, assert_times, flags, running_pool
 
-pytestmark = [pytest.mark.slow, pytest.mark.sip]
+pytestmark = [pytest.mark.slow, pytest.mark.sip, pytest.mark.alone]
 
 # Speech for the first ~7 s, then no RTP (silence is recorded; rtp_timeout is raised
 # for it): long enough that the restarted agent, slow to start on a loaded host (8 s

@@ -14,7 +14,7 @@ import pytest
 
 from tests.support.daemons import REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.alone]
 
 
 def bench(module: str, *args: str, timeout: float = 240.0) -> dict[str, Any]:

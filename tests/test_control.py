@@ -156,6 +156,7 @@ def _pause_offsets(row_pauses: list[dict[str, Any]], started_ms: int) -> list[tu
     ]
 
 
+@pytest.mark.alone
 def test_a_pause_through_the_api_is_silence_of_the_right_length_and_is_stored(
     pool: tuple[Pool, str], tmp_path: Path
 ) -> None:
@@ -202,6 +203,7 @@ def test_a_pause_through_the_api_is_silence_of_the_right_length_and_is_stored(
     assert "event=control_request integration=crm op=pause" in running.text()
 
 
+@pytest.mark.alone
 def test_the_srcs_inactive_reinvite_is_a_pause_marked_src(
     pool: tuple[Pool, str], tmp_path: Path
 ) -> None:
@@ -355,6 +357,7 @@ def test_the_readme_integration_lines_and_a_late_employee_binding_work(
     assert all(a["end"] <= b["start"] for a, b in itertools.pairwise(pauses)), pauses
 
 
+@pytest.mark.alone
 def test_what_was_said_during_a_pause_is_not_written_after_it(
     pool: tuple[Pool, str], tmp_path: Path
 ) -> None:

@@ -164,6 +164,7 @@ SIZES_KB = (3.5, 5, 16, 60)
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_invites_up_to_64_kb_are_stored_with_every_party_and_both_channels(
     idle: Pool, speech: Speech, tmp_path: Path
 ) -> None:

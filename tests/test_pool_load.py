@@ -29,7 +29,7 @@ from tests.support.pool import (
     window_rms,
 )
 
-pytestmark = [pytest.mark.sip, pytest.mark.slow]
+pytestmark = [pytest.mark.sip, pytest.mark.slow, pytest.mark.alone]
 
 
 @pytest.fixture(scope="module")

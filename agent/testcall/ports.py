@@ -15,7 +15,8 @@ class _Ports:
     LOW, HIGH = 21000, 32700
 
     def __init__(self) -> None:
-        self.cursor = self.LOW + (os.getpid() * 7919) % (self.HIGH - self.LOW)
+        self.low, self.high = _share(self.LOW, self.HIGH)
+        self.cursor = self.low + (os.getpid() * 7919) % (self.high - self.low)
         # Handed out but maybe not bound yet: a pool takes four ranges before its agent
         # binds any, so each is kept apart from the three before it (a search that
         # wraps around would otherwise find the pool's own SIP ports free for its RTP).
@@ -45,10 +46,10 @@ class _Ports:
 
     def _take(self, count: int) -> int:
         searched = 0
-        while searched < self.HIGH - self.LOW:
-            if self.cursor + count > self.HIGH:
-                searched += self.HIGH - self.cursor
-                self.cursor = self.LOW
+        while searched < self.high - self.low:
+            if self.cursor + count > self.high:
+                searched += self.high - self.cursor
+                self.cursor = self.low
             start = self.cursor
             busy = next((p for p in range(start, start + count) if not self._free(p)), None)
             if busy is None:
@@ -58,6 +59,19 @@ class _Ports:
             searched += busy + 1 - start
             self.cursor = busy + 1
         raise RuntimeError(f"no {count} free consecutive UDP ports")
+
+
+def _share(low: int, high: int) -> tuple[int, int]:
+    """This process's slice of [low, high): with tests run by pytest-xdist, each worker
+    process (``PYTEST_XDIST_WORKER`` gw0, gw1 …) has its own, so two never pick the same
+    port before either binds it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2:
+        return low, high
+    size = (high - low) // count
+    index = int(worker[2:]) % count
+    return low + index * size, low + (index + 1) * size
 
 
 _PORTS = _Ports()
