@@ -433,7 +433,9 @@ def test_two_sweepers_at_once_destroy_each_recording_exactly_once(
     storage.catalog.close()
 
 
-def _wait_for_lock_waiters(storage: Storage, count: int, procs: list[subprocess.Popen[bytes]]) -> None:
+def _wait_for_lock_waiters(
+    storage: Storage, count: int, procs: list[subprocess.Popen[bytes]]
+) -> None:
     """Wait (up to 60 s) until ``count`` PostgreSQL sessions wait on a lock."""
     query = sa.text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
     deadline = time.monotonic() + 60
