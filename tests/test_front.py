@@ -82,8 +82,13 @@ def test_config_is_rendered_from_the_agents_sip_section(tmp_path: Path, keys: Ke
     assert 'ds_select_dst("1", "10")' in text
     # production: the ctl socket where callrec-front.service's ExecReload looks
     assert '"binrpc", "unix:/run/callrec-front/kamailio_ctl"' in text
-    run_by_agent = front_files(config(tmp_path, keys, run_front=True))
-    assert run_by_agent.ctl == f"unix:{cfg.data_dir}/front/run/kamailio_ctl"
+    short = tmp_path.parent / "s"  # pytest's own tmp_path may already be too deep
+    short.mkdir(exist_ok=True)
+    run_by_agent = front_files(config(short, keys, run_front=True))
+    assert run_by_agent.ctl == f"unix:{short}/agent-data/front/run/kamailio_ctl"
+    (tmp_path / ("d" * 100)).mkdir()
+    deep = front_files(config(tmp_path / ("d" * 100), keys, run_front=True))
+    assert deep.ctl == "unix:kamailio_ctl"  # relative to its runtime_dir: Kamailio runs there
 
 
 def test_front_files_are_replaced_whole_with_group_read(tmp_path: Path, keys: Keys) -> None:
@@ -200,9 +205,12 @@ def test_relay_counts_refusals_and_keeps_our_event_lines(
 @needs_kamailio
 def test_front_runs_probes_and_is_restarted_when_it_dies(tmp_path: Path, keys: Keys) -> None:
     """No worker listens: the front starts, probes both and takes them out of rotation;
-    killed, it is started again by ``supervise()``."""
+    killed, it is started again by ``supervise()``. The data dir is deep: the ctl
+    socket's absolute path would pass the 104 bytes a unix socket name may have."""
+    deep = tmp_path / ("d" * 100)
+    deep.mkdir()
     cfg = config(
-        tmp_path,
+        deep,
         keys,
         sip_port=free_port(),
         run_front=True,

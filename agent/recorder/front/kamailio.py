@@ -78,6 +78,8 @@ FR_TIMER_MS = 1000  # no 100 Trying from a worker within 1 s: it is dead (pjsua 
 FR_INV_TIMER_MS = 5000  # 100 Trying but no final answer: a hung worker
 CALL_REF = "$(ci{s.sha256}{s.substr,0,16})"  # agent.recorder.session.call_ref, in Kamailio
 READY_TIMEOUT_S = 15.0
+CTL_SOCKET = "kamailio_ctl"
+MAX_SOCKET_PATH = 100  # Kamailio refuses a unix socket name over 104 bytes
 METADATA_EXPIRE_S = 30  # metadata kept aside that no worker fetched is dropped
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -99,8 +101,12 @@ class FrontFiles:
 
     @property
     def ctl(self) -> str:
-        """The ctl module's socket, for ``kamcmd -s``."""
-        return f"unix:{self.runtime_dir / 'kamailio_ctl'}"
+        """The ctl module's socket, for ``kamcmd -s`` (run in ``runtime_dir``).
+
+        A unix socket's path holds at most ~104 bytes: under a deep ``data_dir`` the
+        name is relative to ``runtime_dir``, which Kamailio is started in (``-w``)."""
+        path = self.runtime_dir / CTL_SOCKET
+        return f"unix:{path}" if len(str(path)) <= MAX_SOCKET_PATH else f"unix:{CTL_SOCKET}"
 
 
 def front_files(cfg: AgentConfig) -> FrontFiles:
@@ -245,6 +251,7 @@ class Destination:
 def kamcmd(files: FrontFiles, *command: str, timeout: float = 5.0) -> str:
     proc = subprocess.run(
         ["kamcmd", "-s", files.ctl, *command],
+        cwd=files.runtime_dir,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -306,6 +313,8 @@ class FrontProcess:
             "-DD",
             "-E",
             "-Y",
+            str(self.files.runtime_dir),
+            "-w",
             str(self.files.runtime_dir),
             "-m",
             str(SHM_MB),
