@@ -67,6 +67,11 @@ AGENT: Sections = {
             '"fork"',
             '"fork" from one pre-imported process, or "exec" (each its own)',
         ),
+        Key(
+            "media_thread",
+            "true",
+            "RTP read by pjmedia's thread; false: by the worker's (idle workers cost less)",
+        ),
         Key("customer_header", '"X-Callrec-Customer"', "plain INVITEs: the customer's number"),
         Key("employee_header", '"X-Callrec-Employee"', "plain INVITEs: the employee's SIP URI"),
         Key("service_header", '"X-Callrec-Service"', "plain INVITEs: the service number called"),
@@ -178,6 +183,12 @@ STORE: Sections = {
         Key("part_max_age", '"6h"', "a partial upload begun longer ago is removed"),
         Key("live_timeout", '"60s"', "a live call silent this long is finished as incomplete"),
         Key("live_encoders", "2", "archive encoders (ffmpeg) at once on this store (1…64)"),
+        Key(
+            "live_tail_window",
+            '"1h"',
+            "a call finished as incomplete by live_timeout takes its returning agent's tail "
+            "this long",
+        ),
     ),
     "store.s3": (
         Key("bucket", REQUIRED, "the bucket"),

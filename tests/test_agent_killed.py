@@ -125,5 +125,8 @@ def test_agent_killed_mid_calls_and_restarted(tmp_path: Path) -> None:
         pool.wait_idle()  # the new workers took their slots and ports over
         new_workers = pool.worker_pids()
         assert set(new_workers.values()).isdisjoint(old_workers)
-        assert "event=worker_ready" in after
+        # Read again: the new workers start once the old ones have drained and gone, so
+        # their ready lines may come after ``after`` was read.
+        _wait_logged(pool, "event=worker_ready", after=killed_at, timeout=10.0)
+        assert "event=worker_ready" in pool.text()[killed_at:]
     assert _processes_under(tmp_path) == []

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from agent.store.archive.vault import KeyShredded, Storage, _lock_whole_key, open_storage
+from agent.store.archive.vault import KeyShredded, Storage, lock_whole_key, open_storage
 from agent.store.catalog import RecordingRow, data_keys, now_ms
 from tests.support.services import (
     Backend,
@@ -66,7 +66,7 @@ def test_a_sweeper_waits_for_a_commit_holding_the_key_and_then_keeps_it(
     rid, blob_key, data = _stored_blob(storage, tmp_path)
     outcome: list[bool] = []
     with storage.catalog.engine.connect() as conn, conn.begin():  # a commit, mid-way
-        assert _lock_whole_key(conn, blob_key)
+        assert lock_whole_key(conn, blob_key)
         sweeper = threading.Thread(
             target=lambda: outcome.append(storage.vault.discard_orphan(rid, blob_key))
         )

@@ -49,6 +49,7 @@ rtp_timeout = "20s"
 max_call = "2h"
 drain = "30s"
 worker_start = "exec"
+media_thread = false
 customer_header = "X-Customer"
 employee_header = "X-Employee"
 service_header = "X-Service"
@@ -166,6 +167,7 @@ upload_idle_timeout = "30s"
 part_max_age = "3h"
 live_timeout = "2m"
 live_encoders = 4
+live_tail_window = "30m"
 
 [store.s3]
 bucket = "recordings"

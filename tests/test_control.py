@@ -53,10 +53,11 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pool, str]]
 
 @contextmanager
 def running_control(
-    root: Path, audio: dict[str, object] | None = None
+    root: Path, audio: dict[str, object] | None = None, uplink: dict[str, object] | None = None
 ) -> Iterator[tuple[Pool, str]]:
     """Store, RTP sender and the agent with one worker and the control API; yields the
-    pool and a token of integration "crm". ``audio``: the agent's ``[audio]`` keys."""
+    pool and a token of integration "crm". ``audio``, ``uplink``: the agent's
+    ``[audio]``, ``[uplink]`` keys."""
     keys, speech = make_keys(root / "keys"), long_speech(root / "speech", 32)
     (root / "store").mkdir()
     (root / "agent").mkdir()
@@ -76,7 +77,7 @@ def running_control(
             }
             agent = start_agent(
                 root / "agent", keys, address, sip_port, sip=sip, control=control,
-                audio=audio or {},
+                audio=audio or {}, uplink=uplink or {},
             )  # fmt: skip
             cfg = load_agent_config(root / "agent" / "agent.toml")
             pool = Pool(

@@ -39,6 +39,7 @@ pytestmark = [pytest.mark.sip, pytest.mark.slow]
 
 SECOND = 16_000  # bytes of one leg (mono 16-bit PCM at 8 kHz)
 WAV_HEADER = 44
+LEGS = ("customer", "employee")
 
 
 @dataclass
@@ -271,8 +272,9 @@ def test_network_cut_mid_call_catches_up_without_duplicates(live: Live) -> None:
 def test_agent_host_lost_mid_call_the_store_finishes_it_incomplete(tmp_path: Path) -> None:
     """The whole agent host gone (main process and workers SIGKILLed): after
     live_timeout the store archives what it has, at most 2 s short of what was
-    recorded, flagged incomplete. The agent, back with its longer copy, keeps it in
-    quarantine for an operator instead of storing the call twice."""
+    recorded, flagged incomplete. The agent, back with its longer copy, appends the
+    rest: the archive is built again in place of the first (one row), with all that
+    was recorded, still flagged incomplete (the call's end was lost with the host)."""
     with live_stack(tmp_path, live_timeout="4s") as live:
         workers = re.findall(r"event=worker_started index=0 pid=(\d+)", live.agent.text())
         live.call_in_background("host-lost", call_ms=14_000)
@@ -292,10 +294,41 @@ def test_agent_host_lost_mid_call_the_store_finishes_it_incomplete(tmp_path: Pat
 
         seen = len(live.agent.text())
         live.agent.start().wait_for(r"event=agent_ready", timeout=60, after=seen)
-        live.agent.wait_for(
-            rf"event=live_finish_refused recording_id={rid}", timeout=60, after=seen
-        )
-        quarantined = tmp_path / "agent-data" / "quarantine" / rid
-        assert (quarantined / "customer.wav").exists()
-        assert "already finished" in quarantined.with_name(f"{rid}.reason").read_text()
+        live.agent.wait_for(rf"event=recording_uploaded recording_id={rid}", 60, after=seen)
+        live.store.wait_for(rf"event=live_tail_appended recording_id={rid}", timeout=60)
+        again = live.stored(rid)
+        assert again.blob_key != row.blob_key and "incomplete" in again.flags.split(",")
+        whole = live.audio_seconds(again)
+        assert abs(whole - recorded / SECOND) <= 0.2, (whole, recorded / SECOND)
         assert _rows_for(live, rid) == 1
+        assert not (tmp_path / "agent-data" / "quarantine" / rid).exists()
+        live.assert_nothing_left_on_the_agent()
+
+
+def test_a_30s_network_cut_longer_than_live_timeout_ends_with_one_whole_recording(
+    tmp_path: Path,
+) -> None:
+    """The link to the store cut for 30 s (the proxy resets every connection) from 3 s
+    into a 20 s call, with live_timeout 8 s: the store finishes the call as incomplete
+    during the cut; when the link is back the agent appends the rest (the call hung up
+    meanwhile) and the archive is built again, whole, in place of the first. Whole is
+    measured against what the worker wrote (read while the link is still down), so
+    that a recorder short of audio on a loaded host is not taken for a loss here."""
+    with live_stack(tmp_path, live_timeout="8s") as live:
+        call = live.call_in_background("cut30", call_ms=20_000)
+        rid = live.active_capture().name
+        time.sleep(3)
+        live.proxy.cut_for(30)
+        live.store.wait_for(rf"event=live_timed_out recording_id={rid}", timeout=30)
+        call.join(60)
+        assert live.calls and live.calls[0].ok, live.calls[0].errors if live.calls else "none"
+        assert live.proxy.down, "the call outlasted the cut: nothing to catch up"
+        ready = tmp_path / "agent-data" / "captures" / "ready" / rid
+        recorded = max((ready / f"{leg}.wav").stat().st_size - WAV_HEADER for leg in LEGS)
+        live.store.wait_for(rf"event=live_tail_appended recording_id={rid}", timeout=90)
+        row = live.stored(rid)
+        assert row.flags == "" and abs(row.duration_ms - 20_000) <= 700, row
+        assert abs(live.audio_seconds(row) - recorded / SECOND) < 0.1, recorded / SECOND
+        assert _rows_for(live, rid) == 1
+        assert "event=live_store_reachable" in live.agent.text()
+        live.assert_nothing_left_on_the_agent()

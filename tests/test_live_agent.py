@@ -2,19 +2,25 @@
 a hung-up capture is finished at the store (tail, sizes and sha256 checked) and only
 then deleted; while the store is unreachable the capture stays where it is and is
 finished once the store answers again; an active capture is streamed from the
-store's durable sizes without resending what the store holds."""
+store's durable sizes without resending what the store holds; a call discarded
+mid-call is told to the store as soon as it answers."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import shutil
 import time
 from pathlib import Path
 
 import grpc
+import pytest
 
-from agent.capture import read_meta, write_meta
+from agent.capture import iso_ms, read_meta, utc_now, write_meta
+from agent.recorder.control.calls import discarded
 from agent.recorder.uplink.live import LiveUplink
+from agent.store.catalog import Catalog
+from agent.store.ingest import discards
 from agent.testcall.sipp import free_port
 from tests.support.audio import probe
 from tests.support.faults import write_capture
@@ -77,3 +83,40 @@ def test_an_active_capture_streams_from_the_stores_sizes(tmp_path: Path) -> None
             leg.write(b"\1\0" * 8000)  # the call goes on: one more second on one leg
         live2.pass_once()
         assert live2.bytes_sent == SECOND
+
+
+def test_a_call_discarded_while_the_store_is_away_is_told_once_it_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The recording control's discard mid-call (issue 21) with the store unreachable:
+    nothing is lost or kept; once the store answers, the next pass tells it (once)."""
+    caplog.set_level(logging.INFO, logger="agent.recorder.uplink.live")
+    port = free_port()
+    live, data_dir = _uplink(tmp_path, f"127.0.0.1:{port}")
+    rid = write_capture(data_dir, make_keys(tmp_path / "keys"), seconds=2)
+    active = data_dir / "captures" / "active" / "w0" / rid
+    active.parent.mkdir(parents=True)
+    shutil.move(data_dir / "captures" / "ready" / rid, active)
+    meta = dataclasses.replace(read_meta(active), ended_at=None)  # the call goes on
+    write_meta(active, discarded(meta, iso_ms(utc_now())))
+    for leg in ("customer.wav", "employee.wav"):
+        (active / leg).unlink()  # as the worker does
+    live.pass_once()  # nobody listens: kept for the next pass
+    with InProcessStore(store_config(tmp_path, listen=f"127.0.0.1:{port}")) as store:
+        catalog = Catalog(store.config.catalog_url)
+        try:
+            deadline = time.monotonic() + 20
+            while discards.get(catalog, rid) is None:
+                assert time.monotonic() < deadline, "the discard never reached the store"
+                live.pass_once()
+                time.sleep(0.2)
+            live.pass_once()
+            live.pass_once()
+            kept = discards.get(catalog, rid)
+            assert kept is not None and "discarded" in kept.flags.split(",")
+            assert catalog.get(rid) is None
+        finally:
+            catalog.close()
+    sent = [r for r in caplog.records if "live_discard_sent" in r.getMessage()]
+    assert len(sent) == 1
+    assert live.bytes_sent == 0

@@ -280,11 +280,15 @@ def test_a_call_whose_agent_vanished_is_finished_as_incomplete_with_its_audio(
     assert abs(row.duration_ms - 3000) <= 5
     channels, _, seconds = probe(archive_audio(store, row, tmp_path / "a.ogg"))
     assert channels == 2 and abs(seconds - 3.0) < 0.1
-    # The agent, back with a finish of other legs, is told (it keeps its copy).
+    # The agent, back with a longer copy, is told to append the rest first (the tail:
+    # tests/test_live_tail.py); nothing of the audio changed meanwhile.
     with pytest.raises(grpc.RpcError) as late:
         finish(stub, manifest, customer + tone(1, 440), employee)
-    assert late.value.code() == grpc.StatusCode.ALREADY_EXISTS
-    assert "already finished with other legs" in (late.value.details() or "")
+    assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "append the rest first" in (late.value.details() or "")
+    assert stub.Query(pb.LiveQueryRequest(recording_id=manifest.recording_id)).legs[0].size == len(
+        customer
+    )
 
 
 def test_decoded_archive_keeps_customer_left_and_employee_right(

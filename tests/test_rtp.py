@@ -106,6 +106,7 @@ def test_server_sends_many_streams_from_one_thread(wav: Path) -> None:
             sink.close()
 
 
+@pytest.mark.alone  # bounds the sender's start-up delay
 def test_fifo_takes_the_streams_of_concurrent_calls(wav: Path, tmp_path: Path) -> None:
     """What SIPp's exec runs in load tests: one shell line per call into the FIFO."""
     sender = RtpSender().start()

@@ -125,9 +125,11 @@ class StoreConfig:
     # their own files). None: data_dir/blobs (an SQLite catalog is one store's).
     shared_blobs_dir: Path | None = None
     # Live upload (issue 19): a live call silent this long is finished as incomplete;
-    # this many archive encoders (ffmpeg processes) run at once.
+    # this many archive encoders (ffmpeg processes) run at once; a call finished so
+    # (timed out) keeps its segments this long for a returning agent's tail.
     live_timeout_s: float = 60.0
     live_encoders: int = 2
+    live_tail_window_s: float = 3600.0
 
     @property
     def blobs_dir(self) -> Path:
@@ -194,6 +196,7 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         shared_blobs_dir=_optional_path(st, "shared_blobs_dir"),
         live_timeout_s=st.seconds("live_timeout", "60s"),
         live_encoders=st.integer("live_encoders", 2, 1, 64),
+        live_tail_window_s=st.seconds("live_tail_window", "1h"),
     )
     _check_shared_blobs(st, cfg)
     if cfg.insecure and cfg.access_listen is not None and not is_loopback(cfg.access_listen):

@@ -119,7 +119,7 @@ class StoreServer:
         self.ingest = ingest
         public = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[boundary])
         pb_grpc.add_IngestServicer_to_server(ingest, public)
-        live = LiveStore(catalog, vault, cfg.incoming_dir)
+        live = LiveStore(catalog, vault, cfg.incoming_dir, cfg.live_tail_window_s)
         ingest.destroy_live = live.destroy  # a discarded call's live segments go too
         self._archiver = LiveArchiver(live, cfg.live_timeout_s, cfg.live_encoders)
         self._live = LiveService(ingest, live, self._archiver)

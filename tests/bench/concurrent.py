@@ -272,6 +272,17 @@ def receipts(text: str) -> dict[str, float]:
     }
 
 
+WAYS = {f"{start}{media}" for start in ("fork", "exec") for media in ("", "+thread", "+loop")}
+
+
+def pool_keys(way: str) -> dict[str, object]:
+    """``[sip]`` keys of a way to run workers: fork or exec, then ``+thread`` (RTP read
+    by pjmedia's media thread: ``media_thread = true``) or ``+loop`` (by the worker's
+    own thread: ``false``); neither: the default."""
+    start, _, media = way.partition("+")
+    return {"worker_start": start, **({"media_thread": media == "thread"} if media else {})}
+
+
 def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0) -> Step:
     calls, workers, path = step.calls, step.workers, step.path
     step.seconds = seconds
@@ -279,7 +290,7 @@ def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0)
     ready_s = 60.0 + workers
     with running_pool(
         root / f"step{calls}-{path}-{step.start}", workers, speech, ready_timeout=ready_s,
-        sender=step.sender, rtp_timeout="10s", worker_start=step.start,
+        sender=step.sender, rtp_timeout="10s", **pool_keys(step.start),
         rtp_port_count=RTP_PORTS_PER_WORKER,
         uplink={"live": True} if path == "live" else None, proxy=True,
     ) as pool:  # fmt: skip
@@ -537,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--start", default="fork",
                         help="how workers start: fork (the zygote), exec (each its own "
-                        "Python) or exec,fork (both at every step, back to back)")  # fmt: skip
+                        "Python) or exec,fork (both at every step, back to back); "
+                        "+thread / +loop: [sip] media_thread = true / false")  # fmt: skip
     parser.add_argument("--safe-target", type=float, default=120.0,
                         help="seconds: hang-up → safe p99 of a step that holds")  # fmt: skip
     parser.add_argument("--keep-going", action="store_true",
@@ -547,8 +559,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     ways = args.start.split(",")
-    if not set(ways) <= {"exec", "fork"}:
-        parser.error(f"--start {args.start}: expected fork, exec or exec,fork")
+    if not set(ways) <= WAYS:
+        parser.error(f"--start {args.start}: expected a list of {', '.join(sorted(WAYS))}")
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2 sockets per call here
     started = time.monotonic()

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.bench.common import emit
+from tests.bench.concurrent import pool_keys
 from tests.support.pool import running_pool
 
 MODULE = "tests.bench.worker_idle"
@@ -92,7 +93,7 @@ def measure(way: str, pids: list[int], zygote: int | None, window: float) -> Idl
 
 
 def run_way(root: Path, way: str, workers: int, window: float, settle: float) -> Idle:
-    with running_pool(root / way, workers, sender="c", worker_start=way) as pool:
+    with running_pool(root / way, workers, sender="c", **pool_keys(way)) as pool:
         pool.wait_idle(timeout=60.0 + workers)
         time.sleep(settle)
         text = pool.text()
@@ -111,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=30.0, help="the measuring window")
     parser.add_argument("--settle", type=float, default=5.0, help="wait after start-up")
-    parser.add_argument("--ways", default=",".join(WAYS), help="exec, fork or both")
+    parser.add_argument(
+        "--ways", default=",".join(WAYS),
+        help="exec, fork or both; +thread / +loop: [sip] media_thread = true / false",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     started = time.monotonic()
     results: list[Idle] = []

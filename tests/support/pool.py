@@ -249,14 +249,16 @@ def running_pool(
     sender: str = "python",
     uplink: dict[str, object] | None = None,
     proxy: bool = False,
+    store_section: dict[str, str] | None = None,
     **sip: object,
 ) -> Iterator[Pool]:
     """Store, RTP sender (``sender``: see :func:`rtp_sender`) and a pool of ``workers``,
     all stopped at the end; ``uplink``: more ``[uplink]`` keys; ``proxy``: the agent
-    reaches the store through a :class:`TcpProxy` (which counts the bytes)."""
+    reaches the store through a :class:`TcpProxy` (which counts the bytes);
+    ``store_section``: more ``[store]`` keys (e.g. ``live_timeout``)."""
     keys, speech = make_keys(root / "keys"), speech or make_speech(root / "speech")
     (root / "store").mkdir()
-    store, address = start_store(root / "store")
+    store, address = start_store(root / "store", **(store_section or {}))
     relay = TcpProxy(int(address.rpartition(":")[2]), lifetime_s=3600) if proxy else None
     try:
         if relay is not None:

@@ -35,6 +35,16 @@ def quiet_pjlib() -> None:
     _pj_library().pj_log_set_level(0)
 
 
+def close_idle_clock() -> None:
+    """Let pjsua close the null sound device a second from now unless a call comes.
+
+    ``setNullDev`` opens it at once, and pjsua arms its idle timer only when a port
+    leaves the bridge, so a worker's 20 ms bridge clock used to run from start-up
+    until its first call ended. The first call's recorders reopen it, as every call
+    does after the previous one closed it."""
+    _pj_library().pjsua_check_snd_dev_idle()
+
+
 def add_supported_tag(tag: str) -> None:
     """Add an option tag to the endpoint's Supported capability (after libInit)."""
     lib = _pj_library()
@@ -72,8 +82,14 @@ class LogWriter(pj.LogWriter):  # type: ignore[misc]
             pjlog.log(level, "pjsip", msg=message)
 
 
-def endpoint_config(writer: LogWriter) -> pj.EpConfig:
-    """One thread owns pjsua2 (no worker threads, callbacks on ``libHandleEvents``)."""
+def endpoint_config(writer: LogWriter, media_thread: bool = True) -> pj.EpConfig:
+    """One thread owns pjsua2 (no worker threads, callbacks on ``libHandleEvents``).
+
+    Without ``media_thread`` the media endpoint shares the SIP endpoint's ioqueue and
+    has no thread of its own: RTP is read by ``libHandleEvents`` on that one thread,
+    which sleeps until a packet or a SIP message comes. pjmedia's own media thread
+    polls its ioqueue every 10 ms (a constant in ``endpoint.c``), about 100 wake-ups a
+    second in every worker whether or not a call is up ([sip] media_thread)."""
     cfg = pj.EpConfig()
     cfg.uaConfig.threadCnt = 0
     cfg.uaConfig.mainThreadOnly = True
@@ -88,6 +104,8 @@ def endpoint_config(writer: LogWriter) -> pj.EpConfig:
     med.sndClockRate = CLOCK_RATE
     med.channelCount = 1
     med.ecTailLen = 0
+    med.hasIoqueue = media_thread  # false: share the SIP endpoint's ioqueue …
+    med.threadCnt = 1 if media_thread else 0  # … and no thread of its own polling it
     return cfg
 
 

@@ -49,6 +49,7 @@ from agent.recorder.sip.endpoint import (
     LogWriter,
     account_config,
     add_supported_tag,
+    close_idle_clock,
     endpoint_config,
     quiet_pjlib,
 )
@@ -243,7 +244,7 @@ class SipEngine:
 
     def _start_library(self, ep: pj.Endpoint) -> None:
         self._writer = LogWriter()
-        ep.libInit(endpoint_config(self._writer))
+        ep.libInit(endpoint_config(self._writer, self.cfg.sip.media_thread))
         add_supported_tag("siprec")
         tcfg = pj.TransportConfig()
         tcfg.port = self.port
@@ -251,6 +252,7 @@ class SipEngine:
         ep.transportCreate(pj.PJSIP_TRANSPORT_UDP, tcfg)
         ep.libStart()
         ep.audDevManager().setNullDev()
+        close_idle_clock()  # no 20 ms clock while no call is up
         # An idle tone generator feeds every recorder: the bridge then writes silence
         # while a stream has no conference port (a=inactive at the start), and each
         # leg's timeline runs from the answer.

@@ -18,6 +18,12 @@ after a transfer) and each leg's size and sha256. Only when the store answers
 unreachable the capture simply stays (active or ready) and is caught up later: the
 agent keeps no encoder on this path, and there is no fallback to the file upload (so
 a recording never reaches the store twice).
+
+A call discarded through the recording control (issue 21) while it runs is told to the
+store on the next pass (``Ingest.Discard`` with the tombstone's manifest, its end the
+moment it is sent): the store destroys the segments it holds and keeps the
+catalogue entry without audio at once, not at hang-up; the hang-up's own Discard (the
+file way, from the outbox) then finds it done.
 """
 
 from __future__ import annotations
@@ -34,9 +40,18 @@ from pathlib import Path
 import grpc
 
 from agent import logs, metrics
-from agent.capture import CUSTOMER_LEG, EMPLOYEE_LEG, CaptureMeta, Flag, quarantine, read_meta
+from agent.capture import (
+    CUSTOMER_LEG,
+    EMPLOYEE_LEG,
+    CaptureMeta,
+    Flag,
+    iso_ms,
+    quarantine,
+    read_meta,
+    utc_now,
+)
 from agent.config import AgentConfig
-from agent.manifest import manifest_from_capture
+from agent.manifest import discard_manifest_from_capture, manifest_from_capture
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 
@@ -69,6 +84,7 @@ class _Track:
     sizes: dict[str, int] | None = None  # None: ask the store (Query)
     known: bool = False  # the store has the call's row (no manifest needed)
     finished: bool = False
+    discarded: bool = False  # the store was told of a discard (Ingest.Discard)
 
 
 class LiveUplink:
@@ -76,6 +92,7 @@ class LiveUplink:
         self.config = config
         self.region = region
         self.stub = pb_grpc.LiveStub(channel)
+        self.ingest = pb_grpc.IngestStub(channel)
         self.active_root = config.captures_dir / "active"
         self.ready_root = config.captures_dir / "ready"
         self.stop_event = threading.Event()
@@ -148,6 +165,9 @@ class LiveUplink:
             if track.finished:
                 return True
             meta = read_meta(capture)
+            if Flag.DISCARDED in meta.flags:
+                self._discard(meta, track)
+                return False
             legs = _legs(meta)
             if not final and not _has_audio(capture, legs):
                 return False  # not answered yet (or no audio yet): nothing to start
@@ -186,6 +206,24 @@ class LiveUplink:
             appends += 1
             self._reachable()
         return not _pieces(capture, legs, track.sizes, peek=True)
+
+    def _discard(self, meta: CaptureMeta, track: _Track) -> None:
+        """Tell the store at once that a running call was discarded (once per call)."""
+        if track.discarded:
+            return
+        ended = meta if meta.ended_at else replace(meta, ended_at=iso_ms(utc_now()))
+        request = pb.DiscardRequest(manifest=discard_manifest_from_capture(ended, self.region))
+        try:
+            self.ingest.Discard(request, timeout=RPC_TIMEOUT_S)
+        except grpc.RpcError as exc:
+            self._failed(meta.recording_id, track, exc)
+            # unreachable: the next pass tries again; refused: once (the hang-up's
+            # Discard from the outbox goes the file way, which quarantines a refusal)
+            track.discarded = exc.code() not in UNREACHABLE
+            return
+        track.discarded = True
+        self._reachable()
+        log.info("live_discard_sent", recording_id=meta.recording_id, at="mid_call")
 
     def _manifest(self, meta: CaptureMeta, legs: tuple[str, ...], final: bool) -> pb.Manifest:
         ended = meta if final else replace(meta, ended_at=meta.started_at)

@@ -204,7 +204,7 @@ class Vault:
         orphans (``discard_orphan``) and this commit never interleave, so a row is never
         written for a key that was shredded as an orphan (KeyShredded instead)."""
         with self.catalog.engine.begin() as conn:
-            if not _lock_whole_key(conn, row.blob_key):
+            if not lock_whole_key(conn, row.blob_key):
                 raise KeyShredded(
                     row.recording_id, "its data key was removed as an orphan before its row"
                 )
@@ -214,7 +214,7 @@ class Vault:
         """``discard`` a key and blob no recording row refers to — checked after taking
         the key row's lock, so a commit that wrote the row meanwhile keeps it (False)."""
         with self.catalog.engine.begin() as conn:
-            _lock_whole_key(conn, blob_key)  # waits for a commit holding it
+            lock_whole_key(conn, blob_key)  # waits for a commit holding it
             row = sa.select(recordings.c.recording_id).where(recordings.c.blob_key == blob_key)
             if conn.execute(row.limit(1)).first() is not None:  # a fresh snapshot: see it
                 return False
@@ -235,7 +235,7 @@ class Vault:
         log.info("blob_discarded", recording_id=recording_id, blob_key=blob_key)
 
 
-def _lock_whole_key(conn: sa.Connection, blob_key: str) -> bool:
+def lock_whole_key(conn: sa.Connection, blob_key: str) -> bool:
     """Lock the data key row (a write, so that on SQLite too the transaction holds the
     database's write lock from here on) if its key is whole; False: shredded or gone."""
     locked = conn.execute(

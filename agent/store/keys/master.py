@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from agent import logs
 from agent.config import StoreConfig
 from agent.privacy import KeyFileError, check_private_file, read_key_file
-from agent.store.catalog import Catalog, data_keys, master_keys, now_ms
+from agent.store.catalog import Catalog, data_keys, live_recordings, master_keys, now_ms
 
 log = logs.get_logger(__name__)
 
@@ -165,12 +165,19 @@ def keys_in_use(catalog: Catalog) -> dict[str, int]:
 
 
 def _in_use(conn: sa.Connection) -> dict[str, int]:
-    query = (
+    """Stored recordings' data keys and live calls' (streaming, waiting for their
+    archive, or kept for a returning agent's tail)."""
+    stored = (
         sa.select(data_keys.c.key_id, sa.func.count())
         .where(data_keys.c.wrapped_key.is_not(None))
         .group_by(data_keys.c.key_id)
     )
-    return {str(k): int(n) for k, n in conn.execute(query)}
+    live = sa.select(live_recordings.c.key_id, sa.func.count()).group_by(live_recordings.c.key_id)
+    counts: dict[str, int] = {}
+    for query in (stored, live):
+        for key_id, count in conn.execute(query):
+            counts[str(key_id)] = counts.get(str(key_id), 0) + int(count)
+    return counts
 
 
 def retire_master_key(path: Path, key_id: str, catalog: Catalog) -> None:
@@ -343,8 +350,41 @@ def key_context(recording_id: str, blob_key: str) -> bytes:
 
 
 def rewrap_all(catalog: Catalog, wrapper: KeyWrapper, batch: int = 500) -> int:
-    """Re-wrap every live data key that is not under the current master key. Audio is
-    not touched. Idempotent and resumable; a key shredded meanwhile stays shredded."""
+    """Re-wrap every data key that is not under the current master key: stored
+    recordings' and live calls'. Audio is not touched. Idempotent and resumable; a key
+    shredded meanwhile stays shredded."""
+    done = _rewrap_stored(catalog, wrapper, batch) + _rewrap_live(catalog, wrapper, batch)
+    log.info("data_keys_rewrapped", count=done, key_id=wrapper.current_key_id)
+    return done
+
+
+def _rewrap_live(catalog: Catalog, wrapper: KeyWrapper, batch: int) -> int:
+    """Live calls' data keys (``live_recordings``): an append that read the row before
+    keeps its key in memory, one that reads it after unwraps the new wrapping."""
+    current, done, table = wrapper.current_key_id, 0, live_recordings
+    while True:
+        query = catalog.skip_locked(
+            sa.select(table.c.recording_id, table.c.key_id, table.c.wrapped_key)
+            .where(table.c.key_id != current)
+            .limit(batch)
+        )
+        with catalog.engine.begin() as conn:
+            rows = conn.execute(query).all()
+            for recording_id, key_id, wrapped in rows:
+                context = key_context(recording_id, f"live-{recording_id}")
+                plain = wrapper.unwrap(key_id, wrapped, context)
+                new_id, new_wrapped = wrapper.wrap(plain, context)
+                conn.execute(
+                    sa.update(table)
+                    .where(table.c.recording_id == recording_id, table.c.key_id == key_id)
+                    .values(key_id=new_id, wrapped_key=new_wrapped)
+                )
+        done += len(rows)
+        if not rows:
+            return done
+
+
+def _rewrap_stored(catalog: Catalog, wrapper: KeyWrapper, batch: int) -> int:
     current, done = wrapper.current_key_id, 0
     while True:
         query = catalog.skip_locked(
@@ -367,5 +407,4 @@ def rewrap_all(catalog: Catalog, wrapper: KeyWrapper, batch: int = 500) -> int:
                 )
         done += len(rows)
         if not rows:
-            log.info("data_keys_rewrapped", count=done, key_id=current)
             return done

@@ -8,7 +8,10 @@ A thread that, every ``poll_s`` (or when woken by a Finish):
   is encoded once) and hands them to a bounded pool of encoders: the legs are read
   from their segments, interleaved (customer left, employee right), encoded by one
   ffmpeg process (Opus for speech, as the agent's archive), stored through the vault
-  (own data key, sha256) and catalogued like an upload; then the segments go.
+  (own data key, sha256) and catalogued like an upload; then the segments go — or, for
+  a call the store finished itself, are held for a returning agent's tail, whose
+  finished call is archived again in place of the first archive
+  (``agent.store.live.tail``).
 A failed encode is logged and left: the lease expires and it is tried again.
 """
 
@@ -31,9 +34,10 @@ from agent import logs
 from agent.audio import OPUS_PARAMETERS
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.store import monitoring
-from agent.store.catalog import now_ms
+from agent.store.catalog import RecordingRow, now_ms
 from agent.store.ingest.service import row_from_manifest
-from agent.store.live.segments import BYTES_PER_SECOND, LiveRow, LiveStore
+from agent.store.live import tail
+from agent.store.live.segments import BYTES_PER_SECOND, HELD, LiveRow, LiveStore
 
 log = logs.get_logger(__name__)
 
@@ -193,6 +197,7 @@ class LiveArchiver:
             self._wake.clear()
             try:
                 self.expire_stale()
+                tail.release_held(self.live)
                 self._dispatch()
                 self._forget_archived()
             except Exception:  # the catalog may be away; next pass
@@ -236,7 +241,8 @@ class LiveArchiver:
             final.ended_at.FromDatetime(started + dt.timedelta(seconds=seconds))
             if "incomplete" not in final.flags:
                 final.flags.append("incomplete")
-            if self.live.mark_finished(rid, final, legs, "live", older_than_ms=cutoff):
+            extra = {"timed_out_at_ms": now_ms(), **row.carried()}
+            if self.live.mark_finished(rid, final, legs, "live", cutoff, extra):
                 log.warning(
                     "live_timed_out",
                     recording_id=rid,
@@ -249,48 +255,65 @@ class LiveArchiver:
         return done
 
     def archive(self, row: LiveRow) -> None:
-        """Encode, store and catalogue one finished live recording, then drop its segments."""
+        """Encode, store and catalogue one finished live recording, then drop its
+        segments (held instead when the store finished it: a tail may follow)."""
+        rid = row.recording_id
+        assert row.final is not None
+        stored = self.live.catalog.get(rid)
+        reopened = row.final.get("reopened_from")
+        if stored is None and reopened == HELD:
+            tail.forget_destroyed(self.live, row)  # erased or discarded meanwhile
+            return
+        if stored is None or reopened:
+            self._store(row, stored)
+        if row.final.get("timed_out_at_ms") is not None:
+            tail.hold(self.live, row)
+        else:
+            self.live.remove(row)
+
+    def _store(self, row: LiveRow, stored: RecordingRow | None) -> None:
+        """The archive, as a new recording or in place of ``stored`` (a tail came)."""
         started = time.monotonic()
         rid = row.recording_id
-        vault, catalog = self.live.vault, self.live.catalog
+        vault = self.live.vault
         final = row.final_manifest()
         assert row.final is not None
         sizes = {leg: int(v["size"]) for leg, v in row.final["legs"].items()}
-        if catalog.get(rid) is None:
-            archive = encode_legs(self.live, row, self.bitrate, sizes)
-            final.audio_format, final.channels = "opus", archive.channels
-            final.size = len(archive.data)
-            final.sha256 = _sha256(archive.data)
-            _add_flags(final, archive)
-            blob_key = vault.store(
-                rid,
-                Path("/dev/null"),
-                self.live.work_dir,
-                expected_sha256=final.sha256,
-                opener=lambda: _Plain(archive.data),
-            )
-            # under the key row's lock, like an upload's commit: a sweeper discarding
-            # orphans never shreds this key between its store and its row
-            if not vault.commit_row(
-                row_from_manifest(final, blob_key=blob_key, region=vault.region)
-            ):
-                vault.discard(rid, blob_key)  # another archiver won
-            else:
-                monitoring.UPLOADS_STORED.inc()
-                monitoring.BYTES_STORED.inc(final.size)
-                log.info(
-                    "recording_stored",
-                    recording_id=rid,
-                    site=final.site,
-                    path="live",
-                    bytes=final.size,
-                    audio_s=round(max(sizes.values(), default=0) / BYTES_PER_SECOND, 1),
-                    customer=final.customer.masked,
-                    employee=final.employees[0].name if final.employees else "unknown",
-                    flags=",".join(final.flags) or "-",
-                    encode_s=round(time.monotonic() - started, 3),
-                )
-        self.live.remove(row)
+        archive = encode_legs(self.live, row, self.bitrate, sizes)
+        final.audio_format, final.channels = "opus", archive.channels
+        final.size = len(archive.data)
+        final.sha256 = _sha256(archive.data)
+        _add_flags(final, archive)
+        blob_key = vault.store(
+            rid,
+            Path("/dev/null"),
+            self.live.work_dir,
+            expected_sha256=final.sha256,
+            opener=lambda: _Plain(archive.data),
+        )
+        new = row_from_manifest(final, blob_key=blob_key, region=vault.region)
+        if stored is not None:
+            tail.replace_archive(vault, stored, new)
+            return
+        # under the key row's lock, like an upload's commit: a sweeper discarding
+        # orphans never shreds this key between its store and its row
+        if not vault.commit_row(new):
+            vault.discard(rid, blob_key)  # another archiver won
+            return
+        monitoring.UPLOADS_STORED.inc()
+        monitoring.BYTES_STORED.inc(final.size)
+        log.info(
+            "recording_stored",
+            recording_id=rid,
+            site=final.site,
+            path="live",
+            bytes=final.size,
+            audio_s=round(max(sizes.values(), default=0) / BYTES_PER_SECOND, 1),
+            customer=final.customer.masked,
+            employee=final.employees[0].name if final.employees else "unknown",
+            flags=",".join(final.flags) or "-",
+            encode_s=round(time.monotonic() - started, 3),
+        )
 
 
 def _sha256(data: bytes) -> str:

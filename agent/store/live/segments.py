@@ -15,7 +15,9 @@ leaves that blob behind; its data key goes with the recording's row.)
 A finished recording (the agent's Finish, or a stale one finished by the store as
 ``incomplete``) waits in ``live_recordings`` with its final manifest until an archiver
 (``agent.store.live.archiver``) claims it with a lease, encodes the stereo archive and
-removes the segments.
+removes the segments. A call the store finished itself (timed out) keeps its segments
+for ``tail_window_s`` after its archive (state ``held``): an agent that comes back with
+a longer copy appends the rest, which reopens the call (``agent.store.live.tail``).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ MAX_LEG_BYTES = BYTES_PER_SECOND * 24 * 3600  # a call lasts at most a day
 LIVE = "live"
 FINISHED = "finished"  # waiting for its archive
 ARCHIVED = "archived"  # the archive is stored, the segments gone; kept to answer a late finish
+HELD = "held"  # timed out and archived; segments kept for a returning agent's tail
 ARCHIVED_KEEP_MS = 24 * 3600 * 1000
 KEY_CACHE = 4096
 
@@ -83,6 +86,16 @@ class LiveRow:
     def legs(self) -> tuple[str, ...]:
         return LEGS[self.manifest.channels]
 
+    def final_from(self) -> str:
+        """What a reopened call's archive replaces: ``held`` (an archive is stored) or
+        ``finished`` (one may be, if an archiver was encoding it)."""
+        return str((self.final or {}).get("reopened_from") or self.state)
+
+    def carried(self) -> dict[str, Any]:
+        """What a new final document keeps of the old (a reopened call stays one)."""
+        held = (self.final or {}).get("reopened_from")
+        return {"reopened_from": held} if held else {}
+
     def final_manifest(self) -> pb.Manifest:
         assert self.final is not None
         return json_format.ParseDict(self.final["manifest"], pb.Manifest())
@@ -107,10 +120,13 @@ def _row(found: sa.Row[Any]) -> LiveRow:
 
 
 class LiveStore:
-    def __init__(self, catalog: Catalog, vault: Vault, work_dir: Path) -> None:
+    def __init__(
+        self, catalog: Catalog, vault: Vault, work_dir: Path, tail_window_s: float = 3600.0
+    ) -> None:
         self.catalog = catalog
         self.vault = vault
         self.work_dir = work_dir
+        self.tail_window_ms = int(tail_window_s * 1000)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._keys: dict[str, bytes] = {}
         self._keys_lock = threading.Lock()
@@ -144,15 +160,17 @@ class LiveStore:
         if row is None:
             stored = self.catalog.get(recording_id)
             return pb.LiveState(recording_id=recording_id, known=False, finished=stored is not None)
-        if row.final is not None:
+        if row.state != LIVE and row.final is not None:
             sizes = {leg: int(v["size"]) for leg, v in row.final["legs"].items()}
         else:
             sizes = self.sizes(recording_id)
+        # A call timed out here takes the rest from its agent (an append reopens it).
+        open_ = row.state == LIVE or self.reopenable(row)
         return pb.LiveState(
             recording_id=recording_id,
             known=True,
             legs=[pb.LegSize(leg=leg, size=sizes.get(leg, 0)) for leg in row.legs],
-            finished=row.state != LIVE,
+            finished=not open_,
         )
 
     def data_key(self, row: LiveRow) -> bytes:
@@ -162,7 +180,8 @@ class LiveStore:
         if cached is not None:
             return cached
         context = key_context(row.recording_id, f"live-{row.recording_id}")
-        key = self.vault.wrapper.unwrap(row.key_id, row.wrapped_key, context)
+        fresh = self.get(row.recording_id) or row  # re-wrapped since (key rotation)?
+        key = self.vault.wrapper.unwrap(fresh.key_id, fresh.wrapped_key, context)
         with self._keys_lock:
             while len(self._keys) >= KEY_CACHE:
                 self._keys.pop(next(iter(self._keys)))
@@ -277,11 +296,48 @@ class LiveStore:
             .values(last_append_ms=now_ms())
             .returning(live_recordings.c.recording_id)
         ).first()
-        if locked is None:
+        if locked is None and not self._reopen(conn, rid):
             raise LiveRejected(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"recording {rid} is finished; nothing more can be appended",
             )
+
+    def reopenable(self, row: LiveRow) -> bool:
+        """Finished by the store (timed out) within the tail window: an append reopens it."""
+        timed_out = (row.final or {}).get("timed_out_at_ms")
+        return (
+            row.state in (FINISHED, HELD)
+            and timed_out is not None
+            and now_ms() - int(timed_out) < self.tail_window_ms
+        )
+
+    def reopen(self, rid: str) -> LiveRow | None:
+        """Reopen a timed-out call for its agent's finish; the row as it is now."""
+        with self.catalog.engine.begin() as conn:
+            self._reopen(conn, rid)
+        return self.get(rid)
+
+    def _reopen(self, conn: sa.Connection, rid: str) -> bool:
+        """A returning agent's tail (in the append's transaction): the call is live
+        again, its segments and data key as they were; the archive built meanwhile is
+        replaced once it finishes (``reopened_from``). False: not reopenable."""
+        found = conn.execute(
+            sa.select(live_recordings).where(live_recordings.c.recording_id == rid)
+        ).first()
+        if found is None or not self.reopenable(row := _row(found)):
+            return False
+        doc = {**(row.final or {}), "reopened_from": row.final_from()}
+        reopened = conn.execute(
+            sa.update(live_recordings)
+            .where(live_recordings.c.recording_id == rid)
+            .where(live_recordings.c.state == row.state)
+            .where(live_recordings.c.final_json == found.final_json)
+            .values(state=LIVE, final_json=json.dumps(doc), claimed_until_ms=None)
+            .returning(live_recordings.c.recording_id)
+        ).first()
+        if reopened is not None:
+            log.warning("live_reopened", recording_id=rid, site=row.site, was=row.state)
+        return reopened is not None
 
     def _put(
         self, data_key: bytes, rid: str, blob_key: str, plan: list[tuple[str, int, bytes]]
@@ -323,7 +379,7 @@ class LiveStore:
                     f"leg {leg}: sha256 of the stored bytes is {held_sha}, the agent's is "
                     f"{sha256}; the call's audio was discarded, send it again from 0",
                 )
-        self.mark_finished(rid, final, legs, expect_state=LIVE)
+        self.mark_finished(rid, final, legs, expect_state=LIVE, extra=row.carried())
         self.forget_key(rid)
 
     def mark_finished(
@@ -333,10 +389,13 @@ class LiveStore:
         legs: dict[str, tuple[int, str]],
         expect_state: str,
         older_than_ms: int | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> bool:
+        """``extra``: more of the final document (``timed_out_at_ms``, ``reopened_from``)."""
         doc = {
             "manifest": json_format.MessageToDict(final),
             "legs": {leg: {"size": s, "sha256": h} for leg, (s, h) in legs.items()},
+            **(extra or {}),
         }
         query = (
             sa.update(live_recordings)

@@ -175,6 +175,10 @@ class LiveService(pb_grpc.LiveServicer):
                     return pb.LiveState(recording_id=rid, known=False, finished=True)
                 raise LiveRejected(grpc.StatusCode.NOT_FOUND, f"recording {rid} is unknown here")
             legs = _final_legs(row, final, request.legs)
+            if row.state != "live" and self.live.reopenable(row) and _covers(row, legs):
+                # its agent came back with at least what the store holds: the call is
+                # live again, and its finish checks the rest as any finish does
+                row = await self._io(self.live.reopen, rid) or row
             if row.state != "live":
                 _check_same_finish(row, legs)
             else:
@@ -235,6 +239,12 @@ def _final_legs(row: LiveRow, final: pb.Manifest, legs: Any) -> dict[str, tuple[
             f"finish: expected the size and sha256 of legs {', '.join(row.legs)}",
         )
     return found
+
+
+def _covers(row: LiveRow, legs: dict[str, tuple[int, str]]) -> bool:
+    """The agent's legs are at least as long as what the store finished the call with."""
+    assert row.final is not None
+    return all(size >= int(row.final["legs"][leg]["size"]) for leg, (size, _) in legs.items())
 
 
 def _check_same_finish(row: LiveRow, legs: dict[str, tuple[int, str]]) -> None:
