@@ -72,6 +72,16 @@ def test_store_retention_error_is_readable(tmp_path: Path) -> None:
     assert str(err.value) == '[store] retention = "6 monts": expected e.g. "6 months"'
 
 
+def test_store_data_dir_too_deep_for_its_sockets_is_named(tmp_path: Path) -> None:
+    deep = "/srv/" + "d" * 90
+    path = tmp_path / "store.toml"
+    path.write_text(f'[store]\ndata_dir = "{deep}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_store_config(path)
+    assert str(err.value).startswith(f'[store] data_dir = "{deep}": expected a shorter path')
+    assert "console.inner.sock" in str(err.value) and "107 bytes" in str(err.value)
+
+
 def test_store_defaults(tmp_path: Path) -> None:
     path = tmp_path / "store.toml"
     path.write_text('[store]\ndata_dir = "d"\n')

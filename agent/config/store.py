@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,8 @@ from agent.store.archive.residency import (
     region_allowed,
     valid_region_pattern,
 )
+
+MAX_UNIX_SOCKET_PATH = 107  # sun_path is 108 bytes with its terminating NUL
 
 
 @dataclass(frozen=True)
@@ -199,6 +202,14 @@ def store_config_from_dict(doc: Mapping[str, Any], base: Path) -> StoreConfig:
         live_tail_window_s=st.seconds("live_tail_window", "1h"),
     )
     _check_shared_blobs(st, cfg)
+    longest = data_dir / "console.inner.sock"  # the store's unix sockets live in data_dir
+    if len(os.fsencode(longest)) > MAX_UNIX_SOCKET_PATH:
+        raise st._fail(
+            "data_dir",
+            str(data_dir),
+            f"a shorter path: its socket {longest.name} would pass the "
+            f"{MAX_UNIX_SOCKET_PATH} bytes a unix socket's path may hold",
+        )
     if cfg.insecure and cfg.access_listen is not None and not is_loopback(cfg.access_listen):
         raise st._fail(
             "access_listen",
