@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent import access_cli, certs, config_reference, keys_cli, logs, tabular
+from agent import access_cli, certs, config_reference, keys_cli, localtime, logs, tabular
 from agent.config import (
     ConfigError,
     StoreConfig,
@@ -32,7 +33,7 @@ from agent.config import (
     load_store_config,
 )
 from agent.directory import Directory, DirectoryError
-from agent.manifest import DIRECTION_NAMES
+from agent.manifest import DIRECTION_NAMES, RECORDING_FIELDS, recording_fields
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import KeyFileError, Sealer, check_private_file
@@ -241,53 +242,45 @@ def _console(store_dir: Path) -> pb_grpc.ConsoleStub:
     return pb_grpc.ConsoleStub(channel)
 
 
-CONSOLE_FIELDS = (
-    "recording_id", "started_at", "ended_at", "duration_s", "direction", "site",
-    "service_number", "customer_masked", "employee_ids", "employee_names", "audio_format",
-    "channels", "flags",
-)  # fmt: skip
-
-
 def list_recordings(store_dir: Path, limit: int, output: str = "text") -> int:
     response = _console(store_dir).ListRecordings(pb.ListRecordingsRequest(limit=limit), timeout=10)
-    rows = [_recording_row(info) for info in response.recordings]
-    tabular.emit(output, CONSOLE_FIELDS, rows, format_recordings(response.recordings))
+    rows = [recording_fields(info, _utc_ms) for info in response.recordings]
+    tabular.emit(output, RECORDING_FIELDS, rows, format_recordings(response.recordings))
     return 0
 
 
-def _recording_row(info: pb.RecordingInfo) -> dict[str, object]:
-    m = info.manifest
-    return {
-        "recording_id": m.recording_id,
-        "started_at": m.started_at.ToDatetime(dt.UTC).isoformat(timespec="milliseconds"),
-        "ended_at": m.ended_at.ToDatetime(dt.UTC).isoformat(timespec="milliseconds"),
-        "duration_s": info.duration_ms / 1000,
-        "direction": DIRECTION_NAMES[m.direction],
-        "site": m.site,
-        "service_number": m.service_number,
-        "customer_masked": m.customer.masked,
-        "employee_ids": [e.id for e in m.employees],
-        "employee_names": [e.name for e in m.employees],
-        "audio_format": m.audio_format,
-        "channels": m.channels,
-        "flags": list(m.flags),
-    }
+def _utc_ms(stamp: Timestamp) -> str:
+    return stamp.ToDatetime(dt.UTC).isoformat(timespec="milliseconds")
 
 
-def format_recordings(recordings: Iterable[pb.RecordingInfo]) -> list[str]:
+def format_recordings(
+    recordings: Iterable[pb.RecordingInfo], zone: dt.tzinfo | None = None
+) -> list[str]:
+    """One line a recording, its times in local time with the zone stated (``TZ``, else
+    the system's), as the people's CLI shows them; ``--json``/``--csv`` keep UTC."""
+    zone = zone or localtime.local_zone()
     lines = []
     for info in recordings:
         m = info.manifest
         employees = ", ".join(e.name for e in m.employees) or "unknown"
         lines.append(
-            f"{m.recording_id}  {m.started_at.ToDatetime(dt.UTC):%Y-%m-%d %H:%M:%S.%f}"[:-3]
-            + f"Z → {m.ended_at.ToDatetime(dt.UTC):%H:%M:%S.%f}"[:-3]
-            + f"Z  {info.duration_ms / 1000:6.1f}s  {DIRECTION_NAMES[m.direction]:8}  "
+            f"{m.recording_id}  {_span(m.started_at, m.ended_at, zone)}  "
+            f"{info.duration_ms / 1000:6.1f}s  {DIRECTION_NAMES[m.direction]:8}  "
             f"service={m.service_number or '-'}  customer={m.customer.masked}  "
             f"employee={employees!r}  {m.audio_format}/{m.channels}ch  "
             f"flags={','.join(m.flags) or '-'}"
         )
     return lines
+
+
+def _span(start: Timestamp, end: Timestamp, zone: dt.tzinfo) -> str:
+    """``2026-07-01 12:15:30 +03:00 EEST → 12:16:00``: the end's date, offset and zone
+    only when they differ from the start's (past midnight, over a clock change)."""
+    began = localtime.show(start.ToDatetime(dt.UTC), zone)
+    ended = localtime.show(end.ToDatetime(dt.UTC), zone)
+    day, clock, *rest = ended.split(" ")
+    same = [day, *rest] == [began.split(" ")[0], *began.split(" ")[2:]]
+    return f"{began} → {clock if same else ended}"
 
 
 def export_audio(store_dir: Path, recording_id: str, out: Path, reason: str, purpose: str) -> int:

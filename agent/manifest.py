@@ -11,7 +11,9 @@ import datetime as dt
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypedDict
 
 import phonenumbers
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -76,6 +78,35 @@ def timestamp(moment: dt.datetime) -> Timestamp:
     ts = Timestamp()
     ts.FromDatetime(moment.astimezone(dt.UTC))
     return ts
+
+
+# A stored recording's fields as listings show them (``--json``/``--csv``): each
+# command's stable contract; the customer is only ever the masked number.
+RECORDING_FIELDS = (
+    "recording_id", "started_at", "ended_at", "duration_s", "direction", "site",
+    "service_number", "customer_masked", "employee_ids", "employee_names", "audio_format",
+    "channels", "flags",
+)  # fmt: skip
+
+
+def recording_fields(info: pb.RecordingInfo, when: Callable[[Timestamp], str]) -> dict[str, object]:
+    """``RECORDING_FIELDS`` of a stored recording, its times written by ``when``."""
+    m = info.manifest
+    return {
+        "recording_id": m.recording_id,
+        "started_at": when(m.started_at),
+        "ended_at": when(m.ended_at),
+        "duration_s": info.duration_ms / 1000,
+        "direction": DIRECTION_NAMES.get(m.direction, "unspecified"),
+        "site": m.site,
+        "service_number": m.service_number,
+        "customer_masked": m.customer.masked,
+        "employee_ids": [e.id for e in m.employees],
+        "employee_names": [e.name for e in m.employees],
+        "audio_format": m.audio_format,
+        "channels": m.channels,
+        "flags": list(m.flags),
+    }
 
 
 def manifest_from_capture(
@@ -309,4 +340,38 @@ def employees_json(m: pb.Manifest) -> str:
             }
             for e in m.employees
         ]
+    )
+
+
+class CallColumns(TypedDict):
+    """The catalog columns a stored recording and a discarded one share."""
+
+    recording_id: str
+    site: str
+    source: str
+    call_ref: str
+    direction: str
+    started_at_ms: int
+    ended_at_ms: int
+    customer_masked: str
+    employee_id: str
+    employees_json: str
+    flags: str
+
+
+def call_columns(m: pb.Manifest) -> CallColumns:
+    """A (checked) manifest's call facts as catalog columns; the first employee is the
+    row's ``employee_id`` ("unknown" when none)."""
+    return CallColumns(
+        recording_id=m.recording_id,
+        site=m.site,
+        source=m.source,
+        call_ref=m.call_ref,
+        direction=DIRECTION_NAMES[m.direction],
+        started_at_ms=m.started_at.ToMilliseconds(),
+        ended_at_ms=m.ended_at.ToMilliseconds(),
+        customer_masked=m.customer.masked,
+        employee_id=m.employees[0].id if m.employees else "unknown",
+        employees_json=employees_json(m),
+        flags=",".join(m.flags),
     )

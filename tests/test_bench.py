@@ -117,8 +117,7 @@ def test_rtp_sender_is_cheap_on_time_and_delivers_everything() -> None:
 
 
 def test_web_times_search_first_byte_and_seek() -> None:
-    from tests.support.web import node_ready
-    from tests.test_web import CHROMIUM
+    from tests.support.web import CHROMIUM, node_ready
 
     if not (CHROMIUM.exists() and node_ready()):
         pytest.skip("needs chromium and tests/oidc (.ci/setup)")

@@ -1,20 +1,26 @@
 """The CLI as people use it (issue 16): times in the person's local time zone with the
-zone named, naive times typed mean local time, and `callrec play` refuses to pour
-audio into a terminal. `callrec` runs as its own process against the real store."""
+zone named (the operator's `console-list` too), naive times typed mean local time, and
+`callrec play` refuses to pour audio into a terminal. `callrec` runs as its own process
+against the real store."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import pty
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from agent import localtime
+from agent.cli import format_recordings
+from agent.manifest import timestamp
+from agent.pb.callrec.v1 import recordings_pb2 as pb
 from tests.support.access_world import World, opus_audio, running_world
 from tests.support.stack import make_keys
 
@@ -84,6 +90,47 @@ def test_local_time_in_winter_and_a_bad_time_is_a_usage_error(
                "Europe/Helsinki", capture_output=True)  # fmt: skip
     assert bad.returncode == 2
     assert "expected an ISO time such as 2026-03-02T14:30" in bad.stderr.decode()
+
+
+def test_console_list_shows_local_time_with_the_zone_and_its_json_stays_utc(
+    world: World,
+) -> None:
+    rid = world.seed(AINO, STARTED_MS)  # 09:15:30-09:16:00 UTC
+    argv = ["console-list", "--store-dir", str(world.config.data_dir), "--limit", "1000"]
+    shown = _run(argv, "Europe/Helsinki", capture_output=True)
+    assert shown.returncode == 0, shown.stderr
+    line = next(ln for ln in shown.stdout.decode().splitlines() if ln.startswith(rid))
+    assert "  2026-07-01 12:15:30 +03:00 EEST → 12:16:00    30.0s  inbound " in line
+    listed = _run([*argv, "--json"], "Europe/Helsinki", capture_output=True)
+    row = next(r for r in json.loads(listed.stdout) if r["recording_id"] == rid)
+    assert (row["started_at"], row["ended_at"]) == (
+        "2026-07-01T09:15:30.000+00:00", "2026-07-01T09:16:00.000+00:00"
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("start", "shown"),
+    [
+        # Past local midnight: the end's date is shown.
+        (
+            "2026-07-01T20:59:50",
+            "2026-07-01 23:59:50 +03:00 EEST → 2026-07-02 00:00:20 +03:00 EEST",
+        ),
+        # Over the autumn clock change (04:00 EEST becomes 03:00 EET): its offset is.
+        ("2026-10-25T00:59:50", "2026-10-25 03:59:50 +03:00 EEST → 2026-10-25 03:00:20 +02:00 EET"),
+    ],
+)
+def test_console_list_names_the_end_in_full_when_its_day_or_offset_differs(
+    start: str, shown: str
+) -> None:
+    began = dt.datetime.fromisoformat(start).replace(tzinfo=dt.UTC)
+    manifest = pb.Manifest(
+        recording_id="0" * 32, started_at=timestamp(began),
+        ended_at=timestamp(began + dt.timedelta(seconds=30)),
+    )  # fmt: skip
+    info = pb.RecordingInfo(manifest=manifest, duration_ms=30_000)
+    [line] = format_recordings([info], ZoneInfo("Europe/Helsinki"))
+    assert line.startswith(f"{'0' * 32}  {shown}  ")
 
 
 def test_play_refuses_a_terminal_and_writes_to_a_pipe(world: World, tmp_path: Path) -> None:

@@ -42,6 +42,9 @@ def test_agent_config_round_trip(tmp_path: Path, keys: Keys) -> None:
         ),
         ("uplink", "live", "yes", '[uplink] live = "yes": expected'),
         ("uplink", "live_flush", "5s", '[uplink] live_flush = "5s": expected from "100ms" to "2s"'),
+        # TLS files: all three or none, in [uplink] and [control] alike.
+        ("uplink", "ca_file", "ca.pem", "[uplink] cert_file: missing; ca_file, cert_file and"),
+        ("control", "key_file", "a.key", "[control] ca_file: missing; ca_file, cert_file and"),
     ],
 )
 def test_agent_config_errors_name_the_key(
@@ -67,6 +70,16 @@ def test_store_retention_error_is_readable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_store_config(path)
     assert str(err.value) == '[store] retention = "6 monts": expected e.g. "6 months"'
+
+
+def test_store_data_dir_too_deep_for_its_sockets_is_named(tmp_path: Path) -> None:
+    deep = "/srv/" + "d" * 90
+    path = tmp_path / "store.toml"
+    path.write_text(f'[store]\ndata_dir = "{deep}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_store_config(path)
+    assert str(err.value).startswith(f'[store] data_dir = "{deep}": expected a shorter path')
+    assert "console.inner.sock" in str(err.value) and "107 bytes" in str(err.value)
 
 
 def test_store_defaults(tmp_path: Path) -> None:

@@ -17,7 +17,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent import certs
 from agent.capture import (
     UNKNOWN,
     CaptureMeta,
@@ -45,7 +44,8 @@ from agent.recorder.spool.pauses import silence
 from agent.store.archive.vault import open_storage
 from agent.store.audit import chain as audit
 from agent.store.ingest import discards
-from tests.support.faults import Pki, ingest_stub, make_pki
+from tests.support.faults import ingest_stub
+from tests.support.pki import Pki, make_pki
 from tests.support.stack import Keys, agent_config
 from tests.test_ingest_limits import OTHER_SITE, limited_store, upload
 
@@ -56,7 +56,7 @@ T0 = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.UTC)
 def pki(tmp_path: Path) -> Pki:
     """A CA, the store's pair and agent pairs for hel-1 and OTHER_SITE."""
     made = make_pki(tmp_path / "pki")
-    certs.write_pair(made.directory, f"agent-{OTHER_SITE}", certs.issue_agent(made.ca, OTHER_SITE))
+    made.add_agent(OTHER_SITE)
     return made
 
 

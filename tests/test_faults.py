@@ -40,13 +40,10 @@ from agent.testcall.sipp import free_port
 from tests.support.daemons import Daemon, start_agent, start_store
 from tests.support.faults import (
     BYTES_PER_AUDIO_S,
-    SITE,
-    Pki,
     agent_sections,
     assert_exactly,
     ingest_stub,
     kill_agent,
-    make_pki,
     manifest_for,
     outbox_shas,
     tcp_port,
@@ -55,6 +52,7 @@ from tests.support.faults import (
     wait_stored,
     write_capture,
 )
+from tests.support.pki import SITE, Pki, make_pki
 from tests.support.proxy import TcpProxy
 from tests.support.stack import InProcessStore, Keys, agent_config, store_config
 
@@ -376,7 +374,7 @@ def test_insecure_only_on_loopback(tmp_path: Path, keys: Keys) -> None:
 
 
 def test_agent_refuses_a_certificate_for_another_site(tmp_path: Path, keys: Keys, pki: Pki) -> None:
-    certs.write_pair(pki.directory, "agent-tku-1", certs.issue_agent(pki.ca, "tku-1"))
+    pki.add_agent("tku-1")
     up = {"insecure": False, **pki.files("agent-tku-1")}
     cfg, _ = agent_config(tmp_path, keys, "127.0.0.1:50051", uplink=up)
     with pytest.raises(ConfigError, match="certificate is for site 'tku-1'"):

@@ -15,14 +15,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent import certs
 from agent.config import store_config_from_dict
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.store.archive.vault import open_storage
 from agent.store.ingest import partials
 from agent.store.retention.sweeper import Sweeper
-from tests.support.faults import Pki, ingest_stub, make_pki, manifest_for
+from tests.support.faults import ingest_stub, manifest_for
+from tests.support.pki import Pki, make_pki
 from tests.support.stack import InProcessStore
 
 OTHER_SITE = "tku-2"
@@ -31,7 +31,7 @@ OTHER_SITE = "tku-2"
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     pki = make_pki(tmp_path / "pki")
-    certs.write_pair(pki.directory, f"agent-{OTHER_SITE}", certs.issue_agent(pki.ca, OTHER_SITE))
+    pki.add_agent(OTHER_SITE)
     return pki
 
 

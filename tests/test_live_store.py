@@ -354,17 +354,14 @@ def test_a_discarded_live_call_leaves_nothing_at_the_store(
 def test_over_mutual_tls_a_call_is_only_touched_by_the_site_that_started_it(
     tmp_path: Path,
 ) -> None:
-    from agent import certs
-    from tests.support.faults import SITE, make_pki
+    from tests.support.pki import SITE, make_pki
 
     pki = make_pki(tmp_path / "pki")
-    certs.write_pair(pki.directory, "agent-tku-1", certs.issue_agent(pki.ca, "tku-1"))
+    pki.add_agent("tku-1")
     with InProcessStore(store_config(tmp_path, tls=pki.store_tls)) as tls_store:
 
         def stub(stem: str) -> pb_grpc.LiveStub:
-            d = pki.directory
-            creds = certs.channel_credentials(d / "ca.pem", d / f"{stem}.pem", d / f"{stem}.key")
-            return pb_grpc.LiveStub(grpc.secure_channel(tls_store.address, creds))
+            return pb_grpc.LiveStub(grpc.secure_channel(tls_store.address, pki.credentials(stem)))
 
         ours, theirs = stub(f"agent-{SITE}"), stub("agent-tku-1")
         manifest = live_manifest(tmp_path)

@@ -22,7 +22,8 @@ from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.store.archive.vault import PARTIALS_PREFIX, Storage, open_partials, open_storage
 from agent.store.ingest.partials import Partials
 from agent.store.ingest.s3_partials import S3Partials
-from tests.support.faults import Pki, ingest_stub, make_pki, manifest_for
+from tests.support.faults import ingest_stub, manifest_for
+from tests.support.pki import Pki, make_pki
 from tests.support.services import (
     Backend,
     SeaweedFS,

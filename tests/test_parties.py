@@ -21,14 +21,13 @@ from agent.recorder.parties import (
     CallPlan,
     PartyHeaders,
     PartyRules,
-    apply_update,
     classify,
     classify_headers,
     header_direction,
     plan_call,
-    read_update,
     unclassified,
 )
+from agent.recorder.party_updates import apply_update, read_update
 from agent.recorder.session import new_meta
 from agent.recorder.siprec import SdpMedia, parse_metadata
 from agent.testcall.sipp import Party, metadata_xml

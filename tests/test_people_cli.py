@@ -29,6 +29,13 @@ from tests.support.services import write_store_toml
 from tests.support.stack import make_keys
 
 CALLREC = str(Path(sys.executable).parent / "callrec")
+# The stable field names of a listed recording (README, "Listings"): scripts rely on them.
+RECORDING_FIELDS = (
+    "recording_id", "started_at", "ended_at", "duration_s", "direction", "site",
+    "service_number", "customer_masked", "employee_ids", "employee_names", "audio_format",
+    "channels", "flags",
+)  # fmt: skip
+MARKS = ("restricted", "legal_hold", "destroy_after")
 FULL_DIGITS = "401234567"  # the customer's number without its country code
 
 
@@ -206,7 +213,7 @@ def test_search_as_csv_and_json_has_stable_fields_and_masked_numbers(
     code, out, _ = _main(capsys, "search", "--csv")
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert tuple(rows[0]) == VIEW_FIELDS
+    assert tuple(rows[0]) == VIEW_FIELDS == (*RECORDING_FIELDS, *MARKS)  # the README's
     mine = next(r for r in rows if r["recording_id"] == calls["a1"])
     assert mine["customer_masked"] == "+358401234***"
     assert mine["employee_ids"] == "a1" and mine["restricted"] == "false"
@@ -264,6 +271,7 @@ def test_console_list_as_csv(
     code, out, _ = _main(capsys, "console-list", "--store-dir", str(world.config.data_dir), "--csv")
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out)))
+    assert tuple(rows[0]) == RECORDING_FIELDS
     assert {calls["a1"], calls["a2"]} <= {r["recording_id"] for r in rows}
     assert {r["customer_masked"] for r in rows} == {"+358401234***"}
     assert FULL_DIGITS not in out

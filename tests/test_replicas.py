@@ -44,7 +44,7 @@ from agent.store.audit.chain import audit_events
 from agent.store.catalog import data_keys, now_ms, recordings
 from agent.store.ingest.s3_partials import WINDOW_BYTES
 from tests.support.access_world import PEOPLE
-from tests.support.faults import Pki, make_pki
+from tests.support.pki import Pki, make_pki
 from tests.support.replicas import HAPROXY, Agents, StoreReplicas
 from tests.support.services import (
     Postgres,

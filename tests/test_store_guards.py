@@ -39,7 +39,8 @@ from agent.store.catalog import Catalog, now_ms
 from agent.store.console_gate import peer_of
 from agent.store.retention.sweeper import Sweeper
 from tests.support.access_world import PEOPLE, World, running_world
-from tests.support.faults import Pki, ingest_stub, make_pki, manifest_for
+from tests.support.faults import ingest_stub, manifest_for
+from tests.support.pki import Pki, make_pki
 from tests.support.services import (
     free_tcp_port,
     make_row,
@@ -293,7 +294,7 @@ def test_tokens_expire_and_the_list_shows_last_use(
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
     pki = make_pki(tmp_path / "pki")
-    certs.write_pair(pki.directory, "agent-tku-2", certs.issue_agent(pki.ca, "tku-2"))
+    pki.add_agent("tku-2")
     return pki
 
 

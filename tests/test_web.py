@@ -23,15 +23,16 @@ from agent.pb.callrec.v1 import access_pb2 as apb
 from tests.support.access_world import opus_audio
 from tests.support.web import (
     ARTIFACTS,
+    CHROMIUM,
     WebWorld,
     day_ms,
+    launch_chromium,
     long_opus,
     node_ready,
     running_web,
     seed_audio,
 )
 
-CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM.exists() and node_ready()), reason="needs chromium and tests/oidc (.ci/setup)"
 )
@@ -63,15 +64,7 @@ def calls(web: WebWorld) -> Calls:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"],
-        )
-        yield chromium
-        chromium.close()
+    yield from launch_chromium()
 
 
 def shot(page: Any, name: str) -> None:

@@ -11,9 +11,17 @@ from typing import Any
 
 import pytest
 
-from tests.support.web import WebWorld, day_ms, left_only, long_opus, running_web, seed_audio
-from tests.test_web import CHROMIUM, shot, sign_in
+from tests.support.web import (
+    WebWorld,
+    day_ms,
+    launch_chromium,
+    left_only,
+    long_opus,
+    running_web,
+    seed_audio,
+)
 from tests.test_web import pytestmark as web_mark
+from tests.test_web import shot, sign_in
 
 pytestmark = web_mark
 AINO: list[tuple[str, str, str | None]] = [("a1", "Aino Agent", "parcels")]
@@ -26,15 +34,7 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebWorld]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"],
-        )
-        yield chromium
-        chromium.close()
+    yield from launch_chromium()
 
 
 def _open_player(browser: Any, web: WebWorld, rid: str, size: int = 1366) -> Any:

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 
 from tests.support.access_world import opus_audio
-from tests.support.web import CLIENT_ID, WebWorld, day_ms, running_web, seed_audio
-from tests.test_web import CHROMIUM, session_cookie, shot, sign_in
+from tests.support.web import CHROMIUM, CLIENT_ID, WebWorld, day_ms, running_web, seed_audio
 from tests.test_web import pytestmark as web_mark
+from tests.test_web import session_cookie, shot, sign_in
 
 pytestmark = web_mark
 AINO: list[tuple[str, str, str | None]] = [("a1", "Aino Agent", "parcels")]

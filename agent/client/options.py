@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from agent.capture import Flag
 from agent.client.profile import DEFAULT_STORE, PURPOSE_NAMES, ClientProfile, load_profile
 from agent.config import is_loopback
-from agent.manifest import DIRECTION_NAMES
+from agent.manifest import RECORDING_FIELDS, recording_fields
 from agent.pb.callrec.v1 import access_pb2 as apb
 
 PURPOSES = {
@@ -127,11 +127,7 @@ def common(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- a recording shown
 
-VIEW_FIELDS = (
-    "recording_id", "started_at", "ended_at", "duration_s", "direction", "site",
-    "service_number", "customer_masked", "employee_ids", "employee_names", "audio_format",
-    "channels", "flags", "restricted", "legal_hold", "destroy_after",
-)  # fmt: skip
+VIEW_FIELDS = (*RECORDING_FIELDS, "restricted", "legal_hold", "destroy_after")
 
 
 def _iso(stamp: Timestamp) -> str:
@@ -140,21 +136,8 @@ def _iso(stamp: Timestamp) -> str:
 
 def view_row(view: apb.RecordingView) -> dict[str, object]:
     """A recording's stable fields for --json/--csv: the masked number only, ever."""
-    m, info = view.info.manifest, view.info
     return {
-        "recording_id": m.recording_id,
-        "started_at": _iso(m.started_at),
-        "ended_at": _iso(m.ended_at),
-        "duration_s": info.duration_ms / 1000,
-        "direction": DIRECTION_NAMES.get(m.direction, "unspecified"),
-        "site": m.site,
-        "service_number": m.service_number,
-        "customer_masked": m.customer.masked,
-        "employee_ids": [e.id for e in m.employees],
-        "employee_names": [e.name for e in m.employees],
-        "audio_format": m.audio_format,
-        "channels": m.channels,
-        "flags": list(m.flags),
+        **recording_fields(view.info, _iso),
         "restricted": view.restricted,
         "legal_hold": view.legal_hold,
         "destroy_after": _iso(view.destroy_after) if view.HasField("destroy_after") else None,

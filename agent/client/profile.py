@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.config import (
+from agent.config.parsing import (
     ConfigError,
     _collecting,
     _load_toml,

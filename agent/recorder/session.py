@@ -31,7 +31,8 @@ from agent.capture import (
     write_meta,
 )
 from agent.directory import Directory
-from agent.recorder.parties import CallPlan, PartyRules, apply_update, read_update
+from agent.recorder.parties import CallPlan, PartyRules
+from agent.recorder.party_updates import apply_update, read_update
 
 log = logs.get_logger("agent.recorder.sip")
 

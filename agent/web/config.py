@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agent.config import (
+from agent.config.parsing import (
     LOG_LEVELS,
     ConfigError,
     _collecting,

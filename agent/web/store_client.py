@@ -4,9 +4,9 @@ rules and audits; this module only carries requests and maps the answers."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -28,6 +28,7 @@ BROWSE_PURPOSE = {
     "privacy_officer": "legal",
 }
 TIMEOUT_S = 15.0
+_M = TypeVar("_M")
 # No bandwidth-delay probing: each audio stream's flow-control window stays at 64 KiB,
 # so a listener whose browser has buffered enough holds 64 KiB here, not megabytes.
 CHANNEL_OPTIONS = [("grpc.http2.bdp_probe", 0)]
@@ -112,14 +113,7 @@ class StoreClient:
         """The package's first message (the metadata: the store has said yes) and the
         rest to stream."""
         call = self.stub.ExportPackage(request, metadata=self._md(token), timeout=600)
-        stream = call.__aiter__()
-        try:
-            first = await stream.__anext__()
-        except grpc.aio.AioRpcError as exc:
-            raise StoreRefused(exc.code(), exc.details() or "") from None
-        except StopAsyncIteration:
-            raise StoreRefused(grpc.StatusCode.NOT_FOUND, "empty package") from None
-        return first, stream
+        return await _first(call, grpc.StatusCode.NOT_FOUND, "empty package")
 
     async def play_range(
         self, token: str, rid: str, purpose: str, offset: int, length: int
@@ -130,11 +124,20 @@ class StoreClient:
             purpose=PURPOSES[purpose], recording_id=rid, offset=offset, length=length
         )
         call = self.stub.PlayRange(request, metadata=self._md(token), timeout=60)
-        stream = call.__aiter__()
-        try:
-            first = await stream.__anext__()
-        except grpc.aio.AioRpcError as exc:
-            raise StoreRefused(exc.code(), exc.details() or "") from None
-        except StopAsyncIteration:
-            raise StoreRefused(grpc.StatusCode.OUT_OF_RANGE, "empty range") from None
+        first, stream = await _first(call, grpc.StatusCode.OUT_OF_RANGE, "empty range")
         return Range(first.offset, first.total_size, first.audio_format, first.data, stream)
+
+
+async def _first(
+    call: AsyncIterable[_M], empty: grpc.StatusCode, why: str
+) -> tuple[_M, AsyncIterator[_M]]:
+    """A stream's first message (the store's answer is known before anything is sent
+    on) and the rest; a refusal, or no message at all, is StoreRefused."""
+    stream = aiter(call)
+    try:
+        first = await anext(stream)
+    except grpc.aio.AioRpcError as exc:
+        raise StoreRefused(exc.code(), exc.details() or "") from None
+    except StopAsyncIteration:
+        raise StoreRefused(empty, why) from None
+    return first, stream

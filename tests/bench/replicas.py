@@ -49,7 +49,7 @@ from agent.store.audit.chain import audit_events
 from agent.store.catalog import now_ms
 from tests.bench.common import TICK, emit, percentile, sample
 from tests.support.access_world import PEOPLE
-from tests.support.faults import Pki, make_pki
+from tests.support.pki import Pki, make_pki
 from tests.support.replicas import Agents, StoreReplicas
 from tests.support.services import Postgres, SeaweedFS, make_row, write_store_toml
 from tests.support.stack import Keys, make_keys

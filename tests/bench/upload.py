@@ -43,33 +43,23 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from google.protobuf import json_format
-
 import agent.recorder.uplink.client as uplink_module
-from agent import certs
 from agent.capture import (
-    CUSTOMER_LEG,
-    EMPLOYEE_LEG,
-    CaptureMeta,
-    Direction,
-    Employee,
-    iso_ms,
-    new_recording_id,
     utc_now,
 )
-from agent.manifest import manifest_from_capture
 from agent.pb.callrec.v1 import recordings_pb2 as pb
-from agent.recorder.finalize import MANIFEST_FILE, audio_file_name
 from agent.recorder.uplink.client import Uplink
 from agent.recorder.uplink.outbox import Outbox, OutboxEntry
 from agent.store.archive import crypto
 from tests.bench.common import TICK, emit, median, sample
+from tests.support.calls import call_meta
+from tests.support.calls import outbox_entry as outbox_entry_of
 from tests.support.daemons import Daemon, start_store
+from tests.support.pki import SITE, make_pki
 from tests.support.stack import Keys, agent_config, make_keys
 
 MODULE = "tests.bench.upload"
 MIB = 1024 * 1024
-SITE = "hel-1"
 TCP_CHUNK = 256 * 1024
 
 
@@ -90,31 +80,10 @@ def write_payload(path: Path, mib: int) -> str:
 def outbox_entry(outbox_dir: Path, keys: Keys, payload: Path, sha256: str) -> str:
     """An outbox entry exactly as finalize writes it; the audio is a hard link to the
     payload (the uplink removes the entry, the payload stays for the next repeat)."""
-    rid = new_recording_id()
     end = utc_now()
-    start = end - dt.timedelta(hours=1)
-    meta = CaptureMeta(
-        recording_id=rid,
-        site=SITE,
-        source="siprec",
-        call_ref=rid[:16],
-        direction=Direction.INBOUND,
-        started_at=iso_ms(start),
-        ended_at=iso_ms(end),
-        service_number="+3581005577",
-        customer=keys.protector().protect("+358 40 123 4567"),
-        employees=(
-            Employee("e1001", "Aino Virtanen", "sip:1001@pbx.example", iso_ms(start), "parcels"),
-        ),
-        legs=(CUSTOMER_LEG, EMPLOYEE_LEG),
-    )
-    manifest = manifest_from_capture(meta, "opus", 2, payload.stat().st_size, sha256, "fi")
-    staging = outbox_dir / f".tmp-{rid}"
-    staging.mkdir(parents=True)
-    os.link(payload, staging / audio_file_name("opus"))
-    (staging / MANIFEST_FILE).write_text(json_format.MessageToJson(manifest, indent=1))
-    staging.rename(outbox_dir / rid)
-    return rid
+    meta = call_meta(keys, end - dt.timedelta(hours=1), end)
+    size = payload.stat().st_size
+    return outbox_entry_of(outbox_dir, meta, size, sha256, lambda path: os.link(payload, path))
 
 
 # ---------------------------------------------------------------- gRPC path
@@ -258,30 +227,10 @@ def pieces_alone(payload: Path, work: Path, size: int, chunk: int) -> dict[str, 
 # ---------------------------------------------------------------- the run
 
 
-def pki(directory: Path) -> tuple[dict[str, object], dict[str, object]]:
-    """A CA, the store's and one agent's certificate (what `callrec certs` writes)."""
-    ca = certs.new_ca()
-    certs.write_pair(directory, "ca", ca)
-    certs.write_pair(directory, "store", certs.issue_store(ca))
-    certs.write_pair(directory, f"agent-{SITE}", certs.issue_agent(ca, SITE))
-    ca_file = str(directory / "ca.pem")
-    store_tls = {
-        "ca_file": ca_file,
-        "cert_file": str(directory / "store.pem"),
-        "key_file": str(directory / "store.key"),
-    }
-    agent_tls = {
-        "insecure": False,
-        "ca_file": ca_file,
-        "cert_file": str(directory / f"agent-{SITE}.pem"),
-        "key_file": str(directory / f"agent-{SITE}.key"),
-    }
-    return store_tls, agent_tls
-
-
 def run(args: argparse.Namespace, root: Path) -> tuple[dict[str, object], list[list[object]]]:
     keys = make_keys(root / "keys")
-    store_tls, agent_tls = pki(root / "tls")
+    made = make_pki(root / "tls")
+    store_tls, agent_tls = made.store_tls, made.agent_uplink
     if args.plaintext:  # for comparison only: production is mutual TLS
         store_tls, agent_tls = {"insecure": True}, {"insecure": True}
     payload = root / "payload.bin"

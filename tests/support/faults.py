@@ -1,5 +1,5 @@
-"""Helpers for the fault tests (tests/test_faults.py, test_ingest_limits.py): a small
-PKI, an agent's ingest client and manifest, synthetic captures dropped into
+"""Helpers for the fault tests (tests/test_faults.py, test_ingest_limits.py): an
+agent's ingest client and manifest, synthetic captures dropped into
 captures/ready/ as a SIP worker leaves them, and the closing check that the store
 holds exactly the recordings made."""
 
@@ -21,20 +21,14 @@ import time
 import wave
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 
-from agent import certs
 from agent.capture import (
     CUSTOMER_LEG,
     EMPLOYEE_LEG,
-    CaptureMeta,
-    Direction,
-    Employee,
-    iso_ms,
     new_recording_id,
     utc_now,
     write_meta,
@@ -44,42 +38,12 @@ from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.recorder.finalize import MANIFEST_FILE
 from agent.store.catalog import Catalog
 from agent.store.ingest import partials
+from tests.support.calls import call_meta
 from tests.support.daemons import Daemon
+from tests.support.pki import SITE, Pki
 from tests.support.stack import InProcessStore, Keys
 
-SITE = "hel-1"
 BYTES_PER_AUDIO_S = 8000 * 2 * 2  # the archive WAV: 8 kHz, 16 bit, stereo
-
-
-# ---------------------------------------------------------------- certificates
-
-
-@dataclass(frozen=True)
-class Pki:
-    directory: Path
-    ca: certs.Issued
-
-    def files(self, stem: str) -> dict[str, object]:
-        d = self.directory
-        return {"ca_file": str(d / "ca.pem"), "cert_file": str(d / f"{stem}.pem"),
-                "key_file": str(d / f"{stem}.key")}  # fmt: skip
-
-    @property
-    def store_tls(self) -> dict[str, object]:
-        return self.files("store")
-
-    @property
-    def agent_uplink(self) -> dict[str, object]:
-        return {"insecure": False, **self.files(f"agent-{SITE}")}
-
-
-def make_pki(directory: Path) -> Pki:
-    """A CA, the store's certificate and one agent certificate for SITE."""
-    ca = certs.new_ca()
-    certs.write_pair(directory, "ca", ca)
-    certs.write_pair(directory, "store", certs.issue_store(ca))
-    certs.write_pair(directory, f"agent-{SITE}", certs.issue_agent(ca, SITE))
-    return Pki(directory, ca)
 
 
 # ---------------------------------------------------------------- an agent's uploads
@@ -87,9 +51,7 @@ def make_pki(directory: Path) -> Pki:
 
 def ingest_stub(store: InProcessStore, pki: Pki, stem: str = f"agent-{SITE}") -> pb_grpc.IngestStub:
     """The Ingest client of the agent whose certificate is ``stem`` (mutual TLS)."""
-    d = pki.directory
-    creds = certs.channel_credentials(d / "ca.pem", d / f"{stem}.pem", d / f"{stem}.key")
-    return pb_grpc.IngestStub(grpc.secure_channel(store.address, creds))
+    return pb_grpc.IngestStub(grpc.secure_channel(store.address, pki.credentials(stem)))
 
 
 def manifest_for(data: bytes, site: str = SITE) -> pb.Manifest:
@@ -128,14 +90,7 @@ def write_capture(data_dir: Path, keys: Keys, seconds: int) -> str:
             out.writeframes(_tone_second(freq) * seconds)
     end = utc_now()
     start = end - dt.timedelta(seconds=seconds)
-    write_meta(staging, CaptureMeta(
-        recording_id=rid, site=SITE, source="siprec", call_ref=rid[:16],
-        direction=Direction.INBOUND, started_at=iso_ms(start), ended_at=iso_ms(end),
-        service_number="+3581005577", customer=keys.protector().protect("+358 40 123 4567"),
-        employees=(Employee("e1001", "Aino Virtanen", "sip:1001@pbx.example", iso_ms(start),
-                            "parcels"),),
-        legs=(CUSTOMER_LEG, EMPLOYEE_LEG),
-    ))  # fmt: skip
+    write_meta(staging, call_meta(keys, start, end, recording_id=rid))
     ready = data_dir / "captures" / "ready"
     ready.mkdir(parents=True, exist_ok=True)
     staging.rename(ready / rid)

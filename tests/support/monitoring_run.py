@@ -17,7 +17,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent import certs
 from agent.config import load_store_config
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
@@ -27,7 +26,7 @@ from agent.store.archive.vault import open_storage
 from agent.store.retention.schedule import datetime_to_ms
 from agent.testcall import SiprecCall, free_port, make_speech, run_sipp, siprec_scenario
 from tests.support.daemons import Daemon, NotifySocket, start_agent, start_store
-from tests.support.faults import SITE, Pki, make_pki
+from tests.support.pki import Pki, make_pki
 from tests.support.services import free_tcp_port, make_row
 from tests.support.stack import DIRECTORY_TOML, Keys, make_keys, write_toml
 
@@ -70,9 +69,7 @@ def _seed(root: Path, store_doc: dict[str, dict[str, object]], run: Run) -> None
 
 def _channel(address: str, pki: Pki) -> grpc.Channel:
     """The agent's own mutual-TLS identity."""
-    d, stem = pki.directory, f"agent-{SITE}"
-    creds = certs.channel_credentials(d / "ca.pem", d / f"{stem}.pem", d / f"{stem}.key")
-    return grpc.secure_channel(address, creds)
+    return grpc.secure_channel(address, pki.credentials())
 
 
 def _refused_access(address: str, pki: Pki) -> None:

@@ -20,25 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
-from agent import certs
 from agent.capture import (
-    CUSTOMER_LEG,
-    EMPLOYEE_LEG,
-    CaptureMeta,
-    Direction,
-    Employee,
-    iso_ms,
-    new_recording_id,
     utc_now,
 )
-from agent.manifest import manifest_from_capture
-from agent.recorder.finalize import MANIFEST_FILE, audio_file_name
 from agent.recorder.uplink.client import CHANNEL_OPTIONS, Uplink
 from agent.recorder.uplink.outbox import Outbox
+from tests.support.calls import call_meta
+from tests.support.calls import outbox_entry as outbox_entry_of
 from tests.support.daemons import Daemon
-from tests.support.faults import SITE, Pki
+from tests.support.pki import Pki
 from tests.support.services import free_tcp_port, write_store_toml
 from tests.support.stack import Keys, agent_config
 
@@ -211,24 +202,9 @@ class StoreReplicas:
 
 def outbox_entry(outbox_dir: Path, keys: Keys, data: bytes, ended: dt.datetime) -> str:
     """An outbox entry as finalize writes it (employee a1 of access_world.PEOPLE)."""
-    rid = new_recording_id()
-    start = ended - dt.timedelta(seconds=30)
-    meta = CaptureMeta(
-        recording_id=rid, site=SITE, source="siprec", call_ref=rid[:16],
-        direction=Direction.INBOUND, started_at=iso_ms(start), ended_at=iso_ms(ended),
-        service_number="+3581005577", customer=keys.protector().protect("+358 40 123 4567"),
-        employees=(Employee("a1", "Aino Agent", "sip:1001@pbx.example", iso_ms(start),
-                            "parcels"),),
-        legs=(CUSTOMER_LEG, EMPLOYEE_LEG),
-    )  # fmt: skip
+    meta = call_meta(keys, ended - dt.timedelta(seconds=30), ended, ("a1", "Aino Agent"))
     sha256 = hashlib.sha256(data).hexdigest()
-    manifest = manifest_from_capture(meta, "opus", 2, len(data), sha256, "fi")
-    staging = outbox_dir / f".tmp-{rid}"
-    staging.mkdir(parents=True)
-    (staging / audio_file_name("opus")).write_bytes(data)
-    (staging / MANIFEST_FILE).write_text(json_format.MessageToJson(manifest, indent=1))
-    staging.rename(outbox_dir / rid)
-    return rid
+    return outbox_entry_of(outbox_dir, meta, len(data), sha256, lambda p: p.write_bytes(data))
 
 
 @dataclass
@@ -262,8 +238,7 @@ class Agents:
         ]
 
     def _channel(self) -> grpc.Channel:
-        d, stem = self.pki.directory, f"agent-{SITE}"
-        creds = certs.channel_credentials(d / "ca.pem", d / f"{stem}.pem", d / f"{stem}.key")
+        creds = self.pki.credentials()
         # Its own connection (grpc shares one between like channels of a process).
         options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
         return grpc.secure_channel(self.address, creds, options=options)

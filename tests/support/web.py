@@ -99,6 +99,22 @@ class WebWorld:
             return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def launch_chromium() -> Iterator[Any]:
+    """Debian's Chromium driven by Playwright, allowed to play audio unprompted."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"],
+        )
+        yield chromium
+        chromium.close()
+
+
 def node_ready() -> bool:
     return (
         shutil.which("node") is not None and (OIDC_DIR / "node_modules" / "oidc-provider").is_dir()

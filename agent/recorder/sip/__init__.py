@@ -21,7 +21,7 @@ is closed ~10-20 ms after its last reference drops; ``str(pj.Error)`` is empty (
 In-dialog requests: pjsua answers re-INVITEs and UPDATEs itself (hold, resume,
 session-timer refreshes keep the recorders: they are re-connected on every media
 change). One that carries recording metadata (a transfer) is read in
-``onCallTsxState`` and merged into the capture (:func:`parties.apply_update`).
+``onCallTsxState`` and merged into the capture (:func:`party_updates.apply_update`).
 A CANCEL that arrives before we answered leaves nothing behind.
 """
 

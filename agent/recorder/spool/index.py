@@ -11,10 +11,13 @@ recording's files are kept only until they are deleted.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from agent.privacy import KeyFileError
 
 Stat = tuple[str, int, int]  # (name, mtime_ns, size)
 TAKEN_KEEP_S = 400 * 86400.0  # dedup outlives the store's retention
@@ -137,3 +140,21 @@ class SpoolIndex:
             )
             gone = [(n,) for (n,) in old.fetchall() if n not in here]
             self.db.executemany("DELETE FROM handled WHERE name=?", gone)
+
+
+def index_key(path: Path) -> bytes:
+    """This host's key for the spool index's file-name digests (a PBX may put numbers
+    in file names): 32 random bytes made on first use, 0600, never leaving the host."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = path.read_bytes()
+        if len(key) != 32:
+            raise KeyFileError(f"{path}: expected 32 bytes (delete it to make a new one)") from None
+        return key
+    key = os.urandom(32)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return key

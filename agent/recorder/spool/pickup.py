@@ -38,7 +38,6 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
-from contextlib import suppress
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
@@ -56,7 +55,7 @@ from agent.capture import (
 )
 from agent.config import AgentConfig, SpoolConfig
 from agent.directory import LiveDirectory
-from agent.privacy import KeyFileError, Protector
+from agent.privacy import Protector
 from agent.recorder.parties import PartyRules, classify_headers
 from agent.recorder.spool.files import (
     AUDIO_SUFFIX,
@@ -73,8 +72,9 @@ from agent.recorder.spool.files import (
     read_sidecar,
     stat_key,
 )
-from agent.recorder.spool.index import SpoolIndex, Stat
+from agent.recorder.spool.index import SpoolIndex, Stat, index_key
 from agent.recorder.spool.pauses import as_pauses, silence
+from agent.recorder.spool.release import release_owned
 
 log = logs.get_logger(__name__)
 
@@ -156,7 +156,7 @@ class SpoolPickup:
             raise FileNotFoundError(f"[spool] dir = {str(self.root)!r}: not a directory")
         for path in (self.ready_dir, self.staging_dir, self.config.quarantine_dir):
             path.mkdir(parents=True, exist_ok=True)
-        key = _index_key(self.config.data_dir / "spool-index.key")
+        key = index_key(self.config.data_dir / "spool-index.key")
         self._index = SpoolIndex(
             self.config.data_dir / "spool-index.sqlite3",
             lambda name: hmac.new(key, name.encode(), hashlib.sha256).hexdigest()[:32],
@@ -239,7 +239,7 @@ class SpoolPickup:
                 self._reload.clear()
                 self.directory.reload()
             if self._pending and time.monotonic() >= next_release:
-                self._release()
+                self._pending = release_owned(self._pending, self.index, self.root, self.config)
                 next_release = time.monotonic() + min(1.0, self.spool.settle_s)
 
     def _drain(self, timeout: float) -> None:
@@ -462,48 +462,6 @@ class SpoolPickup:
             audio_files=len(files),
         )
 
-    # ------------------------------------------------------------ owned: release
-
-    def _release(self) -> None:
-        still: list[tuple[str, list[Stat]]] = []
-        for rid, keys in self._pending:
-            state = self._recording_state(rid)
-            if state == "wait":
-                still.append((rid, keys))
-                continue
-            if state == "kept":
-                log.warning("spool_source_kept", recording_id=rid, reason="finalize_quarantined")
-            else:
-                deleted = self._delete_source(keys)
-                log.info("spool_released", recording_id=rid, deleted=deleted)
-            self.index.settle(rid, "released" if state == "safe" else "kept")
-        self._pending = still
-
-    def _recording_state(self, rid: str) -> str:
-        """safe: in the outbox or already acknowledged; wait: not finalized; kept:
-        finalize or the uplink quarantined it."""
-        if (self.config.outbox_dir / rid).is_dir():
-            return "safe"
-        if (self.ready_dir / rid).exists():
-            return "wait"
-        quarantine = self.config.quarantine_dir
-        if (quarantine / rid).exists() or any(quarantine.glob(f"{rid}.*")):
-            return "kept"
-        return "safe"
-
-    def _delete_source(self, keys: list[Stat]) -> int:
-        """Delete the files we took, audio first, the sidecar last; a file changed since
-        (a new recording under the same name) is left alone."""
-        deleted = 0
-        for key in [*keys[1:], keys[0]]:
-            st = lstat_or_none(self.root / key[0])
-            if st is None or stat_key(key[0], st) != key:
-                continue
-            with suppress(FileNotFoundError):
-                (self.root / key[0]).unlink()
-                deleted += 1
-        return deleted
-
 
 def _log_taken(meta: CaptureMeta, layout: str, audio_s: float) -> None:
     log.info(
@@ -517,21 +475,3 @@ def _log_taken(meta: CaptureMeta, layout: str, audio_s: float) -> None:
         audio_s=round(audio_s, 1),
         flags=",".join(meta.flags) or "-",
     )
-
-
-def _index_key(path: Path) -> bytes:
-    """This host's key for the spool index's file-name digests (a PBX may put numbers
-    in file names): 32 random bytes made on first use, 0600, never leaving the host."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        key = path.read_bytes()
-        if len(key) != 32:
-            raise KeyFileError(f"{path}: expected 32 bytes (delete it to make a new one)") from None
-        return key
-    key = os.urandom(32)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return key

@@ -1,11 +1,13 @@
 """Catalog queries and changes behind the Access service: scoped search, the
 data-subject changes (each written with its audit event in one transaction) and the
-export package's metadata (finding calls by number is ``agent.store.keys.numbers``).
+export package's metadata (finding calls by number is ``agent.store.keys.numbers``),
+and the view of a row the service answers with.
 Blocking; the service runs them in threads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from collections.abc import Sequence
@@ -16,9 +18,12 @@ import sqlalchemy as sa
 
 from agent.directory import Person
 from agent.manifest import AUDIO_FORMATS
+from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.store.access.rules import RecordingFacts, Scope
 from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog, RecordingRow, from_ms, recordings
+from agent.store.console import info_of
+from agent.store.retention.schedule import add_months
 
 SCAN_BATCH = 500
 MAX_SCAN = 50_000
@@ -224,3 +229,17 @@ def package_metadata(rows: Sequence[RecordingRow], generated_ms: int) -> str:
 
 def today_utc() -> dt.date:
     return dt.datetime.now(dt.UTC).date()
+
+
+def view_of(row: RecordingRow, retention_months: int | None = None) -> apb.RecordingView:
+    view = apb.RecordingView(
+        info=info_of(row), restricted=row.restricted, legal_hold=row.legal_hold
+    )
+    if retention_months is not None:
+        view.destroy_after.FromDatetime(add_months(from_ms(row.ended_at_ms), retention_months))
+    for employee in row.employees:
+        joined = view.joined_at.add()
+        if employee.get("joined_at"):
+            with contextlib.suppress(ValueError):
+                joined.FromDatetime(dt.datetime.fromisoformat(employee["joined_at"]))
+    return view

@@ -11,38 +11,37 @@ unreadable directory file → UNAVAILABLE (fail closed). Each of them is an audi
 event. Allowed reads are audited before the first byte is served; a recording that
 does not exist answers NOT_FOUND before the rules are asked (ids are 128 random
 bits, so this tells nobody anything).
+
+Beside it: who asks and the grant (``caller.py``), the privacy officer's RPCs
+(``officer.py``), the web's (``web.py``, ``waveform.py``) and the catalog queries
+(``queries.py``); they all go through this gate.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import datetime as dt
-import os
 import re
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any, NoReturn
 
 import grpc
 
 from agent import logs
 from agent.config import StoreConfig
-from agent.directory import Directory, DirectoryError, Person
+from agent.directory import Directory, DirectoryError
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc
 from agent.pb.callrec.v1 import recordings_pb2 as pb
-from agent.privacy import KeyFileError, normalise
-from agent.store.access import identity, tokens
+from agent.store.access import identity, officer, tokens
 from agent.store.access import queries as q
 from agent.store.access import web as access_web
+from agent.store.access.caller import PURPOSES, Attempt, Caller, DirectoryFile, Grant
 from agent.store.access.rules import (
     OFFICER_OPERATIONS,
     Operation,
-    Purpose,
     RecordingFacts,
     Verdict,
     decide,
@@ -53,12 +52,9 @@ from agent.store.access.trail import UnauthenticatedTrail
 from agent.store.access.waveform import Waveforms, waveform
 from agent.store.archive.vault import Vault
 from agent.store.audit import chain as audit
-from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
-from agent.store.console import info_of
-from agent.store.keys.numbers import SealError, SealKeyring, TooManyCandidates, find_calls
+from agent.store.catalog import Catalog, RecordingRow, now_ms
 from agent.store.monitoring import ACCESS_REQUESTS
-from agent.store.retention.schedule import add_months
-from agent.store.retention.sweeper import RecordingHeld, Sweeper
+from agent.store.retention.sweeper import Sweeper
 from agent.store.rpc_errors import bounded_id, status_of
 
 log = logs.get_logger(__name__)
@@ -71,89 +67,9 @@ MAX_ID_TOKEN_CHARS = 16 * 1024  # an OpenID ID token (a signed JWT) is 1-2 kB
 _ATTEMPT: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
     "callrec_access_attempt", default=None
 )
-PURPOSES = {
-    apb.PURPOSE_VERIFICATION: Purpose.VERIFICATION,
-    apb.PURPOSE_LEGAL: Purpose.LEGAL,
-    apb.PURPOSE_TRAINING: Purpose.TRAINING,
-    apb.PURPOSE_SECURITY: Purpose.SECURITY,
-}
 MAX_PACKAGE = 200
 # Initial metadata of Play, Export and ExportPackage: the bytes to come (a progress line).
 TOTAL_BYTES = "callrec-total-bytes"
-
-
-class DirectoryFile:
-    """The directory, re-read whenever the file changes (checked on every request).
-    A file that cannot be read fails closed: nobody gets anything until it is fixed."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._stamp: tuple[int, int, int] | None = None
-        self._directory = self._load()
-
-    def _load(self) -> Directory:
-        stat = os.stat(self.path)
-        directory = Directory.load(self.path)
-        self._stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-        return directory
-
-    def current(self) -> Directory:
-        try:
-            stat = os.stat(self.path)
-        except FileNotFoundError:
-            raise DirectoryError(f"{self.path}: directory file not found") from None
-        with self._lock:
-            if (stat.st_mtime_ns, stat.st_size, stat.st_ino) != self._stamp:
-                self._stamp = None
-                self._directory = self._load()
-                log.info("access_directory_reloaded", people=len(self._directory.people))
-            return self._directory
-
-
-@dataclass(frozen=True)
-class Caller:
-    actor: str  # "person:<id>", "token:<id>" or "anonymous"
-    person: Person | None
-    problem: str = ""
-    channel: str = "cli"  # "web" for the web's OIDC ID tokens, "cli" for personal tokens
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """What the audit log says about a request, as far as it is known."""
-
-    actor: str
-    op: Operation
-    recording_id: str | None
-    purpose: str = ""
-    reason: str = ""
-    channel: str = "cli"
-    role: str = "unknown"  # the person's role, once known (for the metrics)
-
-    def event(self, outcome: str, detail: str = "") -> audit.Event:
-        detail = f"channel={self.channel} {detail}".strip()
-        return audit.Event(
-            self.actor, self.op.value, self.recording_id, self.reason, outcome, self.purpose,
-            detail,
-        )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Grant:
-    attempt: Attempt
-    person: Person
-    purpose: Purpose
-    row: RecordingRow | None
-    directory: Directory
-
-    @property
-    def actor(self) -> str:
-        return self.attempt.actor
-
-    def event(self, recording_id: str | None, detail: str = "") -> audit.Event:
-        """The "allowed" event of this request (about ``recording_id``)."""
-        return replace(self.attempt, recording_id=recording_id).event("allowed", detail)
 
 
 _OUTCOMES = {
@@ -381,18 +297,18 @@ class AccessService(apb_grpc.AccessServicer):
         rows, more = await asyncio.to_thread(q.search, self.catalog, filters, scope, limit)
         await self._audit(grant.event(None, f"results={len(rows)} filters={filters.names()}"))
         months = self.config.retention_months
-        views = [view_of(r, months) for r in rows]
+        views = [q.view_of(r, months) for r in rows]
         return apb.SearchResponse(recordings=views, truncated=more)
 
     async def GetRecording(
         self, request: apb.RecordingRequest, context: Context
     ) -> apb.RecordingView:
         grant = await self._gate(context, Operation.GET, request, request.recording_id)
-        row = _row(grant)
+        row = grant.recording
         await self._audit(grant.event(row.recording_id))
         if grant.attempt.channel == "web":  # the recording's page: its player comes next
             self.waveforms.warm(self.vault, row)
-        return view_of(row, self.config.retention_months)
+        return q.view_of(row, self.config.retention_months)
 
     async def Play(
         self, request: apb.RecordingRequest, context: Context
@@ -410,7 +326,7 @@ class AccessService(apb_grpc.AccessServicer):
         self, op: Operation, request: apb.RecordingRequest, context: Context
     ) -> AsyncIterator[pb.AudioChunk]:
         grant = await self._gate(context, op, request, request.recording_id)
-        row = _row(grant)
+        row = grant.recording
         audio = await self._opened(row, grant.event(row.recording_id, f"bytes={row.size}"))
         await context.send_initial_metadata(((TOTAL_BYTES, str(row.size)),))  # for progress
         first = True
@@ -443,38 +359,7 @@ class AccessService(apb_grpc.AccessServicer):
     async def FindByNumber(
         self, request: apb.FindByNumberRequest, context: Context
     ) -> apb.SearchResponse:
-        grant = await self._gate(context, Operation.FIND_BY_NUMBER, request)
-        number = normalise(request.number, (request.region or "FI").upper())
-        if number.e164 is None:
-            await self._invalid(
-                context, grant.attempt, f"number: not a phone number ({number.kind})"
-            )
-        window = request.window_minutes or 15
-        if not request.HasField("at") or not 1 <= window <= 1440:
-            await self._invalid(context, grant.attempt, "at: required; window_minutes: 1..1440")
-        try:
-            keyring = await asyncio.to_thread(self._seal_keyring)
-        except KeyFileError as exc:
-            log.error("access_seal_key_unusable", reason=str(exc))
-            await self._unready(context, grant.attempt, "the store cannot use its seal key")
-        at_ms, window_ms, e164 = request.at.ToMilliseconds(), window * 60_000, number.e164
-        try:
-            found = await asyncio.to_thread(
-                find_calls, self.catalog, keyring, e164, at_ms, window_ms
-            )
-        except TooManyCandidates as exc:
-            await self._invalid(context, grant.attempt, f"window_minutes: {exc}; narrow it")
-        detail = f"matches={len(found.rows)} opened={found.candidates} window=+-{window}m"
-        ids: list[str | None] = [r.recording_id for r in found.rows]
-        for rid in ids or [None]:
-            await self._audit(grant.event(rid, detail))
-        months = self.config.retention_months
-        return apb.SearchResponse(recordings=[view_of(r, months) for r in found.rows])
-
-    def _seal_keyring(self) -> SealKeyring:
-        if self.config.seal_key_file is None:
-            raise KeyFileError("[store] seal_key_file is not set")
-        return SealKeyring.load(self.config.seal_key_file)
+        return await officer.find_by_number(self, request, context)
 
     async def ExportPackage(
         self, request: apb.PackageRequest, context: Context
@@ -499,78 +384,35 @@ class AccessService(apb_grpc.AccessServicer):
                 first = False
 
     async def Erase(self, request: apb.RecordingRequest, context: Context) -> apb.ChangeResult:
-        grant = await self._gate(context, Operation.ERASE, request, request.recording_id)
-        rid = _row(grant).recording_id
-        held = grpc.StatusCode.FAILED_PRECONDITION, f"{rid} is on legal hold: release it first"
-        if _row(grant).legal_hold:
-            await self._refuse(context, grant.attempt, *held)
-        await self._audit(grant.event(rid, "crypto-shred key, delete blob and row"))
-        try:
-            done = await asyncio.to_thread(self.sweeper.destroy, rid, "erasure", grant.actor)
-        except RecordingHeld:
-            await self._refuse(context, grant.attempt, *held)
-        log.info("recording_erased", recording_id=rid, actor=grant.actor)
-        return apb.ChangeResult(recording_id=rid, changed=done)
+        return await officer.erase(self, request, context)
 
     async def Restrict(self, request: apb.RecordingRequest, context: Context) -> apb.ChangeResult:
-        return await self._set(context, request, Operation.RESTRICT, "restricted", True)
+        return await officer.set_state(
+            self, context, request, Operation.RESTRICT, "restricted", True
+        )
 
     async def Unrestrict(self, request: apb.RecordingRequest, context: Context) -> apb.ChangeResult:
-        return await self._set(context, request, Operation.UNRESTRICT, "restricted", False)
+        return await officer.set_state(
+            self, context, request, Operation.UNRESTRICT, "restricted", False
+        )
 
     async def Hold(self, request: apb.RecordingRequest, context: Context) -> apb.ChangeResult:
-        return await self._set(context, request, Operation.HOLD, "legal_hold", True)
+        return await officer.set_state(self, context, request, Operation.HOLD, "legal_hold", True)
 
     async def Release(self, request: apb.RecordingRequest, context: Context) -> apb.ChangeResult:
-        return await self._set(context, request, Operation.RELEASE, "legal_hold", False)
-
-    async def _set(
-        self, context: Context, request: apb.RecordingRequest, op: Operation, column: str, on: bool
-    ) -> apb.ChangeResult:
-        grant = await self._gate(context, op, request, request.recording_id)
-        rid = _row(grant).recording_id
-        event = grant.event(rid)
-        changed = await asyncio.to_thread(q.set_state, self.catalog, rid, column, on, event)
-        log.info(f"recording_{op.value}", recording_id=rid, actor=grant.actor, changed=changed)
-        return apb.ChangeResult(recording_id=rid, changed=changed)
+        return await officer.set_state(
+            self, context, request, Operation.RELEASE, "legal_hold", False
+        )
 
     async def RectifyEmployee(
         self, request: apb.RectifyRequest, context: Context
     ) -> apb.ChangeResult:
-        grant = await self._gate(context, Operation.RECTIFY, request, request.recording_id)
-        row = _row(grant)
-        person = grant.directory.people.get(request.to_employee_id)
-        if person is None:
-            await self._invalid(context, grant.attempt, "to_employee_id: not in the directory")
-        wrong = request.from_employee_id or row.employee_id
-        event = grant.event(row.recording_id)
-        try:
-            changed = await asyncio.to_thread(
-                q.rectify, self.catalog, row.recording_id, wrong, person, event
-            )
-        except q.RectifyError as exc:
-            await self._invalid(context, grant.attempt, str(exc))
-        log.info("recording_rectified", recording_id=row.recording_id, actor=grant.actor)
-        return apb.ChangeResult(recording_id=row.recording_id, changed=changed)
+        return await officer.rectify_employee(self, request, context)
 
     async def OpenSealedDigits(
         self, request: apb.RecordingRequest, context: Context
     ) -> apb.SealedDigits:
-        grant = await self._gate(context, Operation.UNSEAL, request, request.recording_id)
-        row = _row(grant)
-        sealed = row.customer_tail_sealed
-        if not sealed:
-            await self._invalid(context, grant.attempt, f"no sealed digits ({row.customer_kind})")
-        try:
-            keyring = await asyncio.to_thread(self._seal_keyring)
-            digits = await asyncio.to_thread(keyring.open, sealed)
-        except (KeyFileError, SealError) as exc:
-            log.error("unseal_failed", recording_id=row.recording_id, reason=str(exc))
-            await self._unready(context, grant.attempt, "the store's seal key does not open them")
-        await self._audit(grant.event(row.recording_id))
-        return apb.SealedDigits(
-            recording_id=row.recording_id, customer_masked=row.customer_masked, last_digits=digits
-        )
+        return await officer.open_sealed_digits(self, request, context)
 
     async def AuditLog(self, request: apb.AuditRequest, context: Context) -> apb.AuditResponse:
         return await access_web.audit_log(self, request, context)
@@ -581,26 +423,6 @@ async def _rest(first: bytes, chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
     while data:
         yield data
         data = await asyncio.to_thread(next, chunks, b"")
-
-
-def _row(grant: Grant) -> RecordingRow:
-    if grant.row is None:
-        raise AssertionError("the gate was given a recording id")
-    return grant.row
-
-
-def view_of(row: RecordingRow, retention_months: int | None = None) -> apb.RecordingView:
-    view = apb.RecordingView(
-        info=info_of(row), restricted=row.restricted, legal_hold=row.legal_hold
-    )
-    if retention_months is not None:
-        view.destroy_after.FromDatetime(add_months(from_ms(row.ended_at_ms), retention_months))
-    for employee in row.employees:
-        joined = view.joined_at.add()
-        if employee.get("joined_at"):
-            with contextlib.suppress(ValueError):
-                joined.FromDatetime(dt.datetime.fromisoformat(employee["joined_at"]))
-    return view
 
 
 def add_access_service(

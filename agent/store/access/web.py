@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from agent.pb.callrec.v1 import access_pb2 as apb
+from agent.store.access.caller import Attempt
 from agent.store.access.rules import Operation, trained
 from agent.store.audit import chain as audit
 from agent.store.audit import queries as audit_queries
@@ -25,8 +26,6 @@ MAX_RANGE = 8 * 1024 * 1024  # bytes one PlayRange serves
 
 
 async def who_am_i(service: AccessService, context: Context) -> apb.PersonView:
-    from agent.store.access.service import Attempt
-
     attempt = Attempt("anonymous", Operation.SIGN_IN, None)
     caller, _ = await service._caller(context, attempt)
     attempt = replace(attempt, actor=caller.actor, channel=caller.channel)

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from agent import logs
-from agent.manifest import DIRECTION_NAMES, employees_json
+from agent.manifest import call_columns
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog, metadata, now_ms, recordings
@@ -81,21 +81,7 @@ def get(catalog: Catalog, recording_id: str) -> DiscardedRow | None:
 
 
 def _row(m: pb.Manifest) -> DiscardedRow:
-    first = m.employees[0] if m.employees else None
-    return DiscardedRow(
-        recording_id=m.recording_id,
-        site=m.site,
-        source=m.source,
-        call_ref=m.call_ref,
-        direction=DIRECTION_NAMES[m.direction],
-        started_at_ms=m.started_at.ToMilliseconds(),
-        ended_at_ms=m.ended_at.ToMilliseconds(),
-        customer_masked=m.customer.masked,
-        employee_id=first.id if first else "unknown",
-        employees_json=employees_json(m),
-        flags=",".join(m.flags),
-        discarded_at_ms=now_ms(),
-    )
+    return DiscardedRow(**call_columns(m), discarded_at_ms=now_ms())
 
 
 def receipt(row: DiscardedRow) -> pb.UploadReceipt:
