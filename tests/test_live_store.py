@@ -329,6 +329,7 @@ def test_a_discarded_live_call_leaves_nothing_at_the_store(
     store: InProcessStore, stub: pb_grpc.LiveStub, tmp_path: Path
 ) -> None:
     """What the recording control's "discard" calls (issue 21): found by recording id."""
+    from agent.store.live import archive_queue
     from agent.store.live.segments import LiveStore
 
     manifest = live_manifest(tmp_path)
@@ -341,7 +342,8 @@ def test_a_discarded_live_call_leaves_nothing_at_the_store(
     assert list(store.config.blobs_dir.rglob(f"live-{rid}-*"))
     storage = open_storage(store.config)
     try:
-        assert LiveStore(storage.catalog, storage.vault, tmp_path / "w").destroy(rid) == 3
+        live = LiveStore(storage.catalog, storage.vault, tmp_path / "w")
+        assert archive_queue.destroy(live, rid) == 3
         with storage.catalog.engine.connect() as conn:
             assert conn.execute(live_segments.select()).first() is None
             assert conn.execute(live_recordings.select()).first() is None

@@ -24,6 +24,7 @@ from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.store.archive.vault import open_storage
 from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog, RecordingRow, data_keys, live_segments
+from agent.store.live import archive_queue
 from agent.store.live.archiver import LiveArchiver
 from agent.store.live.segments import LiveStore
 from agent.store.retention.sweeper import Sweeper
@@ -221,7 +222,7 @@ def test_a_tail_before_the_first_archive_is_stored_once(tmp_path: Path) -> None:
             for leg, data in (("customer", customer), ("employee", employee))
         }
         live.finish(reopened, final, legs)
-        claimed = live.claim(60.0)
+        claimed = archive_queue.claim(live, 60.0)
         assert claimed is not None
         archiver.archive(claimed)
         stored = storage.catalog.get(rid)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -27,6 +28,7 @@ from agent.store.console_gate import ConsoleGate
 from agent.store.datadir import DataDirLock
 from agent.store.ingest.limits import Limits
 from agent.store.ingest.service import MAX_CHUNK_BYTES, IngestService
+from agent.store.live import archive_queue
 from agent.store.live.archiver import LiveArchiver
 from agent.store.live.segments import LiveStore
 from agent.store.live.service import LiveService
@@ -120,7 +122,8 @@ class StoreServer:
         public = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[boundary])
         pb_grpc.add_IngestServicer_to_server(ingest, public)
         live = LiveStore(catalog, vault, cfg.incoming_dir, cfg.live_tail_window_s)
-        ingest.destroy_live = live.destroy  # a discarded call's live segments go too
+        # a discarded call's live segments go too
+        ingest.destroy_live = functools.partial(archive_queue.destroy, live)
         self._archiver = LiveArchiver(live, cfg.live_timeout_s, cfg.live_encoders)
         self._live = LiveService(ingest, live, self._archiver)
         pb_grpc.add_LiveServicer_to_server(self._live, public)

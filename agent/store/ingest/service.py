@@ -105,7 +105,7 @@ class IngestService(pb_grpc.IngestServicer):
         partials: Partials | None = None,
     ) -> None:
         self.seal_key_file = seal_key_file  # to check that each sealed tail opens
-        self.destroy_live: Callable[[str], int] | None = None  # LiveStore.destroy (server)
+        self.destroy_live: Callable[[str], int] | None = None  # live.archive_queue.destroy (server)
         self._seal = SealCache(seal_key_file) if seal_key_file is not None else None
         self.catalog = catalog
         self.idle_timeout_s = idle_timeout_s

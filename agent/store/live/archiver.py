@@ -38,8 +38,9 @@ from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.store import monitoring
 from agent.store.catalog import RecordingRow, now_ms
 from agent.store.ingest.service import row_from_manifest
-from agent.store.live import tail
-from agent.store.live.segments import BYTES_PER_SECOND, HELD, LiveRow, LiveStore
+from agent.store.live import archive_queue, tail
+from agent.store.live.rows import BYTES_PER_SECOND, HELD, LiveRow
+from agent.store.live.segments import LiveStore
 
 log = logs.get_logger(__name__)
 
@@ -220,7 +221,7 @@ class LiveArchiver:
 
     def _dispatch(self) -> None:
         while not self._stop.is_set() and self._busy.acquire(blocking=False):
-            row = self.live.claim(LEASE_S)
+            row = archive_queue.claim(self.live, LEASE_S)
             if row is None:
                 self._busy.release()
                 return
@@ -229,7 +230,7 @@ class LiveArchiver:
     def _forget_archived(self) -> None:
         if time.monotonic() >= self._next_forget:
             self._next_forget = time.monotonic() + 3600
-            self.live.forget_archived()
+            archive_queue.forget_archived(self.live)
 
     def _archive_one(self, row: LiveRow) -> None:
         lower_priority()  # this pool's thread only archives
@@ -245,7 +246,7 @@ class LiveArchiver:
         """Finish, as incomplete, what no agent has appended to for ``timeout_s``."""
         cutoff = now_ms() - int(self.timeout_s * 1000)
         done = []
-        for rid in self.live.stale(cutoff):
+        for rid in archive_queue.stale(self.live, cutoff):
             row = self.live.get(rid)
             if row is None:
                 continue
@@ -285,7 +286,7 @@ class LiveArchiver:
         if row.final.get("timed_out_at_ms") is not None:
             tail.hold(self.live, row)
         else:
-            self.live.remove(row)
+            archive_queue.remove(self.live, row)
 
     def _store(self, row: LiveRow, stored: RecordingRow | None) -> None:
         """The archive, as a new recording or in place of ``stored`` (a tail came)."""

@@ -8,18 +8,20 @@ lock so that appends of different calls reach the disk in parallel; then, in a
 transaction holding the recording's row lock (the write lock on SQLite) and shared
 with the other appends committing at that moment (one commit for the group,
 ``agent.store.live.commits``), the leg sizes are checked again and the pieces' rows
-go into ``live_segments``. An append
-that lost a race (two replicas, one retried request) deletes its blob and answers
-ABORTED. A leg's durable size is the end of its last segment, so a resume on any
-replica continues from there. (A store killed between a blob's write and its rows
-leaves that blob behind; its data key goes with the recording's row.)
+go into ``live_segments``. An append that lost a race (two replicas, one retried
+request) deletes its blob and answers ABORTED. A leg's durable size is the end of its
+last segment, so a resume on any replica continues from there. (A store killed between
+a blob's write and its rows leaves that blob behind; its data key goes with the
+recording's row.)
 
 A finished recording (the agent's Finish, or a stale one finished by the store as
 ``incomplete``) waits in ``live_recordings`` with its final manifest until an archiver
 (``agent.store.live.archiver``) claims it with a lease, encodes the stereo archive and
-removes the segments. A call the store finished itself (timed out) keeps its segments
-for ``tail_window_s`` after its archive (state ``held``): an agent that comes back with
-a longer copy appends the rest, which reopens the call (``agent.store.live.tail``).
+removes the segments (``agent.store.live.archive_queue``). A call the store finished
+itself (timed out) keeps its segments for ``tail_window_s`` after its archive (state
+``held``): an agent that comes back with a longer copy appends the rest, which reopens
+the call (``agent.store.live.tail``). The row, its states and legs:
+``agent.store.live.rows``.
 """
 
 from __future__ import annotations
@@ -52,27 +54,20 @@ from agent.store.archive.vault import Vault
 from agent.store.catalog import Catalog, live_recordings, live_segments, now_ms
 from agent.store.keys.master import key_context
 from agent.store.live.commits import GroupCommit, RunningDigests, chain_step
+from agent.store.live.rows import (
+    ALL_LEGS,
+    FINISHED,
+    HELD,
+    LIVE,
+    MAX_LEG_BYTES,
+    LiveRejected,
+    LiveRow,
+    row_from,
+)
 
 log = logs.get_logger(__name__)
 
-LEGS = {1: ("mixed",), 2: ("customer", "employee")}
-ALL_LEGS = ("mixed", "customer", "employee")
-BYTES_PER_SECOND = 16_000  # mono 16-bit PCM at 8 kHz
-MAX_LEG_BYTES = BYTES_PER_SECOND * 24 * 3600  # a call lasts at most a day
-LIVE = "live"
-FINISHED = "finished"  # waiting for its archive
-ARCHIVED = "archived"  # the archive is stored, the segments gone; kept to answer a late finish
-HELD = "held"  # timed out and archived; segments kept for a returning agent's tail
-ARCHIVED_KEEP_MS = 24 * 3600 * 1000
 KEY_CACHE = 4096
-
-
-class LiveRejected(Exception):
-    """An append or finish the store refuses; the message says what to do."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True)
@@ -85,52 +80,15 @@ class _Append:
     placed: list[tuple[int, int]]
 
 
-@dataclass(frozen=True)
-class LiveRow:
-    recording_id: str
-    site: str
-    state: str
-    manifest: pb.Manifest
-    final: dict[str, Any] | None
-    key_id: str
-    wrapped_key: bytes
-    last_append_ms: int
-
-    @property
-    def legs(self) -> tuple[str, ...]:
-        return LEGS[self.manifest.channels]
-
-    def final_from(self) -> str:
-        """What a reopened call's archive replaces: ``held`` (an archive is stored) or
-        ``finished`` (one may be, if an archiver was encoding it)."""
-        return str((self.final or {}).get("reopened_from") or self.state)
-
-    def carried(self) -> dict[str, Any]:
-        """What a new final document keeps of the old (a reopened call stays one)."""
-        held = (self.final or {}).get("reopened_from")
-        return {"reopened_from": held} if held else {}
-
-    def final_manifest(self) -> pb.Manifest:
-        assert self.final is not None
-        return json_format.ParseDict(self.final["manifest"], pb.Manifest())
-
-
 def _label(recording_id: str, leg: str, offset: int) -> str:
     """What each segment's AES-GCM tags are bound to: no segment can stand in for another."""
     return f"{recording_id}:{leg}:{offset}"
 
 
-def _row(found: sa.Row[Any]) -> LiveRow:
-    return LiveRow(
-        recording_id=found.recording_id,
-        site=found.site,
-        state=found.state,
-        manifest=json_format.Parse(found.manifest_json, pb.Manifest()),
-        final=json.loads(found.final_json) if found.final_json else None,
-        key_id=found.key_id,
-        wrapped_key=found.wrapped_key,
-        last_append_ms=found.last_append_ms,
-    )
+def blob_keys(conn: sa.Connection, rid: str) -> list[str]:
+    """The blobs holding a recording's segments (its legs share them)."""
+    query = sa.select(live_segments.c.blob_key).where(live_segments.c.recording_id == rid)
+    return sorted({k for (k,) in conn.execute(query.distinct())})
 
 
 class LiveStore:
@@ -154,7 +112,7 @@ class LiveStore:
             found = conn.execute(
                 sa.select(live_recordings).where(live_recordings.c.recording_id == recording_id)
             ).first()
-        return _row(found) if found else None
+        return row_from(found) if found else None
 
     def sizes(self, recording_id: str, conn: sa.Connection | None = None) -> dict[str, int]:
         """Each leg's durable size (the end of its last segment)."""
@@ -382,7 +340,7 @@ class LiveStore:
         found = conn.execute(
             sa.select(live_recordings).where(live_recordings.c.recording_id == rid)
         ).first()
-        if found is None or not self.reopenable(row := _row(found)):
+        if found is None or not self.reopenable(row := row_from(found)):
             return False
         doc = {**(row.final or {}), "reopened_from": row.final_from()}
         reopened = conn.execute(
@@ -472,102 +430,11 @@ class LiveStore:
     def discard_audio(self, rid: str) -> None:
         """Every segment of a recording (its legs share blobs): rows, then blobs."""
         with self.catalog.engine.begin() as conn:
-            keys = self._blob_keys(conn, rid)
+            keys = blob_keys(conn, rid)
             conn.execute(sa.delete(live_segments).where(live_segments.c.recording_id == rid))
         self.digests.forget(rid, ALL_LEGS)
         self.vault.blobs.delete_many(keys)
         log.warning("live_audio_discarded", recording_id=rid, blobs=len(keys))
-
-    @staticmethod
-    def _blob_keys(conn: sa.Connection, rid: str) -> list[str]:
-        query = sa.select(live_segments.c.blob_key).where(live_segments.c.recording_id == rid)
-        return sorted({k for (k,) in conn.execute(query.distinct())})
-
-    # ------------------------------------------------------------ archiving
-
-    def stale(self, older_than_ms: int, limit: int = 100) -> list[str]:
-        with self.catalog.engine.connect() as conn:
-            return [
-                rid
-                for (rid,) in conn.execute(
-                    sa.select(live_recordings.c.recording_id)
-                    .where(live_recordings.c.state == LIVE)
-                    .where(live_recordings.c.last_append_ms < older_than_ms)
-                    .limit(limit)
-                )
-            ]
-
-    def claim(self, lease_s: float) -> LiveRow | None:
-        """One finished recording no one else is encoding, leased to the caller."""
-        now = now_ms()
-        free = sa.or_(
-            live_recordings.c.claimed_until_ms.is_(None),
-            live_recordings.c.claimed_until_ms < now,
-        )
-        with self.catalog.engine.connect() as conn:
-            candidates = [
-                rid
-                for (rid,) in conn.execute(
-                    sa.select(live_recordings.c.recording_id)
-                    .where(live_recordings.c.state == FINISHED)
-                    .where(free)
-                    .limit(8)
-                )
-            ]
-        for rid in candidates:
-            with self.catalog.engine.begin() as conn:
-                got = conn.execute(
-                    sa.update(live_recordings)
-                    .where(live_recordings.c.recording_id == rid)
-                    .where(free)
-                    .values(claimed_until_ms=now + int(lease_s * 1000))
-                    .returning(live_recordings.c.recording_id)
-                ).first()
-            if got is not None:
-                return self.get(rid)
-        return None
-
-    def remove(self, row: LiveRow) -> int:
-        """The segments' blobs, then their rows; the recording's row stays, archived
-        (a late finish is answered from it). Returns the blobs removed."""
-        rid = row.recording_id
-        with self.catalog.engine.connect() as conn:
-            keys = self._blob_keys(conn, rid)
-        failed = self.vault.blobs.delete_many(keys)
-        if failed:
-            raise OSError(f"live segments of {rid} not removed: {sorted(failed)[:3]}")
-        with self.catalog.engine.begin() as conn:
-            conn.execute(sa.delete(live_segments).where(live_segments.c.recording_id == rid))
-            conn.execute(
-                sa.update(live_recordings)
-                .where(live_recordings.c.recording_id == rid)
-                .values(state=ARCHIVED, last_append_ms=now_ms())
-            )
-        return len(keys)
-
-    def destroy(self, rid: str) -> int:
-        """Everything the store holds of a live call (a discarded recording, issue 21):
-        the call's row first (its wrapped data key: the segments can no longer be
-        read), then the segments' blobs and rows. Returns the blobs removed."""
-        with self.catalog.engine.begin() as conn:
-            keys = self._blob_keys(conn, rid)
-            conn.execute(sa.delete(live_recordings).where(live_recordings.c.recording_id == rid))
-        self.vault.blobs.delete_many(keys)
-        with self.catalog.engine.begin() as conn:
-            conn.execute(sa.delete(live_segments).where(live_segments.c.recording_id == rid))
-        self.forget_key(rid)
-        log.info("live_destroyed", recording_id=rid, blobs=len(keys))
-        return len(keys)
-
-    def forget_archived(self) -> int:
-        """Rows of archived recordings past ARCHIVED_KEEP_MS (a late finish is told by then)."""
-        with self.catalog.engine.begin() as conn:
-            result = conn.execute(
-                sa.delete(live_recordings)
-                .where(live_recordings.c.state == ARCHIVED)
-                .where(live_recordings.c.last_append_ms < now_ms() - ARCHIVED_KEEP_MS)
-            )
-        return int(result.rowcount or 0)
 
 
 def _new_bytes(piece: pb.LegBytes, size: int) -> bytes:

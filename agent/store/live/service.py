@@ -4,7 +4,8 @@ Every request is checked as untrusted input before anything is written: the reco
 id, the caller's site (its certificate, as for uploads; a recording is only ever
 touched by the site that started it), the manifest (the same checks as an upload's:
 masked number, sealed tail, times, region), the leg names for the manifest's channels,
-and each piece's size. The storage itself is :mod:`agent.store.live.segments`.
+and each piece's size. The storage itself is :mod:`agent.store.live.segments`
+(the row: :mod:`agent.store.live.rows`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.store.catalog import live_recordings
 from agent.store.ingest.service import MAX_CHUNK_BYTES, IngestService
 from agent.store.live.archiver import LiveArchiver
-from agent.store.live.segments import LEGS, LiveRejected, LiveRow, LiveStore
+from agent.store.live.rows import LEGS, LiveRejected, LiveRow
+from agent.store.live.segments import LiveStore
 
 log = logs.get_logger(__name__)
 

@@ -22,7 +22,9 @@ from agent import logs
 from agent.store.archive.vault import KeyShredded, Vault, lock_whole_key
 from agent.store.audit import chain as audit
 from agent.store.catalog import RecordingRow, live_recordings, now_ms, recordings
-from agent.store.live.segments import FINISHED, HELD, LiveRow, LiveStore
+from agent.store.live import archive_queue
+from agent.store.live.rows import FINISHED, HELD, LiveRow
+from agent.store.live.segments import LiveStore
 
 log = logs.get_logger(__name__)
 
@@ -72,7 +74,7 @@ def release_held(live: LiveStore, limit: int = 100) -> int:
     for rid in due:
         row = live.get(rid)
         if row is not None and row.state == HELD and not live.reopenable(row):
-            live.remove(row)
+            archive_queue.remove(live, row)
             released += 1
             log.info("live_tail_window_closed", recording_id=rid)
     return released
@@ -133,5 +135,5 @@ def replace_archive(vault: Vault, stored: RecordingRow, new: RecordingRow) -> bo
 def forget_destroyed(live: LiveStore, row: LiveRow) -> None:
     """A held or reopened call whose stored recording is gone (erased, expired): its
     tail is not stored again; the segments go."""
-    live.remove(row)
+    archive_queue.remove(live, row)
     log.warning("live_tail_dropped", recording_id=row.recording_id, reason="recording destroyed")
