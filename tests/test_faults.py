@@ -121,7 +121,9 @@ def test_store_down_while_50_recordings_are_made(stack: Stack) -> None:
     agent.wait_for(r"level=warning .*event=outbox_backpressure entries=50 .*over=bytes")
     store, _ = stack.store(port)
     wait_stored(stack.root, 50, timeout=120)
-    agent.wait_for(r"event=outbox_backpressure_cleared entries=0", timeout=10)
+    # Cleared once the outbox is back under its limits (200 KB here): a few entries may
+    # still be on their way up when the line is written.
+    agent.wait_for(r"event=outbox_backpressure_cleared entries=\d+ bytes=\d+", timeout=10)
     assert_exactly(stack.root, made)
     assert agent.text().count("event=recording_uploaded") == 50
     assert store.text().count("site_verified=certificate") == 50
