@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from agent.cli import main as callrec
 from agent.config import load_agent_config
 from agent.recorder.control.tokens import new_token
-from agent.recorder.front.kamailio import front_files
+from agent.recorder.front.files import front_files
 from agent.store.access.queries import package_metadata
 from agent.store.audit import chain as audit
 from agent.store.ingest import discards

@@ -20,17 +20,14 @@ import pytest
 
 from agent import metrics
 from agent.config import AgentConfig, ConfigError
-from agent.recorder.front.kamailio import (
+from agent.recorder.front.files import (
     FrontFiles,
-    FrontProcess,
-    destinations,
     front_files,
-    kamcmd,
-    parse_dispatcher_list,
     render_config,
     render_dispatcher_list,
     write_front_files,
 )
+from agent.recorder.front.kamailio import FrontProcess, destinations, kamcmd, parse_dispatcher_list
 from agent.recorder.front.logfilter import sanitize
 from agent.testcall.sipp import free_port
 from tests.support.stack import Keys, agent_config

@@ -62,7 +62,7 @@ class SipConfig:
     employee_header: str = "X-Callrec-Employee"
     service_header: str = "X-Callrec-Service"
     direction_header: str = "X-Callrec-Direction"
-    # The SIP front (Kamailio dispatcher, agent.recorder.front.kamailio).
+    # The SIP front (Kamailio dispatcher, agent.recorder.front.files and .kamailio).
     front: bool = False
     run_front: bool = False  # the agent runs Kamailio itself (tests, development)
     worker_listen: str = "127.0.0.1"

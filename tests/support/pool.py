@@ -19,7 +19,8 @@ from pathlib import Path
 from agent.capture import UNKNOWN
 from agent.cli import main as callrec
 from agent.config import load_agent_config
-from agent.recorder.front.kamailio import Destination, FrontFiles, destinations, front_files
+from agent.recorder.front.files import FrontFiles, front_files
+from agent.recorder.front.kamailio import Destination, destinations
 from agent.recorder.sip import call_ref
 from agent.store.catalog import Catalog, RecordingRow
 from agent.testcall.rtp import FifoControl, RtpSender

@@ -1,10 +1,10 @@
 """The Kamailio 5.6 script of the SIP front, with ``%NAME%`` placeholders that
-:func:`agent.recorder.front.kamailio.render_config` fills from the agent's ``[sip]`` config.
-Why it routes as it does: see :mod:`agent.recorder.front.kamailio`."""
+:func:`agent.recorder.front.files.render_config` fills from the agent's ``[sip]`` config.
+Why it routes as it does: see :mod:`agent.recorder.front.files`."""
 
 TEMPLATE = r"""#!KAMAILIO
 # callrec SIP front: spreads new SIPREC INVITEs over the recorder workers.
-# Rendered by the agent (agent/recorder/front/kamailio.py) from its [sip] config at every
+# Rendered by the agent (agent/recorder/front/files.py) from its [sip] config at every
 # start: edit the agent's config, not this file.
 
 debug=2

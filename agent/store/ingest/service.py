@@ -17,6 +17,10 @@ rejection is a gRPC status whose message says what was wrong.
 Over mutual TLS the site is the client certificate's (``agent.certs``): a manifest
 for another site is refused with PERMISSION_DENIED, so the ``site`` of a catalog row
 is the site that sent it.
+
+This module holds the stream itself (chunks, resume, finish, commit); what an upload
+must pass before anything is written is ``admission``, the manifest → catalog row
+mapping and the receipt are ``rows``.
 """
 
 from __future__ import annotations
@@ -31,31 +35,22 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from agent import logs
-from agent.certs import peer_certificate, serial_of, site_of
-from agent.manifest import (
-    DIRECTION_NAMES,
-    ClockAhead,
-    ManifestError,
-    employees_json,
-    pauses_json,
-    validate_discard_manifest,
-    validate_manifest,
-)
+from agent.manifest import ManifestError, validate_discard_manifest
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.privacy import KeyFileError
 from agent.store import monitoring
 from agent.store.archive.crypto import CryptoError
-from agent.store.archive.residency import DEFAULT_ALLOWED_REGIONS, region_allowed
+from agent.store.archive.residency import DEFAULT_ALLOWED_REGIONS
 from agent.store.archive.vault import KeyShredded, SourceMismatch, Vault
-from agent.store.catalog import Catalog, RecordingRow, from_ms, now_ms
-from agent.store.ingest import discards
+from agent.store.catalog import Catalog, RecordingRow
+from agent.store.ingest import admission, discards
 from agent.store.ingest.denylist import DenyList
 from agent.store.ingest.limits import LimitExceeded, Limits, UploadLimits
 from agent.store.ingest.partials import FilePartials, Partials, PartSink
+from agent.store.ingest.rows import receipt_of, row_from_manifest
 from agent.store.keys.numbers import SealCache, SealError
 
 log = logs.get_logger(__name__)
@@ -81,14 +76,6 @@ class UploadRejected(Exception):
 
 class UploadInterrupted(UploadRejected):
     """The stream ended without a finish (the agent went away): what arrived is kept."""
-
-
-def receipt_of(row: RecordingRow) -> pb.UploadReceipt:
-    stored = Timestamp()
-    stored.FromDatetime(from_ms(row.stored_at_ms))
-    return pb.UploadReceipt(
-        recording_id=row.recording_id, sha256=row.sha256, size=row.size, stored_at=stored
-    )
 
 
 class IngestService(pb_grpc.IngestServicer):
@@ -128,7 +115,7 @@ class IngestService(pb_grpc.IngestServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "recording_id: expected 32 hex digits"
             )
-        site = await self._peer_site(context)
+        site = await self.peer_site(context)
         row = await asyncio.to_thread(self.catalog.get, request.recording_id)
         if row is not None and site is not None and row.site != site:
             await context.abort(
@@ -146,7 +133,7 @@ class IngestService(pb_grpc.IngestServicer):
         self, request: pb.DiscardRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.UploadReceipt:
         """A call stopped and discarded at the customer's request (agent.store.ingest.discards)."""
-        site = await self._peer_site(context)
+        site = await self.peer_site(context)
         manifest = request.manifest
         try:
             validate_discard_manifest(manifest)
@@ -154,7 +141,7 @@ class IngestService(pb_grpc.IngestServicer):
             rid = manifest.recording_id[:32]
             log.warning("discard_refused", recording_id=rid, reason=str(exc))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"manifest: {exc}")
-        await self._check_site(manifest, site, context)
+        await self.check_site(manifest, site, context)
         rid = manifest.recording_id
         actor = f"agent:{site or manifest.site}"
         try:
@@ -168,42 +155,19 @@ class IngestService(pb_grpc.IngestServicer):
             await context.abort(exc.code, str(exc))
         return discards.receipt(row)
 
-    async def _peer_site(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
-        """The site of the caller's certificate (None when the store runs without TLS)."""
-        if not self.authenticate:
-            return None
-        cert = peer_certificate(context.auth_context())
-        site = None if cert is None else site_of(cert)
-        if cert is not None:
-            refusal = await asyncio.to_thread(self.denylist.refusal, serial_of(cert), site)
-            if refusal is not None:
-                log.warning("upload_refused", reason="revoked", detail=refusal)
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"{refusal} (`callrec certs revoked`); nothing was stored",
-                )
-        if site is None:
-            log.warning("upload_refused", reason="no_site_in_certificate")
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                "the client certificate names no site (expected a URI name "
-                "callrec:site:<site>; issue one with `callrec certs agent`)",
-            )
-        return site
-
     async def peer_site(self, context: grpc.aio.ServicerContext[Any, Any]) -> str | None:
-        """The caller's site, as for uploads (agent.store.live.service)."""
-        return await self._peer_site(context)
+        """The caller's site, as for uploads (also agent.store.live.service)."""
+        return await admission.peer_site(context, self.authenticate, self.denylist)
 
     async def check_site(
         self, manifest: pb.Manifest, site: str | None, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        await self._check_site(manifest, site, context)
+        await admission.check_site(manifest, site, context)
 
     async def check_region(
         self, manifest: pb.Manifest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        await self._check_region(manifest, context)
+        await admission.check_region(manifest, self.allowed_regions, context)
 
     async def Upload(
         self,
@@ -227,11 +191,11 @@ class IngestService(pb_grpc.IngestServicer):
         request_iterator: AsyncIterator[pb.UploadRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> pb.UploadReceipt:
-        site = await self._peer_site(context)
-        manifest = await self._manifest_of(request_iterator, context)
-        _drop_agent_digest(manifest)
-        await self._check_site(manifest, site, context)
-        await self._check_region(manifest, context)
+        site = await self.peer_site(context)
+        manifest = await admission.manifest_of(request_iterator, context, self.idle_timeout_s)
+        admission.drop_agent_digest(manifest)
+        await self.check_site(manifest, site, context)
+        await self.check_region(manifest, context)
         try:
             with self._slot(site or manifest.site, manifest):
                 async with self._exclusive(manifest.recording_id):
@@ -247,38 +211,6 @@ class IngestService(pb_grpc.IngestServicer):
             )
             await context.abort(exc.code, str(exc))
         raise AssertionError("unreachable")
-
-    async def _manifest_of(
-        self,
-        requests: AsyncIterator[pb.UploadRequest],
-        context: grpc.aio.ServicerContext[Any, Any],
-    ) -> pb.Manifest:
-        """The stream's first message, a valid manifest, or abort (before anything is
-        written; a time ahead of our clock is FAILED_PRECONDITION: the agent retries)."""
-        try:
-            async with asyncio.timeout(self.idle_timeout_s):
-                first = await anext(requests)
-        except StopAsyncIteration:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload stream")
-        except TimeoutError:
-            message = f"no manifest within {self.idle_timeout_s:.0f} s; stream closed"
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, message)
-        if first.WhichOneof("kind") != "manifest":
-            message = "the first message must carry the manifest"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-        try:
-            validate_manifest(first.manifest)
-        except ManifestError as exc:
-            status = grpc.StatusCode
-            code = (
-                status.FAILED_PRECONDITION
-                if isinstance(exc, ClockAhead)
-                else status.INVALID_ARGUMENT
-            )
-            rid = first.manifest.recording_id[:32]
-            log.warning("upload_refused", recording_id=rid, code=code.name, reason=str(exc))
-            await context.abort(code, f"manifest: {exc}")
-        return first.manifest
 
     @contextlib.contextmanager
     def _slot(self, site: str, manifest: pb.Manifest) -> Iterator[None]:
@@ -312,42 +244,6 @@ class IngestService(pb_grpc.IngestServicer):
             self._lock_users[recording_id] -= 1
             if not self._lock_users[recording_id]:
                 del self._lock_users[recording_id], self._locks[recording_id]
-
-    async def _check_site(
-        self, manifest: pb.Manifest, site: str | None, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
-        if site is None or manifest.site == site:
-            return
-        log.warning(
-            "upload_refused",
-            recording_id=manifest.recording_id,
-            reason="site_mismatch",
-            site=manifest.site,
-            certificate_site=site,
-        )
-        await context.abort(
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"manifest.site = {manifest.site!r} but the client certificate is for site "
-            f"{site!r}; nothing was stored",
-        )
-
-    async def _check_region(
-        self, manifest: pb.Manifest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> None:
-        """Residency: refuse, before anything is written, an agent outside the list."""
-        if region_allowed(manifest.region, self.allowed_regions):
-            return
-        log.warning(
-            "upload_refused",
-            recording_id=manifest.recording_id,
-            reason="region",
-            region=manifest.region,
-        )
-        await context.abort(
-            grpc.StatusCode.FAILED_PRECONDITION,
-            f"region: the agent declares {manifest.region!r}, outside the regions this "
-            "store may keep personal data in (EU/EEA); nothing was stored",
-        )
 
     async def _receive(
         self, manifest: pb.Manifest, requests: AsyncIterator[pb.UploadRequest]
@@ -526,52 +422,6 @@ class IngestService(pb_grpc.IngestServicer):
                 site=manifest.site,
                 action="give the agent the store's current seal.pub.pem",
             )
-
-
-def row_from_manifest(m: pb.Manifest, blob_key: str, region: str) -> RecordingRow:
-    first = m.employees[0] if m.employees else None
-    return RecordingRow(
-        recording_id=m.recording_id,
-        site=m.site,
-        source=m.source,
-        call_ref=m.call_ref,
-        direction=DIRECTION_NAMES[m.direction],
-        started_at_ms=m.started_at.ToMilliseconds(),
-        ended_at_ms=m.ended_at.ToMilliseconds(),
-        service_number=m.service_number or None,
-        customer_kind=m.customer.kind,
-        customer_masked=m.customer.masked,
-        customer_digest=None,  # never kept: see agent.store.keys.numbers
-        customer_digest_key_id=None,
-        customer_tail_sealed=m.customer.tail_sealed or None,
-        employee_id=first.id if first else "unknown",
-        employee_name=first.name if first else "unknown",
-        employee_team=(first.team or None) if first else None,
-        employees_json=employees_json(m),
-        flags=",".join(m.flags),
-        audio_format=m.audio_format,
-        channels=m.channels,
-        size=m.size,
-        sha256=m.sha256,
-        blob_key=blob_key,
-        region=region,
-        stored_at_ms=now_ms(),
-        pauses_json=pauses_json(m) if m.pauses else None,
-    )
-
-
-def _drop_agent_digest(manifest: pb.Manifest) -> None:
-    """An agent older than the key-custody change still sends a lookup digest made
-    with a key every agent held: it is dropped before anything is written."""
-    if manifest.customer.digest or manifest.customer.digest_key_id:
-        manifest.customer.ClearField("digest")
-        manifest.customer.ClearField("digest_key_id")
-        log.warning(
-            "agent_digest_dropped",
-            recording_id=manifest.recording_id,
-            site=manifest.site,
-            action="upgrade the agent and delete lookup.key from its host",
-        )
 
 
 def _check_chunk(manifest: pb.Manifest, committed: int, chunk: pb.Chunk) -> None:

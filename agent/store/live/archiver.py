@@ -37,7 +37,7 @@ from agent.audio import OPUS_PARAMETERS
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.store import monitoring
 from agent.store.catalog import RecordingRow, now_ms
-from agent.store.ingest.service import row_from_manifest
+from agent.store.ingest.rows import row_from_manifest
 from agent.store.live import archive_queue, tail
 from agent.store.live.rows import BYTES_PER_SECOND, HELD, LiveRow
 from agent.store.live.segments import LiveStore
