@@ -1,7 +1,7 @@
-"""The agent's worker supervision with real processes that stand in for workers (the
-pjsua2 workers themselves are killed and restarted in test_pool.py): a worker that
-dies is started again at once, one that keeps dying waits longer each time, and one
-that ran well for a while starts its backoff afresh."""
+"""The agent's worker supervision (``agent.recorder.pool``) with real processes that
+stand in for workers (the pjsua2 workers themselves are killed and restarted in
+test_pool.py): a worker that dies is started again at once, one that keeps dying waits
+longer each time, and one that ran well for a while starts its backoff afresh."""
 
 from __future__ import annotations
 
@@ -16,25 +16,24 @@ from pathlib import Path
 import pytest
 
 from agent import metrics
-from agent.recorder import daemon as daemon_module
+from agent.recorder import pool as pool_module
 from agent.recorder import worker as worker_module
-from agent.recorder.daemon import RESTART_BACKOFF_S, AgentDaemon, WorkerProcess, WorkerStartError
 from agent.recorder.ownership import WorkerSlot, slot_held, slot_holder
+from agent.recorder.pool import RESTART_BACKOFF_S, WorkerPool, WorkerProcess, WorkerStartError
 from tests.support.daemons import Daemon
 from tests.support.stack import Keys, agent_config, write_toml
 
 
-class _Stub(AgentDaemon):
-    """AgentDaemon's supervision only: workers run ``python -c <code>`` (started the
-    ``exec`` way; test_zygote.py starts them from the zygote)."""
+class _Stub(WorkerPool):
+    """The agent's worker pool, supervision only: workers run ``python -c <code>``
+    (started the ``exec`` way; test_zygote.py starts them from the zygote)."""
 
     def __init__(self, cfg_root: Path, keys: Keys, code: str) -> None:
         sip: dict[str, object] = {"worker_start": "exec"}
-        self.config, _ = agent_config(cfg_root, keys, "127.0.0.1:1", sip=sip)
-        self.config_path = cfg_root / "agent.toml"
+        config, _ = agent_config(cfg_root, keys, "127.0.0.1:1", sip=sip)
+        # a dead worker's live gauges go from metrics_dir
+        super().__init__(config, cfg_root / "agent.toml", cfg_root / "metrics")
         self.workers = [WorkerProcess(0)]
-        self.front = None
-        self.metrics_dir = cfg_root / "metrics"  # a dead worker's live gauges go from here
         self.code = code
 
     def _worker_command(self, worker: WorkerProcess, ready_fd: int | None) -> list[str]:
@@ -74,7 +73,7 @@ def test_dead_worker_is_restarted_with_growing_backoff(tmp_path: Path, keys: Key
 def test_backoff_starts_afresh_after_a_healthy_run(
     tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(daemon_module, "HEALTHY_S", 0.3)
+    monkeypatch.setattr(pool_module, "HEALTHY_S", 0.3)
     stub = _Stub(tmp_path, keys, "import time; time.sleep(0.5)")
     worker = stub.workers[0]
     first = _until_started(stub, set())

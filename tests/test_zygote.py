@@ -26,7 +26,7 @@ from tests.support.stack import Keys, agent_config, write_toml
 
 pytestmark = pytest.mark.sip
 
-# The agent's part, as AgentDaemon plays it: subreaper, zygote, one forked worker.
+# The agent's part, as its WorkerPool plays it: subreaper, zygote, one forked worker.
 AGENT = """
 import json, os, select, signal, sys, time
 from pathlib import Path

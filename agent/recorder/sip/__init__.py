@@ -1,5 +1,6 @@
 """The pjsua2 adapter: the only package that imports pjsua2 (``endpoint``: the
-library, its log and configs; ``engine``: calls and what is recorded of them).
+library, its log and configs; ``call``: the ``Account``/``Call`` adapters and the
+session of one call; ``engine``: the calls and what is recorded of them).
 
 One thread owns pjsua2 (``threadCnt = 0``, ``mainThreadOnly``) and drives it with
 :meth:`SipEngine.poll`. pjsua2 callbacks only translate what happened into our own
@@ -26,6 +27,7 @@ A CANCEL that arrives before we answered leaves nothing behind.
 """
 
 from agent.recorder.session import call_ref
-from agent.recorder.sip.engine import CallSession, SipEngine
+from agent.recorder.sip.call import CallSession
+from agent.recorder.sip.engine import SipEngine
 
 __all__ = ["CallSession", "SipEngine", "call_ref"]

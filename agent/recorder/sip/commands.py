@@ -26,7 +26,7 @@ from agent.recorder.control import calls as call_control
 from agent.recorder.control.calls import SRC
 
 if TYPE_CHECKING:
-    from agent.recorder.sip.engine import CallSession
+    from agent.recorder.sip.call import CallSession
 
 log = logs.get_logger("agent.recorder.sip")
 

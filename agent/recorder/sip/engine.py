@@ -1,37 +1,23 @@
-"""The calls of one recorder worker: pjsua2 callbacks translate into events on a deque,
-:meth:`SipEngine.poll` handles them on the one thread that owns pjsua2 (see the
-package docstring for the measured pjsua2 facts built in)."""
+"""The calls of one recorder worker: pjsua2 callbacks (:mod:`agent.recorder.sip.call`)
+translate into events on a deque, :meth:`SipEngine.poll` handles them on the one thread
+that owns pjsua2 (see the package docstring for the measured pjsua2 facts built in)."""
 
 from __future__ import annotations
 
 import collections
 import datetime as dt
 import logging
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pjsua2 as pj
 
 from agent import logs, metrics
-from agent.capture import (
-    CaptureMeta,
-    Flag,
-    iso_ms,
-    new_recording_id,
-    utc_now,
-    write_meta,
-)
+from agent.capture import Flag, iso_ms, new_recording_id, utc_now, write_meta
 from agent.config import AgentConfig
 from agent.directory import LiveDirectory
-from agent.recorder.diskspace import (
-    LEG_BYTES_PER_S,
-    DiskGuard,
-    log_recording_stopped,
-    stalled_legs,
-)
+from agent.recorder.diskspace import DiskGuard
 from agent.recorder.front import edge
 from agent.recorder.ownership import CaptureOwner
 from agent.recorder.parties import CallPlan, PartyHeaders, PartyRules, plan_call
@@ -44,6 +30,16 @@ from agent.recorder.session import (
     open_files,
 )
 from agent.recorder.sip import commands
+from agent.recorder.sip.call import (
+    CallSession,
+    SipAccount,
+    SipCall,
+    check_legs,
+    count_rtp,
+    discard_capture,
+    receiving_streams,
+    rtp_received,
+)
 from agent.recorder.sip.endpoint import (
     CLOCK_RATE,
     LogWriter,
@@ -60,135 +56,6 @@ STATS_INTERVAL_S = 1.0
 ACTIVE_POLL_MS = 200  # the loop's longest wait while calls run, should a control wake-up be lost
 CLOSE_WAIT_S = 5.0  # for pjsua to close a leg's WAV file after the call
 FINISH_RETRY_S = 1.0  # a capture that could not be closed (full disk) is tried again
-_UPDATE_METHODS = ("INVITE", "UPDATE")
-
-
-class _Account(pj.Account):  # type: ignore[misc]
-    def __init__(self, engine: SipEngine) -> None:
-        super().__init__()
-        self._engine = engine
-
-    def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:
-        try:
-            self._engine._incoming(self, prm)
-        except Exception:
-            log.exception("incoming_failed")
-
-
-class _Call(pj.Call):  # type: ignore[misc]
-    def __init__(self, account: _Account, call_id: int, session: CallSession) -> None:
-        super().__init__(account, call_id)
-        self.session = session
-
-    def onCallState(self, prm: pj.OnCallStateParam) -> None:
-        try:
-            state = self.getInfo().state
-            if state == pj.PJSIP_INV_STATE_CONFIRMED:
-                self.session.acknowledged = True
-            elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
-                self.session.disconnected(utc_now())
-        except Exception:
-            log.exception("call_state_failed")
-
-    def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
-        self.session.events.append(("media", self.session))
-
-    def onStreamDestroyed(self, prm: pj.OnStreamDestroyedParam) -> None:
-        """The last look at a stream's counters: the once-a-second sampling would miss
-        the end of the call."""
-        try:
-            rx = self.getStreamStat(prm.streamIdx).rtcp.rxStat
-            self.session.final_rx[prm.streamIdx] = (rx.pkt, rx.loss)
-        except Exception:
-            log.exception("stream_stat_failed", call_ref=self.session.ref)
-
-    def onCallTsxState(self, prm: pj.OnCallTsxStateParam) -> None:
-        """A re-INVITE or UPDATE received in the dialog: keep its text if it carries
-        recording metadata (read later, outside the callback)."""
-        try:
-            event = prm.e
-            if event.type != pj.PJSIP_EVENT_TSX_STATE:
-                return
-            change = event.body.tsxState
-            tsx = change.tsx
-            if (
-                change.type != pj.PJSIP_EVENT_RX_MSG
-                or tsx.role != pj.PJSIP_ROLE_UAS
-                or tsx.state != pj.PJSIP_TSX_STATE_TRYING
-                or tsx.method not in _UPDATE_METHODS
-            ):
-                return
-            raw = change.src.rdata.wholeMsg
-            if edge.has_metadata(raw):
-                self.session.updates.append((utc_now(), raw))
-                self.session.events.append(("update", self.session))
-        except Exception:
-            log.exception("call_tsx_failed")
-
-
-# ---------------------------------------------------------------- one call
-
-
-def _count_rtp(session: CallSession, now: dict[int, tuple[int, int]]) -> None:
-    """Add what each recorded stream received (and lost) since the last look to the
-    metrics, labelled by the party whose leg it is."""
-    legs = session.plan.legs if session.plan is not None else {}
-    for index, (packets, lost) in now.items():
-        before_packets, before_lost = session.rx_counted.get(index, (0, 0))
-        party = legs.get(index, "unknown").removesuffix(".wav")
-        metrics.RTP_PACKETS_RECEIVED.labels(party).inc(max(0, packets - before_packets))
-        metrics.RTP_PACKETS_LOST.labels(party).inc(max(0, lost - before_lost))
-        session.rx_counted[index] = (packets, lost)
-
-
-def _received(session: CallSession) -> dict[str, tuple[int, int]]:
-    """Packets received and lost per party over the whole call (counted into the
-    metrics here for the part after the last sample)."""
-    _count_rtp(session, session.final_rx)
-    legs = session.plan.legs if session.plan is not None else {}
-    return {
-        legs.get(index, f"stream{index}").removesuffix(".wav"): counts
-        for index, counts in sorted(session.rx_counted.items())
-    }
-
-
-@dataclass(eq=False)
-class CallSession:
-    """One INVITE from arrival to the capture's move to ``ready``."""
-
-    events: collections.deque[tuple[str, CallSession]] = field(repr=False)
-    call: _Call | None = field(default=None, repr=False)
-    invite: str | None = field(default=None, repr=False)  # raw INVITE until it is read
-    source: str = ""  # where the INVITE came from ("address:port")
-    acknowledged: bool = False  # the SRC's ACK of our 200 arrived
-    updates: list[tuple[dt.datetime, str]] = field(default_factory=list, repr=False)
-    ref: str = ""
-    plan: CallPlan | None = field(default=None, repr=False)
-    meta: CaptureMeta | None = None
-    directory: Path | None = None
-    recorders: dict[int, pj.AudioMediaRecorder] = field(default_factory=dict, repr=False)
-    answered_mono: float = 0.0
-    rx_packets: int = -1
-    rx_mono: float = 0.0
-    rx_counted: dict[int, tuple[int, int]] = field(default_factory=dict)  # packets, lost
-    final_rx: dict[int, tuple[int, int]] = field(default_factory=dict)  # at stream end
-    ended_at: dt.datetime | None = None
-    close_deadline: float = 0.0
-    flags: list[Flag] = field(default_factory=list)
-    owner: CaptureOwner | None = field(default=None, repr=False)  # the capture's lock
-    leg_sizes: dict[str, int] = field(default_factory=dict)  # at the last look
-    retry_at: float = 0.0  # closing failed (a full disk): try again then
-    resume_at: float = 0.0  # a resume waits out the jitter buffers until then (commands)
-    on_sink: bool = False  # the streams play into the null sound device (paused)
-
-    def disconnected(self, at: dt.datetime) -> None:
-        """From ``onCallState``: release the Call now (see the module docstring)."""
-        self.ended_at = at
-        self.call = None
-        self.events.append(("ended", self))
-
-
-# ---------------------------------------------------------------- the engine
 
 
 class SipEngine:
@@ -217,7 +84,7 @@ class SipEngine:
         self._next_stats = 0.0
         self._ep: pj.Endpoint | None = None
         self._writer: LogWriter | None = None
-        self._account: _Account | None = None
+        self._account: SipAccount | None = None
         self._silence: pj.ToneGenerator | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -258,7 +125,7 @@ class SipEngine:
         # leg's timeline runs from the answer.
         self._silence = pj.ToneGenerator()
         self._silence.createToneGenerator(CLOCK_RATE, 1)
-        self._account = _Account(self)
+        self._account = SipAccount(self)
         rtp = (self.cfg.sip.listen, self.rtp_start, self.rtp_count)
         self._account.create(account_config(self.address, self.port, rtp), True)
 
@@ -348,10 +215,10 @@ class SipEngine:
 
     # ------------------------------------------------------------ callbacks (translate only)
 
-    def _incoming(self, account: _Account, prm: pj.OnIncomingCallParam) -> None:
+    def _incoming(self, account: SipAccount, prm: pj.OnIncomingCallParam) -> None:
         rdata = prm.rdata
         session = CallSession(events=self._events, invite=rdata.wholeMsg, source=rdata.srcAddress)
-        session.call = _Call(account, prm.callId, session)
+        session.call = SipCall(account, prm.callId, session)
         session.ref = call_ref(session.call.getInfo().callIdString)
         self._sessions.append(session)
         self._events.append(("incoming", session))
@@ -386,7 +253,7 @@ class SipEngine:
         try:
             call.answer(prm)
         except pj.Error:
-            self._discard_capture(session)
+            discard_capture(session)
             raise
         session.answered_mono = session.rx_mono = time.monotonic()
         self._stamp_answer(session, plan, utc_now())
@@ -421,19 +288,9 @@ class SipEngine:
         except (OSError, pj.Error) as exc:
             error = exc.info() if isinstance(exc, pj.Error) else exc.strerror
             log.error("capture_open_failed", call_ref=session.ref, error=error)
-            self._discard_capture(session)
+            discard_capture(session)
             return False
         return True
-
-    def _discard_capture(self, session: CallSession) -> None:
-        """Undo :meth:`_open_capture` for a call that is not answered after all."""
-        session.recorders.clear()
-        if session.owner is not None:
-            session.owner.release()
-            session.owner = None
-        if session.directory is not None:
-            shutil.rmtree(session.directory, ignore_errors=True)
-        session.plan = session.meta = session.directory = None
 
     def _plan(self, session: CallSession, raw: str, offered_audio: int) -> CallPlan | None:
         """The edge's checks (who sent it, did it arrive whole, plain mode), then what to
@@ -509,10 +366,10 @@ class SipEngine:
             # Re-connect on every media change: a re-INVITE may give the stream a new slot.
             call.getAudioMedia(media.index).startTransmit(recorder)
 
-    def _follow_src_pause(self, session: CallSession, call: _Call) -> None:
+    def _follow_src_pause(self, session: CallSession, call: SipCall) -> None:
         """a=inactive on every recorded stream from the SRC is a pause (who "src")."""
         if session.meta is not None and session.answered_mono:
-            commands.follow_src(session, bool(self._receiving(call, session)))
+            commands.follow_src(session, bool(receiving_streams(call, session)))
 
     def control(self, request: dict[str, Any]) -> dict[str, Any]:
         """A command of the agent's control API for one call of this worker (see
@@ -560,12 +417,12 @@ class SipEngine:
             return
         if session.owner is not None:
             session.owner.beat(iso_ms(utc_now()))
-        self._check_legs(session, now)
+        check_legs(session, now)
         if now - session.answered_mono > self.cfg.sip.max_call_s:
             log.warning("max_call_reached", recording_id=meta.recording_id)
             self._hangup(session, 200)
             return
-        receiving = self._receiving(call, session)
+        receiving = receiving_streams(call, session)
         if not receiving:  # on hold (a=inactive/sendonly from us): silence is expected
             session.rx_packets, session.rx_mono = -1, now
             return
@@ -574,7 +431,7 @@ class SipEngine:
         except pj.Error:
             return
         packets = sum(stat.pkt for stat in stats.values())
-        _count_rtp(session, {i: (stat.pkt, stat.loss) for i, stat in stats.items()})
+        count_rtp(session, {i: (stat.pkt, stat.loss) for i, stat in stats.items()})
         if packets != session.rx_packets:
             session.rx_packets, session.rx_mono = packets, now
         elif now - session.rx_mono >= self.cfg.sip.rtp_timeout_s:
@@ -585,32 +442,6 @@ class SipEngine:
             )
             session.flags.append(Flag.RTP_TIMEOUT)
             self._hangup(session, 200)
-
-    def _check_legs(self, session: CallSession, now: float) -> None:
-        """Stop recording a call whose legs stopped growing while the call runs (their
-        writes fail: the disk is full): each leg keeps what was written, without a hole
-        later; the call goes on to its BYE and is flagged incomplete."""
-        if not session.recorders or session.directory is None or session.meta is None:
-            return
-        expected = (now - session.answered_mono) * LEG_BYTES_PER_S
-        legs = [session.directory / leg for leg in session.meta.legs]
-        stalled = stalled_legs(legs, session.leg_sizes, expected)
-        if stalled:
-            session.recorders.clear()  # pjsua closes the files: the header gets the sizes
-            session.flags.append(Flag.INCOMPLETE)
-            meta, directory = session.meta, session.directory
-            log_recording_stopped(meta.recording_id, directory, stalled, session.leg_sizes)
-
-    @staticmethod
-    def _receiving(call: _Call, session: CallSession) -> list[int]:
-        """Recorded streams that exist and are meant to receive (not a=inactive)."""
-        info = call.getInfo()  # keep it alive: .media points into it (SWIG)
-        legs = session.plan.legs if session.plan is not None else {}
-        return [
-            m.index
-            for m in info.media
-            if m.index in legs and m.audioConfSlot >= 0 and m.dir & pj.PJMEDIA_DIR_DECODING
-        ]
 
     def _hangup(self, session: CallSession, status: int) -> None:
         if session.call is None:
@@ -663,7 +494,7 @@ class SipEngine:
             try:
                 finish_capture(
                     session.meta, session.directory, self.ready_dir,
-                    session.ended_at or utc_now(), session.flags, _received(session),
+                    session.ended_at or utc_now(), session.flags, rtp_received(session),
                 )  # fmt: skip
             except OSError as exc:
                 log.error(
