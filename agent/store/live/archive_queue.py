@@ -23,14 +23,15 @@ log = logs.get_logger(__name__)
 ARCHIVED_KEEP_MS = 24 * 3600 * 1000
 
 
-def stale(live: LiveStore, older_than_ms: int, limit: int = 100) -> list[str]:
-    """Live recordings with no append since ``older_than_ms`` (their agent is gone)."""
+def stale(live: LiveStore, older_than_ms: int, limit: int = 100, state: str = LIVE) -> list[str]:
+    """Recordings in ``state`` with no append since ``older_than_ms``: live ones whose
+    agent is gone, or held ones whose tail window has closed."""
     with live.catalog.engine.connect() as conn:
         return [
             rid
             for (rid,) in conn.execute(
                 sa.select(live_recordings.c.recording_id)
-                .where(live_recordings.c.state == LIVE)
+                .where(live_recordings.c.state == state)
                 .where(live_recordings.c.last_append_ms < older_than_ms)
                 .limit(limit)
             )

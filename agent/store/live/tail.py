@@ -59,17 +59,7 @@ def release_held(live: LiveStore, limit: int = 100) -> int:
     for rid in gone:
         if (row := live.get(rid)) is not None and row.state == HELD:
             forget_destroyed(live, row)
-    cutoff = now_ms() - live.tail_window_ms
-    with live.catalog.engine.connect() as conn:
-        due = [
-            rid
-            for (rid,) in conn.execute(
-                sa.select(live_recordings.c.recording_id)
-                .where(live_recordings.c.state == HELD)
-                .where(live_recordings.c.last_append_ms < cutoff)
-                .limit(limit)
-            )
-        ]
+    due = archive_queue.stale(live, now_ms() - live.tail_window_ms, limit, state=HELD)
     released = len(gone)
     for rid in due:
         row = live.get(rid)
