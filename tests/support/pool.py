@@ -138,15 +138,23 @@ class Pool:
         return destinations(self.files)
 
     def wait_idle(self, timeout: float = 30.0) -> list[Destination]:
-        """Every worker in rotation and no call counted on any (nothing leaked)."""
+        """Every worker in rotation and no call counted on any (nothing leaked). A front
+        being replaced refuses its control socket for a moment: asked again until the
+        deadline."""
         deadline = time.monotonic() + timeout
         found: list[Destination] = []
+        refused = ""
         while time.monotonic() < deadline:
-            found = self.destinations()
+            try:
+                found = self.destinations()
+            except RuntimeError as error:  # kamcmd: the new front's socket is not up yet
+                refused = str(error)
+                time.sleep(0.2)
+                continue
             if len(found) == self.workers and all(d.active and d.load == 0 for d in found):
                 return found
             time.sleep(0.2)
-        raise AssertionError(f"pool not idle: {found}\n{self.tail()}")
+        raise AssertionError(f"pool not idle: {found} {refused}\n{self.tail()}")
 
     def worker_pids(self) -> dict[int, int]:
         """The latest pid of each worker index, from the agent's log."""
