@@ -128,6 +128,8 @@ live_recordings = sa.Table(
     sa.Column("created_at_ms", sa.BigInteger, nullable=False),
     sa.Column("last_append_ms", sa.BigInteger, nullable=False),
     sa.Column("claimed_until_ms", sa.BigInteger, nullable=True),
+    # how the legs arrived: "alaw" or "pcm_s16le" (agent.g711; migration 0009)
+    sa.Column("encoding", sa.String(16), nullable=False, server_default="pcm_s16le"),
     sa.Index("ix_live_state", "state", "last_append_ms"),
     sa.Index("ix_live_site", "site"),
 )

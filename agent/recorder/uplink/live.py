@@ -1,14 +1,16 @@
 """Live upload: calls stream to the store while they run (``[uplink] live = true``).
 
 A loop in the agent's main process (the workers' one thread belongs to pjsua) tails
-every active capture's legs every ``live_flush``: the bytes after each WAV's 44-byte
+every active capture's legs every ``live_flush``: the samples after each WAV's 44-byte
 header (mono 16-bit PCM, 8 kHz) that the store does not hold yet go out in one
-``Live.Append`` per call, with explicit offsets. What the store holds is learnt from
-its answers (``Query`` when a call is first seen, or after an error), so after a cut,
-a store restart or an agent restart the stream resumes from the store's durable sizes,
-and bytes sent twice are skipped by the store (no duplicate). The first append of a
-call carries its manifest: the masked number and the sealed tail, as the file path
-sends them (the full number never leaves the worker).
+``Live.Append`` per call, with explicit offsets, as G.711 A-law (half the bytes) when
+the store accepts it, else as the PCM itself (``agent.g711``: one encoding per call,
+the store's answer names it; offsets, sizes and sha256 count the bytes as sent). What
+the store holds is learnt from its answers (``Query`` when a call is first seen, or
+after an error), so after a cut, a store restart or an agent restart the stream
+resumes from the store's durable sizes, and bytes sent twice are skipped by the store
+(no duplicate). The first append of a call carries its manifest: the masked number and
+the sealed tail, as the file path sends them (the full number never leaves the worker).
 
 At hang-up the worker moves the capture to ``captures/ready``; the finalize queue hands
 SIPREC and plain captures to :meth:`LiveUplink.finish` instead of encoding them: one
@@ -41,7 +43,7 @@ from typing import Any
 
 import grpc
 
-from agent import logs, metrics
+from agent import g711, logs, metrics
 from agent.capture import (
     CUSTOMER_LEG,
     EMPLOYEE_LEG,
@@ -60,8 +62,8 @@ from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 log = logs.get_logger(__name__)
 
 WAV_HEADER = 44
-MAX_PIECE = 128 * 1024  # bytes of one leg per append (two legs fit a gRPC message)
-MAX_APPENDS_PER_PASS = 4  # catching up: up to 4 x 8 s of audio per leg per pass
+MAX_PIECE = 128 * 1024  # wire bytes of one leg per append (two legs fit a gRPC message)
+MAX_APPENDS_PER_PASS = 4  # catching up: up to 4 x 16 s (A-law; PCM 8 s) per leg per pass
 RPC_TIMEOUT_S = 10.0
 SYNC_THREADS = 16  # appends wait on the store's disk, not on this CPU
 FINISH_ATTEMPTS = 3
@@ -85,6 +87,7 @@ class _Track:
     lock: threading.Lock = field(default_factory=threading.Lock)
     sizes: dict[str, int] | None = None  # None: ask the store (Query)
     known: bool = False  # the store has the call's row (no manifest needed)
+    encoding: str = g711.PCM16  # how this call's legs travel (set by the Query)
     finished: bool = False
     discarded: bool = False  # the store was told of a discard (Ingest.Discard)
     # Each leg's sha256 over the bytes read so far (the leg files only grow, so this
@@ -211,18 +214,21 @@ class LiveUplink:
             # finished: the store holds the call whole (its Finish), or finished it
             # itself (timed out): nothing more is appended; Finish tells which.
             track.known, track.finished = state.known, state.finished
+            track.encoding = wire_encoding(state)
             if track.finished:
                 return True
         appends = 0
         while final or appends < MAX_APPENDS_PER_PASS:
-            pieces = _pieces(capture, legs, track.sizes)
+            pieces = _pieces(capture, legs, track.sizes, track.encoding)
             for piece in pieces:
                 track.digests.setdefault(piece.leg, _LegDigest()).extend(piece.offset, piece.data)
             if not pieces and track.known:
                 break
             if keep_tail and track.known and all(len(p.data) < MAX_PIECE for p in pieces):
                 return True  # the rest goes with the Finish
-            request = pb.LiveAppendRequest(recording_id=meta.recording_id, legs=pieces)
+            request = pb.LiveAppendRequest(
+                recording_id=meta.recording_id, legs=pieces, encoding=g711.to_pb(track.encoding)
+            )
             if not track.known:
                 request.manifest.CopyFrom(self._manifest(meta, legs, final=False))
             state = self.stub.Append(request, timeout=RPC_TIMEOUT_S)
@@ -232,7 +238,7 @@ class LiveUplink:
             track.sizes, track.known = {s.leg: s.size for s in state.legs}, True
             appends += 1
             self._reachable()
-        return not _pieces(capture, legs, track.sizes, peek=True)
+        return not _pieces(capture, legs, track.sizes, track.encoding, peek=True)
 
     def _discard(self, meta: CaptureMeta, track: _Track) -> None:
         """Tell the store at once that a running call was discarded (once per call)."""
@@ -316,14 +322,18 @@ class LiveUplink:
         meta = read_meta(capture)
         track = self._track(capture.name)
         legs = _legs(meta)
-        request = pb.LiveFinishRequest(manifest=self._manifest(meta, legs, final=True))
+        request = pb.LiveFinishRequest(
+            manifest=self._manifest(meta, legs, final=True), encoding=g711.to_pb(track.encoding)
+        )
         with track.lock:  # the digests are the live loop's too
             if with_tail:
-                request.tail.extend(_pieces(capture, legs, track.sizes))
+                request.tail.extend(_pieces(capture, legs, track.sizes, track.encoding))
             for piece in request.tail:
                 track.digests.setdefault(piece.leg, _LegDigest()).extend(piece.offset, piece.data)
             for leg in legs:
-                size, sha256 = _leg_digest(capture / f"{leg}.wav", track.digests.get(leg))
+                size, sha256 = _leg_digest(
+                    capture / f"{leg}.wav", track.encoding, track.digests.get(leg)
+                )
                 request.legs.append(pb.LegFinal(leg=leg, size=size, sha256=sha256))
         try:
             state = self.stub.Finish(request, timeout=RPC_TIMEOUT_S * 3)
@@ -364,6 +374,15 @@ class LiveUplink:
         )
 
 
+def wire_encoding(state: pb.LiveState) -> str:
+    """A call the store knows goes on in its own encoding (an older agent may have
+    started it in PCM); a new one goes in A-law if the store takes it (a store older
+    than the field says nothing: PCM)."""
+    if state.known:
+        return g711.from_pb(state.encoding)
+    return g711.ALAW if pb.LIVE_ENCODING_ALAW in state.accepts else g711.PCM16
+
+
 def _legs(meta: CaptureMeta) -> tuple[str, ...]:
     if CUSTOMER_LEG in meta.legs or EMPLOYEE_LEG in meta.legs:
         return ("customer", "employee")
@@ -379,42 +398,53 @@ def _has_audio(capture: Path, legs: tuple[str, ...]) -> bool:
 
 
 def _pieces(
-    capture: Path, legs: tuple[str, ...], sizes: dict[str, int] | None, peek: bool = False
+    capture: Path,
+    legs: tuple[str, ...],
+    sizes: dict[str, int] | None,
+    encoding: str,
+    peek: bool = False,
 ) -> list[pb.LegBytes]:
-    """Each leg's next bytes past what the store holds (at most MAX_PIECE)."""
+    """Each leg's next samples past what the store holds (``sizes``: wire bytes), in
+    ``encoding`` (at most MAX_PIECE bytes)."""
     pieces = []
+    width = g711.sample_bytes(encoding)
     for leg in legs:
         held = (sizes or {}).get(leg, 0)
+        start = WAV_HEADER + held // width * 2  # where the store's bytes end in the file
         try:
             with (capture / f"{leg}.wav").open("rb") as fh:
                 fh.seek(0, 2)
-                available = fh.tell() - WAV_HEADER - held
+                available = fh.tell() - start
                 available -= available % 2
                 if available <= 0:
                     continue
                 if peek:
                     return [pb.LegBytes(leg=leg)]
-                fh.seek(WAV_HEADER + held)
-                data = fh.read(min(available, MAX_PIECE))
+                fh.seek(start)
+                pcm = fh.read(min(available, MAX_PIECE // width * 2))
         except FileNotFoundError:
             continue
-        pieces.append(pb.LegBytes(leg=leg, offset=held, data=data))
+        pieces.append(pb.LegBytes(leg=leg, offset=held, data=g711.encode(encoding, pcm)))
     return pieces
 
 
-def _leg_digest(path: Path, running: _LegDigest | None = None) -> tuple[int, str]:
-    """Size and sha256 of a leg's PCM (after the header; a missing leg is empty),
-    continuing ``running`` (the bytes already sent) when given."""
+def _leg_digest(path: Path, encoding: str, running: _LegDigest | None = None) -> tuple[int, str]:
+    """Size and sha256 of a leg as sent in ``encoding`` (its PCM after the header; a
+    missing leg is empty), continuing ``running`` (the bytes already sent) when given."""
     digest, size = (running.digest.copy(), running.size) if running else (hashlib.sha256(), 0)
+    width = g711.sample_bytes(encoding)
     try:
         with path.open("rb") as fh:
             fh.seek(0, 2)
             end = fh.tell() - WAV_HEADER
             end -= end % 2 if end > 0 else 0
-            fh.seek(WAV_HEADER + size)
-            while size < end and (block := fh.read(min(1 << 20, end - size))):
-                digest.update(block)
-                size += len(block)
+            at = size // width * 2
+            fh.seek(WAV_HEADER + at)
+            while at < end and (block := fh.read(min(1 << 20, end - at))):
+                data = g711.encode(encoding, block)
+                digest.update(data)
+                size += len(data)
+                at += len(block)
     except FileNotFoundError:
         pass
     return size, digest.hexdigest()

@@ -32,21 +32,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from agent import logs
+from agent import g711, logs
 from agent.audio import OPUS_PARAMETERS
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.store import monitoring
 from agent.store.catalog import RecordingRow, now_ms
 from agent.store.ingest.rows import row_from_manifest
 from agent.store.live import archive_queue, tail
-from agent.store.live.rows import BYTES_PER_SECOND, HELD, LiveRow
+from agent.store.live.rows import HELD, LiveRow
 from agent.store.live.segments import LiveStore
 
 log = logs.get_logger(__name__)
 
-BLOCK_BYTES = BYTES_PER_SECOND  # one second of one leg per write to the encoder
 SILENT_PEAK = 33  # |sample| below this everywhere: under -60 dBFS, a silent channel
-LENGTH_MISMATCH_BYTES = BYTES_PER_SECOND  # legs differing by more than a second
+LENGTH_MISMATCH_S = 1.0  # legs differing by more than a second
 LEASE_S = 300.0
 # Archiving is not on the hang-up's path (a call is safe once its Finish is answered):
 # its threads and encoders yield the CPU to appends and finishes (Linux: a thread has
@@ -103,7 +102,8 @@ def _peak(block: bytes) -> int:
 
 
 def encode_legs(live: LiveStore, row: LiveRow, bitrate: str, sizes: dict[str, int]) -> Archive:
-    """The leg(s) of ``row`` as one Ogg/Opus file, in memory (a day-long call is ~250 MB)."""
+    """The leg(s) of ``row`` as one Ogg/Opus file, in memory (a day-long call is ~250 MB);
+    legs streamed in A-law are decoded to PCM on the way to the encoder."""
     legs = row.legs
     key = live.data_key(row)
     readers = [_Reader(live.read_leg(row, leg, key)) for leg in legs]
@@ -120,7 +120,7 @@ def encode_legs(live: LiveStore, row: LiveRow, bitrate: str, sizes: dict[str, in
         assert process.stdin and process.stdout and process.stderr
         lower_priority(process.pid)
         writer = threading.Thread(
-            target=_feed, args=(process.stdin, readers, peaks, failure), daemon=True
+            target=_feed, args=(process.stdin, readers, row.encoding, peaks, failure), daemon=True
         )
         writer.start()
         out = process.stdout.read()  # ffmpeg at -loglevel error writes little to stderr
@@ -136,20 +136,26 @@ def encode_legs(live: LiveStore, row: LiveRow, bitrate: str, sizes: dict[str, in
         data=out,
         channels=len(legs),
         silent=tuple(i for i, p in enumerate(peaks) if p < SILENT_PEAK),
-        mismatch=max(lengths) - min(lengths) > LENGTH_MISMATCH_BYTES,
+        mismatch=max(lengths) - min(lengths) > LENGTH_MISMATCH_S * row.bytes_per_second,
     )
 
 
 def _feed(
-    sink: IO[bytes], readers: list[_Reader], peaks: list[int], failure: list[BaseException]
+    sink: IO[bytes],
+    readers: list[_Reader],
+    encoding: str,
+    peaks: list[int],
+    failure: list[BaseException],
 ) -> None:
-    """Write the legs to the encoder, one second at a time (interleaved when two)."""
+    """Write the legs to the encoder as PCM, one second at a time (interleaved when two)."""
     lower_priority()
+    second = g711.bytes_per_second(encoding)
     try:
         with sink:
-            while blocks := [r.read(BLOCK_BYTES) for r in readers]:
+            while blocks := [r.read(second) for r in readers]:
                 if not any(blocks):
                     break
+                blocks = [g711.decode(encoding, block) for block in blocks]
                 for i, block in enumerate(blocks):
                     peaks[i] = max(peaks[i], _peak(block))
                 sink.write(blocks[0] if len(blocks) == 1 else interleave(*blocks))
@@ -253,7 +259,7 @@ class LiveArchiver:
             legs = {leg: self.live.leg_digest(row, leg) for leg in row.legs}
             final = pb.Manifest()
             final.CopyFrom(row.manifest)
-            seconds = max(size for size, _ in legs.values()) / BYTES_PER_SECOND
+            seconds = max(size for size, _ in legs.values()) / row.bytes_per_second
             started = final.started_at.ToDatetime(dt.UTC)
             final.ended_at.FromDatetime(started + dt.timedelta(seconds=seconds))
             if "incomplete" not in final.flags:
@@ -325,7 +331,7 @@ class LiveArchiver:
             site=final.site,
             path="live",
             bytes=final.size,
-            audio_s=round(max(sizes.values(), default=0) / BYTES_PER_SECOND, 1),
+            audio_s=round(max(sizes.values(), default=0) / row.bytes_per_second, 1),
             customer=final.customer.masked,
             employee=final.employees[0].name if final.employees else "unknown",
             flags=",".join(final.flags) or "-",

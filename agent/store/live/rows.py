@@ -17,12 +17,12 @@ import grpc
 import sqlalchemy as sa
 from google.protobuf import json_format
 
+from agent import g711
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 
 LEGS = {1: ("mixed",), 2: ("customer", "employee")}
 ALL_LEGS = ("mixed", "customer", "employee")
-BYTES_PER_SECOND = 16_000  # mono 16-bit PCM at 8 kHz
-MAX_LEG_BYTES = BYTES_PER_SECOND * 24 * 3600  # a call lasts at most a day
+MAX_CALL_SECONDS = 24 * 3600  # a call lasts at most a day
 LIVE = "live"
 FINISHED = "finished"  # waiting for its archive
 ARCHIVED = "archived"  # the archive is stored, the segments gone; kept to answer a late finish
@@ -47,10 +47,21 @@ class LiveRow:
     key_id: str
     wrapped_key: bytes
     last_append_ms: int
+    # how the legs arrived (agent.g711): their offsets and sizes count bytes in it
+    encoding: str = g711.PCM16
 
     @property
     def legs(self) -> tuple[str, ...]:
         return LEGS[self.manifest.channels]
+
+    @property
+    def bytes_per_second(self) -> int:
+        """Bytes of one leg per second of audio, in the call's encoding."""
+        return g711.bytes_per_second(self.encoding)
+
+    @property
+    def max_leg_bytes(self) -> int:
+        return self.bytes_per_second * MAX_CALL_SECONDS
 
     def final_from(self) -> str:
         """What a reopened call's archive replaces: ``held`` (an archive is stored) or
@@ -78,4 +89,5 @@ def row_from(found: sa.Row[Any]) -> LiveRow:
         key_id=found.key_id,
         wrapped_key=found.wrapped_key,
         last_append_ms=found.last_append_ms,
+        encoding=found.encoding,
     )

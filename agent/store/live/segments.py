@@ -41,7 +41,7 @@ import grpc
 import sqlalchemy as sa
 from google.protobuf import json_format
 
-from agent import logs
+from agent import g711, logs
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.store.archive.crypto import (
     HEADER_BYTES,
@@ -59,7 +59,6 @@ from agent.store.live.rows import (
     FINISHED,
     HELD,
     LIVE,
-    MAX_LEG_BYTES,
     LiveRejected,
     LiveRow,
     row_from,
@@ -145,6 +144,7 @@ class LiveStore:
             known=True,
             legs=[pb.LegSize(leg=leg, size=sizes.get(leg, 0)) for leg in row.legs],
             finished=not open_,
+            encoding=g711.to_pb(row.encoding),
         )
 
     def data_key(self, row: LiveRow) -> bytes:
@@ -186,8 +186,8 @@ class LiveStore:
         start: int = 0,
         segments: list[sa.Row[Any]] | None = None,
     ) -> Iterator[bytes]:
-        """The leg's PCM as stored from ``start`` (a segment's offset), segment by
-        segment (decrypted and authenticated)."""
+        """The leg's bytes as stored (in the call's encoding) from ``start`` (a
+        segment's offset), segment by segment (decrypted and authenticated)."""
         key = data_key or self.data_key(row)
         if segments is None:
             segments = self._segments(row.recording_id, leg)
@@ -230,8 +230,9 @@ class LiveStore:
 
     # ------------------------------------------------------------ writing
 
-    def create(self, manifest: pb.Manifest) -> bool:
-        """The recording's row with a fresh data key; False if it is already there."""
+    def create(self, manifest: pb.Manifest, encoding: str = g711.PCM16) -> bool:
+        """The recording's row with a fresh data key, its legs arriving in ``encoding``;
+        False if it is already there."""
         rid = manifest.recording_id
         key_id, wrapped = self.vault.wrapper.wrap(new_data_key(), key_context(rid, f"live-{rid}"))
         now = now_ms()
@@ -244,6 +245,7 @@ class LiveStore:
             "wrapped_key": wrapped,
             "created_at_ms": now,
             "last_append_ms": now,
+            "encoding": encoding,
         }
         try:
             with self.catalog.engine.begin() as conn:
@@ -251,7 +253,11 @@ class LiveStore:
         except sa.exc.IntegrityError:
             return False
         log.info(
-            "live_started", recording_id=rid, site=manifest.site, customer=manifest.customer.masked
+            "live_started",
+            recording_id=rid,
+            site=manifest.site,
+            customer=manifest.customer.masked,
+            encoding=encoding,
         )
         return True
 
@@ -262,7 +268,10 @@ class LiveStore:
         rows are committed with whatever other appends wait at the same moment."""
         rid = row.recording_id
         sizes = self.sizes(rid)
-        plan = [(p.leg, sizes.get(p.leg, 0), _new_bytes(p, sizes.get(p.leg, 0))) for p in pieces]
+        plan = [
+            (p.leg, sizes.get(p.leg, 0), _new_bytes(p, sizes.get(p.leg, 0), row.max_leg_bytes))
+            for p in pieces
+        ]
         plan = [(leg, offset, data) for leg, offset, data in plan if data]
         blob_key = f"live-{rid}-{secrets.token_hex(6)}"
         placed = self._put(self.data_key(row), rid, blob_key, plan) if plan else []
@@ -437,7 +446,7 @@ class LiveStore:
         log.warning("live_audio_discarded", recording_id=rid, blobs=len(keys))
 
 
-def _new_bytes(piece: pb.LegBytes, size: int) -> bytes:
+def _new_bytes(piece: pb.LegBytes, size: int, max_leg_bytes: int) -> bytes:
     """The part of ``piece`` past ``size`` (what the store lacks)."""
     if piece.offset > size:
         raise LiveRejected(
@@ -446,7 +455,7 @@ def _new_bytes(piece: pb.LegBytes, size: int) -> bytes:
             "resume from the store's size (Query)",
         )
     end = piece.offset + len(piece.data)
-    if end > MAX_LEG_BYTES:
+    if end > max_leg_bytes:
         raise LiveRejected(
             grpc.StatusCode.OUT_OF_RANGE,
             f"leg {piece.leg}: {end} bytes is longer than a call may last (24 h)",

@@ -19,7 +19,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import sqlalchemy as sa
 
-from agent import logs
+from agent import g711, logs
 from agent.manifest import ManifestError, validate_manifest
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
@@ -38,6 +38,9 @@ ROW_CACHE = 4096
 IO_THREADS = 32
 FINISH_THREADS = 16
 T = TypeVar("T")  # calls one site may stream at once (a bound, not a target)
+# What this store takes on the wire (every answer says it, so an agent sends A-law only
+# to a store that decodes it: agents and stores are upgraded one at a time).
+ACCEPTS = [g711.to_pb(e) for e in g711.ENCODINGS]
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -129,16 +132,19 @@ class LiveService(pb_grpc.LiveServicer):
 
     async def Query(self, request: pb.LiveQueryRequest, context: Context) -> pb.LiveState:
         await self._row(request.recording_id, context)
-        return await self._io(self.live.state, request.recording_id)
+        state = await self._io(self.live.state, request.recording_id)
+        state.accepts.extend(ACCEPTS)
+        return state
 
     async def Append(self, request: pb.LiveAppendRequest, context: Context) -> pb.LiveState:
         rid = request.recording_id
         row, site = await self._row(rid, context, cached=True)
         try:
+            encoding = _encoding(request.encoding, row)
             legs = row.legs if row else LEGS.get(request.manifest.channels, ())
-            _check_pieces(legs, request.legs)  # before anything is written
+            _check_pieces(legs, request.legs, encoding)  # before anything is written
             if row is None:
-                row = await self._start(request, site, context)
+                row = await self._start(request, site, context, encoding)
             sizes = await self._io(self.live.append, row, list(request.legs))
         except LiveRejected as exc:
             self._rows.pop(rid, None)  # read it again next time (finished? discarded?)
@@ -147,10 +153,12 @@ class LiveService(pb_grpc.LiveServicer):
             recording_id=rid,
             known=True,
             legs=[pb.LegSize(leg=leg, size=sizes.get(leg, 0)) for leg in row.legs],
+            encoding=g711.to_pb(row.encoding),
+            accepts=ACCEPTS,
         )
 
     async def _start(
-        self, request: pb.LiveAppendRequest, site: str | None, context: Context
+        self, request: pb.LiveAppendRequest, site: str | None, context: Context, encoding: str
     ) -> LiveRow:
         """The first append of a recording: its manifest, checked, makes the row."""
         rid = request.recording_id
@@ -175,7 +183,7 @@ class LiveService(pb_grpc.LiveServicer):
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"site {manifest.site!r} streams {MAX_LIVE_PER_SITE} calls already",
             )
-        await self._io(self.live.create, manifest)
+        await self._io(self.live.create, manifest, encoding)
         row = await self._io(self.live.get, rid)
         assert row is not None
         self._remember(row)
@@ -205,7 +213,7 @@ class LiveService(pb_grpc.LiveServicer):
             if row.state != "live":
                 _check_same_finish(row, legs)
             else:
-                _check_pieces(row.legs, request.tail)
+                _check_pieces(row.legs, request.tail, _encoding(request.encoding, row))
                 tail = list(request.tail)
                 await self._finishing(self._finish_with_tail, row, final, legs, tail)
         except LiveRejected as exc:
@@ -224,10 +232,29 @@ class LiveService(pb_grpc.LiveServicer):
             known=True,
             legs=[pb.LegSize(leg=leg, size=legs[leg][0]) for leg in row.legs],
             finished=True,
+            encoding=g711.to_pb(row.encoding),
+            accepts=ACCEPTS,
         )
 
 
-def _check_pieces(legs: tuple[str, ...], pieces: Any) -> None:
+def _encoding(value: int, row: LiveRow | None) -> str:
+    """The request's encoding (unset: PCM, as agents before the field sent), which
+    must be the call's own once the store holds it."""
+    try:
+        encoding = g711.from_pb(value)
+    except g711.UnknownEncoding as exc:
+        raise LiveRejected(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+    if row is not None and encoding != row.encoding:
+        raise LiveRejected(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"recording {row.recording_id} streams {row.encoding}, this request {encoding}: "
+            "continue in the call's encoding (Query says it)",
+        )
+    return encoding
+
+
+def _check_pieces(legs: tuple[str, ...], pieces: Any, encoding: str) -> None:
+    width = g711.sample_bytes(encoding)
     if len(pieces) > len(legs) * 2:
         raise LiveRejected(grpc.StatusCode.INVALID_ARGUMENT, "too many pieces in one append")
     for piece in pieces:
@@ -237,11 +264,16 @@ def _check_pieces(legs: tuple[str, ...], pieces: Any) -> None:
                 f"leg {piece.leg[:20]!r}: expected one of {', '.join(legs) or '(none)'} "
                 "for the manifest's channels",
             )
-        if not 0 < len(piece.data) <= MAX_CHUNK_BYTES or piece.offset < 0 or len(piece.data) % 2:
+        if (
+            not 0 < len(piece.data) <= MAX_CHUNK_BYTES
+            or piece.offset < 0
+            or len(piece.data) % width
+            or piece.offset % width
+        ):
             raise LiveRejected(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"leg {piece.leg}: expected 1..{MAX_CHUNK_BYTES} bytes of 16-bit samples "
-                "at an offset >= 0",
+                f"leg {piece.leg}: expected 1..{MAX_CHUNK_BYTES} bytes of whole {encoding} "
+                "samples at a sample's offset >= 0",
             )
 
 

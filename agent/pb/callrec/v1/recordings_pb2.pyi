@@ -52,6 +52,33 @@ DIRECTION_OUTBOUND: Direction.ValueType  # 2
 """an employee called a customer from a service line"""
 Global___Direction: _TypeAlias = Direction  # noqa: Y015
 
+class _LiveEncoding:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LiveEncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LiveEncoding.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LIVE_ENCODING_UNSPECIFIED: _LiveEncoding.ValueType  # 0
+    """what agents before the field sent: 16-bit PCM"""
+    LIVE_ENCODING_PCM_S16LE: _LiveEncoding.ValueType  # 1
+    """16-bit little-endian PCM: 2 bytes per sample"""
+    LIVE_ENCODING_ALAW: _LiveEncoding.ValueType  # 2
+    """G.711 A-law: 1 byte per sample"""
+
+class LiveEncoding(_LiveEncoding, metaclass=_LiveEncodingEnumTypeWrapper):
+    """How a live call's legs travel (mono, 8 kHz). Offsets and sizes (LegBytes, LegSize,
+    LegFinal) count bytes in this encoding, and LegFinal.sha256 is over those bytes (the
+    stream as appended). One encoding per call, fixed by its first append.
+    """
+
+LIVE_ENCODING_UNSPECIFIED: LiveEncoding.ValueType  # 0
+"""what agents before the field sent: 16-bit PCM"""
+LIVE_ENCODING_PCM_S16LE: LiveEncoding.ValueType  # 1
+"""16-bit little-endian PCM: 2 bytes per sample"""
+LIVE_ENCODING_ALAW: LiveEncoding.ValueType  # 2
+"""G.711 A-law: 1 byte per sample"""
+Global___LiveEncoding: _TypeAlias = LiveEncoding  # noqa: Y015
+
 @_typing.final
 class Customer(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -574,7 +601,12 @@ class LiveAppendRequest(_message.Message):
     RECORDING_ID_FIELD_NUMBER: _builtins.int
     MANIFEST_FIELD_NUMBER: _builtins.int
     LEGS_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
     recording_id: _builtins.str
+    encoding: Global___LiveEncoding.ValueType
+    """The call's encoding; an append in another encoding than the call's first is
+    refused (FAILED_PRECONDITION). Send ALAW only to a store that accepts it.
+    """
     @_builtins.property
     def manifest(self) -> Global___Manifest:
         """Required until the store knows the recording (Query: known = false): the call's
@@ -589,10 +621,11 @@ class LiveAppendRequest(_message.Message):
         recording_id: _builtins.str = ...,
         manifest: Global___Manifest | None = ...,
         legs: _abc.Iterable[Global___LegBytes] | None = ...,
+        encoding: Global___LiveEncoding.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["legs", b"legs", "manifest", b"manifest", "recording_id", b"recording_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "legs", b"legs", "manifest", b"manifest", "recording_id", b"recording_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -647,14 +680,22 @@ class LiveState(_message.Message):
     KNOWN_FIELD_NUMBER: _builtins.int
     LEGS_FIELD_NUMBER: _builtins.int
     FINISHED_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    ACCEPTS_FIELD_NUMBER: _builtins.int
     recording_id: _builtins.str
     known: _builtins.bool
     """the store holds this recording (live or finished)"""
     finished: _builtins.bool
     """the whole call is safe in the store: delete the local copy"""
+    encoding: Global___LiveEncoding.ValueType
+    """known: the call's encoding (the legs' sizes count in it)"""
     @_builtins.property
     def legs(self) -> _containers.RepeatedCompositeFieldContainer[Global___LegSize]:
         """durable bytes per leg"""
+
+    @_builtins.property
+    def accepts(self) -> _containers.RepeatedScalarFieldContainer[Global___LiveEncoding.ValueType]:
+        """the encodings this store takes (empty: PCM only)"""
 
     def __init__(
         self,
@@ -663,10 +704,12 @@ class LiveState(_message.Message):
         known: _builtins.bool = ...,
         legs: _abc.Iterable[Global___LegSize] | None = ...,
         finished: _builtins.bool = ...,
+        encoding: Global___LiveEncoding.ValueType = ...,
+        accepts: _abc.Iterable[Global___LiveEncoding.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished", b"finished", "known", b"known", "legs", b"legs", "recording_id", b"recording_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepts", b"accepts", "encoding", b"encoding", "finished", b"finished", "known", b"known", "legs", b"legs", "recording_id", b"recording_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -682,7 +725,7 @@ class LegFinal(_message.Message):
     leg: _builtins.str
     size: _builtins.int
     sha256: _builtins.str
-    """of the leg's PCM bytes"""
+    """of the leg's bytes in the call's encoding, as appended"""
     def __init__(
         self,
         *,
@@ -705,6 +748,9 @@ class LiveFinishRequest(_message.Message):
     MANIFEST_FIELD_NUMBER: _builtins.int
     LEGS_FIELD_NUMBER: _builtins.int
     TAIL_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    encoding: Global___LiveEncoding.ValueType
+    """the call's (as in its appends)"""
     @_builtins.property
     def manifest(self) -> Global___Manifest:
         """final: ended_at, flags, employees (size and sha256 unset)"""
@@ -724,10 +770,11 @@ class LiveFinishRequest(_message.Message):
         manifest: Global___Manifest | None = ...,
         legs: _abc.Iterable[Global___LegFinal] | None = ...,
         tail: _abc.Iterable[Global___LegBytes] | None = ...,
+        encoding: Global___LiveEncoding.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["legs", b"legs", "manifest", b"manifest", "tail", b"tail"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["encoding", b"encoding", "legs", b"legs", "manifest", b"manifest", "tail", b"tail"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

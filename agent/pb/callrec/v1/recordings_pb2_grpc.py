@@ -189,9 +189,9 @@ class Ingest:
 
 
 class LiveStub:
-    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono 16-bit PCM,
-    8 kHz, the bytes after the WAV header) while the call runs. Each Append carries new
-    bytes of one or both legs at explicit offsets; the store makes them durable
+    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono, 8 kHz, in the
+    call's LiveEncoding: G.711 A-law, or 16-bit PCM as agents before it sent) while the
+    call runs. Each Append carries new bytes of one or both legs at explicit offsets; the store makes them durable
     (encrypted, in the blob store every replica sees) before it answers with the sizes it
     holds. Offsets are idempotent: bytes the store already holds are skipped, a gap is
     OUT_OF_RANGE (ask Query and resume). Finish carries the final manifest (end, flags,
@@ -223,9 +223,9 @@ class LiveStub:
 
 
 class LiveServicer:
-    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono 16-bit PCM,
-    8 kHz, the bytes after the WAV header) while the call runs. Each Append carries new
-    bytes of one or both legs at explicit offsets; the store makes them durable
+    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono, 8 kHz, in the
+    call's LiveEncoding: G.711 A-law, or 16-bit PCM as agents before it sent) while the
+    call runs. Each Append carries new bytes of one or both legs at explicit offsets; the store makes them durable
     (encrypted, in the blob store every replica sees) before it answers with the sizes it
     holds. Offsets are idempotent: bytes the store already holds are skipped, a gap is
     OUT_OF_RANGE (ask Query and resume). Finish carries the final manifest (end, flags,
@@ -278,9 +278,9 @@ def add_LiveServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Live:
-    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono 16-bit PCM,
-    8 kHz, the bytes after the WAV header) while the call runs. Each Append carries new
-    bytes of one or both legs at explicit offsets; the store makes them durable
+    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono, 8 kHz, in the
+    call's LiveEncoding: G.711 A-law, or 16-bit PCM as agents before it sent) while the
+    call runs. Each Append carries new bytes of one or both legs at explicit offsets; the store makes them durable
     (encrypted, in the blob store every replica sees) before it answers with the sizes it
     holds. Offsets are idempotent: bytes the store already holds are skipped, a gap is
     OUT_OF_RANGE (ask Query and resume). Finish carries the final manifest (end, flags,

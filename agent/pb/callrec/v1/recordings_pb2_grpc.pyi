@@ -96,9 +96,9 @@ class IngestServicer(metaclass=_abc_1.ABCMeta):
 def add_IngestServicer_to_server(servicer: IngestServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
 class LiveStub:
-    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono 16-bit PCM,
-    8 kHz, the bytes after the WAV header) while the call runs. Each Append carries new
-    bytes of one or both legs at explicit offsets; the store makes them durable
+    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono, 8 kHz, in the
+    call's LiveEncoding: G.711 A-law, or 16-bit PCM as agents before it sent) while the
+    call runs. Each Append carries new bytes of one or both legs at explicit offsets; the store makes them durable
     (encrypted, in the blob store every replica sees) before it answers with the sizes it
     holds. Offsets are idempotent: bytes the store already holds are skipped, a gap is
     OUT_OF_RANGE (ask Query and resume). Finish carries the final manifest (end, flags,
@@ -116,9 +116,9 @@ class LiveStub:
 
 @_typing.type_check_only
 class LiveAsyncStub(LiveStub):
-    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono 16-bit PCM,
-    8 kHz, the bytes after the WAV header) while the call runs. Each Append carries new
-    bytes of one or both legs at explicit offsets; the store makes them durable
+    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono, 8 kHz, in the
+    call's LiveEncoding: G.711 A-law, or 16-bit PCM as agents before it sent) while the
+    call runs. Each Append carries new bytes of one or both legs at explicit offsets; the store makes them durable
     (encrypted, in the blob store every replica sees) before it answers with the sizes it
     holds. Offsets are idempotent: bytes the store already holds are skipped, a gap is
     OUT_OF_RANGE (ask Query and resume). Finish carries the final manifest (end, flags,
@@ -132,9 +132,9 @@ class LiveAsyncStub(LiveStub):
     Finish: _aio.UnaryUnaryMultiCallable[_recordings_pb2.LiveFinishRequest, _recordings_pb2.LiveState]  # type: ignore[assignment]
 
 class LiveServicer(metaclass=_abc_1.ABCMeta):
-    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono 16-bit PCM,
-    8 kHz, the bytes after the WAV header) while the call runs. Each Append carries new
-    bytes of one or both legs at explicit offsets; the store makes them durable
+    """Live upload (issue 19): the agent streams each SIPREC call's legs (mono, 8 kHz, in the
+    call's LiveEncoding: G.711 A-law, or 16-bit PCM as agents before it sent) while the
+    call runs. Each Append carries new bytes of one or both legs at explicit offsets; the store makes them durable
     (encrypted, in the blob store every replica sees) before it answers with the sizes it
     holds. Offsets are idempotent: bytes the store already holds are skipped, a gap is
     OUT_OF_RANGE (ask Query and resume). Finish carries the final manifest (end, flags,
