@@ -31,6 +31,7 @@ with warnings.catch_warnings():  # deprecated in 3.11, gone in 3.13 (audioop-lts
 PCM16 = "pcm_s16le"
 ALAW = "alaw"
 ENCODINGS = (PCM16, ALAW)
+LABELS = {PCM16: "16-bit", ALAW: "A-law"}
 SAMPLE_RATE = 8000
 _BYTES_PER_SAMPLE = {PCM16: 2, ALAW: 1}
 _TO_PB = {PCM16: pb.LIVE_ENCODING_PCM_S16LE, ALAW: pb.LIVE_ENCODING_ALAW}

@@ -25,7 +25,9 @@ from agent.testcall.sipp import free_port
 from tests.support.audio import probe
 from tests.support.faults import write_capture
 from tests.support.stack import InProcessStore, agent_config, make_keys, store_config
-from tests.test_live_store import SECOND, archive_audio, wait_stored
+from tests.test_live_store import archive_audio, wait_stored
+
+WIRE_SECOND = 8_000  # bytes of one leg per second on the wire (G.711 A-law)
 
 
 def _uplink(tmp_path: Path, address: str) -> tuple[LiveUplink, Path]:
@@ -45,7 +47,7 @@ def test_a_hung_up_capture_is_finished_at_the_store_then_deleted(tmp_path: Path)
         assert row.employee_name == "Aino Virtanen" and row.customer_masked == "+358401234***"
         channels, _, seconds = probe(archive_audio(store, row, tmp_path / "a.ogg"))
         assert channels == 2 and abs(seconds - 4.0) < 0.1
-        assert live.bytes_sent == 2 * 4 * SECOND
+        assert live.bytes_sent == 2 * 4 * WIRE_SECOND
 
 
 def test_store_unreachable_at_hang_up_keeps_the_capture_until_it_answers(tmp_path: Path) -> None:
@@ -75,14 +77,14 @@ def test_an_active_capture_streams_from_the_stores_sizes(tmp_path: Path) -> None
         meta = read_meta(active)
         write_meta(active, dataclasses.replace(meta, ended_at=None))  # still running
         live.pass_once()
-        assert live.bytes_sent == 2 * 3 * SECOND
+        assert live.bytes_sent == 2 * 3 * WIRE_SECOND
         live.pass_once()  # nothing new: nothing sent again
-        assert live.bytes_sent == 2 * 3 * SECOND
+        assert live.bytes_sent == 2 * 3 * WIRE_SECOND
         live2, _ = _uplink(tmp_path, store.address)  # a restarted agent: asks the store
         with (active / "customer.wav").open("ab") as leg:
             leg.write(b"\1\0" * 8000)  # the call goes on: one more second on one leg
         live2.pass_once()
-        assert live2.bytes_sent == SECOND
+        assert live2.bytes_sent == WIRE_SECOND
 
 
 class _Calls(grpc.UnaryUnaryClientInterceptor):
@@ -122,7 +124,7 @@ def test_a_hang_up_after_the_stream_costs_one_round_trip(tmp_path: Path) -> None
         assert not ready.exists()
         row = wait_stored(store, rid)
         assert abs(probe(archive_audio(store, row, tmp_path / "a.ogg"))[2] - 4.0) < 0.1
-        assert live.bytes_sent == 2 * 4 * SECOND
+        assert live.bytes_sent == 2 * 4 * WIRE_SECOND
 
 
 def test_a_call_discarded_while_the_store_is_away_is_told_once_it_answers(

@@ -272,8 +272,8 @@ def _check_pieces(legs: tuple[str, ...], pieces: Any, encoding: str) -> None:
         ):
             raise LiveRejected(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"leg {piece.leg}: expected 1..{MAX_CHUNK_BYTES} bytes of whole {encoding} "
-                "samples at a sample's offset >= 0",
+                f"leg {piece.leg}: expected 1..{MAX_CHUNK_BYTES} bytes of "
+                f"{g711.LABELS[encoding]} samples at a whole sample's offset >= 0",
             )
 
 
