@@ -74,3 +74,8 @@ def encode(encoding: str, pcm: bytes) -> bytes:
 def decode(encoding: str, data: bytes) -> bytes:
     """``data`` in ``encoding`` as 16-bit PCM."""
     return audioop.alaw2lin(data, 2) if encoding == ALAW else data
+
+
+def peak(pcm: bytes) -> int:
+    """The largest |sample| of 16-bit PCM (whole samples)."""
+    return int(audioop.max(pcm, 2))
