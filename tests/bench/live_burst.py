@@ -11,7 +11,9 @@ they hang up ``--rate`` a second, as when a queue's calls end together. Measured
 call: hang-up (the capture's move to ``captures/ready``) → safe (``finish`` returned and
 the capture is gone: the store answered ``finished``), p50/p99/max; the store's and the
 agent's CPU seconds per call-minute; appends the store committed and in how many
-catalog transactions. The archive (encoded after the Finish) is not waited for.
+catalog transactions; the legs' bytes sent per call-minute (G.711 A-law on the wire
+since issue 19's left-over: 8 KB a second per leg, PCM's half). The archive (encoded
+after the Finish) is not waited for.
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ def run(root: Path, calls: int, seconds: float, rate: float) -> dict[str, object
         "store_cpu_s_per_call_minute": round(store_cpu / call_minutes, 3),
         "agent_cpu_s_per_call_minute": round(agent_cpu / call_minutes, 3),
         "bytes_sent": live.bytes_sent,
+        # the legs' bytes in the appends and finishes (gRPC's framing not counted)
+        "wire_kb_per_call_minute": round(live.bytes_sent / 1024 / call_minutes, 1),
     }
 
 
