@@ -132,6 +132,9 @@ AGENT: Sections = {
         Key("store_down_summary", '"5m"', "while the store is unreachable: a summary this often"),
         Key("live", "false", "SIPREC and plain calls stream to the store while they run"),
         Key("live_flush", '"1s"', "how far the store may lag behind the recorder (100ms…2s)"),
+        Key(
+            "live_encoding", '"alaw"', "live calls' legs on the wire: alaw (half the bytes) or pcm"
+        ),
     ),
     "spool": (
         Key("dir", REQUIRED, "the PBX's recordings and sidecars (no [spool]: no pickup)"),

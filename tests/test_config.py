@@ -42,6 +42,12 @@ def test_agent_config_round_trip(tmp_path: Path, keys: Keys) -> None:
         ),
         ("uplink", "live", "yes", '[uplink] live = "yes": expected'),
         ("uplink", "live_flush", "5s", '[uplink] live_flush = "5s": expected from "100ms" to "2s"'),
+        (
+            "uplink",
+            "live_encoding",
+            "ulaw",
+            '[uplink] live_encoding = "ulaw": expected one of alaw, pcm',
+        ),
         # TLS files: all three or none, in [uplink] and [control] alike.
         ("uplink", "ca_file", "ca.pem", "[uplink] cert_file: missing; ca_file, cert_file and"),
         ("control", "key_file", "a.key", "[control] ca_file: missing; ca_file, cert_file and"),

@@ -110,6 +110,7 @@ outbox_check = "10s"
 store_down_summary = "10m"
 live = true
 live_flush = "500ms"
+live_encoding = "pcm"
 
 [log]
 level = "debug"

@@ -178,6 +178,7 @@ def test_an_agent_sends_alaw_only_to_a_store_that_takes_it() -> None:
     assert wire_encoding(older_store) == g711.PCM16
     newer = pb.LiveState(known=False, accepts=[pb.LIVE_ENCODING_PCM_S16LE, ALAW])
     assert wire_encoding(newer) == g711.ALAW
+    assert wire_encoding(newer, configured="pcm") == g711.PCM16  # [uplink] live_encoding
     # a call the store knows goes on in its own encoding, whatever the store takes
     started_in_pcm = pb.LiveState(known=True, accepts=[ALAW])
     assert wire_encoding(started_in_pcm) == g711.PCM16

@@ -73,6 +73,9 @@ class UplinkConfig:
     # (agent.recorder.uplink.live), flushed every live_flush; spool pickups keep the file path.
     live: bool = False
     live_flush_s: float = 1.0
+    # How the legs travel (agent.g711): "alaw" (half of PCM's bytes; sent only to a
+    # store that takes it) or "pcm" (the samples bit for bit, e.g. for a µ-law SRC).
+    live_encoding: str = "alaw"
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,7 @@ def _uplink_config(up: _Section) -> UplinkConfig:
         store_down_summary_s=up.seconds("store_down_summary", "5m"),
         live=up.boolean("live", False),
         live_flush_s=_live_flush(up),
+        live_encoding=up.text("live_encoding", "alaw", choices=("alaw", "pcm")),
         **_transport(up, address, "store_address"),
     )
 

@@ -214,7 +214,7 @@ class LiveUplink:
             # finished: the store holds the call whole (its Finish), or finished it
             # itself (timed out): nothing more is appended; Finish tells which.
             track.known, track.finished = state.known, state.finished
-            track.encoding = wire_encoding(state)
+            track.encoding = wire_encoding(state, self.config.uplink.live_encoding)
             if track.finished:
                 return True
         appends = 0
@@ -374,13 +374,16 @@ class LiveUplink:
         )
 
 
-def wire_encoding(state: pb.LiveState) -> str:
+def wire_encoding(state: pb.LiveState, configured: str = "alaw") -> str:
     """A call the store knows goes on in its own encoding (an older agent may have
-    started it in PCM); a new one goes in A-law if the store takes it (a store older
-    than the field says nothing: PCM)."""
+    started it in PCM); a new one goes in A-law if so configured (``[uplink]
+    live_encoding``) and the store takes it (a store older than the field says
+    nothing: PCM)."""
     if state.known:
         return g711.from_pb(state.encoding)
-    return g711.ALAW if pb.LIVE_ENCODING_ALAW in state.accepts else g711.PCM16
+    if configured == "alaw" and pb.LIVE_ENCODING_ALAW in state.accepts:
+        return g711.ALAW
+    return g711.PCM16
 
 
 def _legs(meta: CaptureMeta) -> tuple[str, ...]:
