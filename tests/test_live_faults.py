@@ -122,9 +122,11 @@ def test_a_discard_mid_call_reaches_the_store_at_once(tmp_path: Path) -> None:
             asked = time.monotonic()
             catalog = running.catalog
             _wait(lambda: discards.get(catalog, rid) is not None, 10, "no discard at the store")
+            # the segments' blobs go just after the discard's row is committed
+            blobs = lambda: list(running.store_dir.rglob(f"live-{rid}-*"))  # noqa: E731
+            _wait(lambda: not blobs(), 10, f"segments' blobs left: {blobs()}")
             assert time.monotonic() - asked < 5.0
             assert not future.done(), "the call should still be up"
-            assert not list(running.store_dir.rglob(f"live-{rid}-*"))  # segments' blobs
             with catalog.engine.connect() as conn:
                 assert (
                     conn.execute(

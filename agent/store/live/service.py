@@ -145,6 +145,7 @@ class LiveService(pb_grpc.LiveServicer):
             _check_pieces(legs, request.legs, encoding)  # before anything is written
             if row is None:
                 row = await self._start(request, site, context, encoding)
+                _encoding(request.encoding, row)  # a race's winner may have another
             sizes = await self._io(self.live.append, row, list(request.legs))
         except LiveRejected as exc:
             self._rows.pop(rid, None)  # read it again next time (finished? discarded?)
