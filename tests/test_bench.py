@@ -47,12 +47,12 @@ def test_concurrent_recording_stores_every_call_and_times_it() -> None:
 
 
 def test_concurrent_live_path_streams_every_call() -> None:
-    """``--path live``: the calls stream while they run; the wire carries their PCM."""
+    """``--path live``: the calls stream while they run; the wire carries them in A-law."""
     report = bench("concurrent", "--steps", "4", "--seconds", "6", "--rate", "10", "--path", "live")
     (step,) = report["result"]["steps"]
     assert step["path"] == "live" and step["whole"] == 4
-    # Two legs of 16-bit PCM at 8 kHz: 1875 KiB a minute, plus framing.
-    assert 1875 <= step["wire_kb_per_call_minute"] < 2100
+    # Two legs of G.711 A-law at 8 kHz: 937.5 KiB a minute, plus framing (PCM: 1875).
+    assert 930 <= step["wire_kb_per_call_minute"] < 1100
     assert 0 < step["hangup_to_safe_p99_s"] <= step["hangup_to_archived_p99_s"] < 60
     assert step["agent_cpu_s_per_call_minute"] > 0 and step["store_cpu_s_per_call_minute"] > 0
 
@@ -63,8 +63,9 @@ def test_live_burst_finishes_every_hung_up_call() -> None:
     report = bench("live_burst", "--calls", "20", "--seconds", "3", "--rate", "20")
     result = report["result"]
     assert result["calls"] == result["safe"] == 20
-    # Each call's two legs grew 16 000 bytes a second for at least the 3 s it was up.
-    assert result["bytes_sent"] >= 20 * 2 * 16_000 * 3
+    # Each call's two legs grew 8000 samples a second for at least the 3 s it was up
+    # (after a first second), one byte each on the wire (A-law; PCM would be >= 2.56 MB).
+    assert 20 * 2 * 8_000 * 3 <= result["bytes_sent"] <= 20 * 2 * 8_000 * 6
     assert 0 < result["hangup_to_safe_p50_s"] <= result["hangup_to_safe_p99_s"] < 30
     assert result["store_cpu_s_per_call_minute"] > 0
 
