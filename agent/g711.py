@@ -14,8 +14,10 @@ stream as appended, on both ends.
 A-law decode then encode is the identity, so re-encoding what pjsua decoded from an
 A-law payload gives back the payload's bytes; what pjsua made itself (digital silence
 before the first packet or on hold, 0, which A-law has no code for) comes back as ±8
-(-72 dBFS), and a µ-law source is re-quantised (13 bits for 14). Both are far under the
-archive's Opus noise (tests/test_live_g711.py measures it on a real call).
+(-72 dBFS), as do pjsua's concealment of late packets and a µ-law source's samples
+(re-quantised, 13 bits for 14): all far under the archive's Opus noise (measured on a
+real SIPREC call in tests/test_live.py; ``[uplink] live_encoding = "pcm"`` sends the
+samples bit for bit).
 """
 
 from __future__ import annotations
