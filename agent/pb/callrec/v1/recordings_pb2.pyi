@@ -578,6 +578,7 @@ class LegBytes(_message.Message):
     leg: _builtins.str
     """"customer", "employee" or "mixed" """
     offset: _builtins.int
+    """live: in bytes of the call's LiveEncoding (A-law: samples)"""
     data: _builtins.bytes
     def __init__(
         self,
@@ -658,6 +659,7 @@ class LegSize(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     leg: _builtins.str
     size: _builtins.int
+    """in bytes of the call's LiveEncoding"""
     def __init__(
         self,
         *,
