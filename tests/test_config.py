@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
+from agent.cli.main import main
 from agent.config import ConfigError, load_agent_config, load_store_config, parse_duration
 from tests.support.stack import DIRECTORY_TOML, Keys, agent_config, write_toml
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli
+from agent.cli import main as cli
 from agent.config import load_agent_config, load_store_config
 from agent.directory import Directory
 from agent.web.config import load_web_config
@@ -92,12 +92,12 @@ def test_check_names_a_missing_key_file_of_an_example() -> None:
 def test_demo_is_not_offered_without_the_harness(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The Debian package leaves agent/demo.py and agent/testcall out (checked on the
+    """The Debian package leaves agent/testcall (the demo and its harness) out (checked on the
     installed package in test_deb.py); without them there is no `demo` command."""
     real_find_spec = importlib.util.find_spec
 
     def find_spec(name: str, package: str | None = None) -> ModuleSpec | None:
-        return None if name == "agent.demo" else real_find_spec(name, package)
+        return None if name == "agent.testcall" else real_find_spec(name, package)
 
     monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     with pytest.raises(SystemExit) as exited:

@@ -225,7 +225,7 @@ def test_local_sign_in_is_for_a_loopback_demo_only(tmp_path: Path) -> None:
 def test_callrec_web_check_names_an_unreadable_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from agent.cli import main
+    from agent.cli.main import main
 
     (tmp_path / "web.pem").write_text("cert")
     (tmp_path / "web.key").write_text("key")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agent.capture import UNKNOWN
-from agent.cli import main as callrec
+from agent.cli.main import main as callrec
 from agent.config import load_agent_config
 from agent.recorder.front.files import FrontFiles, front_files
 from agent.recorder.front.kamailio import Destination, destinations
