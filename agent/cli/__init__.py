@@ -4,5 +4,5 @@ their shared options and groups are in ``agent.client``), and what listing comma
 share: ``--json``/``--csv`` and the progress line (``tabular``), times as the person at
 the terminal reads them (``localtime``).
 
-Kept free of imports: the recorder's workers use ``tabular`` and must not load the
-CLI's gRPC and store code (``agent.recorder.pool``)."""
+Kept free of imports: the daemons' own listing commands (``agent.recorder.quarantine``,
+``agent.store.ingest.denylist``) use ``tabular`` and must not load the whole CLI."""
