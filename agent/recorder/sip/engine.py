@@ -111,7 +111,8 @@ class SipEngine:
 
     def _start_library(self, ep: pj.Endpoint) -> None:
         self._writer = LogWriter()
-        ep.libInit(endpoint_config(self._writer, self.cfg.sip.media_thread))
+        sip = self.cfg.sip
+        ep.libInit(endpoint_config(self._writer, sip.media_thread, sip.frame_ms))
         add_supported_tag("siprec")
         tcfg = pj.TransportConfig()
         tcfg.port = self.port
