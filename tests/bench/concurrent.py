@@ -292,15 +292,25 @@ def audio_seconds(pool: Pool) -> dict[str, float]:
     return {rid: float(seconds) for rid, seconds in _AUDIO.findall(text)}
 
 
-WAYS = {f"{start}{media}" for start in ("fork", "exec") for media in ("", "+thread", "+loop")}
+_WAY = re.compile(r"^(fork|exec)(\+thread|\+loop)?(\+ptime(?:20|40|60))?$")
+WAYS_HELP = "fork or exec, then +thread or +loop, then +ptime20, +ptime40 or +ptime60"
 
 
 def pool_keys(way: str) -> dict[str, object]:
     """``[sip]`` keys of a way to run workers: fork or exec, then ``+thread`` (RTP read
     by pjmedia's media thread: ``media_thread = true``) or ``+loop`` (by the worker's
-    own thread: ``false``); neither: the default."""
-    start, _, media = way.partition("+")
-    return {"worker_start": start, **({"media_thread": media == "thread"} if media else {})}
+    own thread: ``false``), then ``+ptimeN`` (the bridge's frame, ``frame_ms = N``);
+    what is left out: the default."""
+    found = _WAY.match(way)
+    if found is None:
+        raise ValueError(f"way {way!r}: expected {WAYS_HELP}")
+    start, media, ptime = found.groups()
+    keys: dict[str, object] = {"worker_start": start}
+    if media:
+        keys["media_thread"] = media == "+thread"
+    if ptime:
+        keys["frame_ms"] = int(ptime.removeprefix("+ptime"))
+    return keys
 
 
 def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0) -> Step:
@@ -578,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", default="fork",
                         help="how workers start: fork (the zygote), exec (each its own "
                         "Python) or exec,fork (both at every step, back to back); "
-                        "+thread / +loop: [sip] media_thread = true / false")  # fmt: skip
+                        "+thread / +loop: [sip] media_thread = true / false; "
+                        "+ptime40: [sip] frame_ms = 40")  # fmt: skip
     parser.add_argument("--safe-target", type=float, default=120.0,
                         help="seconds: hang-up → safe p99 of a step that holds")  # fmt: skip
     parser.add_argument("--keep-going", action="store_true",
@@ -588,8 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     ways = args.start.split(",")
-    if not set(ways) <= WAYS:
-        parser.error(f"--start {args.start}: expected a list of {', '.join(sorted(WAYS))}")
+    if not all(_WAY.match(way) for way in ways):
+        parser.error(f"--start {args.start}: expected a list of ways, each {WAYS_HELP}")
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2 sockets per call here
     started = time.monotonic()
