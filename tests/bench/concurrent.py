@@ -318,8 +318,11 @@ def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0)
     step.seconds = seconds
     speech = long_speech(root / "speech", seconds + math.ceil(calls / rate) + spread + 10)
     ready_s = 60.0 + workers
+    where = root / f"step{calls}-{path}-{step.start}"
+    runs = 1 + sum(1 for _ in root.glob(f"{where.name}*"))  # a way repeated in --start
     with running_pool(
-        root / f"step{calls}-{path}-{step.start}", workers, speech, ready_timeout=ready_s,
+        where.with_name(f"{where.name}-{runs}") if runs > 1 else where, workers, speech,
+        ready_timeout=ready_s,
         sender=step.sender, rtp_timeout="10s", **pool_keys(step.start),
         rtp_port_count=RTP_PORTS_PER_WORKER,
         uplink={"live": True} if path == "live" else None, proxy=True,
