@@ -56,6 +56,9 @@ backend stores
     default-server check inter 300ms fall 1 rise 2
 {ingest_servers}
 
+{access}"""
+
+ACCESS_TCP = """
 frontend access
     bind 127.0.0.1:{access_port}
     default_backend stores_access
@@ -63,6 +66,23 @@ frontend access
 backend stores_access
     balance roundrobin
     default-server check inter 300ms fall 1 rise 2
+{access_servers}
+"""
+
+# gRPC-aware: HAProxy ends the people's TLS (its certificate with the balancer's name)
+# and balances each call, not each connection, over new TLS to the stores.
+ACCESS_HTTP = """
+frontend access
+    mode http
+    bind 127.0.0.1:{access_port} ssl crt {pem} alpn h2
+    log stderr format raw local0 info
+    option httplog
+    default_backend stores_access
+
+backend stores_access
+    mode http
+    balance roundrobin
+    default-server check no-check-ssl inter 300ms fall 1 rise 2 ssl verify required ca-file {ca} alpn h2
 {access_servers}
 """
 
@@ -97,20 +117,32 @@ class Replica:
 
 
 class HAProxy:
-    def __init__(self, root: Path, replicas: list[Replica]) -> None:
+    """``access_tls``: (CA, certificate, key) files to end the people's TLS at HAProxy and
+    balance every gRPC call (HTTP/2 mode); None: TCP mode, TLS passed through."""
+
+    def __init__(
+        self, root: Path, replicas: list[Replica], access_tls: tuple[Path, Path, Path] | None
+    ) -> None:
         self.root = root
         self.ingest_port, self.access_port = free_tcp_port(), free_tcp_port()
         self.config = root / "haproxy.cfg"
+        servers = "\n".join(f"    server {r.name} 127.0.0.1:{r.access_port}" for r in replicas)
+        if access_tls is None:
+            access = ACCESS_TCP.format(access_port=self.access_port, access_servers=servers)
+        else:
+            pem = root / "haproxy-access.pem"
+            pem.write_bytes(access_tls[1].read_bytes() + access_tls[2].read_bytes())
+            pem.chmod(0o600)
+            access = ACCESS_HTTP.format(
+                access_port=self.access_port, access_servers=servers, pem=pem, ca=access_tls[0]
+            )
         self.config.write_text(
             HAPROXY_CFG.format(
                 ingest_port=self.ingest_port,
-                access_port=self.access_port,
                 ingest_servers="\n".join(
                     f"    server {r.name} 127.0.0.1:{r.port}" for r in replicas
                 ),
-                access_servers="\n".join(
-                    f"    server {r.name} 127.0.0.1:{r.access_port}" for r in replicas
-                ),
+                access=access,
             )
         )
         self.process: subprocess.Popen[bytes] | None = None
@@ -135,9 +167,16 @@ class HAProxy:
 
 class StoreReplicas:
     """``count`` stores sharing ``shared`` ([store] keys: catalog, blobs, s3, keys, …),
-    each with its own data_dir and ports, behind one HAProxy."""
+    each with its own data_dir and ports, behind one HAProxy (``access_tls``: see
+    HAProxy)."""
 
-    def __init__(self, root: Path, count: int, shared: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        count: int,
+        shared: dict[str, Any],
+        access_tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         self.root = root
         self.replicas: list[Replica] = []
         for i in range(count):
@@ -153,7 +192,7 @@ class StoreReplicas:
             config = write_store_toml(root / name / "store.toml", doc)
             daemon = Daemon(name, ["store", "--config", str(config)], root / name / "store.log")
             self.replicas.append(Replica(name, port, access_port, daemon))
-        self.balancer = HAProxy(root, self.replicas)
+        self.balancer = HAProxy(root, self.replicas, access_tls)
 
     @property
     def address(self) -> str:

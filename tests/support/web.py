@@ -78,25 +78,32 @@ class WebWorld:
 
     def get(self, path: str, cookie: str = "", **headers: str) -> tuple[int, dict[str, str], bytes]:
         """One HTTPS request to the web (no redirects followed)."""
-        import ssl
+        return https_get(self.url + path, self.ca_file, cookie, **headers)
 
-        ctx = ssl.create_default_context(cafile=str(self.ca_file))
-        request = urllib.request.Request(self.url + path, headers={**headers, "cookie": cookie})
 
-        class NoRedirect(urllib.request.HTTPRedirectHandler):
-            def redirect_request(self, *args: Any) -> None:
-                return None
+def https_get(
+    url: str, ca_file: Path, cookie: str = "", timeout: float = 20, **headers: str
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTPS GET (no redirects followed): status, headers (lower-case), body."""
+    import ssl
 
-        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), NoRedirect)
-        try:
-            with opener.open(request, timeout=20) as response:
-                return (
-                    response.status,
-                    {k.lower(): v for k, v in response.headers.items()},
-                    response.read(),
-                )
-        except urllib.error.HTTPError as err:
-            return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    request = urllib.request.Request(url, headers={**headers, "cookie": cookie})
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any) -> None:
+            return None
+
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), NoRedirect)
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return (
+                response.status,
+                {k.lower(): v for k, v in response.headers.items()},
+                response.read(),
+            )
+    except urllib.error.HTTPError as err:
+        return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
 
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -172,13 +179,23 @@ def start_provider(
     return proc, issuer, Signer(key, kid, issuer)
 
 
-def _web_toml(root: Path, tls: tuple[Path, Path, Path], port: int, store: str, issuer: str) -> Path:
+def web_toml(
+    root: Path,
+    tls: tuple[Path, Path, Path],
+    port: int,
+    store: str,
+    issuer: str,
+    store_ca: Path | None = None,
+) -> Path:
+    """``store_ca``: the CA of the store's Access TLS (None: plain text on loopback)."""
+    ca_line = f'store_ca_file = "{store_ca}"' if store_ca else ""
     text = f"""
 [web]
 listen = "127.0.0.1:{port}"
 tls_cert = "{tls[1]}"
 tls_key = "{tls[2]}"
 store_address = "{store}"
+{ca_line}
 session_idle = "10m"
 page_size = 5
 state_dir = "{root / "web-state"}"
@@ -224,22 +241,15 @@ def running_web(root: Path, id_token_ttl_s: int = 3600, leeway: str = "30s") -> 
         with InProcessStore(store_config_from_dict(doc, root)) as store:
             storage = open_storage(store.config)
             world = World(root, keys, store.config, store, storage, doc)
-            config = _web_toml(root, tls, web_port, store.address, issuer)
+            config = web_toml(root, tls, web_port, store.address, issuer)
             web_log = root / "web.log"
             url = f"https://127.0.0.1:{web_port}"
-            callrec = Path(sys.executable).parent / "callrec"
 
             def start() -> int:
                 for old in procs[1:]:
-                    _stop(old)
-                with web_log.open("ab") as out:
-                    web = subprocess.Popen(
-                        [str(callrec), "web", "--config", str(config)],
-                        stdout=out, stderr=subprocess.STDOUT,
-                    )  # fmt: skip
-                procs[1:] = [web]
-                _wait_https(url, tls[0], web, web_log)
-                return web.pid
+                    stop_process(old)
+                procs[1:] = [start_web(config, url, tls[0], web_log)]
+                return procs[1].pid
 
             pid = start()
             try:
@@ -249,10 +259,25 @@ def running_web(root: Path, id_token_ttl_s: int = 3600, leeway: str = "30s") -> 
                 storage.catalog.close()
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process(proc)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def start_web(config: Path, url: str, ca: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`callrec web --config config` as its own process, once it answers at ``url``."""
+    callrec = Path(sys.executable).parent / "callrec"
+    with log.open("ab") as out:
+        web = subprocess.Popen(
+            [str(callrec), "web", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        _wait_https(url, ca, web, log)
+    except BaseException:
+        stop_process(web)
+        raise
+    return web
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:
