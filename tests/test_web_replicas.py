@@ -1,0 +1,306 @@
+"""The people's web in front of store replicas (issues 16 and 18): `callrec web` (its own
+process) points at a real HAProxy that balances every gRPC call (HTTP/2 mode, TLS
+ended and made again to the stores) over two real `callrec store` processes on one
+PostgreSQL catalog and one SeaweedFS bucket; a real OpenID provider signs people in
+and a real Chromium (Playwright) is the person. A recording uploaded through one
+replica is listed, opened and played through both; then a replica dies (SIGTERM,
+SIGKILL, and SIGKILL with a request of the person's in flight on it) and the person
+keeps working: the next page and the next play succeed, and each play is audited once."""
+
+# Fixtures are imported from tests.support.services; test arguments name them.
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from agent.config import load_store_config
+from agent.store.archive.vault import Storage, open_storage
+from agent.store.audit.chain import audit_events, audit_head
+from tests.support.access_world import PEOPLE
+from tests.support.pki import make_pki
+from tests.support.replicas import HAPROXY, Agents, StoreReplicas
+from tests.support.services import (
+    Postgres,
+    SeaweedFS,
+    free_tcp_port,
+    postgres,  # noqa: F401 (fixture)
+    seaweed,  # noqa: F401 (fixture)
+)
+from tests.support.stack import make_keys
+from tests.support.web import (
+    ARTIFACTS,
+    CHROMIUM,
+    CLIENT_ID,
+    https_get,
+    launch_chromium,
+    long_opus,
+    node_ready,
+    start_provider,
+    start_web,
+    stop_process,
+    web_toml,
+)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(HAPROXY).exists(), reason="haproxy not installed (.ci/setup)"),
+    pytest.mark.skipif(
+        not (CHROMIUM.exists() and node_ready()), reason="needs chromium and tests/oidc (.ci/setup)"
+    ),
+]
+COOKIE = "__Host-callrec"
+SECONDS = 40  # the recording's length: one Range answer (< 1 MiB) holds it all
+
+
+@dataclass
+class Site:
+    root: Path
+    stores: StoreReplicas
+    storage: Storage
+    url: str
+    ca: Path
+    web_log: Path
+    rid: str  # uploaded by an agent through replica r1
+
+    @property
+    def haproxy_log(self) -> str:
+        return (self.root / "haproxy.log").read_text(errors="replace")
+
+    def served_by(self, after: int = 0) -> list[str]:
+        """The replicas HAProxy sent Access calls to (its HTTP log), in order."""
+        return re.findall(r"stores_access/(r\d) .*?/callrec\.v1\.Access/", self.haproxy_log[after:])
+
+    def wait_haproxy(self, pattern: str, after: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.haproxy_log[after:]):
+            assert time.monotonic() < deadline, f"haproxy: no {pattern!r}:\n{self.haproxy_log}"
+            time.sleep(0.05)
+
+    def head_seq(self) -> int:
+        with self.storage.catalog.engine.connect() as conn:
+            return int(conn.execute(sa.select(audit_head.c.seq)).scalar_one())
+
+    def events_after(self, seq: int) -> list[dict[str, Any]]:
+        query = sa.select(audit_events).where(audit_events.c.seq > seq).order_by("seq")
+        with self.storage.catalog.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(query)]
+
+    def plays(self, seq: int) -> list[dict[str, Any]]:
+        return [
+            e for e in self.events_after(seq)
+            if e["action"] == "play" and e["recording_id"] == self.rid
+            and e["detail"].startswith("channel=web bytes=")
+        ]  # fmt: skip
+
+    def restart(self, i: int) -> None:
+        """Start replica ``i`` again and wait until HAProxy has it back in rotation."""
+        seen = len(self.haproxy_log)
+        self.stores.restart(i)
+        self.wait_haproxy(rf"Server stores_access/r{i} is UP", seen)
+
+
+@pytest.fixture(scope="module")
+def site(
+    tmp_path_factory: pytest.TempPathFactory,
+    postgres: Postgres,  # noqa: F811 (fixture)
+    seaweed: SeaweedFS,  # noqa: F811 (fixture)
+) -> Iterator[Site]:
+    root = tmp_path_factory.mktemp("webha")
+    pki, keys = make_pki(root / "pki"), make_keys(root / "seal")
+    d = pki.directory
+    tls = (d / "ca.pem", d / "store.pem", d / "store.key")  # one CA for every TLS here
+    (root / "people.toml").write_text(PEOPLE)
+    (root / "store-keys").mkdir()
+    web_port = free_tcp_port()
+    provider, issuer, _ = start_provider(root, tls, web_port)
+    shared = {
+        "catalog": postgres.new_database(),
+        "blobs": "s3",
+        "s3": seaweed.s3_section(seaweed.new_bucket()),
+        "keys": {"master_key_file": str(root / "store-keys" / "master.key")},
+        "tls": pki.store_tls,
+        "directory_file": str(root / "people.toml"),
+        "seal_key_file": str(keys.seal_private),
+        "oidc": {"issuer": issuer, "audience": CLIENT_ID, "ca_file": str(tls[0])},
+    }
+    stores = StoreReplicas(root, 2, shared, access_tls=tls)
+    storage = open_storage(load_store_config(stores.config_file(0)))  # migrates, makes the key
+    web: Any = None
+    try:
+        stores.start()
+        agents = Agents(root / "agent", keys, pki, stores.replicas[1].address, 1, 1)
+        rid = agents.add(long_opus(SECONDS))
+        agents.start()
+        try:
+            agents.wait_empty(60)
+        finally:
+            agents.close()
+        config = web_toml(root, tls, web_port, stores.access_address, issuer, store_ca=tls[0])
+        url, web_log = f"https://127.0.0.1:{web_port}", root / "web.log"
+        web = start_web(config, url, tls[0], web_log)
+        yield Site(root, stores, storage, url, tls[0], web_log, rid)
+    finally:
+        if web is not None:
+            stop_process(web)
+        stores.close()
+        storage.catalog.close()
+        stop_process(provider)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    yield from launch_chromium()
+
+
+@pytest.fixture
+def supervisor(browser: Any, site: Site) -> Iterator[Any]:
+    """Sari Supervisor (s1, team parcels) signed in through the company's provider."""
+    context = browser.new_context(
+        ignore_https_errors=True, locale="en-GB", viewport={"width": 1366, "height": 768}
+    )
+    page = context.new_page()
+    page.goto(site.url + "/")
+    page.click("a.button")
+    page.wait_for_url(re.compile(r".*/interaction/.*"))
+    page.fill("#login", "s1")
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(r".*/search"))
+    yield page
+    context.close()
+
+
+def cookie_of(page: Any) -> str:
+    value = next(c["value"] for c in page.context.cookies() if c["name"] == COOKIE)
+    return f"{COOKIE}={value}"
+
+
+def play(page: Any, site: Site) -> list[int]:
+    """Open the recording, choose a purpose (once per session), play until the audio
+    has advanced; the statuses of the audio answers the page received."""
+    statuses: list[int] = []
+
+    def seen(response: Any) -> None:
+        if "/audio" in response.url:
+            statuses.append(response.status)
+
+    page.on("response", seen)
+    if not page.url.endswith(f"/recordings/{site.rid}"):
+        page.goto(f"{site.url}/recordings/{site.rid}")
+    assert "Aino Agent" in page.inner_text("dl.facts")
+    if page.locator("audio").count() == 0:
+        page.select_option("#purpose", "verification")
+        page.click("#start")
+    page.wait_for_function("() => document.getElementById('audio').readyState >= 1")
+    page.evaluate("document.getElementById('audio').play()")
+    page.wait_for_function(
+        "() => document.getElementById('audio').currentTime > 0.3", timeout=20_000
+    )
+    page.evaluate("document.getElementById('audio').pause()")
+    page.wait_for_load_state("networkidle")
+    page.remove_listener("response", seen)
+    assert page.is_hidden("#audio-error")
+    return statuses
+
+
+def test_a_supervisor_lists_opens_and_plays_through_both_replicas(
+    site: Site, supervisor: Any
+) -> None:
+    page = supervisor
+    assert "My team's calls" in page.inner_text("h1")
+    seen, seq = len(site.haproxy_log), site.head_seq()
+    assert page.locator(f"a[href='/recordings/{site.rid}']").count() == 1
+    page.click(f"a[href='/recordings/{site.rid}']")
+    page.wait_for_url(re.compile(rf".*/recordings/{site.rid}"))
+    statuses = play(page, site)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "replicas-player.png"), full_page=True)
+    assert statuses and set(statuses) == {206}
+    # Per-call balancing: the page, the waveform and the audio went to both replicas.
+    assert {"r0", "r1"} <= set(site.served_by(seen)), site.haproxy_log[seen:]
+    events = [e for e in site.events_after(seq) if e["recording_id"] == site.rid]
+    assert {e["actor"] for e in events} == {"person:s1"}
+    assert all(e["outcome"] == "allowed" for e in events), events
+    # The page before the purpose is chosen and after: each view audited once.
+    assert [e["action"] for e in events if e["action"] == "get"] == ["get", "get"]
+    assert len(site.plays(seq)) == len(statuses), "one audited play per audio answer"
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_the_person_keeps_working_when_a_replica_goes(
+    site: Site, supervisor: Any, how: signal.Signals
+) -> None:
+    page = supervisor
+    play(page, site)  # purpose chosen, connections to both replicas open
+    seen, seq = len(site.haproxy_log), site.head_seq()
+    site.stores.replicas[0].daemon.stop(how)
+    try:
+        for _ in range(3):  # the next pages: whichever replica HAProxy picks first
+            page.goto(f"{site.url}/search")
+            assert page.locator(f"a[href='/recordings/{site.rid}']").count() == 1
+        statuses = play(page, site)
+        assert statuses and set(statuses) == {206}
+        assert len(site.plays(seq)) == len(statuses), "each play audited once"
+        assert set(site.served_by(seen)) == {"r1"}
+    finally:
+        site.restart(0)
+    assert "Traceback" not in site.web_log.read_text()
+
+
+def test_a_request_in_flight_when_its_replica_dies_gets_an_answer(
+    site: Site, supervisor: Any
+) -> None:
+    cookie = cookie_of(supervisor)
+    replica = site.stores.replicas[0].daemon.process
+    assert replica is not None
+    replica.send_signal(signal.SIGSTOP)  # frozen: HAProxy's TCP check still passes
+    answers: list[tuple[int, bytes]] = []
+    try:
+        pending = _request_stuck_on_frozen_replica(site, cookie, answers)
+        replica.send_signal(signal.SIGKILL)
+        pending.join(30)
+        assert not pending.is_alive(), "the request hangs after its replica died"
+    finally:
+        replica.send_signal(signal.SIGKILL)
+        replica.wait(10)
+        site.restart(0)
+    status, body = answers[-1]
+    text = body.decode(errors="replace")
+    assert "Traceback" not in text and "Traceback" not in site.web_log.read_text()
+    # A search is a read: the web asks again, and the other replica answers it.
+    assert status == 200, text
+    assert f"/recordings/{site.rid}" in text
+
+
+def _request_stuck_on_frozen_replica(
+    site: Site, cookie: str, answers: list[tuple[int, bytes]]
+) -> threading.Thread:
+    """Search pages one at a time until one does not come back: HAProxy sent it to the
+    frozen replica (round robin: the first or the second)."""
+    for _ in range(4):
+        thread = _in_thread(lambda: answers.append(_get(site, "/search", cookie)))
+        thread.join(10)
+        if thread.is_alive():
+            return thread
+        assert answers[-1][0] == 200
+    raise AssertionError("no request reached the frozen replica")
+
+
+def _get(site: Site, path: str, cookie: str) -> tuple[int, bytes]:
+    status, _, body = https_get(site.url + path, site.ca, cookie, timeout=60)
+    return status, body
+
+
+def _in_thread(work: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
