@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -102,11 +103,14 @@ class Site:
             and e["detail"].startswith("channel=web bytes=")
         ]  # fmt: skip
 
-    def restart(self, i: int) -> None:
-        """Start replica ``i`` again and wait until HAProxy has it back in rotation."""
-        seen = len(self.haproxy_log)
-        self.stores.restart(i)
-        self.wait_haproxy(rf"Server stores_access/r{i} is UP", seen)
+    def all_up(self) -> None:
+        """Start again the replicas a test before stopped, and wait until HAProxy has
+        them back in rotation."""
+        for r in self.stores.replicas:
+            if r.daemon.process is not None and r.daemon.process.poll() is not None:
+                seen = len(self.haproxy_log)
+                r.start()
+                self.wait_haproxy(rf"Server stores_access/{r.name} is UP", seen)
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +139,12 @@ def site(
     }
     stores = StoreReplicas(root, 2, shared, access_tls=tls)
     storage = open_storage(load_store_config(stores.config_file(0)))  # migrates, makes the key
-    web: Any = None
+    config = web_toml(root, tls, web_port, stores.access_address, issuer, store_ca=tls[0])
+    url, web_log = f"https://127.0.0.1:{web_port}", root / "web.log"
+    web: list[subprocess.Popen[bytes]] = []
+    starting = _in_thread(lambda: web.append(start_web(config, url, tls[0], web_log)))
     try:
-        stores.start()
+        stores.start(together=True)
         agents = Agents(root / "agent", keys, pki, stores.replicas[1].address, 1, 1)
         rid = agents.add(long_opus(SECONDS))
         agents.start()
@@ -145,13 +152,13 @@ def site(
             agents.wait_empty(60)
         finally:
             agents.close()
-        config = web_toml(root, tls, web_port, stores.access_address, issuer, store_ca=tls[0])
-        url, web_log = f"https://127.0.0.1:{web_port}", root / "web.log"
-        web = start_web(config, url, tls[0], web_log)
+        starting.join(60)
+        assert web, f"callrec web did not start: {web_log.read_text()[-2000:]}"
         yield Site(root, stores, storage, url, tls[0], web_log, rid)
     finally:
-        if web is not None:
-            stop_process(web)
+        starting.join(60)
+        for process in web:
+            stop_process(process)
         stores.close()
         storage.catalog.close()
         stop_process(provider)
@@ -239,64 +246,66 @@ def test_a_supervisor_lists_opens_and_plays_through_both_replicas(
 def test_the_person_keeps_working_when_a_replica_goes(
     site: Site, supervisor: Any, how: signal.Signals
 ) -> None:
+    site.all_up()
     page = supervisor
     play(page, site)  # purpose chosen, connections to both replicas open
     seen, seq = len(site.haproxy_log), site.head_seq()
     site.stores.replicas[0].daemon.stop(how)
-    try:
-        for _ in range(3):  # the next pages: whichever replica HAProxy picks first
-            page.goto(f"{site.url}/search")
-            assert page.locator(f"a[href='/recordings/{site.rid}']").count() == 1
-        statuses = play(page, site)
-        assert statuses and set(statuses) == {206}
-        assert len(site.plays(seq)) == len(statuses), "each play audited once"
-        assert set(site.served_by(seen)) == {"r1"}
-    finally:
-        site.restart(0)
+    for _ in range(3):  # the next pages: whichever replica HAProxy picks first
+        page.goto(f"{site.url}/search")
+        assert page.locator(f"a[href='/recordings/{site.rid}']").count() == 1
+    statuses = play(page, site)
+    assert statuses and set(statuses) == {206}
+    assert len(site.plays(seq)) == len(statuses), "each play audited once"
+    assert set(site.served_by(seen)) == {"r1"}
     assert "Traceback" not in site.web_log.read_text()
 
 
-def test_a_request_in_flight_when_its_replica_dies_gets_an_answer(
+def test_requests_in_flight_when_their_replica_dies_are_answered(
     site: Site, supervisor: Any
 ) -> None:
-    cookie = cookie_of(supervisor)
-    replica = site.stores.replicas[0].daemon.process
+    """A page and an audio request are sent to a replica that then dies: the web asks
+    again through the balancer and both are answered as if nothing happened; the dead
+    replica never read them, so each play the person got is audited once."""
+    site.all_up()
+    play(supervisor, site)  # the purpose is chosen in this session
+    cookie, seq = cookie_of(supervisor), site.head_seq()
+    audio = long_opus(SECONDS)
+    balancer, replica = site.stores.balancer, site.stores.replicas[0].daemon.process
     assert replica is not None
-    replica.send_signal(signal.SIGSTOP)  # frozen: HAProxy's TCP check still passes
     answers: list[tuple[int, bytes]] = []
+    replica.send_signal(signal.SIGSTOP)  # frozen: HAProxy's TCP check still passes
     try:
-        pending = _request_stuck_on_frozen_replica(site, cookie, answers)
+        balancer.command("disable server stores_access/r1")  # so both go to r0
+        pending = [
+            _in_thread(lambda: answers.append(_get(site, "/search", cookie))),
+            _in_thread(lambda: answers.append(_get(site, f"/recordings/{site.rid}/audio", cookie))),
+        ]
+        deadline = time.monotonic() + 10
+        while balancer.current("stores_access", "r0") < 2:  # both in flight on r0
+            assert time.monotonic() < deadline, "the requests did not reach the replica"
+            time.sleep(0.05)
+        balancer.command("enable server stores_access/r1")
         replica.send_signal(signal.SIGKILL)
-        pending.join(30)
-        assert not pending.is_alive(), "the request hangs after its replica died"
+        for thread in pending:
+            thread.join(30)
+            assert not thread.is_alive(), "a request hangs after its replica died"
     finally:
+        balancer.command("enable server stores_access/r1")
         replica.send_signal(signal.SIGKILL)
         replica.wait(10)
-        site.restart(0)
-    status, body = answers[-1]
-    text = body.decode(errors="replace")
-    assert "Traceback" not in text and "Traceback" not in site.web_log.read_text()
-    # A search is a read: the web asks again, and the other replica answers it.
-    assert status == 200, text
-    assert f"/recordings/{site.rid}" in text
-
-
-def _request_stuck_on_frozen_replica(
-    site: Site, cookie: str, answers: list[tuple[int, bytes]]
-) -> threading.Thread:
-    """Search pages one at a time until one does not come back: HAProxy sent it to the
-    frozen replica (round robin: the first or the second)."""
-    for _ in range(4):
-        thread = _in_thread(lambda: answers.append(_get(site, "/search", cookie)))
-        thread.join(10)
-        if thread.is_alive():
-            return thread
-        assert answers[-1][0] == 200
-    raise AssertionError("no request reached the frozen replica")
+    log = site.web_log.read_text()
+    assert "Traceback" not in log and "store_unavailable" not in log, log[-3000:]
+    assert sorted(status for status, _ in answers) == [200, 206]
+    page = next(body for status, body in answers if status == 200).decode()
+    assert f"/recordings/{site.rid}" in page, page[-2000:]
+    assert (206, audio) in answers
+    assert len(site.plays(seq)) == 1, "the play is audited once"
 
 
 def _get(site: Site, path: str, cookie: str) -> tuple[int, bytes]:
-    status, _, body = https_get(site.url + path, site.ca, cookie, timeout=60)
+    range_ = {"range": "bytes=0-"} if path.endswith("/audio") else {}
+    status, _, body = https_get(site.url + path, site.ca, cookie, timeout=60, **range_)
     return status, body
 
 

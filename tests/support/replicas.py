@@ -38,6 +38,7 @@ HAPROXY = "/usr/sbin/haproxy"
 HAPROXY_CFG = """\
 global
     maxconn 4096
+    stats socket {socket} mode 600 level admin
 
 defaults
     mode tcp
@@ -82,7 +83,8 @@ frontend access
 backend stores_access
     mode http
     balance roundrobin
-    default-server check no-check-ssl inter 300ms fall 1 rise 2 ssl verify required ca-file {ca} alpn h2
+    default-server check no-check-ssl inter 300ms fall 1 rise 2
+    default-server ssl verify required ca-file {ca} alpn h2
 {access_servers}
 """
 
@@ -143,6 +145,7 @@ class HAProxy:
                     f"    server {r.name} 127.0.0.1:{r.port}" for r in replicas
                 ),
                 access=access,
+                socket=root / "haproxy.sock",
             )
         )
         self.process: subprocess.Popen[bytes] | None = None
@@ -163,6 +166,28 @@ class HAProxy:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(10)
+
+    def command(self, line: str) -> str:
+        """One command of HAProxy's runtime API (its stats socket), e.g.
+        ``disable server stores_access/r1``; its answer."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.root / "haproxy.sock"))
+            sock.sendall(line.encode() + b"\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        return answer.decode()
+
+    def current(self, backend: str, server: str) -> int:
+        """Requests (HTTP mode) or connections (TCP) the server is handling now."""
+        lines = self.command("show stat").splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        for line in lines[1:]:
+            row = dict(zip(header, line.split(","), strict=False))
+            if row.get("pxname") == backend and row.get("svname") == server:
+                return int(row["scur"] or 0)
+        raise AssertionError(f"haproxy: no server {backend}/{server}")
 
 
 class StoreReplicas:
@@ -202,11 +227,14 @@ class StoreReplicas:
     def access_address(self) -> str:
         return f"127.0.0.1:{self.balancer.access_port}"
 
-    def start(self) -> None:
+    def start(self, together: bool = False) -> None:
         """The first replica alone (it makes the master key on a new catalog, the file
-        all share), then the others at once, then the balancer."""
-        self.replicas[0].start()
-        rest = [threading.Thread(target=r.start) for r in self.replicas[1:]]
+        all share), then the others at once, then the balancer. ``together``: all at
+        once (the caller has made the key, e.g. with ``open_storage``)."""
+        first = 0 if together else 1
+        if not together:
+            self.replicas[0].start()
+        rest = [threading.Thread(target=r.start) for r in self.replicas[first:]]
         for t in rest:
             t.start()
         for t in rest:
