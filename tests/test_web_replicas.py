@@ -60,7 +60,7 @@ pytestmark = [
     ),
 ]
 COOKIE = "__Host-callrec"
-SECONDS = 40  # the recording's length: one Range answer (< 1 MiB) holds it all
+SECONDS = 30  # the call (tests.support.calls: 30 s); one Range answer (< 1 MiB) holds it
 
 
 @dataclass

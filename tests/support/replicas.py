@@ -71,7 +71,9 @@ backend stores_access
 """
 
 # gRPC-aware: HAProxy ends the people's TLS (its certificate with the balancer's name)
-# and balances each call, not each connection, over new TLS to the stores.
+# and balances each call, not each connection, over new TLS to the stores. The check is
+# a TCP connect (no-check-ssl), so a frozen (SIGSTOPped) store stays in rotation for the
+# tests that put a request in flight on it; README's example uses check-ssl instead.
 ACCESS_HTTP = """
 frontend access
     mode http
