@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ from agent.config import load_store_config
 from agent.store.archive.vault import Storage, open_storage
 from agent.store.audit.chain import audit_events, audit_head
 from tests.support.access_world import PEOPLE
-from tests.support.pki import make_pki
+from tests.support.pki import Pki, make_pki
 from tests.support.replicas import HAPROXY, Agents, Replica, StoreReplicas
 from tests.support.services import (
     Postgres,
@@ -40,7 +40,7 @@ from tests.support.services import (
     postgres,  # noqa: F401 (fixture)
     seaweed,  # noqa: F401 (fixture)
 )
-from tests.support.stack import make_keys
+from tests.support.stack import Keys, make_keys
 from tests.support.web import (
     ARTIFACTS,
     CHROMIUM,
@@ -131,43 +131,46 @@ def site(
     (root / "people.toml").write_text(PEOPLE)
     (root / "store-keys").mkdir()
     web_port = free_tcp_port()
-    provider, issuer, _ = start_provider(root, tls, web_port)
-    shared = {
-        "catalog": postgres.new_database(),
-        "blobs": "s3",
-        "s3": seaweed.s3_section(seaweed.new_bucket()),
-        "keys": {"master_key_file": str(root / "store-keys" / "master.key")},
-        "tls": pki.store_tls,
-        "directory_file": str(root / "people.toml"),
-        "seal_key_file": str(keys.seal_private),
-        "oidc": {"issuer": issuer, "audience": CLIENT_ID, "ca_file": str(tls[0])},
-    }
-    stores = StoreReplicas(root, 2, shared, access_tls=tls)
-    storage = open_storage(load_store_config(stores.config_file(0)))  # migrates, makes the key
-    config = web_toml(root, tls, web_port, stores.access_address, issuer, store_ca=tls[0])
-    url, web_log = f"https://127.0.0.1:{web_port}", root / "web.log"
-    web: list[subprocess.Popen[bytes]] = []
-    starting = _in_thread(lambda: web.append(start_web(config, url, tls[0], web_log)))
-    try:
+    with ExitStack() as stack:
+        provider, issuer, _ = start_provider(root, tls, web_port)
+        stack.callback(stop_process, provider)
+        shared = {
+            "catalog": postgres.new_database(),
+            "blobs": "s3",
+            "s3": seaweed.s3_section(seaweed.new_bucket()),
+            "keys": {"master_key_file": str(root / "store-keys" / "master.key")},
+            "tls": pki.store_tls,
+            "directory_file": str(root / "people.toml"),
+            "seal_key_file": str(keys.seal_private),
+            "oidc": {"issuer": issuer, "audience": CLIENT_ID, "ca_file": str(tls[0])},
+        }
+        stores = StoreReplicas(root, 2, shared, access_tls=tls)
+        storage = open_storage(load_store_config(stores.config_file(0)))  # migrates; the key
+        stack.callback(storage.catalog.close)
+        stack.callback(stores.close)
+        config = web_toml(root, tls, web_port, stores.access_address, issuer, store_ca=tls[0])
+        url, web_log = f"https://127.0.0.1:{web_port}", root / "web.log"
+        web: list[subprocess.Popen[bytes]] = []
+        stack.callback(lambda: [stop_process(w) for w in web])
+        starting = _in_thread(lambda: web.append(start_web(config, url, tls[0], web_log)))
+        stack.callback(starting.join, 60)
         stores.start(together=True)
-        agents = Agents(root / "agent", keys, pki, stores.replicas[1].address, 1, 1)
-        rid = agents.add(long_opus(SECONDS))
-        long_rid = agents.add(long_opus(LONG))
-        agents.start()
-        try:
-            agents.wait_empty(60)
-        finally:
-            agents.close()
+        rid, long_rid = _upload(root, keys, pki, stores.replicas[1].address)
         starting.join(60)
         assert web, f"callrec web did not start: {web_log.read_text()[-2000:]}"
         yield Site(root, stores, storage, url, tls[0], web_log, rid, long_rid)
+
+
+def _upload(root: Path, keys: Keys, pki: Pki, address: str) -> tuple[str, str]:
+    """Two recordings from an agent (the real Uplink) straight to one replica."""
+    agents = Agents(root / "agent", keys, pki, address, clients=1, workers=1)
+    rids = agents.add(long_opus(SECONDS)), agents.add(long_opus(LONG))
+    agents.start()
+    try:
+        agents.wait_empty(60)
     finally:
-        starting.join(60)
-        for process in web:
-            stop_process(process)
-        stores.close()
-        storage.catalog.close()
-        stop_process(provider)
+        agents.close()
+    return rids
 
 
 @pytest.fixture(scope="module")
