@@ -77,6 +77,7 @@ class Site:
     web_log: Path
     rid: str  # uploaded by an agent through replica r1
     long_rid: str  # LONG seconds: its audio answers are 1 MiB parts
+    tcp_url: str  # a second web, through HAProxy's Access frontend in TCP mode
 
     @property
     def haproxy_log(self) -> str:
@@ -130,9 +131,9 @@ def site(
     tls = (d / "ca.pem", d / "store.pem", d / "store.key")  # one CA for every TLS here
     (root / "people.toml").write_text(PEOPLE)
     (root / "store-keys").mkdir()
-    web_port = free_tcp_port()
+    web_port, tcp_web_port = free_tcp_port(), free_tcp_port()
     with ExitStack() as stack:
-        provider, issuer, _ = start_provider(root, tls, web_port)
+        provider, issuer, _ = start_provider(root, tls, (web_port, tcp_web_port))
         stack.callback(stop_process, provider)
         shared = {
             "catalog": postgres.new_database(),
@@ -148,17 +149,29 @@ def site(
         storage = open_storage(load_store_config(stores.config_file(0)))  # migrates; the key
         stack.callback(storage.catalog.close)
         stack.callback(stores.close)
-        config = web_toml(root, tls, web_port, stores.access_address, issuer, store_ca=tls[0])
-        url, web_log = f"https://127.0.0.1:{web_port}", root / "web.log"
-        web: list[subprocess.Popen[bytes]] = []
-        stack.callback(lambda: [stop_process(w) for w in web])
-        starting = _in_thread(lambda: web.append(start_web(config, url, tls[0], web_log)))
-        stack.callback(starting.join, 60)
+        tcp = f"127.0.0.1:{stores.balancer.access_tcp_port}"
+        webs = [("web", web_port, stores.access_address), ("web-tcp", tcp_web_port, tcp)]
+        running: list[subprocess.Popen[bytes]] = []
+        stack.callback(lambda: [stop_process(w) for w in running])
+        starting = []
+        for name, port, address in webs:
+            config = web_toml(root, tls, port, address, issuer, store_ca=tls[0], name=name)
+            url, log = f"https://127.0.0.1:{port}", root / f"{name}.log"
+            starting.append(_start_web_in_thread(config, url, tls[0], log, running))
+            stack.callback(starting[-1].join, 60)
         stores.start(together=True)
         rid, long_rid = _upload(root, keys, pki, stores.replicas[1].address)
-        starting.join(60)
-        assert web, f"callrec web did not start: {web_log.read_text()[-2000:]}"
-        yield Site(root, stores, storage, url, tls[0], web_log, rid, long_rid)
+        for thread in starting:
+            thread.join(60)
+        assert len(running) == len(webs), "callrec web did not start (see web*.log)"
+        url, tcp_url = (f"https://127.0.0.1:{port}" for _, port, _ in webs)
+        yield Site(root, stores, storage, url, tls[0], root / "web.log", rid, long_rid, tcp_url)
+
+
+def _start_web_in_thread(
+    config: Path, url: str, ca: Path, log: Path, running: list[subprocess.Popen[bytes]]
+) -> threading.Thread:
+    return _in_thread(lambda: running.append(start_web(config, url, ca, log)))
 
 
 def _upload(root: Path, keys: Keys, pki: Pki, address: str) -> tuple[str, str]:
@@ -180,19 +193,24 @@ def browser() -> Iterator[Any]:
 
 @pytest.fixture
 def supervisor(browser: Any, site: Site) -> Iterator[Any]:
+    page = sign_in(browser, site.url)
+    yield page
+    page.context.close()
+
+
+def sign_in(browser: Any, url: str) -> Any:
     """Sari Supervisor (s1, team parcels) signed in through the company's provider."""
     context = browser.new_context(
         ignore_https_errors=True, locale="en-GB", viewport={"width": 1366, "height": 768}
     )
     page = context.new_page()
-    page.goto(site.url + "/")
+    page.goto(url + "/")
     page.click("a.button")
     page.wait_for_url(re.compile(r".*/interaction/.*"))
     page.fill("#login", "s1")
     page.click("button[type=submit]")
     page.wait_for_url(re.compile(r".*/search"))
-    yield page
-    context.close()
+    return page
 
 
 def cookie_of(page: Any) -> str:
@@ -200,7 +218,7 @@ def cookie_of(page: Any) -> str:
     return f"{COOKIE}={value}"
 
 
-def play(page: Any, site: Site) -> list[int]:
+def play(page: Any, site: Site, url: str = "") -> list[int]:
     """Open the recording, choose a purpose (once per session), play until the audio
     has advanced; the statuses of the audio answers the page received."""
     statuses: list[int] = []
@@ -211,7 +229,7 @@ def play(page: Any, site: Site) -> list[int]:
 
     page.on("response", seen)
     if not page.url.endswith(f"/recordings/{site.rid}"):
-        page.goto(f"{site.url}/recordings/{site.rid}")
+        page.goto(f"{url or site.url}/recordings/{site.rid}")
     assert "Aino Agent" in page.inner_text("dl.facts")
     if page.locator("audio").count() == 0:
         page.select_option("#purpose", "verification")
@@ -343,6 +361,32 @@ def test_an_audio_answer_cut_by_its_replica_dying_is_finished_by_the_other(
     plays = [e["detail"] for e in site.plays(seq, site.long_rid)]
     assert len(plays) == 2 and plays[0] == "channel=web bytes=0-1048575", plays
     assert re.fullmatch(r"channel=web bytes=[1-9]\d*-1048575", plays[1]), plays
+
+
+def test_through_a_tcp_balancer_the_web_reconnects_when_its_replica_dies(
+    site: Site, browser: Any
+) -> None:
+    """HAProxy in TCP mode (TLS passed through): the web's one connection goes to one
+    replica; that replica is killed; the next page and play reconnect through the
+    balancer to the other."""
+    site.all_up()
+    page = sign_in(browser, site.tcp_url)
+    deadline = time.monotonic() + 10
+    while not (held := [r for r in site.stores.replicas
+                        if site.stores.balancer.current("stores_access_tcp", r.name)]):  # fmt: skip
+        assert time.monotonic() < deadline, "the web holds no connection through HAProxy"
+        time.sleep(0.05)
+    assert len(held) == 1, "one connection, one replica"
+    seq = site.head_seq()
+    held[0].daemon.stop(signal.SIGKILL)
+    page.goto(f"{site.tcp_url}/search")
+    assert page.locator(f"a[href='/recordings/{site.rid}']").count() == 1
+    statuses = play(page, site, site.tcp_url)
+    assert statuses and set(statuses) == {206}
+    assert len(site.plays(seq)) == len(statuses), "each play audited once"
+    log = (site.root / "web-tcp.log").read_text()
+    assert "level=error" not in log and "store_unavailable" not in log, log[-3000:]
+    page.context.close()
 
 
 @contextmanager

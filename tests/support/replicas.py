@@ -88,6 +88,15 @@ backend stores_access
     default-server check no-check-ssl inter 300ms fall 1 rise 2
     default-server ssl verify required ca-file {ca} alpn h2
 {access_servers}
+
+frontend access_tcp
+    bind 127.0.0.1:{access_tcp_port}
+    default_backend stores_access_tcp
+
+backend stores_access_tcp
+    balance roundrobin
+    default-server check inter 300ms fall 1 rise 2
+{access_servers}
 """
 
 
@@ -122,13 +131,15 @@ class Replica:
 
 class HAProxy:
     """``access_tls``: (CA, certificate, key) files to end the people's TLS at HAProxy and
-    balance every gRPC call (HTTP/2 mode); None: TCP mode, TLS passed through."""
+    balance every gRPC call (HTTP/2 mode; the TCP mode beside it on ``access_tcp_port``);
+    None: TCP mode only, TLS passed through."""
 
     def __init__(
         self, root: Path, replicas: list[Replica], access_tls: tuple[Path, Path, Path] | None
     ) -> None:
         self.root = root
         self.ingest_port, self.access_port = free_tcp_port(), free_tcp_port()
+        self.access_tcp_port = free_tcp_port()  # with access_tls: Access in TCP mode too
         self.config = root / "haproxy.cfg"
         servers = "\n".join(f"    server {r.name} 127.0.0.1:{r.access_port}" for r in replicas)
         if access_tls is None:
@@ -138,8 +149,9 @@ class HAProxy:
             pem.write_bytes(access_tls[1].read_bytes() + access_tls[2].read_bytes())
             pem.chmod(0o600)
             access = ACCESS_HTTP.format(
-                access_port=self.access_port, access_servers=servers, pem=pem, ca=access_tls[0]
-            )
+                access_port=self.access_port, access_servers=servers, pem=pem, ca=access_tls[0],
+                access_tcp_port=self.access_tcp_port,
+            )  # fmt: skip
         self.config.write_text(
             HAPROXY_CFG.format(
                 ingest_port=self.ingest_port,

@@ -145,8 +145,13 @@ def _tls(root: Path) -> tuple[Path, Path, Path]:
 
 
 def start_provider(
-    root: Path, tls: tuple[Path, Path, Path], web_port: int, id_token_ttl_s: int = 3600
+    root: Path,
+    tls: tuple[Path, Path, Path],
+    web_port: int | tuple[int, ...],
+    id_token_ttl_s: int = 3600,
 ) -> tuple[subprocess.Popen[bytes], str, Signer]:
+    """``web_port``: the port of each web that signs people in with it."""
+    ports = web_port if isinstance(web_port, tuple) else (web_port,)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     kid = secrets.token_hex(4)
     jwk = {**jwt.algorithms.RSAAlgorithm.to_jwk(key, as_dict=True), "kid": kid, "alg": "RS256"}
@@ -156,7 +161,7 @@ def start_provider(
     conf = {
         "tls_cert": str(tls[1]), "tls_key": str(tls[2]), "jwks": {"keys": [jwk]},
         "client_id": CLIENT_ID, "client_secret": secret,
-        "redirect_uris": [f"https://127.0.0.1:{web_port}/auth/callback"],
+        "redirect_uris": [f"https://127.0.0.1:{port}/auth/callback" for port in ports],
         "ready_file": str(root / "provider.ready"), "id_token_ttl_s": id_token_ttl_s,
     }  # fmt: skip
     conf_path = _write(root / "provider.json", json.dumps(conf), 0o600)
@@ -186,8 +191,10 @@ def web_toml(
     store: str,
     issuer: str,
     store_ca: Path | None = None,
+    name: str = "web",
 ) -> Path:
-    """``store_ca``: the CA of the store's Access TLS (None: plain text on loopback)."""
+    """``store_ca``: the CA of the store's Access TLS (None: plain text on loopback);
+    ``name``: of the config file and the state directory (several webs in one root)."""
     ca_line = f'store_ca_file = "{store_ca}"' if store_ca else ""
     text = f"""
 [web]
@@ -198,7 +205,7 @@ store_address = "{store}"
 {ca_line}
 session_idle = "10m"
 page_size = 5
-state_dir = "{root / "web-state"}"
+state_dir = "{root / f"{name}-state"}"
 
 [web.oidc]
 issuer = "{issuer}"
@@ -207,7 +214,7 @@ client_secret_file = "{root / "client-secret"}"
 ca_file = "{tls[0]}"
 scopes = "openid offline_access"
 """
-    return _write(root / "web.toml", text)
+    return _write(root / f"{name}.toml", text)
 
 
 def _wait_https(url: str, ca: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
