@@ -32,7 +32,7 @@ from agent.store.archive.vault import Storage, open_storage
 from agent.store.audit.chain import audit_events, audit_head
 from tests.support.access_world import PEOPLE
 from tests.support.pki import Pki, make_pki
-from tests.support.replicas import HAPROXY, Agents, Replica, StoreReplicas
+from tests.support.replicas import HAPROXY, Agents, StoreReplicas
 from tests.support.services import (
     Postgres,
     SeaweedFS,
@@ -333,9 +333,9 @@ def test_requests_in_flight_when_their_replica_dies_are_answered(
 def test_an_audio_answer_cut_by_its_replica_dying_is_finished_by_the_other(
     site: Site, supervisor: Any
 ) -> None:
-    """The listener reads slowly, so the replica streaming the answer is held by flow
-    control mid-answer; it is killed; the web continues from the first byte not yet
-    sent through the other replica, and the listener gets the whole part."""
+    """The answer is pinned to r0 (HAProxy's runtime API) and read slowly; as soon as
+    its first bytes arrive r0 is frozen, mid-answer, then killed; the web continues
+    from the first byte not yet sent through r1, and the listener gets the whole part."""
     site.all_up()
     supervisor.goto(f"{site.url}/recordings/{site.long_rid}")
     supervisor.select_option("#purpose", "verification")
@@ -343,17 +343,36 @@ def test_an_audio_answer_cut_by_its_replica_dying_is_finished_by_the_other(
     supervisor.wait_for_selector("audio")
     supervisor.goto(f"{site.url}/search")  # the page's player and waveform are done with
     _wait_idle(site)
-    seq, audio = site.head_seq(), long_opus(LONG)
-    with _slow_reader(site, f"/recordings/{site.long_rid}/audio", cookie_of(supervisor)) as tls:
-        head = tls.recv(4096)
-        assert head.startswith(b"HTTP/1.1 206"), head[:200]
-        busy = _streaming_replica(site)
-        busy.daemon.stop(signal.SIGKILL)
-        while chunk := tls.recv(65536):
-            head += chunk
-    headers, _, body = head.partition(b"\r\n\r\n")
-    assert b"content-range: bytes 0-1048575/" in headers.lower()
-    assert body == audio[: 1024 * 1024], f"{len(body)} bytes, not the recording's first MiB"
+    cookie, audio = cookie_of(supervisor), long_opus(LONG)
+    replica = site.stores.replicas[0].daemon.process
+    assert replica is not None
+    balancer = site.stores.balancer
+    balancer.command("disable server stores_access/r1")
+    try:
+        for _ in range(3):  # an answer that outran the freeze proves nothing: again
+            seq = site.head_seq()
+            with _slow_reader(site, f"/recordings/{site.long_rid}/audio", cookie) as tls:
+                answer = tls.recv(4096)
+                replica.send_signal(signal.SIGSTOP)
+                held = balancer.current("stores_access", "r0") > 0
+                if held:
+                    balancer.command("enable server stores_access/r1")
+                    replica.send_signal(signal.SIGKILL)
+                else:
+                    replica.send_signal(signal.SIGCONT)
+                while chunk := tls.recv(65536):
+                    answer += chunk
+            headers, _, body = answer.partition(b"\r\n\r\n")
+            assert b"content-range: bytes 0-1048575/" in headers.lower(), headers
+            assert body == audio[: 1024 * 1024], f"{len(body)} bytes, not the first MiB"
+            if held:
+                break
+        else:
+            raise AssertionError("every answer had left r0 before it was frozen")
+    finally:
+        balancer.command("enable server stores_access/r1")
+        replica.send_signal(signal.SIGKILL)
+        replica.wait(10)
     log = site.web_log.read_text()
     assert "event=audio_resumed" in log and "level=error" not in log, log[-3000:]
     # Two reads of the store, each audited: the part asked of the dead replica, and
@@ -411,17 +430,6 @@ def _wait_idle(site: Site) -> None:
     while any(site.stores.balancer.current("stores_access", r.name) for r in site.stores.replicas):
         assert time.monotonic() < deadline, "the replicas are still answering the page"
         time.sleep(0.05)
-
-
-def _streaming_replica(site: Site) -> Replica:
-    """The replica HAProxy shows with a call in progress (the held answer)."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        for r in site.stores.replicas:
-            if site.stores.balancer.current("stores_access", r.name):
-                return r
-        time.sleep(0.05)
-    raise AssertionError("no replica is streaming the answer: nothing held it back")
 
 
 def _get(site: Site, path: str, cookie: str) -> tuple[int, bytes]:
