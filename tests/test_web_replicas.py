@@ -233,8 +233,11 @@ def play(page: Any, site: Site, url: str = "") -> list[int]:
     assert "Aino Agent" in page.inner_text("dl.facts")
     if page.locator("audio").count() == 0:
         page.select_option("#purpose", "verification")
-        page.click("#start")
-    page.wait_for_function("() => document.getElementById('audio').readyState >= 1")
+        page.click("#start")  # a POST and a redirect: the player is on the next page
+    page.wait_for_selector("audio")
+    page.wait_for_function(
+        "() => { const a = document.getElementById('audio'); return a && a.readyState >= 1; }"
+    )
     page.evaluate("document.getElementById('audio').play()")
     page.wait_for_function(
         "() => document.getElementById('audio').currentTime > 0.3", timeout=20_000
