@@ -30,6 +30,9 @@ Routing (measured facts of DESIGN.md built in):
 - the SIP edge (:mod:`agent.recorder.front.edge`): only listed recording clients
   (``[sip] allowed_clients``, 403 otherwise), requests up to ``[sip] max_message``
   (513 otherwise), the metadata part kept aside in memory for the worker to fetch;
+  each BYE stamped with the time the front received it (``X-Callrec-Received``, any
+  such header from outside removed first): the recording ends then, not when a busy
+  worker reads it;
   optionally SIP over TLS with client certificates (``[sip] tls_port``).
 
 Pointing a PBX/SBC at the front: configure it as a SIPREC recording server (SRS) at
@@ -142,6 +145,7 @@ def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
         "META_EXPIRE_S": str(METADATA_EXPIRE_S),
         "SOURCE_HDR": edge.SOURCE_HEADER,
         "META_HDR": edge.METADATA_HEADER,
+        "RECEIVED_HDR": edge.RECEIVED_HEADER,
         "META_PATH": edge.METADATA_PATH,
         "META_PATH_LEN": str(len(edge.METADATA_PATH)),
         "TLS_LISTEN": f"enable_tls=yes\nlisten=tls:{sip.listen}:{sip.tls_port}" if tls else "",
