@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime as dt
+import hashlib
 import os
 import re
 import struct
@@ -27,6 +28,7 @@ from agent.capture import cut_wav, leg_seconds
 from agent.config import load_agent_config
 from agent.recorder.front.edge import MAX_STAMP_AGE_S, RECEIVED_HEADER, call_end, received_stamp
 from agent.recorder.front.files import front_files, render_config
+from agent.recorder.uplink.live import _leg_digest, _LegDigest
 from agent.testcall.sipp import siprec_scenario
 from tests.support.audio import decode
 from tests.support.pool import Pool, flags, running_pool
@@ -107,12 +109,17 @@ def test_a_leg_is_cut_to_whole_samples_and_its_header_follows(tmp_path: Path) ->
 # ---------------------------------------------------------------- through the front
 
 
-@pytest.fixture(scope="module")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
-    # No OPTIONS probe while the worker is stopped: the only SIP datagram reaching it
-    # then is the BYE (and the front's retransmissions of it).
-    root = tmp_path_factory.mktemp("byestamp")
-    with running_pool(root, workers=1, probe_interval="60s") as running:
+@pytest.fixture(scope="module", params=["file", "live"])
+def pool(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Pool]:
+    """One worker. No OPTIONS probe while it is stopped: the only SIP datagram reaching
+    it then is the BYE (and the front's retransmissions of it). ``live``: the call
+    streams to the store every 0.2 s, so the store holds audio from after the BYE when
+    the worker cuts the legs (its Finish then names fewer bytes than were sent)."""
+    root = tmp_path_factory.mktemp(f"byestamp-{request.param}")
+    live = {"live": True, "live_flush": "200ms"} if request.param == "live" else None
+    with running_pool(root, workers=1, probe_interval="60s", uplink=live) as running:
         yield running
 
 
@@ -189,3 +196,18 @@ def test_a_worker_reading_the_bye_late_stores_sipps_answer_to_bye(
     )
     assert late and float(late[0]) >= HOLD_AFTER_BYE_S - 0.1, pool.tail()
     assert "bye_stamp_ignored" not in pool.text()
+
+
+def test_a_live_legs_digest_follows_its_cut(tmp_path: Path) -> None:
+    """The live uplink sent a leg's bytes past the end the worker later cut it to: the
+    Finish names the cut leg's size and sha256, hashed from a mark, not from its start."""
+    leg = _wav(tmp_path / "customer.wav", 8000 * 20)
+    pcm = leg.read_bytes()[44:]
+    sent = _LegDigest()
+    for offset in range(0, len(pcm), 3200):  # 0.1 s appends, as a live_flush would
+        sent.extend(offset, pcm[offset : offset + 3200])
+    assert _leg_digest(leg, sent) == (len(pcm), hashlib.sha256(pcm).hexdigest())
+    for cut_s in (19.95, 12.3, 0.5):  # within the marks, and past the oldest kept
+        cut_wav(leg, cut_s)
+        kept = pcm[: int(cut_s * 8000) * 2]
+        assert _leg_digest(leg, sent) == (len(kept), hashlib.sha256(kept).hexdigest())
