@@ -68,6 +68,7 @@ TCP_READ_BUFFER_MB = 4  # per TCP connection: a message up to this size gets an 
 TCP_MAX_CONNECTIONS = 64  # SRCs keep a few connections each
 FR_TIMER_MS = 1000  # no 100 Trying from a worker within 1 s: it is dead (pjsua answers at once)
 FR_INV_TIMER_MS = 5000  # 100 Trying but no final answer: a hung worker
+BYE_FR_TIMER_MS = 5000  # a BYE waits this long for a busy worker's 200 (not fr_timer)
 CALL_REF = "$(ci{s.sha256}{s.substr,0,16})"  # agent.recorder.session.call_ref, in Kamailio
 CTL_SOCKET = "kamailio_ctl"
 MAX_SOCKET_PATH = 100  # Kamailio refuses a unix socket name over 104 bytes
@@ -130,6 +131,7 @@ def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
         "EXPIRE_S": str(int(sip.max_call_s) + 60),
         "FR_MS": str(FR_TIMER_MS),
         "FR_INV_MS": str(FR_INV_TIMER_MS),
+        "BYE_FR_MS": str(BYE_FR_TIMER_MS),
         "REF": CALL_REF,
         "W": "$xavp(_dsdst_=>dstid)",
         "NEXT": "$xavp(_dsdst_[1]=>dstid)",
