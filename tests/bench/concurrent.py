@@ -522,9 +522,9 @@ def path_row(s: Step) -> list[object]:
 
 
 def _spread(values: list[float]) -> list[float]:
-    """p50, p99 and the largest by magnitude (signed) of a list of offsets."""
+    """p1, p50, p99 and the largest by magnitude (signed) of a list of offsets."""
     worst = max(values, key=abs, default=math.nan)
-    return [round(percentile(values, 50), 3), round(percentile(values, 99), 3), round(worst, 3)]
+    return [*(round(percentile(values, q), 3) for q in (1, 50, 99)), round(worst, 3)]
 
 
 def as_json(step: Step) -> dict[str, object]:
@@ -547,8 +547,8 @@ def as_json(step: Step) -> dict[str, object]:
         "whole": step.whole,
         "length_off_over_0_2_s": step.off,
         "audio_off_over_0_2_s": step.audio_off,
-        "start_off_p50_p99_max_s": _spread(step.start_off_s),
-        "end_off_p50_p99_max_s": _spread(step.end_off_s),
+        "start_off_p1_p50_p99_worst_s": _spread(step.start_off_s),
+        "end_off_p1_p50_p99_worst_s": _spread(step.end_off_s),
         "not_whole_audio_short": step.audio_short,
         "streams": step.streams,
         "rx_over_sent": round(step.rx_ratio_total, 5),
