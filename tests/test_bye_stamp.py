@@ -68,6 +68,8 @@ def test_a_stamp_counts_only_from_the_front(tmp_path: Path, keys: Keys) -> None:
     assert received_stamp(cfg.sip, "127.0.0.1:25060", BYE.format(extra="")) is None
     twice = BYE.format(extra=f"{RECEIVED_HEADER}: 1\r\n{RECEIVED_HEADER}: 2\r\n")
     assert received_stamp(cfg.sip, "127.0.0.1:25060", twice) is None
+    answer = "SIP/2.0 200 OK\r\n" + stamped.partition("\r\n")[2]  # to the worker's BYE
+    assert received_stamp(cfg.sip, "127.0.0.1:25060", answer) is None  # passed as sent
     garbage = BYE.format(extra=f"{RECEIVED_HEADER}: soon\r\n")
     assert received_stamp(cfg.sip, "127.0.0.1:25060", garbage) is None
     (tmp_path / "direct").mkdir()

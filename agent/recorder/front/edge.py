@@ -161,8 +161,11 @@ def part_content(text: str) -> str:
 
 def received_stamp(sip: SipConfig, source: str, raw: str) -> float | None:
     """The front's receive time (epoch seconds) of an in-dialog request, when the front
-    relayed it (``source``) and stamped it; None otherwise (no front: never)."""
+    relayed it (``source``) and stamped it; None otherwise (no front: never). Only a
+    request: the front strips the header from requests, responses pass as sent."""
     if not sip.front or source_ip(source) != front_address(sip) or source_port(source) != sip.port:
+        return None
+    if raw.lstrip("\r\n").startswith("SIP/"):
         return None
     value = _head(raw).get(RECEIVED_HEADER.lower(), "").strip()
     return float(value) if _STAMP.fullmatch(value) else None

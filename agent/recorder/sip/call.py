@@ -68,7 +68,10 @@ class SipCall(pj.Call):  # type: ignore[misc]
         if event.type != pj.PJSIP_EVENT_TSX_STATE:
             return None
         change = event.body.tsxState
-        if change.type != pj.PJSIP_EVENT_RX_MSG or change.tsx.method != "BYE":
+        tsx = change.tsx
+        if change.type != pj.PJSIP_EVENT_RX_MSG or tsx.role != pj.PJSIP_ROLE_UAS:
+            return None  # not a BYE received (the SRC's answer to ours, say)
+        if tsx.method != "BYE":
             return None
         rdata = change.src.rdata
         return edge.received_stamp(self._sip, rdata.srcAddress, rdata.wholeMsg)
