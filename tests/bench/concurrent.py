@@ -94,6 +94,7 @@ _EVENT = re.compile(
 )
 EVENTS = ("call_recorded", "recording_finalized", "recording_uploaded")
 PHASES = ("BYE → captured", "captured → finalized", "finalized → receipt")
+_BYE_LATE = re.compile(r"event=bye_read_late recording_id=\S+ late_s=([\d.]+)")
 _RECORDED = re.compile(
     r"event=call_recorded .*?call_ref=(\S+) duration_s=([\d.]+) .*?rtp_received_lost=(\S+)"
 )
@@ -148,6 +149,9 @@ class Step:
     start_off_s: list[float] = field(default_factory=list)
     end_off_s: list[float] = field(default_factory=list)
     audio_off: int = 0  # recordings whose audio is more than HOLDS_LENGTH_S off
+    # BYEs a worker read >= 0.2 s after the front received them (its log): the
+    # recording ends at the front's stamp all the same.
+    bye_late_s: list[float] = field(default_factory=list)
 
     def verdict(self) -> list[str]:
         """Why the step does not hold (empty: it holds)."""
@@ -367,6 +371,7 @@ def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0)
             receipt = got.get(row.recording_id, row.stored_at_ms / 1000)
             step.safe_s.append(receipt - c.bye_at)
         rtp_figures(step, pool.text(), {call_ref(c.call_id) for c in answered})
+        step.bye_late_s = [float(v) for v in _BYE_LATE.findall(pool.text())]
         byes = {
             rows[c.call_id].recording_id: c.bye_at
             for c in answered
@@ -549,6 +554,9 @@ def as_json(step: Step) -> dict[str, object]:
         "audio_off_over_0_2_s": step.audio_off,
         "start_off_p1_p50_p99_worst_s": _spread(step.start_off_s),
         "end_off_p1_p50_p99_worst_s": _spread(step.end_off_s),
+        "end_off_over_0_2_s": sum(abs(v) > HOLDS_LENGTH_S for v in step.end_off_s),
+        "start_off_over_0_2_s": sum(abs(v) > HOLDS_LENGTH_S for v in step.start_off_s),
+        "bye_read_late_count_max_s": [len(step.bye_late_s), max(step.bye_late_s, default=0.0)],
         "not_whole_audio_short": step.audio_short,
         "streams": step.streams,
         "rx_over_sent": round(step.rx_ratio_total, 5),
