@@ -70,8 +70,13 @@ def test_a_stamp_counts_only_from_the_front(tmp_path: Path, keys: Keys) -> None:
     assert received_stamp(cfg.sip, "127.0.0.1:25060", twice) is None
     answer = "SIP/2.0 200 OK\r\n" + stamped.partition("\r\n")[2]  # to the worker's BYE
     assert received_stamp(cfg.sip, "127.0.0.1:25060", answer) is None  # passed as sent
-    garbage = BYE.format(extra=f"{RECEIVED_HEADER}: soon\r\n")
-    assert received_stamp(cfg.sip, "127.0.0.1:25060", garbage) is None
+    for value in ("soon", "999999999999.5", "-1", "1e9"):
+        garbage = BYE.format(extra=f"{RECEIVED_HEADER}: {value}\r\n")
+        assert received_stamp(cfg.sip, "127.0.0.1:25060", garbage) is None, value
+    largest = BYE.format(extra=f"{RECEIVED_HEADER}: 9999999999.999999\r\n")
+    stamp = received_stamp(cfg.sip, "127.0.0.1:25060", largest)
+    now = dt.datetime.now(UTC)
+    assert stamp is not None and call_end(now, stamp, None) == (now, "in_the_future")
     (tmp_path / "direct").mkdir()
     direct, _ = agent_config(tmp_path / "direct", keys, "127.0.0.1:1", sip_port=25060)
     assert received_stamp(direct.sip, "127.0.0.1:25060", stamped) is None  # no front

@@ -158,7 +158,10 @@ class CallSession:
         if self.bye_stamp is None or self.meta is None:
             return
         own = self.ended_at or utc_now()
-        end, refused = edge.call_end(own, self.bye_stamp, parse_iso(self.meta.started_at))
+        try:
+            end, refused = edge.call_end(own, self.bye_stamp, parse_iso(self.meta.started_at))
+        except (ValueError, OverflowError, OSError):  # never in the way of closing the call
+            end, refused = own, "unreadable"
         rid = self.meta.recording_id
         if refused is not None:
             late = round(own.timestamp() - self.bye_stamp, 3)
