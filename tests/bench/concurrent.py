@@ -94,6 +94,7 @@ _EVENT = re.compile(
 )
 EVENTS = ("call_recorded", "recording_finalized", "recording_uploaded")
 PHASES = ("BYE → captured", "captured → finalized", "finalized → receipt")
+_BYE_LATE = re.compile(r"event=bye_read_late recording_id=\S+ late_s=([\d.]+)")
 _RECORDED = re.compile(
     r"event=call_recorded .*?call_ref=(\S+) duration_s=([\d.]+) .*?rtp_received_lost=(\S+)"
 )
@@ -142,6 +143,15 @@ class Step:
     # What the calls lasted (answer → BYE, summed): every call lasts --seconds plus the
     # ramp, so --seconds x calls understated it (by half at 400 calls placed at 20/s).
     call_minutes: float = 0.0
+    # Where a recording's length is off (issue 20): its start against SIPp's receipt of
+    # the 200 (the worker stamps it when the 200 went out), its end against SIPp's BYE
+    # (the front's receipt of it), its audio (as encoded) against answer → BYE.
+    start_off_s: list[float] = field(default_factory=list)
+    end_off_s: list[float] = field(default_factory=list)
+    audio_off: int = 0  # recordings whose audio is more than HOLDS_LENGTH_S off
+    # BYEs a worker read >= 0.2 s after the front received them (its log): the
+    # recording ends at the front's stamp all the same.
+    bye_late_s: list[float] = field(default_factory=list)
 
     def verdict(self) -> list[str]:
         """Why the step does not hold (empty: it holds)."""
@@ -355,6 +365,10 @@ def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0)
                 continue
             length = row.duration_ms / 1000 - (c.bye_at - c.answered_at)
             step.off += abs(length) > HOLDS_LENGTH_S
+            step.start_off_s.append(row.started_at_ms / 1000 - c.answered_at)
+            step.end_off_s.append(row.ended_at_ms / 1000 - c.bye_at)
+            heard_off = audio.get(row.recording_id, math.nan) - (c.bye_at - c.answered_at)
+            step.audio_off += not abs(heard_off) <= HOLDS_LENGTH_S
             length_ok = abs(length) <= WHOLE_LENGTH_S
             if length_ok and not flags(row):
                 step.whole += 1
@@ -370,6 +384,7 @@ def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0)
             receipt = got.get(row.recording_id, row.stored_at_ms / 1000)
             step.safe_s.append(receipt - c.bye_at)
         rtp_figures(step, pool.text(), {call_ref(c.call_id) for c in answered})
+        step.bye_late_s = [float(v) for v in _BYE_LATE.findall(pool.text())]
         byes = {
             rows[c.call_id].recording_id: c.bye_at
             for c in answered
@@ -524,6 +539,12 @@ def path_row(s: Step) -> list[object]:
     ]  # fmt: skip
 
 
+def _spread(values: list[float]) -> list[float]:
+    """p1, p50, p99 and the largest by magnitude (signed) of a list of offsets."""
+    worst = max(values, key=abs, default=math.nan)
+    return [*(round(percentile(values, q), 3) for q in (1, 50, 99)), round(worst, 3)]
+
+
 def as_json(step: Step) -> dict[str, object]:
     usage = {
         phase: {k: vars(v) for k, v in figures.items()}
@@ -543,6 +564,12 @@ def as_json(step: Step) -> dict[str, object]:
         "stored": step.stored,
         "whole": step.whole,
         "length_off_over_0_2_s": step.off,
+        "audio_off_over_0_2_s": step.audio_off,
+        "start_off_p1_p50_p99_worst_s": _spread(step.start_off_s),
+        "end_off_p1_p50_p99_worst_s": _spread(step.end_off_s),
+        "end_off_over_0_2_s": sum(abs(v) > HOLDS_LENGTH_S for v in step.end_off_s),
+        "start_off_over_0_2_s": sum(abs(v) > HOLDS_LENGTH_S for v in step.start_off_s),
+        "bye_read_late_count_max_s": [len(step.bye_late_s), max(step.bye_late_s, default=0.0)],
         "not_whole_audio_short": step.audio_short,
         "streams": step.streams,
         "rx_over_sent": round(step.rx_ratio_total, 5),
