@@ -50,6 +50,7 @@ max_call = "2h"
 drain = "30s"
 worker_start = "exec"
 media_thread = false
+frame_ms = 60
 customer_header = "X-Customer"
 employee_header = "X-Employee"
 service_header = "X-Service"

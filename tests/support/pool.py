@@ -236,8 +236,9 @@ def flags(row: RecordingRow) -> set[str]:
 def assert_times(row: RecordingRow, answered: float | None, ended: float | None) -> None:
     """The row's times are SIPp's: the 200 OK arrived (±0.5 s), the BYE left (±1 s).
 
-    The end is when the worker read the BYE: with a dozen calls ending at once on a busy
-    two-core CI host that trailed SIPp's send by 511 ms, once.
+    The end is when the front received the BYE (it stamps it): it used to be when the
+    worker read it, which with a dozen calls ending at once on a busy two-core CI host
+    trailed SIPp's send by 511 ms, once. The bound stays: SIPp logs before it sends.
     """
     assert answered is not None and ended is not None
     assert abs(row.started_at_ms - answered * 1000) <= 500, (row.started_at_ms, answered)
