@@ -23,6 +23,7 @@ from agent.recorder.front.files import FrontFiles, front_files
 from agent.recorder.front.kamailio import Destination, destinations
 from agent.recorder.sip import call_ref
 from agent.store.catalog import Catalog, RecordingRow
+from agent.testcall.ports import forget_taken
 from agent.testcall.rtp import FifoControl, RtpSender
 from agent.testcall.rtpsend import CompiledSender
 from agent.testcall.sipp import SippResult, SiprecCall, free_port, run_sipp, siprec_scenario
@@ -287,6 +288,7 @@ def running_pool(
                 yield pool
             finally:
                 stop_pool(pool)
+                forget_taken()
     finally:
         if relay is not None:
             relay.stop()
