@@ -242,6 +242,24 @@ def repair_wav_header(path: Path) -> int:
     return data
 
 
+def cut_wav(path: Path, seconds: float) -> bool:
+    """Cut a closed canonical WAV (44-byte header) to at most ``seconds`` of audio, whole
+    samples, and fix its sizes; True if it was longer."""
+    with path.open("r+b") as fh:
+        header = fh.read(44)
+        if len(header) < 44 or header[:4] != b"RIFF" or header[36:40] != b"data":
+            raise ValueError(f"{path.name}: not a canonical WAV file")
+        byte_rate = struct.unpack_from("<I", header, 28)[0] or 16000
+        block_align = struct.unpack_from("<H", header, 32)[0] or 1
+        keep = max(0, int(seconds * byte_rate))
+        keep -= keep % block_align
+        if fh.seek(0, os.SEEK_END) - 44 <= keep:
+            return False
+        fh.truncate(44 + keep)
+    repair_wav_header(path)
+    return True
+
+
 def quarantine(entry: Path, quarantine_dir: Path, reason: str) -> Path:
     """Move an entry we cannot process aside, with the reason beside it; nothing is lost.
     (A reason file that can't be written, on a full disk, is left out: the log has it.)"""

@@ -20,7 +20,7 @@ number).
 Under systemd (``JOURNAL_STREAM`` set) records go to journald's native socket as
 structured entries (:mod:`agent.journal`: ``journalctl RECORDING_ID=…``); without the
 socket the line goes to stdout with the ``<N>`` priority prefix journald understands
-(sd-daemon(3)) and no time stamp. Configured only by the entry point (``agent.cli``).
+(sd-daemon(3)) and no time stamp. Configured only by the entry point (``agent.cli.main``).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from pydub import AudioSegment
 
-from agent import access_cli
+from agent.cli import access as access_cli
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.privacy import Protector
 from agent.store.archive.vault import KeyShredded

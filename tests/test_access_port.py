@@ -10,7 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent import access_cli, certs
+from agent import certs
+from agent.cli import access as access_cli
 from agent.config import store_config_from_dict
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config as AlembicConfig
 
-from agent import access_cli
+from agent.cli import access as access_cli
 from agent.store.audit import chain as audit
 from agent.store.catalog import MIGRATIONS, Catalog
 from tests.support.services import Postgres, postgres, write_store_toml  # noqa: F401 (fixture)

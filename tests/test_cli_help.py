@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from agent.cli import _parser
+from agent.cli.main import _parser
 
 CALLREC = str(Path(sys.executable).parent / "callrec")
 

@@ -17,8 +17,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from agent import localtime
-from agent.cli import format_recordings
+from agent.cli import localtime
+from agent.cli.main import format_recordings
 from agent.manifest import timestamp
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from tests.support.access_world import World, opus_audio, running_world

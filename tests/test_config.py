@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main
+from agent.cli.main import main
 from agent.config import ConfigError, load_agent_config, load_store_config, parse_duration
 from tests.support.stack import DIRECTORY_TOML, Keys, agent_config, write_toml
 
@@ -31,6 +31,8 @@ def test_agent_config_round_trip(tmp_path: Path, keys: Keys) -> None:
             "spawn",
             '[sip] worker_start = "spawn": expected one of fork, exec',
         ),
+        ("sip", "frame_ms", 30, "[sip] frame_ms = 30: expected 20, 40 or 60"),
+        ("sip", "frame_ms", 80, "[sip] frame_ms = 80: expected an integer from 20 to 60"),
         ("audio", "workers", -1, "[audio] workers = -1: expected an integer from 0 to 64"),
         ("agent", "site", "Helsinki 1", '[agent] site = "Helsinki 1": expected lower-case'),
         ("sip", "colour", "blue", "[sip] colour: unknown key"),

@@ -1,4 +1,4 @@
-"""Every config key is documented once (agent/config_reference.py) and the documentation
+"""Every config key is documented once (agent/config/reference.py) and the documentation
 cannot drift from the loaders: a file with every key of each kind loads, the keys the
 loaders read are exactly the documented ones, the documented defaults are the loaders'
 defaults, README holds the rendered reference, and a key read but undocumented is
@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 
-from agent import config_reference
 from agent.client.profile import profile_from_dict
 from agent.config import (
     ConfigError,
@@ -26,6 +25,7 @@ from agent.config import (
     toml_value,
     tracing_reads,
 )
+from agent.config import reference as config_reference
 from agent.web.config import web_config_from_dict
 from tests.support.daemons import REPO
 
@@ -50,6 +50,7 @@ max_call = "2h"
 drain = "30s"
 worker_start = "exec"
 media_thread = false
+frame_ms = 60
 customer_header = "X-Customer"
 employee_header = "X-Employee"
 service_header = "X-Service"
@@ -327,7 +328,7 @@ def test_a_key_read_but_undocumented_is_refused(monkeypatch: pytest.MonkeyPatch)
         store_config_from_dict(doc, Path("/etc/callrec"))
     assert str(refused.value) == (
         "[store] sweep_batch: unknown key (read but undocumented: add it to "
-        "agent/config_reference.py)"
+        "agent/config/reference.py)"
     )
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from agent.cli import main as callrec
+from agent.cli.main import main as callrec
 from agent.config import load_agent_config
 from agent.recorder.control.tokens import new_token
 from agent.recorder.front.files import front_files

@@ -113,7 +113,7 @@ def test_tokens_are_kept_as_hashes_and_a_broken_file_is_named(tmp_path: Path) ->
 def test_callrec_check_names_a_broken_tokens_file(
     tmp_path: Path, keys: Keys, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from agent.cli import main as callrec
+    from agent.cli.main import main as callrec
     from tests.support.stack import write_toml
 
     tokens = tmp_path / "control.tokens"
@@ -183,7 +183,7 @@ def test_a_manifest_carries_its_pauses_and_refuses_ones_outside_the_call() -> No
 
 
 def test_show_lists_the_pauses_from_the_calls_start() -> None:
-    from agent.access_cli import format_pauses
+    from agent.cli.access import format_pauses
 
     meta = _meta(pauses=(Pause(_at(10), _at(20.25), "api:crm"), Pause(_at(25), None, "src")))
     manifest = manifest_from_capture(meta, "opus", 2, 100, "0" * 64, "fi")

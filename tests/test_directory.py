@@ -14,7 +14,7 @@ from agent.directory import (
     Role,
     aor_keys,
 )
-from agent.loops import FileWatcher
+from agent.recorder.loops import FileWatcher
 from tests.support.stack import DIRECTORY_TOML
 
 

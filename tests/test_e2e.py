@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import main as callrec
+from agent.cli.main import main as callrec
 from agent.privacy import mask, normalise
 from agent.recorder.sip import call_ref
 from agent.store.catalog import Catalog, RecordingRow

@@ -6,6 +6,9 @@ left out of an installation without the test-call harness."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -14,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli
+from agent.cli import main as cli
 from agent.config import load_agent_config, load_store_config
 from agent.directory import Directory
 from agent.web.config import load_web_config
@@ -89,24 +92,55 @@ def test_check_names_a_missing_key_file_of_an_example() -> None:
     assert checked.stdout == ""
 
 
-def test_demo_is_not_offered_without_the_harness(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The Debian package leaves agent/demo.py and agent/testcall out (checked on the
-    installed package in test_deb.py); without them there is no `demo` command."""
-    real_find_spec = importlib.util.find_spec
+# Run in a copy of agent/ without testcall: every module imported (the migrations' env
+# is alembic's script, not a module), then `callrec --help` and `callrec demo`. The
+# editable install's finder would find agent.testcall in the checkout: it is removed.
+WITHOUT_HARNESS = """
+import importlib, json, pkgutil, sys
+sys.meta_path[:] = [f for f in sys.meta_path if not f.__module__.startswith("__editable__")]
+import agent
+assert agent.__file__.startswith(sys.argv[1]), agent.__file__
+names = [m.name for m in pkgutil.walk_packages(agent.__path__, "agent.")
+         if not m.name.endswith(".__main__") and ".migrations" not in m.name]
+for name in names:
+    importlib.import_module(name)
+from agent.cli.main import main
+codes = []
+for argv in (["--help"], ["demo"]):
+    try:
+        main(argv)
+    except SystemExit as exited:
+        codes.append(exited.code)
+print(json.dumps({"imported": names, "codes": codes}))
+"""
 
-    def find_spec(name: str, package: str | None = None) -> ModuleSpec | None:
-        return None if name == "agent.demo" else real_find_spec(name, package)
 
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    with pytest.raises(SystemExit) as exited:
-        cli.main(["demo"])
-    assert exited.value.code == 2
-    assert "invalid choice: 'demo'" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["--help"])
-    assert "demo" not in capsys.readouterr().out
+def test_the_package_without_the_harness_imports_and_offers_no_demo(tmp_path: Path) -> None:
+    """The Debian package leaves agent/testcall (the demo and its test-call harness) out
+    (checked on the installed package in test_deb.py): no other module may need it, and
+    without it there is no `demo` command."""
+    shutil.copytree(
+        REPO / "agent", tmp_path / "agent", ignore=shutil.ignore_patterns("testcall", "__pycache__")
+    )
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", WITHOUT_HARNESS, str(tmp_path)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    *shown, result = done.stdout.splitlines()
+    outcome = json.loads(result)
+    assert {"agent.cli.main", "agent.recorder.worker", "agent.store.server"} <= set(
+        outcome["imported"]
+    )
+    assert not [name for name in outcome["imported"] if "testcall" in name]
+    assert outcome["codes"] == [0, 2]
+    assert "invalid choice: 'demo'" in done.stderr
+    assert "store" in "\n".join(shown) and "demo" not in "\n".join(shown)
 
 
 @pytest.mark.parametrize("command", [["demo", "--help"], ["--help"]])

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from agent.cli import main
+from agent.cli.main import main
 from agent.config import ConfigError, StoreConfig, store_config_from_dict
 from agent.privacy import KeyFileError, read_key_file
 from agent.store.archive.vault import Storage, open_storage

@@ -186,7 +186,7 @@ def test_a_storm_of_sighups_leaves_the_agent_reloading_and_stopping_cleanly(
     """SIGHUPs (log rotation, reloads) faster than the agent handles them: it reloads,
     passes them on to its worker, and still stops at once and cleanly on SIGTERM. A
     handler that took a lock (``threading.Event``) could wait for ever on the lock of
-    the code it interrupted (agent.signals)."""
+    the code it interrupted (agent.recorder.signals)."""
     agent = start_agent(tmp_path, keys, "127.0.0.1:1", free_port())  # no store needed
     try:
         assert agent.process is not None

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli
+from agent.cli import main as cli
+from agent.cli.tabular import size_text
 from agent.client import audit as audit_cli
 from agent.client.options import FLAG_NAMES, VIEW_FIELDS
-from agent.tabular import size_text
 from tests.support.access_world import CUSTOMER, World, running_world
 from tests.support.services import write_store_toml
 from tests.support.stack import make_keys

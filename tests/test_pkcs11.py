@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 from pkcs11 import Attribute
 
-from agent.cli import main
+from agent.cli.main import main
 from agent.config import StoreConfig, store_config_from_dict
 from agent.privacy import KeyFileError
 from agent.store.archive.vault import Storage, open_storage

@@ -1,4 +1,4 @@
-"""agent.signals in this process: a handler that sets a Flag while the main thread
+"""agent.recorder.signals in this process: a handler that sets a Flag while the main thread
 sleeps in Wakeup ends the sleep at once, and a handler interrupting another (the same
 signal again) cannot wedge the main thread."""
 
@@ -13,7 +13,7 @@ from types import FrameType
 
 import pytest
 
-from agent.signals import ASYNC_SIGNALS, Flag, Wakeup, main_thread_only
+from agent.recorder.signals import ASYNC_SIGNALS, Flag, Wakeup, main_thread_only
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
-from agent import access_cli, certs, logs
+from agent import certs, logs
+from agent.cli import access as access_cli
 from agent.config import ConfigError, store_config_from_dict
 from agent.directory import Directory, DirectoryError
 from agent.pb.callrec.v1 import access_pb2 as apb

@@ -127,10 +127,10 @@ def test_agent_sees_own_calls_plays_seeks_and_cannot_download(
             else None
         ),
     )
-    page.wait_for_function("() => document.getElementById('audio').readyState >= 1")
+    page.wait_for_function("() => document.getElementById('audio')?.readyState >= 1")
     assert page.evaluate("document.getElementById('audio').duration") == pytest.approx(420, abs=1)
     page.evaluate("document.getElementById('audio').play()")
-    page.wait_for_function("() => document.getElementById('audio').currentTime > 0.3")
+    page.wait_for_function("() => document.getElementById('audio')?.currentTime > 0.3")
     page.evaluate("document.getElementById('audio').currentTime = 300")
     page.wait_for_function(
         "() => { const a = document.getElementById('audio');"
@@ -481,7 +481,7 @@ def test_demo_serves_the_web_with_local_sign_in(tmp_path: Path, browser: Any) ->
         page.click("table.results a")
         page.select_option("#purpose", "verification")
         page.click("#start")
-        page.wait_for_function("() => document.getElementById('audio').readyState >= 1")
+        page.wait_for_function("() => document.getElementById('audio')?.readyState >= 1")
         context.close()
     finally:
         demo.send_signal(signal.SIGINT)
@@ -500,7 +500,7 @@ def test_listening_to_one_side_routes_that_channel_to_both_ears(
     page.goto(f"{web.url}/recordings/{call}")
     page.select_option("#purpose", "verification")
     page.click("#start")
-    page.wait_for_function("() => document.getElementById('audio').readyState >= 1")
+    page.wait_for_function("() => document.getElementById('audio')?.readyState >= 1")
     page.evaluate("document.getElementById('audio').play()")
 
     def heard(solo: str) -> tuple[float, float]:
@@ -527,7 +527,7 @@ def test_skip_silence_speeds_through_the_quiet_part(
     page.select_option("#purpose", "verification")
     page.click("#start")
     page.check("#skip-silence")
-    page.wait_for_function("() => document.getElementById('audio').readyState >= 1")
+    page.wait_for_function("() => document.getElementById('audio')?.readyState >= 1")
     page.evaluate("document.getElementById('audio').play()")
     page.wait_for_function(
         "() => { const a = document.getElementById('audio');"

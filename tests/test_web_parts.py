@@ -4,13 +4,16 @@ sessions' idle timeout, and the [web] / [store.oidc] config with its error messa
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from agent.config import ConfigError, store_config_from_dict
-from agent.web import timefmt
+from agent.pb.callrec.v1 import access_pb2
+from agent.store.server import MIN_CLIENT_PING_INTERVAL_MS
+from agent.web import store_client, timefmt
 from agent.web.audio import BadRange, parse_range
 from agent.web.config import web_config_from_dict
 from agent.web.i18n import pick_language
@@ -225,7 +228,7 @@ def test_local_sign_in_is_for_a_loopback_demo_only(tmp_path: Path) -> None:
 def test_callrec_web_check_names_an_unreadable_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from agent.cli import main
+    from agent.cli.main import main
 
     (tmp_path / "web.pem").write_text("cert")
     (tmp_path / "web.key").write_text("key")
@@ -261,3 +264,17 @@ def test_id_token_claims_and_when_to_refresh() -> None:
     assert not refresh_due(0, 3600, 3539) and refresh_due(0, 3600, 3540)
     assert not refresh_due(0, 12, 7.9) and refresh_due(0, 12, 8)
     assert refresh_due(0, 0, 0), "a token without iat/exp is refreshed when it can be"
+
+
+def test_the_store_channel_retries_reads_only_and_pings_as_the_store_permits() -> None:
+    """A misspelt method name would silently turn its retry off; a change asked again
+    could be done twice; pings more often than the store allows get a GOAWAY."""
+    methods = access_pb2.DESCRIPTOR.services_by_name["Access"].methods_by_name
+    options = dict(store_client.CHANNEL_OPTIONS)
+    policy = json.loads(str(options["grpc.service_config"]))["methodConfig"]
+    retried = {n["method"] for config in policy for n in config["name"]}
+    assert retried == set(store_client.RETRIED_READS) and retried <= set(methods)
+    changes = {"Erase", "Restrict", "Unrestrict", "Hold", "Release", "RectifyEmployee",
+               "OpenSealedDigits", "Export", "ExportPackage"}  # fmt: skip
+    assert changes <= set(methods) and not retried & changes
+    assert int(options["grpc.keepalive_time_ms"]) >= MIN_CLIENT_PING_INTERVAL_MS

@@ -154,7 +154,7 @@ def test_an_hour_long_recording_seeks_to_45_minutes_by_ranges(web: WebWorld, bro
     rid = seed_audio(web.world, AINO, hour, day_ms(3), 3600)
     page = _open_player(browser, web, rid, size=1920)
     ranges = _audio_ranges(page)
-    page.wait_for_function("() => document.getElementById('audio').readyState >= 1")
+    page.wait_for_function("() => document.getElementById('audio')?.readyState >= 1")
     assert page.evaluate("document.getElementById('audio').duration") == pytest.approx(3600, abs=2)
     seek_ms = page.evaluate(
         """() => new Promise((resolve) => {

@@ -85,7 +85,7 @@ def test_sessions_survive_a_restart_of_the_web(web: WebWorld, browser: Any) -> N
     page.goto(f"{web.url}/recordings/{rid}")
     assert page.url.endswith(f"/recordings/{rid}")
     assert page.locator("audio").count() == 1, "the chosen purpose survived too"
-    page.wait_for_function("() => document.getElementById('audio').readyState >= 1")
+    page.wait_for_function("() => document.getElementById('audio')?.readyState >= 1")
     assert session_cookie(page) == cookie, "the same session"
     assert "sign_in" not in [e["action"] for e in web.world.events_after(seq)]
     # A forged cookie is still nobody.

@@ -676,6 +676,57 @@ def test_the_bridge_clock_stops_when_idle_and_the_next_call_is_recorded(
         assert "clock" not in _wait_without(worker.proc.pid, "clock")
 
 
+def _clock_wakeups(pid: int) -> int | None:
+    """The bridge clock thread's voluntary context switches (its sleeps), if it runs."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            if (task / "comm").read_text().strip() == "clock":
+                status = (task / "status").read_text()
+                return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+    return None
+
+
+@pytest.mark.alone  # counts a thread's wake-ups per second: a busy host skews them
+@pytest.mark.parametrize(("frame_ms", "ticks_per_s"), [(None, 25), (20, 50)])
+def test_the_bridge_clock_ticks_once_per_frame_and_the_call_is_recorded_whole(
+    tmp_path: Path,
+    keys: Keys,
+    workers: list[Worker],
+    speech: Speech,
+    rtp: tuple[str, int],
+    frame_ms: int | None,
+    ticks_per_s: int,
+) -> None:
+    """``[sip] frame_ms`` (40 unless set): the bridge's clock wakes once per frame while
+    a call is up (25 times a second by default, 50 at 20 ms), and the call is recorded
+    whole, with its audio, either way."""
+    workers.append(start_worker(tmp_path, keys, {"frame_ms": frame_ms} if frame_ms else None))
+    worker = workers[-1]
+    call = SiprecCall(
+        speech.customer, speech.employee, service=SERVICE_AOR, call_ms=5000, rtp_via=rtp
+    )
+    with ThreadPoolExecutor(1) as pool:
+        placed = pool.submit(
+            run_sipp, siprec_scenario(call), worker.target, tmp_path / "sipp", timeout_s=40
+        )
+        deadline = time.monotonic() + 20
+        while (before := _clock_wakeups(worker.proc.pid)) is None:
+            assert time.monotonic() < deadline, "the bridge clock never started"
+            time.sleep(0.05)
+        time.sleep(2.0)  # a window to count in, not an ordering
+        after = _clock_wakeups(worker.proc.pid)
+        result = placed.result()
+    assert after is not None, "the clock stopped within 2 s of the call's start"
+    per_s = (after - before) / 2.0
+    # A late clock catches up without sleeping, so a loaded host gives fewer, never more.
+    assert ticks_per_s * 0.4 <= per_s <= ticks_per_s * 1.3, per_s
+    assert result.ok, result.errors or result.stdout
+    meta = wait_for_capture(worker, result.call_id)
+    for leg in meta.legs:
+        assert abs(wav_seconds(worker.ready_dir / meta.recording_id / leg) - 5.0) < 0.5
+        assert channel_rms(worker.ready_dir / meta.recording_id / leg)[0] > 300, leg
+
+
 def test_without_the_media_thread_an_idle_worker_sleeps_and_calls_are_recorded(
     tmp_path: Path, keys: Keys, workers: list[Worker], speech: Speech, rtp: tuple[str, int]
 ) -> None:

@@ -1,6 +1,6 @@
 """``callrec audit log``: who did what, read through the store's Access service (the
 privacy officer for a legal or security purpose, admins for security; the reading is
-audited too). ``callrec audit verify`` (on the store host) is in ``agent.access_cli``.
+audited too). ``callrec audit verify`` (on the store host) is in ``agent.cli.access``.
 
     callrec audit log [--recording ID] [--person ID] [--since T] [--until T]
                       [--limit N] [--before SEQ] [--json | --csv]
@@ -13,7 +13,7 @@ import datetime as dt
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from agent import tabular
+from agent.cli import tabular
 from agent.client.options import add_client_options, common
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import access_pb2_grpc as apb_grpc

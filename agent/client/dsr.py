@@ -1,5 +1,5 @@
 """``callrec dsr``: the privacy officer's tasks, grouped (the handlers are in
-``agent.access_cli``). Every one of them is audited with its reason and defaults to
+``agent.cli.access``). Every one of them is audited with its reason and defaults to
 ``--purpose legal``.
 
     callrec dsr find --at T [--window 15m] --reason R   a customer's calls (number on stdin)
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import phonenumbers
 
-from agent import tabular
+from agent.cli import tabular
 from agent.client.options import add_client_options
 
 if TYPE_CHECKING:

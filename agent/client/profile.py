@@ -1,7 +1,7 @@
 """The people's CLI profile: ``~/.config/callrec/client.toml`` (or ``$XDG_CONFIG_HOME``,
 or the file ``$CALLREC_CLIENT_CONFIG`` names) holds what a supervisor would otherwise
 type on every command: the store's address, its CA, where the token comes from and the
-usual purpose. Explicit flags win over it; every key is in ``agent.config_reference``.
+usual purpose. Explicit flags win over it; every key is in ``agent.config.reference``.
 
     [client]
     store = "store.example:50052"

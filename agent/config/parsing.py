@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from agent import config_reference
+from agent.config import reference as config_reference
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -185,14 +185,14 @@ class _Section:
 
     def check_unknown(self) -> None:
         """Refuse keys no loader read, and keys read but missing from the reference
-        (``agent.config_reference``): a key exists only once it is documented."""
+        (``agent.config.reference``): a key exists only once it is documented."""
         accepted = self.used & config_reference.documented(self.name)
         unknown = sorted(set(self.table) - accepted)
         errors = _collected.get()
         for key in unknown:
             message = f"[{self.name}] {key}: unknown key"
             if key in self.used:
-                message += " (read but undocumented: add it to agent/config_reference.py)"
+                message += " (read but undocumented: add it to agent/config/reference.py)"
             if errors is None:
                 raise ConfigError(message)
             errors.append(message)

@@ -14,6 +14,7 @@ from agent.config.parsing import _REQUIRED, _Section
 WORKER_MAX_CALLS = 4  # PJSUA_MAX_CALLS of the pjsua2 wheel: a fifth INVITE gets 486
 LOOPBACK_CLIENTS = ("127.0.0.0/8", "::1/128")
 MAX_SIP_MESSAGE = 65536  # the front refuses larger requests with 513
+FRAME_MS = (20, 40, 60)  # whole RTP packets of 20 ms per bridge frame
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class SipConfig:
     # pjmedia's own thread reads RTP (polling every 10 ms, calls or not); false: the
     # worker's one pjsua thread does, sleeping until a packet comes (idle: 4x cheaper).
     media_thread: bool = True
+    # The conference bridge's frame (pjsua's audioFramePtime): its clock ticks, and each
+    # leg's WAV gets a frame, every frame_ms. RTP packets keep their own ptime.
+    frame_ms: int = 40
     # For plain (non-SIPREC) INVITEs of a forking PBX: headers naming the parties.
     customer_header: str = "X-Callrec-Customer"
     employee_header: str = "X-Callrec-Employee"
@@ -106,6 +110,13 @@ class SipConfig:
         return self.rtp_port_start + index * self.rtp_port_count, self.rtp_port_count
 
 
+def _frame_ms(sip: _Section) -> int:
+    value = sip.integer("frame_ms", 40, FRAME_MS[0], FRAME_MS[-1])
+    if value not in FRAME_MS:
+        raise sip._fail("frame_ms", value, "20, 40 or 60")
+    return value
+
+
 def _sip_config(sip: _Section) -> SipConfig:
     port = sip.integer("port", 5070, 1, 65535)
     cfg = SipConfig(
@@ -121,6 +132,7 @@ def _sip_config(sip: _Section) -> SipConfig:
         drain_s=sip.seconds("drain", "60s"),
         worker_start=sip.text("worker_start", "fork", choices=("fork", "exec")),
         media_thread=sip.boolean("media_thread", True),
+        frame_ms=_frame_ms(sip),
         customer_header=sip.text("customer_header", SipConfig.customer_header),
         employee_header=sip.text("employee_header", SipConfig.employee_header),
         service_header=sip.text("service_header", SipConfig.service_header),

@@ -20,20 +20,20 @@ from prometheus_client.registry import Collector
 from agent import logs, metrics, sdnotify
 from agent.config import AgentConfig, ConfigError, load_agent_config
 from agent.directory import LiveDirectory
-from agent.loops import DirectoryQueue, FileWatcher
 from agent.privacy import Sealer
 from agent.recorder.control.api import ControlServer
 from agent.recorder.control.desk import ControlDesk
 from agent.recorder.finalize import Finalizer
+from agent.recorder.loops import DirectoryQueue, FileWatcher
 from agent.recorder.pool import WorkerPool, WorkerStartError
 from agent.recorder.quarantine import expire as expire_quarantine
+from agent.recorder.signals import Flag, Wakeup
 from agent.recorder.spool.pickup import SpoolPickup
 from agent.recorder.status import STATUS_INTERVAL_S, agent_status
 from agent.recorder.uplink.backpressure import OutboxMonitor
 from agent.recorder.uplink.client import Uplink
 from agent.recorder.uplink.live import LiveUplink
 from agent.recorder.uplink.outbox import Outbox
-from agent.signals import Flag, Wakeup
 
 log = logs.get_logger(__name__)
 QUARANTINE_CHECK_S = 3600.0
@@ -43,7 +43,7 @@ class AgentDaemon:
     def __init__(self, config: AgentConfig, config_path: Path) -> None:
         self.config = config
         self.config_path = config_path
-        # Set by signal handlers: flags, never a threading.Event (see agent.signals).
+        # Set by signal handlers: flags, never a threading.Event (see agent.recorder.signals).
         self.stop_event = Flag()
         self.forced = Flag()
         self._wakeup: Wakeup | None = None  # the main loop's sleep, ended by a signal

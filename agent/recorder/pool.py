@@ -95,7 +95,7 @@ class WorkerPool:
             self.front.kill()
 
     def _worker_command(self, worker: WorkerProcess, ready_fd: int | None) -> list[str]:
-        # The worker's own entry point (= `callrec worker`): importing agent.cli would
+        # The worker's own entry point (= `callrec worker`): importing agent.cli.main would
         # load gRPC and the store's code into every worker (~26 MB PSS each, measured).
         command = [
             sys.executable,

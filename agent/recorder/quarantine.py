@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import logs, tabular
+from agent import logs
+from agent.cli import tabular
 from agent.config import AgentConfig, load_agent_config, parse_duration
 from agent.recorder.spool.index import SpoolIndex
 

@@ -23,6 +23,7 @@ from agent.capture import (
     CaptureMeta,
     Employee,
     Flag,
+    cut_wav,
     fsync_dir,
     iso_ms,
     leg_seconds,
@@ -174,17 +175,22 @@ def finish_capture(
     ended: dt.datetime,
     flags: list[Flag],
     received: dict[str, tuple[int, int]] | None = None,
+    audio_until_s: float | None = None,
 ) -> CaptureMeta:
     """Close the capture's metadata (end time, legs present, flags) and move it to
     ``ready`` with one rename; a leg that was never written, or holds less audio than
     the call lasted, makes it incomplete. ``received``: RTP packets received and lost
-    per party, for the log line. An OSError (a full disk) leaves the capture where it
-    is, unchanged in memory, for the caller to try again."""
+    per party, for the log line. ``audio_until_s``: every leg is cut to that many
+    seconds from its first sample (the call ended before the worker read the BYE: the
+    legs share their start, so they stay aligned). An OSError (a full disk) leaves the
+    capture where it is, unchanged in memory, for the caller to try again."""
     legs = tuple(leg for leg in meta.legs if (directory / leg).exists())
     flags = [*flags] + ([Flag.INCOMPLETE] if legs != meta.legs else [])
     for leg in legs:  # pjsua leaves 0 in the sizes when its last write failed (full disk)
         with contextlib.suppress(ValueError):
             repair_wav_header(directory / leg)
+            if audio_until_s is not None:
+                cut_wav(directory / leg, audio_until_s)
     duration_s = (ended - parse_iso(meta.started_at)).total_seconds()
     short = short_legs(directory, legs, duration_s)
     if short:

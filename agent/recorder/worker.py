@@ -5,7 +5,7 @@ the directory and the privacy keys, and starts SIP; ``run()`` turns the pjsua2 l
 until a stop is asked; ``shutdown()`` lets calls in progress end (up to a deadline),
 hangs up the rest, finalises their captures and destroys the library.
 
-Signal handlers only set flags (:mod:`agent.signals`: a lock taken in a handler
+Signal handlers only set flags (:mod:`agent.recorder.signals`: a lock taken in a handler
 deadlocked a draining worker), and pjsua's threads never get a signal: SIGTERM/SIGINT
 ask for an orderly stop (new INVITEs get 503), a second one exits at once (what was
 recorded is recovered on restart); SIGHUP reloads the directory and the log level (the
@@ -40,9 +40,9 @@ from agent.privacy import Protector
 from agent.recorder.control.channel import ControlChannel, channel_name
 from agent.recorder.ownership import WorkerSlot
 from agent.recorder.parties import PartyRules
+from agent.recorder.signals import Flag, main_thread_only
 from agent.recorder.sip import SipEngine
 from agent.recorder.zygote import process_name
-from agent.signals import Flag, main_thread_only
 
 log = logs.get_logger("agent.recorder.worker")  # also when run as __main__
 

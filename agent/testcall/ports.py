@@ -80,3 +80,10 @@ _PORTS = _Ports()
 def free_port(count: int = 1) -> int:
     """The first of ``count`` consecutive UDP ports on 127.0.0.1 that are free now."""
     return _PORTS.take(count)
+
+
+def forget_taken() -> None:
+    """The ranges handed out so far are free again (their pool has stopped): a
+    benchmark's next, larger step may need them (600 calls take 6,600 RTP ports)."""
+    with _PORTS.lock:
+        _PORTS.recent.clear()

@@ -13,11 +13,18 @@ import grpc
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from agent import logs
 from agent.web.auth import bearer
 from agent.web.pages import RID, refused, signed_in
 from agent.web.store_client import Range, StoreRefused
 
+log = logs.get_logger(__name__)
 MAX_PART = 1024 * 1024
+RESUMES = 2  # times an answer cut by its replica's death is continued from another
+# How a stream cut mid-answer ends: UNAVAILABLE (the connection to the store broke) or,
+# through HAProxy in HTTP/2 mode, UNKNOWN "Stream removed" (it ends the stream without
+# the store's status). A read asked again is harmless (and audited as one more read).
+CUT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL)
 _SPEC = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
 MEDIA_TYPES = {"opus": "audio/ogg", "flac": "audio/flac", "wav": "audio/wav"}
 
@@ -129,7 +136,8 @@ async def _serve(
     if partial or last < total - 1:
         status, headers["content-range"] = 206, f"bytes {start}-{last}/{total}"
     media = MEDIA_TYPES.get(part.audio_format, "application/octet-stream")
-    return StreamingResponse(_body(part), status, headers=headers, media_type=media)
+    body = _body(request, rid, purpose, part, last)
+    return StreamingResponse(body, status, headers=headers, media_type=media)
 
 
 async def _part(request: Request, rid: str, purpose: str, start: int, end: int | None) -> Range:
@@ -145,10 +153,30 @@ def _refused(request: Request, exc: StoreRefused) -> Response:
     return refused(request, exc)
 
 
-async def _body(part: Range) -> AsyncIterator[bytes]:
-    yield part.first
-    async for chunk in part.rest:
-        yield chunk.data
+async def _body(
+    request: Request, rid: str, purpose: str, part: Range, last: int
+) -> AsyncIterator[bytes]:
+    """The bytes up to ``last``. When the store replica streaming them dies mid-answer
+    (the status and the first bytes have gone, so neither the page nor gRPC's own
+    retry can help), the rest is asked for again through the balancer, from
+    the first byte not yet sent (another audited read of what is left), so the
+    listener's answer arrives whole."""
+    at = part.offset
+    for attempt in range(RESUMES + 1):
+        try:
+            if attempt:
+                part = await _part(request, rid, purpose, at, last)
+            yield part.first
+            at += len(part.first)
+            async for chunk in part.rest:
+                yield chunk.data
+                at += len(chunk.data)
+            return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in CUT or attempt == RESUMES:
+                log.warning("audio_cut", recording_id=rid, offset=at, code=exc.code().name)
+                raise
+            log.info("audio_resumed", recording_id=rid, offset=at, why=exc.code().name)
 
 
 async def _drain(part: Range) -> None:

@@ -15,6 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
+from agent import logs
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.web import timefmt
@@ -24,6 +25,7 @@ from agent.web.render import language, message, page
 from agent.web.sessions import csrf_ok
 from agent.web.store_client import BROWSE_PURPOSE, PURPOSES, StoreRefused
 
+log = logs.get_logger(__name__)
 RID = re.compile(r"^[0-9a-f]{32}$")
 MASKED = re.compile(r"^\+?[0-9 ]{4,20}\*{3}$")
 SERVICE = re.compile(r"^\+[0-9 ]{4,20}$")
@@ -65,6 +67,12 @@ def refused(request: Request, exc: StoreRefused) -> Response:
         return message(request, 409, "erase", "held_first")
     if exc.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE):
         return message(request, 400, "bad_request", "bad_request")
+    # The store (or the way to it) failed: the person gets a page that says so; the
+    # operator gets the code and the store's words (no customer data: no number is
+    # ever sent to the store in a way that lands in a status message).
+    log.warning(
+        "store_unavailable", code=exc.code.name, path=request.url.path, why=exc.message[:200]
+    )
     return message(request, 503, "no_access", "unavailable")
 
 

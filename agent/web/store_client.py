@@ -4,6 +4,7 @@ rules and audits; this module only carries requests and maps the answers."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -29,9 +30,48 @@ BROWSE_PURPOSE = {
 }
 TIMEOUT_S = 15.0
 _M = TypeVar("_M")
+# Reads the store answers the same whichever replica asks (issue 18: replicas behind a
+# balancer). When the one a call went to dies with the call in flight (the balancer
+# answers UNAVAILABLE, or the connection breaks before an answer began), gRPC asks
+# again, through the balancer, so another replica answers and the person sees the
+# page. A call already answering (a stream's first message received) is never asked
+# again; the changes (restrict, erase, hold…) never are: they get the "try again" page.
+RETRIED_READS = (
+    "WhoAmI", "Search", "GetRecording", "Waveform", "PlayRange", "AuditLog", "FindByNumber",
+)  # fmt: skip
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "callrec.v1.Access", "method": m} for m in RETRIED_READS],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.1s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+# Keepalive: while calls are in flight, ping every 30 s (the store permits one every
+# 15 s, server.MIN_CLIENT_PING_INTERVAL_MS), so a replica whose host vanished without
+# a word (no RST) is noticed in ~40 s, not at the kernel's TCP timeout. Reconnects after
+# a lost connection start after 0.5 s, at most 5 s apart (the balancer is one address).
 # No bandwidth-delay probing: each audio stream's flow-control window stays at 64 KiB,
 # so a listener whose browser has buffered enough holds 64 KiB here, not megabytes.
-CHANNEL_OPTIONS = [("grpc.http2.bdp_probe", 0)]
+CHANNEL_OPTIONS = [
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.service_config", _SERVICE_CONFIG),
+    ("grpc.enable_retries", 1),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+]
 
 
 class StoreRefused(Exception):

@@ -94,6 +94,7 @@ _EVENT = re.compile(
 )
 EVENTS = ("call_recorded", "recording_finalized", "recording_uploaded")
 PHASES = ("BYE → captured", "captured → finalized", "finalized → receipt")
+_BYE_LATE = re.compile(r"event=bye_read_late recording_id=\S+ late_s=([\d.]+)")
 _RECORDED = re.compile(
     r"event=call_recorded .*?call_ref=(\S+) duration_s=([\d.]+) .*?rtp_received_lost=(\S+)"
 )
@@ -142,6 +143,15 @@ class Step:
     # What the calls lasted (answer → BYE, summed): every call lasts --seconds plus the
     # ramp, so --seconds x calls understated it (by half at 400 calls placed at 20/s).
     call_minutes: float = 0.0
+    # Where a recording's length is off (issue 20): its start against SIPp's receipt of
+    # the 200 (the worker stamps it when the 200 went out), its end against SIPp's BYE
+    # (the front's receipt of it), its audio (as encoded) against answer → BYE.
+    start_off_s: list[float] = field(default_factory=list)
+    end_off_s: list[float] = field(default_factory=list)
+    audio_off: int = 0  # recordings whose audio is more than HOLDS_LENGTH_S off
+    # BYEs a worker read >= 0.2 s after the front received them (its log): the
+    # recording ends at the front's stamp all the same.
+    bye_late_s: list[float] = field(default_factory=list)
 
     def verdict(self) -> list[str]:
         """Why the step does not hold (empty: it holds)."""
@@ -292,15 +302,25 @@ def audio_seconds(pool: Pool) -> dict[str, float]:
     return {rid: float(seconds) for rid, seconds in _AUDIO.findall(text)}
 
 
-WAYS = {f"{start}{media}" for start in ("fork", "exec") for media in ("", "+thread", "+loop")}
+_WAY = re.compile(r"^(fork|exec)(\+thread|\+loop)?(\+ptime(?:20|40|60))?$")
+WAYS_HELP = "fork or exec, then +thread or +loop, then +ptime20, +ptime40 or +ptime60"
 
 
 def pool_keys(way: str) -> dict[str, object]:
     """``[sip]`` keys of a way to run workers: fork or exec, then ``+thread`` (RTP read
     by pjmedia's media thread: ``media_thread = true``) or ``+loop`` (by the worker's
-    own thread: ``false``); neither: the default."""
-    start, _, media = way.partition("+")
-    return {"worker_start": start, **({"media_thread": media == "thread"} if media else {})}
+    own thread: ``false``), then ``+ptimeN`` (the bridge's frame, ``frame_ms = N``);
+    what is left out: the default."""
+    found = _WAY.match(way)
+    if found is None:
+        raise ValueError(f"way {way!r}: expected {WAYS_HELP}")
+    start, media, ptime = found.groups()
+    keys: dict[str, object] = {"worker_start": start}
+    if media:
+        keys["media_thread"] = media == "+thread"
+    if ptime:
+        keys["frame_ms"] = int(ptime.removeprefix("+ptime"))
+    return keys
 
 
 def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0) -> Step:
@@ -308,8 +328,11 @@ def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0)
     step.seconds = seconds
     speech = long_speech(root / "speech", seconds + math.ceil(calls / rate) + spread + 10)
     ready_s = 60.0 + workers
+    where = root / f"step{calls}-{path}-{step.start}"
+    runs = 1 + sum(1 for _ in root.glob(f"{where.name}*"))  # a way repeated in --start
     with running_pool(
-        root / f"step{calls}-{path}-{step.start}", workers, speech, ready_timeout=ready_s,
+        where.with_name(f"{where.name}-{runs}") if runs > 1 else where, workers, speech,
+        ready_timeout=ready_s,
         sender=step.sender, rtp_timeout="10s", **pool_keys(step.start),
         rtp_port_count=RTP_PORTS_PER_WORKER,
         uplink={"live": True} if path == "live" else None, proxy=True,
@@ -342,6 +365,10 @@ def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0)
                 continue
             length = row.duration_ms / 1000 - (c.bye_at - c.answered_at)
             step.off += abs(length) > HOLDS_LENGTH_S
+            step.start_off_s.append(row.started_at_ms / 1000 - c.answered_at)
+            step.end_off_s.append(row.ended_at_ms / 1000 - c.bye_at)
+            heard_off = audio.get(row.recording_id, math.nan) - (c.bye_at - c.answered_at)
+            step.audio_off += not abs(heard_off) <= HOLDS_LENGTH_S
             length_ok = abs(length) <= WHOLE_LENGTH_S
             if length_ok and not flags(row):
                 step.whole += 1
@@ -357,6 +384,7 @@ def run_step(root: Path, step: Step, seconds: int, rate: float, spread: int = 0)
             receipt = got.get(row.recording_id, row.stored_at_ms / 1000)
             step.safe_s.append(receipt - c.bye_at)
         rtp_figures(step, pool.text(), {call_ref(c.call_id) for c in answered})
+        step.bye_late_s = [float(v) for v in _BYE_LATE.findall(pool.text())]
         byes = {
             rows[c.call_id].recording_id: c.bye_at
             for c in answered
@@ -511,6 +539,12 @@ def path_row(s: Step) -> list[object]:
     ]  # fmt: skip
 
 
+def _spread(values: list[float]) -> list[float]:
+    """p1, p50, p99 and the largest by magnitude (signed) of a list of offsets."""
+    worst = max(values, key=abs, default=math.nan)
+    return [*(round(percentile(values, q), 3) for q in (1, 50, 99)), round(worst, 3)]
+
+
 def as_json(step: Step) -> dict[str, object]:
     usage = {
         phase: {k: vars(v) for k, v in figures.items()}
@@ -530,6 +564,12 @@ def as_json(step: Step) -> dict[str, object]:
         "stored": step.stored,
         "whole": step.whole,
         "length_off_over_0_2_s": step.off,
+        "audio_off_over_0_2_s": step.audio_off,
+        "start_off_p1_p50_p99_worst_s": _spread(step.start_off_s),
+        "end_off_p1_p50_p99_worst_s": _spread(step.end_off_s),
+        "end_off_over_0_2_s": sum(abs(v) > HOLDS_LENGTH_S for v in step.end_off_s),
+        "start_off_over_0_2_s": sum(abs(v) > HOLDS_LENGTH_S for v in step.start_off_s),
+        "bye_read_late_count_max_s": [len(step.bye_late_s), max(step.bye_late_s, default=0.0)],
         "not_whole_audio_short": step.audio_short,
         "streams": step.streams,
         "rx_over_sent": round(step.rx_ratio_total, 5),
@@ -578,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start", default="fork",
                         help="how workers start: fork (the zygote), exec (each its own "
                         "Python) or exec,fork (both at every step, back to back); "
-                        "+thread / +loop: [sip] media_thread = true / false")  # fmt: skip
+                        "+thread / +loop: [sip] media_thread = true / false; "
+                        "+ptime40: [sip] frame_ms = 40")  # fmt: skip
     parser.add_argument("--safe-target", type=float, default=120.0,
                         help="seconds: hang-up → safe p99 of a step that holds")  # fmt: skip
     parser.add_argument("--keep-going", action="store_true",
@@ -588,8 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     ways = args.start.split(",")
-    if not set(ways) <= WAYS:
-        parser.error(f"--start {args.start}: expected a list of {', '.join(sorted(WAYS))}")
+    if not all(_WAY.match(way) for way in ways):
+        parser.error(f"--start {args.start}: expected a list of ways, each {WAYS_HELP}")
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2 sockets per call here
     started = time.monotonic()

@@ -38,6 +38,7 @@ HAPROXY = "/usr/sbin/haproxy"
 HAPROXY_CFG = """\
 global
     maxconn 4096
+    stats socket {socket} mode 600 level admin
 
 defaults
     mode tcp
@@ -56,11 +57,43 @@ backend stores
     default-server check inter 300ms fall 1 rise 2
 {ingest_servers}
 
+{access}"""
+
+ACCESS_TCP = """
 frontend access
     bind 127.0.0.1:{access_port}
     default_backend stores_access
 
 backend stores_access
+    balance roundrobin
+    default-server check inter 300ms fall 1 rise 2
+{access_servers}
+"""
+
+# gRPC-aware: HAProxy ends the people's TLS (its certificate with the balancer's name)
+# and balances each call, not each connection, over new TLS to the stores. The check is
+# a TCP connect (no-check-ssl), so a frozen (SIGSTOPped) store stays in rotation for the
+# tests that put a request in flight on it; README's example uses check-ssl instead.
+ACCESS_HTTP = """
+frontend access
+    mode http
+    bind 127.0.0.1:{access_port} ssl crt {pem} alpn h2
+    log stderr format raw local0 info
+    option httplog
+    default_backend stores_access
+
+backend stores_access
+    mode http
+    balance roundrobin
+    default-server check no-check-ssl inter 300ms fall 1 rise 2
+    default-server ssl verify required ca-file {ca} alpn h2
+{access_servers}
+
+frontend access_tcp
+    bind 127.0.0.1:{access_tcp_port}
+    default_backend stores_access_tcp
+
+backend stores_access_tcp
     balance roundrobin
     default-server check inter 300ms fall 1 rise 2
 {access_servers}
@@ -97,20 +130,36 @@ class Replica:
 
 
 class HAProxy:
-    def __init__(self, root: Path, replicas: list[Replica]) -> None:
+    """``access_tls``: (CA, certificate, key) files to end the people's TLS at HAProxy and
+    balance every gRPC call (HTTP/2 mode; the TCP mode beside it on ``access_tcp_port``);
+    None: TCP mode only, TLS passed through."""
+
+    def __init__(
+        self, root: Path, replicas: list[Replica], access_tls: tuple[Path, Path, Path] | None
+    ) -> None:
         self.root = root
         self.ingest_port, self.access_port = free_tcp_port(), free_tcp_port()
+        self.access_tcp_port = free_tcp_port()  # with access_tls: Access in TCP mode too
         self.config = root / "haproxy.cfg"
+        servers = "\n".join(f"    server {r.name} 127.0.0.1:{r.access_port}" for r in replicas)
+        if access_tls is None:
+            access = ACCESS_TCP.format(access_port=self.access_port, access_servers=servers)
+        else:
+            pem = root / "haproxy-access.pem"
+            pem.write_bytes(access_tls[1].read_bytes() + access_tls[2].read_bytes())
+            pem.chmod(0o600)
+            access = ACCESS_HTTP.format(
+                access_port=self.access_port, access_servers=servers, pem=pem, ca=access_tls[0],
+                access_tcp_port=self.access_tcp_port,
+            )  # fmt: skip
         self.config.write_text(
             HAPROXY_CFG.format(
                 ingest_port=self.ingest_port,
-                access_port=self.access_port,
                 ingest_servers="\n".join(
                     f"    server {r.name} 127.0.0.1:{r.port}" for r in replicas
                 ),
-                access_servers="\n".join(
-                    f"    server {r.name} 127.0.0.1:{r.access_port}" for r in replicas
-                ),
+                access=access,
+                socket=root / "haproxy.sock",
             )
         )
         self.process: subprocess.Popen[bytes] | None = None
@@ -132,12 +181,41 @@ class HAProxy:
             self.process.terminate()
             self.process.wait(10)
 
+    def command(self, line: str) -> str:
+        """One command of HAProxy's runtime API (its stats socket), e.g.
+        ``disable server stores_access/r1``; its answer."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(str(self.root / "haproxy.sock"))
+            sock.sendall(line.encode() + b"\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        return answer.decode()
+
+    def current(self, backend: str, server: str) -> int:
+        """Requests (HTTP mode) or connections (TCP) the server is handling now."""
+        lines = self.command("show stat").splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        for line in lines[1:]:
+            row = dict(zip(header, line.split(","), strict=False))
+            if row.get("pxname") == backend and row.get("svname") == server:
+                return int(row["scur"] or 0)
+        raise AssertionError(f"haproxy: no server {backend}/{server}")
+
 
 class StoreReplicas:
     """``count`` stores sharing ``shared`` ([store] keys: catalog, blobs, s3, keys, …),
-    each with its own data_dir and ports, behind one HAProxy."""
+    each with its own data_dir and ports, behind one HAProxy (``access_tls``: see
+    HAProxy)."""
 
-    def __init__(self, root: Path, count: int, shared: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        count: int,
+        shared: dict[str, Any],
+        access_tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         self.root = root
         self.replicas: list[Replica] = []
         for i in range(count):
@@ -153,7 +231,7 @@ class StoreReplicas:
             config = write_store_toml(root / name / "store.toml", doc)
             daemon = Daemon(name, ["store", "--config", str(config)], root / name / "store.log")
             self.replicas.append(Replica(name, port, access_port, daemon))
-        self.balancer = HAProxy(root, self.replicas)
+        self.balancer = HAProxy(root, self.replicas, access_tls)
 
     @property
     def address(self) -> str:
@@ -163,11 +241,14 @@ class StoreReplicas:
     def access_address(self) -> str:
         return f"127.0.0.1:{self.balancer.access_port}"
 
-    def start(self) -> None:
+    def start(self, together: bool = False) -> None:
         """The first replica alone (it makes the master key on a new catalog, the file
-        all share), then the others at once, then the balancer."""
-        self.replicas[0].start()
-        rest = [threading.Thread(target=r.start) for r in self.replicas[1:]]
+        all share), then the others at once, then the balancer. ``together``: all at
+        once (the caller has made the key, e.g. with ``open_storage``)."""
+        first = 0 if together else 1
+        if not together:
+            self.replicas[0].start()
+        rest = [threading.Thread(target=r.start) for r in self.replicas[first:]]
         for t in rest:
             t.start()
         for t in rest:

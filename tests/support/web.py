@@ -78,25 +78,32 @@ class WebWorld:
 
     def get(self, path: str, cookie: str = "", **headers: str) -> tuple[int, dict[str, str], bytes]:
         """One HTTPS request to the web (no redirects followed)."""
-        import ssl
+        return https_get(self.url + path, self.ca_file, cookie, **headers)
 
-        ctx = ssl.create_default_context(cafile=str(self.ca_file))
-        request = urllib.request.Request(self.url + path, headers={**headers, "cookie": cookie})
 
-        class NoRedirect(urllib.request.HTTPRedirectHandler):
-            def redirect_request(self, *args: Any) -> None:
-                return None
+def https_get(
+    url: str, ca_file: Path, cookie: str = "", timeout: float = 20, **headers: str
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTPS GET (no redirects followed): status, headers (lower-case), body."""
+    import ssl
 
-        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), NoRedirect)
-        try:
-            with opener.open(request, timeout=20) as response:
-                return (
-                    response.status,
-                    {k.lower(): v for k, v in response.headers.items()},
-                    response.read(),
-                )
-        except urllib.error.HTTPError as err:
-            return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    request = urllib.request.Request(url, headers={**headers, "cookie": cookie})
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args: Any) -> None:
+            return None
+
+    opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=ctx), NoRedirect)
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return (
+                response.status,
+                {k.lower(): v for k, v in response.headers.items()},
+                response.read(),
+            )
+    except urllib.error.HTTPError as err:
+        return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
 
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -138,8 +145,13 @@ def _tls(root: Path) -> tuple[Path, Path, Path]:
 
 
 def start_provider(
-    root: Path, tls: tuple[Path, Path, Path], web_port: int, id_token_ttl_s: int = 3600
+    root: Path,
+    tls: tuple[Path, Path, Path],
+    web_port: int | tuple[int, ...],
+    id_token_ttl_s: int = 3600,
 ) -> tuple[subprocess.Popen[bytes], str, Signer]:
+    """``web_port``: the port of each web that signs people in with it."""
+    ports = web_port if isinstance(web_port, tuple) else (web_port,)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     kid = secrets.token_hex(4)
     jwk = {**jwt.algorithms.RSAAlgorithm.to_jwk(key, as_dict=True), "kid": kid, "alg": "RS256"}
@@ -149,7 +161,7 @@ def start_provider(
     conf = {
         "tls_cert": str(tls[1]), "tls_key": str(tls[2]), "jwks": {"keys": [jwk]},
         "client_id": CLIENT_ID, "client_secret": secret,
-        "redirect_uris": [f"https://127.0.0.1:{web_port}/auth/callback"],
+        "redirect_uris": [f"https://127.0.0.1:{port}/auth/callback" for port in ports],
         "ready_file": str(root / "provider.ready"), "id_token_ttl_s": id_token_ttl_s,
     }  # fmt: skip
     conf_path = _write(root / "provider.json", json.dumps(conf), 0o600)
@@ -172,16 +184,28 @@ def start_provider(
     return proc, issuer, Signer(key, kid, issuer)
 
 
-def _web_toml(root: Path, tls: tuple[Path, Path, Path], port: int, store: str, issuer: str) -> Path:
+def web_toml(
+    root: Path,
+    tls: tuple[Path, Path, Path],
+    port: int,
+    store: str,
+    issuer: str,
+    store_ca: Path | None = None,
+    name: str = "web",
+) -> Path:
+    """``store_ca``: the CA of the store's Access TLS (None: plain text on loopback);
+    ``name``: of the config file and the state directory (several webs in one root)."""
+    ca_line = f'store_ca_file = "{store_ca}"' if store_ca else ""
     text = f"""
 [web]
 listen = "127.0.0.1:{port}"
 tls_cert = "{tls[1]}"
 tls_key = "{tls[2]}"
 store_address = "{store}"
+{ca_line}
 session_idle = "10m"
 page_size = 5
-state_dir = "{root / "web-state"}"
+state_dir = "{root / f"{name}-state"}"
 
 [web.oidc]
 issuer = "{issuer}"
@@ -190,7 +214,7 @@ client_secret_file = "{root / "client-secret"}"
 ca_file = "{tls[0]}"
 scopes = "openid offline_access"
 """
-    return _write(root / "web.toml", text)
+    return _write(root / f"{name}.toml", text)
 
 
 def _wait_https(url: str, ca: Path, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -224,22 +248,15 @@ def running_web(root: Path, id_token_ttl_s: int = 3600, leeway: str = "30s") -> 
         with InProcessStore(store_config_from_dict(doc, root)) as store:
             storage = open_storage(store.config)
             world = World(root, keys, store.config, store, storage, doc)
-            config = _web_toml(root, tls, web_port, store.address, issuer)
+            config = web_toml(root, tls, web_port, store.address, issuer)
             web_log = root / "web.log"
             url = f"https://127.0.0.1:{web_port}"
-            callrec = Path(sys.executable).parent / "callrec"
 
             def start() -> int:
                 for old in procs[1:]:
-                    _stop(old)
-                with web_log.open("ab") as out:
-                    web = subprocess.Popen(
-                        [str(callrec), "web", "--config", str(config)],
-                        stdout=out, stderr=subprocess.STDOUT,
-                    )  # fmt: skip
-                procs[1:] = [web]
-                _wait_https(url, tls[0], web, web_log)
-                return web.pid
+                    stop_process(old)
+                procs[1:] = [start_web(config, url, tls[0], web_log)]
+                return procs[1].pid
 
             pid = start()
             try:
@@ -249,10 +266,25 @@ def running_web(root: Path, id_token_ttl_s: int = 3600, leeway: str = "30s") -> 
                 storage.catalog.close()
     finally:
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process(proc)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def start_web(config: Path, url: str, ca: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`callrec web --config config` as its own process, once it answers at ``url``."""
+    callrec = Path(sys.executable).parent / "callrec"
+    with log.open("ab") as out:
+        web = subprocess.Popen(
+            [str(callrec), "web", "--config", str(config)], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        _wait_https(url, ca, web, log)
+    except BaseException:
+        stop_process(web)
+        raise
+    return web
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
         try:

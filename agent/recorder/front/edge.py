@@ -17,10 +17,16 @@ request to the front over loopback; nothing here touches pjsua2.
   :data:`METADATA_HEADER`; the worker fetches it once from the front's loopback HTTP
   port (:func:`fetch_metadata`). The metadata holds full numbers: it is never
   written to disk on either side.
+- **When the call ended**: the front stamps each BYE it relays with the time it
+  received it (:data:`RECEIVED_HEADER`, epoch seconds with microseconds), after
+  removing any header of that name from whatever came from outside. A worker starved
+  of CPU reads the BYE late; it ends the recording at the front's stamp when the
+  stamp is sane (:func:`call_end`), not at its own late reading.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import re
 import urllib.error
@@ -33,6 +39,9 @@ from agent.recorder.siprec import METADATA_TYPES, parse_headers
 SOURCE_HEADER = "X-Callrec-Source"
 METADATA_HEADER = "X-Callrec-Metadata"
 METADATA_PATH = "/callrec/metadata/"
+RECEIVED_HEADER = "X-Callrec-Received"  # the front's receive time of a BYE
+MAX_STAMP_AGE_S = 10.0  # an older stamp is not this BYE's (or the clock jumped)
+_STAMP = re.compile(r"\d{1,10}(\.\d{1,9})?")  # up to the year 2286: a datetime
 FETCH_TIMEOUT_S = 2.0
 MAX_FETCH_BYTES = 256 * 1024
 _TOKEN = re.compile(r"[A-Za-z0-9-]{8,80}")
@@ -148,3 +157,33 @@ def part_content(text: str) -> str:
         if found and re.match(r"[A-Za-z-]+:", head):
             return content
     return text
+
+
+def received_stamp(sip: SipConfig, source: str, raw: str) -> float | None:
+    """The front's receive time (epoch seconds) of an in-dialog request, when the front
+    relayed it (``source``) and stamped it; None otherwise (no front: never). Only a
+    request: the front strips the header from requests, responses pass as sent."""
+    if not sip.front or source_ip(source) != front_address(sip) or source_port(source) != sip.port:
+        return None
+    if raw.lstrip("\r\n").startswith("SIP/"):
+        return None
+    value = _head(raw).get(RECEIVED_HEADER.lower(), "").strip()
+    return float(value) if _STAMP.fullmatch(value) else None
+
+
+def call_end(
+    own: dt.datetime, stamp: float | None, started: dt.datetime | None
+) -> tuple[dt.datetime, str | None]:
+    """The call's end: the front's stamp of the BYE when it is sane (after the answer,
+    not after ``own``, the worker's reading, and not more than MAX_STAMP_AGE_S before
+    it), else ``own``; with why the stamp was not taken (None: taken, or none)."""
+    if stamp is None:
+        return own, None
+    at = dt.datetime.fromtimestamp(stamp, dt.UTC)
+    if at > own:
+        return own, "in_the_future"
+    if (own - at).total_seconds() > MAX_STAMP_AGE_S:
+        return own, "too_old"
+    if started is not None and at < started:
+        return own, "before_answer"
+    return at, None

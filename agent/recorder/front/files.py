@@ -30,6 +30,9 @@ Routing (measured facts of DESIGN.md built in):
 - the SIP edge (:mod:`agent.recorder.front.edge`): only listed recording clients
   (``[sip] allowed_clients``, 403 otherwise), requests up to ``[sip] max_message``
   (513 otherwise), the metadata part kept aside in memory for the worker to fetch;
+  each BYE stamped with the time the front received it (``X-Callrec-Received``, any
+  such header from outside removed first): the recording ends then, not when a busy
+  worker reads it;
   optionally SIP over TLS with client certificates (``[sip] tls_port``).
 
 Pointing a PBX/SBC at the front: configure it as a SIPREC recording server (SRS) at
@@ -65,6 +68,7 @@ TCP_READ_BUFFER_MB = 4  # per TCP connection: a message up to this size gets an 
 TCP_MAX_CONNECTIONS = 64  # SRCs keep a few connections each
 FR_TIMER_MS = 1000  # no 100 Trying from a worker within 1 s: it is dead (pjsua answers at once)
 FR_INV_TIMER_MS = 5000  # 100 Trying but no final answer: a hung worker
+BYE_FR_TIMER_MS = 5000  # a BYE waits this long for a busy worker's 200 (not fr_timer)
 CALL_REF = "$(ci{s.sha256}{s.substr,0,16})"  # agent.recorder.session.call_ref, in Kamailio
 CTL_SOCKET = "kamailio_ctl"
 MAX_SOCKET_PATH = 100  # Kamailio refuses a unix socket name over 104 bytes
@@ -127,6 +131,7 @@ def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
         "EXPIRE_S": str(int(sip.max_call_s) + 60),
         "FR_MS": str(FR_TIMER_MS),
         "FR_INV_MS": str(FR_INV_TIMER_MS),
+        "BYE_FR_MS": str(BYE_FR_TIMER_MS),
         "REF": CALL_REF,
         "W": "$xavp(_dsdst_=>dstid)",
         "NEXT": "$xavp(_dsdst_[1]=>dstid)",
@@ -142,6 +147,7 @@ def render_config(cfg: AgentConfig, files: FrontFiles) -> str:
         "META_EXPIRE_S": str(METADATA_EXPIRE_S),
         "SOURCE_HDR": edge.SOURCE_HEADER,
         "META_HDR": edge.METADATA_HEADER,
+        "RECEIVED_HDR": edge.RECEIVED_HEADER,
         "META_PATH": edge.METADATA_PATH,
         "META_PATH_LEN": str(len(edge.METADATA_PATH)),
         "TLS_LISTEN": f"enable_tls=yes\nlisten=tls:{sip.listen}:{sip.tls_port}" if tls else "",

@@ -101,6 +101,7 @@ request_route {
         sl_send_reply("483", "Too Many Hops");
         exit;
     }
+    remove_hf("%RECEIVED_HDR%");  # only the front says when it received a request
     if (has_totag()) {
         route(IN_DIALOG);
         exit;
@@ -198,6 +199,10 @@ route[IN_DIALOG] {
     if (is_method("BYE")) {
         t_check_trans();  # a retransmission ends here: off-load once
         ds_load_update();
+        # The call ends now: a worker starved of CPU may read this BYE late (and
+        # answers it late: the SRC gets its 200, not a 408 after fr_timer).
+        append_hf("%RECEIVED_HDR%: $TV(Sn)\r\n");
+        t_set_fr(0, %BYE_FR_MS%);
     }
     route(KEEP_METADATA);
     if (!t_relay()) {

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import pjsua2 as pj
 
 from agent import logs, metrics
-from agent.capture import CaptureMeta, Flag, utc_now
+from agent.capture import CaptureMeta, Flag, parse_iso, utc_now
+from agent.config import SipConfig
 from agent.recorder.diskspace import LEG_BYTES_PER_S, log_recording_stopped, stalled_legs
 from agent.recorder.front import edge
 from agent.recorder.ownership import CaptureOwner
@@ -27,12 +28,17 @@ if TYPE_CHECKING:
 log = logs.get_logger("agent.recorder.sip")
 
 _UPDATE_METHODS = ("INVITE", "UPDATE")
+BYE_LATE_S = 0.2  # a BYE read this much after the front received it is logged
 
 
 class SipAccount(pj.Account):  # type: ignore[misc]
     def __init__(self, engine: SipEngine) -> None:
         super().__init__()
         self._engine = engine
+
+    @property
+    def sip(self) -> SipConfig:
+        return self._engine.cfg.sip
 
     def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:
         try:
@@ -45,6 +51,7 @@ class SipCall(pj.Call):  # type: ignore[misc]
     def __init__(self, account: SipAccount, call_id: int, session: CallSession) -> None:
         super().__init__(account, call_id)
         self.session = session
+        self._sip = account.sip
 
     def onCallState(self, prm: pj.OnCallStateParam) -> None:
         try:
@@ -52,9 +59,22 @@ class SipCall(pj.Call):  # type: ignore[misc]
             if state == pj.PJSIP_INV_STATE_CONFIRMED:
                 self.session.acknowledged = True
             elif state == pj.PJSIP_INV_STATE_DISCONNECTED:
-                self.session.disconnected(utc_now())
+                self.session.disconnected(utc_now(), self._bye_stamp(prm.e))
         except Exception:
             log.exception("call_state_failed")
+
+    def _bye_stamp(self, event: pj.SipEvent) -> float | None:
+        """The front's receive time of the BYE that ended the call, if it stamped one."""
+        if event.type != pj.PJSIP_EVENT_TSX_STATE:
+            return None
+        change = event.body.tsxState
+        tsx = change.tsx
+        if change.type != pj.PJSIP_EVENT_RX_MSG or tsx.role != pj.PJSIP_ROLE_UAS:
+            return None  # not a BYE received (the SRC's answer to ours, say)
+        if tsx.method != "BYE":
+            return None
+        rdata = change.src.rdata
+        return edge.received_stamp(self._sip, rdata.srcAddress, rdata.wholeMsg)
 
     def onCallMediaState(self, prm: pj.OnCallMediaStateParam) -> None:
         self.session.events.append(("media", self.session))
@@ -113,6 +133,9 @@ class CallSession:
     rx_counted: dict[int, tuple[int, int]] = field(default_factory=dict)  # packets, lost
     final_rx: dict[int, tuple[int, int]] = field(default_factory=dict)  # at stream end
     ended_at: dt.datetime | None = None
+    bye_stamp: float | None = None  # the front's receive time of the BYE (edge.call_end)
+    recording_from: dt.datetime | None = None  # the legs' first sample (recorders started)
+    audio_until_s: float | None = None  # the legs are cut to this (the front's end)
     close_deadline: float = 0.0
     flags: list[Flag] = field(default_factory=list)
     owner: CaptureOwner | None = field(default=None, repr=False)  # the capture's lock
@@ -121,11 +144,35 @@ class CallSession:
     resume_at: float = 0.0  # a resume waits out the jitter buffers until then (commands)
     on_sink: bool = False  # the streams play into the null sound device (paused)
 
-    def disconnected(self, at: dt.datetime) -> None:
+    def disconnected(self, at: dt.datetime, bye_stamp: float | None = None) -> None:
         """From ``onCallState``: release the Call now (see the package docstring)."""
-        self.ended_at = at
+        self.ended_at, self.bye_stamp = at, bye_stamp
         self.call = None
         self.events.append(("ended", self))
+
+    def end_at_front(self) -> None:
+        """An answered call ends when the front received its BYE, if it stamped one and
+        the stamp is sane (:func:`edge.call_end`): a worker starved of CPU reads the BYE
+        late and records silence (the sender stopped) until it does. The legs are then
+        cut to that end (``audio_until_s``, from their first sample)."""
+        if self.bye_stamp is None or self.meta is None:
+            return
+        own = self.ended_at or utc_now()
+        try:
+            end, refused = edge.call_end(own, self.bye_stamp, parse_iso(self.meta.started_at))
+        except (ValueError, OverflowError, OSError):  # never in the way of closing the call
+            end, refused = own, "unreadable"
+        rid = self.meta.recording_id
+        if refused is not None:
+            late = round(own.timestamp() - self.bye_stamp, 3)
+            log.warning("bye_stamp_ignored", recording_id=rid, reason=refused, stamp_late_s=late)
+            return
+        self.ended_at = end
+        if self.recording_from is not None:
+            self.audio_until_s = (end - self.recording_from).total_seconds()
+        late_s = (own - end).total_seconds()
+        if late_s >= BYE_LATE_S:
+            log.info("bye_read_late", recording_id=rid, late_s=round(late_s, 3))
 
 
 # ---------------------------------------------------------------- what is read of it

@@ -82,14 +82,20 @@ class LogWriter(pj.LogWriter):  # type: ignore[misc]
             pjlog.log(level, "pjsip", msg=message)
 
 
-def endpoint_config(writer: LogWriter, media_thread: bool = True) -> pj.EpConfig:
+def endpoint_config(
+    writer: LogWriter, media_thread: bool = True, frame_ms: int = 20
+) -> pj.EpConfig:
     """One thread owns pjsua2 (no worker threads, callbacks on ``libHandleEvents``).
 
     Without ``media_thread`` the media endpoint shares the SIP endpoint's ioqueue and
     has no thread of its own: RTP is read by ``libHandleEvents`` on that one thread,
     which sleeps until a packet or a SIP message comes. pjmedia's own media thread
     polls its ioqueue every 10 ms (a constant in ``endpoint.c``), about 100 wake-ups a
-    second in every worker whether or not a call is up ([sip] media_thread)."""
+    second in every worker whether or not a call is up ([sip] media_thread).
+
+    ``frame_ms`` is the conference bridge's frame: its clock reads every stream and
+    writes every leg's WAV once per frame ([sip] frame_ms); the streams keep their
+    own 20 ms packets and jitter buffers (the bridge reads 2 or 3 of their frames)."""
     cfg = pj.EpConfig()
     cfg.uaConfig.threadCnt = 0
     cfg.uaConfig.mainThreadOnly = True
@@ -102,6 +108,7 @@ def endpoint_config(writer: LogWriter, media_thread: bool = True) -> pj.EpConfig
     med = cfg.medConfig
     med.clockRate = CLOCK_RATE
     med.sndClockRate = CLOCK_RATE
+    med.audioFramePtime = frame_ms
     med.channelCount = 1
     med.ecTailLen = 0
     med.hasIoqueue = media_thread  # false: share the SIP endpoint's ioqueue …

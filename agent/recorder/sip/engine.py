@@ -111,7 +111,8 @@ class SipEngine:
 
     def _start_library(self, ep: pj.Endpoint) -> None:
         self._writer = LogWriter()
-        ep.libInit(endpoint_config(self._writer, self.cfg.sip.media_thread))
+        sip = self.cfg.sip
+        ep.libInit(endpoint_config(self._writer, sip.media_thread, sip.frame_ms))
         add_supported_tag("siprec")
         tcfg = pj.TransportConfig()
         tcfg.port = self.port
@@ -284,6 +285,7 @@ class SipEngine:
             directory.mkdir(parents=True)
             write_meta(directory, meta, sync=False)  # synced once the time of the 200 is in
             session.owner = CaptureOwner.claim(directory, meta.started_at)
+            session.recording_from = utc_now()
             self._start_recorders(session, plan, directory)
         except (OSError, pj.Error) as exc:
             error = exc.info() if isinstance(exc, pj.Error) else exc.strerror
@@ -465,6 +467,7 @@ class SipEngine:
             return
         if session.updates:
             self._update(session)
+        session.end_at_front()
         if session.owner is not None:  # recovery's end time, should closing fail for good
             session.owner.beat(iso_ms(session.ended_at or utc_now()))
         if not session.acknowledged:
@@ -495,6 +498,7 @@ class SipEngine:
                 finish_capture(
                     session.meta, session.directory, self.ready_dir,
                     session.ended_at or utc_now(), session.flags, rtp_received(session),
+                    session.audio_until_s,
                 )  # fmt: skip
             except OSError as exc:
                 log.error(

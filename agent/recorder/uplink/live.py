@@ -31,6 +31,7 @@ file way, from the outbox) then finds it done.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import shutil
@@ -67,6 +68,9 @@ MAX_APPENDS_PER_PASS = 4  # catching up: up to 4 x 16 s (A-law; PCM 8 s) per leg
 RPC_TIMEOUT_S = 10.0
 SYNC_THREADS = 16  # appends wait on the store's disk, not on this CPU
 FINISH_ATTEMPTS = 3
+MARK_BYTES = 16000  # wire bytes of one leg between its digest marks (PCM 1 s, A-law 2 s)
+MARKS = 16  # the marks kept: more than edge.MAX_STAMP_AGE_S of audio
+EMPTY_SHA256 = hashlib.sha256().hexdigest()
 # The store is unreachable or busy: the data stays on disk and the next pass retries.
 UNREACHABLE = {
     grpc.StatusCode.UNAVAILABLE,
@@ -99,11 +103,28 @@ class _Track:
 class _LegDigest:
     digest: Any = field(default_factory=hashlib.sha256)
     size: int = 0
+    # (size, digest) about once a second of audio, over the last MARKS: a leg cut at
+    # hang-up to the front's end of the call (after those bytes were sent) is hashed
+    # from the mark before the cut, not from its start.
+    marks: collections.deque[tuple[int, Any]] = field(
+        default_factory=lambda: collections.deque(maxlen=MARKS)
+    )
 
     def extend(self, offset: int, data: bytes) -> None:
         if offset == self.size:
+            if not self.marks or self.size - self.marks[-1][0] >= MARK_BYTES:
+                self.marks.append((self.size, self.digest.copy()))
             self.digest.update(data)
             self.size += len(data)
+
+    def at_most(self, size: int) -> _LegDigest:
+        """The digest of the first bytes of the leg, up to ``size`` or fewer."""
+        if size >= self.size:
+            return _LegDigest(self.digest.copy(), self.size)
+        for at, digest in reversed(self.marks):
+            if at <= size:
+                return _LegDigest(digest.copy(), at)
+        return _LegDigest()
 
 
 class LiveUplink:
@@ -434,13 +455,15 @@ def _pieces(
 def _leg_digest(path: Path, encoding: str, running: _LegDigest | None = None) -> tuple[int, str]:
     """Size and sha256 of a leg as sent in ``encoding`` (its PCM after the header; a
     missing leg is empty), continuing ``running`` (the bytes already sent) when given."""
-    digest, size = (running.digest.copy(), running.size) if running else (hashlib.sha256(), 0)
     width = g711.sample_bytes(encoding)
     try:
         with path.open("rb") as fh:
             fh.seek(0, 2)
             end = fh.tell() - WAV_HEADER
             end -= end % 2 if end > 0 else 0
+            # the worker may have cut the leg (to the front's end) after it was sent
+            running = (running or _LegDigest()).at_most(end // 2 * width)
+            digest, size = running.digest, running.size
             at = size // width * 2
             fh.seek(WAV_HEADER + at)
             while at < end and (block := fh.read(min(1 << 20, end - at))):
@@ -449,5 +472,5 @@ def _leg_digest(path: Path, encoding: str, running: _LegDigest | None = None) ->
                 size += len(data)
                 at += len(block)
     except FileNotFoundError:
-        pass
+        return (running.size, running.digest.hexdigest()) if running else (0, EMPTY_SHA256)
     return size, digest.hexdigest()

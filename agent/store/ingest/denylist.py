@@ -20,7 +20,8 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from agent import certs, tabular
+from agent import certs
+from agent.cli import tabular
 from agent.config import ConfigError, load_store_config
 from agent.store.catalog import Catalog, from_ms, metadata, now_ms
 

@@ -68,19 +68,23 @@ class Archive:
 
 
 class _Reader:
-    """``read(n)`` over a leg's decrypted segments."""
+    """``read(n)`` over a leg's decrypted segments, up to ``limit`` bytes (the leg's final
+    size: the agent may have cut bytes it had sent)."""
 
-    def __init__(self, blocks: Iterator[bytes]) -> None:
+    def __init__(self, blocks: Iterator[bytes], limit: int) -> None:
         self._blocks = blocks
         self._buffer = b""
+        self._left = limit
 
     def read(self, count: int) -> bytes:
+        count = min(count, self._left)
         while len(self._buffer) < count:
             more = next(self._blocks, None)
             if more is None:
                 break
             self._buffer += more
         out, self._buffer = self._buffer[:count], self._buffer[count:]
+        self._left -= len(out)
         return out
 
 
@@ -105,7 +109,7 @@ def encode_legs(live: LiveStore, row: LiveRow, bitrate: str, sizes: dict[str, in
     legs streamed in A-law are decoded to PCM on the way to the encoder."""
     legs = row.legs
     key = live.data_key(row)
-    readers = [_Reader(live.read_leg(row, leg, key)) for leg in legs]
+    readers = [_Reader(live.read_leg(row, leg, key), sizes.get(leg, 0)) for leg in legs]
     command = [
         "ffmpeg", "-hide_banner", "-loglevel", "error",
         "-f", "s16le", "-ar", "8000", "-ac", str(len(legs)), "-i", "pipe:0",

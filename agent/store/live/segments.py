@@ -208,14 +208,15 @@ class LiveStore:
             yield from decrypt_chunks(key, label, header, [sealed[HEADER_BYTES:]])
             expected += segment.length
 
-    def leg_digest(self, row: LiveRow, leg: str) -> tuple[int, str]:
-        """The leg's size and sha256: from the running digest where this store saw the
-        appends (if its chain still names the catalog's first segments: nothing was
-        discarded and sent again since), read back for the rest."""
+    def leg_digest(self, row: LiveRow, leg: str, upto: int | None = None) -> tuple[int, str]:
+        """The leg's size and sha256 (of its first ``upto`` bytes, when given): from the
+        running digest where this store saw the appends (if its chain still names the
+        catalog's first segments: nothing was discarded and sent again since), read
+        back for the rest."""
         segments = self._segments(row.recording_id, leg)
         digest, size = hashlib.sha256(), 0
         running = self.digests.get(row.recording_id, leg)
-        if running is not None:
+        if running is not None and (upto is None or running[1] <= upto):
             chain = hashlib.sha256()
             for segment in segments:
                 if segment.offset + segment.length > running[1]:
@@ -224,6 +225,9 @@ class LiveStore:
             if chain.hexdigest() == running[2]:
                 digest, size, _ = running
         for block in self.read_leg(row, leg, start=size, segments=segments):
+            block = block if upto is None else block[: upto - size]
+            if not block:
+                break
             digest.update(block)
             size += len(block)
         return size, digest.hexdigest()
@@ -386,17 +390,20 @@ class LiveStore:
     def finish(self, row: LiveRow, final: pb.Manifest, legs: dict[str, tuple[int, str]]) -> None:
         """Mark the recording finished with its final manifest, once every leg's durable
         bytes have the agent's size and sha256 (FAILED_PRECONDITION: bytes missing;
-        DATA_LOSS: different bytes, the leg is discarded and must be sent again)."""
+        DATA_LOSS: different bytes, the leg is discarded and must be sent again). A
+        leg the store holds more of was cut by the agent (the call ended before its
+        worker read the BYE, after those bytes went out): its first ``size`` bytes
+        are checked, and archived."""
         rid = row.recording_id
         sizes = self.sizes(rid)
         for leg, (size, sha256) in legs.items():
-            if sizes.get(leg, 0) != size:
+            if sizes.get(leg, 0) < size:
                 raise LiveRejected(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"leg {leg}: the store holds {sizes.get(leg, 0)} bytes, finish says {size}; "
                     "append the rest first",
                 )
-            _, held_sha = self.leg_digest(row, leg)
+            _, held_sha = self.leg_digest(row, leg, size)
             if held_sha != sha256:
                 self.discard_audio(rid)
                 raise LiveRejected(

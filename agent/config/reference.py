@@ -72,6 +72,7 @@ AGENT: Sections = {
             "true",
             "RTP read by pjmedia's thread; false: by the worker's (idle workers cost less)",
         ),
+        Key("frame_ms", "40", "the bridge's frame: 20, 40 or 60 ms (fewer clock ticks per call)"),
         Key("customer_header", '"X-Callrec-Customer"', "plain INVITEs: the customer's number"),
         Key("employee_header", '"X-Callrec-Employee"', "plain INVITEs: the employee's SIP URI"),
         Key("service_header", '"X-Callrec-Service"', "plain INVITEs: the service number called"),

@@ -24,13 +24,15 @@ from pathlib import Path
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent import access_cli, certs, config_reference, keys_cli, localtime, logs, tabular
+from agent import certs, logs
+from agent.cli import access, keys, localtime, tabular
 from agent.config import (
     ConfigError,
     StoreConfig,
     check_transport,
     load_agent_config,
     load_store_config,
+    reference,
 )
 from agent.directory import Directory, DirectoryError
 from agent.manifest import DIRECTION_NAMES, RECORDING_FIELDS, recording_fields
@@ -74,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         help='run by callrec-sweep.timer: sweep only when [store] sweep_by = "timer"',
     )
 
-    keys_cli.add_parsers(sub)
+    keys.add_parsers(sub)
     listing = sub.add_parser(
         "console-list", help="list recordings (operator console on the store host)"
     )
@@ -108,9 +110,9 @@ def _parser() -> argparse.ArgumentParser:
         demo.add_argument(
             "--web", action="store_true", help="then serve the people's web until Ctrl-C"
         )
-    access_cli.add_parsers(sub)
+    access.add_parsers(sub)
     certs.add_parsers(sub)
-    config_reference.add_parsers(sub)
+    reference.add_parsers(sub)
     frontlog.add_parsers(sub)
     quarantine.add_parsers(sub)
     control_cli.add_parsers(sub)
@@ -119,9 +121,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def demo_installed() -> bool:
-    """The demo and its test-call harness (SIPp scenarios, speech) ship with a source
-    checkout, not with the Debian package: a production host has no ``demo`` command."""
-    return importlib.util.find_spec("agent.demo") is not None
+    """The demo and its test-call harness (SIPp scenarios, speech), both in
+    ``agent.testcall``, ship with a source checkout, not with the Debian package: a
+    production host has no ``demo`` command. Found without importing it."""
+    return importlib.util.find_spec("agent.testcall") is not None
 
 
 def require_sip_library() -> None:
@@ -179,11 +182,11 @@ def _file_problem(exc: OSError) -> str:
 
 def _dispatch(args: argparse.Namespace) -> int:
     dispatchers: tuple[Callable[[argparse.Namespace], int | None], ...] = (
-        access_cli.dispatch,
+        access.dispatch,
         certs.dispatch,
-        config_reference.dispatch,
+        reference.dispatch,
         frontlog.dispatch,
-        keys_cli.dispatch,
+        keys.dispatch,
         quarantine.dispatch,
         control_cli.dispatch,
         web_cli.dispatch,
@@ -225,7 +228,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return check_config(args.agent, args.store)
     if args.command == "demo":
         logs.configure("info")
-        from agent.demo import run_demo
+        from agent.testcall.demo import run_demo
 
         return run_demo(args.dir, args.seconds, args.web)
     raise AssertionError(args.command)

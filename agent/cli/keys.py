@@ -1,5 +1,5 @@
 """``callrec keys``: the keys an operator creates, rotates and retires. Wired into
-``agent/cli.py`` by ``add_parsers(sub)`` and ``dispatch(args)`` (None: not one of these).
+``agent/cli/main.py`` by ``add_parsers(sub)`` and ``dispatch(args)`` (None: not one of these).
 
   callrec keys init DIR                          seal.pem (store) + seal.pub.pem (agents)
   callrec keys master init   --config store.toml  the first master key of a new catalog
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from agent import tabular
+from agent.cli import tabular
 from agent.config import ConfigError, StoreConfig, load_store_config
 from agent.privacy import KeyFileError, new_seal_keypair
 from agent.store.catalog import Catalog, master_keys

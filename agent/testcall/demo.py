@@ -22,8 +22,8 @@ from pathlib import Path
 import grpc
 
 from agent import certs
-from agent.cli import export_audio, format_recordings
-from agent.keys_cli import keys_init
+from agent.cli.keys import keys_init
+from agent.cli.main import export_audio, format_recordings
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.pb.callrec.v1 import recordings_pb2_grpc as pb_grpc
 from agent.testcall import SiprecCall, free_port, make_speech, run_sipp, siprec_scenario

@@ -1,4 +1,4 @@
-"""``callrec`` subcommands of people's access (issue 8). Wired into ``agent/cli.py``
+"""``callrec`` subcommands of people's access (issue 8). Wired into ``agent/cli/main.py``
 by ``add_parsers(sub)`` and ``dispatch(args)`` (None: not one of these).
 
 On the store host (reads ``store.toml``):
@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agent import localtime, tabular
+from agent.cli import localtime, tabular
+from agent.cli.tabular import total_of
 from agent.client import audit as audit_cli
 from agent.client import dsr as dsr_cli
 from agent.client.options import (
@@ -56,7 +57,6 @@ from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.store.access import tokens
 from agent.store.audit import chain as audit
 from agent.store.catalog import Catalog
-from agent.tabular import total_of
 
 if TYPE_CHECKING:
     SubParsers = argparse._SubParsersAction[argparse.ArgumentParser]
