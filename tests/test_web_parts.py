@@ -17,7 +17,7 @@ from agent.web import store_client, timefmt
 from agent.web.audio import BadRange, parse_range
 from agent.web.config import web_config_from_dict
 from agent.web.i18n import pick_language
-from agent.web.sessions import SessionStore, csrf_ok, csrf_token
+from agent.web.signin.sessions import SessionStore, csrf_ok, csrf_token
 
 HELSINKI = ZoneInfo("Europe/Helsinki")
 
@@ -253,7 +253,7 @@ def test_id_token_claims_and_when_to_refresh() -> None:
     import base64
     import json
 
-    from agent.web.oidc import OidcError, claims_of, refresh_due
+    from agent.web.signin.oidc import OidcError, claims_of, refresh_due
 
     body = base64.urlsafe_b64encode(json.dumps({"sub": "a1", "nonce": "n"}).encode()).rstrip(b"=")
     assert claims_of(f"h.{body.decode()}.s") == {"sub": "a1", "nonce": "n"}

@@ -12,10 +12,11 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from agent.web import audio, audit_view, auth, cases, local_signin, pages
+from agent.web import audio, audit_view, cases, pages
 from agent.web.config import WebConfig
 from agent.web.render import HERE, SecurityHeaders, page
-from agent.web.sessions import SessionMiddleware, SessionStore
+from agent.web.signin import auth, local
+from agent.web.signin.sessions import SessionMiddleware, SessionStore
 from agent.web.store_client import StoreClient
 
 
@@ -33,7 +34,7 @@ def create_app(config: WebConfig) -> Starlette:
         app.state.config = config
         app.state.store = StoreClient(config)
         app.state.oidc = auth.oidc_client(config)
-        app.state.local = local_signin.issuer(config)
+        app.state.local = local.issuer(config)
         try:
             yield
         finally:
@@ -50,9 +51,9 @@ def create_app(config: WebConfig) -> Starlette:
         Route("/recordings/{rid}/purpose", pages.choose_purpose, methods=["POST"]),
         Route("/recordings/{rid}/audio", audio.audio),
         Route("/recordings/{rid}/waveform", audio.waveform),
-        Route("/local/.well-known/openid-configuration", local_signin.discovery),
-        Route("/local/jwks", local_signin.jwks),
-        Route("/local/signin", local_signin.sign_in, methods=["POST"]),
+        Route("/local/.well-known/openid-configuration", local.discovery),
+        Route("/local/jwks", local.jwks),
+        Route("/local/signin", local.sign_in, methods=["POST"]),
         Route("/audit", audit_view.audit),
         Route("/audit.csv", audit_view.audit_csv),
         Route("/cases", cases.case_form),

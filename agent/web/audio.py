@@ -14,8 +14,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from agent import logs
-from agent.web.auth import bearer
 from agent.web.pages import RID, refused, signed_in
+from agent.web.signin.auth import bearer
 from agent.web.store_client import Range, StoreRefused
 
 log = logs.get_logger(__name__)

@@ -16,9 +16,9 @@ from starlette.responses import Response
 
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.web import timefmt
-from agent.web.auth import bearer
 from agent.web.pages import EMPLOYEE, RID, signed_in
 from agent.web.render import message, page
+from agent.web.signin.auth import bearer
 
 PURPOSE = {"privacy_officer": apb.PURPOSE_LEGAL, "admin": apb.PURPOSE_SECURITY}
 COLUMNS = ("seq", "at", "actor", "action", "recording_id", "purpose", "reason", "outcome",

@@ -23,10 +23,10 @@ from starlette.responses import Response, StreamingResponse
 from agent import logs
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.web import timefmt
-from agent.web.auth import bearer
 from agent.web.pages import RID, details, signed_in
 from agent.web.render import language, message, page
-from agent.web.sessions import csrf_ok
+from agent.web.signin.auth import bearer
+from agent.web.signin.sessions import csrf_ok
 from agent.web.store_client import StoreRefused
 
 log = logs.get_logger(__name__)

@@ -19,10 +19,10 @@ from agent import logs
 from agent.pb.callrec.v1 import access_pb2 as apb
 from agent.pb.callrec.v1 import recordings_pb2 as pb
 from agent.web import timefmt
-from agent.web.auth import bearer
 from agent.web.i18n import FLAGS, flag_words
 from agent.web.render import language, message, page
-from agent.web.sessions import csrf_ok
+from agent.web.signin.auth import bearer
+from agent.web.signin.sessions import csrf_ok
 from agent.web.store_client import BROWSE_PURPOSE, PURPOSES, StoreRefused
 
 log = logs.get_logger(__name__)

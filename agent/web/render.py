@@ -12,7 +12,7 @@ from starlette.responses import HTMLResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.web.i18n import pick_language, translator
-from agent.web.sessions import csrf_token
+from agent.web.signin.sessions import csrf_token
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = Environment(

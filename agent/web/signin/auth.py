@@ -20,9 +20,9 @@ from starlette.responses import RedirectResponse, Response
 
 from agent import logs
 from agent.web.config import WebConfig
-from agent.web.oidc import OidcClient, OidcError, Pending, Tokens, claims_of, refresh_due
 from agent.web.render import message, page
-from agent.web.sessions import ROTATE, csrf_ok
+from agent.web.signin.oidc import OidcClient, OidcError, Pending, Tokens, claims_of, refresh_due
+from agent.web.signin.sessions import ROTATE, csrf_ok
 from agent.web.store_client import StoreClient, StoreRefused
 
 log = logs.get_logger(__name__)
@@ -44,7 +44,7 @@ async def sign_in(request: Request) -> Response:
     app = request.app.state
     request.session.pop("person", None)
     if app.oidc is None:
-        from agent.web.local_signin import sign_in_page
+        from agent.web.signin.local import sign_in_page
 
         return await sign_in_page(request)
     try:

@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from agent.web.config import WebConfig
 from agent.web.render import message, page
-from agent.web.sessions import csrf_ok, csrf_token
+from agent.web.signin.sessions import csrf_ok, csrf_token
 
 AUDIENCE = "callrec-web-local"
 TTL_S = 3600
@@ -80,7 +80,7 @@ async def sign_in_page(request: Request) -> Response:
 
 
 async def sign_in(request: Request) -> Response:
-    from agent.web.auth import establish, local_tokens
+    from agent.web.signin.auth import establish, local_tokens
 
     if request.app.state.local is None:
         return _not_here()
