@@ -1,6 +1,7 @@
 """The pjsua2 adapter: the only package that imports pjsua2 (``endpoint``: the
 library, its log and configs; ``call``: the ``Account``/``Call`` adapters and the
-session of one call; ``engine``: the calls and what is recorded of them).
+session of one call; ``engine``: the calls and what is recorded of them;
+``closing``: ended calls until their capture is in ``ready``).
 
 One thread owns pjsua2 (``threadCnt = 0``, ``mainThreadOnly``) and drives it with
 :meth:`SipEngine.poll`. pjsua2 callbacks only translate what happened into our own

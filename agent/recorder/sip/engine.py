@@ -21,14 +21,7 @@ from agent.recorder.diskspace import DiskGuard
 from agent.recorder.front import edge
 from agent.recorder.ownership import CaptureOwner
 from agent.recorder.parties import CallPlan, PartyHeaders, PartyRules, plan_call
-from agent.recorder.session import (
-    call_ref,
-    finish_capture,
-    log_answered,
-    merge_updates,
-    new_meta,
-    open_files,
-)
+from agent.recorder.session import call_ref, log_answered, merge_updates, new_meta
 from agent.recorder.sip import commands
 from agent.recorder.sip.call import (
     CallSession,
@@ -38,8 +31,8 @@ from agent.recorder.sip.call import (
     count_rtp,
     discard_capture,
     receiving_streams,
-    rtp_received,
 )
+from agent.recorder.sip.closing import ClosingCaptures
 from agent.recorder.sip.endpoint import (
     CLOCK_RATE,
     LogWriter,
@@ -54,8 +47,6 @@ log = logs.get_logger("agent.recorder.sip")
 
 STATS_INTERVAL_S = 1.0
 ACTIVE_POLL_MS = 200  # the loop's longest wait while calls run, should a control wake-up be lost
-CLOSE_WAIT_S = 5.0  # for pjsua to close a leg's WAV file after the call
-FINISH_RETRY_S = 1.0  # a capture that could not be closed (full disk) is tried again
 
 
 class SipEngine:
@@ -79,7 +70,7 @@ class SipEngine:
         )
         self._events: collections.deque[tuple[str, CallSession]] = collections.deque()
         self._sessions: list[CallSession] = []  # INVITE received, not yet ended
-        self._closing: list[CallSession] = []  # ended, legs not yet closed by pjsua
+        self._closing = ClosingCaptures(self.ready_dir)  # ended, not yet in ready
         self._accepting = True
         self._next_stats = 0.0
         self._ep: pj.Endpoint | None = None
@@ -155,10 +146,7 @@ class SipEngine:
             if session.call is not None:
                 session.disconnected(utc_now())
         self._drain_events()
-        deadline = time.monotonic() + CLOSE_WAIT_S + 1.0
-        while self._closing and time.monotonic() < deadline:
-            time.sleep(0.01)
-            self._move_closed()
+        self._closing.drain()
         if self._account is not None:
             self._account.shutdown()
             self._account = None
@@ -174,13 +162,13 @@ class SipEngine:
     def poll(self, timeout_ms: int) -> None:
         """One turn of the loop: pjsip events, then ours, then the RTP watchdog."""
         assert self._ep is not None
-        closing = any(s.retry_at == 0.0 for s in self._closing)
+        closing = self._closing.waiting_for_pjsua
         if self._sessions:
             timeout_ms = min(timeout_ms, ACTIVE_POLL_MS)
         resuming = [s for s in self._sessions if s.resume_at]
         self._ep.libHandleEvents(min(timeout_ms, 10) if closing or resuming else timeout_ms)
         self._drain_events()
-        self._move_closed()
+        self._closing.move_closed()
         for session in resuming:
             if time.monotonic() >= session.resume_at:
                 self._connect_media(session)
@@ -457,7 +445,7 @@ class SipEngine:
 
     def _finish(self, session: CallSession) -> None:
         """The call ended: release the recorders; the capture moves once pjsua has
-        closed the WAV files (it does so on its clock thread, ~20 ms later)."""
+        closed the WAV files (:class:`ClosingCaptures`)."""
         if session in self._sessions:
             self._sessions.remove(session)
         session.invite = None
@@ -467,47 +455,4 @@ class SipEngine:
             return
         if session.updates:
             self._update(session)
-        session.end_at_front()
-        if session.owner is not None:  # recovery's end time, should closing fail for good
-            session.owner.beat(iso_ms(session.ended_at or utc_now()))
-        if not session.acknowledged:
-            log.warning("call_not_acknowledged", recording_id=session.meta.recording_id)
-            session.flags.append(Flag.NOT_ACKNOWLEDGED)
-        session.close_deadline = time.monotonic() + CLOSE_WAIT_S
-        self._closing.append(session)
-
-    def _move_closed(self) -> None:
-        """Move every capture whose legs pjsua has closed to ``ready``; one that can't
-        be (a full disk) is tried again every FINISH_RETRY_S."""
-        if not self._closing:
-            return
-        still_open = open_files()
-        now = time.monotonic()
-        for session in list(self._closing):
-            assert session.meta is not None and session.directory is not None
-            if now < session.retry_at:
-                continue
-            legs = [str(session.directory / leg) for leg in session.meta.legs]
-            if any(leg in still_open for leg in legs):
-                if now < session.close_deadline:
-                    continue
-                if Flag.INCOMPLETE not in session.flags:
-                    log.warning("leg_not_closed", recording_id=session.meta.recording_id)
-                    session.flags.append(Flag.INCOMPLETE)
-            try:
-                finish_capture(
-                    session.meta, session.directory, self.ready_dir,
-                    session.ended_at or utc_now(), session.flags, rtp_received(session),
-                    session.audio_until_s,
-                )  # fmt: skip
-            except OSError as exc:
-                log.error(
-                    "capture_close_failed", recording_id=session.meta.recording_id,
-                    error=exc.strerror, retry_in_s=FINISH_RETRY_S,
-                )  # fmt: skip
-                session.retry_at = now + FINISH_RETRY_S
-                continue
-            self._closing.remove(session)
-            if session.owner is not None:
-                session.owner.release()
-                session.owner = None
+        self._closing.add(session)
