@@ -115,6 +115,7 @@ print(json.dumps({"imported": names, "codes": codes}))
 """
 
 
+@pytest.mark.sip  # every module is imported, pjsua2's adapter too: no cp313 wheel
 def test_the_package_without_the_harness_imports_and_offers_no_demo(tmp_path: Path) -> None:
     """The Debian package leaves agent/testcall (the demo and its test-call harness) out
     (checked on the installed package in test_deb.py): no other module may need it, and
