@@ -88,7 +88,7 @@ def test_sessions_end_when_idle_and_csrf_is_per_session() -> None:
     assert store.get(sid) is None, "idle for more than 60 s: gone"
     first, second = {"person": 1}, {"person": 2}
     # Full: a flood of sign-in starts pushes out its own kind, not people signed in.
-    from agent.web import sessions
+    from agent.web.signin import sessions
 
     small = SessionStore(idle_s=600, clock=lambda: now[0])
     sessions_before = sessions.MAX_SESSIONS
