@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import g711
 from agent.capture import cut_wav, leg_seconds
 from agent.config import load_agent_config
 from agent.recorder.front.edge import MAX_STAMP_AGE_S, RECEIVED_HEADER, call_end, received_stamp
@@ -206,16 +207,20 @@ def test_a_worker_reading_the_bye_late_stores_sipps_answer_to_bye(
     assert "bye_stamp_ignored" not in pool.text()
 
 
-def test_a_live_legs_digest_follows_its_cut(tmp_path: Path) -> None:
+@pytest.mark.parametrize("encoding", g711.ENCODINGS)
+def test_a_live_legs_digest_follows_its_cut(tmp_path: Path, encoding: str) -> None:
     """The live uplink sent a leg's bytes past the end the worker later cut it to: the
-    Finish names the cut leg's size and sha256, hashed from a mark, not from its start."""
+    Finish names the cut leg's size and sha256 in the wire's encoding, hashed from a
+    mark, not from its start."""
     leg = _wav(tmp_path / "customer.wav", 8000 * 20)
-    pcm = leg.read_bytes()[44:]
+    wire = g711.encode(encoding, leg.read_bytes()[44:])
+    width = g711.sample_bytes(encoding)
     sent = _LegDigest()
-    for offset in range(0, len(pcm), 3200):  # 0.1 s appends, as a live_flush would
-        sent.extend(offset, pcm[offset : offset + 3200])
-    assert _leg_digest(leg, sent) == (len(pcm), hashlib.sha256(pcm).hexdigest())
+    step = 800 * width  # 0.1 s appends, as a live_flush would
+    for offset in range(0, len(wire), step):
+        sent.extend(offset, wire[offset : offset + step])
+    assert _leg_digest(leg, encoding, sent) == (len(wire), hashlib.sha256(wire).hexdigest())
     for cut_s in (19.95, 12.3, 0.5):  # within the marks, and past the oldest kept
         cut_wav(leg, cut_s)
-        kept = pcm[: int(cut_s * 8000) * 2]
-        assert _leg_digest(leg, sent) == (len(kept), hashlib.sha256(kept).hexdigest())
+        kept = wire[: int(cut_s * 8000) * width]
+        assert _leg_digest(leg, encoding, sent) == (len(kept), hashlib.sha256(kept).hexdigest())

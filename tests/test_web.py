@@ -477,6 +477,7 @@ def test_demo_serves_the_web_with_local_sign_in(tmp_path: Path, browser: Any) ->
         page.goto(url)
         page.click("a.button")
         page.click("button:has-text('e1001')")
+        page.locator("table.results tbody tr").first.wait_for()  # the click may return first
         assert employees_shown(page) == ["Aino Virtanen"]
         page.click("table.results a")
         page.select_option("#purpose", "verification")
